@@ -1,0 +1,33 @@
+# Two entry points, each installs what it needs first:
+#   make demo   - example training run on CPU that logs gns/ scalars to TensorBoard
+#   make test   - the whole test suite (plus ruff and mypy)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) example_projects/digits_classifier.py
+
+lint: install
+	$(VENV)/bin/ruff check lightning_gns tests benchmarks example_projects
+	$(VENV)/bin/ruff format --check lightning_gns tests benchmarks example_projects
+	$(VENV)/bin/mypy
+
+test: install lint
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) lightning_logs runs

@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScale
+
+__all__ = ["GradientNoiseScale"]

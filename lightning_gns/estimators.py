@@ -1,0 +1,221 @@
+"""Unbiased estimators of |G|^2 and tr(Sigma) from gradient norms at two batch sizes.
+
+Pure tensor functions: no state, no distributed calls. The stateful averaging lives in
+:class:`lightning_gns.GradientNoiseScaleMetric`.
+
+Notation
+--------
+``G`` is the true (full-data) gradient and ``Sigma`` the covariance of per-example gradients. A
+gradient ``g`` of a loss that is the *mean* over ``b`` i.i.d. examples satisfies
+``E|g|^2 = |G|^2 + tr(Sigma) / b`` (McCandlish et al. 2018, eq. A.1).
+
+The paper's form (equal small batches)
+--------------------------------------
+With ``S_small`` the mean squared norm of gradients of batch size ``b_small`` and ``S_big`` the
+squared norm of one gradient of batch size ``b_big``::
+
+    |G|^2     ~ (b_big * S_big - b_small * S_small) / (b_big - b_small)
+    tr(Sigma) ~ (S_small - S_big) / (1 / b_small - 1 / b_big)
+
+:func:`paper_estimates` implements exactly this.
+
+The weighted form (small batches of unequal size)
+-------------------------------------------------
+In practice the small batches differ: the last micro-batch of an epoch is short, and Lightning's
+accumulated gradient weights every micro-batch equally (each micro-batch loss is divided by the
+accumulation factor), not every example. So let the step hold ``n`` small batches with mean-loss
+gradients ``g_i`` over ``b_i`` examples, and let the big-batch gradient be their weighted mean
+``G_big = sum_i w_i g_i / W`` with ``W = sum_i w_i`` (``w_i = b_i`` when every example counts the same,
+``w_i = 1`` for Lightning's gradient accumulation). Since the ``g_i`` are independent,
+
+    E[A]         = B |G|^2 + n tr(Sigma)          with A = sum_i b_i |g_i|^2, B = sum_i b_i
+    E|G_big|^2   = |G|^2 + Q tr(Sigma)            with Q = sum_i w_i^2 / b_i / W^2
+
+Two linear equations in the two unknowns; solving them gives estimators that are unbiased for any
+sizes and weights::
+
+    D         = n - Q B
+    |G|^2     ~ (n |G_big|^2 - Q A) / D
+    tr(Sigma) ~ (A - B |G_big|^2) / D
+
+Weighting the small batches by ``b_i`` in ``A`` is inverse-variance weighting (each ``g_i`` has noise
+``tr(Sigma)/b_i``); ``A - B |G_big|^2 = sum_i b_i |g_i - G_big|^2`` when ``w_i = b_i``, the between-group
+sum of squares of a one-way ANOVA. With equal sizes and ``w_i = b_i`` the weighted form reduces to the
+paper's form with ``b_small = b`` and ``b_big = n b``.
+
+``D > 0`` exactly when the big-batch gradient is less noisy than the small batches (``Q < n / B``).
+A single small batch gives ``D = 0``: the step carries no information about the noise, and the
+estimators return NaN so that callers can skip it like any other unmeasurable step.
+
+All the sums are additive over processes, so a distributed run sums a :class:`SmallBatchSummary`
+with one all-reduce.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Relative tolerance below which D = n - Q B counts as zero (a single small batch, or weights that
+# make the big batch no less noisy than the small ones).
+_DEGENERATE_TOLERANCE = 1e-9
+
+
+class SmallBatchSummary(NamedTuple):
+    """Sufficient statistics of one optimizer step's small batches; every field adds over processes."""
+
+    size_weighted_sq_norm_sum: Tensor
+    """A = sum_i b_i |g_i|^2."""
+    num_small_batches: Tensor
+    """n."""
+    size_sum: Tensor
+    """B = sum_i b_i, the big batch size."""
+    weight_sum: Tensor
+    """W = sum_i w_i."""
+    weight_sq_over_size_sum: Tensor
+    """sum_i w_i^2 / b_i."""
+
+    def stack(self) -> Tensor:
+        """All fields as one 1-D tensor (for a single all-reduce)."""
+        return torch.stack(tuple(self))
+
+    @classmethod
+    def from_stacked(cls, stacked: Tensor) -> SmallBatchSummary:
+        return cls(*stacked.unbind())
+
+
+def summarize_small_batches(
+    small_sq_norms: Tensor,
+    small_sizes: Tensor,
+    small_weights: Tensor | None = None,
+) -> SmallBatchSummary:
+    """Reduce one step's small batches to the additive statistics of the weighted estimator.
+
+    Args:
+        small_sq_norms: ``|g_i|^2`` for each small batch, where ``g_i`` is the gradient of the *mean*
+            loss over that small batch.
+        small_sizes: ``b_i``, the number of examples (or tokens) in each small batch.
+        small_weights: ``w_i``, the weight of each small batch in the big-batch gradient
+            ``G_big = sum_i w_i g_i / sum_i w_i``. Default: ``small_sizes`` (every example counts the same).
+
+    Example:
+        >>> import torch
+        >>> s = summarize_small_batches(torch.tensor([5.0, 3.0]), torch.tensor([4.0, 4.0]))
+        >>> [float(x) for x in s]
+        [32.0, 2.0, 8.0, 8.0, 8.0]
+    """
+    sq_norms = small_sq_norms.reshape(-1).to(torch.float64)
+    sizes = small_sizes.reshape(-1).to(device=sq_norms.device, dtype=torch.float64)
+    if sq_norms.shape != sizes.shape:
+        raise ValueError(
+            f"small_sq_norms and small_sizes must have one entry per small batch, got {tuple(sq_norms.shape)}"
+            f" and {tuple(sizes.shape)}"
+        )
+    if small_weights is None:
+        weights = sizes
+    else:
+        weights = small_weights.reshape(-1).to(device=sq_norms.device, dtype=torch.float64)
+        if weights.shape != sizes.shape:
+            raise ValueError(f"small_weights must have {sizes.numel()} entries, got {weights.numel()}")
+    return SmallBatchSummary(
+        size_weighted_sq_norm_sum=(sizes * sq_norms).sum(),
+        num_small_batches=torch.tensor(float(sizes.numel()), dtype=torch.float64, device=sizes.device),
+        size_sum=sizes.sum(),
+        weight_sum=weights.sum(),
+        weight_sq_over_size_sum=(weights.square() / sizes).sum(),
+    )
+
+
+def unbiased_estimates(summary: SmallBatchSummary, big_sq_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """Unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` from summarized small batches and the big batch.
+
+    Args:
+        summary: the step's small batches, from :func:`summarize_small_batches` (summed over processes).
+        big_sq_norm: ``|G_big|^2`` with ``G_big = sum_i w_i g_i / sum_i w_i``.
+
+    Returns:
+        ``(grad_sq_norm, trace_cov)``; both NaN when the step holds no information about the noise
+        (fewer than two small batches). Individual ``grad_sq_norm`` estimates can be negative: average
+        them, never clamp them.
+
+    Example:
+        >>> import torch
+        >>> s = summarize_small_batches(torch.tensor([5.0, 3.0]), torch.tensor([4.0, 4.0]))
+        >>> g2, tr = unbiased_estimates(s, torch.tensor(3.5))
+        >>> float(g2), float(tr)
+        (3.0, 4.0)
+    """
+    a, n, b, w, w2_over_b = (t.to(torch.float64) for t in summary)
+    big = big_sq_norm.to(device=a.device, dtype=torch.float64)
+    big_noise_coef = w2_over_b / w.square()
+    determinant = n - big_noise_coef * b
+    degenerate = determinant <= _DEGENERATE_TOLERANCE * n
+    determinant = torch.where(degenerate, torch.full_like(determinant, float("nan")), determinant)
+    grad_sq_norm = (n * big - big_noise_coef * a) / determinant
+    trace_cov = (a - b * big) / determinant
+    return grad_sq_norm, trace_cov
+
+
+def weighted_estimates(
+    small_sq_norms: Tensor,
+    big_sq_norm: Tensor,
+    small_sizes: Tensor,
+    small_weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`unbiased_estimates` of one process's small batches (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> g2, tr = weighted_estimates(torch.tensor([5.0, 3.0]), torch.tensor(3.5), torch.tensor([4.0, 4.0]))
+        >>> float(g2), float(tr)
+        (3.0, 4.0)
+    """
+    return unbiased_estimates(summarize_small_batches(small_sq_norms, small_sizes, small_weights), big_sq_norm)
+
+
+def paper_estimates(
+    small_sq_norm: Tensor | float,
+    big_sq_norm: Tensor | float,
+    b_small: float,
+    b_big: float,
+) -> tuple[Tensor, Tensor]:
+    """McCandlish et al. 2018, Appendix A.1: equal small batches of size ``b_small``.
+
+    Args:
+        small_sq_norm: mean of ``|g_small|^2`` over the small batches.
+        big_sq_norm: ``|g_big|^2``.
+        b_small: small batch size.
+        b_big: big batch size (``> b_small``).
+
+    Example:
+        >>> g2, tr = paper_estimates(4.0, 3.5, 4, 8)
+        >>> float(g2), float(tr)
+        (3.0, 4.0)
+    """
+    if not b_big > b_small > 0:
+        raise ValueError(f"need b_big > b_small > 0, got b_small={b_small}, b_big={b_big}")
+    s_small = torch.as_tensor(small_sq_norm, dtype=torch.float64)
+    s_big = torch.as_tensor(big_sq_norm, dtype=torch.float64)
+    grad_sq_norm = (b_big * s_big - b_small * s_small) / (b_big - b_small)
+    trace_cov = (s_small - s_big) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq_norm, trace_cov
+
+
+def simple_noise_scale(trace_cov: Tensor, grad_sq_norm: Tensor) -> Tensor:
+    """``B_simple = tr(Sigma) / |G|^2`` read out from (averaged) estimates.
+
+    NaN when either input is NaN (no estimate yet); ``inf`` when the ``|G|^2`` average is not positive
+    (the noise dominates any signal the estimate can resolve); a negative ``tr(Sigma)`` average reads
+    as 0. Clamping happens here, at read-out, never before averaging.
+
+    Example:
+        >>> import torch
+        >>> float(simple_noise_scale(torch.tensor(40.0), torch.tensor(2.0)))
+        20.0
+    """
+    ratio = trace_cov.clamp(min=0) / grad_sq_norm
+    infinite = torch.full_like(ratio, float("inf"))
+    ratio = torch.where(grad_sq_norm > 0, ratio, infinite)
+    return torch.where(trace_cov.isnan() | grad_sq_norm.isnan(), torch.full_like(ratio, float("nan")), ratio)

@@ -1,0 +1,165 @@
+"""Bias-corrected exponential moving averages of the unbiased |G|^2 and tr(Sigma) estimates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_gns.estimators import (
+    SmallBatchSummary,
+    simple_noise_scale,
+    summarize_small_batches,
+    unbiased_estimates,
+)
+
+
+def validate_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < float(beta) < 1.0:
+        raise ValueError(
+            f"beta must be a number strictly between 0 and 1 (the EMA decay per optimizer step), got {beta!r}."
+            " Typical values: 0.9 (reacts within ~10 steps) to 0.999 (averages ~1000 steps)."
+        )
+    return float(beta)
+
+
+class GradientNoiseScaleMetric(Metric):
+    """The simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018).
+
+    Each :meth:`update` takes one optimizer step's observations: the squared norms of the small-batch
+    gradients, their batch sizes, and the squared norm of the big-batch gradient. It turns them into
+    unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` (see :mod:`lightning_gns.estimators`) and folds
+    them into two exponential moving averages, bias-corrected by ``1 - beta^n`` like Adam's moments.
+    ``B_simple`` is the ratio of the averages. A step whose inputs or estimates are not finite (an
+    overflowed fp16 step) or that holds fewer than two small batches is skipped and counted, and never
+    enters the averages. No host synchronisation happens in :meth:`update`.
+
+    In a ``torch.distributed`` run every process passes its own small batches; with ``all_reduce=True``
+    (default) the metric sums their statistics with one small all-reduce per update, so every process
+    holds the same state. Call :meth:`update` on all processes together.
+
+    Args:
+        beta: EMA decay per update, in (0, 1).
+        all_reduce: sum small-batch statistics over ``torch.distributed`` processes when a process group
+            with more than one process is initialized.
+        kwargs: passed to :class:`torchmetrics.Metric` (``process_group`` selects the group).
+
+    Example (one device, two micro-batches accumulated into one step):
+        >>> import torch
+        >>> metric = GradientNoiseScaleMetric(beta=0.9)
+        >>> metric.update(
+        ...     small_sq_norms=torch.tensor([5.0, 3.0]),  # |g_1|^2, |g_2|^2 (mean-loss gradients)
+        ...     small_sizes=torch.tensor([4, 4]),  # examples in each micro-batch
+        ...     big_sq_norm=torch.tensor(3.5),  # |(g_1 + g_2) / 2|^2
+        ... )
+        >>> {k: round(float(v), 4) for k, v in metric.compute().items()}
+        {'b_simple': 1.3333, 'grad_sq_norm': 3.0, 'trace_cov': 4.0}
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = True
+
+    grad_sq_norm_ema: Tensor
+    trace_cov_ema: Tensor
+    ema_weight: Tensor
+    measured_steps: Tensor
+    skipped_steps: Tensor
+    last_b_small: Tensor
+    last_b_big: Tensor
+
+    def __init__(self, beta: float = 0.99, all_reduce: bool = True, **kwargs: Any) -> None:
+        # States already agree across processes after update's all-reduce: nothing to sync at compute.
+        kwargs.setdefault("sync_on_compute", False)
+        super().__init__(**kwargs)
+        self.beta = validate_beta(beta)
+        self.all_reduce = all_reduce
+        f64 = torch.float64
+        # EMAs of the raw estimates; divided by ema_weight = 1 - beta^n at read-out.
+        self.add_state("grad_sq_norm_ema", torch.tensor(0.0, dtype=f64), dist_reduce_fx=None, persistent=True)
+        self.add_state("trace_cov_ema", torch.tensor(0.0, dtype=f64), dist_reduce_fx=None, persistent=True)
+        self.add_state("ema_weight", torch.tensor(0.0, dtype=f64), dist_reduce_fx=None, persistent=True)
+        self.add_state("measured_steps", torch.tensor(0, dtype=torch.int64), dist_reduce_fx=None, persistent=True)
+        self.add_state("skipped_steps", torch.tensor(0, dtype=torch.int64), dist_reduce_fx=None, persistent=True)
+        # Batch sizes of the last update, in the caller's units (examples or tokens).
+        self.add_state("last_b_small", torch.tensor(float("nan"), dtype=f64), dist_reduce_fx=None, persistent=True)
+        self.add_state("last_b_big", torch.tensor(float("nan"), dtype=f64), dist_reduce_fx=None, persistent=True)
+
+    def update(
+        self,
+        small_sq_norms: Tensor,
+        small_sizes: Tensor,
+        big_sq_norm: Tensor,
+        small_weights: Tensor | None = None,
+        big_sq_norm_is_partial: bool = False,
+    ) -> None:
+        """Fold in one optimizer step.
+
+        Args:
+            small_sq_norms: ``|g_i|^2`` of this process's small batches, each ``g_i`` the gradient of the
+                mean loss over its batch, with any loss scaling removed.
+            small_sizes: examples (or tokens) in each small batch.
+            big_sq_norm: ``|G_big|^2`` of the step's big-batch gradient ``sum_i w_i g_i / sum_i w_i`` over
+                all small batches of all processes.
+            small_weights: ``w_i``; default ``small_sizes`` (the big batch is the mean over all examples).
+                Lightning's gradient accumulation weights micro-batches equally: pass ones.
+            big_sq_norm_is_partial: ``big_sq_norm`` is this process's share of the squared norm
+                (sharded parameters or sharded work) and is summed over processes with the rest.
+        """
+        summary = summarize_small_batches(small_sq_norms, small_sizes, small_weights)
+        big = big_sq_norm.reshape(()).to(device=summary.size_sum.device, dtype=torch.float64)
+        if self._should_all_reduce():
+            packed = torch.cat([summary.stack(), big.reshape(1)]) if big_sq_norm_is_partial else summary.stack()
+            dist.all_reduce(packed, group=self.process_group)
+            summary = SmallBatchSummary.from_stacked(packed[: len(SmallBatchSummary._fields)])
+            if big_sq_norm_is_partial:
+                big = packed[-1]
+        self._fold(summary, big)
+
+    def _should_all_reduce(self) -> bool:
+        return (
+            self.all_reduce
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+
+    def _fold(self, summary: SmallBatchSummary, big_sq_norm: Tensor) -> None:
+        grad_sq_norm, trace_cov = unbiased_estimates(summary, big_sq_norm)
+        valid = torch.isfinite(grad_sq_norm) & torch.isfinite(trace_cov)
+        beta = self.beta
+        dtype = self.grad_sq_norm_ema.dtype
+        # torch.where keeps a skipped step out of the averages without a host sync.
+        self.grad_sq_norm_ema = torch.where(
+            valid, beta * self.grad_sq_norm_ema + (1 - beta) * grad_sq_norm.to(dtype), self.grad_sq_norm_ema
+        )
+        self.trace_cov_ema = torch.where(
+            valid, beta * self.trace_cov_ema + (1 - beta) * trace_cov.to(dtype), self.trace_cov_ema
+        )
+        self.ema_weight = torch.where(valid, beta * self.ema_weight + (1 - beta), self.ema_weight)
+        self.measured_steps = self.measured_steps + valid.long()
+        self.skipped_steps = self.skipped_steps + (~valid).long()
+        self.last_b_big = summary.size_sum.to(dtype)
+        self.last_b_small = (summary.size_sum / summary.num_small_batches).to(dtype)
+
+    @property
+    def grad_sq_norm(self) -> Tensor:
+        """Bias-corrected average of the ``|G|^2`` estimates (NaN before the first measured step)."""
+        return self.grad_sq_norm_ema / self.ema_weight
+
+    @property
+    def trace_cov(self) -> Tensor:
+        """Bias-corrected average of the ``tr(Sigma)`` estimates (NaN before the first measured step)."""
+        return self.trace_cov_ema / self.ema_weight
+
+    @property
+    def b_simple(self) -> Tensor:
+        """``B_simple``: ratio of the averaged ``tr(Sigma)`` and ``|G|^2`` estimates, in the units of the sizes."""
+        return simple_noise_scale(self.trace_cov, self.grad_sq_norm)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"b_simple", "grad_sq_norm", "trace_cov"}`` as tensors."""
+        return {"b_simple": self.b_simple, "grad_sq_norm": self.grad_sq_norm, "trace_cov": self.trace_cov}

@@ -1,0 +1,15 @@
+"""Interchangeable sources of small-batch gradient norms.
+
+Each source watches a backward pass and reports the norm of the gradient one small batch produced:
+
+- :class:`DDPCommHookSource`: each rank's local gradient, from DDP's buckets before the all-reduce.
+- :class:`ParamHookSource`: each micro-batch's gradient, from parameter hooks before accumulation.
+
+The estimator downstream does not know which source fed it.
+"""
+
+from lightning_gns.sources.base import GradNormSource
+from lightning_gns.sources.ddp_comm_hook import DDPCommHookSource
+from lightning_gns.sources.param_hooks import ParamHookSource
+
+__all__ = ["DDPCommHookSource", "GradNormSource", "ParamHookSource"]

@@ -1,0 +1,46 @@
+"""What every source of small-batch gradient norms provides."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fp32_norm(tensor: Tensor) -> Tensor:
+    """L2 norm accumulated in at least float32 (half-precision gradients would lose the sum)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+    return torch.linalg.vector_norm(tensor)
+
+
+class GradNormSource:
+    """Records the norms of gradient pieces during one backward pass and combines them afterwards.
+
+    A source sees one small batch's gradient as it is produced (as bucket buffers, parameter gradients,
+    or per-example pieces) and records a norm per piece while :attr:`recording` is true. After the
+    backward pass, :meth:`pop_norm` returns the norm of the whole small-batch gradient, still carrying
+    whatever factor the loss had (``1 / accumulate_grad_batches`` and the AMP loss scale): the caller
+    removes those, so sources stay independent of the training loop.
+    """
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.recording = False
+        self._piece_norms: list[Tensor] = []
+
+    def record(self, piece_norm: Tensor) -> None:
+        if self.recording:
+            self._piece_norms.append(piece_norm)
+
+    def pop_norm(self) -> Tensor | None:
+        """Norm of the gradient recorded since the last call, or None if nothing was recorded."""
+        if not self._piece_norms:
+            return None
+        norm = torch.linalg.vector_norm(torch.stack(self._piece_norms))
+        self._piece_norms = []
+        return norm
+
+    def detach(self) -> None:
+        """Remove whatever the source attached to the model."""
+        self._piece_norms = []
