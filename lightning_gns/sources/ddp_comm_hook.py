@@ -1,6 +1,7 @@
 """Small batches from a DDP communication hook: each rank's local gradient before the all-reduce."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: DDP checks the hook's annotations at run time.
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -26,14 +27,14 @@ class DDPCommHookSource(GradNormSource):
 
     def __init__(self) -> None:
         super().__init__()
-        self.process_group: dist.ProcessGroup | None = None
+        self.process_group: Optional[dist.ProcessGroup] = None  # noqa: UP045
 
     def attach(self, ddp_model: DistributedDataParallel) -> None:
         self.process_group = ddp_model.process_group
         ddp_model.register_comm_hook(state=self, hook=_record_then_allreduce)
 
 
-def _record_then_allreduce(source: DDPCommHookSource, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def _record_then_allreduce(source: "DDPCommHookSource", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     # The norm must be taken before allreduce_hook divides the buffer in place and sends it.
     source.record(fp32_norm(bucket.buffer()))
     return allreduce_hook(source.process_group, bucket)  # type: ignore[arg-type]

@@ -1,0 +1,191 @@
+"""GradientNoiseScale on one device with gradient accumulation (mode="microbatch")."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_gns import GradientNoiseScale
+from tests.models import LinearProblem, LinearRegression, loader
+from tests.recording import Recorder
+from tests.reference import reference_run
+
+
+def make_trainer(callbacks: list[Any], **kwargs: Any) -> Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    defaults.update(kwargs)
+    return Trainer(callbacks=callbacks, **defaults)
+
+
+def assert_matches_reference(recorder: Recorder, world_size: int, beta: float, rel: float = 1e-4) -> None:
+    expected = reference_run(recorder.micro_batches, world_size=world_size, beta=beta)
+    measured = [h for h in recorder.history if not math.isnan(h["grad_sq_norm"])]
+    assert len(measured) == len(expected) > 0
+    for got, want in zip(measured, expected, strict=True):
+        assert got["step"] == want["step"]
+        assert got["b_big"] == want["b_big"]
+        for key in ("grad_sq_norm", "trace_cov", "b_simple"):
+            assert got[key] == pytest.approx(want[key], rel=rel), (key, got["step"])
+
+
+def test_closed_form_linear_regression_microbatch() -> None:
+    """lr = 0: the measured B_simple converges to dim + 1 + dim s^2 / |d|^2 (theory notes)."""
+    problem = LinearProblem(dim=8, noise_std=1.0, offset_norm=1.0, seed=0)
+    x, y = problem.sample(16 * 4 * 500, seed=1)
+    gns = GradientNoiseScale(beta=0.995)
+    make_trainer([gns], accumulate_grad_batches=4).fit(LinearRegression(problem, lr=0.0), loader(x, y, 16))
+    assert gns.mode == "microbatch" and gns.source == "param_hooks"
+    assert gns.b_simple == pytest.approx(problem.b_simple, rel=0.1)
+    assert gns.trace_cov == pytest.approx(problem.trace_cov, rel=0.1)
+    assert gns.grad_sq_norm == pytest.approx(problem.grad_sq_norm, rel=0.1)
+
+
+def test_exact_agreement_with_float64_recomputation_uneven_windows_and_clipping() -> None:
+    """Every step's averages equal an independent float64 recomputation on the same batches.
+
+    The data ends in a short micro-batch (5 examples) inside a short window (3 of 4 micro-batches); the
+    weights move (lr > 0) and gradients are clipped hard, so a measurement taken after clipping or at
+    the wrong weights would not match.
+    """
+    problem = LinearProblem(dim=6, noise_std=0.5, seed=2)
+    x, y = problem.sample(8 * 4 * 12 + 8 * 2 + 5, seed=3)
+    beta = 0.9
+    gns = GradientNoiseScale(beta=beta)
+    recorder = Recorder(gns)
+    trainer = make_trainer([gns, recorder], accumulate_grad_batches=4, max_epochs=2, gradient_clip_val=0.01)
+    trainer.fit(LinearRegression(problem, lr=0.5), loader(x, y, 8))
+    assert [len(mb.y) for mb in recorder.micro_batches][-3:] == [8, 8, 5]
+    assert gns.skipped_steps == 0
+    assert_matches_reference(recorder, world_size=1, beta=beta)
+
+
+def test_batch_size_fn_sets_units() -> None:
+    """Counting each example twice (e.g. two tokens per example) doubles B_simple and the batch sizes."""
+    problem = LinearProblem(dim=4, seed=4)
+    x, y = problem.sample(8 * 2 * 20, seed=5)
+    results = []
+    for fn in (None, lambda batch: 2 * len(batch[0])):
+        gns = GradientNoiseScale(beta=0.9, batch_size_fn=fn)
+        make_trainer([gns], accumulate_grad_batches=2).fit(LinearRegression(problem), loader(x, y, 8))
+        results.append((gns.b_simple, float(gns.metric.last_b_small), float(gns.metric.last_b_big)))
+    (b1, small1, big1), (b2, small2, big2) = results
+    assert (small1, big1, small2, big2) == (8.0, 16.0, 16.0, 32.0)
+    assert b2 == pytest.approx(2 * b1, rel=1e-9)
+
+
+def _fp16_plugin(init_scale: float) -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+def test_fp16_grad_scaler_with_overflowing_first_steps_matches_fp32() -> None:
+    problem = LinearProblem(dim=8, noise_std=1.0, seed=6)
+    x, y = problem.sample(16 * 2 * 400, seed=7)
+    values = {}
+    for name, plugins in (("fp32", None), ("fp16", [_fp16_plugin(2.0**40)])):
+        gns = GradientNoiseScale(beta=0.99)
+        recorder = Recorder(gns)
+        trainer = make_trainer([gns, recorder], accumulate_grad_batches=2, plugins=plugins)
+        trainer.fit(LinearRegression(problem, lr=0.0), loader(x, y, 16))
+        if plugins:  # the scale after the last step tells whether that step overflowed
+            recorder.loss_scales.append(float(trainer.precision_plugin.scaler.get_scale()))  # type: ignore[attr-defined]
+        values[name] = (gns, recorder)
+    fp16, fp16_recorder = values["fp16"]
+    fp32, _ = values["fp32"]
+    scales = fp16_recorder.loss_scales
+    overflowed = sum(1 for before, after in itertools.pairwise(scales) if after < before)
+    assert overflowed >= 5, "the test needs real overflows: raise init_scale"
+    assert fp16.skipped_steps == overflowed
+    assert fp32.skipped_steps == 0
+    assert math.isfinite(fp16.b_simple)
+    assert fp16.b_simple == pytest.approx(fp32.b_simple, rel=0.03)
+    assert fp16.trace_cov == pytest.approx(fp32.trace_cov, rel=0.03)
+
+
+def test_bf16_matches_fp32() -> None:
+    problem = LinearProblem(dim=8, noise_std=1.0, seed=8)
+    x, y = problem.sample(16 * 2 * 200, seed=9)
+    b_simple = {}
+    for precision in ("32-true", "bf16-mixed"):
+        gns = GradientNoiseScale(beta=0.99)
+        make_trainer([gns], accumulate_grad_batches=2, precision=precision).fit(
+            LinearRegression(problem), loader(x, y, 16)
+        )
+        b_simple[precision] = gns.b_simple
+    assert b_simple["bf16-mixed"] == pytest.approx(b_simple["32-true"], rel=0.05)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path: Path) -> None:
+    problem = LinearProblem(dim=6, seed=10)
+    x, y = problem.sample(8 * 2 * 10 + 3, seed=11)
+
+    def fit(max_epochs: int, ckpt_path: str | None = None, checkpoint: bool = False) -> GradientNoiseScale:
+        torch.manual_seed(0)
+        gns = GradientNoiseScale(beta=0.9)
+        callbacks: list[Any] = [gns]
+        if checkpoint:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1))
+        trainer = make_trainer(
+            callbacks, accumulate_grad_batches=2, max_epochs=max_epochs, enable_checkpointing=checkpoint
+        )
+        trainer.fit(LinearRegression(problem, lr=0.1), loader(x, y, 8), ckpt_path=ckpt_path)
+        return gns
+
+    uninterrupted = fit(max_epochs=3)
+    fit(max_epochs=1, checkpoint=True)
+    (ckpt,) = tmp_path.glob("epoch=0-*.ckpt")
+    assert "GradientNoiseScale" in str(torch.load(ckpt, weights_only=False)["callbacks"].keys())
+    resumed = fit(max_epochs=3, ckpt_path=str(ckpt))
+    for name in uninterrupted.metric._defaults:
+        a, b = getattr(uninterrupted.metric, name), getattr(resumed.metric, name)
+        assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), name
+    assert resumed.b_simple == uninterrupted.b_simple
+
+
+def test_measure_every_n_steps_only_measures_those_steps() -> None:
+    problem = LinearProblem(dim=4, seed=12)
+    x, y = problem.sample(8 * 2 * 12, seed=13)
+    gns = GradientNoiseScale(beta=0.9, measure_every_n_steps=3)
+    recorder = Recorder(gns)
+    make_trainer([gns, recorder], accumulate_grad_batches=2).fit(LinearRegression(problem), loader(x, y, 8))
+    measured_steps = int(gns.metric.measured_steps)
+    assert measured_steps == 4  # steps 0, 3, 6, 9 of 12
+    recorder.micro_batches = [mb for mb in recorder.micro_batches if mb.step % 3 == 0]
+    recorder.history = [h for h in recorder.history if h["step"] % 3 == 0]
+    assert_matches_reference(recorder, world_size=1, beta=0.9)
+
+
+def test_logs_gns_scalars_on_logging_steps(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    problem = LinearProblem(dim=4, seed=14)
+    x, y = problem.sample(8 * 2 * 20, seed=15)
+    gns = GradientNoiseScale(beta=0.9, prog_bar=True)
+    trainer = make_trainer(
+        [gns], accumulate_grad_batches=2, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=5
+    )
+    trainer.fit(LinearRegression(problem), loader(x, y, 8))
+    logged = trainer.logged_metrics
+    names = {"gns/b_simple", "gns/grad_sq_norm", "gns/trace_cov", "gns/b_small", "gns/b_big", "gns/skipped_steps"}
+    assert names <= set(logged)
+    assert float(logged["gns/b_simple"]) == pytest.approx(gns.b_simple, rel=1e-6)
+    assert float(logged["gns/b_small"]) == 8.0 and float(logged["gns/b_big"]) == 16.0
+    assert "gns/b_simple" in trainer.progress_bar_metrics
+    csv_text = next(tmp_path.rglob("metrics.csv")).read_text()
+    rows = [line for line in csv_text.splitlines()[1:] if line.strip()]
+    assert len(rows) == 20 // 5  # one row per logging step
