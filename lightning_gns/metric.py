@@ -117,7 +117,7 @@ class GradientNoiseScaleMetric(Metric):
             summary = SmallBatchSummary.from_stacked(packed[: len(SmallBatchSummary._fields)])
             if big_sq_norm_is_partial:
                 big = packed[-1]
-        self._fold(summary, big)
+        self.fold(summary, big)
 
     def _should_all_reduce(self) -> bool:
         return (
@@ -127,7 +127,12 @@ class GradientNoiseScaleMetric(Metric):
             and dist.get_world_size(self.process_group) > 1
         )
 
-    def _fold(self, summary: SmallBatchSummary, big_sq_norm: Tensor) -> None:
+    def fold(self, summary: SmallBatchSummary, big_sq_norm: Tensor) -> None:
+        """Fold in one step from statistics already summed over processes (no communication).
+
+        For callers that all-reduce several metrics' statistics together, as the Lightning callback does
+        for per-layer noise scales.
+        """
         grad_sq_norm, trace_cov = unbiased_estimates(summary, big_sq_norm)
         valid = torch.isfinite(grad_sq_norm) & torch.isfinite(trace_cov)
         beta = self.beta

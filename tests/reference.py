@@ -26,15 +26,22 @@ class MicroBatch:
     accumulation: int
 
 
-def step_estimates(micro_batches: list[MicroBatch], world_size: int) -> tuple[float, float]:
-    """Unbiased (|G|^2, tr Sigma) for one optimizer step, in float64 numpy."""
-    grads, sizes = [], []
+def step_estimates(micro_batches: list[MicroBatch], world_size: int, per_example: bool = False) -> tuple[float, float]:
+    """Unbiased (|G|^2, tr Sigma) for one optimizer step, in float64 numpy.
+
+    The small batches are the micro-batches, or with ``per_example`` every example of every micro-batch.
+    """
+    grads, sizes, coefs = [], [], []
+    k = micro_batches[0].accumulation
     for mb in micro_batches:
         x, y, w = mb.x.double().numpy(), mb.y.double().numpy(), mb.w.double().numpy()
-        grads.append(x.T @ (x @ w - y) / len(y))
-        sizes.append(float(len(y)))
-    k = micro_batches[0].accumulation
-    coefs = np.full(len(grads), 1.0 / (world_size * k))
+        groups = [(x[i : i + 1], y[i : i + 1]) for i in range(len(y))] if per_example else [(x, y)]
+        for xs, ys in groups:
+            grads.append(xs.T @ (xs @ w - ys) / len(ys))
+            sizes.append(float(len(ys)))
+            # Each micro-batch loss is a mean over its examples, divided by k, averaged over ranks.
+            coefs.append(len(ys) / len(y) / (world_size * k))
+    coefs = np.array(coefs)
     accumulated = sum(c * g for c, g in zip(coefs, grads, strict=True))
     b = np.array(sizes)
     # E[sum b_i |g_i|^2] = sum(b) G2 + n T ;  E|accumulated|^2 = (sum c)^2 G2 + sum(c^2 / b) T
@@ -44,7 +51,9 @@ def step_estimates(micro_batches: list[MicroBatch], world_size: int) -> tuple[fl
     return float(grad_sq_norm), float(trace_cov)
 
 
-def reference_run(micro_batches: list[MicroBatch], world_size: int, beta: float) -> list[dict[str, float]]:
+def reference_run(
+    micro_batches: list[MicroBatch], world_size: int, beta: float, per_example: bool = False
+) -> list[dict[str, float]]:
     """Per optimizer step: the bias-corrected EMAs and their ratio, as the callback should report them."""
     by_step: dict[int, list[MicroBatch]] = defaultdict(list)
     for mb in micro_batches:
@@ -52,9 +61,9 @@ def reference_run(micro_batches: list[MicroBatch], world_size: int, beta: float)
     g2_ema = trace_ema = weight = 0.0
     history = []
     for step in sorted(by_step):
-        if len(by_step[step]) * world_size < 2:
+        if len(by_step[step]) * world_size < 2 and not per_example:
             continue  # one small batch carries no information about the noise
-        g2, tr = step_estimates(by_step[step], world_size)
+        g2, tr = step_estimates(by_step[step], world_size, per_example)
         g2_ema = beta * g2_ema + (1 - beta) * g2
         trace_ema = beta * trace_ema + (1 - beta) * tr
         weight = beta * weight + (1 - beta)

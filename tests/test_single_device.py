@@ -33,8 +33,10 @@ def make_trainer(callbacks: list[Any], **kwargs: Any) -> Trainer:
     return Trainer(callbacks=callbacks, **defaults)
 
 
-def assert_matches_reference(recorder: Recorder, world_size: int, beta: float, rel: float = 1e-4) -> None:
-    expected = reference_run(recorder.micro_batches, world_size=world_size, beta=beta)
+def assert_matches_reference(
+    recorder: Recorder, world_size: int, beta: float, rel: float = 1e-4, per_example: bool = False
+) -> None:
+    expected = reference_run(recorder.micro_batches, world_size=world_size, beta=beta, per_example=per_example)
     measured = [h for h in recorder.history if not math.isnan(h["grad_sq_norm"])]
     assert len(measured) == len(expected) > 0
     for got, want in zip(measured, expected, strict=True):

@@ -16,10 +16,11 @@ def fp32_norm(tensor: Tensor) -> Tensor:
 class GradNormSource:
     """Records the norms of gradient pieces during one backward pass and combines them afterwards.
 
-    A source sees one small batch's gradient as it is produced (as bucket buffers, parameter gradients,
-    or per-example pieces) and records a norm per piece while :attr:`recording` is true. After the
-    backward pass, :meth:`pop_norm` returns the norm of the whole small-batch gradient, still carrying
-    whatever factor the loss had (``1 / accumulate_grad_batches`` and the AMP loss scale): the caller
+    A source sees the gradient of one backward pass as it is produced (as bucket buffers, parameter
+    gradients, or per-example pieces) while :attr:`recording` is true. After the backward pass,
+    :meth:`pop_norms` returns one norm per small batch that backward held: one for the whole micro-batch
+    (DDP buckets, parameter hooks) or one per example. The norms still carry whatever factor the loss had
+    (``1 / accumulate_grad_batches``, the AMP loss scale, each example's share of a mean): the caller
     removes those, so sources stay independent of the training loop.
     """
 
@@ -33,13 +34,13 @@ class GradNormSource:
         if self.recording:
             self._piece_norms.append(piece_norm)
 
-    def pop_norm(self) -> Tensor | None:
-        """Norm of the gradient recorded since the last call, or None if nothing was recorded."""
+    def pop_norms(self) -> Tensor | None:
+        """Norms of the small-batch gradients recorded since the last call, shape (n,); None if none."""
         if not self._piece_norms:
             return None
         norm = torch.linalg.vector_norm(torch.stack(self._piece_norms))
         self._piece_norms = []
-        return norm
+        return norm.reshape(1)
 
     def detach(self) -> None:
         """Remove whatever the source attached to the model."""

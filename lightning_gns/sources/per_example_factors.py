@@ -1,0 +1,96 @@
+"""Per-example parameter gradients of common layers, kept factored, and their squared norms.
+
+A layer's weight gradient for example ``i`` is a sum over positions ``t`` (tokens, pixels) of outer
+products: for ``nn.Linear`` ``sum_t delta_it x_it^T`` with ``delta`` the gradient of the layer output.
+Materialising it costs ``T d_in d_out`` per example; the Gram form
+``|sum_t a_t b_t^T|^2 = sum_{t,s} (a_t . a_s)(b_t . b_s)`` costs ``T^2 (d_in + d_out)``. Each factor picks
+the cheaper one (the "mixed ghost norm" of Bu et al., fastDP).
+
+Factors are also what makes tied weights exact: when one parameter is used twice (an embedding reused
+as the output layer, a module called twice), its per-example gradient is the *sum* of the uses, and
+``|u + v|^2 = |u|^2 + |v|^2 + 2 <u, v>``; :func:`factor_inner` computes the cross term from the factors.
+All functions return float32 ``(B,)`` tensors and never build a per-example gradient larger than the
+parameter times the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _f32(t: Tensor) -> Tensor:
+    """Half precision upcast to float32 for the reductions; float32 and float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+@dataclass
+class Dense:
+    """Per-example gradient ``sum_t a[:, t] b[:, t]^T`` with ``a`` (B, T, m) and ``b`` (B, T, n)."""
+
+    a: Tensor
+    b: Tensor
+
+
+@dataclass
+class OneHot:
+    """Per-example gradient ``sum_t onehot(index[:, t]) b[:, t]^T``: an embedding's rows, index (B, T), b (B, T, n)."""
+
+    index: Tensor
+    b: Tensor
+
+
+@dataclass
+class Materialized:
+    """Per-example gradient held as a (B, P) tensor (cheap for normalisation layers and biases)."""
+
+    value: Tensor
+
+
+Factor = Dense | OneHot | Materialized
+
+
+def factor_sq_norm(factor: Factor) -> Tensor:
+    """Per-example squared Frobenius norm of the factored gradient, shape (B,)."""
+    if isinstance(factor, Materialized):
+        return _f32(factor.value).square().sum(dim=1)
+    if isinstance(factor, Dense):
+        a, b = _f32(factor.a), _f32(factor.b)
+        t, m, n = a.shape[1], a.shape[2], b.shape[2]
+        if t == 1:
+            return a.square().sum(dim=(1, 2)) * b.square().sum(dim=(1, 2))
+        if t * (m + n) < m * n:
+            return (a @ a.transpose(1, 2) * (b @ b.transpose(1, 2))).sum(dim=(1, 2))
+        return (a.transpose(1, 2) @ b).square().sum(dim=(1, 2))
+    b = _f32(factor.b)
+    same_row = factor.index.unsqueeze(2) == factor.index.unsqueeze(1)
+    return (b @ b.transpose(1, 2) * same_row).sum(dim=(1, 2))
+
+
+def factor_inner(u: Factor, v: Factor) -> Tensor:
+    """Per-example inner product of two factored gradients of the same parameter, shape (B,)."""
+    if isinstance(u, Materialized) or isinstance(v, Materialized):
+        return (_materialize(u) * _materialize(v)).sum(dim=1)
+    if isinstance(u, Dense) and isinstance(v, Dense):
+        a_gram = _f32(u.a) @ _f32(v.a).transpose(1, 2)
+        return (a_gram * (_f32(u.b) @ _f32(v.b).transpose(1, 2))).sum(dim=(1, 2))
+    if isinstance(u, OneHot) and isinstance(v, OneHot):
+        same_row = u.index.unsqueeze(2) == v.index.unsqueeze(1)
+        return (_f32(u.b) @ _f32(v.b).transpose(1, 2) * same_row).sum(dim=(1, 2))
+    one_hot, dense = (u, v) if isinstance(u, OneHot) else (v, u)
+    assert isinstance(one_hot, OneHot) and isinstance(dense, Dense)
+    # dense.a (B, T, rows) selects the embedding row of each one-hot position s: a[:, t, index[:, s]].
+    rows = torch.gather(
+        _f32(dense.a), 2, one_hot.index.unsqueeze(1).expand(-1, dense.a.shape[1], -1)
+    )  # (B, T_dense, T_onehot)
+    return (rows * (_f32(dense.b) @ _f32(one_hot.b).transpose(1, 2))).sum(dim=(1, 2))
+
+
+def _materialize(factor: Factor) -> Tensor:
+    if isinstance(factor, Materialized):
+        return _f32(factor.value)
+    if isinstance(factor, Dense):
+        return (_f32(factor.a).transpose(1, 2) @ _f32(factor.b)).flatten(1)
+    raise NotImplementedError("an embedding gradient is never materialised per example (vocabulary x batch)")
