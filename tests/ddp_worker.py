@@ -39,12 +39,13 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.9)
     parser.add_argument("--dim", type=int, default=6)
     parser.add_argument("--user-comm-hook", action="store_true")
+    parser.add_argument("--mode", default="auto")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     problem = LinearProblem(dim=args.dim, noise_std=1.0, seed=20)
     x, y = problem.sample(args.examples, seed=21)
-    gns = GradientNoiseScale(beta=args.beta)
+    gns = GradientNoiseScale(beta=args.beta, mode=args.mode)
     recorder = Recorder(gns)
     callbacks: list[Any] = [UserCommHook()] if args.user_comm_hook else []
     trainer = Trainer(

@@ -63,6 +63,16 @@ def test_ddp_matches_float64_recomputation(tmp_path: Path, accumulate: int, user
     assert_matches_reference(merged_recorder(results), world_size=2, beta=0.9)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ddp_per_example_matches_float64_recomputation(tmp_path: Path, accumulate: int) -> None:
+    """Every example on every rank is a small batch; the big batch is the all-reduced gradient."""
+    args = ["--mode", "per_example", "--accumulate", str(accumulate), "--examples", "203", "--lr", "0.3"]
+    results = run_ddp(tmp_path, *args, "--beta", "0.9")
+    check_ranks_agree(results)
+    assert results[0]["mode"] == "per_example" and results[0]["source"] == "per_example"
+    assert_matches_reference(merged_recorder(results), world_size=2, beta=0.9, per_example=True)
+
+
 def test_ddp_closed_form_linear_regression(tmp_path: Path) -> None:
     """lr = 0, two ranks, no accumulation: B_simple converges near the closed form."""
     results = run_ddp(tmp_path, "--examples", "24000", "--batch-size", "16", "--beta", "0.995", "--dim", "6")
