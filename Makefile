@@ -8,9 +8,13 @@ PIP := $(PY) -m pip
 
 .PHONY: install demo test lint bench clean
 
+# One environment for both entry points: the tests also run the example, so it gets the "examples" extra
+# (scikit-learn) as well as "dev". Editable installs of a pyproject-only package need pip >= 21.3 (Python 3.10.0
+# ships 21.2); the first pip line does nothing when pip is newer.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q "pip>=21.3"
+	$(PIP) install -q -c constraints.txt -e ".[dev,examples]"
 	touch $@
 
 install: $(VENV)/.installed

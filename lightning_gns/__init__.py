@@ -1,8 +1,28 @@
-"""Measure the gradient noise scale (McCandlish et al. 2018) in PyTorch Lightning training."""
+"""Measure the gradient noise scale (McCandlish et al. 2018) in PyTorch Lightning training.
 
-from lightning_gns.callbacks import GradientNoiseScale
+``GradientNoiseScale`` (the ``lightning.pytorch`` callback) is imported on first access, so that
+``lightning_gns.pytorch_lightning`` users never import the ``lightning`` namespace.
+"""
+
+from typing import TYPE_CHECKING, Any
+
 from lightning_gns.metric import GradientNoiseScaleMetric
+from lightning_gns.tracker import GradientNoiseScaleTracker
+
+if TYPE_CHECKING:
+    from lightning_gns.callbacks import GradientNoiseScale
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientNoiseScale", "GradientNoiseScaleMetric", "__version__"]
+_LIGHTNING_CALLBACKS = {"GradientNoiseScale"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_CALLBACKS:
+        from lightning_gns import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'lightning_gns' has no attribute {name!r}")
+
+
+__all__ = ["GradientNoiseScale", "GradientNoiseScaleMetric", "GradientNoiseScaleTracker", "__version__"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from lightning_gns.estimators import (
 
 
 def validate_beta(beta: float) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 < float(beta) < 1.0:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 < float(beta) < 1.0:
         raise ValueError(
             f"beta must be a number strictly between 0 and 1 (the EMA decay per optimizer step), got {beta!r}."
             " Typical values: 0.9 (reacts within ~10 steps) to 0.999 (averages ~1000 steps)."

@@ -1,5 +1,13 @@
-"""Lightning callbacks."""
+"""Callbacks for ``lightning.pytorch``; for ``pytorch_lightning`` see :mod:`lightning_gns.pytorch_lightning`."""
 
-from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScale
+from lightning.pytorch import Callback
+
+from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
+
+
+class GradientNoiseScale(GradientNoiseScaleLogic, Callback):
+    __doc__ = GradientNoiseScaleLogic.__doc__
+    _lightning_namespace = "lightning.pytorch"
+
 
 __all__ = ["GradientNoiseScale"]

@@ -33,6 +33,11 @@ class ParamHookSource(GradNormSource):
         if self.recording:
             self.record(fp32_norm(grad))
 
+    @property
+    def attached(self) -> bool:
+        """Whether any hook is registered."""
+        return bool(self._handles)
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()

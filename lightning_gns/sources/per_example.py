@@ -215,6 +215,11 @@ class PerExampleSource(GradNormSource):
             layer[name] = layer[name] + sq if name in layer else sq
         return torch.stack(list(sq_norms.values())).sum(dim=0).sqrt()
 
+    @property
+    def attached(self) -> bool:
+        """Whether any hook is registered."""
+        return bool(self._handles)
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -1,0 +1,22 @@
+"""The callbacks for the ``pytorch_lightning`` namespace; importing this module never imports ``lightning``.
+
+Example::
+
+    import pytorch_lightning as pl
+    from lightning_gns.pytorch_lightning import GradientNoiseScale
+
+    trainer = pl.Trainer(accumulate_grad_batches=4, callbacks=[GradientNoiseScale()])
+"""
+
+from pytorch_lightning import Callback
+
+from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
+
+
+# The hooks are annotated with lightning.pytorch types; at run time both namespaces pass theirs.
+class GradientNoiseScale(GradientNoiseScaleLogic, Callback):  # type: ignore[misc]
+    __doc__ = GradientNoiseScaleLogic.__doc__
+    _lightning_namespace = "pytorch_lightning"
+
+
+__all__ = ["GradientNoiseScale"]

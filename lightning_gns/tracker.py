@@ -1,0 +1,402 @@
+"""GradientNoiseScaleTracker: the measurement loop without any training framework.
+
+It wires a gradient-norm source to the model, collects each micro-batch's small-batch norms, and at each
+optimizer step turns them and the accumulated gradient into small/big-batch statistics for
+:class:`~lightning_gns.GradientNoiseScaleMetric` (one all-reduce across processes). The Lightning callback
+is glue around it; plain PyTorch and Fabric loops call it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_gns.estimators import SmallBatchSummary, summarize_small_batches
+from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
+from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
+from lightning_gns.sources.per_example import Layers
+
+SourceMode = Literal["ddp", "microbatch", "per_example"]
+SOURCE_MODES: tuple[str, ...] = ("ddp", "microbatch", "per_example")
+
+
+class GradientNoiseScaleTracker:
+    """Measure the gradient noise scale in any training loop.
+
+    Small batches come from the source picked by ``mode``: ``"microbatch"`` (each micro-batch of an
+    accumulation window), ``"ddp"`` (each rank's local gradient, per micro-batch when accumulating), or
+    ``"per_example"`` (each example, computed in the supported layers). The loss of each micro-batch must
+    be its mean over the units passed to :meth:`start_micro_batch`, divided by the accumulation factor,
+    as usual for gradient accumulation.
+
+    Args:
+        beta: EMA decay per measured optimizer step, in (0, 1).
+        layers: ``per_example`` only: ``"all"`` supported layers or ``"norm"`` layers only.
+        per_layer: ``per_example`` only: keep one metric per layer in :attr:`layer_metrics`.
+
+    Example (plain PyTorch, one device, 2 micro-batches per step):
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Linear(4, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        >>> tracker = GradientNoiseScaleTracker(beta=0.9)
+        >>> tracker.attach(model.parameters(), mode="microbatch")
+        >>> for step in range(20):
+        ...     for _ in range(2):
+        ...         x, y = torch.randn(8, 4), torch.randn(8, 1)
+        ...         tracker.start_micro_batch(units=len(x), accumulation=2)
+        ...         (nn.functional.mse_loss(model(x), y) / 2).backward()
+        ...         tracker.end_micro_batch()
+        ...     tracker.measure_step()  # after unscale_, before clipping and optimizer.step()
+        ...     optimizer.step()
+        ...     optimizer.zero_grad()
+        >>> tracker.b_simple > 0
+        True
+    """
+
+    def __init__(self, beta: float = 0.99, layers: Layers = "all", per_layer: bool = False) -> None:
+        self.metric = GradientNoiseScaleMetric(beta=validate_beta(beta), all_reduce=False)
+        self.layer_metrics: dict[str, GradientNoiseScaleMetric] = {}
+        self.layers: Layers = layers
+        self.per_layer = per_layer
+        self.mode: str | None = None
+        self._comm_hook_source: DDPCommHookSource | None = None
+        self._param_hook_source = ParamHookSource()
+        self._per_example_source: PerExampleSource | None = None
+        self._active_source: GradNormSource | None = None
+        self._params: list[nn.Parameter] = []
+        self._process_group: Any = None
+        self._world_size, self._rank = 1, 0
+        # This rank's share of the measured parameters for the big-batch norm (the all-reduce adds the
+        # shares), cached for the parameter count it was computed for.
+        self._big_norm_share: list[nn.Parameter] = []
+        self._big_norm_share_of = -1
+        self._measuring_step = False
+        self._accumulation = 1
+        self._micro_batch_units = 0
+        # One entry per backward pass of the current optimizer step on this rank: the norms of the small
+        # batches it held, the units (examples or tokens) of the whole micro-batch, and per-layer splits.
+        self._small_norms: list[Tensor] = []
+        self._micro_batch_sizes: list[int] = []
+        self._layer_sq_norms: list[dict[str, Tensor]] = []
+
+    # ------------------------------------------------------------------ wiring
+    def attach(
+        self,
+        params: Iterable[nn.Parameter],
+        mode: SourceMode,
+        model: nn.Module | None = None,
+        ddp_model: nn.parallel.DistributedDataParallel | None = None,
+        process_group: Any = None,
+    ) -> None:
+        """Wire the source for ``mode`` to the parameters the optimizer steps.
+
+        Args:
+            params: the optimized parameters; the big-batch norm is taken over them (or over the covered
+                ones in ``per_example`` mode).
+            mode: ``"microbatch"``, ``"ddp"`` or ``"per_example"``.
+            model: the module whose layers ``per_example`` hooks (default: ``ddp_model.module``).
+            ddp_model: the ``DistributedDataParallel`` wrapper; ``"ddp"`` mode registers its comm hook there
+                (falling back to parameter hooks if the model already has one).
+            process_group: the group to all-reduce over (default: the whole world when initialized).
+        """
+        if mode not in SOURCE_MODES:
+            raise ValueError(f"Unknown mode {mode!r}. Choose one of {', '.join(repr(m) for m in SOURCE_MODES)}.")
+        self.detach()
+        self._per_example_source = None
+        self._comm_hook_source = None
+        self.mode = mode
+        self._params = _unique_trainable(params)
+        self._process_group = process_group
+        distributed = dist.is_available() and dist.is_initialized()
+        self._world_size = dist.get_world_size(process_group) if distributed else 1
+        self._rank = dist.get_rank(process_group) if distributed else 0
+        self._big_norm_share_of = -1
+        if mode == "ddp" and ddp_model is not None:
+            self._comm_hook_source = _try_comm_hook(ddp_model, self._params)
+        elif mode == "per_example":
+            module = model if model is not None else getattr(ddp_model, "module", None)
+            if module is None:
+                raise ValueError("mode='per_example' needs the model: attach(params, 'per_example', model=model).")
+            self._per_example_source = PerExampleSource(self.layers)
+            self._per_example_source.attach(module, self._params)
+
+    def detach(self) -> None:
+        """Remove every hook this tracker registered (a DDP comm hook stays until the wrapper is gone).
+
+        What was measured stays readable (:attr:`covered_fraction` included).
+        """
+        self._param_hook_source.detach()
+        if self._per_example_source is not None:
+            self._per_example_source.detach()
+        self._clear_step()
+
+    def to(self, device: torch.device | str) -> GradientNoiseScaleTracker:
+        """Move the statistics to ``device`` (float32 on MPS, which has no float64)."""
+        device = torch.device(device)
+        for metric in (self.metric, *self.layer_metrics.values()):
+            metric.to(device)
+            if device.type == "mps":
+                metric.set_dtype(torch.float32)
+        return self
+
+    # ------------------------------------------------------------------ readouts
+    @property
+    def b_simple(self) -> float:
+        """``B_simple`` in batch-size units; NaN before the first estimate."""
+        return float(self.metric.b_simple)
+
+    @property
+    def grad_sq_norm(self) -> float:
+        """Bias-corrected EMA of the unbiased ``|G|^2`` estimates."""
+        return float(self.metric.grad_sq_norm)
+
+    @property
+    def trace_cov(self) -> float:
+        """Bias-corrected EMA of the unbiased ``tr(Sigma)`` estimates."""
+        return float(self.metric.trace_cov)
+
+    @property
+    def source(self) -> str | None:
+        """Source that fed the last micro-batch: ``"ddp_comm_hook"``, ``"param_hooks"`` or ``"per_example"``."""
+        return self._active_source.name if self._active_source is not None else None
+
+    @property
+    def has_per_example_layers(self) -> bool:
+        """Whether ``per_example`` mode found at least one supported layer owning an optimized parameter."""
+        return self._per_example_source is not None and self._per_example_source.attached
+
+    @property
+    def covered_fraction(self) -> float:
+        """Fraction of the optimized parameters (by element count) that the estimate covers."""
+        total = sum(p.numel() for p in self._params)
+        return sum(p.numel() for p in self._measured_params()) / total if total else float("nan")
+
+    # ------------------------------------------------------------------ per micro-batch
+    def start_micro_batch(self, units: int, accumulation: int = 1, measure: bool = True) -> None:
+        """Call before a micro-batch's forward pass.
+
+        Args:
+            units: examples (or tokens) in the micro-batch; its loss is the mean over them.
+            accumulation: micro-batches per optimizer step (the loss is divided by it).
+            measure: whether this optimizer step is measured (the same for all its micro-batches).
+        """
+        self._accumulation = accumulation
+        self._measuring_step = measure
+        self._micro_batch_units = units
+        source = self._source_for(accumulation)
+        for candidate in (self._comm_hook_source, self._param_hook_source, self._per_example_source):
+            if candidate is not None:
+                candidate.recording = measure and candidate is source
+        self._active_source = source
+
+    def _source_for(self, accumulation: int) -> GradNormSource:
+        if self._per_example_source is not None:
+            return self._per_example_source
+        # The comm hook sees per-rank gradients only when every backward synchronizes.
+        if self._comm_hook_source is not None and accumulation == 1:
+            return self._comm_hook_source
+        if not self._param_hook_source.attached:
+            self._param_hook_source.attach(self._params)
+        return self._param_hook_source
+
+    def end_micro_batch(self) -> None:
+        """Call after a micro-batch's backward pass."""
+        if not self._measuring_step or self._active_source is None:
+            return
+        norms = self._active_source.pop_norms()
+        if norms is None:
+            return
+        self._small_norms.append(norms)
+        self._micro_batch_sizes.append(self._micro_batch_units)
+        if self.per_layer and self._per_example_source is not None:
+            self._layer_sq_norms.append(self._per_example_source.last_layer_sq_norms)
+
+    # ------------------------------------------------------------------ per optimizer step
+    def measure_step(self, loss_scale: Tensor | float | None = None) -> None:
+        """Fold the optimizer step whose micro-batches were recorded; call before ``optimizer.step()``.
+
+        Call it where ``.grad`` holds the accumulated (and, under DDP, all-reduced) gradient with the AMP
+        loss scale removed (after ``scaler.unscale_(optimizer)``) and before gradient clipping. ``loss_scale``
+        is the scale the backward passes used (``scaler.get_scale()``, or its tensor to avoid a host sync).
+        In a distributed run, call it on every process: it performs one small all-reduce.
+        """
+        if not self._measuring_step:
+            self._clear_step()
+            return
+        device = self.metric.grad_sq_norm_ema.device
+        k = self._accumulation
+        num_micro_batches = len(self._small_norms)
+        # Each backward saw the gradient of (micro-batch mean loss) / k, times the AMP loss scale.
+        loss_factor = torch.tensor(1.0 / k, dtype=torch.float64, device=device)
+        if loss_scale is not None:
+            loss_factor = loss_factor * torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64)
+        # A backward that held n small batches (n examples in per_example mode) saw each one's mean-loss
+        # gradient times its share 1/n of the micro-batch mean, so its weight in the big batch is 1/n.
+        counts = [norms.numel() for norms in self._small_norms]
+        shares = torch.tensor([1.0 / n for n in counts for _ in range(n)], dtype=torch.float64, device=device)
+        sizes = torch.tensor(
+            [units / n for units, n in zip(self._micro_batch_sizes, counts, strict=True) for _ in range(n)],
+            dtype=torch.float64,
+            device=device,
+        )
+        if num_micro_batches:
+            raw_norms = torch.cat(self._small_norms).to(device=device, dtype=torch.float64)
+        else:
+            raw_norms = torch.zeros(0, dtype=torch.float64, device=device)
+        small_sq_norms = (raw_norms / (loss_factor * shares)).square()
+        # .grad = sum over (rank, micro-batch, small batch) of share * g / (world_size * k): the share-weighted
+        # mean over the step's small batches is .grad * k / (micro-batches per rank), which is also right for
+        # a short last window of the epoch.
+        big_factor = (k / max(num_micro_batches, 1)) ** 2
+        params = self._big_norm_params()
+        param_sq_norms = _param_sq_norms(params, device)
+        entries = [(self.metric, summarize_small_batches(small_sq_norms, sizes, shares), param_sq_norms.sum())]
+        if self.per_layer and self._per_example_source is not None:
+            entries += self._layer_entries(params, param_sq_norms, loss_factor, sizes, shares, device)
+        self._fold(entries, big_factor)
+        self._clear_step()
+
+    def _layer_entries(
+        self,
+        params: list[nn.Parameter],
+        param_sq_norms: Tensor,
+        loss_factor: Tensor,
+        sizes: Tensor,
+        shares: Tensor,
+        device: torch.device,
+    ) -> list[tuple[GradientNoiseScaleMetric, SmallBatchSummary, Tensor]]:
+        assert self._per_example_source is not None
+        big_by_layer: dict[str, Tensor] = {}
+        for param, sq in zip(params, param_sq_norms.unbind(), strict=True):
+            name = self._per_example_source.owner(param)
+            big_by_layer[name] = big_by_layer[name] + sq if name in big_by_layer else sq
+        # Every rank folds the same layers in the same order, whatever its share of the big-batch norm holds.
+        names = sorted({self._per_example_source.owner(p) for p in self._measured_params()})
+        entries = []
+        missing = torch.zeros(0, dtype=torch.float64, device=device)
+        for name in names:
+            layer_sq = [per_layer.get(name) for per_layer in self._layer_sq_norms]
+            if any(sq is None for sq in layer_sq) or not layer_sq:
+                # The layer got no gradient in some micro-batch: NaN skips it, and keeps every rank's
+                # all-reduce the same length.
+                small = missing.new_full(sizes.shape, float("nan"))
+            else:
+                raw = torch.cat([sq for sq in layer_sq if sq is not None]).to(device=device, dtype=torch.float64)
+                small = raw / (loss_factor * shares).square()
+            big = big_by_layer.get(name, torch.zeros((), dtype=torch.float64, device=device))
+            entries.append((self.layer_metric(name), summarize_small_batches(small, sizes, shares), big))
+        return entries
+
+    def layer_metric(self, name: str) -> GradientNoiseScaleMetric:
+        """The metric of one layer (created on first use, on the main metric's device)."""
+        if name not in self.layer_metrics:
+            metric = GradientNoiseScaleMetric(beta=self.metric.beta, all_reduce=False)
+            self.layer_metrics[name] = metric.to(self.metric.grad_sq_norm_ema.device)
+        return self.layer_metrics[name]
+
+    def _fold(
+        self, entries: list[tuple[GradientNoiseScaleMetric, SmallBatchSummary, Tensor]], big_factor: float
+    ) -> None:
+        """Sum every metric's statistics (and big-norm shares) over ranks in one all-reduce, then fold."""
+        packed = torch.stack([torch.cat([summary.stack(), big.reshape(1)]) for _, summary, big in entries])
+        if self._world_size > 1:
+            dist.all_reduce(packed, group=self._process_group)
+        for (metric, _, _), row in zip(entries, packed, strict=True):
+            metric.fold(SmallBatchSummary.from_stacked(row[:-1]), row[-1] * big_factor)
+
+    def _measured_params(self) -> list[nn.Parameter]:
+        if self._per_example_source is not None:
+            return self._per_example_source.covered_params()
+        return self._params
+
+    def _big_norm_params(self) -> list[nn.Parameter]:
+        measured = self._measured_params()
+        if len(measured) != self._big_norm_share_of:
+            self._big_norm_share = _balanced_share(measured, self._world_size, self._rank)
+            self._big_norm_share_of = len(measured)
+        return self._big_norm_share
+
+    def _clear_step(self) -> None:
+        self._small_norms, self._micro_batch_sizes, self._layer_sq_norms = [], [], []
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "metric": _metric_states(self.metric),
+            "layer_metrics": {name: _metric_states(m) for name, m in self.layer_metrics.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # copy_ keeps each state on the metric's device, whether this runs before or after .to(device).
+        _load_metric_states(self.metric, state_dict["metric"])
+        for name, states in state_dict.get("layer_metrics", {}).items():
+            _load_metric_states(self.layer_metric(name), states)
+
+
+def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    unique: list[nn.Parameter] = []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    return unique
+
+
+def _try_comm_hook(
+    ddp_model: nn.parallel.DistributedDataParallel, params: list[nn.Parameter]
+) -> DDPCommHookSource | None:
+    if {id(p) for p in ddp_model.parameters() if p.requires_grad} != {id(p) for p in params}:
+        # The buckets would mix in parameters the optimizer does not step (or miss some).
+        return None
+    source = DDPCommHookSource()
+    try:
+        source.attach(ddp_model)
+    except RuntimeError:
+        # Only one comm hook per DDP model: the user's (or DDP mixed precision's) wins.
+        return None
+    return source
+
+
+def _metric_states(metric: GradientNoiseScaleMetric) -> dict[str, Tensor]:
+    return {name: getattr(metric, name).detach().cpu().clone() for name in metric._defaults}
+
+
+def _load_metric_states(metric: GradientNoiseScaleMetric, states: dict[str, Tensor]) -> None:
+    for name, value in states.items():
+        getattr(metric, name).copy_(value)
+
+
+def _balanced_share(params: list[nn.Parameter], world_size: int, rank: int) -> list[nn.Parameter]:
+    """This rank's parameters when the work of one norm is split evenly by size (same on every rank)."""
+    if world_size <= 1:
+        return list(params)
+    loads = [0] * world_size
+    share: list[nn.Parameter] = []
+    for index in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+        owner = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[owner] += params[index].numel()
+        if owner == rank:
+            share.append(params[index])
+    return share
+
+
+def _param_sq_norms(params: list[nn.Parameter], device: torch.device) -> Tensor:
+    """Squared gradient norm of each parameter (0 where there is no gradient), float64, shape (len(params),)."""
+    with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+    sq_norms = torch.zeros(len(params), dtype=torch.float64, device=device)
+    if with_grad:
+        # One fused pass; half-precision gradients are accumulated in float32.
+        norms = torch._foreach_norm([params[i].grad for i in with_grad], 2, dtype=torch.float32)  # type: ignore[misc]
+        values = torch.stack(norms).to(device=device, dtype=torch.float64).square()
+        if len(with_grad) == len(params):
+            return values
+        sq_norms[torch.tensor(with_grad, device=device)] = values
+    return sq_norms

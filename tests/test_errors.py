@@ -1,0 +1,266 @@
+"""Every error message of GradientNoiseScale, at construction and at fit time.
+
+Lightning re-raises exceptions from callback hooks unchanged (trainer/call.py), so the callback's own
+exception type reaches the caller of ``Trainer.fit``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_gns import GradientNoiseScale
+from tests.models import LinearProblem, LinearRegression, loader
+
+PROBLEM = LinearProblem(dim=4, seed=0)
+
+
+def fit(callback: GradientNoiseScale, model: Any = None, data: DataLoader | None = None, **trainer_kwargs: Any) -> None:
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **trainer_kwargs,
+    )
+    if data is None:
+        data = loader(*PROBLEM.sample(32, seed=1), batch_size=4)
+    trainer.fit(model if model is not None else LinearRegression(PROBLEM), data)
+
+
+# ---------------------------------------------------------------- constructor
+
+
+@pytest.mark.parametrize("beta", [0, 1, 1.5, True, -0.5, None])
+def test_beta_out_of_range(beta: Any) -> None:
+    with pytest.raises(ValueError, match=r"beta must be a number strictly between 0 and 1.*Typical values: 0\.9"):
+        GradientNoiseScale(beta=beta)
+
+
+def test_unknown_mode() -> None:
+    with pytest.raises(ValueError, match=re.escape("Unknown mode 'dp'. Choose one of 'auto', 'ddp', 'microbatch'")):
+        GradientNoiseScale(mode="dp")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_measure_every_n_steps(n: Any) -> None:
+    with pytest.raises(ValueError, match="measure_every_n_steps must be an int >= 1"):
+        GradientNoiseScale(measure_every_n_steps=n)
+
+
+def test_batch_size_fn_not_callable() -> None:
+    with pytest.raises(ValueError, match=r"batch_size_fn must be a callable batch -> int, got 32"):
+        GradientNoiseScale(batch_size_fn=32)  # type: ignore[arg-type]
+
+
+def test_unknown_layers() -> None:
+    with pytest.raises(ValueError, match=r"Unknown layers 'attn'\. Choose 'all'"):
+        GradientNoiseScale(layers="attn")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("mode", "kwargs"), [("microbatch", {"layers": "norm"}), ("ddp", {"per_layer": True})], ids=["layers", "per_layer"]
+)
+def test_layer_options_need_per_example_mode(mode: str, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"need per-example gradients: use mode='per_example'"):
+        GradientNoiseScale(mode=mode, **kwargs)  # type: ignore[arg-type]
+
+
+def test_valid_arguments_construct() -> None:
+    gns = GradientNoiseScale(beta=0.5, mode="microbatch", batch_size_fn=len, measure_every_n_steps=3)
+    assert (gns.beta, gns.requested_mode, gns.measure_every_n_steps) == (0.5, "microbatch", 3)
+
+
+# ---------------------------------------------------------------- fit time: mode and strategy
+
+
+def test_auto_mode_on_one_device_without_accumulation_is_not_an_error() -> None:
+    """Once an error (no second small batch); now mode='auto' falls back to per-example gradients."""
+    gns = GradientNoiseScale(beta=0.5)
+    fit(gns)
+    assert gns.mode == "per_example"
+    assert gns.skipped_steps == 0
+
+
+class BareParameterRegression(LinearRegression):
+    """The linear model as a bare parameter: no layer the per-example source supports."""
+
+    def __init__(self) -> None:
+        super().__init__(PROBLEM)
+        del self.linear
+        self.w = torch.nn.Parameter(PROBLEM.w.float().clone())
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return 0.5 * (x @ self.w - y).square().mean()
+
+
+@pytest.mark.parametrize("mode", ["per_example", "auto"])
+def test_per_example_without_supported_layers(mode: str) -> None:
+    with pytest.raises(MisconfigurationException, match="found no supported layer.*accumulate_grad_batches"):
+        fit(GradientNoiseScale(mode=mode), model=BareParameterRegression())  # type: ignore[arg-type]
+
+
+def test_ddp_mode_on_one_device() -> None:
+    with pytest.raises(
+        MisconfigurationException, match=r"mode='ddp'\) needs DDP with more than one process.*world_size=1"
+    ) as info:
+        fit(GradientNoiseScale(mode="ddp"), accumulate_grad_batches=2)
+    assert "Trainer(devices=N, strategy='ddp') with N >= 2" in str(info.value)
+    assert "mode='microbatch' with accumulate_grad_batches >= 2" in str(info.value)
+
+
+def test_microbatch_mode_without_accumulation() -> None:
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"mode='microbatch'\) needs gradient accumulation: set Trainer\(accumulate_grad_batches=2\)",
+    ):
+        fit(GradientNoiseScale(mode="microbatch"))
+
+
+class ManualRegression(LinearRegression):
+    def __init__(self) -> None:
+        super().__init__(PROBLEM)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        optimizer.step()  # type: ignore[union-attr]
+        return loss
+
+
+def test_manual_optimization() -> None:
+    with pytest.raises(
+        MisconfigurationException, match=r"supports automatic optimization only.*use lightning_gns.GradientNoiseScaleTracker"
+    ):
+        fit(GradientNoiseScale(), model=ManualRegression())
+
+
+class PlainCPUStrategy(Strategy):
+    """A minimal strategy that is neither single-device nor DDP."""
+
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    @property
+    def is_global_zero(self) -> bool:
+        return True
+
+    def reduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather(self, tensor: Tensor, group: Any = None, sync_grads: bool = False) -> Tensor:
+        return tensor
+
+
+def test_unsupported_strategy() -> None:
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"supports single-device training and DDP .* not PlainCPUStrategy\. Use Trainer\(strategy='ddp'\)",
+    ):
+        fit(GradientNoiseScale(), strategy=PlainCPUStrategy(), accumulate_grad_batches=2)
+
+
+@pytest.fixture
+def restore_process_state() -> Iterator[None]:
+    """DDP with one device initializes a gloo group in this process and sets MASTER_ADDR etc.: undo both."""
+    env = dict(os.environ)
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+@pytest.mark.usefixtures("restore_process_state")
+def test_ddp_static_graph_with_accumulation() -> None:
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"pytorch/pytorch#143580.*Use DDPStrategy\(static_graph=False\) or accumulate_grad_batches=1",
+    ):
+        fit(GradientNoiseScale(), strategy=DDPStrategy(static_graph=True), devices=1, accumulate_grad_batches=2)
+
+
+@pytest.mark.usefixtures("restore_process_state")
+def test_ddp_one_device_with_accumulation_runs() -> None:
+    """Control for the static-graph test: the same in-process DDP setup measures without error."""
+    gns = GradientNoiseScale(beta=0.5)
+    fit(gns, strategy=DDPStrategy(static_graph=False), devices=1, accumulate_grad_batches=2)
+    assert gns.mode == "microbatch"
+    assert gns.b_simple > 0
+
+
+# ---------------------------------------------------------------- fit time: batch sizes
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "8", True], ids=repr)
+def test_batch_size_fn_must_return_positive_int(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"batch_size_fn must return a positive int \(examples or tokens"):
+        fit(GradientNoiseScale(batch_size_fn=lambda batch: value), accumulate_grad_batches=2)
+
+
+@pytest.mark.parametrize("value", [4.0, torch.tensor(4)], ids=["float", "tensor"])
+def test_batch_size_fn_integral_values_accepted(value: Any) -> None:
+    gns = GradientNoiseScale(batch_size_fn=lambda batch: value)
+    fit(gns, accumulate_grad_batches=2)
+    assert float(gns.metric.last_b_small) == 4.0
+
+
+class FloatListRegression(LinearRegression):
+    def training_step(self, batch: list[float], batch_idx: int) -> Tensor:
+        y = torch.tensor(batch)
+        return super().training_step((y.unsqueeze(-1).expand(-1, PROBLEM.dim), y), batch_idx)
+
+
+def float_lists(collate: Callable[[list[int]], list[float]]) -> DataLoader:
+    return DataLoader(list(range(32)), batch_size=4, collate_fn=collate)
+
+
+def test_batch_without_tensors_needs_batch_size_fn() -> None:
+    with pytest.raises(ValueError, match=r"could not find the batch size.*Pass batch_size_fn=") as info:
+        fit(
+            GradientNoiseScale(),
+            model=FloatListRegression(PROBLEM),
+            data=float_lists(lambda items: [*map(float, items)]),
+            accumulate_grad_batches=2,
+        )
+    assert "batch of type list" in str(info.value)
+
+
+def test_batch_without_tensors_runs_with_batch_size_fn() -> None:
+    gns = GradientNoiseScale(batch_size_fn=len)
+    fit(
+        gns,
+        model=FloatListRegression(PROBLEM),
+        data=float_lists(lambda items: [*map(float, items)]),
+        accumulate_grad_batches=2,
+    )
+    assert float(gns.metric.last_b_small) == 4.0

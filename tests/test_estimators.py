@@ -1,0 +1,246 @@
+"""Algebra of the unbiased |G|^2 and tr(Sigma) estimators (lightning_gns.estimators)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from lightning_gns.estimators import (
+    SmallBatchSummary,
+    paper_estimates,
+    simple_noise_scale,
+    summarize_small_batches,
+    unbiased_estimates,
+    weighted_estimates,
+)
+
+F64 = torch.float64
+
+sizes_st = st.lists(st.integers(1, 1000), min_size=2, max_size=16)
+positive_st = st.floats(1e-2, 1e2)
+weight_st = st.floats(1e-2, 1e2)
+norm_st = st.floats(0.0, 1e3)
+
+
+def t(values: list[float] | float) -> Tensor:
+    return torch.tensor(values, dtype=F64)
+
+
+def expected_norms(g2: float, tr: float, sizes: list[int], weights: list[float]) -> tuple[list[float], float, float]:
+    """E|g_i|^2, E|G_big|^2 and the determinant n - Q B, computed in Python floats."""
+    w_sum = math.fsum(weights)
+    q = math.fsum(w * w / b for w, b in zip(weights, sizes, strict=True)) / w_sum**2
+    determinant = len(sizes) - q * sum(sizes)
+    return [g2 + tr / b for b in sizes], g2 + tr * q, determinant
+
+
+@settings(deadline=None, max_examples=200)
+@given(g2=positive_st, tr=positive_st, data=st.data())
+def test_exactly_unbiased_for_any_sizes_and_weights(g2: float, tr: float, data: st.DataObject) -> None:
+    sizes = data.draw(sizes_st)
+    weights = data.draw(st.lists(weight_st, min_size=len(sizes), max_size=len(sizes)))
+    small, big, determinant = expected_norms(g2, tr, sizes, weights)
+    assume(determinant > 1e-3 * len(sizes))
+    g2_hat, tr_hat = unbiased_estimates(summarize_small_batches(t(small), t(sizes), t(weights)), t(big))
+    # Relative to the larger unknown: the estimators subtract terms of that size (float cancellation).
+    assert float(g2_hat) == pytest.approx(g2, rel=1e-9, abs=1e-9 * max(g2, tr))
+    assert float(tr_hat) == pytest.approx(tr, rel=1e-9, abs=1e-9 * max(g2, tr))
+
+
+@settings(deadline=None, max_examples=200)
+@given(g2=positive_st, tr=positive_st, sizes=sizes_st)
+def test_exactly_unbiased_with_default_weights(g2: float, tr: float, sizes: list[int]) -> None:
+    small, big, determinant = expected_norms(g2, tr, sizes, [float(b) for b in sizes])
+    assert determinant == pytest.approx(len(sizes) - 1)  # Q = 1/B when w = b
+    g2_hat, tr_hat = unbiased_estimates(summarize_small_batches(t(small), t(sizes)), t(big))
+    # Relative to the larger unknown: the estimators subtract terms of that size (float cancellation).
+    assert float(g2_hat) == pytest.approx(g2, rel=1e-9, abs=1e-9 * max(g2, tr))
+    assert float(tr_hat) == pytest.approx(tr, rel=1e-9, abs=1e-9 * max(g2, tr))
+
+
+@pytest.mark.parametrize("equal_weights", [True, False], ids=["w=1", "w=b"])
+def test_monte_carlo_gaussian_gradients(equal_weights: bool) -> None:
+    """Average estimates over many simulated steps of Gaussian per-example gradients with known G, Sigma."""
+    gen = torch.Generator().manual_seed(1234)
+    dim, trials = 12, 20_000
+    sizes = [1, 3, 4, 7, 2]
+    true_g = torch.randn(dim, generator=gen, dtype=F64) * 0.3
+    root = torch.randn(dim, dim, generator=gen, dtype=F64) / math.sqrt(dim)
+    true_g2, true_tr = float(true_g.square().sum()), float(root.square().sum())  # tr(L L^T) = |L|_F^2
+    examples = true_g + torch.randn(trials, sum(sizes), dim, generator=gen, dtype=F64) @ root.T
+    small_grads = torch.stack([chunk.mean(1) for chunk in examples.split(sizes, dim=1)], dim=1)  # (trials, n, dim)
+    weights = torch.ones(len(sizes), dtype=F64) if equal_weights else t(sizes)
+    big_grad = (small_grads * weights[:, None]).sum(1) / weights.sum()
+    small_sq, big_sq = small_grads.square().sum(-1), big_grad.square().sum(-1)
+
+    # The summary's per-step field A = sum_i b_i |g_i|^2 varies per trial; the others are constant.
+    # Spot-check summarize_small_batches on a few trials, then evaluate all trials at once (broadcasting).
+    base = summarize_small_batches(small_sq[0], t(sizes), weights)
+    per_trial_a = (small_sq * t(sizes)).sum(-1)
+    for i in range(3):
+        summary_i = summarize_small_batches(small_sq[i], t(sizes), weights)
+        assert float(summary_i.size_weighted_sq_norm_sum) == pytest.approx(float(per_trial_a[i]), rel=1e-12)
+    g2_hat, tr_hat = unbiased_estimates(base._replace(size_weighted_sq_norm_sum=per_trial_a), big_sq)
+    for i in range(3):
+        single = weighted_estimates(small_sq[i], big_sq[i], t(sizes), weights)
+        assert float(single[0]) == pytest.approx(float(g2_hat[i]), rel=1e-9, abs=1e-12)
+
+    for estimate, truth in ((g2_hat, true_g2), (tr_hat, true_tr)):
+        standard_error = float(estimate.std()) / math.sqrt(trials)
+        assert abs(float(estimate.mean()) - truth) < 4 * standard_error, (float(estimate.mean()), truth)
+
+    # Negative control: the paper's equal-size formula with the mean small size is biased here, and the
+    # trial count resolves it (so the checks above can fail).
+    mean_small = float(small_sq.mean(1).mean())
+    naive_tr = (mean_small - float(big_sq.mean())) / (1 / (sum(sizes) / len(sizes)) - 1 / sum(sizes))
+    assert abs(naive_tr - true_tr) > 10 * float(tr_hat.std()) / math.sqrt(trials)
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    n=st.integers(2, 16),
+    b=st.integers(1, 1000),
+    data=st.data(),
+)
+def test_equal_sizes_reduce_to_paper_form(n: int, b: int, data: st.DataObject) -> None:
+    small = data.draw(st.lists(norm_st, min_size=n, max_size=n))
+    big = data.draw(norm_st)
+    g2_w, tr_w = weighted_estimates(t(small), t(big), t([b] * n))
+    g2_p, tr_p = paper_estimates(math.fsum(small) / n, big, b, n * b)
+    scale = max([*small, big, 1e-300]) * n * b
+    assert float(g2_w) == pytest.approx(float(g2_p), rel=1e-9, abs=1e-12 * scale)
+    assert float(tr_w) == pytest.approx(float(tr_p), rel=1e-9, abs=1e-12 * scale)
+
+
+def test_paper_form_by_hand() -> None:
+    # S_small = 4, S_big = 3.5, b = 4, B = 8: |G|^2 = (28 - 16) / 4 = 3, tr = 0.5 / (1/4 - 1/8) = 4.
+    g2, tr = weighted_estimates(t([5.0, 3.0]), t(3.5), t([4, 4]))
+    assert (float(g2), float(tr)) == pytest.approx((3.0, 4.0), rel=1e-12)
+
+
+@settings(deadline=None, max_examples=100)
+@given(data=st.data(), with_weights=st.booleans())
+def test_summaries_add_over_disjoint_sets(data: st.DataObject, with_weights: bool) -> None:
+    def draw_set() -> tuple[list[float], list[int], list[float] | None]:
+        k = data.draw(st.integers(1, 8))
+        norms = data.draw(st.lists(norm_st, min_size=k, max_size=k))
+        sizes = data.draw(st.lists(st.integers(1, 1000), min_size=k, max_size=k))
+        weights = data.draw(st.lists(weight_st, min_size=k, max_size=k)) if with_weights else None
+        return norms, sizes, weights
+
+    (n1, s1, w1), (n2, s2, w2) = draw_set(), draw_set()
+    part1 = summarize_small_batches(t(n1), t(s1), None if w1 is None else t(w1))
+    part2 = summarize_small_batches(t(n2), t(s2), None if w2 is None else t(w2))
+    union = summarize_small_batches(t(n1 + n2), t(s1 + s2), None if w1 is None or w2 is None else t(w1 + w2))
+    summed = SmallBatchSummary.from_stacked(part1.stack() + part2.stack())
+    for name, got, want in zip(SmallBatchSummary._fields, summed, union, strict=True):
+        assert float(got) == pytest.approx(float(want), rel=1e-12), name
+    # The estimates from the summed statistics are those of the union.
+    big = t(data.draw(norm_st))
+    for got, want in zip(unbiased_estimates(summed, big), unbiased_estimates(union, big), strict=True):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9, equal_nan=True)
+
+
+def test_summary_fields_by_hand() -> None:
+    s = summarize_small_batches(t([2.0, 1.0, 4.0]), t([1, 2, 4]), t([1.0, 1.0, 2.0]))
+    expected = {
+        "size_weighted_sq_norm_sum": 2 + 2 + 16,
+        "num_small_batches": 3,
+        "size_sum": 7,
+        "weight_sum": 4,
+        "weight_sq_over_size_sum": 1 + 0.5 + 1,
+    }
+    assert {k: float(v) for k, v in s._asdict().items()} == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("small", "sizes", "weights"),
+    [
+        ([3.0], [8], None),  # one small batch: D = 0
+        ([3.0], [8], [2.5]),
+        ([], [], None),  # nothing at all
+        ([], [], []),
+        ([2.0, 3.0], [1, 1000], [1000.0, 1.0]),  # weights make the big batch noisier: D < 0
+        ([2.0, 3.0], [4, 4], [1.0, 0.0]),  # big batch is the first small batch: D = 0
+    ],
+)
+def test_degenerate_steps_give_nan(small: list[float], sizes: list[int], weights: list[float] | None) -> None:
+    g2, tr = weighted_estimates(t(small), t(2.0), t(sizes), None if weights is None else t(weights))
+    assert math.isnan(float(g2))
+    assert math.isnan(float(tr))
+
+
+@settings(deadline=None, max_examples=100)
+@given(
+    sizes=sizes_st,
+    c=st.floats(1e-3, 1e3),
+    data=st.data(),
+)
+def test_scaling_norms_scales_estimates(sizes: list[int], c: float, data: st.DataObject) -> None:
+    small = data.draw(st.lists(norm_st, min_size=len(sizes), max_size=len(sizes)))
+    big = data.draw(norm_st)
+    g2, tr = weighted_estimates(t(small), t(big), t(sizes))
+    g2_c, tr_c = weighted_estimates(t(small) * c, t(big) * c, t(sizes))
+    scale = c * max([*small, big, 1e-300]) * sum(sizes)
+    assert float(g2_c) == pytest.approx(c * float(g2), rel=1e-9, abs=1e-12 * scale)
+    assert float(tr_c) == pytest.approx(c * float(tr), rel=1e-9, abs=1e-12 * scale)
+    assume(abs(float(g2)) > 1e-6 * scale / c)
+    assert float(tr_c / g2_c) == pytest.approx(float(tr / g2), rel=1e-6)
+
+
+@settings(deadline=None, max_examples=100)
+@given(sizes=sizes_st, c=st.floats(1e-3, 1e3), data=st.data())
+def test_scaling_weights_changes_nothing(sizes: list[int], c: float, data: st.DataObject) -> None:
+    small = data.draw(st.lists(norm_st, min_size=len(sizes), max_size=len(sizes)))
+    weights = data.draw(st.lists(weight_st, min_size=len(sizes), max_size=len(sizes)))
+    assume(expected_norms(1.0, 1.0, sizes, weights)[2] > 1e-3 * len(sizes))
+    big = t(data.draw(norm_st))
+    plain = weighted_estimates(t(small), big, t(sizes), t(weights))
+    scaled = weighted_estimates(t(small), big, t(sizes), t(weights) * c)
+    for got, want in zip(scaled, plain, strict=True):
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-8 * max([*small, 1.0]), equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("trace_cov", "grad_sq_norm", "expected"),
+    [
+        (40.0, 2.0, 20.0),
+        (float("nan"), 2.0, float("nan")),
+        (40.0, float("nan"), float("nan")),
+        (float("nan"), -1.0, float("nan")),  # NaN wins over the non-positive |G|^2 rule
+        (40.0, 0.0, float("inf")),
+        (40.0, -3.0, float("inf")),
+        (0.0, 0.0, float("inf")),  # not 0/0 = NaN
+        (-5.0, 0.0, float("inf")),
+        (-5.0, 2.0, 0.0),  # a negative trace average reads as 0
+        (0.0, 1e-300, 0.0),
+    ],
+)
+def test_simple_noise_scale_readout(trace_cov: float, grad_sq_norm: float, expected: float) -> None:
+    value = float(simple_noise_scale(t(trace_cov), t(grad_sq_norm)))
+    if math.isnan(expected):
+        assert math.isnan(value)
+    else:
+        assert value == expected
+
+
+def test_simple_noise_scale_is_elementwise() -> None:
+    out = simple_noise_scale(t([40.0, -1.0, 3.0]), t([2.0, 1.0, 0.0]))
+    assert out.tolist() == [20.0, 0.0, math.inf]
+
+
+def test_paper_estimates_rejects_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="b_big > b_small > 0"):
+        paper_estimates(1.0, 1.0, 8, 8)
+
+
+def test_mismatched_lengths_raise() -> None:
+    with pytest.raises(ValueError, match="one entry per small batch"):
+        summarize_small_batches(t([1.0, 2.0]), t([1.0]))
+    with pytest.raises(ValueError, match="small_weights must have 2 entries"):
+        summarize_small_batches(t([1.0, 2.0]), t([1.0, 2.0]), t([1.0]))
