@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
 from tests.models import LinearProblem, LinearRegression, loader
+from tests.reference import reference_run
 from tests.test_single_device import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,3 +166,18 @@ def test_plain_pytorch_tracker_agrees_with_callback(mode: str, accumulate: int) 
     tracker.detach()
     for name in gns.metric._defaults:
         assert torch.equal(getattr(gns.metric, name), getattr(tracker.metric, name)), name
+
+
+@pytest.mark.parametrize(("accumulation", "source"), [(1, "ddp_comm_hook"), (2, "param_hooks")])
+def test_plain_torch_ddp_tracker_matches_float64_recomputation(tmp_path: Path, accumulation: int, source: str) -> None:
+    worker = Path(__file__).with_name("ddp_plain_worker.py")
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path), str(accumulation)], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert results[0]["source"] == source
+    assert (results[0]["g2"], results[0]["tr"]) == (results[1]["g2"], results[1]["tr"])
+    expected = reference_run([mb for r in results for mb in r["micro_batches"]], world_size=2, beta=0.9)[-1]
+    assert results[0]["g2"] == pytest.approx(expected["grad_sq_norm"], rel=1e-4)
+    assert results[0]["tr"] == pytest.approx(expected["trace_cov"], rel=1e-4)
