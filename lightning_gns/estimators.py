@@ -121,7 +121,8 @@ def summarize_small_batches(
             raise ValueError(f"small_weights must have {sizes.numel()} entries, got {weights.numel()}")
     return SmallBatchSummary(
         size_weighted_sq_norm_sum=(sizes * sq_norms).sum(),
-        num_small_batches=torch.tensor(float(sizes.numel()), dtype=torch.float64, device=sizes.device),
+        # A fill, not torch.tensor(...): no host-to-device copy (which would synchronise on CUDA).
+        num_small_batches=torch.full((), float(sizes.numel()), dtype=torch.float64, device=sizes.device),
         size_sum=sizes.sum(),
         weight_sum=weights.sum(),
         weight_sq_over_size_sum=(weights.square() / sizes).sum(),

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_gns.estimators import SmallBatchSummary, summarize_small_batches
+from lightning_gns.estimators import SmallBatchSummary
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
 from lightning_gns.sources.per_example import Layers
@@ -80,11 +80,14 @@ class GradientNoiseScaleTracker:
         self._measuring_step = False
         self._accumulation = 1
         self._micro_batch_units = 0
-        # One entry per backward pass of the current optimizer step on this rank: the norms of the small
-        # batches it held, the units (examples or tokens) of the whole micro-batch, and per-layer splits.
-        self._small_norms: list[Tensor] = []
-        self._micro_batch_sizes: list[int] = []
-        self._layer_sq_norms: list[dict[str, Tensor]] = []
+        self._layer_names: list[str] = []
+        self._layer_index_of_share = torch.zeros(0, dtype=torch.long)
+        # Running sums of the current optimizer step on this rank (see end_micro_batch).
+        self._weighted_sq_sum: Tensor | None = None
+        self._num_small = self._units = self._num_backward = 0
+        self._inv_units = 0.0
+        self._layer_sums: dict[str, Tensor] = {}
+        self._layer_backward_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ wiring
     def attach(
@@ -213,10 +216,24 @@ class GradientNoiseScaleTracker:
         norms = self._active_source.pop_norms()
         if norms is None:
             return
-        self._small_norms.append(norms)
-        self._micro_batch_sizes.append(self._micro_batch_units)
+        # A backward that held n small batches (n = 1, or the examples in per_example mode) saw each one's
+        # mean-loss gradient g times its share 1/n of the micro-batch mean (times the loss factor, removed at
+        # the step). With size u/n each, its term of A = sum_i b_i |g_i|^2 is u * n * sum_i |raw_i|^2.
+        units, n = self._micro_batch_units, norms.numel()
+        weight = float(units * n)
+        self._weighted_sq_sum = self._accumulate(self._weighted_sq_sum, norms.double().square().sum() * weight)
+        self._num_small += n
+        self._units += units
+        self._inv_units += 1.0 / units
+        self._num_backward += 1
         if self.per_layer and self._per_example_source is not None:
-            self._layer_sq_norms.append(self._per_example_source.last_layer_sq_norms)
+            for name, sq in self._per_example_source.last_layer_sq_norms.items():
+                self._layer_sums[name] = self._accumulate(self._layer_sums.get(name), sq.double().sum() * weight)
+                self._layer_backward_counts[name] = self._layer_backward_counts.get(name, 0) + 1
+
+    @staticmethod
+    def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
+        return term if total is None else total + term
 
     # ------------------------------------------------------------------ per optimizer step
     def measure_step(self, loss_scale: Tensor | float | None = None) -> None:
@@ -226,73 +243,52 @@ class GradientNoiseScaleTracker:
         loss scale removed (after ``scaler.unscale_(optimizer)``) and before gradient clipping. ``loss_scale``
         is the scale the backward passes used (``scaler.get_scale()``, or its tensor to avoid a host sync).
         In a distributed run, call it on every process: it performs one small all-reduce.
+
+        No host synchronisation and no host-to-device copy happen here: the counts known on the host enter
+        the packed statistics as scalar fills.
         """
         if not self._measuring_step:
             self._clear_step()
             return
         device = self.metric.grad_sq_norm_ema.device
-        k = self._accumulation
-        num_micro_batches = len(self._small_norms)
-        # Each backward saw the gradient of (micro-batch mean loss) / k, times the AMP loss scale.
-        loss_factor = torch.tensor(1.0 / k, dtype=torch.float64, device=device)
+        k, m = self._accumulation, self._num_backward
+        # Undo the loss factor k / scale of every recorded norm (squared).
+        unscale_sq: Tensor | float = float(k * k)
         if loss_scale is not None:
-            loss_factor = loss_factor * torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64)
-        # A backward that held n small batches (n examples in per_example mode) saw each one's mean-loss
-        # gradient times its share 1/n of the micro-batch mean, so its weight in the big batch is 1/n.
-        counts = [norms.numel() for norms in self._small_norms]
-        shares = torch.tensor([1.0 / n for n in counts for _ in range(n)], dtype=torch.float64, device=device)
-        sizes = torch.tensor(
-            [units / n for units, n in zip(self._micro_batch_sizes, counts, strict=True) for _ in range(n)],
-            dtype=torch.float64,
-            device=device,
-        )
-        if num_micro_batches:
-            raw_norms = torch.cat(self._small_norms).to(device=device, dtype=torch.float64)
-        else:
-            raw_norms = torch.zeros(0, dtype=torch.float64, device=device)
-        small_sq_norms = (raw_norms / (loss_factor * shares)).square()
-        # .grad = sum over (rank, micro-batch, small batch) of share * g / (world_size * k): the share-weighted
-        # mean over the step's small batches is .grad * k / (micro-batches per rank), which is also right for
-        # a short last window of the epoch.
-        big_factor = (k / max(num_micro_batches, 1)) ** 2
+            unscale_sq = k * k / torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64).square()
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        whole = self._weighted_sq_sum if self._weighted_sq_sum is not None else nan
+        # .grad = sum over (rank, backward, small batch) of share * g / (world_size * k): the share-weighted
+        # mean over the step's small batches is .grad * k / (backward passes per rank), which is also right
+        # for a short last window of the epoch.
         params = self._big_norm_params()
         param_sq_norms = _param_sq_norms(params, device)
-        entries = [(self.metric, summarize_small_batches(small_sq_norms, sizes, shares), param_sq_norms.sum())]
+        sums = [whole.to(device)]
+        bigs = [param_sq_norms.sum()]
+        layer_metrics: list[GradientNoiseScaleMetric] = []
         if self.per_layer and self._per_example_source is not None:
-            entries += self._layer_entries(params, param_sq_norms, loss_factor, sizes, shares, device)
-        self._fold(entries, big_factor)
+            big_by_layer = torch.zeros(len(self._layer_names), dtype=torch.float64, device=device)
+            big_by_layer.index_add_(0, self._layer_index_of_share, param_sq_norms)
+            for i, name in enumerate(self._layer_names):
+                complete = self._layer_backward_counts.get(name, 0) == m
+                # A layer without a gradient in some backward pass is skipped (NaN) in this step; every rank
+                # still sends a row for it, so the all-reduce has the same length everywhere.
+                sums.append(self._layer_sums[name].to(device) if complete else nan)
+                bigs.append(big_by_layer[i])
+                layer_metrics.append(self.layer_metric(name))
+        packed = torch.zeros(len(sums), len(SmallBatchSummary._fields) + 1, dtype=torch.float64, device=device)
+        packed[:, 0] = torch.stack(sums) * unscale_sq
+        packed[:, 1] = float(self._num_small)
+        packed[:, 2] = float(self._units)
+        packed[:, 3] = float(m)  # sum of shares: 1 per backward pass
+        packed[:, 4] = self._inv_units  # sum of share^2 / size: 1 / units per backward pass
+        packed[:, 5] = torch.stack(bigs)
+        if self._world_size > 1:
+            dist.all_reduce(packed, group=self._process_group)
+        big_factor = (k / max(m, 1)) ** 2
+        for metric, row in zip([self.metric, *layer_metrics], packed, strict=True):
+            metric.fold(SmallBatchSummary.from_stacked(row[:-1]), row[-1] * big_factor)
         self._clear_step()
-
-    def _layer_entries(
-        self,
-        params: list[nn.Parameter],
-        param_sq_norms: Tensor,
-        loss_factor: Tensor,
-        sizes: Tensor,
-        shares: Tensor,
-        device: torch.device,
-    ) -> list[tuple[GradientNoiseScaleMetric, SmallBatchSummary, Tensor]]:
-        assert self._per_example_source is not None
-        big_by_layer: dict[str, Tensor] = {}
-        for param, sq in zip(params, param_sq_norms.unbind(), strict=True):
-            name = self._per_example_source.owner(param)
-            big_by_layer[name] = big_by_layer[name] + sq if name in big_by_layer else sq
-        # Every rank folds the same layers in the same order, whatever its share of the big-batch norm holds.
-        names = sorted({self._per_example_source.owner(p) for p in self._measured_params()})
-        entries = []
-        missing = torch.zeros(0, dtype=torch.float64, device=device)
-        for name in names:
-            layer_sq = [per_layer.get(name) for per_layer in self._layer_sq_norms]
-            if any(sq is None for sq in layer_sq) or not layer_sq:
-                # The layer got no gradient in some micro-batch: NaN skips it, and keeps every rank's
-                # all-reduce the same length.
-                small = missing.new_full(sizes.shape, float("nan"))
-            else:
-                raw = torch.cat([sq for sq in layer_sq if sq is not None]).to(device=device, dtype=torch.float64)
-                small = raw / (loss_factor * shares).square()
-            big = big_by_layer.get(name, torch.zeros((), dtype=torch.float64, device=device))
-            entries.append((self.layer_metric(name), summarize_small_batches(small, sizes, shares), big))
-        return entries
 
     def layer_metric(self, name: str) -> GradientNoiseScaleMetric:
         """The metric of one layer (created on first use, on the main metric's device)."""
@@ -300,16 +296,6 @@ class GradientNoiseScaleTracker:
             metric = GradientNoiseScaleMetric(beta=self.metric.beta, all_reduce=False)
             self.layer_metrics[name] = metric.to(self.metric.grad_sq_norm_ema.device)
         return self.layer_metrics[name]
-
-    def _fold(
-        self, entries: list[tuple[GradientNoiseScaleMetric, SmallBatchSummary, Tensor]], big_factor: float
-    ) -> None:
-        """Sum every metric's statistics (and big-norm shares) over ranks in one all-reduce, then fold."""
-        packed = torch.stack([torch.cat([summary.stack(), big.reshape(1)]) for _, summary, big in entries])
-        if self._world_size > 1:
-            dist.all_reduce(packed, group=self._process_group)
-        for (metric, _, _), row in zip(entries, packed, strict=True):
-            metric.fold(SmallBatchSummary.from_stacked(row[:-1]), row[-1] * big_factor)
 
     def _measured_params(self) -> list[nn.Parameter]:
         if self._per_example_source is not None:
@@ -321,10 +307,24 @@ class GradientNoiseScaleTracker:
         if len(measured) != self._big_norm_share_of:
             self._big_norm_share = _balanced_share(measured, self._world_size, self._rank)
             self._big_norm_share_of = len(measured)
+            if self._per_example_source is not None:
+                # Every rank folds the same layers in the same order, whatever its share holds.
+                owner = self._per_example_source.owner
+                self._layer_names = sorted({owner(p) for p in measured})
+                position = {name: i for i, name in enumerate(self._layer_names)}
+                device = self.metric.grad_sq_norm_ema.device
+                # Built once per change of the covered set, not per step (a host-to-device copy).
+                self._layer_index_of_share = torch.tensor(
+                    [position[owner(p)] for p in self._big_norm_share], dtype=torch.long, device=device
+                )
         return self._big_norm_share
 
     def _clear_step(self) -> None:
-        self._small_norms, self._micro_batch_sizes, self._layer_sq_norms = [], [], []
+        self._weighted_sq_sum = None
+        self._num_small = self._units = self._num_backward = 0
+        self._inv_units = 0.0
+        self._layer_sums = {}
+        self._layer_backward_counts = {}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -390,13 +390,11 @@ def _balanced_share(params: list[nn.Parameter], world_size: int, rank: int) -> l
 
 def _param_sq_norms(params: list[nn.Parameter], device: torch.device) -> Tensor:
     """Squared gradient norm of each parameter (0 where there is no gradient), float64, shape (len(params),)."""
-    with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-    sq_norms = torch.zeros(len(params), dtype=torch.float64, device=device)
-    if with_grad:
-        # One fused pass; half-precision gradients are accumulated in float32.
-        norms = torch._foreach_norm([params[i].grad for i in with_grad], 2, dtype=torch.float32)  # type: ignore[misc]
-        values = torch.stack(norms).to(device=device, dtype=torch.float64).square()
-        if len(with_grad) == len(params):
-            return values
-        sq_norms[torch.tensor(with_grad, device=device)] = values
-    return sq_norms
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(len(params), dtype=torch.float64, device=device)
+    # One fused pass; half-precision gradients are accumulated in float32.
+    norms = iter(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    per_param = [next(norms) if p.grad is not None else zero for p in params]
+    return torch.stack(per_param).to(device=device, dtype=torch.float64).square()

@@ -1,0 +1,94 @@
+"""No host synchronisation from the package on steps that do not log.
+
+On CUDA, reading a device value on the host (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``)
+waits for the GPU, and so does ``torch.tensor(python_values, device=cuda)``. This test records every such
+call made from lightning_gns code during training without a logger; there must be none after setup.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_gns import GradientNoiseScale
+from tests.models import LinearProblem, LinearRegression, loader
+from tests.test_single_device import make_trainer
+
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1] / "lightning_gns")
+SYNCING_METHODS = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy")
+
+
+@contextmanager
+def record_package_syncs() -> Iterator[Counter[str]]:
+    calls: Counter[str] = Counter()
+
+    def wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(PACKAGE_DIR):
+                calls[f"{name} from {Path(caller).name}:{sys._getframe(1).f_lineno}"] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCING_METHODS}
+    original_tensor = torch.tensor
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, wrap(name, original))
+        torch.tensor = wrap("torch.tensor", original_tensor)  # type: ignore[assignment]
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        torch.tensor = original_tensor  # type: ignore[assignment]
+
+
+class SyncWatcher(Callback):
+    """Starts recording after the first optimizer step (setup and one-off caches are allowed to sync)."""
+
+    def __init__(self) -> None:
+        self.context: Any = None
+        self.calls: Counter[str] = Counter()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.global_step == 1 and self.context is None:
+            self.context = record_package_syncs()
+            self.calls = self.context.__enter__()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("mode", "accumulate", "per_layer"),
+    [("microbatch", 2, False), ("per_example", 1, False), ("per_example", 2, True)],
+)
+def test_no_host_sync_on_steps_that_do_not_log(mode: str, accumulate: int, per_layer: bool) -> None:
+    problem = LinearProblem(dim=4, seed=60)
+    x, y = problem.sample(8 * accumulate * 12, seed=61)
+    gns = GradientNoiseScale(beta=0.9, mode=mode, per_layer=per_layer)  # type: ignore[arg-type]
+    watcher = SyncWatcher()
+    make_trainer([gns, watcher], accumulate_grad_batches=accumulate).fit(
+        LinearRegression(problem, lr=0.1), loader(x, y, 8)
+    )
+    assert watcher.context is not None
+    assert int(gns.metric.measured_steps) == 12
+    assert dict(watcher.calls) == {}
+
+
+def test_the_watcher_sees_a_sync() -> None:
+    """The recorder itself works: reading the callback's float property syncs, from package code."""
+    gns = GradientNoiseScale()
+    with record_package_syncs() as calls:
+        _ = gns.b_simple
+    assert any(key.startswith("__float__") for key in calls)
