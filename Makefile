@@ -14,7 +14,7 @@ PIP := $(PY) -m pip
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "pip>=21.3"
-	$(PIP) install -q -c constraints.txt -e ".[dev,examples,cli]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,examples,cli,report]"
 	touch $@
 
 install: $(VENV)/.installed

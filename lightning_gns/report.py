@@ -310,7 +310,7 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
     ]
     loss_tags = sorted({s.loss_tag for s in summaries if s.loss_tag})
     if loss_tags:
-        notes.append(f"loss: {', '.join(loss_tags)}, smoothed as in TensorBoard.")
+        notes.append(f"loss: {', '.join(loss_tags)}, EMA-smoothed with --smoothing (TensorBoard's default 0.6).")
     return "\n".join([head, rule, *lines, "", *notes])
 
 
