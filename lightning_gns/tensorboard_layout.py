@@ -23,6 +23,12 @@ CHARTS: dict[str, list[str]] = {
         r"gns/b_simple$",
         r"gns/effective_batch_size$",
         r"gns/b_big$",
+        r"gns/kaplan_b_crit_tokens$",
+    ],
+    "forecasts for the batch in use: S/S_min, E/E_min, statistical efficiency": [
+        r"gns/steps_over_min$",
+        r"gns/examples_over_min$",
+        r"gns/statistical_efficiency$",
     ],
     "|G|^2 and tr(Sigma) estimates (log scale helps)": [
         r"gns/grad_sq_norm$",

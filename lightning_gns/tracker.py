@@ -236,7 +236,7 @@ class GradientNoiseScaleTracker:
         return term if total is None else total + term
 
     # ------------------------------------------------------------------ per optimizer step
-    def measure_step(self, loss_scale: Tensor | float | None = None) -> None:
+    def measure_step(self, loss_scale: Tensor | float | None = None) -> bool:
         """Fold the optimizer step whose micro-batches were recorded; call before ``optimizer.step()``.
 
         Call it where ``.grad`` holds the accumulated (and, under DDP, all-reduced) gradient with the AMP
@@ -246,10 +246,14 @@ class GradientNoiseScaleTracker:
 
         No host synchronisation and no host-to-device copy happen here: the counts known on the host enter
         the packed statistics as scalar fills.
+
+        Returns:
+            True if this step was measured (folded into the metric, or counted as skipped there), False if
+            it fell between measurements (``measure=False`` at :meth:`start_micro_batch`).
         """
         if not self._measuring_step:
             self._clear_step()
-            return
+            return False
         device = self.metric.grad_sq_norm_ema.device
         k, m = self._accumulation, self._num_backward
         # Undo the loss factor k / scale of every recorded norm (squared).
@@ -289,6 +293,7 @@ class GradientNoiseScaleTracker:
         for metric, row in zip([self.metric, *layer_metrics], packed, strict=True):
             metric.fold(SmallBatchSummary.from_stacked(row[:-1]), row[-1] * big_factor)
         self._clear_step()
+        return True
 
     def layer_metric(self, name: str) -> GradientNoiseScaleMetric:
         """The metric of one layer (created on first use, on the main metric's device)."""

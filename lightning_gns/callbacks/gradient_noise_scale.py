@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch.optim import Optimizer
 
+from lightning_gns import forecasts
 from lightning_gns.batch_size import BatchSizeFn, checked_batch_size, leading_dim_batch_size
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources.per_example import Layers
+from lightning_gns.tensorboard_layout import write_layout
 from lightning_gns.tracker import GradientNoiseScaleTracker
 
 if TYPE_CHECKING:
@@ -61,8 +63,18 @@ class GradientNoiseScaleLogic:
     - ``gns/covered_fraction`` (``per_example``): fraction of the optimized parameters (by element count)
       the estimate covers; parameters of unsupported layers are left out of both batch sizes' norms.
     - ``gns/layer/<layer name>/b_simple`` (``per_layer=True``): B_simple of each layer's parameters.
+    - Forecasts for the batch in use ``B`` (``gns/b_big``, the effective batch of the last measured step),
+      with ``B_simple`` standing in for the paper's ``B_noise`` (see :mod:`lightning_gns.forecasts`):
+      ``gns/steps_over_min`` = ``S / S_min = 1 + B_simple / B`` (steps needed relative to an infinite
+      batch), ``gns/examples_over_min`` = ``E / E_min = 1 + B / B_simple`` (examples needed relative to
+      batch 1), ``gns/statistical_efficiency`` = ``(B_simple + B_0) / (B_simple + B)`` (Pollux; progress
+      per example relative to the first measured step's batch ``B_0``: 1 until the batch grows).
+    - ``gns/kaplan_b_crit_tokens`` (``kaplan_loss`` set): Kaplan et al. 2020's published fit
+      ``B_crit(L) = 2e8 / L^(1/0.21)`` tokens for the logged language-model loss ``L`` in nats.
 
-    After each optimizer step, ``b_simple``, ``grad_sq_norm`` and ``trace_cov`` read as Python floats.
+    After each optimizer step, ``b_simple``, ``grad_sq_norm``, ``trace_cov`` and the forecasts read as
+    Python floats. At the start of fit a TensorBoard custom-scalars layout that groups these charts is
+    written to every ``TensorBoardLogger`` (the "Custom Scalars" tab).
 
     Args:
         beta: EMA decay per measured optimizer step, in (0, 1).
@@ -76,6 +88,9 @@ class GradientNoiseScaleLogic:
         layers: ``per_example`` only: ``"all"`` supported layers, or ``"norm"`` (LayerNorm/RMSNorm only,
             nearly free; Gray et al. 2024 find it tracks the whole-model noise scale).
         per_layer: ``per_example`` only: also log B_simple per layer.
+        kaplan_loss: name of a logged metric (``self.log(name, ...)`` in the LightningModule) that holds a
+            language-model cross-entropy in nats per token; when set, ``gns/kaplan_b_crit_tokens`` is
+            logged from it. ``None`` (default): not logged.
 
     The class is available for both Lightning namespaces: ``lightning_gns.GradientNoiseScale`` subclasses
     ``lightning.pytorch.Callback``, ``lightning_gns.pytorch_lightning.GradientNoiseScale`` subclasses
@@ -104,6 +119,7 @@ class GradientNoiseScaleLogic:
         measure_every_n_steps: int = 1,
         layers: Layers = "all",
         per_layer: bool = False,
+        kaplan_loss: str | None = None,
     ) -> None:
         self.beta = validate_beta(beta)
         if mode not in MODES:
@@ -121,6 +137,11 @@ class GradientNoiseScaleLogic:
             every = -1
         if every < 1:
             raise ValueError(f"measure_every_n_steps must be an int >= 1, got {measure_every_n_steps!r}.")
+        if kaplan_loss is not None and not (isinstance(kaplan_loss, str) and kaplan_loss):
+            raise ValueError(
+                f"kaplan_loss must be the name of a logged loss metric (e.g. 'train_loss') or None,"
+                f" got {kaplan_loss!r}."
+            )
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise ValueError(f"batch_size_fn must be a callable batch -> int, got {batch_size_fn!r}.")
         self.requested_mode: str = mode
@@ -130,7 +151,12 @@ class GradientNoiseScaleLogic:
         self.measure_every_n_steps = every
         self.layers: Layers = layers
         self.per_layer = per_layer
+        self.kaplan_loss = kaplan_loss
         self.tracker = GradientNoiseScaleTracker(beta=self.beta, layers=layers, per_layer=per_layer)
+        # Effective batch of the first measured step: the reference of the statistical efficiency. A
+        # device tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
+        self.reference_batch_size: torch.Tensor | None = None
+        self._kaplan_loss_value: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ readouts
     @property
@@ -171,6 +197,31 @@ class GradientNoiseScaleLogic:
     def layer_b_simple(self) -> dict[str, float]:
         """``per_layer=True``: B_simple of each layer's parameters, by layer name."""
         return {name: float(m.b_simple) for name, m in self.layer_metrics.items()}
+
+    @property
+    def steps_over_min(self) -> float:
+        """``S / S_min = 1 + B_simple / B`` at the last measured step's effective batch ``B`` (NaN: no estimate)."""
+        return float(forecasts.steps_over_min(self.metric.last_b_big, self.metric.b_simple))
+
+    @property
+    def examples_over_min(self) -> float:
+        """``E / E_min = 1 + B / B_simple`` at the last measured step's effective batch ``B``."""
+        return float(forecasts.examples_over_min(self.metric.last_b_big, self.metric.b_simple))
+
+    @property
+    def statistical_efficiency(self) -> float:
+        """Pollux's ``(B_simple + B_0) / (B_simple + B)``, ``B_0`` the first measured step's effective batch."""
+        if self.reference_batch_size is None:
+            return float("nan")
+        metric = self.metric
+        return float(forecasts.statistical_efficiency(metric.last_b_big, metric.b_simple, self.reference_batch_size))
+
+    @property
+    def kaplan_b_crit_tokens(self) -> float:
+        """Kaplan et al. 2020's fitted ``B_crit`` (tokens) at the last logged ``kaplan_loss``; NaN without one."""
+        if self._kaplan_loss_value is None:
+            return float("nan")
+        return float(forecasts.kaplan_critical_batch_tokens(self._kaplan_loss_value.double()))
 
     @property
     def source(self) -> str | None:
@@ -254,6 +305,8 @@ class GradientNoiseScaleLogic:
         wrapper = trainer.strategy.model
         ddp_model = wrapper if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) else None
         self.tracker.attach(params, self.mode, model=pl_module, ddp_model=ddp_model)  # type: ignore[arg-type]
+        for logger in trainer.loggers:
+            write_layout(logger)
         if self.mode == "per_example" and not self.tracker.has_per_example_layers:
             raise self._misconfiguration(
                 f"GradientNoiseScale(mode='per_example') found no supported layer (nn.Linear, nn.Embedding,"
@@ -280,11 +333,13 @@ class GradientNoiseScaleLogic:
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         # Gradients here are accumulated, all-reduced and unscaled, and not yet clipped.
-        self.tracker.measure_step(loss_scale=_amp_loss_scale(trainer))
+        measured = self.tracker.measure_step(loss_scale=_amp_loss_scale(trainer))
+        if measured and self.reference_batch_size is None:
+            self.reference_batch_size = self.metric.last_b_big.clone()
         if (trainer.loggers or self.prog_bar) and trainer._logger_connector.should_update_logs:
-            self._log(pl_module)
+            self._log(trainer, pl_module)
 
-    def _log(self, pl_module: LightningModule) -> None:
+    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metric = self.metric
         values = {
             "gns/b_simple": metric.b_simple,
@@ -294,6 +349,20 @@ class GradientNoiseScaleLogic:
             "gns/b_big": metric.last_b_big,
             "gns/skipped_steps": metric.skipped_steps,
         }
+        b_big, b_simple = metric.last_b_big, metric.b_simple
+        values["gns/steps_over_min"] = forecasts.steps_over_min(b_big, b_simple)
+        values["gns/examples_over_min"] = forecasts.examples_over_min(b_big, b_simple)
+        if self.reference_batch_size is not None:
+            values["gns/statistical_efficiency"] = forecasts.statistical_efficiency(
+                b_big, b_simple, self.reference_batch_size
+            )
+        if self.kaplan_loss is not None:
+            loss = trainer.callback_metrics.get(self.kaplan_loss)
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                self._kaplan_loss_value = loss.detach().reshape(())
+                values["gns/kaplan_b_crit_tokens"] = forecasts.kaplan_critical_batch_tokens(
+                    self._kaplan_loss_value.double()
+                )
         if self.mode == "per_example":
             values["gns/covered_fraction"] = torch.tensor(self.covered_fraction)
         for name, layer_metric in self.layer_metrics.items():
@@ -310,10 +379,12 @@ class GradientNoiseScaleLogic:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {**self.tracker.state_dict(), "beta": self.beta}
+        return {**self.tracker.state_dict(), "beta": self.beta, "reference_batch_size": self.reference_batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict)
+        reference = state_dict.get("reference_batch_size")
+        self.reference_batch_size = None if reference is None else reference.to(self.metric.last_b_big.device)
 
 
 def _amp_loss_scale(trainer: Trainer) -> torch.Tensor | None:

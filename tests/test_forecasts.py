@@ -1,0 +1,116 @@
+"""Critical-batch forecasts: the pure functions, and their logging and checkpointing by the callback."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing import event_accumulator
+from torch import Tensor
+
+from lightning_gns import GradientNoiseScale
+from lightning_gns.forecasts import (
+    examples_over_min,
+    kaplan_critical_batch_tokens,
+    statistical_efficiency,
+    steps_over_min,
+)
+from tests.models import LinearProblem, LinearRegression, loader
+
+FORECASTS = ("gns/steps_over_min", "gns/examples_over_min", "gns/statistical_efficiency")
+
+
+def t(value: float) -> Tensor:
+    return torch.tensor(value, dtype=torch.float64)
+
+
+def test_forecasts_follow_the_papers_relations() -> None:
+    # At B = B_noise a run needs twice the minimum steps and twice the minimum examples (McCandlish eq. 2.11).
+    assert float(steps_over_min(t(64.0), t(64.0))) == 2.0
+    assert float(examples_over_min(t(64.0), t(64.0))) == 2.0
+    # The per-step trade-off holds for every batch: (S/S_min - 1)(E/E_min - 1) = 1.
+    for batch in (1.0, 7.0, 300.0, 1e5):
+        s, e = steps_over_min(t(batch), t(250.0)), examples_over_min(t(batch), t(250.0))
+        assert float((s - 1) * (e - 1)) == pytest.approx(1.0, rel=1e-12)
+    # No signal resolved yet (B_simple = inf): infinitely many steps, but every example still counts fully.
+    assert float(steps_over_min(t(32.0), t(math.inf))) == math.inf
+    assert float(examples_over_min(t(32.0), t(math.inf))) == 1.0
+    assert math.isnan(float(steps_over_min(t(32.0), t(math.nan))))
+
+
+def test_statistical_efficiency() -> None:
+    assert float(statistical_efficiency(t(128.0), t(50.0), t(128.0))) == 1.0  # the reference batch itself
+    # Pollux: (phi + B0) / (phi + B); quadrupling a batch far below the noise scale costs little.
+    assert float(statistical_efficiency(t(400.0), t(1e4), t(100.0))) == pytest.approx(10100 / 10400)
+    assert float(statistical_efficiency(t(400.0), t(100.0), t(100.0))) == pytest.approx(0.4)
+    assert float(statistical_efficiency(t(400.0), t(math.inf), t(100.0))) == 1.0
+
+
+def test_kaplan_fit_matches_the_published_orders_of_magnitude() -> None:
+    # Kaplan et al. 2020: ~2.7e5 tokens at L = 4 nats, ~1e6 at L = 3 (the theory notes).
+    assert float(kaplan_critical_batch_tokens(t(4.0))) == pytest.approx(2.7e5, rel=0.02)
+    assert float(kaplan_critical_batch_tokens(t(3.0))) == pytest.approx(1.07e6, rel=0.02)
+    # Halving the loss multiplies B_crit by 2^(1/0.21).
+    ratio = kaplan_critical_batch_tokens(t(1.5)) / kaplan_critical_batch_tokens(t(3.0))
+    assert float(ratio) == pytest.approx(2 ** (1 / 0.21))
+
+
+class LossLoggingRegression(LinearRegression):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_callback_logs_forecasts_and_the_tensorboard_layout(tmp_path: Path) -> None:
+    problem = LinearProblem(dim=6, noise_std=0.5, seed=21)
+    x, y = problem.sample(8 * 2 * 12, seed=22)
+    gns = GradientNoiseScale(beta=0.9, kaplan_loss="train_loss")
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(tmp_path, name="run"),
+        callbacks=[gns],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(LossLoggingRegression(problem, lr=0.05), loader(x, y, 8))
+
+    b_big = 16.0
+    assert gns.steps_over_min == pytest.approx(1 + gns.b_simple / b_big, rel=1e-6)
+    assert gns.examples_over_min == pytest.approx(1 + b_big / gns.b_simple, rel=1e-6)
+    assert gns.statistical_efficiency == pytest.approx(1.0)  # the batch never changed
+    loss = float(trainer.callback_metrics["train_loss"])
+    assert gns.kaplan_b_crit_tokens == pytest.approx(2e8 / loss ** (1 / 0.21), rel=1e-5)
+
+    logged = trainer.logged_metrics
+    for name in (*FORECASTS, "gns/kaplan_b_crit_tokens"):
+        assert name in logged, name
+    assert float(logged["gns/steps_over_min"]) == pytest.approx(gns.steps_over_min, rel=1e-6)
+
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "run" / "version_0"))
+    accumulator.Reload()
+    assert accumulator.Tensors("custom_scalars__config__"), "the callback wrote no custom-scalars layout"
+    assert len(accumulator.Scalars("gns/steps_over_min")) == 12
+
+
+def test_reference_batch_survives_resume() -> None:
+    gns = GradientNoiseScale()
+    gns.reference_batch_size = torch.tensor(48.0, dtype=torch.float64)
+    restored = GradientNoiseScale()
+    restored.load_state_dict(gns.state_dict())
+    assert restored.reference_batch_size is not None and float(restored.reference_batch_size) == 48.0
+    assert math.isnan(GradientNoiseScale().statistical_efficiency)
+
+
+def test_kaplan_loss_must_name_a_metric() -> None:
+    with pytest.raises(ValueError, match="kaplan_loss must be the name of a logged loss metric"):
+        GradientNoiseScale(kaplan_loss="")
