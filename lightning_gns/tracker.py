@@ -20,6 +20,11 @@ from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
 from lightning_gns.sources.per_example import Layers
 
+try:  # public since torch 2.5; FSDP2's parameters and gradients are DTensors
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - older torch, or built without distributed
+    _DTensor = None  # type: ignore[assignment,misc]
+
 SourceMode = Literal["ddp", "microbatch", "per_example"]
 SOURCE_MODES: tuple[str, ...] = ("ddp", "microbatch", "per_example")
 
@@ -77,6 +82,9 @@ class GradientNoiseScaleTracker:
         # shares), cached for the parameter count it was computed for.
         self._big_norm_share: list[nn.Parameter] = []
         self._big_norm_share_of = -1
+        # FSDP2 (fully_shard): parameters and gradients are DTensors, each rank holding a shard, so every rank
+        # norms its own shards of all parameters and the all-reduce adds them up.
+        self._sharded = False
         self._measuring_step = False
         self._accumulation = 1
         self._micro_batch_units = 0
@@ -121,6 +129,12 @@ class GradientNoiseScaleTracker:
         self._world_size = dist.get_world_size(process_group) if distributed else 1
         self._rank = dist.get_rank(process_group) if distributed else 0
         self._big_norm_share_of = -1
+        self._sharded = any(_is_dtensor(p) for p in self._params)
+        if self._sharded and mode != "per_example":
+            raise ValueError(
+                f"Sharded parameters (FSDP2 fully_shard) are supported with mode='per_example' only, got mode={mode!r}:"
+                " per-rank and per-micro-batch gradients are never materialised unsharded."
+            )
         if mode == "ddp" and ddp_model is not None:
             self._comm_hook_source = _try_comm_hook(ddp_model, self._params)
         elif mode == "per_example":
@@ -310,7 +324,8 @@ class GradientNoiseScaleTracker:
     def _big_norm_params(self) -> list[nn.Parameter]:
         measured = self._measured_params()
         if len(measured) != self._big_norm_share_of:
-            self._big_norm_share = _balanced_share(measured, self._world_size, self._rank)
+            world_size = 1 if self._sharded else self._world_size  # shards already split the work
+            self._big_norm_share = _balanced_share(measured, world_size, self._rank)
             self._big_norm_share_of = len(measured)
             if self._per_example_source is not None:
                 # Every rank folds the same layers in the same order, whatever its share holds.
@@ -395,7 +410,8 @@ def _balanced_share(params: list[nn.Parameter], world_size: int, rank: int) -> l
 
 def _param_sq_norms(params: list[nn.Parameter], device: torch.device) -> Tensor:
     """Squared gradient norm of each parameter (0 where there is no gradient), float64, shape (len(params),)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    # A DTensor gradient's local shard: a norm of the DTensor itself would all-reduce once per parameter.
+    grads = [_local(p.grad) for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(len(params), dtype=torch.float64, device=device)
     # One fused pass; half-precision gradients are accumulated in float32.
@@ -403,3 +419,11 @@ def _param_sq_norms(params: list[nn.Parameter], device: torch.device) -> Tensor:
     zero = torch.zeros((), dtype=torch.float32, device=device)
     per_param = [next(norms) if p.grad is not None else zero for p in params]
     return torch.stack(per_param).to(device=device, dtype=torch.float64).square()
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined,no-any-return]

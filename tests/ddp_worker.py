@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,6 +30,48 @@ class UserCommHook(Callback):
         trainer.strategy.model.register_comm_hook(state=None, hook=allreduce_hook)  # type: ignore[union-attr]
 
 
+class ShardedLinearRegression(LinearRegression):
+    """The same model sharded with FSDP2 (fully_shard) over the data-parallel ranks."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard
+
+        mesh = self.device_mesh["data_parallel"]
+        # The (1, dim) weight sharded along dim 1 puts half of it on each rank (the default dim 0 would leave
+        # rank 1 empty), so the big-batch norm is right only if both ranks' shards are added.
+        fully_shard(self.linear, mesh=mesh, shard_placement_fn=lambda param: Shard(1))
+        fully_shard(self, mesh=mesh)
+
+
+class MLPRegression(LinearRegression):
+    """A few layers (Linear, LayerNorm, Linear) on the same data, to compare sharded and DDP training."""
+
+    def __init__(self, problem: LinearProblem, lr: float = 0.0) -> None:
+        super().__init__(problem, lr)
+        torch.manual_seed(3)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(problem.dim, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(), torch.nn.Linear(16, 1)
+        )
+        del self.linear
+        self.linear = self.net[0]  # what the Recorder reads
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return 0.5 * (self.net(x).squeeze(-1) - y).square().mean()
+
+
+class ShardedMLPRegression(MLPRegression):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -40,18 +83,26 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=6)
     parser.add_argument("--user-comm-hook", action="store_true")
     parser.add_argument("--mode", default="auto")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
+    parser.add_argument("--model", choices=["linear", "mlp"], default="linear")
+    parser.add_argument("--per-layer", action="store_true")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     problem = LinearProblem(dim=args.dim, noise_std=1.0, seed=20)
     x, y = problem.sample(args.examples, seed=21)
-    gns = GradientNoiseScale(beta=args.beta, mode=args.mode)
+    gns = GradientNoiseScale(beta=args.beta, mode=args.mode, per_layer=args.per_layer)
     recorder = Recorder(gns)
     callbacks: list[Any] = [UserCommHook()] if args.user_comm_hook else []
+    strategy: str | Strategy = "ddp"
+    model_class: type[LinearRegression] = MLPRegression if args.model == "mlp" else LinearRegression
+    if args.strategy == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        model_class = ShardedMLPRegression if args.model == "mlp" else ShardedLinearRegression
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=strategy,
         max_epochs=1,
         accumulate_grad_batches=args.accumulate,
         callbacks=[*callbacks, gns, recorder],
@@ -60,7 +111,7 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(LinearRegression(problem, lr=args.lr), loader(x, y, args.batch_size))
+    trainer.fit(model_class(problem, lr=args.lr), loader(x, y, args.batch_size))
     result = {
         "rank": trainer.global_rank,
         "mode": gns.mode,
@@ -70,6 +121,7 @@ def main() -> None:
         "b_simple": gns.b_simple,
         "grad_sq_norm": gns.grad_sq_norm,
         "trace_cov": gns.trace_cov,
+        "layer_b_simple": gns.layer_b_simple,
         "closed_form_b_simple": problem.b_simple,
         "closed_form_trace_cov": problem.trace_cov,
         "closed_form_grad_sq_norm": problem.grad_sq_norm,

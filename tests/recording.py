@@ -24,7 +24,10 @@ class Recorder(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        weight = pl_module.linear.weight.detach().reshape(-1).clone()  # type: ignore[union-attr]
+        weight = pl_module.linear.weight.detach()  # type: ignore[union-attr]
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards it (a collective: every rank records every batch)
+            weight = weight.full_tensor()
+        weight = weight.reshape(-1).clone()
         self.micro_batches.append(
             MicroBatch(trainer.global_step, x.clone(), y.clone(), weight, trainer.accumulate_grad_batches)
         )

@@ -73,6 +73,31 @@ def test_ddp_per_example_matches_float64_recomputation(tmp_path: Path, accumulat
     assert_matches_reference(merged_recorder(results), world_size=2, beta=0.9, per_example=True)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_fsdp2_per_example_matches_float64_recomputation(tmp_path: Path, accumulate: int) -> None:
+    """Sharded parameters (ModelParallelStrategy + fully_shard): the big-batch norm sums the ranks' shards."""
+    args = ["--strategy", "fsdp2", "--accumulate", str(accumulate), "--examples", "203", "--lr", "0.3"]
+    results = run_ddp(tmp_path, *args, "--beta", "0.9")
+    check_ranks_agree(results)
+    assert results[0]["mode"] == "per_example" and results[0]["source"] == "per_example"
+    assert_matches_reference(merged_recorder(results), world_size=2, beta=0.9, per_example=True)
+
+
+def test_fsdp2_equals_ddp_on_a_multi_layer_model(tmp_path: Path) -> None:
+    """Same data, same initial weights: sharded and DDP training give the same noise scales, per layer too."""
+    args = ["--model", "mlp", "--per-layer", "--examples", "203", "--lr", "0.3", "--beta", "0.9"]
+    ddp = run_ddp(tmp_path / "ddp", *args, "--mode", "per_example")
+    fsdp = run_ddp(tmp_path / "fsdp2", *args, "--strategy", "fsdp2")
+    assert fsdp[0]["mode"] == "per_example"
+    assert len(ddp[0]["history"]) == len(fsdp[0]["history"]) > 10
+    for want, got in zip(ddp[0]["history"], fsdp[0]["history"], strict=True):
+        for key in ("grad_sq_norm", "trace_cov", "b_simple"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, nan_ok=True), (key, got["step"])
+    assert set(fsdp[0]["layer_b_simple"]) == {"net.0", "net.1", "net.3"}
+    for name, value in ddp[0]["layer_b_simple"].items():
+        assert fsdp[0]["layer_b_simple"][name] == pytest.approx(value, rel=1e-4)
+
+
 def test_ddp_closed_form_linear_regression(tmp_path: Path) -> None:
     """lr = 0, two ranks, no accumulation: B_simple converges near the closed form."""
     results = run_ddp(tmp_path, "--examples", "24000", "--batch-size", "16", "--beta", "0.995", "--dim", "6")

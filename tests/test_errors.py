@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -182,7 +182,7 @@ class PlainCPUStrategy(Strategy):
 def test_unsupported_strategy() -> None:
     with pytest.raises(
         MisconfigurationException,
-        match=r"supports single-device training and DDP .* not PlainCPUStrategy\. Use Trainer\(strategy='ddp'\)",
+        match=r"supports single-device training, DDP .* not PlainCPUStrategy\. strategy='fsdp' .* not supported",
     ):
         fit(GradientNoiseScale(), strategy=PlainCPUStrategy(), accumulate_grad_batches=2)
 
@@ -262,3 +262,20 @@ def test_batch_without_tensors_runs_with_batch_size_fn() -> None:
         accumulate_grad_batches=2,
     )
     assert float(gns.metric.last_b_small) == 4.0
+
+
+@pytest.mark.usefixtures("restore_process_state")
+def test_sharded_training_needs_per_example_mode() -> None:
+    with pytest.raises(MisconfigurationException, match=r"mode='microbatch'\) cannot run under ModelParallelStrategy"):
+        fit(
+            GradientNoiseScale(mode="microbatch"),
+            strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+            devices=1,
+            accumulate_grad_batches=2,
+        )
+
+
+def test_sharded_training_rejects_tensor_parallelism() -> None:
+    gns = GradientNoiseScale()
+    with pytest.raises(MisconfigurationException, match=r"needs tensor_parallel_size=1 \(got 2\)"):
+        gns._resolve_sharded_mode(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))

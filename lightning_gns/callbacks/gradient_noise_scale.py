@@ -257,10 +257,16 @@ class GradientNoiseScaleLogic:
         strategy = trainer.strategy
         max_accumulation = self._max_accumulation(trainer)
         is_ddp = isinstance(strategy, strategies.DDPStrategy) and not isinstance(strategy, strategies.DeepSpeedStrategy)
+        model_parallel = getattr(strategies, "ModelParallelStrategy", None)
+        if model_parallel is not None and isinstance(strategy, model_parallel):
+            return self._resolve_sharded_mode(strategy)
         if not (is_ddp or isinstance(strategy, strategies.SingleDeviceStrategy)):
             raise self._misconfiguration(
-                f"GradientNoiseScale supports single-device training and DDP (strategy='ddp', 'ddp_spawn', ...),"
-                f" not {type(strategy).__name__}. Use Trainer(strategy='ddp') or one device."
+                f"GradientNoiseScale supports single-device training, DDP (strategy='ddp', 'ddp_spawn', ...) and"
+                f" sharded data parallelism through ModelParallelStrategy(data_parallel_size=N,"
+                f" tensor_parallel_size=1) with fully_shard (FSDP2) in configure_model, not {type(strategy).__name__}."
+                " strategy='fsdp' (FSDP1's flattened parameters) is not supported: switch to ModelParallelStrategy"
+                " with fully_shard, or to strategy='ddp'."
             )
         if is_ddp and max_accumulation > 1 and getattr(strategy, "_ddp_kwargs", {}).get("static_graph", False):
             raise self._misconfiguration(
@@ -289,6 +295,25 @@ class GradientNoiseScaleLogic:
                 " accumulation) or mode='ddp' on several devices."
             )
         return mode
+
+    def _resolve_sharded_mode(self, strategy: Any) -> str:
+        # FSDP2: gradients are reduce-scattered inside backward, so no unsharded per-rank or per-micro-batch
+        # gradient ever exists to norm; per-example norms come from activations, before any communication.
+        tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
+        if tensor_parallel != 1:
+            raise self._misconfiguration(
+                f"GradientNoiseScale with ModelParallelStrategy needs tensor_parallel_size=1 (got {tensor_parallel}):"
+                " tensor parallelism splits each layer's activations across ranks, so per-example norms computed"
+                " on one rank would be partial. Use ModelParallelStrategy(data_parallel_size=N,"
+                " tensor_parallel_size=1) with fully_shard in configure_model (its defaults are tensor parallel)."
+            )
+        if self.requested_mode not in ("auto", "per_example"):
+            raise self._misconfiguration(
+                f"GradientNoiseScale(mode={self.requested_mode!r}) cannot run under ModelParallelStrategy (FSDP2):"
+                " sharded training never materialises a rank's or a micro-batch's whole gradient. Use"
+                " mode='per_example' (or 'auto'), which measures per-example norms inside the layers."
+            )
+        return "per_example"
 
     def _max_accumulation(self, trainer: Trainer) -> int:
         scheduler = self._lightning("callbacks").GradientAccumulationScheduler

@@ -131,6 +131,10 @@ class PerExampleSource(GradNormSource):
         self.layers = layers
         self._handles: list[RemovableHandle] = []
         self._param_owner: dict[int, str] = {}  # parameter id -> name of the first layer owning it
+        # Module id -> its measured (name, parameter) pairs, as registered at attach. Looked up by module
+        # rather than read from the module in forward: FSDP2 (fully_shard) swaps the registered sharded
+        # parameters for unsharded tensors during forward, and the sharded ones are what .grad lives on.
+        self._module_params: dict[int, list[tuple[str, nn.Parameter]]] = {}
         self._covered: dict[int, nn.Parameter] = {}
         # Per backward pass: per-example squared norms by parameter, pending uses and their factors.
         self._sq_norms: dict[int, Tensor] = {}
@@ -150,6 +154,7 @@ class PerExampleSource(GradNormSource):
                 continue
             for _, p in own:
                 self._param_owner.setdefault(id(p), module_name or type(module).__name__)
+            self._module_params[id(module)] = own
             self._handles.append(module.register_forward_hook(self._on_forward))
 
     def covered_params(self) -> list[nn.Parameter]:
@@ -164,7 +169,7 @@ class PerExampleSource(GradNormSource):
         if not (self.recording and isinstance(output, Tensor) and output.requires_grad and args):
             return
         inp = args[0]
-        params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) in self._param_owner]
+        params = self._module_params.get(id(module), [])
         for _, p in params:
             self._pending_uses[id(p)] += 1
         output.register_hook(partial(self._on_output_grad, module, inp.detach(), params))
@@ -224,6 +229,7 @@ class PerExampleSource(GradNormSource):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._module_params = {}
         self._sq_norms = {}
         self._pending_uses.clear()
         self._stored_factors.clear()
