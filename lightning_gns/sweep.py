@@ -14,7 +14,7 @@ The contract with the user's code:
 
 Example (the digits example of this repository)::
 
-    from lightning_gns.sweep import load_factory, run_sweep
+    from lightning_gns.sweep import format_sweep_table, load_factory, run_sweep
     model = load_factory("example_projects/digits_sweep.py:model")
     data = load_factory("example_projects/digits_sweep.py:datamodule")
     result = run_sweep(model, data, batch_sizes=[16, 64, 256], target_loss=0.3, seeds=[0, 1, 2],
@@ -363,6 +363,7 @@ def plot_sweep(result: SweepResult, path: str | Path, dpi: int = 100) -> Path:
     """Steps against examples for every selected run and the fitted hyperbola (log axes), like the paper's figures;
     a second panel puts the run-averaged B_simple of each batch size beside B_crit."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -383,6 +384,9 @@ def plot_sweep(result: SweepResult, path: str | Path, dpi: int = 100) -> Path:
         if math.isfinite(fit.b_crit):
             ax.plot([fit.examples(fit.b_crit)], [fit.steps(fit.b_crit)], "r*", ms=10, label=f"B_crit={fit.b_crit:.0f}")
     ax.set(xscale="log", yscale="log", xlabel="examples E", ylabel="optimizer steps S")
+    # Labelled minor ticks on a log axis spanning less than a decade overlap one another.
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_title(f"to {result.monitor} <= {result.target_loss:g}", fontsize=10)
     ax.legend(fontsize=7)
     for color, batch_size in zip(colors, sizes, strict=True):
@@ -490,7 +494,7 @@ def branched_critical_batch(
 
     A base run at ``batch_size`` and ``lr`` (with the ``GradientNoiseScale`` callback) is stopped at each of
     ``at_steps``; from each, branches continue with batch ``k * batch_size`` and learning rate
-    ``lr * f(k)`` (``f`` from ``lr_rule``: ``sqrt`` as Merrill et al. do for Adam, ``linear`` for SGD) for
+    ``lr * f(k)`` (``f`` from ``lr_rule``: ``sqrt`` is a common rule for Adam, ``linear`` for SGD) for
     ``branch_examples`` examples, i.e. ``branch_examples / (k * batch_size)`` steps, carrying over the
     optimizer state. The loss after the branch is the monitored validation loss, averaged over ``seeds``
     (the branch's data order), which is the smoothing. The local critical batch is
