@@ -15,7 +15,8 @@ to settle) and divided by the control's. Under the temperature model both ratios
 repeats the whole procedure (base run included); the table gives the mean, the standard deviation over
 seeds and each seed's ratio.
 
-    python benchmarks/temperature.py --seeds 0 1 2          # about a minute on 2 CPU cores
+    python benchmarks/temperature.py --seeds 0 1 2                                  # ~1.5 min, 2 CPU cores
+    python benchmarks/temperature.py --seeds 0 1 2 --base-steps 100 --branch-steps 100  # mid-run, ~1 min
 """
 
 from __future__ import annotations
