@@ -499,9 +499,14 @@ def run_report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-gns`` console script; returns the exit status (2 for a usage error)."""
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] != ["report"]:
+        # sweep, branch and the top-level help live in lightning_gns.cli, which sends "report" back here.
+        from lightning_gns.cli import main as cli_main
+
+        return cli_main(arguments)
+    args = build_parser().parse_args(arguments)
     try:
-        # Only "report" exists; the subcommand keeps room for more without breaking command lines.
         run_report(args.logdir, args.output, args.loss_tag, args.smoothing, args.dpi)
     except ReportError as error:
         print(f"lightning-gns {args.command}: error: {error}", file=sys.stderr)

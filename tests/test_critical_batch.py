@@ -1,0 +1,219 @@
+"""The trade-off fit on synthetic runs drawn from McCandlish et al.'s eq. 2.11, its errors, and a tiny real sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_gns.critical_batch import (
+    CriticalBatchError,
+    bootstrap_fit,
+    fit_tradeoff,
+    local_critical_batch,
+    scaled_lr,
+    steps_to_target,
+)
+
+S_MIN, E_MIN = 120.0, 9600.0  # B_crit = 80
+BATCH_SIZES = np.array([4, 8, 16, 32, 64, 128, 256, 512, 1024])
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "example_projects" / "digits_sweep.py")
+
+
+def paper_runs(batch_sizes: np.ndarray, s_min: float, e_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and examples on the hyperbola, solved for E = B S by bisection rather than by the closed form,
+    so the test does not assume the derivation the fit relies on."""
+    steps = []
+    for b in batch_sizes:
+        lo, hi = s_min * (1 + 1e-12), s_min * 1e6
+
+        def residual(s: float, b: float = float(b)) -> float:
+            return (s / s_min - 1) * (b * s / e_min - 1) - 1
+
+        for _ in range(200):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if residual(mid) < 0 else (lo, mid)
+        steps.append(math.sqrt(lo * hi))
+    s = np.array(steps)
+    return s, s * batch_sizes
+
+
+def test_synthetic_runs_lie_on_the_hyperbola() -> None:
+    s, e = paper_runs(BATCH_SIZES, S_MIN, E_MIN)
+    np.testing.assert_allclose((s / S_MIN - 1) * (e / E_MIN - 1), 1.0, rtol=1e-9)
+    # At B = B_crit a run needs twice the minimum steps and twice the minimum examples (theory notes).
+    s_crit, e_crit = paper_runs(np.array([E_MIN / S_MIN]), S_MIN, E_MIN)
+    assert s_crit[0] == pytest.approx(2 * S_MIN) and e_crit[0] == pytest.approx(2 * E_MIN)
+
+
+def test_fit_recovers_exact_parameters() -> None:
+    s, _ = paper_runs(BATCH_SIZES, S_MIN, E_MIN)
+    fit = fit_tradeoff(BATCH_SIZES, s)
+    assert fit.s_min == pytest.approx(S_MIN, rel=1e-8)
+    assert fit.e_min == pytest.approx(E_MIN, rel=1e-8)
+    assert fit.b_crit == pytest.approx(80.0, rel=1e-8)
+    assert fit.rel_rms < 1e-9
+    np.testing.assert_allclose(fit.examples(BATCH_SIZES), s * BATCH_SIZES, rtol=1e-8)
+
+
+@pytest.mark.parametrize("s_min, e_min", [(50.0, 400.0), (300.0, 300_000.0), (10.0, 2000.0)])
+def test_fit_recovers_parameters_from_noisy_seeds(s_min: float, e_min: float) -> None:
+    rng = np.random.default_rng(1)
+    b = np.repeat(BATCH_SIZES, 5)  # five seeds per batch size
+    s, _ = paper_runs(b, s_min, e_min)
+    noisy = s * np.exp(rng.normal(0.0, 0.05, size=s.shape))  # 5% run-to-run scatter
+    result = bootstrap_fit(b, noisy, num_resamples=300, confidence=0.95)
+    b_crit = e_min / s_min
+    assert result.fit.b_crit == pytest.approx(b_crit, rel=0.15)
+    assert result.fit.s_min == pytest.approx(s_min, rel=0.1)
+    lo, hi = result.b_crit_interval
+    assert lo < b_crit < hi
+    assert 0.02 < result.fit.rel_rms < 0.08
+
+
+def test_fit_without_a_step_floor_puts_b_crit_at_infinity() -> None:
+    # Perfect scaling (S proportional to 1/B) everywhere: no S_min was reached by any batch size.
+    fit = fit_tradeoff([8, 16, 32], [800.0, 400.0, 200.0])
+    assert fit.s_min == pytest.approx(0.0, abs=1e-9)
+    assert fit.e_min == pytest.approx(6400.0)
+    assert math.isinf(fit.b_crit)
+
+
+def test_negative_unconstrained_optimum_is_clamped() -> None:
+    # Larger batches needing *more* steps would give E_min < 0; the fit keeps it at 0.
+    fit = fit_tradeoff([8, 64], [100.0, 120.0])
+    assert fit.e_min == 0.0 and fit.s_min > 0 and fit.b_crit == 0.0
+
+
+@pytest.mark.parametrize(
+    "batch_sizes, steps, message",
+    [
+        ([32, 32, 32], [10.0, 11.0, 12.0], "two or more different batch sizes"),
+        ([32], [10.0], "two or more different batch sizes"),
+        ([16, 32, 64], [50.0, float("nan"), 20.0], "batch sizes [32] never reached"),
+        ([16, 32, 64], [50.0, float("inf"), float("nan")], "batch sizes [32, 64] never reached"),
+        ([16, 32], [50.0], "differ in length"),
+        ([0, 32], [50.0, 20.0], "positive and finite"),
+        ([16, 32], [50.0, -1.0], "must be positive"),
+    ],
+)
+def test_bad_input_is_an_error(batch_sizes: list[float], steps: list[float], message: str) -> None:
+    with pytest.raises(CriticalBatchError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        fit_tradeoff(batch_sizes, steps)
+
+
+def test_bootstrap_argument_errors() -> None:
+    with pytest.raises(CriticalBatchError, match="confidence"):
+        bootstrap_fit([8, 16], [10.0, 6.0], confidence=1.5)
+    with pytest.raises(CriticalBatchError, match="num_resamples"):
+        bootstrap_fit([8, 16], [10.0, 6.0], num_resamples=0)
+
+
+def test_steps_to_target() -> None:
+    assert steps_to_target([5, 10, 15], [0.4, 0.3, 0.2], 0.5) == 5.0  # below at the first evaluation
+    assert math.isnan(steps_to_target([5, 10], [0.9, 0.8], 0.5))
+    assert math.isnan(steps_to_target([], [], 0.5))
+    # First crossing counts, even if the loss rises again afterwards.
+    assert steps_to_target([10, 20, 30, 40], [1.0, 0.5, 0.9, 0.4], 0.5) == pytest.approx(20.0)
+    with pytest.raises(CriticalBatchError, match="positive"):
+        steps_to_target([1], [1.0], 0.0)
+
+
+def test_scaled_lr_and_local_critical_batch() -> None:
+    assert scaled_lr(0.2, 64, 16, "linear") == pytest.approx(0.05)
+    assert scaled_lr(0.2, 64, 16, "sqrt") == pytest.approx(0.1)
+    with pytest.raises(CriticalBatchError, match="Unknown learning-rate rule"):
+        scaled_lr(0.1, 32, 64, "cubic")
+    # Within tolerance up to k=4; k=8 is worse; k=16 recovering does not count (contiguous from the start).
+    assert local_critical_batch([1, 2, 4, 8, 16], [1.0, 1.0, 1.01, 1.2, 1.0], 0.02) == 4.0
+    assert local_critical_batch([4, 1, 2], [0.5, 1.0, 2.0], 0.02) == 1.0  # sorted by multiplier first
+    assert local_critical_batch([1, 2], [1.0, float("nan")], 0.02) == 1.0
+    with pytest.raises(CriticalBatchError):
+        local_critical_batch([1, 2], [1.0], 0.02)
+
+
+def test_fitting_module_does_not_import_lightning() -> None:
+    code = "import sys, lightning_gns.critical_batch; print(any(m.startswith('lightning.') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------ end to end, tiny settings
+def test_tiny_sweep_command_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_gns.report import main
+
+    out = tmp_path / "sweep"
+    code = main(
+        [
+            "sweep",
+            "--model",
+            f"{DIGITS}:model",
+            "--data",
+            f"{DIGITS}:datamodule",
+            "--batch-sizes",
+            "16",
+            "64",
+            "--target-loss",
+            "1.5",
+            "--seeds",
+            "0",
+            "1",
+            "--lr",
+            "0.05",
+            "--base-batch-size",
+            "32",
+            "--lr-rule",
+            "sqrt",
+            "--max-examples",
+            "4000",
+            "--eval-every-examples",
+            "64",
+            "--resamples",
+            "50",
+            "--accelerator",
+            "cpu",
+            "-o",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summary = json.loads((out / "fit.json").read_text())
+    assert summary["fit_error"] is None
+    assert summary["s_min"] >= 0 and summary["e_min"] >= 0
+    assert math.isfinite(summary["b_simple_median"]) and summary["b_simple_median"] > 0
+    rows = (out / "runs.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert "B_crit = E_min / S_min" in printed and "| 16 |" in (out / "sweep.md").read_text()
+
+
+def test_tiny_branch_on_digits(tmp_path: Path) -> None:
+    from lightning_gns.cli import main
+
+    out = tmp_path / "branch"
+    argv = ["branch", "--model", f"{DIGITS}:model", "--data", f"{DIGITS}:datamodule", "--batch-size", "16"]
+    argv += ["--lr", "0.05", "--at-steps", "4", "--branch-examples", "128", "--multipliers", "1", "2"]
+    argv += ["--seeds", "0", "--accelerator", "cpu", "-o", str(out)]
+    assert main(argv) == 0
+    (point,) = json.loads((out / "branch.json").read_text())
+    assert point["step"] == 4 and point["examples"] == 64
+    assert point["local_critical_batch"] in (16, 32)
+    assert all(math.isfinite(x) for x in point["losses"]) and point["b_simple"] > 0
+
+
+def test_sweep_reports_an_unreachable_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_gns.cli import main
+
+    argv = ["sweep", "--model", f"{DIGITS}:model", "--data", f"{DIGITS}:datamodule", "--batch-sizes", "16", "32"]
+    argv += ["--target-loss", "0.0001", "--seeds", "0", "--lr", "0.05", "--base-batch-size", "32"]
+    argv += ["--max-examples", "64", "--accelerator", "cpu", "-o", str(tmp_path)]
+    assert main(argv) == 1
+    assert "never reached the target" in capsys.readouterr().out
+    assert "never reached" in json.loads((tmp_path / "fit.json").read_text())["fit_error"]
