@@ -1,7 +1,7 @@
 """``lightning-gns sweep`` and ``lightning-gns branch``: the critical-batch commands of the console script.
 
-The console script's entry point stays ``lightning_gns.report:main``; it hands every command but ``report``
-to ``main`` here, so ``lightning-gns report LOGDIR`` runs exactly the code it always did. Lightning is
+The console script's entry point is ``main`` here; it hands ``report`` to ``lightning_gns.report.main``
+(which, called directly, sends the other commands back here). Lightning is
 imported only when a sweep or branch actually runs, so ``--help`` is quick.
 
     lightning-gns sweep --model pkg.models:make_model --data pkg.data:make_datamodule \\

@@ -234,7 +234,7 @@ def test_unknown_loss_tag_exits_2(
 
 def test_console_script_is_declared() -> None:
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
-    assert scripts.get("lightning-gns") == "lightning_gns.report:main"
+    assert scripts.get("lightning-gns") == "lightning_gns.cli:main"
 
 
 # ------------------------------------------------------------------------------------------ layout
