@@ -330,7 +330,7 @@ def test_resume_mid_epoch_with_a_pending_change(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [
         ({"target": "critical"}, r"Unknown target 'critical'\. Choose 'b_simple', 'sqrt', or pass a function"),
-        ({"r": 4.0}, r"r is the r of target='sqrt'"),
+        ({"target": "b_simple", "r": 4.0}, r"r is the r of target='sqrt'"),
         ({"target": "sqrt", "r": 0.0}, r"r must be a positive finite number"),
         ({"target": "sqrt", "r": "big"}, r"r must be a positive finite number"),
         ({"min_accumulation": 0}, r"min_accumulation must be an int >= 1, got 0"),

@@ -41,9 +41,11 @@ class AdaptiveBatchSizeLogic:
     (which must be in ``Trainer(callbacks=...)`` too) and changes the gradient accumulation so that the
     effective batch, micro-batch x accumulation x ranks in the noise scale's units, follows a target:
 
-    - ``"b_simple"``: the batch ``B_simple``, the paper's estimate of the critical batch;
-    - ``"sqrt"``: ``sqrt(r * B_simple)``, the schedule of the paper's Appendix D (eq. D.3); ``r`` defaults
-      to the effective batch at the start of training;
+    - ``"sqrt"`` (default): ``sqrt(r * B_simple)``, the schedule of the paper's Appendix D (eq. D.3); ``r``
+      defaults to the effective batch at the start of training, so the batch grows like the geometric mean
+      of where it started and the noise scale (fewer steps at a modest cost in examples);
+    - ``"b_simple"``: the batch ``B_simple``, the paper's estimate of the critical batch (under their model
+      about twice the minimal steps and twice the minimal examples);
     - a function ``NoiseScaleStatistics -> float`` of your own (not from a YAML config), called on the
       global-zero rank only.
 
@@ -117,7 +119,7 @@ class AdaptiveBatchSizeLogic:
 
     def __init__(
         self,
-        target: Literal["b_simple", "sqrt"] | TargetFn = "b_simple",
+        target: Literal["b_simple", "sqrt"] | TargetFn = "sqrt",
         r: float | None = None,
         min_accumulation: int = 1,
         max_accumulation: int = 64,
