@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import sysconfig
 import warnings
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_gns import GradientNoiseScale
+from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.report import B_SIMPLE, Scalars, load_runs, loss_at
 
 VOCAB_SIZE = 256  # UTF-8 bytes
@@ -239,7 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--adaptive-accumulation",
         action="store_true",
-        help="let lightning_gns.AdaptiveBatchSize grow the accumulation with the measured noise scale",
+        help="let lightning_gns.AdaptiveBatchSize grow the accumulation (target sqrt(r * B_simple), r = the starting"
+        " batch; AdamW learning rate x sqrt(batch ratio)); logs gns/effective_batch_size, gns/accumulation,"
+        " gns/lr_factor",
     )
     parser.add_argument("--max-accumulation", type=int, default=16, help="upper bound for --adaptive-accumulation")
     parser.add_argument("--logdir", default="lightning_logs", help="TensorBoard log directory")
@@ -259,25 +260,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def adaptive_callbacks(args: argparse.Namespace) -> list[Callback]:
-    """``AdaptiveBatchSize`` when ``--adaptive-accumulation`` is given (exits if this version lacks it)."""
+    """``AdaptiveBatchSize`` when ``--adaptive-accumulation`` is given."""
     if not args.adaptive_accumulation:
         return []
-    try:
-        from lightning_gns import AdaptiveBatchSize  # type: ignore[attr-defined]
-    except ImportError:
-        print(
-            "--adaptive-accumulation needs lightning_gns.AdaptiveBatchSize, which this version of lightning-gns"
-            " does not provide yet. Run without the flag (the noise scale is still measured and logged).",
-            file=sys.stderr,
+    # AdamW: the square-root rule; the first change after a tenth of the run, at most every twentieth.
+    return [
+        AdaptiveBatchSize(
+            max_accumulation=args.max_accumulation,
+            warmup_steps=max(1, args.max_steps // 10),
+            min_steps_between_changes=max(1, args.max_steps // 20),
+            check_every_n_steps=max(1, min(10, args.max_steps // 60)),
+            lr_scaling="sqrt",
+            prog_bar=True,
         )
-        raise SystemExit(2) from None
-    return [AdaptiveBatchSize(max_accumulation=args.max_accumulation)]
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train, print the B_simple trajectory on the main process, and return the final numbers."""
     args = parse_args(argv)
-    extra_callbacks = adaptive_callbacks(args)  # before any work, so a missing feature fails fast
+    extra_callbacks = adaptive_callbacks(args)
     # The data set lives in memory; worker processes would only add start-up time.
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     if args.num_threads or args.devices > 1:
@@ -331,6 +333,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokens_per_step = args.batch_size * args.context * args.accumulate * args.devices
         print(f"\n{parameters:,} parameters, {len(train_set) * args.context:,} training tokens,", end=" ")
         print(f"{tokens_per_step} tokens per optimizer step, GNS mode {gns.mode!r}, skipped steps {gns.skipped_steps}")
+        for callback in extra_callbacks:
+            if isinstance(callback, AdaptiveBatchSize):
+                changes = ", ".join(f"{int(h['accumulation'])} from step {int(h['step'])}" for h in callback.history)
+                print(f"adaptive accumulation: {changes} (learning-rate factor now {callback.lr_factor:.3g})")
         # Read back what TensorBoard got, as `lightning-gns report` would.
         run = next(iter(load_runs(logger.log_dir).values()))
         print(format_trajectory(run, args.context))

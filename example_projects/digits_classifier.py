@@ -9,7 +9,8 @@ defaults (20 epochs, 220 optimizer steps) finish in well under a minute on two C
 Each optimizer step accumulates ``--accumulate`` micro-batches of ``--batch-size`` examples; the callback
 uses every micro-batch gradient as a small batch and the accumulated gradient as the big batch
 (``mode="microbatch"``). With ``--devices 2 --strategy ddp`` each rank's micro-batch is a small batch instead
-(``mode="ddp"``).
+(``mode="ddp"``). ``--adaptive-accumulation`` lets ``AdaptiveBatchSize`` grow the accumulation as the
+measured noise scale grows.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gns import GradientNoiseScale
+from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 
 NUM_CLASSES = 10
 VAL_FRACTION = 0.2
@@ -123,6 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GNS EMA decay per optimizer step (0.95 averages ~20 steps; the default run has 220 steps)",
     )
     parser.add_argument("--mode", choices=["auto", "ddp", "microbatch"], default="auto", help="GNS mode")
+    parser.add_argument(
+        "--adaptive-accumulation",
+        action="store_true",
+        help="let lightning_gns.AdaptiveBatchSize grow the accumulation from --accumulate (target sqrt(r * B_simple),"
+        " r = the starting batch; SGD learning rate x batch ratio); logs gns/effective_batch_size,"
+        " gns/accumulation, gns/lr_factor",
+    )
+    parser.add_argument("--max-accumulation", type=int, default=16, help="upper bound for --adaptive-accumulation")
     parser.add_argument("--logdir", type=str, default="lightning_logs", help="TensorBoard log directory")
     parser.add_argument("--name", type=str, default="digits", help="experiment name (a subfolder of --logdir)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, the model and the shuffling")
@@ -146,6 +155,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-progress-bar", action="store_true", help="disable the progress bar")
     return parser.parse_args(argv)
+
+
+def adaptive_callbacks(args: argparse.Namespace) -> list[AdaptiveBatchSize]:
+    """``AdaptiveBatchSize`` when ``--adaptive-accumulation`` is given."""
+    if not args.adaptive_accumulation:
+        return []
+    # The default run has 220 optimizer steps: first change after 20, then at most every 20.
+    return [
+        AdaptiveBatchSize(
+            max_accumulation=args.max_accumulation,
+            warmup_steps=20,
+            min_steps_between_changes=20,
+            check_every_n_steps=5,
+            lr_scaling="linear",
+            prog_bar=True,
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -181,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,
         log_every_n_steps=args.log_every_n_steps,
-        callbacks=[gns],
+        callbacks=[gns, *adaptive_callbacks(args)],
         logger=logger,
         enable_checkpointing=False,  # a demo; nothing to resume
         enable_progress_bar=not args.no_progress_bar,
@@ -202,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "skipped_steps": gns.skipped_steps,
         "mode": gns.mode,
         "optimizer_steps": trainer.global_step,
+        "accumulation": trainer.accumulate_grad_batches,
         "log_dir": logger.log_dir,
     }
     if trainer.is_global_zero:
@@ -217,6 +244,7 @@ def _metric(metrics: dict[str, Any], name: str) -> float:
 def _print_summary(results: dict[str, Any], logdir: str) -> None:
     print()
     print(f"optimizer steps:  {results['optimizer_steps']} (GNS mode {results['mode']!r})")
+    print(f"accumulation:     {results['accumulation']} micro-batches per optimizer step at the end")
     print(f"train loss / acc: {results['train_loss']:.4f} / {results['train_acc']:.4f}  (last epoch)")
     print(f"val loss / acc:   {results['val_loss']:.4f} / {results['val_acc']:.4f}")
     print(f"gns.b_simple:     {results['b_simple']:.1f} examples")

@@ -1,7 +1,7 @@
 """Measure the gradient noise scale (McCandlish et al. 2018) in PyTorch Lightning training.
 
-``GradientNoiseScale`` (the ``lightning.pytorch`` callback) is imported on first access, so that
-``lightning_gns.pytorch_lightning`` users never import the ``lightning`` namespace.
+``GradientNoiseScale`` and ``AdaptiveBatchSize`` (the ``lightning.pytorch`` callbacks) are imported on first
+access, so that ``lightning_gns.pytorch_lightning`` users never import the ``lightning`` namespace.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -10,11 +10,11 @@ from lightning_gns.metric import GradientNoiseScaleMetric
 from lightning_gns.tracker import GradientNoiseScaleTracker
 
 if TYPE_CHECKING:
-    from lightning_gns.callbacks import GradientNoiseScale
+    from lightning_gns.callbacks import AdaptiveBatchSize, GradientNoiseScale
 
 __version__ = "0.1.0"
 
-_LIGHTNING_CALLBACKS = {"GradientNoiseScale"}
+_LIGHTNING_CALLBACKS = {"AdaptiveBatchSize", "GradientNoiseScale"}
 
 
 def __getattr__(name: str) -> Any:
@@ -25,4 +25,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lightning_gns' has no attribute {name!r}")
 
 
-__all__ = ["GradientNoiseScale", "GradientNoiseScaleMetric", "GradientNoiseScaleTracker", "__version__"]
+__all__ = [
+    "AdaptiveBatchSize",
+    "GradientNoiseScale",
+    "GradientNoiseScaleMetric",
+    "GradientNoiseScaleTracker",
+    "__version__",
+]

@@ -6,10 +6,13 @@ Example::
     from lightning_gns.pytorch_lightning import GradientNoiseScale
 
     trainer = pl.Trainer(accumulate_grad_batches=4, callbacks=[GradientNoiseScale()])
+
+The adaptive batch works the same way: ``from lightning_gns.pytorch_lightning import AdaptiveBatchSize``.
 """
 
 from pytorch_lightning import Callback
 
+from lightning_gns.callbacks.adaptive_batch_size import AdaptiveBatchSizeLogic
 from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
 
 
@@ -19,4 +22,9 @@ class GradientNoiseScale(GradientNoiseScaleLogic, Callback):  # type: ignore[mis
     _lightning_namespace = "pytorch_lightning"
 
 
-__all__ = ["GradientNoiseScale"]
+class AdaptiveBatchSize(AdaptiveBatchSizeLogic, Callback):  # type: ignore[misc]
+    __doc__ = AdaptiveBatchSizeLogic.__doc__
+    _lightning_namespace = "pytorch_lightning"
+
+
+__all__ = ["AdaptiveBatchSize", "GradientNoiseScale"]

@@ -7,9 +7,9 @@ classes do) must not import the ``lightning`` namespace.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_gns.callbacks._lightning_pytorch import GradientNoiseScale
+    from lightning_gns.callbacks._lightning_pytorch import AdaptiveBatchSize, GradientNoiseScale
 
-__all__ = ["GradientNoiseScale"]
+__all__ = ["AdaptiveBatchSize", "GradientNoiseScale"]
 
 
 def __getattr__(name: str) -> Any:

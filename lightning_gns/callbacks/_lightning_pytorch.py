@@ -2,6 +2,7 @@
 
 from lightning.pytorch import Callback
 
+from lightning_gns.callbacks.adaptive_batch_size import AdaptiveBatchSizeLogic
 from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
 
 
@@ -10,4 +11,9 @@ class GradientNoiseScale(GradientNoiseScaleLogic, Callback):
     _lightning_namespace = "lightning.pytorch"
 
 
-__all__ = ["GradientNoiseScale"]
+class AdaptiveBatchSize(AdaptiveBatchSizeLogic, Callback):
+    __doc__ = AdaptiveBatchSizeLogic.__doc__
+    _lightning_namespace = "lightning.pytorch"
+
+
+__all__ = ["AdaptiveBatchSize", "GradientNoiseScale"]

@@ -1,0 +1,427 @@
+"""AdaptiveBatchSize: grow the effective batch with the measured noise scale through gradient accumulation.
+
+The hooks live in :class:`AdaptiveBatchSizeLogic`, which imports no Lightning namespace; the public
+``AdaptiveBatchSize`` classes add the ``Callback`` base of ``lightning.pytorch`` or ``pytorch_lightning``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import operator
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from lightning_gns.batch_schedule import (
+    LR_SCALINGS,
+    TARGETS,
+    LrScaling,
+    NoiseScaleStatistics,
+    TargetFn,
+    accumulation_for,
+    is_safe_boundary,
+    lr_factor,
+    sqrt_schedule,
+)
+from lightning_gns.batch_size import checked_batch_size
+from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule, Trainer
+
+
+class AdaptiveBatchSizeLogic:
+    r"""Grow ``accumulate_grad_batches`` so that the effective batch follows the measured gradient noise scale.
+
+    The noise scale grows as the loss falls, and with it the largest batch that still saves optimizer steps
+    (McCandlish et al. 2018). This callback reads the :class:`~lightning_gns.GradientNoiseScale` callback
+    (which must be in ``Trainer(callbacks=...)`` too) and changes the gradient accumulation so that the
+    effective batch, micro-batch x accumulation x ranks in the noise scale's units, follows a target:
+
+    - ``"sqrt"`` (default): ``sqrt(r * B_simple)``, the schedule of the paper's Appendix D (eq. D.3); ``r``
+      defaults to the effective batch at the start of training, so the batch grows like the geometric mean
+      of where it started and the noise scale (fewer steps at a modest cost in examples);
+    - ``"b_simple"``: the batch ``B_simple``, the paper's estimate of the critical batch (under their model
+      about twice the minimal steps and twice the minimal examples);
+    - a function ``NoiseScaleStatistics -> float`` of your own (not from a YAML config), called on the
+      global-zero rank only.
+
+    A change needs the target outside ``[B / (1 + tolerance), B * (1 + tolerance)]`` around the current
+    effective batch ``B``, ``warmup_steps`` optimizer steps of training, and ``min_steps_between_changes``
+    steps since the last change; it is looked at every ``check_every_n_steps`` steps (the only steps on
+    which the statistics are read to the host). The new accumulation is clamped to
+    ``[min_accumulation, max_accumulation]`` and, with ``monotonic=True``, never shrinks.
+
+    A decided change waits for a safe boundary: Lightning counts accumulation windows from the start of
+    the epoch, so a new accumulation ``k`` starts only after an optimizer step that closed a multiple of
+    ``k`` micro-batches of the epoch, or at the start of the next epoch. Every micro-batch gradient is
+    applied exactly once and the logger's step counts optimizer steps. Under DDP the global-zero rank
+    decides and broadcasts the decision on decision steps only, so all ranks switch at the same batch.
+    As with any accumulation, an epoch's last window may hold fewer micro-batches than ``k``; Lightning
+    still divides that window's loss by ``k``.
+
+    On each change the learning rate is multiplied, relative to the starting effective batch (for which
+    the configured learning rate is taken to be right), by ``lr_scaling``:
+
+    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (Adam-type optimizers);
+    - ``"adascale"``: ``(s^2 + |G|^2) / (s^2 / S + |G|^2)`` with ``s^2`` the starting batch's gradient
+      variance, measured at the change (between 1 and ``S``);
+
+    with ``S`` the new effective batch over the starting one. The factor multiplies each parameter group's
+    ``lr`` only while ``optimizer.step()`` runs, so learning-rate schedulers, ``ReduceLROnPlateau`` and
+    ``LearningRateMonitor`` keep seeing (and setting) the unscaled learning rate, and the schedule works
+    on top of the factor. Schedulers sized from ``trainer.estimated_stepping_batches`` do not know that
+    later steps hold more examples. A small learning rate inflates the measured noise scale (it scales like
+    ``B / lr`` under SGD), so growing the batch without ``lr_scaling`` tends to grow it further.
+
+    The accumulation, the learning-rate factor and the change history are saved in checkpoints and applied
+    again when training resumes.
+
+    Logged (on logging steps, through ``LightningModule.log``), for the optimizer step just taken:
+
+    - ``gns/effective_batch_size``: micro-batch x accumulation x ranks, in the noise scale's units;
+    - ``gns/accumulation``: ``accumulate_grad_batches``;
+    - ``gns/lr_factor``: the factor applied to the learning rate.
+
+    Args:
+        target: ``"b_simple"``, ``"sqrt"`` or a function of :class:`~lightning_gns.batch_schedule.NoiseScaleStatistics`
+            returning the wanted effective batch (in the noise scale's units).
+        r: ``target="sqrt"`` only: the ``r`` of ``sqrt(r * B_simple)``, in batch units. Default: the starting
+            effective batch.
+        min_accumulation: smallest accumulation to use (the start is clamped into the bounds).
+        max_accumulation: largest accumulation to use.
+        warmup_steps: optimizer steps before the first change.
+        min_steps_between_changes: optimizer steps from one change taking effect to the next decision (the first
+            change waits for ``warmup_steps`` only).
+        tolerance: relative band around the current effective batch inside which the target changes nothing.
+        monotonic: only grow the batch.
+        lr_scaling: ``"none"``, ``"linear"``, ``"sqrt"`` or ``"adascale"``.
+        check_every_n_steps: look at the target every n optimizer steps.
+        prog_bar: show ``gns/accumulation`` in the progress bar.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
+
+        trainer = Trainer(
+            accumulate_grad_batches=1,
+            callbacks=[GradientNoiseScale(), AdaptiveBatchSize(max_accumulation=32, lr_scaling="linear")],
+        )
+        trainer.fit(model)
+    """
+
+    # Set by the public subclasses: the Lightning namespace whose classes the checks below use.
+    _lightning_namespace = "lightning.pytorch"
+
+    def __init__(
+        self,
+        target: Literal["b_simple", "sqrt"] | TargetFn = "sqrt",
+        r: float | None = None,
+        min_accumulation: int = 1,
+        max_accumulation: int = 64,
+        warmup_steps: int = 100,
+        min_steps_between_changes: int = 50,
+        tolerance: float = 0.25,
+        monotonic: bool = True,
+        lr_scaling: LrScaling = "none",
+        check_every_n_steps: int = 10,
+        prog_bar: bool = False,
+    ) -> None:
+        if not callable(target) and target not in TARGETS:
+            raise ValueError(
+                f"Unknown target {target!r}. Choose 'b_simple', 'sqrt', or pass a function"
+                " NoiseScaleStatistics -> wanted effective batch size."
+            )
+        if r is not None:
+            if target != "sqrt":
+                raise ValueError(
+                    f"r is the r of target='sqrt' (sqrt(r * B_simple)); got r={r!r} with target={target!r}."
+                )
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
+                raise ValueError(f"r must be a positive finite number (a batch size), got {r!r}.")
+        self.min_accumulation = _positive_int("min_accumulation", min_accumulation, minimum=1)
+        self.max_accumulation = _positive_int("max_accumulation", max_accumulation, minimum=1)
+        if self.max_accumulation < self.min_accumulation:
+            raise ValueError(
+                f"max_accumulation ({max_accumulation}) must be at least min_accumulation ({min_accumulation})."
+            )
+        self.warmup_steps = _positive_int("warmup_steps", warmup_steps, minimum=0)
+        self.min_steps_between_changes = _positive_int("min_steps_between_changes", min_steps_between_changes, 1)
+        self.check_every_n_steps = _positive_int("check_every_n_steps", check_every_n_steps, minimum=1)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0 <= tolerance < math.inf):
+            raise ValueError(f"tolerance must be a finite number >= 0 (0.25: a 25% band), got {tolerance!r}.")
+        if lr_scaling not in LR_SCALINGS:
+            raise ValueError(
+                f"Unknown lr_scaling {lr_scaling!r}. Choose one of {', '.join(repr(s) for s in LR_SCALINGS)}."
+            )
+        self.target = target
+        self.r = None if r is None else float(r)
+        self.tolerance = float(tolerance)
+        self.monotonic = bool(monotonic)
+        self.lr_scaling: LrScaling = lr_scaling
+        self.prog_bar = prog_bar
+
+        # Training state, saved in checkpoints.
+        self.accumulation: int | None = None
+        self.reference_accumulation: int | None = None
+        self.lr_factor = 1.0
+        self.pending: tuple[int, float] | None = None
+        self.last_change_step: int | None = None
+        self.micro_batch_size: int | None = None
+        self.history: list[dict[str, float]] = []
+
+        self._restored = False
+        self._gns: GradientNoiseScaleLogic | None = None
+        self._handles: list[RemovableHandle] = []
+        self._unscaled_lrs: dict[int, list[Any]] = {}
+
+    # ------------------------------------------------------------------ readouts
+    @property
+    def gns(self) -> GradientNoiseScaleLogic:
+        """The ``GradientNoiseScale`` callback this one reads (found at setup)."""
+        if self._gns is None:
+            raise RuntimeError("AdaptiveBatchSize finds its GradientNoiseScale callback in Trainer.fit(); none yet.")
+        return self._gns
+
+    def effective_batch_size(self, world_size: int = 1) -> float:
+        """Micro-batch x accumulation x ``world_size`` in the noise scale's units (NaN before the first step)."""
+        if self.micro_batch_size is None or self.accumulation is None:
+            return math.nan
+        return float(self.micro_batch_size * self.accumulation * world_size)
+
+    # ------------------------------------------------------------------ setup
+    def _lightning(self, submodule: str) -> ModuleType:
+        return importlib.import_module(f"{self._lightning_namespace}.{submodule}")
+
+    def _misconfiguration(self, message: str) -> Exception:
+        return self._lightning("utilities.exceptions").MisconfigurationException(message)  # type: ignore[no-any-return]
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise self._misconfiguration(
+                "AdaptiveBatchSize changes Trainer.accumulate_grad_batches, which exists in automatic optimization"
+                " only (LightningModule.automatic_optimization = True). In a manual-optimization loop, accumulate"
+                " yourself and read lightning_gns.GradientNoiseScaleTracker's b_simple to size the batch."
+            )
+        scheduler = self._lightning("callbacks").GradientAccumulationScheduler
+        if any(isinstance(callback, scheduler) for callback in trainer.callbacks):  # type: ignore[attr-defined]
+            raise self._misconfiguration(
+                "AdaptiveBatchSize and GradientAccumulationScheduler both set accumulate_grad_batches. Remove the"
+                " GradientAccumulationScheduler from Trainer(callbacks=...) (bound the accumulation with"
+                " AdaptiveBatchSize(min_accumulation=..., max_accumulation=...) instead)."
+            )
+        if trainer.strategy.handles_gradient_accumulation:
+            raise self._misconfiguration(
+                f"{type(trainer.strategy).__name__} accumulates gradients itself and ignores"
+                " Trainer.accumulate_grad_batches, so AdaptiveBatchSize cannot change it. Use one device or"
+                " strategy='ddp'."
+            )
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None) or {}
+        if self.max_accumulation > 1 and ddp_kwargs.get("static_graph", False):
+            raise self._misconfiguration(
+                "DDP static_graph=True with accumulate_grad_batches > 1 crashes inside torch itself"
+                " (pytorch/pytorch#143580), and AdaptiveBatchSize may raise the accumulation up to"
+                f" max_accumulation={self.max_accumulation}. Use DDPStrategy(static_graph=False)."
+            )
+        found = [cb for cb in trainer.callbacks if isinstance(cb, GradientNoiseScaleLogic)]  # type: ignore[attr-defined]
+        if not found:
+            raise self._misconfiguration(
+                "AdaptiveBatchSize reads the noise scale from a GradientNoiseScale callback, and Trainer(callbacks=...)"
+                " has none. Add one: Trainer(callbacks=[GradientNoiseScale(), AdaptiveBatchSize(...)]) with"
+                " `from lightning_gns import AdaptiveBatchSize, GradientNoiseScale`."
+            )
+        self._gns = found[0]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Applied here rather than in load_state_dict: depending on the strategy, the checkpoint's callback
+        # state arrives before or after on_fit_start, but always before the first training batch.
+        if not self._restored or self.accumulation is None:
+            start = trainer.accumulate_grad_batches
+            self.accumulation = min(max(start, self.min_accumulation), self.max_accumulation)
+            self.reference_accumulation = self.accumulation
+            self.lr_factor = 1.0
+            self.pending = None
+            self.last_change_step = None
+            self.history = [{"step": trainer.global_step, "accumulation": self.accumulation, "lr_factor": 1.0}]
+        trainer.accumulate_grad_batches = self.accumulation
+        self._remove_hooks()
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._scale_lr))
+            self._handles.append(optimizer.register_step_post_hook(self._unscale_lr))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ learning rate
+    def _scale_lr(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if self.lr_factor == 1.0:
+            return
+        groups = optimizer.param_groups
+        self._unscaled_lrs[id(optimizer)] = [group["lr"] for group in groups]
+        for group in groups:
+            group["lr"] = group["lr"] * self.lr_factor
+
+    def _unscale_lr(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        # Put back the very objects that were there, so schedulers continue from their own value.
+        unscaled = self._unscaled_lrs.pop(id(optimizer), None)
+        if unscaled is not None:
+            for group, lr in zip(optimizer.param_groups, unscaled, strict=True):
+                group["lr"] = lr
+
+    # ------------------------------------------------------------------ per step
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        fit_loop = trainer.fit_loop
+        if fit_loop._should_accumulate():
+            return  # no optimizer step on this micro-batch: nothing to log, decide or switch
+        assert self.accumulation is not None
+        step = trainer.global_step
+        logging = (trainer.loggers or self.prog_bar) and trainer._logger_connector.should_update_logs
+        deciding = (
+            self.pending is None
+            and step >= self.warmup_steps
+            and (self.last_change_step is None or step - self.last_change_step >= self.min_steps_between_changes)
+            and step % self.check_every_n_steps == 0
+        )
+        if logging or deciding or self.micro_batch_size is None:
+            units = checked_batch_size(self.gns.batch_size_fn, batch)
+            self.micro_batch_size = max(units, self.micro_batch_size or 0)
+        if logging:
+            self._log(pl_module, trainer.world_size)
+        if deciding:
+            self.pending = self._decide(trainer, step)
+        if self.pending is not None:
+            epoch_ended = fit_loop.epoch_loop._num_ready_batches_reached()
+            if is_safe_boundary(batch_idx + 1, self.pending[0], epoch_ended):
+                self._switch(trainer, step)
+
+    def _decide(self, trainer: Trainer, step: int) -> tuple[int, float] | None:
+        decision: Any = None
+        if trainer.is_global_zero:
+            try:
+                decision = self._decision(trainer, step)
+            except Exception as error:  # every rank must leave the broadcast, then all of them raise
+                decision = ("error", f"{type(error).__name__}: {error}")
+        decision = trainer.strategy.broadcast(decision, src=0)
+        if decision is not None and decision[0] == "error":
+            raise RuntimeError(f"AdaptiveBatchSize could not decide on the global-zero rank: {decision[1]}")
+        return None if decision is None else (int(decision[0]), float(decision[1]))
+
+    def _decision(self, trainer: Trainer, step: int) -> tuple[int, float] | None:
+        assert self.accumulation is not None and self.reference_accumulation is not None
+        assert self.micro_batch_size is not None
+        metric = self.gns.metric
+        world_size = trainer.world_size
+        units_per_accumulation = float(self.micro_batch_size * world_size)
+        stats = NoiseScaleStatistics(
+            b_simple=float(metric.b_simple),
+            grad_sq_norm=float(metric.grad_sq_norm),
+            trace_cov=float(metric.trace_cov),
+            effective_batch_size=self.accumulation * units_per_accumulation,
+            accumulation=self.accumulation,
+            micro_batch_size=self.micro_batch_size,
+            world_size=world_size,
+            step=step,
+        )
+        target = float(self._target(stats, self.reference_accumulation * units_per_accumulation))
+        new = accumulation_for(
+            target,
+            self.accumulation,
+            units_per_accumulation,
+            self.min_accumulation,
+            self.max_accumulation,
+            self.tolerance,
+            self.monotonic,
+        )
+        if new == self.accumulation:
+            return None
+        factor = lr_factor(
+            self.lr_scaling,
+            new / self.reference_accumulation,
+            trace_cov=stats.trace_cov,
+            grad_sq_norm=stats.grad_sq_norm,
+            reference_batch=self.reference_accumulation * units_per_accumulation,
+        )
+        return new, factor
+
+    def _target(self, stats: NoiseScaleStatistics, reference_batch: float) -> float:
+        if callable(self.target):
+            return self.target(stats)
+        if math.isnan(stats.b_simple):
+            return math.nan
+        if self.target == "b_simple":
+            return stats.b_simple
+        return sqrt_schedule(stats.b_simple, self.r if self.r is not None else reference_batch)
+
+    def _switch(self, trainer: Trainer, step: int) -> None:
+        assert self.pending is not None
+        self.accumulation, self.lr_factor = self.pending
+        self.pending = None
+        self.last_change_step = step
+        trainer.accumulate_grad_batches = self.accumulation
+        self.history.append({"step": step, "accumulation": self.accumulation, "lr_factor": self.lr_factor})
+
+    def _log(self, pl_module: LightningModule, world_size: int) -> None:
+        values = {
+            "gns/effective_batch_size": self.effective_batch_size(world_size),
+            "gns/accumulation": float(self.accumulation or 0),
+            "gns/lr_factor": self.lr_factor,
+        }
+        for name, value in values.items():
+            pl_module.log(
+                name,
+                value,
+                on_step=True,
+                on_epoch=False,
+                prog_bar=self.prog_bar and name == "gns/accumulation",
+                batch_size=1,
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "accumulation": self.accumulation,
+            "reference_accumulation": self.reference_accumulation,
+            "lr_factor": self.lr_factor,
+            "pending": self.pending,
+            "last_change_step": self.last_change_step,
+            "micro_batch_size": self.micro_batch_size,
+            "history": [dict(entry) for entry in self.history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.accumulation = state_dict["accumulation"]
+        self.reference_accumulation = state_dict["reference_accumulation"]
+        self.lr_factor = float(state_dict["lr_factor"])
+        pending = state_dict.get("pending")
+        self.pending = None if pending is None else (int(pending[0]), float(pending[1]))
+        last = state_dict.get("last_change_step")
+        self.last_change_step = None if last is None else int(last)
+        self.micro_batch_size = state_dict.get("micro_batch_size")
+        self.history = [dict(entry) for entry in state_dict.get("history", [])]
+        self._restored = True
+
+
+def _positive_int(name: str, value: Any, minimum: int) -> int:
+    try:
+        number = -1 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = -1
+    if number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return number

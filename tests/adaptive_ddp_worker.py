@@ -1,0 +1,79 @@
+"""Runs one 2-process DDP fit on CPU (gloo) with AdaptiveBatchSize; launched by tests/test_adaptive.py.
+
+Lightning's DDP launcher re-executes this script for the other rank, so it must be a script, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
+from lightning_gns.batch_schedule import NoiseScaleStatistics
+from tests.adaptive_support import RecordingRegression, scheduled_target
+from tests.models import LinearProblem, loader
+
+# 104 examples: 52 per rank, 13 micro-batches of 4 per rank per epoch.
+WANTED = {2: 3, 5: 2, 8: 4}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    problem = LinearProblem(dim=5, seed=3)
+    x, y = problem.sample(104, seed=4)
+    calls = 0
+    wanted = scheduled_target(WANTED)
+
+    def target(stats: NoiseScaleStatistics) -> float:
+        nonlocal calls
+        calls += 1
+        return wanted(stats)
+
+    adaptive = AdaptiveBatchSize(
+        target=target,
+        warmup_steps=2,
+        min_steps_between_changes=1,
+        check_every_n_steps=1,
+        tolerance=0.0,
+        monotonic=False,
+        lr_scaling="linear",
+        max_accumulation=8,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        callbacks=[GradientNoiseScale(beta=0.9), adaptive],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = RecordingRegression(5, 0.05, problem.w)
+    trainer.fit(model, loader(x, y, 4))
+    result = {
+        "history": adaptive.history,
+        "steps": model.steps,
+        "target_calls": calls,
+        "global_step": trainer.global_step,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(result, args.out / f"rank{trainer.global_rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

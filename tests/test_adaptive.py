@@ -1,0 +1,431 @@
+"""AdaptiveBatchSize: every step's update, safe switching, learning-rate rules, resume, DDP, errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
+from lightning_gns.batch_schedule import (
+    NoiseScaleStatistics,
+    accumulation_for,
+    adascale_gain,
+    is_safe_boundary,
+    lr_factor,
+    sqrt_schedule,
+)
+from tests.adaptive_support import RecordingRegression, scheduled_target, window_mean_grad
+from tests.models import LinearProblem, LinearRegression, loader
+from tests.test_errors import ManualRegression, restore_process_state  # noqa: F401  (fixture)
+
+MICRO = 4
+MICRO_BATCHES = 25  # per epoch
+DIM = 5
+LR = 0.05
+PROBLEM = LinearProblem(dim=DIM, seed=3)
+X, Y = PROBLEM.sample(MICRO * MICRO_BATCHES, seed=4)
+# Accumulation wanted from each step on. Traced by hand for 25 micro-batches per epoch: 1 -> 3 waits one
+# step (2 micro-batches done, not a multiple of 3), 3 -> 2 waits one, 2 -> 5 waits two, 5 -> 4 switches at
+# the end of epoch 0, 4 -> 1, 1 -> 3 waits one, and epoch 1 ends with a one-micro-batch window of k = 3.
+WANTED = {2: 3, 5: 2, 8: 5, 11: 4, 14: 1, 16: 3}
+EXPECTED_HISTORY = [(0, 1), (3, 3), (6, 2), (10, 5), (11, 4), (14, 1), (17, 3)]
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((int(step or 0), dict(metrics)))
+
+
+def adaptive(target: Any = None, **kwargs: Any) -> AdaptiveBatchSize:
+    settings: dict[str, Any] = {
+        "target": scheduled_target(WANTED) if target is None else target,
+        "warmup_steps": 2,
+        "min_steps_between_changes": 1,
+        "check_every_n_steps": 1,
+        "tolerance": 0.0,
+        "monotonic": False,
+        "lr_scaling": "linear",
+        "max_accumulation": 8,
+    }
+    return AdaptiveBatchSize(**{**settings, **kwargs})
+
+
+def fit(
+    callback: AdaptiveBatchSize,
+    model: LightningModule | None = None,
+    *,
+    with_gns: bool = True,
+    extra_callbacks: tuple[Callback, ...] = (),
+    ckpt_path: str | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[Trainer, LightningModule]:
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "max_epochs": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    gns = [GradientNoiseScale(beta=0.9)] if with_gns else []
+    trainer = Trainer(callbacks=[*gns, callback, *extra_callbacks], **{**settings, **trainer_kwargs})
+    model = model if model is not None else RecordingRegression(DIM, LR, PROBLEM.w)
+    trainer.fit(model, loader(X, Y, MICRO), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def micro_batch(j: int) -> tuple[Tensor, Tensor]:
+    return X[j * MICRO : (j + 1) * MICRO], Y[j * MICRO : (j + 1) * MICRO]
+
+
+def check_windows(steps: list[dict[str, Any]], scheduler_lr: Callable[[int], float], first_step: int = 0) -> None:
+    """Each update is -lr x factor x (1/k) x the summed micro-batch gradients of exactly its window.
+
+    The windows are rebuilt from the data order (no shuffling) and the accumulation of each step: they
+    tile every epoch in order, each micro-batch once; the recorded ``training_step`` inputs must agree.
+    """
+    start: dict[int, int] = {}
+    for i, step in enumerate(steps):
+        k = step["accumulation"]
+        begin = start.get(step["epoch"], 0)
+        end = min(begin + k, MICRO_BATCHES)
+        assert step["batch_idx"] == end - 1, (i, step["batch_idx"], begin, k)
+        start[step["epoch"]] = end
+        window = [micro_batch(j) for j in range(begin, end)]
+        assert len(step["window"]) == len(window)
+        for (x, y), (x_ref, y_ref) in zip(step["window"], window, strict=True):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+        lr = scheduler_lr(first_step + i)
+        assert step["scheduler_lr"] == pytest.approx(lr, rel=1e-12)
+        assert step["lr_after"] == step["scheduler_lr"]  # the factor lives only inside optimizer.step()
+        factor = float(k)  # "linear", starting accumulation 1
+        expected = step["before"].double() - lr * factor / k * window_mean_grad(step["before"], window)
+        torch.testing.assert_close(step["after"].double(), expected, rtol=1e-5, atol=1e-6)
+    assert all(end == MICRO_BATCHES for end in start.values())
+
+
+# ---------------------------------------------------------------- every step's update
+
+
+@pytest.mark.parametrize(
+    ("make_scheduler", "scheduler_lr"),
+    [
+        (None, lambda i: LR),
+        (lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5), lambda i: LR * 0.5 ** (i // 4)),
+        (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + 0.2 * s)), lambda i: LR / (1 + 0.2 * i)),
+    ],
+    ids=["constant", "StepLR", "LambdaLR"],
+)
+def test_every_update_is_its_window_mean(make_scheduler: Any, scheduler_lr: Callable[[int], float]) -> None:
+    callback = adaptive()
+    logger = MemoryLogger()
+    model = RecordingRegression(DIM, LR, PROBLEM.w, scheduler=make_scheduler)
+    trainer, _ = fit(callback, model, logger=logger, log_every_n_steps=1)
+    assert [(int(h["step"]), int(h["accumulation"])) for h in callback.history] == EXPECTED_HISTORY
+    assert [h["lr_factor"] for h in callback.history] == [float(k) for _, k in EXPECTED_HISTORY]
+    steps = model.steps  # type: ignore[attr-defined]
+    assert len(steps) == trainer.global_step == 21
+    # The last window of epoch 1 holds one micro-batch although k = 3.
+    assert steps[-1]["accumulation"] == 3 and len(steps[-1]["window"]) == 1
+    check_windows(steps, scheduler_lr)
+
+    # One logged row per optimizer step, with the step's own accumulation, factor and effective batch.
+    rows = [(step, m) for step, m in logger.logged if "gns/accumulation" in m]
+    assert [step for step, _ in rows] == list(range(21))
+    for (_, metrics), step in zip(rows, steps, strict=True):
+        k = step["accumulation"]
+        assert metrics["gns/accumulation"] == k
+        assert metrics["gns/lr_factor"] == pytest.approx(k)
+        assert metrics["gns/effective_batch_size"] == MICRO * k
+
+
+def test_adascale_factor_on_the_optimizer_step() -> None:
+    callback = adaptive(lr_scaling="adascale", target=scheduled_target({2: 4}))
+    _, model = fit(callback, max_epochs=1)
+    gain = callback.lr_factor
+    assert callback.accumulation == 4 and 1 < gain <= 4
+    last = model.steps[-2]  # type: ignore[attr-defined]
+    window = [micro_batch(j) for j in range(20, 24)]
+    expected = last["before"].double() - LR * gain / 4 * window_mean_grad(last["before"], window)
+    torch.testing.assert_close(last["after"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- targets from the measured noise scale
+
+
+def test_b_simple_target_respects_bounds_and_grows_only() -> None:
+    # lr = 0 keeps the model where B_simple has its closed form, 5 + 1 + 5 s^2/|d|^2 = 11 examples.
+    problem = LinearProblem(dim=DIM, seed=3)
+    callback = AdaptiveBatchSize(
+        target="b_simple", warmup_steps=2, min_steps_between_changes=2, check_every_n_steps=1, max_accumulation=2
+    )
+    fit(callback, LinearRegression(problem, lr=0.0), max_epochs=1)
+    accumulations = [int(h["accumulation"]) for h in callback.history]
+    assert accumulations == [1, 2]  # wanted round(11 / 4) = 3, clamped to max_accumulation
+    assert callback.lr_factor == 1.0  # lr_scaling="none" by default
+
+
+def test_sqrt_target_with_r() -> None:
+    callback = AdaptiveBatchSize(target="sqrt", r=4.0, warmup_steps=2, check_every_n_steps=1, min_accumulation=1)
+    fit(callback, LinearRegression(PROBLEM, lr=0.0), max_epochs=1)
+    # sqrt(4 * 11) = 6.6 examples, 1.66x the 4 of one micro-batch: round(6.6 / 4) = 2 micro-batches (3 if the
+    # noisy estimate of B_simple passes 30).
+    assert callback.accumulation in (2, 3)
+    assert callback.effective_batch_size() == 4 * callback.accumulation
+
+
+def test_start_is_clamped_into_the_bounds() -> None:
+    callback = AdaptiveBatchSize(min_accumulation=3, max_accumulation=4, warmup_steps=1000)
+    trainer, _ = fit(callback, LinearRegression(PROBLEM), max_epochs=1)
+    assert trainer.accumulate_grad_batches == 3 and callback.reference_accumulation == 3
+
+
+def test_monotonic_ignores_a_smaller_target() -> None:
+    callback = adaptive(target=scheduled_target({2: 3, 6: 1}), monotonic=True)
+    fit(callback, max_epochs=1)
+    assert [int(h["accumulation"]) for h in callback.history] == [1, 3]
+
+
+def test_statistics_reach_the_target_function() -> None:
+    seen: list[NoiseScaleStatistics] = []
+
+    def target(stats: NoiseScaleStatistics) -> float:
+        seen.append(stats)
+        return stats.effective_batch_size
+
+    fit(adaptive(target=target, check_every_n_steps=5, warmup_steps=5), max_epochs=1)
+    assert [s.step for s in seen] == [5, 10, 15, 20, 25]
+    assert all(s.micro_batch_size == MICRO and s.world_size == 1 and s.accumulation == 1 for s in seen)
+    assert not any(math.isnan(s.b_simple) for s in seen)
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_lr_rules() -> None:
+    assert lr_factor("none", 8.0) == 1.0
+    assert lr_factor("linear", 8.0) == 8.0
+    assert lr_factor("sqrt", 8.0) == pytest.approx(math.sqrt(8))
+    # AdaScale: s^2 = tr(Sigma) / B_ref = 2, |G|^2 = 1, S = 4: (2 + 1) / (0.5 + 1) = 2.
+    assert lr_factor("adascale", 4.0, trace_cov=64.0, grad_sq_norm=1.0, reference_batch=32.0) == pytest.approx(2.0)
+    # The same gain as the ratio of McCandlish's optimal learning rates (1 + B/B_ref) / (1 + B/B_new).
+    b_simple, ref, new = 64.0, 32.0, 128.0
+    assert adascale_gain(b_simple, 1.0, new / ref, ref) == pytest.approx((1 + b_simple / ref) / (1 + b_simple / new))
+    assert adascale_gain(0.0, 1.0, 4.0) == 1.0  # no noise: bigger batches do not help
+    assert adascale_gain(5.0, -1.0, 4.0) == 4.0  # only noise: linear
+    assert adascale_gain(1e9, 1e-9, 4.0) == pytest.approx(4.0)
+    assert adascale_gain(math.nan, 1.0, 4.0) == 1.0
+    assert 1 < adascale_gain(3.0, 1.0, 4.0) < 4
+    assert adascale_gain(3.0, 1.0, 0.5) == pytest.approx((3 + 1) / (6 + 1))  # shrinking: between S and 1
+    with pytest.raises(ValueError, match="positive finite batch ratio"):
+        adascale_gain(1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="Unknown lr_scaling 'cubic'"):
+        lr_factor("cubic", 2.0)  # type: ignore[arg-type]
+
+
+def test_accumulation_for_bounds_band_and_monotonic() -> None:
+    def choose(target: float, k: int = 2, *, tol: float = 0.25, mono: bool = True, lo: int = 1, hi: int = 8) -> int:
+        return accumulation_for(target, k, 10.0, lo, hi, tol, mono)
+
+    assert choose(24.0) == 2 and choose(16.5) == 2  # inside [20 / 1.25, 20 * 1.25]
+    assert choose(26.0) == 3  # just outside
+    assert choose(1000.0) == 8 and choose(1000.0, hi=5) == 5  # upper bound
+    assert choose(5.0) == 2  # monotonic: no shrinking
+    assert choose(5.0, mono=False) == 1 and choose(5.0, mono=False, lo=2) == 2 and choose(0.1, k=4, mono=False) == 1
+    assert choose(float("nan")) == 2 and choose(float("inf")) == 2 and choose(-3.0) == 2
+    assert choose(30.0, k=4, tol=0.0) == 4  # band 0 but monotonic keeps 4 (target 3)
+    assert choose(30.0, k=4, tol=0.0, mono=False) == 3
+    assert sqrt_schedule(100.0, 4.0) == 20.0
+
+
+def test_safe_boundary() -> None:
+    assert is_safe_boundary(6, 3, epoch_ended=False) and is_safe_boundary(6, 2, epoch_ended=False)
+    assert not is_safe_boundary(6, 4, epoch_ended=False)
+    assert is_safe_boundary(7, 4, epoch_ended=True)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_resume_at_epoch_end_continues_exactly(tmp_path: Path) -> None:
+    full = adaptive()
+    _, full_model = fit(full)
+    first = adaptive()
+    trainer, _ = fit(first, max_epochs=1)
+    ckpt = tmp_path / "epoch0.ckpt"
+    trainer.save_checkpoint(ckpt)
+    assert (first.accumulation, first.lr_factor) == (4, 4.0)
+
+    resumed = adaptive()
+    observed: dict[str, Any] = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+            observed.setdefault("k", trainer.accumulate_grad_batches)
+
+    trainer, model = fit(resumed, extra_callbacks=(Probe(),), ckpt_path=str(ckpt))
+    assert observed["k"] == 4
+    assert resumed.history == full.history
+    full_steps = full_model.steps[-len(model.steps) :]  # type: ignore[attr-defined]
+    for step, reference in zip(model.steps, full_steps, strict=True):  # type: ignore[attr-defined]
+        assert step["accumulation"] == reference["accumulation"]
+        assert torch.equal(step["after"], reference["after"])
+
+
+def test_resume_mid_epoch_with_a_pending_change(tmp_path: Path) -> None:
+    # ModelCheckpoint runs after the other callbacks' on_train_batch_end: step 9 is saved with k = 2 in use
+    # and 5 pending (18 micro-batches done, 20 is the next multiple of both).
+    full = adaptive()
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=9, save_top_k=-1, save_last=False)
+    _, full_model = fit(full, extra_callbacks=(every,), enable_checkpointing=True)
+    ckpt = tmp_path / "epoch=0-step=9.ckpt"
+    state = torch.load(ckpt, weights_only=False)["callbacks"]["AdaptiveBatchSize"]
+    assert (state["accumulation"], state["pending"], state["lr_factor"]) == (2, (5, 5.0), 2.0)
+
+    resumed = adaptive()
+    trainer, model = fit(resumed, ckpt_path=str(ckpt))
+    assert resumed.history == full.history
+    # The same windows as the uninterrupted run: k = 2 once more, then 5 from micro-batch 20 on. (The plain
+    # DataLoader is not resumable, so Lightning serves its first batches again: the data differ, not the windows.)
+    windows = [(s["epoch"], s["batch_idx"], s["accumulation"]) for s in model.steps]  # type: ignore[attr-defined]
+    full_windows = [(s["epoch"], s["batch_idx"], s["accumulation"]) for s in full_model.steps]  # type: ignore[attr-defined]
+    assert windows == full_windows[9:]
+    assert windows[:3] == [(0, 19, 2), (0, 24, 5), (1, 3, 4)]
+    assert resumed.lr_factor == 3.0 and trainer.global_step == 21
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": "critical"}, r"Unknown target 'critical'\. Choose 'b_simple', 'sqrt', or pass a function"),
+        ({"target": "b_simple", "r": 4.0}, r"r is the r of target='sqrt'"),
+        ({"target": "sqrt", "r": 0.0}, r"r must be a positive finite number"),
+        ({"target": "sqrt", "r": "big"}, r"r must be a positive finite number"),
+        ({"min_accumulation": 0}, r"min_accumulation must be an int >= 1, got 0"),
+        ({"max_accumulation": 2.5}, r"max_accumulation must be an int >= 1, got 2\.5"),
+        ({"min_accumulation": 4, "max_accumulation": 2}, r"max_accumulation \(2\) must be at least min_accumulation"),
+        ({"warmup_steps": -1}, r"warmup_steps must be an int >= 0"),
+        ({"min_steps_between_changes": 0}, r"min_steps_between_changes must be an int >= 1"),
+        ({"check_every_n_steps": True}, r"check_every_n_steps must be an int >= 1"),
+        ({"tolerance": -0.1}, r"tolerance must be a finite number >= 0"),
+        ({"tolerance": math.inf}, r"tolerance must be a finite number >= 0"),
+        ({"lr_scaling": "cubic"}, r"Unknown lr_scaling 'cubic'\. Choose one of 'none', 'linear', 'sqrt', 'adascale'"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AdaptiveBatchSize(**kwargs)
+
+
+def test_without_gradient_noise_scale() -> None:
+    with pytest.raises(MisconfigurationException, match=r"has none\. Add one: Trainer\(callbacks=\[GradientNoiseScale"):
+        fit(AdaptiveBatchSize(), with_gns=False)
+
+
+def test_manual_optimization() -> None:
+    with pytest.raises(MisconfigurationException, match=r"changes Trainer\.accumulate_grad_batches, which exists in"):
+        fit(AdaptiveBatchSize(), ManualRegression(), with_gns=False)
+
+
+def test_with_gradient_accumulation_scheduler() -> None:
+    with pytest.raises(MisconfigurationException, match=r"Remove the GradientAccumulationScheduler"):
+        fit(AdaptiveBatchSize(), extra_callbacks=(GradientAccumulationScheduler({0: 1}),))
+
+
+@pytest.mark.usefixtures("restore_process_state")
+def test_ddp_static_graph() -> None:
+    with pytest.raises(MisconfigurationException, match=r"pytorch/pytorch#143580.*max_accumulation=64"):
+        fit(AdaptiveBatchSize(), strategy=DDPStrategy(static_graph=True), devices=1)
+
+
+def test_target_function_error_reaches_the_caller() -> None:
+    def broken(stats: NoiseScaleStatistics) -> float:
+        raise KeyError("nope")
+
+    with pytest.raises(RuntimeError, match=r"could not decide on the global-zero rank: KeyError: 'nope'"):
+        fit(adaptive(target=broken), max_epochs=1)
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def test_ddp_ranks_switch_together(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    worker = Path(__file__).with_name("adaptive_ddp_worker.py")
+    proc = subprocess.run(
+        [sys.executable, str(worker), "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert [(h["step"], h["accumulation"]) for h in ranks[0]["history"]] == [(0, 1), (3, 3), (6, 2), (9, 4)]
+    assert ranks[0]["target_calls"] > 0 and ranks[1]["target_calls"] == 0  # decided once, broadcast
+    steps0, steps1 = ranks[0]["steps"], ranks[1]["steps"]
+    assert len(steps0) == len(steps1) == ranks[0]["global_step"]
+    for s0, s1 in zip(steps0, steps1, strict=True):
+        assert (s0["batch_idx"], s0["accumulation"]) == (s1["batch_idx"], s1["accumulation"])
+        assert torch.equal(s0["after"], s1["after"])
+        k = s0["accumulation"]
+        # DDP averages the two ranks' accumulated gradients; each rank divided its loss by k.
+        grad = (window_mean_grad(s0["before"], s0["window"]) + window_mean_grad(s1["before"], s1["window"])) / 2
+        expected = s0["before"].double() - LR * k / k * grad
+        torch.testing.assert_close(s0["after"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- namespaces and LightningCLI
+
+
+def test_pytorch_lightning_namespace() -> None:
+    pl = pytest.importorskip("pytorch_lightning")
+    from lightning_gns.pytorch_lightning import AdaptiveBatchSize as PLAdaptiveBatchSize
+
+    assert isinstance(PLAdaptiveBatchSize(), pl.Callback)
+    assert PLAdaptiveBatchSize.__doc__ == AdaptiveBatchSize.__doc__
+
+
+def test_lightning_cli() -> None:
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+
+    from tests.test_integrations import CLI_TRAINER_ARGS, CLIData, CLIRegression
+
+    args = ["fit", *CLI_TRAINER_ARGS, "--trainer.callbacks+=lightning_gns.GradientNoiseScale"]
+    args += ["--trainer.callbacks+=lightning_gns.AdaptiveBatchSize", "--trainer.callbacks.target=sqrt"]
+    args += ["--trainer.callbacks.max_accumulation=4", "--trainer.callbacks.lr_scaling=adascale"]
+    cli = LightningCLI(CLIRegression, CLIData, save_config_callback=None, args=args)
+    (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, AdaptiveBatchSize)]  # type: ignore[attr-defined]
+    assert (callback.target, callback.max_accumulation, callback.lr_scaling) == ("sqrt", 4, "adascale")
+    assert callback.accumulation == 2  # started from the CLI's accumulate_grad_batches=2
