@@ -25,14 +25,14 @@ CHARTS: dict[str, list[str]] = {
         r"gns/b_big$",
         r"gns/kaplan_b_crit_tokens$",
     ],
+    "|G|^2 and tr(Sigma) estimates (log scale helps)": [
+        r"gns/grad_sq_norm$",
+        r"gns/trace_cov$",
+    ],
     "forecasts for the batch in use: S/S_min, E/E_min, statistical efficiency": [
         r"gns/steps_over_min$",
         r"gns/examples_over_min$",
         r"gns/statistical_efficiency$",
-    ],
-    "|G|^2 and tr(Sigma) estimates (log scale helps)": [
-        r"gns/grad_sq_norm$",
-        r"gns/trace_cov$",
     ],
     "batch sizes": [
         r"gns/b_small$",

@@ -58,7 +58,7 @@ class GradientNoiseScaleTracker:
         ...         tracker.start_micro_batch(units=len(x), accumulation=2)
         ...         (nn.functional.mse_loss(model(x), y) / 2).backward()
         ...         tracker.end_micro_batch()
-        ...     tracker.measure_step()  # after unscale_, before clipping and optimizer.step()
+        ...     measured = tracker.measure_step()  # after unscale_, before clipping and optimizer.step()
         ...     optimizer.step()
         ...     optimizer.zero_grad()
         >>> tracker.b_simple > 0
