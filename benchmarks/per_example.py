@@ -50,8 +50,8 @@ norms (layers="all", and "norm" against vmap restricted to the LayerNorm paramet
 on the benchmark model in float32 (relative 1e-3: float32 reductions in different orders), so both sides
 compute the same quantity.
 
-Example: ``python benchmarks/per_example.py`` (about 4 minutes on 2 quiet cores) or ``--quick`` for a
-smoke run (about 30 seconds). ``--profile`` prints where the per-example step spends its time.
+Example: ``python benchmarks/per_example.py`` (about 3 minutes on 2 quiet cores) or ``--quick`` for a
+smoke run (under a minute). ``--profile`` prints where the per-example step spends its time.
 """
 
 from __future__ import annotations
@@ -441,7 +441,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-head", type=int, default=4, help="attention heads")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per sequence")
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch")
-    parser.add_argument("--reps", type=int, default=12, help="repetitions (one block of each variant each)")
+    parser.add_argument("--reps", type=int, default=16, help="repetitions (one block of each variant each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per block")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
