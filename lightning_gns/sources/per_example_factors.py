@@ -52,30 +52,40 @@ class Materialized:
 Factor = Dense | OneHot | Materialized
 
 
+def _sq_sum(t: Tensor) -> Tensor:
+    """Sum of squares over all but the first dimension, (B,): one fused reduction, no squared temporary."""
+    return torch.linalg.vector_norm(t.flatten(1), dim=1).square()
+
+
+def _dot(u: Tensor, v: Tensor) -> Tensor:
+    """Sum of ``u * v`` over all but the first dimension, (B,), without the product temporary."""
+    return torch.linalg.vecdot(u.flatten(1), v.flatten(1))
+
+
 def factor_sq_norm(factor: Factor) -> Tensor:
     """Per-example squared Frobenius norm of the factored gradient, shape (B,)."""
     if isinstance(factor, Materialized):
-        return _f32(factor.value).square().sum(dim=1)
+        return _sq_sum(_f32(factor.value))
     if isinstance(factor, Dense):
         a, b = _f32(factor.a), _f32(factor.b)
         t, m, n = a.shape[1], a.shape[2], b.shape[2]
         if t == 1:
-            return a.square().sum(dim=(1, 2)) * b.square().sum(dim=(1, 2))
+            return _sq_sum(a) * _sq_sum(b)
         if t * (m + n) < m * n:
-            return (a @ a.transpose(1, 2) * (b @ b.transpose(1, 2))).sum(dim=(1, 2))
-        return (a.transpose(1, 2) @ b).square().sum(dim=(1, 2))
+            return _dot(a @ a.transpose(1, 2), b @ b.transpose(1, 2))
+        return _sq_sum(a.transpose(1, 2) @ b)
     b = _f32(factor.b)
     same_row = factor.index.unsqueeze(2) == factor.index.unsqueeze(1)
-    return (b @ b.transpose(1, 2) * same_row).sum(dim=(1, 2))
+    return _dot(b @ b.transpose(1, 2), same_row.to(b.dtype))
 
 
 def factor_inner(u: Factor, v: Factor) -> Tensor:
     """Per-example inner product of two factored gradients of the same parameter, shape (B,)."""
     if isinstance(u, Materialized) or isinstance(v, Materialized):
-        return (_materialize(u) * _materialize(v)).sum(dim=1)
+        return _dot(_materialize(u), _materialize(v))
     if isinstance(u, Dense) and isinstance(v, Dense):
         a_gram = _f32(u.a) @ _f32(v.a).transpose(1, 2)
-        return (a_gram * (_f32(u.b) @ _f32(v.b).transpose(1, 2))).sum(dim=(1, 2))
+        return _dot(a_gram, _f32(u.b) @ _f32(v.b).transpose(1, 2))
     if isinstance(u, OneHot) and isinstance(v, OneHot):
         same_row = u.index.unsqueeze(2) == v.index.unsqueeze(1)
         return (_f32(u.b) @ _f32(v.b).transpose(1, 2) * same_row).sum(dim=(1, 2))
