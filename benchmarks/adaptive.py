@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "example_projects")
 from digits_classifier import DigitsClassifier, digits_datasets
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
-from lightning_gns.batch_schedule import lr_factor
+from lightning_gns.batch_schedule import NoiseScaleStatistics, lr_factor
 
 
 @dataclass
@@ -80,6 +81,15 @@ class ValidationProbe(Callback):
             trainer.should_stop = True
 
 
+def fraction_target(fraction: float) -> Callable[[NoiseScaleStatistics], float]:
+    """A user target: the batch at which the forecast E/E_min = 1 + B/B_simple is 1 + ``fraction``."""
+
+    def target(stats: NoiseScaleStatistics) -> float:
+        return fraction * stats.b_simple
+
+    return target
+
+
 def train(name: str, seed: int, args: argparse.Namespace) -> Run:
     seed_everything(seed, verbose=False)
     train_set, val_set = digits_datasets(seed)
@@ -96,7 +106,7 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
     if name == "adaptive":
         callbacks.append(
             AdaptiveBatchSize(
-                target=args.target,
+                target=fraction_target(args.fraction) if args.target == "fraction" else args.target,
                 max_accumulation=args.max_accumulation,
                 warmup_steps=args.warmup_steps,
                 min_steps_between_changes=args.min_steps_between_changes,
@@ -200,7 +210,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-accumulation", type=int, default=8, help="fixed large batch and adaptive upper bound")
     parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate at the small batch")
     parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--target", choices=["sqrt", "b_simple"], default="sqrt", help="AdaptiveBatchSize target")
+    parser.add_argument(
+        "--target",
+        choices=["sqrt", "b_simple", "fraction"],
+        default="sqrt",
+        help="AdaptiveBatchSize target; fraction: a user function, --fraction x B_simple",
+    )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=0.2,
+        help="--target fraction: effective batch = this x B_simple, where the paper's E/E_min = 1 + B/B_simple"
+        " forecasts this fraction of extra examples over batch 1",
+    )
     parser.add_argument("--lr-scaling", choices=["none", "linear", "sqrt", "adascale"], default="linear")
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--min-steps-between-changes", type=int, default=20)
