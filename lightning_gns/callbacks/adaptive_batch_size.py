@@ -6,10 +6,8 @@ The hooks live in :class:`AdaptiveBatchSizeLogic`, which imports no Lightning na
 
 from __future__ import annotations
 
-import importlib
 import math
 import operator
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch.optim import Optimizer
@@ -27,13 +25,14 @@ from lightning_gns.batch_schedule import (
     sqrt_schedule,
 )
 from lightning_gns.batch_size import checked_batch_size
+from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
 
-class AdaptiveBatchSizeLogic:
+class AdaptiveBatchSizeLogic(LightningNamespace):
     r"""Grow ``accumulate_grad_batches`` so that the effective batch follows the measured gradient noise scale.
 
     The noise scale grows as the loss falls, and with it the largest batch that still saves optimizer steps
@@ -114,9 +113,6 @@ class AdaptiveBatchSizeLogic:
         trainer.fit(model)
     """
 
-    # Set by the public subclasses: the Lightning namespace whose classes the checks below use.
-    _lightning_namespace = "lightning.pytorch"
-
     def __init__(
         self,
         target: Literal["b_simple", "sqrt"] | TargetFn = "sqrt",
@@ -194,12 +190,6 @@ class AdaptiveBatchSizeLogic:
         return float(self.micro_batch_size * self.accumulation * world_size)
 
     # ------------------------------------------------------------------ setup
-    def _lightning(self, submodule: str) -> ModuleType:
-        return importlib.import_module(f"{self._lightning_namespace}.{submodule}")
-
-    def _misconfiguration(self, message: str) -> Exception:
-        return self._lightning("utilities.exceptions").MisconfigurationException(message)  # type: ignore[no-any-return]
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return

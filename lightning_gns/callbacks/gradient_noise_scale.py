@@ -6,9 +6,7 @@ The hooks live in :class:`GradientNoiseScaleLogic`, which imports no Lightning n
 
 from __future__ import annotations
 
-import importlib
 import operator
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -16,6 +14,7 @@ from torch.optim import Optimizer
 
 from lightning_gns import forecasts
 from lightning_gns.batch_size import BatchSizeFn, checked_batch_size, leading_dim_batch_size
+from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources.per_example import Layers
 from lightning_gns.tensorboard_layout import write_layout
@@ -29,7 +28,7 @@ MODES: tuple[str, ...] = ("auto", "ddp", "microbatch", "per_example")
 LAYERS: tuple[str, ...] = ("all", "norm")
 
 
-class GradientNoiseScaleLogic:
+class GradientNoiseScaleLogic(LightningNamespace):
     r"""Measure the simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` during training.
 
     McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training") show that ``B_simple``
@@ -106,9 +105,6 @@ class GradientNoiseScaleLogic:
         trainer.fit(model)
         print(gns.b_simple)
     """
-
-    # Set by the public subclasses: the Lightning namespace whose classes the checks below use.
-    _lightning_namespace = "lightning.pytorch"
 
     def __init__(
         self,
@@ -234,12 +230,6 @@ class GradientNoiseScaleLogic:
         return self.tracker.covered_fraction
 
     # ------------------------------------------------------------------ setup
-    def _lightning(self, submodule: str) -> ModuleType:
-        return importlib.import_module(f"{self._lightning_namespace}.{submodule}")
-
-    def _misconfiguration(self, message: str) -> Exception:
-        return self._lightning("utilities.exceptions").MisconfigurationException(message)  # type: ignore[no-any-return]
-
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
