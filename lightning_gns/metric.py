@@ -138,18 +138,23 @@ class GradientNoiseScaleMetric(Metric):
         valid = torch.isfinite(grad_sq_norm) & torch.isfinite(trace_cov)
         beta = self.beta
         dtype = self.grad_sq_norm_ema.dtype
-        # torch.where keeps a skipped step out of the averages without a host sync.
-        self.grad_sq_norm_ema = torch.where(
-            valid, beta * self.grad_sq_norm_ema + (1 - beta) * grad_sq_norm.to(dtype), self.grad_sq_norm_ema
+        # torch.where keeps a skipped step out of the averages without a host sync. The states are updated in
+        # place: reassigning them goes through torchmetrics' and nn.Module's __setattr__, which cost more
+        # than the arithmetic on this per-step path.
+        self.grad_sq_norm_ema.copy_(
+            torch.where(
+                valid, beta * self.grad_sq_norm_ema + (1 - beta) * grad_sq_norm.to(dtype), self.grad_sq_norm_ema
+            )
         )
-        self.trace_cov_ema = torch.where(
-            valid, beta * self.trace_cov_ema + (1 - beta) * trace_cov.to(dtype), self.trace_cov_ema
+        self.trace_cov_ema.copy_(
+            torch.where(valid, beta * self.trace_cov_ema + (1 - beta) * trace_cov.to(dtype), self.trace_cov_ema)
         )
-        self.ema_weight = torch.where(valid, beta * self.ema_weight + (1 - beta), self.ema_weight)
-        self.measured_steps = self.measured_steps + valid.long()
-        self.skipped_steps = self.skipped_steps + (~valid).long()
-        self.last_b_big = summary.size_sum.to(dtype)
-        self.last_b_small = (summary.size_sum / summary.num_small_batches).to(dtype)
+        self.ema_weight.copy_(torch.where(valid, beta * self.ema_weight + (1 - beta), self.ema_weight))
+        self.measured_steps.add_(valid.long())
+        self.skipped_steps.add_((~valid).long())
+        self.last_b_big.copy_(summary.size_sum)
+        self.last_b_small.copy_(summary.size_sum / summary.num_small_batches)
+        self._computed = None  # torchmetrics caches compute(); a fold outside update() must clear it too
 
     @property
     def grad_sq_norm(self) -> Tensor:

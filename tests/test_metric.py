@@ -219,3 +219,15 @@ def test_last_batch_sizes() -> None:
 def test_invalid_beta(beta: object) -> None:
     with pytest.raises(ValueError, match="beta must be a number strictly between 0 and 1"):
         GradientNoiseScaleMetric(beta=beta)  # type: ignore[arg-type]
+
+
+def test_compute_after_fold_sees_the_new_step() -> None:
+    """fold() outside update() (as the tracker calls it) must not leave torchmetrics' compute() cache stale."""
+    from lightning_gns.estimators import summarize_small_batches
+
+    metric = GradientNoiseScaleMetric(beta=0.5)
+    metric.update(torch.tensor([5.0, 3.0]), torch.tensor([4, 4]), torch.tensor(3.5))
+    first = metric.compute()["grad_sq_norm"].clone()
+    metric.fold(summarize_small_batches(torch.tensor([9.0, 1.0]), torch.tensor([4, 4])), torch.tensor(2.0))
+    assert not torch.equal(metric.compute()["grad_sq_norm"], first)
+    assert torch.equal(metric.compute()["grad_sq_norm"], metric.grad_sq_norm)
