@@ -17,8 +17,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightning_gns.critical_batch import CriticalBatchError
+
+if TYPE_CHECKING:  # lightning_gns.sweep imports Lightning: only when a sweep runs
+    from lightning_gns.sweep import SweepRun
 
 EXIT_USAGE = 2
 
@@ -111,11 +115,10 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
-    def progress(run: object) -> None:
-        r = run  # a SweepRun
+    def progress(r: SweepRun) -> None:
         print(
-            f"B={r.batch_size:<5d} lr={r.lr:<8.4g} seed={r.seed}: steps to target {r.steps:8.1f},"  # type: ignore[attr-defined]
-            f" run-avg B_simple {r.b_simple_mean:8.1f} ({r.wall_s:.1f} s)",  # type: ignore[attr-defined]
+            f"B={r.batch_size:<5d} lr={r.lr:<8.4g} seed={r.seed}: steps to target {r.steps:8.1f},"
+            f" run-avg B_simple {r.b_simple_mean:8.1f} ({r.wall_s:.1f} s)",
             flush=True,
         )
 

@@ -7,7 +7,6 @@ The hooks live in :class:`AdaptiveBatchSizeLogic`, which imports no Lightning na
 from __future__ import annotations
 
 import math
-import operator
 from typing import TYPE_CHECKING, Any, Literal
 
 from torch.optim import Optimizer
@@ -25,6 +24,7 @@ from lightning_gns.batch_schedule import (
     sqrt_schedule,
 )
 from lightning_gns.batch_size import checked_batch_size
+from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
 
@@ -139,15 +139,15 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
                 )
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
                 raise ValueError(f"r must be a positive finite number (a batch size), got {r!r}.")
-        self.min_accumulation = _positive_int("min_accumulation", min_accumulation, minimum=1)
-        self.max_accumulation = _positive_int("max_accumulation", max_accumulation, minimum=1)
+        self.min_accumulation = checked_int("min_accumulation", min_accumulation, minimum=1)
+        self.max_accumulation = checked_int("max_accumulation", max_accumulation, minimum=1)
         if self.max_accumulation < self.min_accumulation:
             raise ValueError(
                 f"max_accumulation ({max_accumulation}) must be at least min_accumulation ({min_accumulation})."
             )
-        self.warmup_steps = _positive_int("warmup_steps", warmup_steps, minimum=0)
-        self.min_steps_between_changes = _positive_int("min_steps_between_changes", min_steps_between_changes, 1)
-        self.check_every_n_steps = _positive_int("check_every_n_steps", check_every_n_steps, minimum=1)
+        self.warmup_steps = checked_int("warmup_steps", warmup_steps, minimum=0)
+        self.min_steps_between_changes = checked_int("min_steps_between_changes", min_steps_between_changes, 1)
+        self.check_every_n_steps = checked_int("check_every_n_steps", check_every_n_steps, minimum=1)
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0 <= tolerance < math.inf):
             raise ValueError(f"tolerance must be a finite number >= 0 (0.25: a 25% band), got {tolerance!r}.")
         if lr_scaling not in LR_SCALINGS:
@@ -405,13 +405,3 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         self.micro_batch_size = state_dict.get("micro_batch_size")
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
         self._restored = True
-
-
-def _positive_int(name: str, value: Any, minimum: int) -> int:
-    try:
-        number = -1 if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        number = -1
-    if number < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return number

@@ -6,7 +6,6 @@ The hooks live in :class:`GradientNoiseScaleLogic`, which imports no Lightning n
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -14,6 +13,7 @@ from torch.optim import Optimizer
 
 from lightning_gns import forecasts
 from lightning_gns.batch_size import BatchSizeFn, checked_batch_size, leading_dim_batch_size
+from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources.per_example import Layers
@@ -127,12 +127,7 @@ class GradientNoiseScaleLogic(LightningNamespace):
                 f"layers={layers!r} and per_layer={per_layer} need per-example gradients: use mode='per_example'"
                 f" (got mode={mode!r})."
             )
-        try:
-            every = -1 if isinstance(measure_every_n_steps, bool) else operator.index(measure_every_n_steps)
-        except TypeError:
-            every = -1
-        if every < 1:
-            raise ValueError(f"measure_every_n_steps must be an int >= 1, got {measure_every_n_steps!r}.")
+        every = checked_int("measure_every_n_steps", measure_every_n_steps, minimum=1)
         if kaplan_loss is not None and not (isinstance(kaplan_loss, str) and kaplan_loss):
             raise ValueError(
                 f"kaplan_loss must be the name of a logged loss metric (e.g. 'train_loss') or None,"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 
 def fp32_norm(tensor: Tensor) -> Tensor:
@@ -29,6 +30,7 @@ class GradNormSource:
     def __init__(self) -> None:
         self.recording = False
         self._piece_norms: list[Tensor] = []
+        self._handles: list[RemovableHandle] = []  # hooks to remove on detach (a DDP comm hook has none)
 
     def record(self, piece_norm: Tensor) -> None:
         if self.recording:
@@ -42,6 +44,14 @@ class GradNormSource:
         self._piece_norms = []
         return norm.reshape(1)
 
+    @property
+    def attached(self) -> bool:
+        """Whether any removable hook is registered."""
+        return bool(self._handles)
+
     def detach(self) -> None:
         """Remove whatever the source attached to the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self._piece_norms = []

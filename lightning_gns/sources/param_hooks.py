@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_gns.sources.base import GradNormSource, fp32_norm
 
@@ -21,10 +20,6 @@ class ParamHookSource(GradNormSource):
 
     name = "param_hooks"
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._handles: list[RemovableHandle] = []
-
     def attach(self, params: Iterable[nn.Parameter]) -> None:
         self.detach()
         self._handles = [p.register_hook(self._on_grad) for p in params if p.requires_grad]
@@ -32,14 +27,3 @@ class ParamHookSource(GradNormSource):
     def _on_grad(self, grad: Tensor) -> None:
         if self.recording:
             self.record(fp32_norm(grad))
-
-    @property
-    def attached(self) -> bool:
-        """Whether any hook is registered."""
-        return bool(self._handles)
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        super().detach()

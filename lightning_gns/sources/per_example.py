@@ -10,7 +10,6 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_gns.sources.base import GradNormSource
 from lightning_gns.sources.per_example_factors import (
@@ -130,7 +129,6 @@ class PerExampleSource(GradNormSource):
     def __init__(self, layers: Layers = "all") -> None:
         super().__init__()
         self.layers = layers
-        self._handles: list[RemovableHandle] = []
         self._param_owner: dict[int, str] = {}  # parameter id -> name of the first layer owning it
         # Module id -> its measured (name, parameter) pairs, as registered at attach. Looked up by module
         # rather than read from the module in forward: FSDP2 (fully_shard) swaps the registered sharded
@@ -221,15 +219,7 @@ class PerExampleSource(GradNormSource):
             layer[name] = layer[name] + sq if name in layer else sq
         return torch.stack(list(sq_norms.values())).sum(dim=0).sqrt()
 
-    @property
-    def attached(self) -> bool:
-        """Whether any hook is registered."""
-        return bool(self._handles)
-
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
         self._module_params = {}
         self._sq_norms = {}
         self._pending_uses.clear()
