@@ -137,11 +137,16 @@ class _TargetRecorder(Callback):
         self.patience = patience
         self.eval_steps: list[int] = []
         self.eval_losses: list[float] = []
-        self.b_simple: list[float] = []
+        self._b_simple: list[torch.Tensor] = []
+
+    @property
+    def b_simple(self) -> list[float]:
+        """B_simple after each optimizer step so far (one host transfer for the whole list)."""
+        return torch.stack(self._b_simple).tolist() if self._b_simple else []
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        # One host sync per step: fine for a measurement run; the values before the target make the average.
-        self.b_simple.append(self.gns.b_simple)
+        # Kept on the device (no host sync per step); the values before the target make the average.
+        self._b_simple.append(self.gns.metric.b_simple.detach().clone())
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
@@ -219,8 +224,9 @@ def train_to_target(
         trainer.fit(model, datamodule=datamodule)
     wall = time.perf_counter() - start
     steps = steps_to_target(recorder.eval_steps, recorder.eval_losses, target_loss)
-    upto = len(recorder.b_simple) if not math.isfinite(steps) else min(len(recorder.b_simple), math.ceil(steps))
-    window = [v for v in recorder.b_simple[1:upto] if math.isfinite(v)]
+    b_simple = recorder.b_simple
+    upto = len(b_simple) if not math.isfinite(steps) else min(len(b_simple), math.ceil(steps))
+    window = [v for v in b_simple[1:upto] if math.isfinite(v)]
     return SweepRun(
         batch_size=batch_size,
         seed=seed,
@@ -228,7 +234,7 @@ def train_to_target(
         steps=steps,
         examples=steps * batch_size,
         b_simple_mean=float(np.mean(window)) if window else math.nan,
-        b_simple_at_target=recorder.b_simple[upto - 1] if upto > 0 else math.nan,
+        b_simple_at_target=b_simple[upto - 1] if upto > 0 else math.nan,
         final_loss=recorder.eval_losses[-1] if recorder.eval_losses else math.nan,
         optimizer_steps_run=trainer.global_step,
         wall_s=wall,
