@@ -6,9 +6,10 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
-BatchSizeFn = Callable[[Any], int]
+BatchSizeFn = Callable[[Any], "int | Tensor"]
 
 
 def leading_dim_batch_size(batch: Any) -> int:
@@ -49,9 +50,26 @@ def _first_leading_dim(obj: Any) -> int | None:
     return None
 
 
-def checked_batch_size(batch_size_fn: BatchSizeFn, batch: Any) -> int:
-    """Call ``batch_size_fn`` and insist on a positive integer."""
+def checked_batch_size(batch_size_fn: BatchSizeFn, batch: Any) -> int | Tensor:
+    """Call ``batch_size_fn`` and insist on a positive integer, or an integer tensor of counts.
+
+    A 1-D integer tensor holds one count per example (e.g. ``attention_mask.sum(dim=1)``); a 0-d integer
+    tensor is the micro-batch's count. Tensors are returned as they are (reading them would synchronise
+    with the device on every step).
+    """
     value: Any = batch_size_fn(batch)
+    if isinstance(value, Tensor):
+        if value.dim() > 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(
+                f"batch_size_fn returned a tensor of shape {tuple(value.shape)} and dtype {value.dtype}; return an"
+                " int, a 0-d integer tensor (the micro-batch's examples or tokens), or a 1-D integer tensor with one"
+                " count per example, e.g. attention_mask.sum(dim=1)."
+            )
+        if value.dim() == 1 and value.numel() == 0:
+            raise ValueError(
+                "batch_size_fn returned an empty tensor of counts: filter empty batches out of the dataloader."
+            )
+        return value
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -63,8 +81,9 @@ def checked_batch_size(batch_size_fn: BatchSizeFn, batch: Any) -> int:
             size = operator.index(value)
     except TypeError:
         raise ValueError(
-            f"batch_size_fn must return a positive int (examples or tokens in the batch), got {value!r} of type"
-            f" {type(value).__name__}. Return e.g. int(mask.sum()) for a token count."
+            f"batch_size_fn must return a positive int (examples or tokens in the batch) or an integer tensor of"
+            f" counts, got {value!r} of type {type(value).__name__}. Return e.g. int(mask.sum()) for a token count,"
+            " or mask.sum(dim=1) for one count per example."
         ) from None
     if size <= 0:
         raise ValueError(
@@ -72,3 +91,8 @@ def checked_batch_size(batch_size_fn: BatchSizeFn, batch: Any) -> int:
             " An empty batch cannot be measured: filter empty batches out of the dataloader."
         )
     return size
+
+
+def units_as_int(units: int | Tensor) -> int:
+    """The micro-batch's total units as an int (reads a tensor: call it on steps that synchronise anyway)."""
+    return int(units.sum()) if isinstance(units, Tensor) else units

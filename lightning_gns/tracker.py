@@ -8,7 +8,8 @@ is glue around it; plain PyTorch and Fabric loops call it directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from lightning_gns.estimators import SmallBatchSummary
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
-from lightning_gns.sources.per_example import Layers
+from lightning_gns.sources.per_example import Layers, PerExampleBackward, batch_coupled_layers
 
 try:  # public since torch 2.5; FSDP2's parameters and gradients are DTensors
     from torch.distributed.tensor import DTensor as _DTensor
@@ -65,37 +66,60 @@ class GradientNoiseScaleTracker:
         True
     """
 
-    def __init__(self, beta: float = 0.99, layers: Layers = "all", per_layer: bool = False) -> None:
+    def __init__(
+        self,
+        beta: float = 0.99,
+        layers: Layers = "all",
+        per_layer: bool = False,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
         self.metric = GradientNoiseScaleMetric(beta=validate_beta(beta), all_reduce=False)
         self.layer_metrics: dict[str, GradientNoiseScaleMetric] = {}
         self.layers: Layers = layers
         self.per_layer = per_layer
         self.mode: str | None = None
+        # Fallbacks, exclusions and unmeasurable steps are announced through this, once per message.
+        self._warn: Callable[[str], None] = warn if warn is not None else _python_warning
+        self._announced: list[str] = []
         self._comm_hook_source: DDPCommHookSource | None = None
+        self._comm_hook_model: nn.Module | None = None
         self._param_hook_source = ParamHookSource()
         self._per_example_source: PerExampleSource | None = None
         self._active_source: GradNormSource | None = None
         self._params: list[nn.Parameter] = []
+        self._model: nn.Module | None = None
+        self._ddp_model: nn.parallel.DistributedDataParallel | None = None
         self._process_group: Any = None
         self._world_size, self._rank = 1, 0
         # This rank's share of the measured parameters for the big-batch norm (the all-reduce adds the
-        # shares), cached for the parameter count it was computed for.
+        # shares): a list of parameters, and in per_example mode their indices into the watched parameters.
         self._big_norm_share: list[nn.Parameter] = []
-        self._big_norm_share_of = -1
+        self._share_index = torch.zeros(0, dtype=torch.long)
         # FSDP2 (fully_shard): parameters and gradients are DTensors, each rank holding a shard, so every rank
         # norms its own shards of all parameters and the all-reduce adds them up.
         self._sharded = False
         self._measuring_step = False
         self._accumulation = 1
-        self._micro_batch_units = 0
+        self._micro_batch_units: int | Tensor = 0
+        self._micro_batch_examples: int | Tensor = 0
+        # per_example: watched parameters that cannot be measured (agreed by every rank), element counts,
+        # the layer of each, and device copies of host flag tuples (the same tuple nearly every step).
+        self._excluded: Tensor = torch.zeros(0, dtype=torch.bool)
+        self._numels = torch.zeros(0, dtype=torch.float64)
         self._layer_names: list[str] = []
-        self._layer_index_of_share = torch.zeros(0, dtype=torch.long)
+        self._layer_index = torch.zeros(0, dtype=torch.long)
+        self._flag_tensors: dict[tuple[bool, ...], Tensor] = {}
+        self._covered_numel: Tensor | None = None
         # Running sums of the current optimizer step on this rank (see end_micro_batch).
-        self._weighted_sq_sum: Tensor | None = None
-        self._num_small = self._units = self._num_backward = 0
-        self._inv_units = 0.0
-        self._layer_sums: dict[str, Tensor] = {}
-        self._layer_backward_counts: dict[str, int] = {}
+        self._weighted_sq_sum: Tensor | None = None  # A = sum_i b_i |g_i|^2 (a (P,) vector in per_example mode)
+        self._measured: tuple[bool, ...] = ()
+        self._step_failure: str | None = None
+        self._step_failure_seen: str | None = None  # the last reason a step could not be measured
+        self._in_micro_batch = False
+        self._num_small: int | Tensor = 0
+        self._units: int | Tensor = 0
+        self._num_backward = 0
+        self._inv_units: float | Tensor = 0.0
 
     # ------------------------------------------------------------------ wiring
     def attach(
@@ -114,21 +138,23 @@ class GradientNoiseScaleTracker:
             mode: ``"microbatch"``, ``"ddp"`` or ``"per_example"``.
             model: the module whose layers ``per_example`` hooks (default: ``ddp_model.module``).
             ddp_model: the ``DistributedDataParallel`` wrapper; ``"ddp"`` mode registers its comm hook there
-                (falling back to parameter hooks if the model already has one).
+                (falling back to parameter hooks, with a warning, if the model already has one).
             process_group: the group to all-reduce over (default: the whole world when initialized).
+
+        Raises:
+            ValueError: an unknown mode; ``per_example`` without a model, or on a model with batch-coupled
+                layers (BatchNorm); sharded parameters outside ``per_example`` mode.
         """
         if mode not in SOURCE_MODES:
             raise ValueError(f"Unknown mode {mode!r}. Choose one of {', '.join(repr(m) for m in SOURCE_MODES)}.")
         self.detach()
         self._per_example_source = None
-        self._comm_hook_source = None
         self.mode = mode
         self._params = _unique_trainable(params)
-        self._process_group = process_group
+        self._model, self._ddp_model, self._process_group = model, ddp_model, process_group
         distributed = dist.is_available() and dist.is_initialized()
         self._world_size = dist.get_world_size(process_group) if distributed else 1
         self._rank = dist.get_rank(process_group) if distributed else 0
-        self._big_norm_share_of = -1
         self._sharded = any(_is_dtensor(p) for p in self._params)
         if self._sharded and mode != "per_example":
             raise ValueError(
@@ -136,13 +162,106 @@ class GradientNoiseScaleTracker:
                 " per-rank and per-micro-batch gradients are never materialised unsharded."
             )
         if mode == "ddp" and ddp_model is not None:
-            self._comm_hook_source = _try_comm_hook(ddp_model, self._params)
+            self._attach_comm_hook(ddp_model)
         elif mode == "per_example":
             module = model if model is not None else getattr(ddp_model, "module", None)
             if module is None:
                 raise ValueError("mode='per_example' needs the model: attach(params, 'per_example', model=model).")
-            self._per_example_source = PerExampleSource(self.layers)
-            self._per_example_source.attach(module, self._params)
+            coupled = batch_coupled_layers(module)
+            if coupled:
+                raise ValueError(
+                    f"mode='per_example' cannot measure a model with batch-coupled layers ({', '.join(coupled[:3])}"
+                    f"{', ...' if len(coupled) > 3 else ''}): BatchNorm makes each example's gradient depend on the"
+                    " rest of the batch, so per-example gradients are not independent samples and their spread is"
+                    " not the gradient noise. Use mode='microbatch' with gradient accumulation (2 or more"
+                    " micro-batches per step), mode='ddp' on several processes, or replace BatchNorm by GroupNorm or"
+                    " LayerNorm."
+                )
+            source = PerExampleSource(self.layers)
+            source.attach(module, self._params)
+            self._per_example_source = source
+        self._prepare_big_norm()
+
+    def _attach_comm_hook(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
+        if self._comm_hook_model is not ddp_model:
+            self._comm_hook_source, self._comm_hook_model = None, ddp_model
+            if getattr(ddp_model, "_comm_hooks", None):
+                self._announce(
+                    "GradientNoiseScale: the DDP model already has a communication hook (yours, or DDP mixed"
+                    " precision's), and DDP allows only one, so per-rank gradient norms come from parameter hooks"
+                    " (source 'param_hooks'): same numbers, one norm per parameter instead of per bucket."
+                )
+            else:
+                source = DDPCommHookSource()
+                try:
+                    source.attach(ddp_model)
+                    self._comm_hook_source = source
+                except RuntimeError as error:
+                    self._announce(
+                        f"GradientNoiseScale: could not register its DDP communication hook ({error}); per-rank"
+                        " gradient norms come from parameter hooks (source 'param_hooks') instead."
+                    )
+        if self._comm_hook_source is not None:
+            ddp_params = {id(p) for p in ddp_model.parameters() if p.requires_grad}
+            self._comm_hook_source.usable = ddp_params == {id(p) for p in self._params}
+            if not self._comm_hook_source.usable:
+                self._announce(
+                    "GradientNoiseScale: DDP's gradient buckets hold other parameters than the optimizer steps"
+                    " (frozen, unfrozen or unoptimized parameters), so per-rank gradient norms come from parameter"
+                    " hooks on the optimized parameters (source 'param_hooks')."
+                )
+
+    def use_comm_hook(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
+        """``ddp`` mode: take per-rank norms from a communication hook on ``ddp_model`` from now on.
+
+        For callers that attach before the training loop has registered its own hooks (:meth:`attach` with
+        ``ddp_model`` does this at once). Falls back to parameter hooks, with a warning, if DDP refuses.
+        """
+        self._ddp_model = ddp_model
+        self._attach_comm_hook(ddp_model)
+
+    @property
+    def step_is_empty(self) -> bool:
+        """Whether no micro-batch of the current optimizer step has been recorded yet."""
+        return self._num_backward == 0 and not self._in_micro_batch
+
+    def sync_params(self, params: Iterable[nn.Parameter]) -> bool:
+        """Re-attach when the optimized, trainable parameters changed; True if they did.
+
+        For parameters that change during training (a backbone unfrozen, a parameter group added); the
+        averages continue. Call it between optimizer steps.
+        """
+        current = _unique_trainable(params)
+        if [id(p) for p in current] == [id(p) for p in self._params] or self.mode is None:
+            return False
+        before = sum(p.numel() for p in self._params)
+        self.attach(current, self.mode, self._model, self._ddp_model, self._process_group)  # type: ignore[arg-type]
+        after = sum(p.numel() for p in self._params)
+        self._warn(
+            f"GradientNoiseScale: the optimized trainable parameters changed ({before:,} -> {after:,} elements);"
+            " the gradient norms now cover the new set. The averages continue, so the noise scale moves to the new"
+            f" parameters' value over about 1 / (1 - beta) = {1 / (1 - self.metric.beta):.0f} measured steps."
+        )
+        return True
+
+    def _prepare_big_norm(self) -> None:
+        """This rank's share of the big-batch norm and, in per_example mode, the per-parameter bookkeeping."""
+        source = self._per_example_source
+        measured = source.params if source is not None else self._params
+        world_size = 1 if self._sharded else self._world_size  # shards already split the work
+        self._big_norm_share = _balanced_share(measured, world_size, self._rank)
+        if source is None:
+            return
+        device = self.metric.grad_sq_norm_ema.device
+        index = {id(p): i for i, p in enumerate(source.params)}
+        self._share_index = torch.tensor([index[id(p)] for p in self._big_norm_share], dtype=torch.long, device=device)
+        self._excluded = torch.zeros(len(source.params), dtype=torch.bool, device=device)
+        self._numels = torch.tensor([p.numel() for p in source.params], dtype=torch.float64, device=device)
+        self._layer_names = sorted(set(source.param_layers))
+        position = {name: i for i, name in enumerate(self._layer_names)}
+        self._layer_index = torch.tensor([position[n] for n in source.param_layers], dtype=torch.long, device=device)
+        self._flag_tensors = {}
+        self._covered_numel = None
 
     def detach(self) -> None:
         """Remove every hook this tracker registered (a DDP comm hook stays until the wrapper is gone).
@@ -152,7 +271,13 @@ class GradientNoiseScaleTracker:
         self._param_hook_source.detach()
         if self._per_example_source is not None:
             self._per_example_source.detach()
+        for source in self._sources():
+            source.recording = False
         self._clear_step()
+
+    def _sources(self) -> list[GradNormSource]:
+        candidates = (self._comm_hook_source, self._param_hook_source, self._per_example_source)
+        return [s for s in candidates if s is not None]
 
     def to(self, device: torch.device | str) -> GradientNoiseScaleTracker:
         """Move the statistics to ``device`` (float32 on MPS, which has no float64)."""
@@ -162,6 +287,16 @@ class GradientNoiseScaleTracker:
             if device.type == "mps":
                 metric.set_dtype(torch.float32)
         return self
+
+    def own_states(self) -> None:
+        """Give every statistic its own storage.
+
+        ``strategy="ddp_spawn"`` pickles the callback into each process through shared memory, where the
+        processes would otherwise fold into the same tensors.
+        """
+        for metric in (self.metric, *self.layer_metrics.values()):
+            for name in metric._defaults:
+                getattr(metric, name).data = getattr(metric, name).detach().clone()
 
     # ------------------------------------------------------------------ readouts
     @property
@@ -191,63 +326,189 @@ class GradientNoiseScaleTracker:
 
     @property
     def covered_fraction(self) -> float:
-        """Fraction of the optimized parameters (by element count) that the estimate covers."""
+        """Fraction of the optimized trainable parameters (by element count) that the estimate covers.
+
+        In ``per_example`` mode, parameters outside the supported layers and those found unmeasurable (see
+        :meth:`check`) are not covered. Reading it after a measured step synchronises with the device.
+        """
         total = sum(p.numel() for p in self._params)
-        return sum(p.numel() for p in self._measured_params()) / total if total else float("nan")
+        if not total:
+            return float("nan")
+        source = self._per_example_source
+        if source is None:
+            return 1.0
+        self.check()
+        return sum(p.numel() for p in source.covered_params()) / total
+
+    def check(self) -> list[str]:
+        """Announce what the measurement leaves out or cannot measure (once each); returns the new messages.
+
+        Reads a few flags from the device: call it on steps that log, not on every step.
+        """
+        before = len(self._announced)
+        source = self._per_example_source
+        if source is not None and self._excluded.numel():
+            for index in self._excluded.nonzero().flatten().tolist():
+                source.exclude(
+                    index,
+                    f"layer {source.param_layers[index]!r} received a gradient without its per-example hooks"
+                    " firing (its weight is used outside the module's forward, as in nn.MultiheadAttention's"
+                    " out_proj, or by a functional call)",
+                )
+            for reason in source.excluded.values():
+                self._announce(
+                    f"GradientNoiseScale(mode='per_example'): {reason}. Its parameters are left out of both batch"
+                    " sizes' norms (see gns/covered_fraction); the rest of the model is measured."
+                )
+        metric = self.metric
+        if int(metric.measured_steps) == 0 and int(metric.skipped_steps) >= 1:
+            self._announce(self._nothing_measured_message())
+        return self._announced[before:]
+
+    def _nothing_measured_message(self) -> str:
+        reasons = []
+        if self._step_failure_seen is not None:
+            reasons.append(self._step_failure_seen)
+        if self.mode == "per_example" and self._world_size == 1 and self._accumulation == 1:
+            reasons.append(
+                "a micro-batch of one example on one process has a single small batch (per_example needs at least"
+                " two examples per optimizer step)"
+            )
+        if self.mode == "microbatch" and self._accumulation < 2:
+            reasons.append("mode='microbatch' needs accumulate_grad_batches >= 2")
+        why = "; ".join(reasons) if reasons else "non-finite gradients or fewer than two small batches per step"
+        return (
+            "GradientNoiseScale: no optimizer step could be measured so far"
+            f" ({int(self.metric.skipped_steps)} skipped): {why}. B_simple stays NaN until a step can be measured."
+        )
+
+    def _announce(self, message: str) -> None:
+        if message not in self._announced:
+            self._announced.append(message)
+            self._warn(message)
 
     # ------------------------------------------------------------------ per micro-batch
-    def start_micro_batch(self, units: int, accumulation: int = 1, measure: bool = True) -> None:
+    def start_micro_batch(
+        self, units: int | Tensor, accumulation: int = 1, measure: bool = True, examples: int | None = None
+    ) -> None:
         """Call before a micro-batch's forward pass.
 
         Args:
-            units: examples (or tokens) in the micro-batch; its loss is the mean over them.
+            units: examples (or tokens) in the micro-batch, its loss being the mean over them; or a 1-D integer
+                tensor with each example's count (e.g. ``attention_mask.sum(dim=1)``): then the micro-batch holds
+                their sum and, in ``per_example`` mode, each example its own count and loss share.
             accumulation: micro-batches per optimizer step (the loss is divided by it).
             measure: whether this optimizer step is measured (the same for all its micro-batches).
+            examples: ``per_example`` mode: the examples in the micro-batch, which every hooked layer's leading
+                dimension must match. Default: ``len(units)`` for a tensor, else ``units``.
         """
         self._accumulation = accumulation
         self._measuring_step = measure
         self._micro_batch_units = units
+        if examples is None:
+            if not isinstance(units, Tensor):
+                examples = units
+            elif units.dim() == 1:
+                examples = units.numel()
         source = self._source_for(accumulation)
-        for candidate in (self._comm_hook_source, self._param_hook_source, self._per_example_source):
-            if candidate is not None:
-                candidate.recording = measure and candidate is source
+        if self._in_micro_batch:
+            self.stop_recording()  # the last micro-batch had no backward (training_step returned None)
+        for candidate in self._sources():
+            candidate.recording = measure and candidate is source
+        if self._per_example_source is not None:
+            self._per_example_source.expected_examples = examples
         self._active_source = source
+        self._in_micro_batch = measure
 
     def _source_for(self, accumulation: int) -> GradNormSource:
         if self._per_example_source is not None:
             return self._per_example_source
         # The comm hook sees per-rank gradients only when every backward synchronizes.
-        if self._comm_hook_source is not None and accumulation == 1:
-            return self._comm_hook_source
+        comm = self._comm_hook_source
+        if comm is not None and comm.usable and accumulation == 1:
+            return comm
         if not self._param_hook_source.attached:
             self._param_hook_source.attach(self._params)
         return self._param_hook_source
 
     def end_micro_batch(self) -> None:
-        """Call after a micro-batch's backward pass."""
-        if not self._measuring_step or self._active_source is None:
+        """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation)."""
+        source = self._active_source
+        for candidate in self._sources():
+            candidate.recording = False  # gradients outside the training backward are not recorded
+        if not (self._in_micro_batch and self._measuring_step) or source is None:
             return
-        norms = self._active_source.pop_norms()
+        self._in_micro_batch = False
+        if isinstance(source, PerExampleSource):
+            self._end_per_example_micro_batch(source)
+            return
+        norms = source.pop_norms()
         if norms is None:
             return
-        # A backward that held n small batches (n = 1, or the examples in per_example mode) saw each one's
-        # mean-loss gradient g times its share 1/n of the micro-batch mean (times the loss factor, removed at
-        # the step). With size u/n each, its term of A = sum_i b_i |g_i|^2 is u * n * sum_i |raw_i|^2.
-        units, n = self._micro_batch_units, norms.numel()
-        weight = float(units * n)
-        self._weighted_sq_sum = self._accumulate(self._weighted_sq_sum, norms.double().square().sum() * weight)
-        self._num_small += n
-        self._units += units
-        self._inv_units += 1.0 / units
-        self._num_backward += 1
-        if self.per_layer and self._per_example_source is not None:
-            for name, sq in self._per_example_source.last_layer_sq_norms.items():
-                self._layer_sums[name] = self._accumulate(self._layer_sums.get(name), sq.double().sum() * weight)
-                self._layer_backward_counts[name] = self._layer_backward_counts.get(name, 0) + 1
+        # A backward that held one small batch (the micro-batch, or this rank's share of it) saw its mean-loss
+        # gradient g (times the loss factor, removed at the step): its term of A = sum_i b_i |g_i|^2 is u |raw|^2.
+        units = self._micro_batch_units
+        units_sum: int | Tensor = units.sum() if isinstance(units, Tensor) else units
+        term = norms.double().square().sum() * units_sum
+        self._weighted_sq_sum = term if self._weighted_sq_sum is None else self._weighted_sq_sum + term
+        self._num_small += norms.numel()
+        self._add_micro_batch_units(units_sum)
 
-    @staticmethod
-    def _accumulate(total: Tensor | None, term: Tensor) -> Tensor:
-        return term if total is None else total + term
+    def stop_recording(self) -> None:
+        """Stop a micro-batch that had no backward pass, dropping whatever its forward left in the sources."""
+        for candidate in self._sources():
+            candidate.recording = False
+        if self._in_micro_batch:
+            self._in_micro_batch = False
+            for candidate in self._sources():
+                if isinstance(candidate, PerExampleSource):
+                    candidate.pop_backward()
+                else:
+                    candidate.pop_norms()
+
+    def _add_micro_batch_units(self, units_sum: int | Tensor) -> None:
+        self._units = self._units + units_sum
+        self._inv_units = self._inv_units + 1.0 / units_sum
+        self._num_backward += 1
+
+    def _end_per_example_micro_batch(self, source: PerExampleSource) -> None:
+        backward = source.pop_backward()
+        if backward is None:
+            backward = PerExampleBackward(torch.zeros(0), (), "no supported layer ran in this micro-batch")
+        if backward.failed is not None:
+            self._step_failure = self._step_failure_seen = backward.failed
+            self._add_micro_batch_units(1)
+            return
+        # Example i holds c_i units and a share s_i = c_i / u of the micro-batch's mean loss (u = sum c_i), so
+        # the backward saw s_i g_i: its term of A = sum_i b_i |g_i|^2 is c_i (u / c_i)^2 |raw_i|^2 = u^2 / c_i
+        # |raw_i|^2. Examples without units (all padding) are no small batch.
+        sq_norms = backward.sq_norms.double()
+        units = self._micro_batch_units
+        if isinstance(units, Tensor) and units.dim() == 1:
+            counts = units.to(device=sq_norms.device, dtype=torch.float64)
+            if counts.numel() != sq_norms.shape[1]:
+                self._step_failure = self._step_failure_seen = (
+                    f"batch_size_fn returned {counts.numel()} per-example counts for {sq_norms.shape[1]} examples"
+                )
+                self._add_micro_batch_units(1)
+                return
+            units_sum: int | Tensor = counts.sum()
+            assert isinstance(units_sum, Tensor)
+            has_units = counts > 0
+            weights = torch.where(has_units, units_sum.square() / counts.clamp(min=1), torch.zeros_like(counts))
+            term = sq_norms @ weights
+            self._num_small = self._num_small + has_units.sum()
+        else:
+            units_sum = units
+            term = sq_norms.sum(dim=1) * (units * float(sq_norms.shape[1]))
+            self._num_small = self._num_small + sq_norms.shape[1]
+        self._weighted_sq_sum = term if self._weighted_sq_sum is None else self._weighted_sq_sum + term
+        self._measured = (
+            backward.measured
+            if not self._measured
+            else tuple(a or b for a, b in zip(self._measured, backward.measured, strict=True))
+        )
+        self._add_micro_batch_units(units_sum)
 
     # ------------------------------------------------------------------ per optimizer step
     def measure_step(self, loss_scale: Tensor | float | None = None) -> bool:
@@ -258,8 +519,8 @@ class GradientNoiseScaleTracker:
         is the scale the backward passes used (``scaler.get_scale()``, or its tensor to avoid a host sync).
         In a distributed run, call it on every process: it performs one small all-reduce.
 
-        No host synchronisation and no host-to-device copy happen here: the counts known on the host enter
-        the packed statistics as scalar fills.
+        No host synchronisation happens here (in per_example mode with per-example counts, none either: the
+        counts stay on the device).
 
         Returns:
             True if this step was measured (folded into the metric, or counted as skipped there), False if
@@ -274,40 +535,85 @@ class GradientNoiseScaleTracker:
         unscale_sq: Tensor | float = float(k * k)
         if loss_scale is not None:
             unscale_sq = k * k / torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64).square()
-        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
-        whole = self._weighted_sq_sum if self._weighted_sq_sum is not None else nan
         # .grad = sum over (rank, backward, small batch) of share * g / (world_size * k): the share-weighted
         # mean over the step's small batches is .grad * k / (backward passes per rank), which is also right
         # for a short last window of the epoch.
-        params = self._big_norm_params()
-        param_sq_norms = _param_sq_norms(params, device)
-        sums = [whole.to(device)]
-        bigs = [param_sq_norms.sum()]
-        layer_metrics: list[GradientNoiseScaleMetric] = []
-        if self.per_layer and self._per_example_source is not None:
-            big_by_layer = torch.zeros(len(self._layer_names), dtype=torch.float64, device=device)
-            big_by_layer.index_add_(0, self._layer_index_of_share, param_sq_norms)
-            for i, name in enumerate(self._layer_names):
-                complete = self._layer_backward_counts.get(name, 0) == m
-                # A layer without a gradient in some backward pass is skipped (NaN) in this step; every rank
-                # still sends a row for it, so the all-reduce has the same length everywhere.
-                sums.append(self._layer_sums[name].to(device) if complete else nan)
-                bigs.append(big_by_layer[i])
-                layer_metrics.append(self.layer_metric(name))
-        packed = torch.zeros(len(sums), len(SmallBatchSummary._fields) + 1, dtype=torch.float64, device=device)
-        packed[:, 0] = torch.stack(sums) * unscale_sq
-        packed[:, 1] = float(self._num_small)
-        packed[:, 2] = float(self._units)
-        packed[:, 3] = float(m)  # sum of shares: 1 per backward pass
-        packed[:, 4] = self._inv_units  # sum of share^2 / size: 1 / units per backward pass
-        packed[:, 5] = torch.stack(bigs)
-        if self._world_size > 1:
-            dist.all_reduce(packed, group=self._process_group)
         big_factor = (k / max(m, 1)) ** 2
-        for metric, row in zip([self.metric, *layer_metrics], packed, strict=True):
-            metric.fold(SmallBatchSummary.from_stacked(row[:-1]), row[-1] * big_factor)
+        param_sq_norms = _param_sq_norms(self._big_norm_share, device)
+        if self._per_example_source is not None:
+            self._measure_per_example_step(device, unscale_sq, big_factor, param_sq_norms)
+        else:
+            nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+            whole = self._weighted_sq_sum if self._weighted_sq_sum is not None else nan
+            packed = torch.empty(len(SmallBatchSummary._fields) + 1, dtype=torch.float64, device=device)
+            packed[0] = whole.to(device) * unscale_sq
+            self._fill_counts(packed[1:5])
+            packed[5] = param_sq_norms.sum()
+            if self._world_size > 1:
+                dist.all_reduce(packed, group=self._process_group)
+            self.metric.fold(SmallBatchSummary.from_stacked(packed[:5]), packed[5] * big_factor)
         self._clear_step()
         return True
+
+    def _fill_counts(self, out: Tensor) -> None:
+        """n, B, W and sum w^2/b of this rank's step: fills for host numbers, copies for device tensors."""
+        out[0] = self._num_small
+        out[1] = self._units
+        out[2] = float(self._num_backward)  # sum of shares: 1 per backward pass
+        out[3] = self._inv_units  # sum of share^2 / size: 1 / units per backward pass
+
+    def _measure_per_example_step(
+        self, device: torch.device, unscale_sq: Tensor | float, big_factor: float, param_sq_norms: Tensor
+    ) -> None:
+        source = self._per_example_source
+        assert source is not None
+        n_params = len(source.params)
+        # One all-reduce: per watched parameter A_p, |G_big,p|^2 (this rank's share), whether it got per-example
+        # norms, whether it was found unmeasurable; then the step's counts.
+        packed = torch.zeros(4 * n_params + 4, dtype=torch.float64, device=device)
+        a_part, big_part, measured_part, bad_part = packed[:-4].view(4, n_params).unbind()
+        failed = self._step_failure is not None or self._weighted_sq_sum is None
+        if failed:
+            a_part.fill_(float("nan"))
+            measured_part.fill_(1.0)  # no inference about unmeasured parameters from a failed step
+        else:
+            assert self._weighted_sq_sum is not None
+            a_part.copy_(self._weighted_sq_sum * unscale_sq)
+            measured_part.copy_(self._flags(self._measured, device))
+        if self._sharded:
+            big_part.copy_(param_sq_norms)
+        else:
+            big_part.index_copy_(0, self._share_index, param_sq_norms)
+        bad_part.copy_(self._flags(tuple(i in source.excluded for i in range(n_params)), device))
+        self._fill_counts(packed[-4:])
+        if self._world_size > 1:
+            dist.all_reduce(packed, group=self._process_group)
+        # A parameter that some rank found unmeasurable, or that has a gradient nobody measured per example
+        # (its layer never ran as a module), is left out of both norms from now on, on every rank alike.
+        self._excluded |= (bad_part > 0) | ((measured_part == 0) & (big_part > 0))
+        keep = (~self._excluded).to(torch.float64)
+        a_kept, big_kept = a_part * keep, big_part * keep
+        counts = SmallBatchSummary.from_stacked(torch.cat([a_kept.sum().reshape(1), packed[-4:]]))
+        self.metric.fold(counts, big_kept.sum() * big_factor)
+        self._covered_numel = (self._numels * keep).sum()
+        if self.per_layer:
+            n_layers = len(self._layer_names)
+            by_layer = torch.zeros(3, n_layers, dtype=torch.float64, device=device)
+            for row, values in enumerate((a_kept, big_kept, measured_part * keep)):
+                by_layer[row].index_add_(0, self._layer_index, values)
+            # A layer that nothing measured in this step (unused everywhere, or excluded) skips it.
+            a_layer = torch.where(by_layer[2] > 0, by_layer[0], torch.full_like(by_layer[0], float("nan")))
+            for i, name in enumerate(self._layer_names):
+                layer_counts = SmallBatchSummary(a_layer[i], *counts[1:])
+                self.layer_metric(name).fold(layer_counts, by_layer[1, i] * big_factor)
+
+    def _flags(self, flags: tuple[bool, ...], device: torch.device) -> Tensor:
+        # Cached per distinct tuple: a fresh host-to-device copy every step would cost more than the flags.
+        tensor = self._flag_tensors.get(flags)
+        if tensor is None:
+            tensor = torch.tensor(flags, dtype=torch.float64, device=device)
+            self._flag_tensors[flags] = tensor
+        return tensor
 
     def layer_metric(self, name: str) -> GradientNoiseScaleMetric:
         """The metric of one layer (created on first use, on the main metric's device)."""
@@ -316,35 +622,12 @@ class GradientNoiseScaleTracker:
             self.layer_metrics[name] = metric.to(self.metric.grad_sq_norm_ema.device)
         return self.layer_metrics[name]
 
-    def _measured_params(self) -> list[nn.Parameter]:
-        if self._per_example_source is not None:
-            return self._per_example_source.covered_params()
-        return self._params
-
-    def _big_norm_params(self) -> list[nn.Parameter]:
-        measured = self._measured_params()
-        if len(measured) != self._big_norm_share_of:
-            world_size = 1 if self._sharded else self._world_size  # shards already split the work
-            self._big_norm_share = _balanced_share(measured, world_size, self._rank)
-            self._big_norm_share_of = len(measured)
-            if self._per_example_source is not None:
-                # Every rank folds the same layers in the same order, whatever its share holds.
-                owner = self._per_example_source.owner
-                self._layer_names = sorted({owner(p) for p in measured})
-                position = {name: i for i, name in enumerate(self._layer_names)}
-                device = self.metric.grad_sq_norm_ema.device
-                # Built once per change of the covered set, not per step (a host-to-device copy).
-                self._layer_index_of_share = torch.tensor(
-                    [position[owner(p)] for p in self._big_norm_share], dtype=torch.long, device=device
-                )
-        return self._big_norm_share
-
     def _clear_step(self) -> None:
         self._weighted_sq_sum = None
+        self._measured = ()
+        self._step_failure = None
         self._num_small = self._units = self._num_backward = 0
         self._inv_units = 0.0
-        self._layer_sums = {}
-        self._layer_backward_counts = {}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -370,21 +653,6 @@ def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return unique
 
 
-def _try_comm_hook(
-    ddp_model: nn.parallel.DistributedDataParallel, params: list[nn.Parameter]
-) -> DDPCommHookSource | None:
-    if {id(p) for p in ddp_model.parameters() if p.requires_grad} != {id(p) for p in params}:
-        # The buckets would mix in parameters the optimizer does not step (or miss some).
-        return None
-    source = DDPCommHookSource()
-    try:
-        source.attach(ddp_model)
-    except RuntimeError:
-        # Only one comm hook per DDP model: the user's (or DDP mixed precision's) wins.
-        return None
-    return source
-
-
 def _metric_states(metric: GradientNoiseScaleMetric) -> dict[str, Tensor]:
     return {name: getattr(metric, name).detach().cpu().clone() for name in metric._defaults}
 
@@ -392,6 +660,10 @@ def _metric_states(metric: GradientNoiseScaleMetric) -> dict[str, Tensor]:
 def _load_metric_states(metric: GradientNoiseScaleMetric, states: dict[str, Tensor]) -> None:
     for name, value in states.items():
         getattr(metric, name).copy_(value)
+
+
+def _python_warning(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def _balanced_share(params: list[nn.Parameter], world_size: int, rank: int) -> list[nn.Parameter]:
@@ -414,11 +686,24 @@ def _param_sq_norms(params: list[nn.Parameter], device: torch.device) -> Tensor:
     grads = [_local(p.grad) for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(len(params), dtype=torch.float64, device=device)
-    # One fused pass; half-precision gradients are accumulated in float32.
-    norms = iter(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    zero = torch.zeros((), dtype=torch.float32, device=device)
+    norms = iter(_fused_norms(grads))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
     per_param = [next(norms) if p.grad is not None else zero for p in params]
-    return torch.stack(per_param).to(device=device, dtype=torch.float64).square()
+    return torch.stack([n.to(device=device, dtype=torch.float64) for n in per_param]).square()
+
+
+def _fused_norms(grads: list[Tensor]) -> list[Tensor]:
+    """One fused norm pass per dtype; half-precision gradients are accumulated in float32, float64 kept."""
+    wide = [g.dtype == torch.float64 for g in grads]
+    if not any(wide):
+        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    if all(wide):
+        return list(torch._foreach_norm(grads, 2))
+    narrow_norms = iter(
+        torch._foreach_norm([g for g, w in zip(grads, wide, strict=True) if not w], 2, dtype=torch.float32)
+    )
+    wide_norms = iter(torch._foreach_norm([g for g, w in zip(grads, wide, strict=True) if w], 2))
+    return [next(wide_norms) if w else next(narrow_norms) for w in wide]
 
 
 def _is_dtensor(tensor: Tensor) -> bool:

@@ -78,7 +78,8 @@ def test_no_host_sync_on_steps_that_do_not_log(mode: str, accumulate: int, per_l
     x, y = problem.sample(8 * accumulate * 12, seed=61)
     gns = GradientNoiseScale(beta=0.9, mode=mode, per_layer=per_layer)  # type: ignore[arg-type]
     watcher = SyncWatcher()
-    make_trainer([gns, watcher], accumulate_grad_batches=accumulate).fit(
+    # The watcher first: its on_train_end stops recording before the callback's end-of-training check reads.
+    make_trainer([watcher, gns], accumulate_grad_batches=accumulate).fit(
         LinearRegression(problem, lr=0.1), loader(x, y, 8)
     )
     assert watcher.context is not None

@@ -23,7 +23,7 @@ from lightning_gns.batch_schedule import (
     lr_factor,
     sqrt_schedule,
 )
-from lightning_gns.batch_size import checked_batch_size
+from lightning_gns.batch_size import checked_batch_size, units_as_int
 from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
@@ -289,7 +289,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             and step % self.check_every_n_steps == 0
         )
         if logging or deciding or self.micro_batch_size is None:
-            units = checked_batch_size(self.gns.batch_size_fn, batch)
+            units = units_as_int(checked_batch_size(self.gns.batch_size_fn, batch))
             self.micro_batch_size = max(units, self.micro_batch_size or 0)
         if logging:
             self._log(pl_module, trainer.world_size)

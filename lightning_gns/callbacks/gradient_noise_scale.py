@@ -16,7 +16,7 @@ from lightning_gns.batch_size import BatchSizeFn, checked_batch_size, leading_di
 from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
-from lightning_gns.sources.per_example import Layers
+from lightning_gns.sources.per_example import Layers, batch_coupled_layers
 from lightning_gns.tensorboard_layout import write_layout
 from lightning_gns.tracker import GradientNoiseScaleTracker
 
@@ -143,11 +143,16 @@ class GradientNoiseScaleLogic(LightningNamespace):
         self.layers: Layers = layers
         self.per_layer = per_layer
         self.kaplan_loss = kaplan_loss
-        self.tracker = GradientNoiseScaleTracker(beta=self.beta, layers=layers, per_layer=per_layer)
+        self.tracker = GradientNoiseScaleTracker(beta=self.beta, layers=layers, per_layer=per_layer, warn=self._warn)
+        self._comm_hook_pending = False
+        self._warned_token_units = False
         # Effective batch of the first measured step: the reference of the statistical efficiency. A
         # device tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
         self.reference_batch_size: torch.Tensor | None = None
         self._kaplan_loss_value: torch.Tensor | None = None
+
+    def _warn(self, message: str) -> None:
+        self._lightning("utilities.rank_zero").rank_zero_warn(message)
 
     # ------------------------------------------------------------------ readouts
     @property
@@ -234,10 +239,37 @@ class GradientNoiseScaleLogic(LightningNamespace):
                 " True, with Trainer(accumulate_grad_batches=...) for accumulation). In a manual-optimization loop,"
                 " use lightning_gns.GradientNoiseScaleTracker (see the README) instead."
             )
-        self.mode = self._resolve_mode(trainer)
+        self.mode = self._resolve_mode(trainer, pl_module)
+        self.tracker.own_states()  # ddp_spawn pickled the states into memory shared with the other processes
         self.tracker.to(trainer.strategy.root_device)
+        self._refuse_fullgraph_compile(pl_module)
 
-    def _resolve_mode(self, trainer: Trainer) -> str:
+    def _refuse_fullgraph_compile(self, pl_module: LightningModule) -> None:
+        if self.mode != "per_example":
+            return
+        contexts = [(getattr(pl_module, "_compiler_ctx", None) or {}).get("dynamo_ctx")]
+        contexts += [getattr(m, "dynamo_ctx", None) for m in pl_module.modules()]
+        if any(getattr(ctx, "fullgraph", False) for ctx in contexts):
+            raise self._misconfiguration(
+                "GradientNoiseScale(mode='per_example') hooks every supported layer's forward and output gradient,"
+                " which torch.compile(fullgraph=True) cannot trace. Compile without fullgraph (graph breaks at the"
+                " hooks), or measure with mode='microbatch' (accumulate_grad_batches >= 2) or mode='ddp', whose"
+                " hooks sit on the parameters outside the compiled graph."
+            )
+
+    def _refuse_batch_coupling(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """SyncBatchNorm couples every rank's examples: no rank's or example's gradient is an independent sample."""
+        synced = getattr(trainer.strategy, "_layer_sync", None) is not None
+        synced = synced or any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules())
+        if synced and trainer.world_size > 1:
+            raise self._misconfiguration(
+                "GradientNoiseScale cannot measure a model with SyncBatchNorm on several processes: the synchronised"
+                " batch statistics couple the examples of every rank, so neither per-rank, per-micro-batch nor"
+                " per-example gradients are independent samples. Use Trainer(sync_batchnorm=False) (plain BatchNorm"
+                " per rank; mode='ddp' or 'microbatch' then measure correctly) or GroupNorm/LayerNorm."
+            )
+
+    def _resolve_mode(self, trainer: Trainer, pl_module: LightningModule) -> str:
         strategies = self._lightning("strategies")
         strategy = trainer.strategy
         max_accumulation = self._max_accumulation(trainer)
@@ -259,14 +291,35 @@ class GradientNoiseScaleLogic(LightningNamespace):
                 " (pytorch/pytorch#143580), with or without GradientNoiseScale. Use DDPStrategy(static_graph=False)"
                 " or accumulate_grad_batches=1."
             )
+        self._refuse_batch_coupling(trainer, pl_module)
         several_processes = is_ddp and trainer.world_size > 1
         mode = self.requested_mode
-        if mode == "auto":
-            if self.layers != "all" or self.per_layer:
-                return "per_example"
+        coupled = batch_coupled_layers(pl_module)
+        if mode == "auto" and not (self.layers != "all" or self.per_layer):
             if several_processes:
                 return "ddp"
-            return "microbatch" if max_accumulation > 1 else "per_example"
+            if max_accumulation > 1:
+                return "microbatch"
+            if coupled:
+                raise self._misconfiguration(
+                    f"GradientNoiseScale cannot measure this run: the model has BatchNorm ({', '.join(coupled[:3])}),"
+                    " which couples the examples of a batch so per-example gradients are not independent, and with"
+                    " one process and no gradient accumulation there is no other small batch. Set"
+                    " Trainer(accumulate_grad_batches=2) or more (mode='microbatch'), train on several processes"
+                    " with strategy='ddp' (mode='ddp'), or replace BatchNorm by GroupNorm or LayerNorm."
+                )
+            return "per_example"
+        if mode in ("auto", "per_example") and coupled:
+            raise self._misconfiguration(
+                "GradientNoiseScale(mode='per_example') cannot measure a model with BatchNorm"
+                f" ({', '.join(coupled[:3])}): it couples the examples of a batch, so per-example gradients are not"
+                " independent samples and their spread is not the gradient noise. Use mode='microbatch' with"
+                " Trainer(accumulate_grad_batches=2) or more, mode='ddp' on several processes, or replace"
+                " BatchNorm by GroupNorm or LayerNorm"
+                " (layers='norm' and per_layer=True need per-example gradients too)."
+            )
+        if mode == "auto":
+            return "per_example"
         if mode == "ddp" and not several_processes:
             raise self._misconfiguration(
                 f"GradientNoiseScale(mode='ddp') needs DDP with more than one process, got {type(strategy).__name__}"
@@ -309,12 +362,16 @@ class GradientNoiseScaleLogic(LightningNamespace):
         return max(values)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Optimizers and the DDP wrapper exist from here on, and no backward has run yet.
+        # Optimizers and the DDP wrapper exist from here on, and no backward has run yet. The DDP comm hook waits
+        # for the first training batch, after the LightningModule's own on_fit_start/on_train_start, where users
+        # register theirs.
         assert self.mode is not None
-        params = [p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]]
-        wrapper = trainer.strategy.model
-        ddp_model = wrapper if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) else None
-        self.tracker.attach(params, self.mode, model=pl_module, ddp_model=ddp_model)  # type: ignore[arg-type]
+        self._refuse_batch_coupling(trainer, pl_module)  # configure_model may have built the layers only now
+        try:
+            self.tracker.attach(self._optimized_params(trainer), self.mode, model=pl_module)  # type: ignore[arg-type]
+        except ValueError as error:
+            raise self._misconfiguration(f"GradientNoiseScale: {error}") from None
+        self._comm_hook_pending = self.mode == "ddp"
         for logger in trainer.loggers:
             write_layout(logger)
         if self.mode == "per_example" and not self.tracker.has_per_example_layers:
@@ -326,6 +383,13 @@ class GradientNoiseScaleLogic(LightningNamespace):
                 " devices (mode='ddp')."
             )
 
+    @staticmethod
+    def _optimized_params(trainer: Trainer) -> list[torch.nn.Parameter]:
+        return [p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]]
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.tracker.check()  # say once if no step could be measured, or what was left out
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracker.detach()
 
@@ -335,11 +399,38 @@ class GradientNoiseScaleLogic(LightningNamespace):
     # ------------------------------------------------------------------ per micro-batch and step
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         measure = trainer.global_step % self.measure_every_n_steps == 0
-        units = checked_batch_size(self.batch_size_fn, batch) if measure else 0
-        self.tracker.start_micro_batch(units, trainer.accumulate_grad_batches, measure)
+        if not measure:
+            self.tracker.start_micro_batch(0, trainer.accumulate_grad_batches, measure=False)
+            return
+        if self._comm_hook_pending:
+            self._comm_hook_pending = False
+            wrapper = trainer.strategy.model
+            if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
+                self.tracker.use_comm_hook(wrapper)
+        if self.tracker.step_is_empty:
+            self.tracker.sync_params(self._optimized_params(trainer))  # a backbone unfrozen, a group added
+        units = checked_batch_size(self.batch_size_fn, batch)
+        examples = None
+        if self.mode == "per_example" and not isinstance(units, torch.Tensor):
+            examples = _leading_dim_or_none(batch)
+            if examples is not None and examples != units and not self._warned_token_units:
+                self._warned_token_units = True
+                self._lightning("utilities.rank_zero").rank_zero_warn(
+                    f"GradientNoiseScale(mode='per_example'): batch_size_fn counts {units} units in a micro-batch of"
+                    f" {examples} examples, so each example is taken to hold {units / examples:g} units and an equal"
+                    " share of the loss. If the examples' lengths differ (padding), return one count per example"
+                    " instead, e.g. batch_size_fn=lambda batch: batch['attention_mask'].sum(dim=1), or B_simple"
+                    " comes out biased."
+                )
+        self.tracker.start_micro_batch(units, trainer.accumulate_grad_batches, measure=True, examples=examples)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracker.end_micro_batch()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.tracker.stop_recording()  # a training_step that returned None had no backward
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         # Gradients here are accumulated, all-reduced and unscaled, and not yet clipped.
@@ -347,6 +438,7 @@ class GradientNoiseScaleLogic(LightningNamespace):
         if measured and self.reference_batch_size is None:
             self.reference_batch_size = self.metric.last_b_big.clone()
         if (trainer.loggers or self.prog_bar) and trainer._logger_connector.should_update_logs:
+            self.tracker.check()
             self._log(trainer, pl_module)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -395,6 +487,13 @@ class GradientNoiseScaleLogic(LightningNamespace):
         self.tracker.load_state_dict(state_dict)
         reference = state_dict.get("reference_batch_size")
         self.reference_batch_size = None if reference is None else reference.to(self.metric.last_b_big.device)
+
+
+def _leading_dim_or_none(batch: Any) -> int | None:
+    try:
+        return leading_dim_batch_size(batch)
+    except ValueError:
+        return None
 
 
 def _amp_loss_scale(trainer: Trainer) -> torch.Tensor | None:

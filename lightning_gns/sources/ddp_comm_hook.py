@@ -28,6 +28,9 @@ class DDPCommHookSource(GradNormSource):
     def __init__(self) -> None:
         super().__init__()
         self.process_group: Optional[dist.ProcessGroup] = None  # noqa: UP045
+        # False when DDP's buckets hold other parameters than the measured ones: the hook keeps all-reducing,
+        # and the caller takes per-rank norms from parameter hooks instead.
+        self.usable = True
 
     def attach(self, ddp_model: DistributedDataParallel) -> None:
         self.process_group = ddp_model.process_group

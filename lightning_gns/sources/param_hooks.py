@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
+import torch
 from torch import Tensor, nn
 
 from lightning_gns.sources.base import GradNormSource, fp32_norm
@@ -16,14 +18,40 @@ class ParamHookSource(GradNormSource):
     (summed over every use of the parameter, so tied weights count once) before autograd adds it to
     ``.grad`` and before DDP all-reduces it. The hook computes a norm and keeps nothing else, so no
     gradient is copied or kept alive. Works on one device and, per rank, under DDP.
+
+    A parameter whose hook fires twice between two :meth:`pop_norms` (``autograd.grad`` with respect to the
+    parameters inside ``training_step``, or two backward passes per micro-batch) makes the micro-batch
+    unmeasurable: the norm of a sum is not the sum of norms. :meth:`pop_norms` then returns NaN.
     """
 
     name = "param_hooks"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[int] = set()
+        self.failed: str | None = None
+
     def attach(self, params: Iterable[nn.Parameter]) -> None:
         self.detach()
-        self._handles = [p.register_hook(self._on_grad) for p in params if p.requires_grad]
+        self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(params) if p.requires_grad]
 
-    def _on_grad(self, grad: Tensor) -> None:
-        if self.recording:
-            self.record(fp32_norm(grad))
+    def _on_grad(self, index: int, grad: Tensor) -> None:
+        if not self.recording:
+            return
+        if index in self._seen:
+            self.failed = "a parameter received two gradients in one micro-batch (a second backward or autograd.grad)"
+        self._seen.add(index)
+        self.record(fp32_norm(grad))
+
+    def pop_norms(self) -> Tensor | None:
+        failed, self.failed = self.failed, None
+        self._seen.clear()
+        norms = super().pop_norms()
+        if failed is not None and norms is not None:
+            return torch.full_like(norms, float("nan"))
+        return norms
+
+    def detach(self) -> None:
+        self._seen.clear()
+        self.failed = None
+        super().detach()

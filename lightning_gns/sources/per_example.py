@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -25,6 +26,8 @@ from lightning_gns.sources.per_example_factors import (
 Layers = Literal["all", "norm"]
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, *NORM_LAYERS)
+# Layers whose output for one example depends on the other examples of the batch.
+BATCH_COUPLED_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
 
 def is_supported(module: nn.Module, layers: Layers = "all") -> bool:
@@ -109,6 +112,27 @@ def _conv_factors(module: nn.Conv1d | nn.Conv2d, inp: Tensor, grad_out: Tensor) 
     return factors
 
 
+def batch_coupled_layers(model: nn.Module) -> list[str]:
+    """Names of the layers that couple the examples of a batch (BatchNorm and SyncBatchNorm in any form).
+
+    A batch-normalised layer's output for one example depends on every example of the batch, so the
+    per-example gradients are not independent samples and their spread is not the gradient noise.
+    """
+    return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, BATCH_COUPLED_LAYERS)]
+
+
+@dataclass
+class PerExampleBackward:
+    """What one backward pass gave the per-example source."""
+
+    sq_norms: Tensor
+    """(P, B) per-example squared gradient norm of each watched parameter (0 where it got none)."""
+    measured: tuple[bool, ...]
+    """Which watched parameters received per-example norms in this backward."""
+    failed: str | None
+    """Why the whole backward cannot be measured (a double backward, ...), or None."""
+
+
 class PerExampleSource(GradNormSource):
     """Per-example gradient norms of the supported layers' parameters (``B_small = 1``).
 
@@ -120,8 +144,15 @@ class PerExampleSource(GradNormSource):
     (tied embeddings, a module called twice) get exact cross terms. Gradients of the per-example *share*
     of the batch loss are reported; the caller rescales them to per-example losses.
 
-    Parameters no supported layer produces are not covered; :meth:`covered_params` lists those that are,
-    and the big-batch norm must be taken over the same parameters.
+    The watched parameters (:attr:`params`, fixed at :meth:`attach`) are those of supported layers. A use
+    that cannot be split per example excludes the parameter for the rest of the run (:attr:`excluded`, with
+    the reason): a layer whose input's leading dimension is not the micro-batch's example count
+    (:attr:`expected_examples`), such as a positional embedding called on ``arange(T)`` and broadcast over
+    the batch, or a Linear applied to tokens flattened to ``(B*T, d)``. An output gradient that arrives twice
+    (a double backward, ``autograd.grad`` through the layers before ``backward``) makes the whole backward
+    unmeasurable (:attr:`PerExampleBackward.failed`). A parameter whose layer never runs as a module (its
+    weight used functionally, as in ``nn.MultiheadAttention``'s ``out_proj``) receives no per-example norm;
+    the caller detects it from its gradient.
     """
 
     name = "per_example"
@@ -129,99 +160,177 @@ class PerExampleSource(GradNormSource):
     def __init__(self, layers: Layers = "all") -> None:
         super().__init__()
         self.layers = layers
-        self._param_owner: dict[int, str] = {}  # parameter id -> name of the first layer owning it
-        # Module id -> its measured (name, parameter) pairs, as registered at attach. Looked up by module
-        # rather than read from the module in forward: FSDP2 (fully_shard) swaps the registered sharded
+        self.params: list[nn.Parameter] = []
+        self.param_layers: list[str] = []  # name of the first layer owning each watched parameter
+        self.excluded: dict[int, str] = {}  # index into params -> why it cannot be measured per example
+        self.expected_examples: int | None = None
+        self._index: dict[int, int] = {}  # parameter id -> index into params
+        # Module id -> its measured (name, parameter index) pairs, as registered at attach. Looked up by
+        # module rather than read from the module in forward: FSDP2 (fully_shard) swaps the registered sharded
         # parameters for unsharded tensors during forward, and the sharded ones are what .grad lives on.
-        self._module_params: dict[int, list[tuple[str, nn.Parameter]]] = {}
-        self._covered: dict[int, nn.Parameter] = {}
-        # Per backward pass: per-example squared norms by parameter, pending uses and their factors.
+        self._module_params: dict[int, list[tuple[str, int]]] = {}
+        self._module_names: dict[int, str] = {}
+        self._broadcast_modules: set[int] = set()  # embeddings found called on arange(B): shared positions
+        self._checked_1d_modules: set[int] = set()
+        # Per backward pass: per-example squared norms by parameter index, pending uses and their factors.
         self._sq_norms: dict[int, Tensor] = {}
         self._pending_uses: dict[int, int] = defaultdict(int)
         self._stored_factors: dict[int, list[Factor]] = defaultdict(list)
-        self.failed = False
+        self._failed: str | None = None
         self.last_layer_sq_norms: dict[str, Tensor] = {}
 
     def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:  # type: ignore[override]
         self.detach()
         wanted = {id(p) for p in params}
+        self.params, self.param_layers, self._index, self.excluded = [], [], {}, {}
         for module_name, module in model.named_modules():
             if not is_supported(module, self.layers):
                 continue
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) in wanted]
             if not own:
                 continue
-            for _, p in own:
-                self._param_owner.setdefault(id(p), module_name or type(module).__name__)
-            self._module_params[id(module)] = own
+            indices = []
+            for param_name, p in own:
+                if id(p) not in self._index:
+                    self._index[id(p)] = len(self.params)
+                    self.params.append(p)
+                    self.param_layers.append(module_name or type(module).__name__)
+                indices.append((param_name, self._index[id(p)]))
+            self._module_params[id(module)] = indices
+            self._module_names[id(module)] = module_name or type(module).__name__
             self._handles.append(module.register_forward_hook(self._on_forward))
 
     def covered_params(self) -> list[nn.Parameter]:
-        """Parameters that have received per-example norms so far."""
-        return list(self._covered.values())
+        """Watched parameters not excluded so far."""
+        return [p for i, p in enumerate(self.params) if i not in self.excluded]
 
     def owner(self, param: nn.Parameter) -> str:
-        """Name of the layer a covered parameter is reported under (its first owner for tied weights)."""
-        return self._param_owner[id(param)]
+        """Name of the layer a watched parameter is reported under (its first owner for tied weights)."""
+        return self.param_layers[self._index[id(param)]]
+
+    def exclude(self, index: int, reason: str) -> None:
+        """Leave a watched parameter out from now on (both batch sizes' norms), for ``reason``."""
+        self.excluded.setdefault(index, reason)
 
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not (self.recording and isinstance(output, Tensor) and output.requires_grad and args):
             return
         inp = args[0]
         params = self._module_params.get(id(module), [])
-        for _, p in params:
-            self._pending_uses[id(p)] += 1
-        output.register_hook(partial(self._on_output_grad, module, inp.detach(), params))
+        if not params or all(i in self.excluded for _, i in params):
+            return
+        problem = self._batch_dim_problem(module, inp, output)
+        if problem is not None:
+            for _, i in params:
+                self.exclude(i, problem)
+            return
+        for _, i in params:
+            self._pending_uses[i] += 1
+        fired = [False]
+        output.register_hook(partial(self._on_output_grad, module, inp.detach(), params, fired))
+
+    def _batch_dim_problem(self, module: nn.Module, inp: Tensor, output: Tensor) -> str | None:
+        """Why this call's leading dimension is not the batch of examples, or None if it is."""
+        expected = self.expected_examples
+        if expected is None:
+            return None
+        name = self._module_names[id(module)]
+        leading = output.shape[0] if output.dim() > 0 else None
+        if leading != expected:
+            return (
+                f"layer {name!r} ({type(module).__name__}) was called on a tensor of shape {tuple(inp.shape)}, whose"
+                f" leading dimension is not the micro-batch's {expected} examples (a positional embedding of"
+                " arange(T) broadcast over the batch, tokens flattened to (B*T, d), or a sequence-first layout)"
+            )
+        if isinstance(module, nn.Embedding) and inp.dim() == 1:
+            # A 1-D index of length B is either one row per example (a class embedding) or, when T == B by
+            # chance, positions shared by every example. Telling them apart reads the index once per layer.
+            if id(module) not in self._checked_1d_modules:
+                self._checked_1d_modules.add(id(module))
+                if torch.equal(inp, torch.arange(inp.shape[0], device=inp.device, dtype=inp.dtype)):
+                    self._broadcast_modules.add(id(module))
+            if id(module) in self._broadcast_modules:
+                return (
+                    f"layer {name!r} (Embedding) was called on arange({inp.shape[0]}): positions shared by every"
+                    " example are broadcast over the batch, so the layer cannot split its gradient per example"
+                )
+        return None
 
     def _on_output_grad(
-        self, module: nn.Module, inp: Tensor, params: list[tuple[str, nn.Parameter]], grad_out: Tensor
+        self, module: nn.Module, inp: Tensor, params: list[tuple[str, int]], fired: list[bool], grad_out: Tensor
     ) -> None:
+        if not self.recording:
+            return
+        if fired[0]:
+            self._failed = (
+                "a layer's output gradient arrived twice in one backward pass (a double backward, or autograd.grad"
+                " through the model before backward): per-example norms would mix both passes"
+            )
+            return
+        fired[0] = True
         try:
             factors = layer_factors(module, inp, grad_out.detach())
-            for param_name, param in params:
-                if param_name in factors:
-                    self._add(param, factors[param_name])
-        except (NotImplementedError, RuntimeError):
+            for param_name, index in params:
+                if param_name in factors and index not in self.excluded:
+                    self._add(index, factors[param_name])
+        except (NotImplementedError, RuntimeError) as error:
             # A combination we cannot measure exactly: report the step as unmeasurable, never a wrong value.
-            self.failed = True
+            self._failed = f"per-example norms of layer {self._module_names[id(module)]!r} failed: {error}"
 
-    def _add(self, param: nn.Parameter, factor: Factor) -> None:
-        key = id(param)
+    def _add(self, index: int, factor: Factor) -> None:
         sq = factor_sq_norm(factor)
-        for earlier in self._stored_factors[key]:
+        for earlier in self._stored_factors[index]:
             sq = sq + 2 * factor_inner(earlier, factor)
-        self._sq_norms[key] = self._sq_norms[key] + sq if key in self._sq_norms else sq
-        self._covered.setdefault(key, param)
-        self._pending_uses[key] -= 1
-        if self._pending_uses[key] > 0:  # more uses of this parameter will arrive in this backward
-            self._stored_factors[key].append(factor)
+        self._sq_norms[index] = self._sq_norms[index] + sq if index in self._sq_norms else sq
+        self._pending_uses[index] -= 1
+        if self._pending_uses[index] > 0:  # more uses of this parameter will arrive in this backward
+            self._stored_factors[index].append(factor)
         else:
-            self._stored_factors.pop(key, None)
+            self._stored_factors.pop(index, None)
+
+    def pop_backward(self) -> PerExampleBackward | None:
+        """The per-parameter, per-example squared norms recorded since the last call; None if none."""
+        sq_norms, failed = self._sq_norms, self._failed
+        self._sq_norms, self._failed = {}, None
+        self._pending_uses.clear()
+        self._stored_factors.clear()
+        if not sq_norms and failed is None:
+            return None
+        shapes = {t.shape for t in sq_norms.values()}
+        if len(shapes) > 1 and failed is None:
+            failed = f"layers disagree on the number of examples: {sorted(s[0] for s in shapes)}"
+        if failed is not None or not sq_norms:
+            return PerExampleBackward(torch.zeros(0), (), failed or "no per-example norm")
+        any_norm = next(iter(sq_norms.values()))
+        zero = torch.zeros_like(any_norm)
+        for index in self.excluded:  # excluded during this backward, after some of its uses were added
+            sq_norms.pop(index, None)
+        stacked = torch.stack([sq_norms.get(i, zero) for i in range(len(self.params))])
+        measured = tuple(i in sq_norms for i in range(len(self.params)))
+        return PerExampleBackward(stacked, measured, None)
 
     def pop_norms(self) -> Tensor | None:
-        """Per-example norms over all covered parameters, shape (B,); NaN when the pass was unmeasurable.
+        """Per-example norms over the covered parameters, shape (B,); NaN when the pass was unmeasurable.
 
         Also leaves the per-layer split in :attr:`last_layer_sq_norms` ({layer name: (B,)}).
         """
-        sq_norms, failed = self._sq_norms, self.failed
-        self._sq_norms, self.failed = {}, False
-        self._pending_uses.clear()
-        self._stored_factors.clear()
+        backward = self.pop_backward()
         self.last_layer_sq_norms = {}
-        if not sq_norms:
+        if backward is None:
             return None
-        if failed or len({t.shape for t in sq_norms.values()}) != 1:
-            # A use failed, or layers disagree on the batch dimension (a sequence-first layer).
-            return torch.full((1,), float("nan"), device=next(iter(sq_norms.values())).device)
-        for key, sq in sq_norms.items():
-            name = self._param_owner[key]
-            layer = self.last_layer_sq_norms
-            layer[name] = layer[name] + sq if name in layer else sq
-        return torch.stack(list(sq_norms.values())).sum(dim=0).sqrt()
+        if backward.failed is not None:
+            return torch.full((1,), float("nan"))
+        keep = [i for i in range(len(self.params)) if backward.measured[i] and i not in self.excluded]
+        layer = self.last_layer_sq_norms
+        for i in keep:
+            name = self.param_layers[i]
+            layer[name] = layer[name] + backward.sq_norms[i] if name in layer else backward.sq_norms[i]
+        return backward.sq_norms[keep].sum(dim=0).sqrt()
 
     def detach(self) -> None:
         self._module_params = {}
         self._sq_norms = {}
+        self._failed = None
         self._pending_uses.clear()
         self._stored_factors.clear()
         super().detach()

@@ -1,0 +1,272 @@
+"""Setups that used to give a wrong number without a word: each is now exact against float64, or refused/warned."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BackboneFinetuning, Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from lightning_gns import GradientNoiseScale
+from tests.models import LinearProblem, LinearRegression, loader
+from tests.recording import Recorder
+from tests.reference_func import BatchRecorder, assert_histories_match, reference_history
+from tests.test_single_device import assert_matches_reference, make_trainer
+from tests.zoo import AttentionModel, BatchNormCNN, FlattenedTokensModel, PaddedTokenModel, TinyGPT
+
+
+def fit64(callbacks: list[Any], model: LightningModule, data: Any, **kwargs: Any) -> list[str]:
+    """Fit in float64 and return the messages of the warnings raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks, precision="64-true", **kwargs).fit(model, data)
+    return [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
+
+
+def param_names(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(exclude)]
+
+
+# ---------------------------------------------------------------- 1. sequences of unequal length
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_padded_sequences_per_example_counts_match_float64(accumulate: int) -> None:
+    """batch_size_fn returns one token count per example: each example gets its own size and loss share."""
+    model = PaddedTokenModel()
+    data = PaddedTokenModel.data(8 * 7 + 3)
+    gns = GradientNoiseScale(beta=0.8, mode="per_example", batch_size_fn=PaddedTokenModel.units)
+    recorder = BatchRecorder(gns)
+    fit64([gns, recorder], model, data, accumulate_grad_batches=accumulate)
+    assert gns.skipped_steps == 0
+    want = reference_history(
+        model, recorder.micro_batches, PaddedTokenModel.example_loss, lambda step: param_names(model),
+        PaddedTokenModel.units, beta=0.8,
+    )  # fmt: skip
+    assert_histories_match(recorder.history, want)
+
+
+def test_padded_sequences_microbatch_mode_takes_counts_too() -> None:
+    model = PaddedTokenModel()
+    gns = GradientNoiseScale(beta=0.8, mode="microbatch", batch_size_fn=PaddedTokenModel.units)
+    fit64([gns], model, PaddedTokenModel.data(8 * 8), accumulate_grad_batches=2)
+    assert gns.skipped_steps == 0 and math.isfinite(gns.b_simple)
+    last_window = list(PaddedTokenModel.data(8 * 8))[-2:]
+    assert float(gns.metric.last_b_big) == float(sum(PaddedTokenModel.units(b).sum() for b in last_window))
+
+
+def test_token_total_in_per_example_mode_warns_about_equal_shares() -> None:
+    """An int token count cannot say how the tokens split between examples: say so once."""
+    model = PaddedTokenModel()
+    gns = GradientNoiseScale(beta=0.8, mode="per_example", batch_size_fn=lambda b: int(b[1][:, 1:].sum()))
+    messages = fit64([gns], model, PaddedTokenModel.data(8 * 3))
+    assert sum("one count per example" in m for m in messages) == 1
+
+
+# ---------------------------------------------------------------- 2. BatchNorm
+def test_batchnorm_refuses_per_example() -> None:
+    with pytest.raises(MisconfigurationException, match=r"BatchNorm \(net.1\).*accumulate_grad_batches=2"):
+        make_trainer([GradientNoiseScale(mode="per_example")]).fit(BatchNormCNN(), BatchNormCNN.data())
+
+
+def test_batchnorm_auto_without_another_source_is_an_error() -> None:
+    with pytest.raises(MisconfigurationException, match=r"cannot measure this run.*BatchNorm.*GroupNorm"):
+        make_trainer([GradientNoiseScale()]).fit(BatchNormCNN(), BatchNormCNN.data())
+
+
+def test_batchnorm_auto_with_accumulation_picks_microbatch() -> None:
+    gns = GradientNoiseScale(beta=0.9)
+    make_trainer([gns], accumulate_grad_batches=2).fit(BatchNormCNN(), BatchNormCNN.data())
+    assert gns.mode == "microbatch" and gns.skipped_steps == 0 and math.isfinite(gns.b_simple)
+
+
+# ---------------------------------------------------------------- 5. gradients outside the training backward
+class ValidationWithGradients(LinearRegression):
+    """A validation_step that takes gradients, as input-attribution or meta-learning code does."""
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        with torch.enable_grad():
+            loss = 0.5 * (self.linear(x).squeeze(-1) - y).square().mean()
+            loss.backward()  # leaves .grad behind too; the next step's zero_grad clears it
+            torch.autograd.grad(0.5 * (self.linear(x).squeeze(-1) - y).square().mean(), self.linear.weight)
+
+
+@pytest.mark.parametrize("mode", ["per_example", "microbatch"])
+def test_validation_gradients_do_not_leak_into_training_steps(mode: str) -> None:
+    problem = LinearProblem(dim=5, noise_std=0.5, seed=40)
+    x, y = problem.sample(8 * 24, seed=41)
+    gns = GradientNoiseScale(beta=0.9, mode=mode)
+    recorder = Recorder(gns)
+    accumulate = 2 if mode == "microbatch" else 1
+    trainer = make_trainer(
+        [gns, recorder], accumulate_grad_batches=accumulate, inference_mode=False, val_check_interval=4,
+        limit_val_batches=2, num_sanity_val_steps=1,
+    )  # fmt: skip
+    trainer.fit(ValidationWithGradients(problem, lr=0.3), loader(x, y, 8), loader(x[:16], y[:16], 8))
+    assert gns.skipped_steps == 0
+    assert_matches_reference(recorder, world_size=1, beta=0.9, per_example=mode == "per_example")
+
+
+class InputGradientPenalty(LinearRegression):
+    """training_step with a double backward: the loss penalises the gradient with respect to the input."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        x = x.clone().requires_grad_(True)
+        loss = 0.5 * (self.linear(x).squeeze(-1) - y).square().mean()
+        (input_grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        return loss + 0.1 * input_grad.square().sum()
+
+
+def test_double_backward_per_example_is_skipped_counted_and_warned() -> None:
+    problem = LinearProblem(dim=4, seed=42)
+    x, y = problem.sample(8 * 6, seed=43)
+    gns = GradientNoiseScale(beta=0.9, mode="per_example")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([gns]).fit(InputGradientPenalty(problem, lr=0.1), loader(x, y, 8))
+    assert gns.skipped_steps == 6 and math.isnan(gns.b_simple)
+    messages = [str(w.message) for w in caught if "no optimizer step could be measured" in str(w.message)]
+    assert len(messages) == 1 and "double backward" in messages[0]
+
+
+def test_double_backward_through_the_input_is_measured_in_microbatch_mode() -> None:
+    """Parameter hooks see one gradient per micro-batch whatever happened before backward: nothing to skip."""
+    problem = LinearProblem(dim=4, seed=42)
+    x, y = problem.sample(8 * 8, seed=43)
+    gns = GradientNoiseScale(beta=0.9, mode="microbatch")
+    make_trainer([gns], accumulate_grad_batches=2).fit(InputGradientPenalty(problem, lr=0.1), loader(x, y, 8))
+    assert gns.skipped_steps == 0 and math.isfinite(gns.b_simple)
+
+
+class ParamGradientInTrainingStep(LinearRegression):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        torch.autograd.grad(loss, self.linear.weight, retain_graph=True)  # fires the parameter hooks once more
+        return loss
+
+
+def test_parameter_gradient_taken_before_backward_skips_microbatch_steps() -> None:
+    problem = LinearProblem(dim=4, seed=44)
+    x, y = problem.sample(8 * 8, seed=45)
+    gns = GradientNoiseScale(beta=0.9, mode="microbatch")
+    make_trainer([gns], accumulate_grad_batches=2).fit(ParamGradientInTrainingStep(problem), loader(x, y, 8))
+    assert gns.skipped_steps == 4 and math.isnan(gns.b_simple)
+
+
+# ---------------------------------------------------------------- 6. parameters that change during fit
+class Backbone(PaddedTokenModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(self.embed, self.norm)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.backbone(tokens))
+
+
+def test_unfrozen_backbone_is_measured_from_the_next_step() -> None:
+    model = Backbone()
+    data = PaddedTokenModel.data(8 * 5)
+    gns = GradientNoiseScale(beta=0.8, mode="per_example", batch_size_fn=PaddedTokenModel.units)
+    recorder = BatchRecorder(gns)
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
+    messages = fit64([finetuning, gns, recorder], model, data, max_epochs=2)
+    assert sum("parameters changed" in m for m in messages) == 1
+    assert gns.covered_fraction == 1.0
+    head, everything = ["head.weight", "head.bias"], param_names(model)
+
+    def names_at(step: int) -> list[str]:
+        return head if step < 5 else everything
+
+    want = reference_history(
+        model, recorder.micro_batches, PaddedTokenModel.example_loss, names_at, PaddedTokenModel.units, beta=0.8
+    )
+    assert_histories_match(recorder.history, want)
+
+
+# ---------------------------------------------------------------- 7. layers whose leading dimension is not the batch
+@pytest.mark.parametrize("batch_size", [4, 8], ids=["T!=B", "T==B"])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_nanogpt_positional_embedding_is_left_out_and_the_rest_exact(batch_size: int, accumulate: int) -> None:
+    """wpe(arange(T)) is broadcast over the batch: left out (and said), every other parameter exact."""
+    model = TinyGPT()
+    data = TinyGPT.data(batch_size * 6, batch_size=batch_size)
+    gns = GradientNoiseScale(beta=0.8, mode="per_example")
+    recorder = BatchRecorder(gns)
+    messages = fit64([gns, recorder], model, data, accumulate_grad_batches=accumulate)
+    assert gns.skipped_steps == 0
+    assert sum("'wpe'" in m for m in messages) == 1
+    total = sum(p.numel() for p in model.parameters())
+    assert gns.covered_fraction == pytest.approx(1 - model.wpe.weight.numel() / total)
+    want = reference_history(
+        model, recorder.micro_batches, TinyGPT.example_loss, lambda step: param_names(model, ("wpe",)),
+        lambda batch: torch.ones(len(batch)), beta=0.8,
+    )  # fmt: skip
+    assert_histories_match(recorder.history, want)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "left_out", "said"),
+    [(FlattenedTokensModel, ("proj",), "'proj'"), (AttentionModel, ("attn",), "'attn.out_proj'")],
+    ids=["flattened-tokens", "multihead-attention-out-proj"],
+)
+def test_layers_that_cannot_be_split_per_example_are_left_out_and_said(
+    model_class: type[Any], left_out: tuple[str, ...], said: str
+) -> None:
+    model = model_class()
+    gns = GradientNoiseScale(beta=0.8, mode="per_example")
+    recorder = BatchRecorder(gns)
+    messages = fit64([gns, recorder], model, model_class.data(4 * 6))
+    assert gns.skipped_steps == 0
+    assert sum(said in m for m in messages) == 1, messages
+    kept = param_names(model, left_out)
+    total = sum(p.numel() for p in model.parameters())
+    assert gns.covered_fraction == pytest.approx(sum(model.get_parameter(n).numel() for n in kept) / total)
+    want = reference_history(
+        model, recorder.micro_batches, model_class.example_loss, lambda step: kept,
+        lambda batch: torch.ones(len(batch[0])), beta=0.8,
+    )  # fmt: skip
+    assert_histories_match(recorder.history, want)
+
+
+def test_one_example_per_step_on_one_process_warns_once() -> None:
+    problem = LinearProblem(dim=3, seed=46)
+    x, y = problem.sample(6, seed=47)
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([gns]).fit(LinearRegression(problem), loader(x, y, 1))
+    messages = [str(w.message) for w in caught if "no optimizer step could be measured" in str(w.message)]
+    assert len(messages) == 1 and "one example" in messages[0]
+    assert gns.skipped_steps == 6
+
+
+# ---------------------------------------------------------------- 13. torch.compile(fullgraph=True)
+def test_fullgraph_compile_with_per_example_is_refused() -> None:
+    problem = LinearProblem(dim=3, seed=48)
+    x, y = problem.sample(16, seed=49)
+    compiled = torch.compile(LinearRegression(problem), fullgraph=True)
+    with pytest.raises(MisconfigurationException, match=r"fullgraph=True.*Compile without fullgraph"):
+        make_trainer([GradientNoiseScale(mode="per_example")]).fit(compiled, loader(x, y, 8))
+
+
+class _Unused(Callback):
+    pass
+
+
+def test_trainer_without_loggers_still_warns_at_the_end() -> None:
+    """The exclusion warnings come at train end when no logging step ever runs."""
+    model = TinyGPT()
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(
+            accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[gns, _Unused()],
+        ).fit(model, TinyGPT.data(8))  # fmt: skip
+    assert any("'wpe'" in str(w.message) for w in caught)
