@@ -35,8 +35,9 @@ _SIZES = ("last_b_small", "last_b_big")
 
 def _fail(callback: str, key: str, problem: str) -> ValueError:
     return ValueError(
-        f"{callback}: the checkpoint's {key!r} {problem}. The callback state was edited or corrupted; resume from"
-        f" another checkpoint, or delete checkpoint['callbacks'] entry of {callback} to start it afresh."
+        f"{callback}: the checkpoint's {key!r} {problem}. The callback's saved state was edited or corrupted:"
+        f" resume from another checkpoint, or delete the {callback} entry of checkpoint['callbacks'] to start"
+        " the callback afresh."
     )
 
 
