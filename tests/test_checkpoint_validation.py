@@ -266,3 +266,16 @@ def test_changed_lr_scaling_recomputes_the_factor(adaptive_checkpoint: Path, rul
         assert k == 4
         update = LR * expected / k * window_mean_grad(step["before"], step["window"])
         torch.testing.assert_close(step["after"].double(), step["before"].double() - update, rtol=1e-5, atol=1e-6)
+
+
+def test_per_layer_averages_are_dropped_when_per_layer_is_off(tmp_path: Path) -> None:
+    # Loaded, they would be logged as gns/layer/... forever without another update.
+    with_layers = GradientNoiseScale(beta=0.9, mode="per_example", per_layer=True)
+    trainer = fit_gns(with_layers)
+    assert with_layers.layer_metrics
+    path = tmp_path / "layers.ckpt"
+    trainer.save_checkpoint(path)
+    without = GradientNoiseScale(beta=0.9, mode="per_example")
+    fit_gns(without, ckpt_path=str(path), max_epochs=2)
+    assert without.layer_metrics == {}
+    assert int(without.metric.measured_steps) == 2 * int(with_layers.metric.measured_steps)
