@@ -279,3 +279,21 @@ def test_per_layer_averages_are_dropped_when_per_layer_is_off(tmp_path: Path) ->
     fit_gns(without, ckpt_path=str(path), max_epochs=2)
     assert without.layer_metrics == {}
     assert int(without.metric.measured_steps) == 2 * int(with_layers.metric.measured_steps)
+
+
+def test_states_of_earlier_versions_without_optional_keys_load(adaptive_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(adaptive_checkpoint, weights_only=False)
+
+    def strip_adaptive(state: dict[str, Any]) -> None:
+        for key in ("pending", "last_change_step", "micro_batch_size", "history", "lr_scaling"):
+            state.pop(key)
+
+    path = edited(checkpoint, "AdaptiveBatchSize", strip_adaptive, tmp_path / "old.ckpt")
+    checkpoint = torch.load(path, weights_only=False)
+    path = edited(checkpoint, GNS_KEY, lambda state: state.pop("reference_batch_size"), tmp_path / "old.ckpt")
+    resumed = adaptive(warmup_steps=1000)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(resumed, ckpt_path=path)
+    assert not [w for w in record if "AdaptiveBatchSize:" in str(w.message)]  # the rule is taken to be unchanged
+    assert (resumed.accumulation, resumed.lr_factor) == (4, 4.0)

@@ -15,20 +15,12 @@ from typing import Any
 
 import torch
 
-GNS_KEYS = frozenset({"metric", "layer_metrics", "beta", "reference_batch_size"})
-ADAPTIVE_KEYS = frozenset(
-    {
-        "accumulation",
-        "reference_accumulation",
-        "lr_factor",
-        "pending",
-        "last_change_step",
-        "micro_batch_size",
-        "history",
-    }
-)
-# Saved since the lr_scaling check; optional so that older checkpoints still load.
-ADAPTIVE_OPTIONAL_KEYS = frozenset({"lr_scaling"})
+# Optional keys are those the loaders have always defaulted (to none / empty), so that checkpoints of earlier
+# versions still load; lr_scaling is saved since the check of a changed rule.
+GNS_KEYS = frozenset({"metric", "beta"})
+GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "reference_batch_size"})
+ADAPTIVE_KEYS = frozenset({"accumulation", "reference_accumulation", "lr_factor"})
+ADAPTIVE_OPTIONAL_KEYS = frozenset({"pending", "last_change_step", "micro_batch_size", "history", "lr_scaling"})
 _COUNTS = ("measured_steps", "skipped_steps")
 _SIZES = ("last_b_small", "last_b_big")
 
@@ -50,7 +42,8 @@ def _check_keys(
         raise _fail(callback, f"{where}{missing[0]}", "is missing")
     extra = sorted(str(k) for k in found - required - optional)
     if extra:
-        raise _fail(callback, f"{where}{extra[0]}", f"is not a key this version saves (expected {sorted(required)})")
+        expected = sorted(required | optional)
+        raise _fail(callback, f"{where}{extra[0]}", f"is not a key this version saves (expected {expected})")
 
 
 def _is_int(value: Any) -> bool:
@@ -108,19 +101,19 @@ def validate_gns_state(
     if not isinstance(state, Mapping):
         raise _fail(callback, "state", f"must be a dict, got {type(state).__name__}")
     names = list(metric_names)
-    _check_keys(callback, "", state, GNS_KEYS, frozenset())
+    _check_keys(callback, "", state, GNS_KEYS, GNS_OPTIONAL_KEYS)
     saved_beta = state["beta"]
     if not _is_number(saved_beta) or float(saved_beta) != beta:
         raise _fail(callback, "beta", f"is {saved_beta!r}, but the state was stored under beta={beta!r}")
     validate_metric_states(callback, "metric.", state["metric"], names)
-    layers = state["layer_metrics"]
+    layers = state.get("layer_metrics", {})
     if not isinstance(layers, Mapping):
         raise _fail(callback, "layer_metrics", f"must be a dict layer name -> states, got {type(layers).__name__}")
     for layer, states in layers.items():
         if not isinstance(layer, str):
             raise _fail(callback, "layer_metrics", f"has a layer name {layer!r} that is not a string")
         validate_metric_states(callback, f"layer_metrics.{layer}.", states, names)
-    reference = state["reference_batch_size"]
+    reference = state.get("reference_batch_size")
     if reference is not None:
         if not isinstance(reference, torch.Tensor) or reference.numel() != 1:
             raise _fail(callback, "reference_batch_size", f"must be None or a one-element tensor, got {reference!r}")
@@ -153,19 +146,19 @@ def validate_adaptive_state(state: Any, lr_scalings: Iterable[str], callback: st
         _check_accumulation(callback, "accumulation", state["accumulation"])
         _check_accumulation(callback, "reference_accumulation", state["reference_accumulation"])
     _check_factor(callback, "lr_factor", state["lr_factor"])
-    pending = state["pending"]
+    pending = state.get("pending")
     if pending is not None:
         if not isinstance(pending, (tuple, list)) or len(pending) != 2:
             raise _fail(callback, "pending", f"is {pending!r}, must be None or (accumulation, lr_factor)")
         _check_accumulation(callback, "pending[0]", pending[0])
         _check_factor(callback, "pending[1]", pending[1])
-    last = state["last_change_step"]
+    last = state.get("last_change_step")
     if last is not None and (not _is_int(last) or last < 0):
         raise _fail(callback, "last_change_step", f"is {last!r}, must be None or an optimizer step >= 0")
-    micro = state["micro_batch_size"]
+    micro = state.get("micro_batch_size")
     if micro is not None and (not _is_int(micro) or micro < 1):
         raise _fail(callback, "micro_batch_size", f"is {micro!r}, must be None or an int >= 1")
-    history = state["history"]
+    history = state.get("history", [])
     if not isinstance(history, list):
         raise _fail(callback, "history", f"must be a list of changes, got {type(history).__name__}")
     for i, entry in enumerate(history):

@@ -469,13 +469,13 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         self.accumulation = None if accumulation is None else int(accumulation)
         self.reference_accumulation = None if reference is None else int(reference)
         self.lr_factor = float(state_dict["lr_factor"])
-        pending = state_dict["pending"]
+        pending = state_dict.get("pending")
         self.pending = None if pending is None else (int(pending[0]), float(pending[1]))
-        last = state_dict["last_change_step"]
+        last = state_dict.get("last_change_step")
         self.last_change_step = None if last is None else int(last)
-        micro = state_dict["micro_batch_size"]
+        micro = state_dict.get("micro_batch_size")
         self.micro_batch_size = None if micro is None else int(micro)
-        self.history = [dict(entry) for entry in state_dict["history"]]
+        self.history = [dict(entry) for entry in state_dict.get("history", [])]
         self._restored = True
         if self.accumulation is not None:
             self._reconcile(state_dict.get("lr_scaling", self.lr_scaling))

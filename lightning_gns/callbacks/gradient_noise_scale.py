@@ -414,7 +414,7 @@ class GradientNoiseScaleLogic(LightningNamespace):
         refused. Saved per-layer averages are dropped when this callback has ``per_layer=False``.
         """
         validate_gns_state(state_dict, self.metric._defaults, self.beta)
-        if not self.per_layer and state_dict["layer_metrics"]:
+        if not self.per_layer and state_dict.get("layer_metrics"):
             state_dict = {**state_dict, "layer_metrics": {}}
         self.tracker.load_state_dict(state_dict)
         reference = state_dict.get("reference_batch_size")
