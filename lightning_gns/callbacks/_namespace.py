@@ -3,7 +3,22 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
+from typing import Any
+
+# The import that gives a callback class of each namespace.
+_IMPORT_FOR = {"lightning.pytorch": "lightning_gns", "pytorch_lightning": "lightning_gns.pytorch_lightning"}
+
+
+def namespace_of(obj: Any) -> str | None:
+    """``"lightning.pytorch"`` or ``"pytorch_lightning"``: the Lightning package ``obj``'s class comes from."""
+    for cls in type(obj).__mro__:
+        module = cls.__module__ or ""
+        for namespace in _IMPORT_FOR:
+            if module == namespace or module.startswith(namespace + "."):
+                return namespace
+    return None
 
 
 class LightningNamespace:
@@ -20,3 +35,28 @@ class LightningNamespace:
 
     def _misconfiguration(self, message: str) -> Exception:
         return self._lightning("utilities.exceptions").MisconfigurationException(message)  # type: ignore[no-any-return]
+
+    def _check_trainer_namespace(self, trainer: Any, name: str) -> None:
+        """Refuse a Trainer of the other Lightning package: its strategies and callbacks fail our isinstance checks.
+
+        ``lightning.pytorch`` and ``pytorch_lightning`` are two copies of the same code with distinct classes,
+        so a mismatch would otherwise surface as a misleading error (e.g. "single-device training is not
+        supported") or as silently skipped checks.
+        """
+        own = self._lightning_namespace
+        if isinstance(trainer, importlib.import_module(own).Trainer):
+            return
+        other = namespace_of(trainer)
+        if other is None or other == own:
+            return  # not a Lightning Trainer subclass we can name: nothing to compare
+        message = (
+            f"{name} was imported for {own} (`from {_IMPORT_FOR[own]} import {name}`), but the Trainer is a"
+            f" {other}.Trainer, and the two Lightning packages' classes do not mix. With {other}, use"
+            f" `from {_IMPORT_FOR[other]} import {name}` (for every lightning_gns callback), or build the"
+            f" Trainer from {own}."
+        )
+        # The exception of the Trainer's own package, which the user's code expects; it is already imported.
+        exceptions = sys.modules.get(f"{other}.utilities.exceptions")
+        if exceptions is not None:
+            raise exceptions.MisconfigurationException(message)
+        raise self._misconfiguration(message)

@@ -25,6 +25,7 @@ from lightning_gns.batch_schedule import (
 )
 from lightning_gns.batch_size import checked_batch_size, units_as_int
 from lightning_gns.callbacks._arguments import checked_int
+from lightning_gns.callbacks._checkpoint import validate_adaptive_state
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
 
@@ -171,6 +172,8 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         self.history: list[dict[str, float]] = []
 
         self._restored = False
+        # What load_state_dict needs beyond the callback's own state, gathered by on_load_checkpoint.
+        self._resume_context: dict[str, Any] = {}
         self._gns: GradientNoiseScaleLogic | None = None
         self._handles: list[RemovableHandle] = []
         self._unscaled_lrs: dict[int, list[Any]] = {}
@@ -193,6 +196,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_trainer_namespace(trainer, "AdaptiveBatchSize")
         if not pl_module.automatic_optimization:
             raise self._misconfiguration(
                 "AdaptiveBatchSize changes Trainer.accumulate_grad_batches, which exists in automatic optimization"
@@ -227,6 +231,38 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
                 " `from lightning_gns import AdaptiveBatchSize, GradientNoiseScale`."
             )
         self._gns = found[0]
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Every callback's setup has run by now, so the GradientNoiseScale mode is resolved whatever the order
+        # of the callbacks; on one process the checkpoint state (if any) is loaded too.
+        gns = self.gns
+        if gns.mode != "microbatch" or trainer.world_size > 1:
+            return  # under DDP every rank's micro-batch is a small batch: two or more per step at any accumulation
+        lowest, why = self._lowest_accumulation(trainer)
+        if lowest >= 2:
+            return
+        chosen = " (mode='auto' chose it for accumulate_grad_batches > 1)" if gns.requested_mode == "auto" else ""
+        raise self._misconfiguration(
+            f"AdaptiveBatchSize can lower the accumulation to {lowest} ({why}), but GradientNoiseScale measures in"
+            f" mode='microbatch'{chosen} on one process, which needs at least 2 micro-batches per optimizer step:"
+            " with 1, nothing is measured, the noise scale freezes and the schedule keeps deciding on a stale"
+            " value. Use AdaptiveBatchSize(min_accumulation=2) or more, or AdaptiveBatchSize(monotonic=True) with"
+            " a starting Trainer(accumulate_grad_batches=2) or more, or GradientNoiseScale(mode='per_example')"
+            " (small batches of one example, at any accumulation)."
+        )
+
+    def _lowest_accumulation(self, trainer: Trainer) -> tuple[int, str]:
+        """The smallest accumulation this callback may use from here on, and why."""
+        if self._restored and self.accumulation is not None:
+            # An out-of-bounds restored accumulation is already pending its clamped value (see load_state_dict).
+            settled = self.pending[0] if self.pending is not None else self.accumulation
+            start = f"the checkpoint's accumulation is {settled}"
+        else:
+            settled = min(max(trainer.accumulate_grad_batches, self.min_accumulation), self.max_accumulation)
+            start = f"it starts at accumulate_grad_batches={settled}"
+        if self.monotonic:
+            return settled, start + " and monotonic=True never shrinks it"
+        return self.min_accumulation, f"monotonic=False with min_accumulation={self.min_accumulation}"
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Applied here rather than in load_state_dict: depending on the strategy, the checkpoint's callback
@@ -392,16 +428,98 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             "last_change_step": self.last_change_step,
             "micro_batch_size": self.micro_batch_size,
             "history": [dict(entry) for entry in self.history],
+            "lr_scaling": self.lr_scaling,
+        }
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Runs for every callback before any load_state_dict: the noise-scale averages are read from the
+        # checkpoint itself, whether or not the GradientNoiseScale callback has loaded them yet.
+        gns_state = (checkpoint.get("callbacks") or {}).get(self.gns.state_key)
+        trace_cov = grad_sq_norm = math.nan
+        try:
+            states = gns_state["metric"]  # type: ignore[index]
+            weight = float(states["ema_weight"])
+            if weight > 0:
+                trace_cov = float(states["trace_cov_ema"]) / weight
+                grad_sq_norm = float(states["grad_sq_norm_ema"]) / weight
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            pass  # no or broken noise-scale state: GradientNoiseScale.load_state_dict reports a broken one
+        self._resume_context = {
+            "world_size": trainer.world_size,
+            "global_step": checkpoint.get("global_step"),
+            "trace_cov": trace_cov,
+            "grad_sq_norm": grad_sq_norm,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.accumulation = state_dict["accumulation"]
-        self.reference_accumulation = state_dict["reference_accumulation"]
+        """Load a :meth:`state_dict`, checked, and reconciled with this callback's arguments.
+
+        An edited or corrupted state (an accumulation that is not an int >= 1, a non-finite or non-positive
+        learning-rate factor, missing or unknown keys) raises a ``ValueError`` naming the key. A saved
+        accumulation outside this callback's ``[min_accumulation, max_accumulation]`` is kept until the next
+        safe boundary and then clamped into the bounds, like any decided change (a warning says so). A
+        checkpoint saved with another ``lr_scaling`` keeps its accumulation, and its learning-rate factor is
+        recomputed with this callback's rule (a warning gives the old and new factor): the new rule is
+        taken to be what is wanted from now on. Checkpoints saved before ``lr_scaling`` was recorded are
+        taken to have used this callback's rule.
+        """
+        validate_adaptive_state(state_dict, LR_SCALINGS)
+        accumulation = state_dict["accumulation"]
+        reference = state_dict["reference_accumulation"]
+        self.accumulation = None if accumulation is None else int(accumulation)
+        self.reference_accumulation = None if reference is None else int(reference)
         self.lr_factor = float(state_dict["lr_factor"])
         pending = state_dict.get("pending")
         self.pending = None if pending is None else (int(pending[0]), float(pending[1]))
         last = state_dict.get("last_change_step")
         self.last_change_step = None if last is None else int(last)
-        self.micro_batch_size = state_dict.get("micro_batch_size")
+        micro = state_dict.get("micro_batch_size")
+        self.micro_batch_size = None if micro is None else int(micro)
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
         self._restored = True
+        if self.accumulation is not None:
+            self._reconcile(state_dict.get("lr_scaling", self.lr_scaling))
+
+    def _reconcile(self, saved_lr_scaling: str) -> None:
+        assert self.accumulation is not None
+        warn = self._lightning("utilities.rank_zero").rank_zero_warn
+        if saved_lr_scaling != self.lr_scaling:
+            old = self.lr_factor
+            self.lr_factor = self._restored_lr_factor(self.accumulation)
+            if self.pending is not None:
+                self.pending = (self.pending[0], self._restored_lr_factor(self.pending[0]))
+            step = self._resume_context.get("global_step")
+            if isinstance(step, int):
+                self.history.append({"step": step, "accumulation": self.accumulation, "lr_factor": self.lr_factor})
+            warn(
+                f"AdaptiveBatchSize: the checkpoint was saved with lr_scaling={saved_lr_scaling!r}, this callback has"
+                f" lr_scaling={self.lr_scaling!r}. The learning-rate factor of the restored accumulation"
+                f" {self.accumulation} is recomputed with the new rule: {old:g} -> {self.lr_factor:g}. Resume with"
+                f" lr_scaling={saved_lr_scaling!r} to keep the old factor."
+            )
+        wanted = self.pending[0] if self.pending is not None else self.accumulation
+        clamped = min(max(wanted, self.min_accumulation), self.max_accumulation)
+        if clamped != wanted:
+            self.pending = None if clamped == self.accumulation else (clamped, self._restored_lr_factor(clamped))
+            warn(
+                f"AdaptiveBatchSize: the checkpoint's accumulation {wanted} lies outside this callback's bounds"
+                f" [min_accumulation={self.min_accumulation}, max_accumulation={self.max_accumulation}]; it changes"
+                f" to {clamped} at the next safe boundary (an optimizer step closing a multiple of {clamped}"
+                " micro-batches of the epoch, or the start of the next epoch)."
+            )
+
+    def _restored_lr_factor(self, accumulation: int) -> float:
+        """The factor this callback's lr_scaling gives ``accumulation``, from the checkpoint's statistics."""
+        assert self.reference_accumulation is not None
+        context = self._resume_context
+        micro = self.micro_batch_size
+        # Without a micro-batch size (no step taken) the reference batch is unknown: NaN statistics make
+        # "adascale" fall back to a factor of 1.
+        known = micro is not None
+        return lr_factor(
+            self.lr_scaling,
+            accumulation / self.reference_accumulation,
+            trace_cov=context.get("trace_cov", math.nan) if known else math.nan,
+            grad_sq_norm=context.get("grad_sq_norm", math.nan) if known else math.nan,
+            reference_batch=float(self.reference_accumulation * (micro or 1) * context.get("world_size", 1)),
+        )

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from lightning_gns import forecasts
 from lightning_gns.batch_size import BatchSizeFn, checked_batch_size, leading_dim_batch_size
 from lightning_gns.callbacks._arguments import checked_int
+from lightning_gns.callbacks._checkpoint import foreign_states, validate_gns_state
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources.per_example import Layers, batch_coupled_layers
@@ -233,6 +234,7 @@ class GradientNoiseScaleLogic(LightningNamespace):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_trainer_namespace(trainer, "GradientNoiseScale")
         if not pl_module.automatic_optimization:
             raise self._misconfiguration(
                 "GradientNoiseScale supports automatic optimization only (LightningModule.automatic_optimization ="
@@ -483,7 +485,29 @@ class GradientNoiseScaleLogic(LightningNamespace):
     def state_dict(self) -> dict[str, Any]:
         return {**self.tracker.state_dict(), "beta": self.beta, "reference_batch_size": self.reference_batch_size}
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads only the state saved under this callback's state_key, which holds mode and beta: a
+        # resume with other settings would restart the averages without a word.
+        current = [callback.state_key for callback in trainer.callbacks]  # type: ignore[attr-defined]
+        qualname = type(self).__qualname__
+        for saved in foreign_states(checkpoint.get("callbacks") or {}, qualname, self.state_key, current):
+            settings = ", ".join(f"{name}={value!r}" for name, value in saved.items())
+            self._lightning("utilities.rank_zero").rank_zero_warn(
+                f"The checkpoint holds {qualname} state saved with {settings}, but this {qualname} has"
+                f" mode={self.requested_mode!r}, beta={self.beta!r}: its averages (and the statistical-efficiency"
+                f" reference) restart from zero instead of continuing. To continue them, resume with"
+                f" {qualname}({settings})."
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`, refusing an edited or corrupted one with a ``ValueError`` naming the key.
+
+        Non-finite averages, counts below zero, tensors of the wrong shape, missing or unknown keys are
+        refused. Saved per-layer averages are dropped when this callback has ``per_layer=False``.
+        """
+        validate_gns_state(state_dict, self.metric._defaults, self.beta)
+        if not self.per_layer and state_dict.get("layer_metrics"):
+            state_dict = {**state_dict, "layer_metrics": {}}
         self.tracker.load_state_dict(state_dict)
         reference = state_dict.get("reference_batch_size")
         self.reference_batch_size = None if reference is None else reference.to(self.metric.last_b_big.device)
