@@ -3,15 +3,22 @@
 The event files are read with TensorBoard's own reader (``EventMultiplexer``), so every run that
 TensorBoard would show (each directory under LOGDIR holding event files) is a run here too.
 
+TensorBoard's reader stops at a damaged record without a word; ``read_logdir`` checks every event file's
+record checksums, so the report leaves a damaged run out with a note naming the file, as it does a run
+that never logged a finite ``B_simple``, and reports the others.
+
 The pieces are small functions that work without the command line::
 
-    runs = load_runs("lightning_logs")                  # {run: {tag: Series}}
+    logs = read_logdir("lightning_logs")                # .runs {run: {tag: Series}}, .unreadable {run: why}
+    runs = logs.runs                                    # or load_runs("lightning_logs")
     loss_tag = find_loss_tag(runs["digits/version_0"])  # "train/loss_step"
     summary = summarize("digits/version_0", runs["digits/version_0"], loss_tag)
     print(format_table([summary]))
-    plot_report(runs, {"digits/version_0": loss_tag}, "gns.png")
+    figure = report_figure(runs, {"digits/version_0": loss_tag})  # a matplotlib Figure
+    plot_report(runs, {"digits/version_0": loss_tag}, "gns.png")  # the same, saved
 
-Only ``plot_report`` needs matplotlib (the ``report`` extra: ``pip install 'lightning-gns[report]'``).
+Only ``report_figure`` and ``plot_report`` need matplotlib (the ``report`` extra:
+``pip install 'lightning-gns[report]'``).
 """
 
 from __future__ import annotations
@@ -661,7 +668,7 @@ def _finish_axes(axes: list[Axes], adaptive: bool, losses: FloatArray, units: st
             _plain_log_labels(axes[1].xaxis)
         axes[1].invert_xaxis()
     else:
-        axes[1].text(0.5, 0.5, "no training-loss scalar found:\npass --loss-tag", ha="center", va="center")
+        axes[1].text(0.5, 0.5, "no training loss at the logged steps:\npass --loss-tag", ha="center", va="center")
 
 
 def _plain_log_labels(axis: Any) -> None:

@@ -3,7 +3,9 @@
 TensorBoard's "Custom Scalars" dashboard draws several tags on one chart. The layout below puts
 ``B_simple`` next to the batch actually used per optimizer step (the comparison the noise scale is for),
 the two unbiased estimates on another chart, and the batch sizes, accumulation and skipped steps on
-their own. Tags are regular expressions matched from the start of the tag (``re.match``); the ``$``
+their own. Only the charts a run fills are written: the arguments of :func:`gns_custom_scalars_layout`
+say which optional scalars (the adaptive batch's, per-layer, per-example coverage, Kaplan's critical
+batch) the run logs. Tags are regular expressions matched from the start of the tag (``re.match``); the ``$``
 anchors keep ``gns/b_simple`` from also drawing ``gns/b_simple_sequences`` and the like.
 """
 
