@@ -3,15 +3,22 @@
 The event files are read with TensorBoard's own reader (``EventMultiplexer``), so every run that
 TensorBoard would show (each directory under LOGDIR holding event files) is a run here too.
 
+TensorBoard's reader stops at a damaged record without a word; ``read_logdir`` checks every event file's
+record checksums, so the report leaves a damaged run out with a note naming the file, as it does a run
+that never logged a finite ``B_simple``, and reports the others.
+
 The pieces are small functions that work without the command line::
 
-    runs = load_runs("lightning_logs")                  # {run: {tag: Series}}
+    logs = read_logdir("lightning_logs")                # .runs {run: {tag: Series}}, .unreadable {run: why}
+    runs = logs.runs                                    # or load_runs("lightning_logs")
     loss_tag = find_loss_tag(runs["digits/version_0"])  # "train/loss_step"
     summary = summarize("digits/version_0", runs["digits/version_0"], loss_tag)
     print(format_table([summary]))
-    plot_report(runs, {"digits/version_0": loss_tag}, "gns.png")
+    figure = report_figure(runs, {"digits/version_0": loss_tag})  # a matplotlib Figure
+    plot_report(runs, {"digits/version_0": loss_tag}, "gns.png")  # the same, saved
 
-Only ``plot_report`` needs matplotlib (the ``report`` extra: ``pip install 'lightning-gns[report]'``).
+Only ``report_figure`` and ``plot_report`` need matplotlib (the ``report`` extra:
+``pip install 'lightning-gns[report]'``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from tensorboard.backend.event_processing import event_accumulator, event_multiplexer
+from tensorboard.backend.event_processing import event_accumulator, event_multiplexer, io_wrapper
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 GNS_PREFIX = "gns/"
 B_SIMPLE = "gns/b_simple"
@@ -40,6 +49,7 @@ B_BIG = "gns/b_big"
 SKIPPED_STEPS = "gns/skipped_steps"
 EFFECTIVE_BATCH = "gns/effective_batch_size"
 ACCUMULATION = "gns/accumulation"
+B_SMALL = "gns/b_small"
 # Names people give the training loss, most specific first. Lightning's self.log(name, on_step=True,
 # on_epoch=True) writes name + "_step" and name + "_epoch"; the per-step series is the one to plot.
 LOSS_TAGS: tuple[str, ...] = (
@@ -57,6 +67,8 @@ LOSS_TAGS: tuple[str, ...] = (
 # TensorBoard's scalar dashboard smooths with 0.6 by default; the same here keeps the pictures alike.
 DEFAULT_SMOOTHING = 0.6
 DEFAULT_OUTPUT = "gns_report.png"
+# What GradientNoiseScale's default batch_size_fn counts; B_simple and the batch sizes are in these units.
+DEFAULT_UNITS = "examples"
 EXIT_USAGE = 2
 
 FloatArray = npt.NDArray[np.float64]
@@ -118,11 +130,36 @@ class RunSummary:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+@dataclass(frozen=True)
+class LogDir:
+    """What :func:`read_logdir` found: every run's scalars, and what kept some runs from being read.
+
+    ``unreadable`` maps a run to why one of its event files cannot be trusted (it cannot be opened, or a
+    record fails its checksum: TensorBoard's reader stops there without a word, so the scalars read
+    are only part of the run). ``notes`` maps a run to a harmless oddity: an event file ending in an
+    incomplete record, as one being written does.
+    """
+
+    runs: dict[str, Scalars]
+    unreadable: dict[str, str]
+    notes: dict[str, str]
+
+
 def load_runs(logdir: str | os.PathLike[str]) -> dict[str, Scalars]:
     """Every run under ``logdir`` (a directory holding event files, at any depth) with all its scalars.
 
     Run names are paths relative to ``logdir`` (``"."`` becomes the directory's own name), as TensorBoard
-    shows them. A tag logged several times at one step (a resumed run) keeps its last value.
+    shows them. A tag logged several times at one step (a resumed run) keeps its last value. Runs with an
+    unreadable event file are included with what TensorBoard could read; :func:`read_logdir` says which.
+
+    Raises:
+        ReportError: ``logdir`` is not a directory or holds no event files.
+    """
+    return read_logdir(logdir).runs
+
+
+def read_logdir(logdir: str | os.PathLike[str]) -> LogDir:
+    """:func:`load_runs`, plus a check of every event file (see :class:`LogDir`).
 
     Raises:
         ReportError: ``logdir`` is not a directory or holds no event files.
@@ -144,12 +181,116 @@ def load_runs(logdir: str | os.PathLike[str]) -> dict[str, Scalars]:
             " TensorBoardLogger wrote to (Trainer(logger=TensorBoardLogger('lightning_logs')) writes"
             " lightning_logs/<name>/version_N/events.out.tfevents.*)."
         )
+    run_paths: dict[str, str] = multiplexer.RunPaths()
     runs: dict[str, Scalars] = {}
+    unreadable: dict[str, str] = {}
+    notes: dict[str, str] = {}
     for run in sorted(run_tags):
         name = root.resolve().name if run == "." else run
         tags = run_tags[run].get(event_accumulator.SCALARS, [])
         runs[name] = {tag: _series(multiplexer.Scalars(run, tag)) for tag in sorted(tags)}
-    return runs
+        fatal: list[str] = []
+        harmless: list[str] = []
+        for path in _event_files(Path(run_paths[run])):
+            problem = check_event_file(path)
+            if problem is not None:
+                (fatal if problem.fatal else harmless).append(f"event file {str(path)!r} {problem.reason}")
+        if fatal:
+            unreadable[name] = "; ".join(fatal)
+        if harmless:
+            notes[name] = "; ".join(harmless)
+    return LogDir(runs=runs, unreadable=unreadable, notes=notes)
+
+
+def _event_files(run_dir: Path) -> list[Path]:
+    # The files TensorBoard's DirectoryWatcher reads for a run: the directory's own event files, not its
+    # subdirectories' (those are runs of their own).
+    try:
+        entries = sorted(run_dir.iterdir())
+    except OSError:
+        return []
+    return [path for path in entries if io_wrapper.IsSummaryEventsFile(str(path)) and not path.is_dir()]
+
+
+@dataclass(frozen=True)
+class EventFileProblem:
+    """Why an event file cannot be read to its end; ``fatal`` unless it only ends in an incomplete record."""
+
+    reason: str
+    fatal: bool
+
+
+def check_event_file(path: str | os.PathLike[str]) -> EventFileProblem | None:
+    """Walk the TFRecord framing of an event file and verify every checksum; None when the file is sound.
+
+    Each record is an 8-byte little-endian length, the masked CRC-32C of those 8 bytes, the payload and
+    the masked CRC-32C of the payload. TensorBoard's reader stops at the first bad record and reads on
+    as if the file ended there, which is right for a file still being written (an incomplete last
+    record) and wrong for a damaged one: this check tells the two apart.
+    """
+    offset = 0
+    try:
+        with open(path, "rb") as handle:
+            while True:
+                header = handle.read(12)
+                if not header:
+                    return None
+                if len(header) < 12:
+                    return _incomplete(offset)
+                (length,) = struct.unpack("<Q", header[:8])
+                (header_crc,) = struct.unpack("<I", header[8:])
+                if _masked_crc32c(header[:8]) != header_crc:
+                    return _corrupt(offset)
+                payload = handle.read(length + 4)
+                if len(payload) < length + 4:
+                    return _incomplete(offset)
+                (payload_crc,) = struct.unpack("<I", payload[length:])
+                if _masked_crc32c(payload[:length]) != payload_crc:
+                    return _corrupt(offset)
+                offset += 12 + length + 4
+    except OSError as error:
+        return EventFileProblem(f"cannot be read: {error.strerror or error}", fatal=True)
+
+
+def _corrupt(offset: int) -> EventFileProblem:
+    return EventFileProblem(
+        f"is unreadable: its record at byte {offset} fails its checksum (the file is damaged, or is not an event file),"
+        " and TensorBoard reads nothing after it",
+        fatal=True,
+    )
+
+
+def _incomplete(offset: int) -> EventFileProblem:
+    return EventFileProblem(
+        f"ends in an incomplete record at byte {offset} (still being written, or its writer was stopped);"
+        " the records before it are reported",
+        fatal=False,
+    )
+
+
+def _crc32c_table() -> list[int]:
+    # CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum of the TFRecord format.
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    table = _CRC32C_TABLE
+    for byte in data:
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    # TFRecord stores the CRC rotated right by 15 bits plus a constant, so that a CRC of data holding CRCs
+    # does not degenerate.
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _series(events: Iterable[Any]) -> Series:
@@ -315,19 +456,49 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- picture
-def plot_report(
+def output_problem(output: str | os.PathLike[str]) -> str | None:
+    """Why the report picture cannot be written to ``output``, or None when it can (nothing is written).
+
+    The folder must exist and be writable, and the suffix must be a format matplotlib's ``savefig`` writes.
+    """
+    path = Path(output)
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return "the report picture needs matplotlib: pip install 'lightning-gns[report]' (or pip install matplotlib)"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    known = ", ".join(f".{name}" for name in sorted(formats))
+    if path.is_dir():
+        return f"{str(path)!r} is a folder; name a picture inside it, e.g. {str(path / DEFAULT_OUTPUT)!r}"
+    suffix = path.suffix.lower().lstrip(".")
+    if not suffix:
+        return f"{str(path)!r} has no file extension, so the picture format is unknown; end it in one of {known}"
+    if suffix not in formats:
+        return f"matplotlib cannot write {path.suffix!r} pictures; end {str(path)!r} in one of {known}"
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        return f"the folder {str(folder)!r} {what}; create it (mkdir -p {folder}) or write the picture elsewhere"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {str(folder)!r} is not writable; write the picture elsewhere"
+    return None
+
+
+def report_figure(
     runs: Mapping[str, Scalars],
     loss_tags: Mapping[str, str | None],
-    output: str | os.PathLike[str],
     smoothing: float = DEFAULT_SMOOTHING,
-    dpi: int = 120,
-) -> Path:
-    """Draw the report picture and save it to ``output`` (any format matplotlib knows from the suffix).
+    units: str = DEFAULT_UNITS,
+) -> Figure:
+    """The report picture as a matplotlib ``Figure`` (drawn with Agg, without pyplot).
 
-    Panels: B_simple and the batch per optimizer step against step; B_simple against the smoothed
-    training loss (axis reversed, so training runs left to right); the ``|G|^2`` and ``tr(Sigma)``
-    averages; and, when logged, the effective batch and the accumulation. Log-scale axes leave out
-    non-positive and infinite values.
+    Panels, in ``figure.axes`` order: B_simple and the batch per optimizer step against step; B_simple
+    against the smoothed training loss (log loss axis when every loss is positive, reversed so that
+    training runs left to right); the ``|G|^2`` and ``tr(Sigma)`` averages; and the batch sizes, or, when
+    logged, the effective batch with the accumulation on a second y axis (the last axes). Batch sizes
+    are drawn as steps, since they change in jumps. Series with few points get markers, so that a
+    short run still shows. Log-scale axes leave out non-positive and infinite values. ``units`` is what
+    GradientNoiseScale's ``batch_size_fn`` counts, for the axis labels.
 
     Raises:
         ReportError: matplotlib is not installed.
@@ -349,23 +520,55 @@ def plot_report(
     colors = [f"C{i % 10}" for i in range(len(runs))]
     # Accumulation is a count on another scale than the batch: a second y axis on the last panel.
     twin = axes[3].twinx() if any(ACCUMULATION in s for s in runs.values()) else None
+    losses: list[FloatArray] = []
     for (name, scalars), color in zip(runs.items(), colors, strict=True):
         _plot_b_simple_vs_step(axes[0], name, scalars, color)
-        _plot_b_simple_vs_loss(axes[1], name, scalars, loss_tags.get(name), smoothing, color)
+        losses.append(_plot_b_simple_vs_loss(axes[1], name, scalars, loss_tags.get(name), smoothing, color))
         _plot_estimates(axes[2], name, scalars, color)
         if adaptive:
             _plot_adaptive(axes[3], twin, name, scalars, color)
         else:
             _plot_batch_sizes(axes[3], name, scalars, color)
-    _finish_axes(axes, adaptive, any(loss_tags.get(name) for name in runs))
+    plotted_losses = np.concatenate(losses) if losses else np.empty(0)
+    _finish_axes(axes, adaptive, plotted_losses, units)
     if twin is not None:
-        twin.set_ylabel("accumulation (micro-batches per step)")
+        from matplotlib.ticker import MaxNLocator
+
+        twin.set_ylabel("accumulation [micro-batches per step]")
+        twin.yaxis.set_major_locator(MaxNLocator(integer=True))
         twin.legend(loc="lower right", fontsize="small")
     figure.suptitle("Gradient noise scale (McCandlish et al. 2018)")
+    return figure
+
+
+def plot_report(
+    runs: Mapping[str, Scalars],
+    loss_tags: Mapping[str, str | None],
+    output: str | os.PathLike[str],
+    smoothing: float = DEFAULT_SMOOTHING,
+    dpi: int = 120,
+    units: str = DEFAULT_UNITS,
+) -> Path:
+    """Draw :func:`report_figure` and save it to ``output`` (any format matplotlib knows from the suffix).
+
+    Raises:
+        ReportError: matplotlib is not installed, or ``output`` cannot be written (see :func:`output_problem`).
+    """
+    problem = output_problem(output)
+    if problem is not None:
+        raise ReportError(problem[0].upper() + problem[1:] + ".")
+    figure = report_figure(runs, loss_tags, smoothing=smoothing, units=units)
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     return path
+
+
+# A series with at most this many points gets markers: a line through one or two points is invisible.
+FEW_POINTS = 30
+
+
+def _style(n: int) -> dict[str, Any]:
+    return {"marker": "o", "markersize": 3} if n <= FEW_POINTS else {}
 
 
 def _positive(series: Series) -> tuple[IntArray, FloatArray]:
@@ -373,75 +576,132 @@ def _positive(series: Series) -> tuple[IntArray, FloatArray]:
     return series.steps[keep], series.values[keep]
 
 
+def _plot_steps(ax: Axes, series: Series, color: str, label: str, **kwargs: Any) -> None:
+    """A batch size: constant until the next logged step, so drawn as steps."""
+    steps, values = _positive(series)
+    ax.plot(steps, values, color=color, label=label, drawstyle="steps-post", **_style(len(steps)), **kwargs)
+
+
 def _plot_b_simple_vs_step(ax: Axes, name: str, scalars: Mapping[str, Series], color: str) -> None:
-    ax.plot(*_positive(scalars[B_SIMPLE]), color=color, label=f"{name}: B_simple")
+    steps, values = _positive(scalars[B_SIMPLE])
+    ax.plot(steps, values, color=color, label=f"{name}: B_simple", **_style(len(steps)))
     # The batch actually used per optimizer step, to compare with the noise scale it should track.
     batch_tag = EFFECTIVE_BATCH if EFFECTIVE_BATCH in scalars else B_BIG
     if batch_tag in scalars:
         label = "effective batch" if batch_tag == EFFECTIVE_BATCH else "batch per step"
-        ax.plot(*_positive(scalars[batch_tag]), color=color, linestyle="--", linewidth=1, label=f"{name}: {label}")
+        _plot_steps(ax, scalars[batch_tag], color, f"{name}: {label}", linestyle="--", linewidth=1)
 
 
 def _plot_b_simple_vs_loss(
     ax: Axes, name: str, scalars: Mapping[str, Series], loss_tag: str | None, smoothing: float, color: str
-) -> None:
+) -> FloatArray:
+    """Draws B_simple against the loss; returns the losses drawn."""
     if not loss_tag:
-        return
+        return np.empty(0)
     steps, values = _positive(scalars[B_SIMPLE])
     losses = loss_at(steps, scalars[loss_tag], smoothing)
     keep = np.isfinite(losses)
-    ax.plot(losses[keep], values[keep], color=color, marker=".", markersize=3, label=name)
+    ax.plot(losses[keep], values[keep], color=color, label=name, **(_style(int(keep.sum())) or {"marker": "."}))
+    return losses[keep]
 
 
 def _plot_estimates(ax: Axes, name: str, scalars: Mapping[str, Series], color: str) -> None:
-    if TRACE_COV in scalars:
-        ax.plot(*_positive(scalars[TRACE_COV]), color=color, label=f"{name}: tr(Sigma)")
-    if GRAD_SQ_NORM in scalars:
-        ax.plot(*_positive(scalars[GRAD_SQ_NORM]), color=color, linestyle=":", label=f"{name}: |G|^2")
+    for tag, label, linestyle in ((TRACE_COV, "tr(Sigma)", "-"), (GRAD_SQ_NORM, "|G|^2", ":")):
+        if tag in scalars:
+            steps, values = _positive(scalars[tag])
+            ax.plot(steps, values, color=color, linestyle=linestyle, label=f"{name}: {label}", **_style(len(steps)))
 
 
 def _plot_batch_sizes(ax: Axes, name: str, scalars: Mapping[str, Series], color: str) -> None:
     if B_BIG in scalars:
-        ax.plot(*_positive(scalars[B_BIG]), color=color, label=f"{name}: big batch")
-    if "gns/b_small" in scalars:
-        ax.plot(*_positive(scalars["gns/b_small"]), color=color, linestyle=":", label=f"{name}: small batch")
+        _plot_steps(ax, scalars[B_BIG], color, f"{name}: big batch")
+    if B_SMALL in scalars:
+        _plot_steps(ax, scalars[B_SMALL], color, f"{name}: small batch", linestyle=":")
 
 
 def _plot_adaptive(ax: Axes, twin: Axes | None, name: str, scalars: Mapping[str, Series], color: str) -> None:
     if EFFECTIVE_BATCH in scalars:
-        ax.plot(*_positive(scalars[EFFECTIVE_BATCH]), color=color, label=f"{name}: effective batch")
+        _plot_steps(ax, scalars[EFFECTIVE_BATCH], color, f"{name}: effective batch")
     if twin is not None and ACCUMULATION in scalars:
         series = scalars[ACCUMULATION]
-        # Drawn as steps: accumulation changes in jumps.
-        twin.step(series.steps, series.values, where="post", color=color, linestyle=":", label=f"{name}: accumulation")
+        twin.plot(
+            series.steps,
+            series.values,
+            drawstyle="steps-post",
+            color=color,
+            linestyle=":",
+            label=f"{name}: accumulation",
+            **_style(len(series)),
+        )
 
 
-def _finish_axes(axes: list[Axes], adaptive: bool, has_loss: bool) -> None:
+def _finish_axes(axes: list[Axes], adaptive: bool, losses: FloatArray, units: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    log_loss = bool(len(losses)) and bool((losses > 0).all())
+    loss_label = "training loss [as logged; EMA-smoothed" + ("; log scale]" if log_loss else "]")
     titles = [
-        ("B_simple and the batch per optimizer step", "optimizer step", "batch size units"),
-        ("B_simple against training loss", "training loss (smoothed; training runs left to right)", "B_simple"),
-        ("|G|^2 (dotted) and tr(Sigma) (solid) averages", "optimizer step", "estimate"),
+        ("B_simple and the batch per optimizer step", f"batch size [{units}]"),
+        ("B_simple against training loss (training runs left to right)", f"B_simple [{units}]"),
+        ("|G|^2 (dotted) and tr(Sigma) (solid) averages", f"|G|^2 [gradient^2]\ntr(Sigma) [gradient^2 x {units}]"),
         (
-            ("Effective batch and accumulation", "optimizer step", "effective batch")
+            ("Effective batch and accumulation", f"effective batch [{units}]")
             if adaptive
-            else ("Batch sizes per optimizer step", "optimizer step", "batch size units")
+            else ("Batch sizes per optimizer step", f"batch size [{units}]")
         ),
     ]
-    for ax, (title, xlabel, ylabel) in zip(axes, titles, strict=True):
+    for index, (ax, (title, ylabel)) in enumerate(zip(axes, titles, strict=True)):
         ax.set_title(title)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(loss_label if index == 1 else "optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
+        if index != 1:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            _widen_step_axis(ax)
         if ax.has_data():
             ax.set_yscale("log")
+            _plain_log_labels(ax.yaxis)
             ax.legend(fontsize="small")
-    if has_loss:
+    if len(losses):
+        if log_loss:
+            axes[1].set_xscale("log")
+            _plain_log_labels(axes[1].xaxis)
         axes[1].invert_xaxis()
     else:
-        axes[1].text(0.5, 0.5, "no training-loss scalar found:\npass --loss-tag", ha="center", va="center")
+        axes[1].text(0.5, 0.5, "no training loss at the logged steps:\npass --loss-tag", ha="center", va="center")
+
+
+def _plain_log_labels(axis: Any) -> None:
+    # "40" and "0.5" rather than 4x10^1 and 5x10^-1: a log axis here often spans less than a decade,
+    # where matplotlib labels the minor ticks too.
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        # LogFormatter decides which ticks get a label (all minor ones only on a short axis); %g writes it.
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLogFormatter())
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
+def _widen_step_axis(ax: Axes) -> None:
+    # A run logged at one or two steps would otherwise get an x axis a fraction of a step wide.
+    low, high = ax.get_xlim()
+    if ax.has_data() and high - low < 4:
+        middle = (low + high) / 2
+        ax.set_xlim(middle - 2, middle + 2)
 
 
 # ---------------------------------------------------------------------------------------------- command
+def _output_argument(value: str) -> str:
+    """argparse ``type`` of ``-o``: a bad picture path is a usage error before any event file is read."""
+    problem = output_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lightning-gns`` argument parser (subcommand ``report``)."""
     parser = argparse.ArgumentParser(
@@ -453,11 +713,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="summarize and plot the gns/ scalars of TensorBoard runs",
         description="Read the TensorBoard event files of every run under LOGDIR, print B_simple at the start,"
         " middle and end of each run, and draw B_simple against step and training loss, the |G|^2 and"
-        " tr(Sigma) averages, and the effective batch and accumulation when logged.",
+        " tr(Sigma) averages, and the effective batch and accumulation when logged. A run whose event file"
+        " is damaged, or that never logged a finite B_simple, is left out with a note.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     report.add_argument("logdir", metavar="LOGDIR", help="TensorBoard log directory (searched recursively)")
-    report.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help="picture to write (.png, .pdf, .svg)")
+    report.add_argument(
+        "-o",
+        "--output",
+        default=DEFAULT_OUTPUT,
+        type=_output_argument,
+        help="picture to write, in an existing folder (.png, .pdf, .svg, ...: what matplotlib's savefig writes)",
+    )
     report.add_argument(
         "--loss-tag",
         default=None,
@@ -466,6 +733,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--smoothing", type=float, default=DEFAULT_SMOOTHING, help="EMA weight for the loss, in [0, 1), as TensorBoard"
+    )
+    report.add_argument(
+        "--units",
+        default=DEFAULT_UNITS,
+        help="what GradientNoiseScale's batch_size_fn counted (e.g. tokens), for the axis labels",
     )
     report.add_argument("--dpi", type=int, default=120, help="picture resolution")
     return parser
@@ -477,22 +749,53 @@ def run_report(
     loss_tag: str | None = None,
     smoothing: float = DEFAULT_SMOOTHING,
     dpi: int = 120,
+    units: str = DEFAULT_UNITS,
 ) -> tuple[list[RunSummary], Path]:
-    """Load, summarize (printed to stdout) and plot; returns the summaries and the picture's path."""
+    """Load, summarize (printed to stdout) and plot; returns the summaries and the picture's path.
+
+    A run that cannot be reported (a damaged event file, no finite ``B_simple``) is left out with a note
+    on stderr naming it and why; the others are reported.
+
+    Raises:
+        ReportError: ``output`` cannot be written (checked first), or no run is left to report.
+    """
     if not 0.0 <= smoothing < 1.0:
         raise ReportError(f"--smoothing must be in [0, 1), got {smoothing}.")
-    all_runs = load_runs(logdir)
-    runs = gns_runs(all_runs)
+    problem = output_problem(output)
+    if problem is not None:
+        raise ReportError(problem[0].upper() + problem[1:] + ".")
+    logs = read_logdir(logdir)
+    skipped = {run: f"run {run!r}: {why}." for run, why in logs.unreadable.items()}
+    readable = {name: scalars for name, scalars in logs.runs.items() if name not in logs.unreadable}
+    if not readable:
+        raise ReportError(
+            f"No readable run under {str(logdir)!r}:\n" + "\n".join(skipped[run] for run in sorted(skipped))
+        )
+    runs = gns_runs(readable)
     loss_tags = {name: find_loss_tag(scalars, loss_tag) for name, scalars in runs.items()}
     if loss_tag is not None and not any(loss_tags.values()):
         found = sorted({tag for s in runs.values() for tag in s if "loss" in tag.lower()})
         raise ReportError(f"No run logged --loss-tag {loss_tag!r}. Loss-like scalars found: {found or 'none'}.")
-    summaries = [summarize(name, scalars, loss_tags[name], smoothing) for name, scalars in runs.items()]
+    summaries = []
+    for name, scalars in runs.items():
+        try:
+            summaries.append(summarize(name, scalars, loss_tags[name], smoothing))
+        except ReportError as error:
+            skipped[name] = f"run {name!r}: {error}"
+    if not summaries:
+        raise ReportError(
+            f"No run left to report under {str(logdir)!r}:\n" + "\n".join(skipped[name] for name in sorted(skipped))
+        )
+    for name in sorted(set(logs.notes) - set(skipped)):
+        print(f"lightning-gns report: note: run {name!r}: {logs.notes[name]}.", file=sys.stderr)
+    for name in sorted(skipped):
+        print(f"lightning-gns report: note: skipped {skipped[name]}", file=sys.stderr)
     print(format_table(summaries))
-    without = sorted(set(all_runs) - set(runs))
+    without = sorted(set(readable) - set(runs))
     if without:
         print(f"Runs without {B_SIMPLE} (left out): {', '.join(without)}")
-    path = plot_report(runs, loss_tags, output, smoothing=smoothing, dpi=dpi)
+    reported = {s.run: runs[s.run] for s in summaries}
+    path = plot_report(reported, loss_tags, output, smoothing=smoothing, dpi=dpi, units=units)
     print(f"Wrote {path}")
     return summaries, path
 
@@ -507,7 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cli_main(arguments)
     args = build_parser().parse_args(arguments)
     try:
-        run_report(args.logdir, args.output, args.loss_tag, args.smoothing, args.dpi)
+        run_report(args.logdir, args.output, args.loss_tag, args.smoothing, args.dpi, args.units)
     except ReportError as error:
         print(f"lightning-gns {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

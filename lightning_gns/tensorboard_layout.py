@@ -3,7 +3,9 @@
 TensorBoard's "Custom Scalars" dashboard draws several tags on one chart. The layout below puts
 ``B_simple`` next to the batch actually used per optimizer step (the comparison the noise scale is for),
 the two unbiased estimates on another chart, and the batch sizes, accumulation and skipped steps on
-their own. Tags are regular expressions matched from the start of the tag (``re.match``); the ``$``
+their own. Only the charts a run fills are written: the arguments of :func:`gns_custom_scalars_layout`
+say which optional scalars (the adaptive batch's, per-layer, per-example coverage, Kaplan's critical
+batch) the run logs. Tags are regular expressions matched from the start of the tag (``re.match``); the ``$``
 anchors keep ``gns/b_simple`` from also drawing ``gns/b_simple_sequences`` and the like.
 """
 
@@ -16,14 +18,13 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 CATEGORY = "gradient noise scale"
 LAYER_CATEGORY = "gradient noise scale per layer"
 
-# Chart title -> tag regexes. Tags nobody logged are simply not drawn, so optional scalars (the adaptive
-# batch's, per_example's coverage) can be listed unconditionally.
+# Chart title -> tag regexes, for every scalar the callbacks can log. gns_custom_scalars_layout keeps the
+# charts and tags a run will fill (see its arguments), so no chart sits empty in the dashboard.
 CHARTS: dict[str, list[str]] = {
-    "B_simple and the effective batch": [
+    "B_simple and the batch per optimizer step": [
         r"gns/b_simple$",
         r"gns/effective_batch_size$",
         r"gns/b_big$",
-        r"gns/kaplan_b_crit_tokens$",
     ],
     "|G|^2 and tr(Sigma) estimates (log scale helps)": [
         r"gns/grad_sq_norm$",
@@ -43,31 +44,65 @@ CHARTS: dict[str, list[str]] = {
         r"gns/accumulation$",
         r"gns/lr_factor$",
     ],
+    "critical batch from the loss (Kaplan et al. 2020), in tokens": [
+        r"gns/kaplan_b_crit_tokens$",
+    ],
     "skipped steps and coverage": [
         r"gns/skipped_steps$",
         r"gns/covered_fraction$",
     ],
 }
 LAYER_CHARTS: dict[str, list[str]] = {"B_simple per layer": [r"gns/layer/.*/b_simple$"]}
+# Tags logged only in some configurations: AdaptiveBatchSize's, mode="per_example"'s, kaplan_loss's.
+ADAPTIVE_TAGS = frozenset({r"gns/effective_batch_size$", r"gns/accumulation$", r"gns/lr_factor$"})
+PER_EXAMPLE_TAGS = frozenset({r"gns/covered_fraction$"})
+KAPLAN_TAGS = frozenset({r"gns/kaplan_b_crit_tokens$"})
 
 
-def gns_custom_scalars_layout() -> layout_pb2.Layout:
-    """The custom-scalars layout proto for the ``gns/`` scalars.
+def gns_custom_scalars_layout(
+    *, adaptive: bool = True, per_layer: bool = True, per_example: bool = True, kaplan: bool = True
+) -> layout_pb2.Layout:
+    """The custom-scalars layout proto for the ``gns/`` scalars a run logs.
 
-    Two categories: the whole-model charts (open) and the per-layer noise scales (collapsed, since they
-    exist only with ``per_layer=True``).
+    Two categories: the whole-model charts (open) and the per-layer noise scales (collapsed). The
+    arguments say which optional scalars the run logs; a chart left without tags is left out, and so is
+    a chart title's mention of them. The defaults list every chart.
+
+    Args:
+        adaptive: an ``AdaptiveBatchSize`` callback logs ``gns/effective_batch_size``, ``gns/accumulation``
+            and ``gns/lr_factor``.
+        per_layer: ``GradientNoiseScale(per_layer=True)`` logs ``gns/layer/<name>/b_simple``.
+        per_example: ``mode="per_example"`` logs ``gns/covered_fraction``.
+        kaplan: ``kaplan_loss`` is set, so ``gns/kaplan_b_crit_tokens`` is logged.
 
     Example:
-        >>> layout = gns_custom_scalars_layout()
-        >>> [chart.title for chart in layout.category[0].chart][:2]
-        ['B_simple and the effective batch', '|G|^2 and tr(Sigma) estimates (log scale helps)']
+        >>> layout = gns_custom_scalars_layout(adaptive=False, per_layer=False, per_example=False, kaplan=False)
+        >>> [chart.title for chart in layout.category[0].chart]  # doctest: +NORMALIZE_WHITESPACE
+        ['B_simple and the batch per optimizer step', '|G|^2 and tr(Sigma) estimates (log scale helps)',
+         'forecasts for the batch in use: S/S_min, E/E_min, statistical efficiency', 'batch sizes',
+         'skipped steps']
     """
-    return layout_pb2.Layout(
-        category=[
-            _category(CATEGORY, CHARTS, closed=False),
-            _category(LAYER_CATEGORY, LAYER_CHARTS, closed=True),
-        ]
+    absent = (
+        (set() if adaptive else ADAPTIVE_TAGS)
+        | (set() if per_example else PER_EXAMPLE_TAGS)
+        | (set() if kaplan else KAPLAN_TAGS)
     )
+    charts: dict[str, list[str]] = {}
+    for title, tags in CHARTS.items():
+        kept = [tag for tag in tags if tag not in absent]
+        if kept:
+            charts[_retitle(title, per_example)] = kept
+    categories = [_category(CATEGORY, charts, closed=False)]
+    if per_layer:
+        categories.append(_category(LAYER_CATEGORY, LAYER_CHARTS, closed=True))
+    return layout_pb2.Layout(category=categories)
+
+
+def _retitle(title: str, per_example: bool) -> str:
+    # The coverage part of the title names a tag that only mode="per_example" logs.
+    if not per_example and title == "skipped steps and coverage":
+        return "skipped steps"
+    return title
 
 
 def _category(title: str, charts: dict[str, list[str]], closed: bool) -> layout_pb2.Category:
@@ -104,8 +139,13 @@ def _is_tensorboard_logger(logger: Any) -> bool:
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
-def write_layout(logger: Any) -> bool:
+def write_layout(
+    logger: Any, *, adaptive: bool = True, per_layer: bool = True, per_example: bool = True, kaplan: bool = True
+) -> bool:
     """Write :func:`gns_custom_scalars_layout` into a TensorBoardLogger's event file.
+
+    The keyword arguments are :func:`gns_custom_scalars_layout`'s: which optional scalars this run logs
+    (all of them by default).
 
     Works with the ``TensorBoardLogger`` of ``lightning.pytorch``, ``pytorch_lightning`` and
     ``lightning.fabric``; on ranks other than 0 their ``experiment`` is a no-op stand-in, so calling this
@@ -121,7 +161,8 @@ def write_layout(logger: Any) -> bool:
     experiment = logger.experiment
     # The public SummaryWriter method exists in torch.utils.tensorboard and tensorboardX alike (Lightning
     # uses either), whereas writing the raw summary proto ties it to one of them.
-    experiment.add_custom_scalars(layout_as_dict(gns_custom_scalars_layout()))
+    layout = gns_custom_scalars_layout(adaptive=adaptive, per_layer=per_layer, per_example=per_example, kaplan=kaplan)
+    experiment.add_custom_scalars(layout_as_dict(layout))
     return True
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_gns import GradientNoiseScale
+from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.report import (
     B_SIMPLE,
     ReportError,
@@ -30,7 +30,7 @@ from lightning_gns.report import (
     smooth,
     summarize,
 )
-from lightning_gns.tensorboard_layout import CHARTS, gns_custom_scalars_layout, layout_as_dict, write_layout
+from lightning_gns.tensorboard_layout import gns_custom_scalars_layout, layout_as_dict, write_layout
 from tests.models import LinearProblem, LinearRegression, loader
 
 RUN = "linear/version_0"
@@ -95,7 +95,7 @@ def test_report_main_writes_png_and_prints_the_logged_numbers(
     logged_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tb_dir, csv_path = logged_run
-    out = tmp_path / "pictures" / "gns.png"
+    out = tmp_path / "gns.png"
     assert main(["report", str(tb_dir), "-o", str(out), "--smoothing", "0"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 20_000  # four panels with curves, not an empty canvas
@@ -142,7 +142,7 @@ def test_adaptive_runs_get_the_effective_batch_panel(tmp_path: Path, capsys: pyt
     out = tmp_path / "adaptive.svg"
     assert main(["report", str(tmp_path / "logs"), "-o", str(out)]) == 0
     picture = out.read_text()
-    assert "accumulation (micro-batches per step)" in picture and "adaptive: effective batch" in picture
+    assert "accumulation [micro-batches per step]" in picture and "adaptive: effective batch" in picture
     printed = capsys.readouterr().out
     assert "adaptive  " in printed and "fixed  " in printed and "50 @0 (loss 3)" in printed
 
@@ -238,34 +238,107 @@ def test_console_script_is_declared() -> None:
 
 
 # ------------------------------------------------------------------------------------------ layout
-def test_layout_groups_the_gns_charts(logged_run: tuple[Path, Path]) -> None:
-    layout = gns_custom_scalars_layout()
-    charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
-    assert charts == CHARTS
-    logged = set(load_runs(logged_run[0])[RUN])
+def chart_tags(layout: layout_pb2.Layout) -> dict[str, list[str]]:
+    return {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
 
-    def drawn(title: str, tags: set[str]) -> set[str]:
-        # TensorBoard's custom-scalars plugin selects tags with re.match.
-        return {tag for tag in tags if any(re.match(rx, tag) for rx in charts[title])}
 
-    extra = {"gns/effective_batch_size", "gns/b_simple_sequences", "gns/layer/fc/b_simple"}
-    assert drawn("B_simple and the effective batch", logged | extra) == {
-        "gns/b_simple",
-        "gns/b_big",
-        "gns/effective_batch_size",
-    }
-    assert drawn("|G|^2 and tr(Sigma) estimates (log scale helps)", logged) == {"gns/grad_sq_norm", "gns/trace_cov"}
-    assert "gns/skipped_steps" in drawn("skipped steps and coverage", logged)
-    layer_regex = layout.category[1].chart[0].multiline.tag[0]
-    assert re.match(layer_regex, "gns/layer/blocks.0.ln_1/b_simple")
+def fit_logged(root: Path, gns: GradientNoiseScale, *extra: Callback, accumulation: int = 1) -> set[str]:
+    """The gns/ tags one short real fit writes to TensorBoard."""
+    problem = LinearProblem(dim=6, noise_std=0.5, seed=4)
+    x, y = problem.sample(8 * 2 * 6, seed=5)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        accumulate_grad_batches=accumulation,
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(root, name="run"),
+        callbacks=[gns, *extra],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(LoggedLinearRegression(problem, lr=0.1), loader(x, y, 8))
+    [scalars] = load_runs(root).values()
+    return {tag for tag in scalars if tag.startswith("gns/")}
+
+
+def assert_layout_fits(layout: layout_pb2.Layout, logged: set[str]) -> None:
+    """Every chart tag draws something this run logged, and every logged gns/ tag is on some chart."""
+    charts = chart_tags(layout)
+    for title, regexes in charts.items():
+        for regex in regexes:
+            # TensorBoard's custom-scalars plugin selects tags with re.match.
+            assert any(re.match(regex, tag) for tag in logged), f"{title!r}: {regex!r} draws nothing"
+    regexes = [regex for tags in charts.values() for regex in tags]
+    for tag in logged:
+        assert any(re.match(regex, tag) for regex in regexes), f"{tag} is on no chart"
+
+
+def test_layout_of_a_plain_run_has_only_charts_it_fills(logged_run: tuple[Path, Path]) -> None:
+    """microbatch mode, no AdaptiveBatchSize, no per_layer, no kaplan_loss: the logged_run fixture."""
+    layout = gns_custom_scalars_layout(adaptive=False, per_layer=False, per_example=False, kaplan=False)
+    logged = {tag for tag in load_runs(logged_run[0])[RUN] if tag.startswith("gns/")}
+    assert_layout_fits(layout, logged)
+    assert [category.title for category in layout.category] == ["gradient noise scale"]
+    titles = " ".join(chart_tags(layout))
+    for word in ("accumulation", "coverage", "Kaplan", "effective"):
+        assert word not in titles
+    # The default lists every chart, as before the arguments existed: more than this run fills.
+    with pytest.raises(AssertionError, match="draws nothing"):
+        assert_layout_fits(gns_custom_scalars_layout(), logged)
+
+
+def test_layout_of_a_run_with_every_option(tmp_path: Path) -> None:
+    gns = GradientNoiseScale(beta=0.8, mode="per_example", per_layer=True, kaplan_loss="train_loss")
+    adaptive = AdaptiveBatchSize(warmup_steps=1, check_every_n_steps=1, max_accumulation=4)
+    logged = fit_logged(tmp_path, gns, adaptive)
+    assert {"gns/accumulation", "gns/covered_fraction", "gns/kaplan_b_crit_tokens"} <= logged
+    layout = gns_custom_scalars_layout(adaptive=True, per_layer=True, per_example=True, kaplan=True)
+    assert_layout_fits(layout, logged)
+    assert layout_as_dict(layout) == layout_as_dict(gns_custom_scalars_layout())
     assert layout.category[1].closed
+
+
+def test_layout_of_a_per_example_run(tmp_path: Path) -> None:
+    logged = fit_logged(tmp_path, GradientNoiseScale(beta=0.8, mode="per_example"))
+    layout = gns_custom_scalars_layout(adaptive=False, per_layer=False, per_example=True, kaplan=False)
+    assert_layout_fits(layout, logged)
+    assert "skipped steps and coverage" in chart_tags(layout)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("per_example", [False, True])
+@pytest.mark.parametrize("kaplan", [False, True])
+def test_layout_charts_per_configuration(adaptive: bool, per_layer: bool, per_example: bool, kaplan: bool) -> None:
+    layout = gns_custom_scalars_layout(adaptive=adaptive, per_layer=per_layer, per_example=per_example, kaplan=kaplan)
+    charts = chart_tags(layout)
+    regexes = [regex for tags in charts.values() for regex in tags]
+
+    def drawn(tag: str) -> bool:
+        return any(re.match(regex, tag) for regex in regexes)
+
+    always = ["gns/b_simple", "gns/grad_sq_norm", "gns/trace_cov", "gns/b_big", "gns/b_small", "gns/skipped_steps"]
+    always += ["gns/steps_over_min", "gns/examples_over_min", "gns/statistical_efficiency"]
+    assert all(drawn(tag) for tag in always)
+    for tag in ("gns/effective_batch_size", "gns/accumulation", "gns/lr_factor"):
+        assert drawn(tag) is adaptive
+    assert drawn("gns/covered_fraction") is per_example
+    assert drawn("gns/kaplan_b_crit_tokens") is kaplan
+    assert drawn("gns/layer/blocks.0.ln_1/b_simple") is per_layer
+    assert not drawn("gns/b_simple_sequences")  # the $ anchors
+    assert ("accumulation and learning-rate factor" in charts) is adaptive
+    assert ("skipped steps and coverage" in charts) is per_example
+    assert all(tags for tags in charts.values())
+    assert len(layout.category) == (2 if per_layer else 1)
 
 
 @pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
 def test_write_layout_through_a_tensorboard_logger(tmp_path: Path, namespace: str) -> None:
     loggers = pytest.importorskip(f"{namespace}.loggers")
     logger = loggers.TensorBoardLogger(tmp_path, name="layout")
-    assert write_layout(logger) is True
+    assert write_layout(logger, adaptive=False, kaplan=False) is True
     logger.experiment.flush()
     assert write_layout(loggers.CSVLogger(tmp_path)) is False
 
@@ -274,4 +347,5 @@ def test_write_layout_through_a_tensorboard_logger(tmp_path: Path, namespace: st
     [event] = accumulator.Tensors("custom_scalars__config__")
     written = layout_pb2.Layout()
     written.ParseFromString(event.tensor_proto.string_val[0])
-    assert layout_as_dict(written) == layout_as_dict(gns_custom_scalars_layout())
+    assert layout_as_dict(written) == layout_as_dict(gns_custom_scalars_layout(adaptive=False, kaplan=False))
+    assert layout_as_dict(written) != layout_as_dict(gns_custom_scalars_layout())
