@@ -374,8 +374,17 @@ class GradientNoiseScaleLogic(LightningNamespace):
         except ValueError as error:
             raise self._misconfiguration(f"GradientNoiseScale: {error}") from None
         self._comm_hook_pending = self.mode == "ddp"
+        from lightning_gns.callbacks.adaptive_batch_size import AdaptiveBatchSizeLogic  # it imports this module
+
+        adaptive = any(isinstance(cb, AdaptiveBatchSizeLogic) for cb in trainer.callbacks)  # type: ignore[attr-defined]
         for logger in trainer.loggers:
-            write_layout(logger)
+            write_layout(
+                logger,
+                adaptive=adaptive,
+                per_layer=self.per_layer,
+                per_example=self.mode == "per_example",
+                kaplan=self.kaplan_loss is not None,
+            )
         if self.mode == "per_example" and not self.tracker.has_per_example_layers:
             raise self._misconfiguration(
                 f"GradientNoiseScale(mode='per_example') found no supported layer (nn.Linear, nn.Embedding,"
