@@ -337,8 +337,21 @@ class GradientNoiseScaleTracker:
         source = self._per_example_source
         if source is None:
             return 1.0
-        self.check()
+        self._read_exclusions()
         return sum(p.numel() for p in source.covered_params()) / total
+
+    def _read_exclusions(self) -> None:
+        """Copy the exclusions agreed on the device (with the reason) into the source's host-side record."""
+        source = self._per_example_source
+        if source is None or not self._excluded.numel():
+            return
+        for index in self._excluded.nonzero().flatten().tolist():
+            source.exclude(
+                index,
+                f"layer {source.param_layers[index]!r} received a gradient without its per-example hooks firing (its"
+                " weight is used outside the module's forward, as in nn.MultiheadAttention's out_proj, or by a"
+                " functional call), or another rank found it unmeasurable",
+            )
 
     def check(self) -> list[str]:
         """Announce what the measurement leaves out or cannot measure (once each); returns the new messages.
@@ -347,14 +360,8 @@ class GradientNoiseScaleTracker:
         """
         before = len(self._announced)
         source = self._per_example_source
-        if source is not None and self._excluded.numel():
-            for index in self._excluded.nonzero().flatten().tolist():
-                source.exclude(
-                    index,
-                    f"layer {source.param_layers[index]!r} received a gradient without its per-example hooks"
-                    " firing (its weight is used outside the module's forward, as in nn.MultiheadAttention's"
-                    " out_proj, or by a functional call)",
-                )
+        if source is not None:
+            self._read_exclusions()
             for reason in source.excluded.values():
                 self._announce(
                     f"GradientNoiseScale(mode='per_example'): {reason}. Its parameters are left out of both batch"

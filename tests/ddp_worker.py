@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns import GradientNoiseScale
 from tests.models import LinearProblem, LinearRegression, loader
 from tests.recording import Recorder
+from tests.reference_func import BatchRecorder
 
 
 class UserCommHook(Callback):
@@ -28,6 +31,67 @@ class UserCommHook(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trainer.strategy.model.register_comm_hook(state=None, hook=allreduce_hook)  # type: ignore[union-attr]
+
+
+class ModuleCommHook(LinearRegression):
+    """Registers the user's own comm hook in LightningModule.on_fit_start, after every callback's on_fit_start."""
+
+    def on_fit_start(self) -> None:
+        self.trainer.strategy.model.register_comm_hook(state=None, hook=allreduce_hook)  # type: ignore[union-attr]
+
+
+class UnusedBranches(LinearRegression):
+    """A branch that only some micro-batches of rank 1 run (find_unused_parameters) and a layer nobody runs."""
+
+    def __init__(self, problem: LinearProblem, lr: float = 0.0) -> None:
+        super().__init__(problem, lr)
+        torch.manual_seed(7)
+        self.branch = torch.nn.Linear(problem.dim, 1, bias=False)
+        self.never = torch.nn.Linear(problem.dim, 1)
+
+    def forward(self, x: torch.Tensor, flag: torch.Tensor, always: bool = False) -> torch.Tensor:
+        out = self.linear(x).squeeze(-1)
+        if always or bool(flag.any()):
+            out = out + flag * self.branch(x).squeeze(-1)
+        return out
+
+    @staticmethod
+    def example_loss(call: Any, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y, flag = batch
+        return 0.5 * (call(x, flag, True) - y).square().mean()
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        x, y, flag = batch
+        return 0.5 * (self(x, flag) - y).square().mean()
+
+
+class SaveResults(Callback):
+    """Writes what this process saw at the end of fit (in the process itself: ddp_spawn's parent holds nothing)."""
+
+    def __init__(self, out: Path, gns: GradientNoiseScale, recorder: Any, problem: LinearProblem) -> None:
+        self.out, self.gns, self.recorder, self.problem = out, gns, recorder, problem
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        gns, recorder, problem = self.gns, self.recorder, self.problem
+        result = {
+            "rank": trainer.global_rank,
+            "mode": gns.mode,
+            "source": gns.source,
+            "micro_batches": recorder.micro_batches,
+            "history": recorder.history,
+            "b_simple": gns.b_simple,
+            "grad_sq_norm": gns.grad_sq_norm,
+            "trace_cov": gns.trace_cov,
+            "layer_b_simple": gns.layer_b_simple,
+            "covered_fraction": gns.covered_fraction,
+            "closed_form_b_simple": problem.b_simple,
+            "closed_form_trace_cov": problem.trace_cov,
+            "closed_form_grad_sq_norm": problem.grad_sq_norm,
+        }
+        if isinstance(pl_module, UnusedBranches):
+            result["final_params"] = {n: p.detach().double().clone() for n, p in pl_module.named_parameters()}
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(result, self.out / f"rank{trainer.global_rank}.pt")
 
 
 class ShardedLinearRegression(LinearRegression):
@@ -83,8 +147,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=6)
     parser.add_argument("--user-comm-hook", action="store_true")
     parser.add_argument("--mode", default="auto")
-    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
-    parser.add_argument("--model", choices=["linear", "mlp"], default="linear")
+    parser.add_argument("--strategy", choices=["ddp", "ddp_spawn", "fsdp2"], default="ddp")
+    parser.add_argument("--model", choices=["linear", "mlp", "module-comm-hook", "unused-branches"], default="linear")
     parser.add_argument("--per-layer", action="store_true")
     args = parser.parse_args()
 
@@ -92,42 +156,45 @@ def main() -> None:
     problem = LinearProblem(dim=args.dim, noise_std=1.0, seed=20)
     x, y = problem.sample(args.examples, seed=21)
     gns = GradientNoiseScale(beta=args.beta, mode=args.mode, per_layer=args.per_layer)
-    recorder = Recorder(gns)
+    recorder: Any = Recorder(gns)
     callbacks: list[Any] = [UserCommHook()] if args.user_comm_hook else []
-    strategy: str | Strategy = "ddp"
-    model_class: type[LinearRegression] = MLPRegression if args.model == "mlp" else LinearRegression
+    strategy: str | Strategy = args.strategy
+    models: dict[str, type[LinearRegression]] = {
+        "linear": LinearRegression,
+        "mlp": MLPRegression,
+        "module-comm-hook": ModuleCommHook,
+        "unused-branches": UnusedBranches,
+    }
+    model_class = models[args.model]
+    data: Any = loader(x, y, args.batch_size)
     if args.strategy == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
         model_class = ShardedMLPRegression if args.model == "mlp" else ShardedLinearRegression
+    if args.model == "unused-branches":
+        # DistributedSampler deals example n to rank n % 2: only rank 1's micro-batches 0, 3, 6, ... run the branch.
+        index = torch.arange(args.examples)
+        flag = ((index % 2 == 1) & ((index // (2 * args.batch_size)) % 3 == 0)).to(x.dtype)
+        data = DataLoader(TensorDataset(x, y, flag), batch_size=args.batch_size)
+        strategy = DDPStrategy(find_unused_parameters=True)
+        recorder = BatchRecorder(gns)
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
         strategy=strategy,
         max_epochs=1,
         accumulate_grad_batches=args.accumulate,
-        callbacks=[*callbacks, gns, recorder],
+        callbacks=[*callbacks, gns, recorder, SaveResults(args.out, gns, recorder, problem)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model_class(problem, lr=args.lr), loader(x, y, args.batch_size))
-    result = {
-        "rank": trainer.global_rank,
-        "mode": gns.mode,
-        "source": gns.source,
-        "micro_batches": recorder.micro_batches,
-        "history": recorder.history,
-        "b_simple": gns.b_simple,
-        "grad_sq_norm": gns.grad_sq_norm,
-        "trace_cov": gns.trace_cov,
-        "layer_b_simple": gns.layer_b_simple,
-        "closed_form_b_simple": problem.b_simple,
-        "closed_form_trace_cov": problem.trace_cov,
-        "closed_form_grad_sq_norm": problem.grad_sq_norm,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(result, args.out / f"rank{trainer.global_rank}.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model_class(problem, lr=args.lr), data)
+    if trainer.global_rank == 0 and args.strategy != "ddp_spawn":
+        messages = [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
+        (args.out / "warnings.txt").write_text("\n".join(messages))
     if dist.is_initialized():
         dist.barrier()
 

@@ -75,7 +75,10 @@ def per_example_grads(
         unsqueezed = tuple(t.unsqueeze(0) for t in example) if isinstance(example, tuple) else example.unsqueeze(0)
         return example_loss(lambda *a: functional_call(model64, {**fixed, **trainable}, a), unsqueezed)
 
-    in_batch = tuple(batch) if isinstance(batch, (tuple, list)) else batch
+    def to64(t: Tensor) -> Tensor:
+        return t.double() if t.is_floating_point() else t
+
+    in_batch = tuple(to64(t) for t in batch) if isinstance(batch, (tuple, list)) else to64(batch)
     grads = vmap(grad(one), in_dims=(None, 0))(wanted, in_batch)
     return torch.cat([grads[n].flatten(1) for n in names], dim=1)
 
@@ -84,7 +87,8 @@ def step_estimate(grads: list[Tensor], sizes: list[Tensor], shares: list[Tensor]
     """Unbiased (|G|^2, tr Sigma) of one step from each micro-batch's per-example gradients.
 
     ``grads[j]`` (B_j, P): example gradients of their own mean loss; ``sizes[j]`` their unit counts;
-    ``shares[j]`` their shares of the micro-batch loss. Examples without units are no small batch.
+    ``shares[j]`` their shares of the micro-batch loss; ``k`` divides every share (accumulation x ranks).
+    Examples without units are no small batch.
     """
     g = torch.cat(grads).numpy()
     b = torch.cat(sizes).double().numpy()
@@ -105,11 +109,13 @@ def reference_history(
     names_at: Callable[[int], list[str]],
     sizes_of: Callable[[Any], Tensor],
     beta: float,
+    world_size: int = 1,
 ) -> list[dict[str, float]]:
     """Bias-corrected EMAs per step, as the callback should report them.
 
     ``names_at(step)``: the parameters measured at that step; ``sizes_of(batch)``: each example's units (its
-    share of the micro-batch loss is its units over their sum).
+    share of the micro-batch loss is its units over their sum). Under DDP, pass every rank's micro-batches and
+    the world size: the big batch is the average over ranks.
     """
     by_step: dict[int, list[RecordedMicroBatch]] = defaultdict(list)
     for mb in recorded:
@@ -124,7 +130,7 @@ def reference_history(
             size = sizes_of(mb.batch).double()
             sizes.append(size)
             shares.append(size / size.sum())
-        g2, tr = step_estimate(grads, sizes, shares, by_step[step][0].accumulation)
+        g2, tr = step_estimate(grads, sizes, shares, by_step[step][0].accumulation * world_size)
         g2_ema = beta * g2_ema + (1 - beta) * g2
         trace_ema = beta * trace_ema + (1 - beta) * tr
         weight = beta * weight + (1 - beta)

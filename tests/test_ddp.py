@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -11,8 +12,11 @@ from typing import Any
 import pytest
 import torch
 
+from tests.ddp_worker import UnusedBranches
+from tests.models import LinearProblem
 from tests.recording import Recorder
 from tests.reference import MicroBatch
+from tests.reference_func import assert_histories_match, reference_history
 from tests.test_single_device import assert_matches_reference
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -106,3 +110,51 @@ def test_ddp_closed_form_linear_regression(tmp_path: Path) -> None:
     assert r["source"] == "ddp_comm_hook"
     assert r["b_simple"] == pytest.approx(r["closed_form_b_simple"], rel=0.15)
     assert r["trace_cov"] == pytest.approx(r["closed_form_trace_cov"], rel=0.15)
+
+
+def test_ddp_per_example_with_unused_parameters_matches_float64(tmp_path: Path) -> None:
+    """Ranks cover different parameters each step (a branch only rank 1 runs, a layer nobody runs): every rank
+    agrees on what is measured inside the step's all-reduce, and the numbers are exact, per layer too."""
+    args = ["--model", "unused-branches", "--mode", "per_example", "--per-layer", "--examples", "192"]
+    results = run_ddp(tmp_path, *args, "--lr", "0.3", "--beta", "0.8")
+    assert results[0]["history"] == results[1]["history"]
+    assert results[0]["layer_b_simple"] == pytest.approx(results[1]["layer_b_simple"], rel=0, nan_ok=True)
+    assert results[0]["history"][-1]["skipped"] == 0
+    model = UnusedBranches(LinearProblem(dim=6, noise_std=1.0, seed=20))
+    micro_batches = [mb for r in results for mb in r["micro_batches"]]
+    assert any(float(mb.batch[2].sum()) > 0 for mb in micro_batches)  # the branch did run, on rank 1 only
+    names = ["linear.weight", "branch.weight", "never.weight", "never.bias"]
+    want = reference_history(
+        model, micro_batches, UnusedBranches.example_loss, lambda step: names,
+        lambda batch: torch.ones(len(batch[0])), beta=0.8, world_size=2,
+    )  # fmt: skip
+    assert_histories_match(results[0]["history"], want, rel=1e-4)  # float32 training
+    # The main layer runs every step: its own noise scale is exact too.
+    main_layer = reference_history(
+        model, micro_batches, UnusedBranches.example_loss, lambda step: ["linear.weight"],
+        lambda batch: torch.ones(len(batch[0])), beta=0.8, world_size=2,
+    )  # fmt: skip
+    assert results[0]["layer_b_simple"]["linear"] == pytest.approx(main_layer[-1]["b_simple"], rel=1e-4)
+    assert math.isnan(results[0]["layer_b_simple"].get("never", math.nan))
+
+
+def test_ddp_spawn_gives_the_same_numbers_as_ddp(tmp_path: Path) -> None:
+    """ddp_spawn pickles the callback through shared memory: each process must still own its statistics."""
+    args = ["--examples", "203", "--lr", "0.3", "--beta", "0.9", "--mode", "per_example"]
+    ddp = run_ddp(tmp_path / "ddp", *args)
+    spawn = run_ddp(tmp_path / "spawn", *args, "--strategy", "ddp_spawn")
+    check_ranks_agree(spawn)
+    assert len(spawn[0]["history"]) == len(ddp[0]["history"]) > 10
+    for want, got in zip(ddp[0]["history"], spawn[0]["history"], strict=True):
+        for key in ("grad_sq_norm", "trace_cov", "b_simple"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9), (key, got["step"])
+    assert_matches_reference(merged_recorder(spawn), world_size=2, beta=0.9, per_example=True)
+
+
+def test_user_comm_hook_in_module_on_fit_start_falls_back_and_says_so(tmp_path: Path) -> None:
+    """A comm hook the LightningModule registers in on_fit_start (after every callback's) keeps working."""
+    results = run_ddp(tmp_path, "--model", "module-comm-hook", "--examples", "203", "--lr", "0.3", "--beta", "0.9")
+    check_ranks_agree(results)
+    assert results[0]["mode"] == "ddp" and results[0]["source"] == "param_hooks"
+    assert "already has a communication hook" in (tmp_path / "warnings.txt").read_text()
+    assert_matches_reference(merged_recorder(results), world_size=2, beta=0.9)

@@ -79,9 +79,11 @@ class GradientNoiseScaleLogic(LightningNamespace):
     Args:
         beta: EMA decay per measured optimizer step, in (0, 1).
         mode: ``"auto"``, ``"ddp"``, ``"microbatch"`` or ``"per_example"``.
-        batch_size_fn: ``batch -> int``, the examples (or tokens) in a micro-batch. The training loss must
-            be the mean over these units. Default: the leading dimension of the first tensor in the batch.
-            In ``per_example`` mode each example counts ``batch_size_fn(batch) / len(batch)`` units.
+        batch_size_fn: ``batch -> int | Tensor``, the examples (or tokens) in a micro-batch, or a 1-D integer
+            tensor with one count per example (``attention_mask.sum(dim=1)``; it stays on the device). The
+            training loss must be the mean over these units. Default: the leading dimension of the first tensor
+            in the batch. In ``per_example`` mode each example holds its own count (and that share of the loss);
+            with an int, each counts ``batch_size_fn(batch) / len(batch)`` units.
         prog_bar: show ``gns/b_simple`` in the progress bar.
         measure_every_n_steps: measure every n-th optimizer step (the EMA then spans about
             ``n / (1 - beta)`` steps). 1 measures every step.
