@@ -330,7 +330,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the single-process runs")
     parser.add_argument("--skip-ddp", action="store_true", help="only the single-process runs")
     parser.add_argument("--skip-single", action="store_true", help="only the 2-process DDP runs")
-    parser.add_argument("--quick", action="store_true", help="smoke run: micro-batch 128, 1 fit pair of 4 steps, no DDP unless --skip-single")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: micro-batch 128, 1 fit pair of 4 steps, no DDP unless --skip-single",
+    )
     parser.add_argument("--ddp-worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
