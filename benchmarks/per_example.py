@@ -43,7 +43,7 @@ allocations):
   (weights, optimizer state) is not in it. This is what the variant adds to the step's working set.
 * Peak RSS growth: a fresh subprocess per variant (``--memory-worker``) builds the same model, optimizer
   and data, resets the kernel's peak-RSS mark to the current RSS (writing 5 to ``/proc/self/clear_refs``,
-  Linux), runs warm-up + timed steps of that variant only and reads the peak (``VmHWM``) back; reported is
+  Linux), runs warm-up + 2 measured steps of that variant only and reads the peak (``VmHWM``) back; reported is
   peak minus the RSS before the steps. This is what the operating system sees, including the C allocator's
   caching and fragmentation (so differences can exceed those of the tensor peak); resetting the mark keeps
   the import-time peak (hundreds of MiB for torch) from hiding it, as it would in ``ru_maxrss``.
