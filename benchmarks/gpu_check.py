@@ -254,8 +254,9 @@ def count_syncs(s: Settings, gns: GradientNoiseScale | None, accumulation: int) 
         warnings.simplefilter("always")
         # A logger that never logs within the run: every counted step is a non-logging step.
         logger = CSVLogger(tmp)
-        fit = trainer(s, callbacks, s.sync_steps, accumulation, precision="bf16-mixed", logger=logger)
-        fit.log_every_n_steps = 10**6
+        fit = trainer(
+            s, callbacks, s.sync_steps, accumulation, precision="bf16-mixed", logger=logger, log_every_n_steps=10**6
+        )
         try:
             fit.fit(module, loader(batches, s.sync_steps * accumulation))
         finally:
