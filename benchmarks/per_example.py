@@ -8,42 +8,42 @@ out (``q @ k^T``, causal mask, softmax, ``@ v``) rather than calling ``scaled_do
 whose CPU kernel has no vmap batching rule and would make the vmap column unfairly slow. Training data:
 windows of the bytes of Python standard-library source files; AdamW; CPU; one plain PyTorch loop.
 
-Five variants, each with its own copy of the same initial model and optimizer:
+Four variants, each with its own copy of the same initial model and optimizer:
 
 * ``plain``: ``zero_grad``, forward, mean next-token cross entropy, ``backward``, ``optimizer.step()``.
 * ``per_example, layers="all"`` / ``layers="norm"``: the same step with a ``GradientNoiseScaleTracker``
-  (``mode="per_example"``) around it, measuring every step: ``start_micro_batch`` before the forward,
-  ``end_micro_batch`` after ``backward`` (the per-example norms are computed inside the backward by the
-  source's hooks), ``measure_step`` before ``optimizer.step()`` (big-batch norm and the estimator update).
-* ``per_example, layers="all", measure_every_n_steps=4``: the same tracker measuring every 4th step
-  (``start_micro_batch(..., measure=False)`` otherwise, which leaves the hooks idle); its step time is the
-  mean over whole intervals of 4 steps, so the measured step's cost is spread over the interval.
+  (``mode="per_example"``) around it, measuring every 2nd step: ``start_micro_batch(..., measure=...)``
+  before the forward, ``end_micro_batch`` after ``backward`` (the per-example norms are computed inside the
+  backward by the source's hooks), ``measure_step`` before ``optimizer.step()`` (big-batch norm and the
+  estimator update). On the other steps the hooks are idle.
 * ``torch.func vmap``: the plain step plus, between ``backward`` and ``optimizer.step()``, the per-example
   squared gradient norms over all parameters from ``vmap(grad(per-example loss))`` with
   ``functional_call`` (per-example gradients materialised, then squared and summed). vmap gives only the
   norms, so the model still needs its ordinary backward to train: step + vmap norms is what a user of
-  vmap would pay, and it is what ``per_example, layers="all"`` is compared with (same norms, checked).
+  vmap would pay, and it is what a measured step of ``per_example, layers="all"`` is compared with (same
+  norms, checked).
 
 Timed: ``perf_counter`` around one whole step (everything listed above, from ``zero_grad`` to the end of
 ``optimizer.step()``); ``--clock cpu`` uses ``process_time`` instead, the CPU time of this process, which
-other processes on a busy machine disturb less. Each repetition runs every variant for ``--warmup``
-untimed and ``--steps`` timed steps on the same batches; the block's median step is its step time.
-Variant order rotates each repetition and reverses on every other one (ABCD, DCBA rotated, ...) so drift
-and order effects cancel. Reported: the median over repetitions of each block's step time, and of the
-ratios taken within one repetition (variant / plain and per_example / vmap), with their quartiles as this
-run's noise.
+other processes on a busy machine disturb less. A 2-core machine shared with others drifts by tens of
+percent within seconds, so variants are compared step by step: each round runs one step of every variant
+on the same batch (order rotating, reversed every other round), and a ratio is taken within one round.
+Measured and idle steps of a per-example variant alternate from round to round, so each measured step is
+also compared with the mean of its variant's idle steps in the rounds before and after. Reported: median
+[q1, q3] (samples) of these step-level ratios, the quartiles being this run's noise, and beside them the
+floor: one fused norm pass over the gradients (``torch._foreach_norm``) relative to the plain step.
 
 Peak memory, two ways (PyTorch keeps no CPU allocator statistics, and tracemalloc does not see its
 allocations):
 
-* Peak tensor memory: one step of each variant (after warm-up) under ``torch.profiler`` with
+* Peak tensor memory: one (measured) step of each variant (after warm-up) under ``torch.profiler`` with
   ``profile_memory=True``; the running sum of its allocation (+) and free (-) events in time order peaks at
   the most tensor memory allocated within the step and live at once (activations, gradients, the
   per-example factors and gradients, vmap's per-example gradients). Memory that existed before the step
   (weights, optimizer state) is not in it. This is what the variant adds to the step's working set.
 * Peak RSS growth: a fresh subprocess per variant (``--memory-worker``) builds the same model, optimizer
   and data, resets the kernel's peak-RSS mark to the current RSS (writing 5 to ``/proc/self/clear_refs``,
-  Linux), runs warm-up + timed steps of that variant only and reads the peak (``VmHWM``) back; reported is
+  Linux), runs warm-up + 2 measured steps of that variant only and reads the peak (``VmHWM``) back; reported is
   peak minus the RSS before the steps. This is what the operating system sees, including the C allocator's
   caching and fragmentation (so differences can exceed those of the tensor peak); resetting the mark keeps
   the import-time peak (hundreds of MiB for torch) from hiding it, as it would in ``ru_maxrss``.
@@ -53,8 +53,8 @@ norms (layers="all", and "norm" against vmap restricted to the LayerNorm paramet
 on the benchmark model in float32 (relative 1e-3: float32 reductions in different orders), so both sides
 compute the same quantity.
 
-Example: ``python benchmarks/per_example.py`` (about 3 minutes on 2 quiet cores) or ``--quick`` for a
-smoke run (under a minute). ``--profile`` prints where the per-example step spends its time.
+Example: ``nice -n 10 python benchmarks/per_example.py`` (a few minutes on 2 cores) or ``--quick`` for a
+smoke run (seconds). ``--profile`` prints where the per-example (measured) step spends its time.
 """
 
 from __future__ import annotations
@@ -78,23 +78,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-import lightning_gns
-from lightning_gns import GradientNoiseScaleTracker
+# This checkout's lightning_gns (not whichever one is installed), and the helpers next to this script.
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+
+from paired import measured_vs_idle, norm_pass, quartiles, summary  # noqa: E402
+
+import lightning_gns  # noqa: E402
+from lightning_gns import GradientNoiseScaleTracker  # noqa: E402
 
 VOCAB = 256  # bytes
 LR = 3e-4
 TARGET_ALL = 1.15  # per_example layers="all" / plain
 TARGET_NORM = 1.03  # per_example layers="norm" / plain
 TARGET_VS_VMAP = 1.0  # per_example layers="all" / vmap: must be faster
-VariantName = Literal["plain", "all", "norm", "all_every4", "vmap"]
-VARIANTS: tuple[VariantName, ...] = ("plain", "all", "norm", "all_every4", "vmap")
-PER_EXAMPLE: tuple[VariantName, ...] = ("all", "norm", "all_every4")
-EVERY = 4  # measure_every_n_steps of the all_every4 variant
+VariantName = Literal["plain", "all", "norm", "vmap"]
+VARIANTS: tuple[VariantName, ...] = ("plain", "all", "norm", "vmap")
+PER_EXAMPLE: tuple[VariantName, ...] = ("all", "norm")
+EVERY = 2  # per-example variants measure every 2nd step, so measured and idle steps alternate
+PROFILE_STEPS = 4
 LABELS: dict[VariantName, str] = {
     "plain": "plain training",
     "all": 'per_example, layers="all"',
     "norm": 'per_example, layers="norm"',
-    "all_every4": f'per_example, layers="all", measure_every_n_steps={EVERY} (mean step)',
     "vmap": "plain step + torch.func vmap norms",
 }
 
@@ -236,18 +241,21 @@ class Variant:
         self.model = GPT(shape)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
         self.tracker: GradientNoiseScaleTracker | None = None
-        # The hooks of an unmeasured step return at once, so measuring every n-th step costs ~1/n per step.
-        self.every = EVERY if name == "all_every4" else 1
         self.steps_taken = 0
         if name in PER_EXAMPLE:
             self.tracker = GradientNoiseScaleTracker(layers="norm" if name == "norm" else "all")
             self.tracker.attach(self.model.parameters(), mode="per_example", model=self.model)
         self.last_vmap: Tensor | None = None
 
-    def step(self, tokens: Tensor, targets: Tensor) -> None:
+    def measures(self, step: int) -> bool:
+        """Per-example variants measure every EVERY-th step (the hooks of the others return at once)."""
+        return self.tracker is not None and step % EVERY == 0
+
+    def step(self, tokens: Tensor, targets: Tensor, measure: bool | None = None) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.tracker is not None:
-            self.tracker.start_micro_batch(units=len(tokens), measure=self.steps_taken % self.every == 0)
+            measure = self.measures(self.steps_taken) if measure is None else measure
+            self.tracker.start_micro_batch(units=len(tokens), measure=measure)
         self.steps_taken += 1
         loss = F.cross_entropy(self.model(tokens).transpose(1, 2), targets)
         loss.backward()
@@ -258,53 +266,59 @@ class Variant:
             self.last_vmap = vmap_total_sq_norms(self.model, tokens, targets)
         self.optimizer.step()
 
-    def timed_block(
-        self,
-        batches: list[tuple[Tensor, Tensor]],
-        warmup: int,
-        steps: int,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> float:
-        """Median step time (seconds) over ``steps`` timed steps after ``warmup`` untimed ones.
-
-        With a measurement interval the median is over the means of whole intervals (each holding one
-        measured step), so the cost of the measured step is amortised honestly rather than dropped.
-        """
-        every = self.every
-        warmup = math.ceil(warmup / every) * every
-        steps = math.ceil(steps / every) * every
-        # Start the timed steps on an interval boundary: the tracker measures when steps_taken % every == 0.
-        warmup += -(self.steps_taken + warmup) % every
-        times = []
-        for i in range(warmup + steps):
-            tokens, targets = batches[i % len(batches)]
-            start = clock()
-            self.step(tokens, targets)
-            if i >= warmup:
-                times.append(clock() - start)
-        blocks = [statistics.fmean(times[i : i + every]) for i in range(0, len(times), every)]
-        return statistics.median(blocks)
+    def run_steps(self, batches: list[tuple[Tensor, Tensor]], count: int, measure: bool | None = None) -> None:
+        for i in range(count):
+            self.step(*batches[i % len(batches)], measure=measure)
 
 
-def run_timing(shape: Shape, args: argparse.Namespace) -> dict[VariantName, list[float]]:
+@dataclass
+class Timing:
+    """Step times (seconds) by round and variant, and the floor ratio of each plain step."""
+
+    times: dict[VariantName, list[float]]
+    floor: list[float]
+
+
+def run_timing(shape: Shape, args: argparse.Namespace) -> Timing:
+    """Rounds of one step of every variant (order rotating, reversed every other round), after warm-up rounds.
+
+    A ratio between two variants is taken within one round (steps a few hundred ms apart); measured and idle
+    steps of a per-example variant alternate from round to round (its step index is the round index).
+    """
     variants = {name: Variant(name, shape, args.seed) for name in VARIANTS}
     batches = stdlib_text_batches(shape, count=4, seed=args.seed + 1)
+    clock = CLOCKS[args.clock]
     times: dict[VariantName, list[float]] = {name: [] for name in VARIANTS}
-    for rep in range(args.reps):
-        order = list(VARIANTS[rep // 2 % len(VARIANTS) :] + VARIANTS[: rep // 2 % len(VARIANTS)])
-        if rep % 2:
+    floor: list[float] = []
+    for r in range(args.warmup + args.rounds):
+        order = list(VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)])
+        if r % 2:
             order.reverse()
+        tokens, targets = batches[r % len(batches)]
         for name in order:
-            times[name].append(variants[name].timed_block(batches, args.warmup, args.steps, CLOCKS[args.clock]))
-        done = ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in VARIANTS)
-        print(f"  rep {rep + 1}/{args.reps}: {done}", file=sys.stderr, flush=True)
+            variant = variants[name]
+            start = clock()
+            variant.step(tokens, targets)
+            elapsed = clock() - start
+            if name == "plain":
+                # The floor: one fused norm pass over the gradients the plain step just produced.
+                grads = [p.grad for p in variant.model.parameters() if p.grad is not None]
+                norm_start = clock()
+                norm_pass(grads)
+                ratio = (clock() - norm_start) / elapsed
+            if r >= args.warmup:
+                times[name].append(elapsed)
+                if name == "plain":
+                    floor.append(ratio)
+        if (r + 1) % 20 == 0:
+            print(f"  round {r + 1}/{args.warmup + args.rounds}", file=sys.stderr, flush=True)
     for name in PER_EXAMPLE:
         tracker = variants[name].tracker
         assert tracker is not None and tracker.source == "per_example"
         if name != "norm":
             assert tracker.covered_fraction == 1.0, f"covered fraction {tracker.covered_fraction}"
         assert math.isfinite(tracker.grad_sq_norm), "the tracker produced no estimate"
-    return times
+    return Timing(times, floor)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -326,7 +340,7 @@ def memory_worker(name: VariantName, shape: Shape, args: argparse.Namespace) -> 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = proc_status_mib("VmRSS")
-    variant.timed_block(batches, args.warmup, args.steps)
+    variant.run_steps(batches, args.warmup + 2, measure=True)
     print(json.dumps({"before_mib": before, "peak_mib": proc_status_mib("VmHWM")}))
 
 
@@ -338,9 +352,9 @@ def peak_tensor_mib(shape: Shape, args: argparse.Namespace) -> dict[VariantName,
     peaks: dict[VariantName, float] = {}
     for name in VARIANTS:
         variant = Variant(name, shape, args.seed)
-        variant.timed_block(batches, args.warmup, 1)
+        variant.run_steps(batches, args.warmup, measure=True)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            variant.timed_block(batches, 0, 1)
+            variant.run_steps(batches, 1, measure=True)
         # Allocations (+) and frees (-) in time order; frees of blocks from before the step are not reported.
         events = sorted(
             (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
@@ -377,24 +391,28 @@ def run_profile(shape: Shape, args: argparse.Namespace) -> None:
     batches = stdlib_text_batches(shape, count=4, seed=args.seed + 1)
     for name in ("plain", "norm", "all"):
         variant = Variant(name, shape, args.seed)
-        variant.timed_block(batches, args.warmup, 1)
+        variant.run_steps(batches, args.warmup, measure=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            variant.timed_block(batches, 0, args.steps)
-        print(f"\n### profile: {LABELS[name]} ({args.steps} steps)\n")
+            variant.run_steps(batches, PROFILE_STEPS, measure=True)
+        print(f"\n### profile: {LABELS[name]} ({PROFILE_STEPS} measured steps)\n")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
 # ---------------------------------------------------------------------------------------------- report
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
+def round_ratios(timing: Timing, a: VariantName, b: VariantName, measured: bool | None, warmup: int) -> list[float]:
+    """a / b within each round; ``measured`` picks a's measured (True) or idle (False) rounds, None all rounds."""
+    out = []
+    for i, (x, y) in enumerate(zip(timing.times[a], timing.times[b], strict=True)):
+        is_measured = (warmup + i) % EVERY == 0
+        if measured is None or measured == is_measured:
+            out.append(x / y)
+    return out
 
 
-def ratio_cell(values: list[float]) -> str:
-    q1, q3 = quartiles(values)
-    return f"{statistics.median(values):.3f} [{q1:.3f}, {q3:.3f}]"
+def neighbour_ratios(timing: Timing, name: VariantName, warmup: int) -> list[float]:
+    """Each measured step of ``name`` over the mean of its idle steps in the rounds before and after."""
+    steps = {warmup + i: t for i, t in enumerate(timing.times[name])}
+    return measured_vs_idle(steps, EVERY)
 
 
 def verdict(checks: list[tuple[list[float], float, str]]) -> str:
@@ -413,48 +431,49 @@ def memory_cell(values: dict[VariantName, float] | None, name: VariantName) -> s
 
 
 def table(
-    times: dict[VariantName, list[float]],
+    timing: Timing,
+    warmup: int,
     tensor_peaks: dict[VariantName, float] | None,
     rss_peaks: dict[VariantName, float] | None,
 ) -> str:
-    def ratios(a: VariantName, b: VariantName) -> list[float]:
-        return [x / y for x, y in zip(times[a], times[b], strict=True)]
-
     lines = [
-        "| variant | step time (ms) | vs plain [q1, q3] | vs vmap [q1, q3] | peak tensor memory, MiB (vs plain)"
-        " | peak RSS growth, MiB (vs plain) | target | target met? |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "| variant | step time (ms) | measured / idle neighbours | measured / plain (same round)"
+        " | idle / plain (same round) | measured / vmap (same round) | every 2 vs plain (est.)"
+        " | peak tensor memory, MiB (vs plain) | peak RSS growth, MiB (vs plain) | target | target met? |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    targets: dict[VariantName, tuple[str, list[tuple[list[float], float, str]]]] = {
-        "plain": ("", []),
-        "all": (
-            f"≤ {TARGET_ALL}x plain, < vmap",
-            [(ratios("all", "plain"), TARGET_ALL, "vs plain"), (ratios("all", "vmap"), TARGET_VS_VMAP, "vs vmap")],
-        ),
-        "norm": (f"≤ {TARGET_NORM}x plain", [(ratios("norm", "plain"), TARGET_NORM, "vs plain")]),
-        "all_every4": (f"≤ {TARGET_ALL}x plain", [(ratios("all_every4", "plain"), TARGET_ALL, "vs plain")]),
-        "vmap": ("", []),
-    }
+    targets = {"all": TARGET_ALL, "norm": TARGET_NORM}
     for name in VARIANTS:
-        target, checks = targets[name]
-        vs_vmap = ratio_cell(ratios(name, "vmap")) if name in PER_EXAMPLE else ""
+        median_ms = statistics.median(timing.times[name]) * 1e3
+        memory = f" | {memory_cell(tensor_peaks, name)} | {memory_cell(rss_peaks, name)}"
+        if name not in PER_EXAMPLE:
+            vs_plain = summary(round_ratios(timing, name, "plain", None, warmup)) if name != "plain" else ""
+            lines.append(f"| {LABELS[name]} | {median_ms:.1f} |  | {vs_plain} |  |  | {memory} |  |  |")
+            continue
+        measured = round_ratios(timing, name, "plain", True, warmup)
+        idle = round_ratios(timing, name, "plain", False, warmup)
+        vs_vmap = round_ratios(timing, name, "vmap", True, warmup)
+        every2 = (statistics.median(measured) + statistics.median(idle)) / 2
+        checks = [(measured, targets[name], "measured vs plain")]
+        if name == "all":
+            checks.append((vs_vmap, TARGET_VS_VMAP, "vs vmap"))
         lines.append(
-            f"| {LABELS[name]} | {statistics.median(times[name]) * 1e3:.1f} | {ratio_cell(ratios(name, 'plain'))}"
-            f" | {vs_vmap} | {memory_cell(tensor_peaks, name)} | {memory_cell(rss_peaks, name)} | {target}"
-            f" | {verdict(checks) if checks else ''} |"
+            f"| {LABELS[name]} | {median_ms:.1f} | {summary(neighbour_ratios(timing, name, warmup))}"
+            f" | {summary(measured)} | {summary(idle)} | {summary(vs_vmap)} | {every2:.3f}{memory}"
+            f" | measured ≤ {targets[name]}x plain{', < vmap' if name == 'all' else ''} | {verdict(checks)} |"
         )
     return "\n".join(lines)
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 SHAPE_ARGS = ["n_layer", "d_model", "n_head", "seq_len", "batch"]
-RUN_ARGS = ["warmup", "steps", "threads", "seed"]
+RUN_ARGS = ["warmup", "rounds", "threads", "seed"]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Step time and peak memory of mode='per_example' (layers 'all' and 'norm') on a small GPT, "
-        "against plain training and torch.func vmap norms, alternating in one run; prints a Markdown table.",
+        "against plain training and torch.func vmap norms, step by step in one process; prints a Markdown table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
@@ -462,9 +481,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--n-head", type=int, default=4, help="attention heads")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per sequence")
     parser.add_argument("--batch", type=int, default=16, help="sequences per batch")
-    parser.add_argument("--reps", type=int, default=16, help="repetitions (one block of each variant each)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each block")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per block")
+    parser.add_argument("--rounds", type=int, default=60, help="timed rounds (one step of every variant each)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed rounds first (and untimed steps in memory runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -476,11 +494,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--skip-memory", action="store_true", help="no memory measurements (profiler and subprocesses)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables (plain, norm, all)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 layers, batch 8, 2 reps of 2 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 layers, batch 8, 8 rounds, no memory runs")
     parser.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.n_layer, args.batch, args.reps, args.warmup, args.steps = 2, 8, 2, 1, 2
+        args.n_layer, args.batch, args.rounds, args.warmup, args.skip_memory = 2, 8, 8, 2, True
     return args
 
 
@@ -494,7 +512,7 @@ def main() -> None:
     load_before = os.getloadavg()
     torch.set_num_threads(args.threads)
     check = check_against_vmap(shape, args.seed)
-    times = run_timing(shape, args)
+    timing = run_timing(shape, args)
     tensor_peaks = None if args.skip_memory else peak_tensor_mib(shape, args)
     rss_peaks = None if args.skip_memory else run_memory(args)
     params = sum(p.numel() for p in GPT(shape).parameters())
@@ -503,17 +521,21 @@ def main() -> None:
         f" batch {shape.batch}, byte vocabulary {VOCAB}, tied output layer ({params:,} parameters); AdamW; CPU."
         f"\nlightning_gns from {os.path.dirname(lightning_gns.__file__)}; torch {torch.__version__},"
         f" {os.cpu_count()} CPUs, {args.threads} torch thread(s)."
-        f"\n{args.reps} repetitions, each {args.warmup} warm-up + {args.steps} timed steps per variant, alternating;"
-        f" clock: {args.clock}."
+        f"\n{args.warmup} warm-up + {args.rounds} timed rounds of one step of each variant, order rotating;"
+        f" per-example variants measure every {EVERY}nd step; clock: {args.clock}."
         f"\nPer-example squared norms equal vmap's (float32): {check}.\n"
     )
-    print(table(times, tensor_peaks, rss_peaks))
+    print(table(timing, args.warmup, tensor_peaks, rss_peaks))
     print(
-        "\nStep time: one training step including the variant's norm work, median over repetitions of each"
-        " block's median. Ratios: median over repetitions of the ratio within the repetition; [q1, q3] are its"
-        " quartiles, i.e. the noise of this run. Peak tensor memory: the most tensor memory allocated within one"
+        f"\nFloor: one fused norm pass over the gradients / the plain step before it: {summary(timing.floor, 4)}."
+        "\nStep time: median over all timed rounds (measured and idle steps together for per-example variants)."
+        " Ratios: median [q1, q3] (samples) of step-level ratios: a measured step over the mean of its idle"
+        " neighbours (same variant, rounds before and after); a measured or idle step over the plain (or vmap)"
+        " step of the same round. Every 2 (est.): mean of the measured and idle medians vs plain, the cost with"
+        f" measure_every_n_steps={EVERY}. Peak tensor memory: the most tensor memory allocated within one measured"
         " step and live at once (torch.profiler). Peak RSS growth: peak RSS minus RSS before the steps, in a"
-        " fresh process running that variant only (includes the C allocator's caching and fragmentation)."
+        " fresh process running that variant only, measuring every step (includes the C allocator's caching"
+        " and fragmentation)."
     )
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()
