@@ -122,8 +122,9 @@ def test_ddp_per_example_with_unused_parameters_matches_float64(tmp_path: Path) 
     assert results[0]["history"][-1]["skipped"] == 0
     model = UnusedBranches(LinearProblem(dim=6, noise_std=1.0, seed=20))
     micro_batches = [mb for r in results for mb in r["micro_batches"]]
-    assert any(float(mb.batch[2].sum()) > 0 for mb in micro_batches)  # the branch did run, on rank 1 only
-    names = ["linear.weight", "branch.weight", "never.weight", "never.bias"]
+    assert all(float(mb.batch[2].sum()) == 0 for mb in results[0]["micro_batches"])  # rank 0 never ran the branch
+    assert any(float(mb.batch[2].sum()) > 0 for mb in results[1]["micro_batches"])
+    names = ["linear.weight", "branch.weight", "branch.bias", "never.weight", "never.bias"]
     want = reference_history(
         model, micro_batches, UnusedBranches.example_loss, lambda step: names,
         lambda batch: torch.ones(len(batch[0])), beta=0.8, world_size=2,
