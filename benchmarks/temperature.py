@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "example_projects")
 from digits_sweep import datamodule, model
 
 from lightning_gns import GradientNoiseScale
-from lightning_gns.sweep import BranchStart
+from lightning_gns.tools.sweep import BranchStart
 
 
 class _Record(Callback):

@@ -11,9 +11,18 @@ anchors keep ``gns/b_simple`` from also drawing ``gns/b_simple_sequences`` and t
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tensorboard.plugins.custom_scalar import layout_pb2
+
+from lightning_gns import scalars
+
+
+def _exact(tag: str) -> str:
+    """A regex that matches ``tag`` and nothing longer (TensorBoard matches from the start of the tag)."""
+    return re.escape(tag) + "$"
+
 
 CATEGORY = "gradient noise scale"
 LAYER_CATEGORY = "gradient noise scale per layer"
@@ -22,41 +31,43 @@ LAYER_CATEGORY = "gradient noise scale per layer"
 # charts and tags a run will fill (see its arguments), so no chart sits empty in the dashboard.
 CHARTS: dict[str, list[str]] = {
     "B_simple and the batch per optimizer step": [
-        r"gns/b_simple$",
-        r"gns/effective_batch_size$",
-        r"gns/b_big$",
+        _exact(scalars.B_SIMPLE),
+        _exact(scalars.EFFECTIVE_BATCH_SIZE),
+        _exact(scalars.B_BIG),
     ],
     "|G|^2 and tr(Sigma) estimates (log scale helps)": [
-        r"gns/grad_sq_norm$",
-        r"gns/trace_cov$",
+        _exact(scalars.GRAD_SQ_NORM),
+        _exact(scalars.TRACE_COV),
     ],
     "forecasts for the batch in use: S/S_min, E/E_min, statistical efficiency": [
-        r"gns/steps_over_min$",
-        r"gns/examples_over_min$",
-        r"gns/statistical_efficiency$",
+        _exact(scalars.STEPS_OVER_MIN),
+        _exact(scalars.EXAMPLES_OVER_MIN),
+        _exact(scalars.STATISTICAL_EFFICIENCY),
     ],
     "batch sizes": [
-        r"gns/b_small$",
-        r"gns/b_big$",
-        r"gns/effective_batch_size$",
+        _exact(scalars.B_SMALL),
+        _exact(scalars.B_BIG),
+        _exact(scalars.EFFECTIVE_BATCH_SIZE),
     ],
     "accumulation and learning-rate factor": [
-        r"gns/accumulation$",
-        r"gns/lr_factor$",
+        _exact(scalars.ACCUMULATION),
+        _exact(scalars.LR_FACTOR),
     ],
     "critical batch from the loss (Kaplan et al. 2020), in tokens": [
-        r"gns/kaplan_b_crit_tokens$",
+        _exact(scalars.KAPLAN_B_CRIT_TOKENS),
     ],
     "skipped steps and coverage": [
-        r"gns/skipped_steps$",
-        r"gns/covered_fraction$",
+        _exact(scalars.SKIPPED_STEPS),
+        _exact(scalars.COVERED_FRACTION),
     ],
 }
-LAYER_CHARTS: dict[str, list[str]] = {"B_simple per layer": [r"gns/layer/.*/b_simple$"]}
+LAYER_CHARTS: dict[str, list[str]] = {"B_simple per layer": [re.escape(scalars.LAYER_PREFIX) + r".*/b_simple$"]}
 # Tags logged only in some configurations: AdaptiveBatchSize's, mode="per_example"'s, kaplan_loss's.
-ADAPTIVE_TAGS = frozenset({r"gns/effective_batch_size$", r"gns/accumulation$", r"gns/lr_factor$"})
-PER_EXAMPLE_TAGS = frozenset({r"gns/covered_fraction$"})
-KAPLAN_TAGS = frozenset({r"gns/kaplan_b_crit_tokens$"})
+ADAPTIVE_TAGS = frozenset(
+    {_exact(scalars.EFFECTIVE_BATCH_SIZE), _exact(scalars.ACCUMULATION), _exact(scalars.LR_FACTOR)}
+)
+PER_EXAMPLE_TAGS = frozenset({_exact(scalars.COVERED_FRACTION)})
+KAPLAN_TAGS = frozenset({_exact(scalars.KAPLAN_B_CRIT_TOKENS)})
 
 
 def gns_custom_scalars_layout(

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_gns import forecasts, scalars
 from lightning_gns.estimators import SmallBatchSummary
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
@@ -110,6 +111,9 @@ class GradientNoiseScaleTracker:
         self._layer_index = torch.zeros(0, dtype=torch.long)
         self._flag_tensors: dict[tuple[bool, ...], Tensor] = {}
         self._covered_numel: Tensor | None = None
+        # Effective batch of the first measured step: the reference of the statistical efficiency. A device
+        # tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
+        self.reference_batch_size: Tensor | None = None
         # Running sums of the current optimizer step on this rank (see end_micro_batch).
         self._weighted_sq_sum: Tensor | None = None  # A = sum_i b_i |g_i|^2 (a (P,) vector in per_example mode)
         self._measured: tuple[bool, ...] = ()
@@ -318,6 +322,45 @@ class GradientNoiseScaleTracker:
     def source(self) -> str | None:
         """Source that fed the last micro-batch: ``"ddp_comm_hook"``, ``"param_hooks"`` or ``"per_example"``."""
         return self._active_source.name if self._active_source is not None else None
+
+    def compute(self, kaplan_loss: Tensor | None = None) -> dict[str, Tensor]:
+        """Every readout, keyed by its logged name (:mod:`lightning_gns.scalars`), as device tensors.
+
+        The noise scale and its two averages, the last measured step's batch sizes, the skipped steps, the
+        forecasts for the batch in use (:mod:`lightning_gns.forecasts`), ``per_example`` coverage, per-layer
+        noise scales, and with ``kaplan_loss`` (a language-model loss in nats per token) Kaplan et al.'s
+        fitted critical batch. Nothing is read to the host: the caller decides when to pay for that.
+
+        Example:
+            >>> tracker = GradientNoiseScaleTracker()
+            >>> sorted(tracker.compute())[:3]
+            ['gns/b_big', 'gns/b_simple', 'gns/b_small']
+        """
+        metric = self.metric
+        b_simple, b_big = metric.b_simple, metric.last_b_big
+        values = {
+            scalars.B_SIMPLE: b_simple,
+            scalars.GRAD_SQ_NORM: metric.grad_sq_norm,
+            scalars.TRACE_COV: metric.trace_cov,
+            scalars.B_SMALL: metric.last_b_small,
+            scalars.B_BIG: b_big,
+            scalars.SKIPPED_STEPS: metric.skipped_steps,
+            scalars.STEPS_OVER_MIN: forecasts.steps_over_min(b_big, b_simple),
+            scalars.EXAMPLES_OVER_MIN: forecasts.examples_over_min(b_big, b_simple),
+        }
+        if self.reference_batch_size is not None:
+            values[scalars.STATISTICAL_EFFICIENCY] = forecasts.statistical_efficiency(
+                b_big, b_simple, self.reference_batch_size
+            )
+        if kaplan_loss is not None:
+            values[scalars.KAPLAN_B_CRIT_TOKENS] = forecasts.kaplan_critical_batch_tokens(kaplan_loss.double())
+        if self._per_example_source is not None:
+            total = float(sum(p.numel() for p in self._params))
+            covered = self._covered_numel if self._covered_numel is not None else self._numels.sum()
+            values[scalars.COVERED_FRACTION] = covered / total
+        for name, layer_metric in self.layer_metrics.items():
+            values[scalars.layer_b_simple(name)] = layer_metric.b_simple
+        return values
 
     @property
     def has_per_example_layers(self) -> bool:
@@ -559,6 +602,8 @@ class GradientNoiseScaleTracker:
             if self._world_size > 1:
                 dist.all_reduce(packed, group=self._process_group)
             self.metric.fold(SmallBatchSummary.from_stacked(packed[:5]), packed[5] * big_factor)
+        if self.reference_batch_size is None:
+            self.reference_batch_size = self.metric.last_b_big.clone()
         self._clear_step()
         return True
 
@@ -638,9 +683,11 @@ class GradientNoiseScaleTracker:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        reference = self.reference_batch_size
         return {
             "metric": _metric_states(self.metric),
             "layer_metrics": {name: _metric_states(m) for name, m in self.layer_metrics.items()},
+            "reference_batch_size": None if reference is None else reference.detach().cpu().clone(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -648,6 +695,8 @@ class GradientNoiseScaleTracker:
         _load_metric_states(self.metric, state_dict["metric"])
         for name, states in state_dict.get("layer_metrics", {}).items():
             _load_metric_states(self.layer_metric(name), states)
+        reference = state_dict.get("reference_batch_size")
+        self.reference_batch_size = None if reference is None else reference.to(self.metric.last_b_big.device)
 
 
 def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
@@ -718,4 +767,4 @@ def _is_dtensor(tensor: Tensor) -> bool:
 
 
 def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined,no-any-return]
+    return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]

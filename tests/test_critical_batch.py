@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_gns.critical_batch import (
+from lightning_gns.tools.critical_batch import (
     CriticalBatchError,
     bootstrap_fit,
     fit_tradeoff,
     local_critical_batch,
-    scaled_lr,
     steps_to_target,
 )
 
@@ -125,11 +124,13 @@ def test_steps_to_target() -> None:
         steps_to_target([1], [1.0], 0.0)
 
 
-def test_scaled_lr_and_local_critical_batch() -> None:
-    assert scaled_lr(0.2, 64, 16, "linear") == pytest.approx(0.05)
-    assert scaled_lr(0.2, 64, 16, "sqrt") == pytest.approx(0.1)
+def test_sweep_lr_rule_and_local_critical_batch() -> None:
+    from lightning_gns.tools.sweep import _lr_factor
+
+    assert 0.2 * _lr_factor(16 / 64, "linear") == pytest.approx(0.05)
+    assert 0.2 * _lr_factor(16 / 64, "sqrt") == pytest.approx(0.1)
     with pytest.raises(CriticalBatchError, match="Unknown learning-rate rule"):
-        scaled_lr(0.1, 32, 64, "cubic")
+        _lr_factor(2, "cubic")
     # Within tolerance up to k=4; k=8 is worse; k=16 recovering does not count (contiguous from the start).
     assert local_critical_batch([1, 2, 4, 8, 16], [1.0, 1.0, 1.01, 1.2, 1.0], 0.02) == 4.0
     assert local_critical_batch([4, 1, 2], [0.5, 1.0, 2.0], 0.02) == 1.0  # sorted by multiplier first
@@ -139,14 +140,14 @@ def test_scaled_lr_and_local_critical_batch() -> None:
 
 
 def test_fitting_module_does_not_import_lightning() -> None:
-    code = "import sys, lightning_gns.critical_batch; print(any(m.startswith('lightning.') for m in sys.modules))"
+    code = "import sys, lightning_gns.tools.critical_batch; print(any(m.startswith('lightning.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
 
 
 # ------------------------------------------------------------------------------ end to end, tiny settings
 def test_tiny_sweep_command_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_gns.report import main
+    from lightning_gns.tools.cli import main
 
     out = tmp_path / "sweep"
     code = main(
@@ -195,7 +196,7 @@ def test_tiny_sweep_command_on_digits(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_tiny_branch_on_digits(tmp_path: Path) -> None:
-    from lightning_gns.cli import main
+    from lightning_gns.tools.cli import main
 
     out = tmp_path / "branch"
     argv = ["branch", "--model", f"{DIGITS}:model", "--data", f"{DIGITS}:datamodule", "--batch-size", "16"]
@@ -209,7 +210,7 @@ def test_tiny_branch_on_digits(tmp_path: Path) -> None:
 
 
 def test_sweep_reports_an_unreachable_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from lightning_gns.cli import main
+    from lightning_gns.tools.cli import main
 
     argv = ["sweep", "--model", f"{DIGITS}:model", "--data", f"{DIGITS}:datamodule", "--batch-sizes", "16", "32"]
     argv += ["--target-loss", "0.0001", "--seeds", "0", "--lr", "0.05", "--base-batch-size", "32"]

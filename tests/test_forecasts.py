@@ -85,16 +85,17 @@ def test_callback_logs_forecasts_and_the_tensorboard_layout(tmp_path: Path) -> N
     trainer.fit(LossLoggingRegression(problem, lr=0.05), loader(x, y, 8))
 
     b_big = 16.0
-    assert gns.steps_over_min == pytest.approx(1 + gns.b_simple / b_big, rel=1e-6)
-    assert gns.examples_over_min == pytest.approx(1 + b_big / gns.b_simple, rel=1e-6)
-    assert gns.statistical_efficiency == pytest.approx(1.0)  # the batch never changed
+    readouts = gns.compute()
+    assert readouts["gns/steps_over_min"] == pytest.approx(1 + gns.b_simple / b_big, rel=1e-6)
+    assert readouts["gns/examples_over_min"] == pytest.approx(1 + b_big / gns.b_simple, rel=1e-6)
+    assert readouts["gns/statistical_efficiency"] == pytest.approx(1.0)  # the batch never changed
     loss = float(trainer.callback_metrics["train_loss"])
-    assert gns.kaplan_b_crit_tokens == pytest.approx(2e8 / loss ** (1 / 0.21), rel=1e-5)
+    assert readouts["gns/kaplan_b_crit_tokens"] == pytest.approx(2e8 / loss ** (1 / 0.21), rel=1e-5)
 
     logged = trainer.logged_metrics
-    for name in (*FORECASTS, "gns/kaplan_b_crit_tokens"):
-        assert name in logged, name
-    assert float(logged["gns/steps_over_min"]) == pytest.approx(gns.steps_over_min, rel=1e-6)
+    assert set(readouts) == {name for name in logged if name.startswith("gns/")}
+    for name, value in readouts.items():
+        assert float(logged[name]) == pytest.approx(value, rel=1e-6), name
 
     accumulator = event_accumulator.EventAccumulator(str(tmp_path / "run" / "version_0"))
     accumulator.Reload()
@@ -104,11 +105,12 @@ def test_callback_logs_forecasts_and_the_tensorboard_layout(tmp_path: Path) -> N
 
 def test_reference_batch_survives_resume() -> None:
     gns = GradientNoiseScale()
-    gns.reference_batch_size = torch.tensor(48.0, dtype=torch.float64)
+    gns.tracker.reference_batch_size = torch.tensor(48.0, dtype=torch.float64)
     restored = GradientNoiseScale()
     restored.load_state_dict(gns.state_dict())
-    assert restored.reference_batch_size is not None and float(restored.reference_batch_size) == 48.0
-    assert math.isnan(GradientNoiseScale().statistical_efficiency)
+    reference = restored.tracker.reference_batch_size
+    assert reference is not None and float(reference) == 48.0
+    assert "gns/statistical_efficiency" not in GradientNoiseScale().compute()
 
 
 def test_kaplan_loss_must_name_a_metric() -> None:

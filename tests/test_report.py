@@ -19,18 +19,18 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
-from lightning_gns.report import (
+from lightning_gns.tensorboard_layout import gns_custom_scalars_layout, layout_as_dict, write_layout
+from lightning_gns.tools.cli import main
+from lightning_gns.tools.report import (
     B_SIMPLE,
     ReportError,
     Series,
     find_loss_tag,
     gns_runs,
     load_runs,
-    main,
     smooth,
     summarize,
 )
-from lightning_gns.tensorboard_layout import gns_custom_scalars_layout, layout_as_dict, write_layout
 from tests.models import LinearProblem, LinearRegression, loader
 
 RUN = "linear/version_0"
@@ -234,7 +234,7 @@ def test_unknown_loss_tag_exits_2(
 
 def test_console_script_is_declared() -> None:
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
-    assert scripts.get("lightning-gns") == "lightning_gns.cli:main"
+    assert scripts.get("lightning-gns") == "lightning_gns.tools.cli:main"
 
 
 # ------------------------------------------------------------------------------------------ layout

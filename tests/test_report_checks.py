@@ -13,13 +13,13 @@ from matplotlib.lines import Line2D
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_gns.report import (
+from lightning_gns.tools.cli import main
+from lightning_gns.tools.report import (
     B_SIMPLE,
     ReportError,
     Series,
     _masked_crc32c,
     check_event_file,
-    main,
     read_logdir,
     report_figure,
     run_report,

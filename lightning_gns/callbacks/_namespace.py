@@ -34,7 +34,7 @@ class LightningNamespace:
         return importlib.import_module(f"{self._lightning_namespace}.{submodule}")
 
     def _misconfiguration(self, message: str) -> Exception:
-        return self._lightning("utilities.exceptions").MisconfigurationException(message)  # type: ignore[no-any-return]
+        return self._lightning("utilities.exceptions").MisconfigurationException(message)
 
     def _check_trainer_namespace(self, trainer: Any, name: str) -> None:
         """Refuse a Trainer of the other Lightning package: its strategies and callbacks fail our isinstance checks.
@@ -60,3 +60,17 @@ class LightningNamespace:
         if exceptions is not None:
             raise exceptions.MisconfigurationException(message)
         raise self._misconfiguration(message)
+
+    def _check_fit(self, trainer: Any, pl_module: Any, name: str, manual_optimization: str) -> None:
+        """The checks both callbacks make at fit setup: the Trainer's namespace and automatic optimization.
+
+        ``manual_optimization`` says why ``name`` needs automatic optimization and what to do instead.
+        """
+        self._check_trainer_namespace(trainer, name)
+        if not pl_module.automatic_optimization:
+            raise self._misconfiguration(
+                f"{name} {manual_optimization} (LightningModule.automatic_optimization = True, with"
+                " Trainer(accumulate_grad_batches=...) for accumulation). In a manual-optimization loop, use"
+                " lightning_gns.GradientNoiseScaleTracker (see the README) instead: call start_micro_batch,"
+                " end_micro_batch and measure_step around your own backward and optimizer step."
+            )

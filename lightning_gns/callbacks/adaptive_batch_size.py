@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gns import scalars
 from lightning_gns.batch_schedule import (
     LR_SCALINGS,
     TARGETS,
@@ -26,6 +27,7 @@ from lightning_gns.batch_schedule import (
 from lightning_gns.batch_size import checked_batch_size, units_as_int
 from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._checkpoint import validate_adaptive_state
+from lightning_gns.callbacks._logging import log_scalars
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
 
@@ -196,13 +198,8 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._check_trainer_namespace(trainer, "AdaptiveBatchSize")
-        if not pl_module.automatic_optimization:
-            raise self._misconfiguration(
-                "AdaptiveBatchSize changes Trainer.accumulate_grad_batches, which exists in automatic optimization"
-                " only (LightningModule.automatic_optimization = True). In a manual-optimization loop, accumulate"
-                " yourself and read lightning_gns.GradientNoiseScaleTracker's b_simple to size the batch."
-            )
+        why = "changes Trainer.accumulate_grad_batches, which exists in automatic optimization only"
+        self._check_fit(trainer, pl_module, "AdaptiveBatchSize", why)
         scheduler = self._lightning("callbacks").GradientAccumulationScheduler
         if any(isinstance(callback, scheduler) for callback in trainer.callbacks):  # type: ignore[attr-defined]
             raise self._misconfiguration(
@@ -404,19 +401,11 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
 
     def _log(self, pl_module: LightningModule, world_size: int) -> None:
         values = {
-            "gns/effective_batch_size": self.effective_batch_size(world_size),
-            "gns/accumulation": float(self.accumulation or 0),
-            "gns/lr_factor": self.lr_factor,
+            scalars.EFFECTIVE_BATCH_SIZE: self.effective_batch_size(world_size),
+            scalars.ACCUMULATION: float(self.accumulation or 0),
+            scalars.LR_FACTOR: self.lr_factor,
         }
-        for name, value in values.items():
-            pl_module.log(
-                name,
-                value,
-                on_step=True,
-                on_epoch=False,
-                prog_bar=self.prog_bar and name == "gns/accumulation",
-                batch_size=1,
-            )
+        log_scalars(pl_module, values, prog_bar=scalars.ACCUMULATION if self.prog_bar else None)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

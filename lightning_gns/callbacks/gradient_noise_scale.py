@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch.optim import Optimizer
 
-from lightning_gns import forecasts
+from lightning_gns import scalars
 from lightning_gns.batch_size import BatchSizeFn, checked_batch_size, leading_dim_batch_size
 from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._checkpoint import foreign_states, validate_gns_state
+from lightning_gns.callbacks._logging import log_scalars
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources.per_example import Layers, batch_coupled_layers
@@ -72,8 +73,9 @@ class GradientNoiseScaleLogic(LightningNamespace):
     - ``gns/kaplan_b_crit_tokens`` (``kaplan_loss`` set): Kaplan et al. 2020's published fit
       ``B_crit(L) = 2e8 / L^(1/0.21)`` tokens for the logged language-model loss ``L`` in nats.
 
-    After each optimizer step, ``b_simple``, ``grad_sq_norm``, ``trace_cov`` and the forecasts read as
-    Python floats. At the start of fit a TensorBoard custom-scalars layout that groups these charts is
+    After each optimizer step, ``b_simple``, ``grad_sq_norm``, ``trace_cov``, ``skipped_steps`` and
+    ``covered_fraction`` read as Python numbers, and :meth:`compute` returns every logged value by name. At the
+    start of fit a TensorBoard custom-scalars layout that groups these charts is
     written to every ``TensorBoardLogger`` (the "Custom Scalars" tab).
 
     Args:
@@ -149,9 +151,6 @@ class GradientNoiseScaleLogic(LightningNamespace):
         self.tracker = GradientNoiseScaleTracker(beta=self.beta, layers=layers, per_layer=per_layer, warn=self._warn)
         self._comm_hook_pending = False
         self._warned_token_units = False
-        # Effective batch of the first measured step: the reference of the statistical efficiency. A
-        # device tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
-        self.reference_batch_size: torch.Tensor | None = None
         self._kaplan_loss_value: torch.Tensor | None = None
 
     def _warn(self, message: str) -> None:
@@ -197,30 +196,14 @@ class GradientNoiseScaleLogic(LightningNamespace):
         """``per_layer=True``: B_simple of each layer's parameters, by layer name."""
         return {name: float(m.b_simple) for name, m in self.layer_metrics.items()}
 
-    @property
-    def steps_over_min(self) -> float:
-        """``S / S_min = 1 + B_simple / B`` at the last measured step's effective batch ``B`` (NaN: no estimate)."""
-        return float(forecasts.steps_over_min(self.metric.last_b_big, self.metric.b_simple))
+    def compute(self) -> dict[str, float]:
+        """Every readout the callback logs, by logged name, as Python floats (reads them from the device).
 
-    @property
-    def examples_over_min(self) -> float:
-        """``E / E_min = 1 + B / B_simple`` at the last measured step's effective batch ``B``."""
-        return float(forecasts.examples_over_min(self.metric.last_b_big, self.metric.b_simple))
-
-    @property
-    def statistical_efficiency(self) -> float:
-        """Pollux's ``(B_simple + B_0) / (B_simple + B)``, ``B_0`` the first measured step's effective batch."""
-        if self.reference_batch_size is None:
-            return float("nan")
-        metric = self.metric
-        return float(forecasts.statistical_efficiency(metric.last_b_big, metric.b_simple, self.reference_batch_size))
-
-    @property
-    def kaplan_b_crit_tokens(self) -> float:
-        """Kaplan et al. 2020's fitted ``B_crit`` (tokens) at the last logged ``kaplan_loss``; NaN without one."""
-        if self._kaplan_loss_value is None:
-            return float("nan")
-        return float(forecasts.kaplan_critical_batch_tokens(self._kaplan_loss_value.double()))
+        The same mapping as :meth:`GradientNoiseScaleTracker.compute`: ``gns/b_simple``, the averages, the
+        batch sizes, the forecasts (``gns/steps_over_min``, ``gns/examples_over_min``,
+        ``gns/statistical_efficiency``), ``gns/kaplan_b_crit_tokens`` at the last logged ``kaplan_loss``, ...
+        """
+        return {name: float(value) for name, value in self.tracker.compute(self._kaplan_loss_value).items()}
 
     @property
     def source(self) -> str | None:
@@ -236,13 +219,7 @@ class GradientNoiseScaleLogic(LightningNamespace):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._check_trainer_namespace(trainer, "GradientNoiseScale")
-        if not pl_module.automatic_optimization:
-            raise self._misconfiguration(
-                "GradientNoiseScale supports automatic optimization only (LightningModule.automatic_optimization ="
-                " True, with Trainer(accumulate_grad_batches=...) for accumulation). In a manual-optimization loop,"
-                " use lightning_gns.GradientNoiseScaleTracker (see the README) instead."
-            )
+        self._check_fit(trainer, pl_module, "GradientNoiseScale", "supports automatic optimization only")
         self.mode = self._resolve_mode(trainer, pl_module)
         self.tracker.own_states()  # ddp_spawn pickled the states into memory shared with the other processes
         self.tracker.to(trainer.strategy.root_device)
@@ -447,54 +424,22 @@ class GradientNoiseScaleLogic(LightningNamespace):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         # Gradients here are accumulated, all-reduced and unscaled, and not yet clipped.
-        measured = self.tracker.measure_step(loss_scale=_amp_loss_scale(trainer))
-        if measured and self.reference_batch_size is None:
-            self.reference_batch_size = self.metric.last_b_big.clone()
+        self.tracker.measure_step(loss_scale=_amp_loss_scale(trainer))
         if (trainer.loggers or self.prog_bar) and trainer._logger_connector.should_update_logs:
             self.tracker.check()
             self._log(trainer, pl_module)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metric = self.metric
-        values = {
-            "gns/b_simple": metric.b_simple,
-            "gns/grad_sq_norm": metric.grad_sq_norm,
-            "gns/trace_cov": metric.trace_cov,
-            "gns/b_small": metric.last_b_small,
-            "gns/b_big": metric.last_b_big,
-            "gns/skipped_steps": metric.skipped_steps,
-        }
-        b_big, b_simple = metric.last_b_big, metric.b_simple
-        values["gns/steps_over_min"] = forecasts.steps_over_min(b_big, b_simple)
-        values["gns/examples_over_min"] = forecasts.examples_over_min(b_big, b_simple)
-        if self.reference_batch_size is not None:
-            values["gns/statistical_efficiency"] = forecasts.statistical_efficiency(
-                b_big, b_simple, self.reference_batch_size
-            )
         if self.kaplan_loss is not None:
             loss = trainer.callback_metrics.get(self.kaplan_loss)
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._kaplan_loss_value = loss.detach().reshape(())
-                values["gns/kaplan_b_crit_tokens"] = forecasts.kaplan_critical_batch_tokens(
-                    self._kaplan_loss_value.double()
-                )
-        if self.mode == "per_example":
-            values["gns/covered_fraction"] = torch.tensor(self.covered_fraction)
-        for name, layer_metric in self.layer_metrics.items():
-            values[f"gns/layer/{name}/b_simple"] = layer_metric.b_simple
-        for name, value in values.items():
-            pl_module.log(
-                name,
-                value.to(torch.float32),
-                on_step=True,
-                on_epoch=False,
-                prog_bar=self.prog_bar and name == "gns/b_simple",
-                batch_size=1,
-            )
+        values = self.tracker.compute(self._kaplan_loss_value)
+        log_scalars(pl_module, values, prog_bar=scalars.B_SIMPLE if self.prog_bar else None)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {**self.tracker.state_dict(), "beta": self.beta, "reference_batch_size": self.reference_batch_size}
+        return {**self.tracker.state_dict(), "beta": self.beta}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning loads only the state saved under this callback's state_key, which holds mode and beta: a
@@ -520,8 +465,6 @@ class GradientNoiseScaleLogic(LightningNamespace):
         if not self.per_layer and state_dict.get("layer_metrics"):
             state_dict = {**state_dict, "layer_metrics": {}}
         self.tracker.load_state_dict(state_dict)
-        reference = state_dict.get("reference_batch_size")
-        self.reference_batch_size = None if reference is None else reference.to(self.metric.last_b_big.device)
 
 
 def _leading_dim_or_none(batch: Any) -> int | None:

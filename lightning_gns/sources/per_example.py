@@ -179,7 +179,7 @@ class PerExampleSource(GradNormSource):
         self._failed: str | None = None
         self.last_layer_sq_norms: dict[str, Tensor] = {}
 
-    def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:  # type: ignore[override]
+    def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:
         self.detach()
         wanted = {id(p) for p in params}
         self.params, self.param_layers, self._index, self.excluded = [], [], {}, {}

@@ -1,6 +1,6 @@
 """Batch-size sweeps and branched training with Lightning: measure the critical batch size, next to B_simple.
 
-The fitting and the bookkeeping live in ``lightning_gns.critical_batch`` (no Lightning there); this module
+The fitting and the bookkeeping live in ``lightning_gns.tools.critical_batch`` (no Lightning there); this module
 is the Lightning glue: it builds a user's model and data from factories, trains until a target loss, and
 records the optimizer steps, the examples and the run-averaged ``B_simple`` of the ``GradientNoiseScale``
 callback.
@@ -14,7 +14,7 @@ The contract with the user's code:
 
 Example (the digits example of this repository)::
 
-    from lightning_gns.sweep import format_sweep_table, load_factory, run_sweep
+    from lightning_gns.tools.sweep import format_sweep_table, load_factory, run_sweep
     model = load_factory("example_projects/digits_sweep.py:model")
     data = load_factory("example_projects/digits_sweep.py:datamodule")
     result = run_sweep(model, data, batch_sizes=[16, 64, 256], target_loss=0.3, seeds=[0, 1, 2],
@@ -31,23 +31,24 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from torch.optim import Optimizer
 
+from lightning_gns.batch_schedule import LrScaling, lr_factor
 from lightning_gns.callbacks import GradientNoiseScale
-from lightning_gns.critical_batch import (
+from lightning_gns.tools.critical_batch import (
     BootstrapResult,
     CriticalBatchError,
     bootstrap_fit,
     local_critical_batch,
-    scaled_lr,
     steps_to_target,
 )
 
@@ -79,7 +80,7 @@ def load_factory(spec: str) -> Callable[..., Any]:
     else:
         module = importlib.import_module(module_name)
     try:
-        return getattr(module, attr)  # type: ignore[no-any-return]
+        return getattr(module, attr)
     except AttributeError:
         raise CriticalBatchError(f"{module_name!r} has no attribute {attr!r}.") from None
 
@@ -168,6 +169,14 @@ class _TargetRecorder(Callback):
             trainer.should_stop = True
 
 
+@contextmanager
+def _few_workers_is_fine() -> Iterator[None]:
+    """Lightning's advice to add dataloader workers, which small in-memory data sets do not need."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        yield
+
+
 def _quiet_trainer(**kwargs: Any) -> Trainer:
     defaults: dict[str, Any] = {
         "logger": False,
@@ -219,8 +228,7 @@ def train_to_target(
         **(trainer_kwargs or {}),
     )
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    with _few_workers_is_fine():
         trainer.fit(model, datamodule=datamodule)
     wall = time.perf_counter() - start
     steps = steps_to_target(recorder.eval_steps, recorder.eval_losses, target_loss)
@@ -264,7 +272,7 @@ def run_sweep(
 ) -> SweepResult:
     """Train every (batch size, learning rate, seed), pick the fastest learning rate per batch size, fit.
 
-    Each batch size's learning rate is ``scaled_lr(base_lr, base_batch_size, B, lr_rule)`` times each factor of
+    Each batch size's learning rate is ``base_lr * lr_factor(lr_rule, B / base_batch_size)`` times each factor of
     ``lr_grid``; with more than one factor, the one with the fewest median steps to the target (runs that
     miss it count as infinite) is kept, and only its runs enter the fit. The fit is ``bootstrap_fit``; when
     it cannot be made (fewer than two batch sizes reached the target) ``fit_error`` says why.
@@ -276,7 +284,7 @@ def run_sweep(
     runs: list[SweepRun] = []
     chosen: dict[int, float] = {}
     for batch_size in sorted({int(b) for b in batch_sizes}):
-        base = scaled_lr(base_lr, base_batch_size, batch_size, lr_rule)
+        base = base_lr * _lr_factor(batch_size / base_batch_size, lr_rule)
         best: tuple[float, float] | None = None
         for factor in lr_grid:
             lr = base * factor
@@ -476,8 +484,11 @@ class BranchStart(Callback):
             group["lr"] = group["lr"] * self.lr_factor
 
 
-def _lr_factor(multiplier: int, rule: str) -> float:
-    return scaled_lr(1.0, 1, multiplier, rule)
+def _lr_factor(multiplier: float, rule: str) -> float:
+    """The learning-rate rule of the adaptive batch (linear, sqrt or none), as a sweep's usage error."""
+    if rule not in ("linear", "sqrt", "none"):
+        raise CriticalBatchError(f"Unknown learning-rate rule {rule!r}: use 'linear', 'sqrt' or 'none'.")
+    return lr_factor(cast(LrScaling, rule), multiplier)
 
 
 def branched_critical_batch(
@@ -521,8 +532,7 @@ def branched_critical_batch(
     gns = GradientNoiseScale(beta=beta)
     snapshots = _Snapshots(gns, at_steps, monitor)
     trainer = _quiet_trainer(max_steps=max(at_steps), max_epochs=-1, limit_val_batches=0, callbacks=[gns, snapshots])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    with _few_workers_is_fine():
         trainer.fit(model, datamodule=datamodule)
     points = []
     for step in sorted(snapshots.saved):
@@ -545,8 +555,7 @@ def branched_critical_batch(
                     callbacks=[BranchStart(saved["optimizer"], _lr_factor(k, lr_rule))],
                     **(trainer_kwargs or {}),
                 )
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+                with _few_workers_is_fine():
                     branch_trainer.fit(branch, datamodule=data)
                 losses.append(_validate_loss(branch, data, monitor))
             means.append(float(np.mean(losses)))
@@ -569,8 +578,7 @@ def branched_critical_batch(
 
 def _validate_loss(model: LightningModule, datamodule: LightningDataModule, monitor: str) -> float:
     trainer = _quiet_trainer()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    with _few_workers_is_fine():
         metrics = trainer.validate(model, datamodule=datamodule, verbose=False)
     if not metrics or monitor not in metrics[0]:
         raise CriticalBatchError(f"The model logged no {monitor!r} during validation.")
@@ -595,8 +603,3 @@ def format_branch_table(points: Sequence[BranchPoint], batch_size: int) -> str:
         )
     lines.append(f"\nbase batch {batch_size}; local CBS = batch of the largest k whose loss stays within tolerance.")
     return "\n".join(lines)
-
-
-def torch_threads(num: int) -> None:
-    """Set torch's CPU threads (small models on a few cores run fastest on one)."""
-    torch.set_num_threads(num)

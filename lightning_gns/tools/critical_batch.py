@@ -233,22 +233,6 @@ def steps_to_target(steps: ArrayLike, losses: ArrayLike, target: float) -> float
     return float(x[i - 1] + frac * (x[i] - x[i - 1]))
 
 
-def scaled_lr(base_lr: float, base_batch_size: int, batch_size: int, rule: str) -> float:
-    """Learning rate for ``batch_size`` from ``base_lr`` at ``base_batch_size``: rule linear, sqrt or none.
-
-    >>> scaled_lr(0.1, 32, 128, "linear"), scaled_lr(0.1, 32, 128, "sqrt"), scaled_lr(0.1, 32, 128, "none")
-    (0.4, 0.2, 0.1)
-    """
-    ratio = batch_size / base_batch_size
-    if rule == "linear":
-        return base_lr * ratio
-    if rule == "sqrt":
-        return base_lr * math.sqrt(ratio)
-    if rule == "none":
-        return base_lr
-    raise CriticalBatchError(f"Unknown learning-rate rule {rule!r}: use 'linear', 'sqrt' or 'none'.")
-
-
 def local_critical_batch(multipliers: ArrayLike, losses: ArrayLike, tolerance: float) -> float:
     """Largest batch multiplier ``k`` of a branched-training comparison (Merrill et al. 2025) that still keeps up.
 

@@ -1,8 +1,8 @@
-"""``lightning-gns sweep`` and ``lightning-gns branch``: the critical-batch commands of the console script.
+"""The ``lightning-gns`` console script: ``report``, ``sweep`` and ``branch``.
 
-The console script's entry point is ``main`` here; it hands ``report`` to ``lightning_gns.report.main``
-(which, called directly, sends the other commands back here). Lightning is
-imported only when a sweep or branch actually runs, so ``--help`` is quick.
+The console script's entry point is ``main`` here: one argparse parser, each command's arguments added by
+its module's public ``add_arguments`` or here. Lightning is imported only when a sweep or branch actually
+runs, so ``--help`` is quick.
 
     lightning-gns sweep --model pkg.models:make_model --data pkg.data:make_datamodule \\
         --batch-sizes 16 64 256 --target-loss 0.3 --seeds 0 1 2 -o sweep_out
@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lightning_gns.critical_batch import CriticalBatchError
+from lightning_gns.tools import report
+from lightning_gns.tools.critical_batch import CriticalBatchError
 
-if TYPE_CHECKING:  # lightning_gns.sweep imports Lightning: only when a sweep runs
-    from lightning_gns.sweep import SweepRun
+if TYPE_CHECKING:  # lightning_gns.tools.sweep imports Lightning: only when a sweep runs
+    from lightning_gns.tools.sweep import SweepRun
 
 EXIT_USAGE = 2
 
@@ -44,11 +45,18 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of the whole console script: ``report`` (lightning_gns.report), ``sweep`` and ``branch``."""
-    from lightning_gns import report
-
-    parser = report.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    """The parser of the whole console script: ``report``, ``sweep`` and ``branch``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-gns", description="Tools for the gradient noise scale logged by lightning_gns."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    report_parser = commands.add_parser(
+        "report",
+        help="summarize and plot the gns/ scalars of TensorBoard runs",
+        description=report.REPORT_DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    report.add_arguments(report_parser)
     sweep = commands.add_parser(
         "sweep",
         help="batch-size sweep: steps and examples to a target loss, fitted B_crit beside B_simple",
@@ -103,7 +111,7 @@ def _quiet_lightning() -> None:
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    from lightning_gns.sweep import (
+    from lightning_gns.tools.sweep import (
         format_sweep_table,
         load_factory,
         plot_sweep,
@@ -174,7 +182,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 def run_branch_command(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from lightning_gns.sweep import branched_critical_batch, format_branch_table, load_factory
+    from lightning_gns.tools.sweep import branched_critical_batch, format_branch_table, load_factory
 
     _quiet_lightning()
     out = Path(args.output)
@@ -203,19 +211,18 @@ def run_branch_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for every ``lightning-gns`` command; ``report`` goes to ``lightning_gns.report.main``."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["report"]:
-        from lightning_gns import report
+def run_report_command(args: argparse.Namespace) -> int:
+    report.run_report(args.logdir, args.output, args.loss_tag, args.smoothing, args.dpi, args.units)
+    return 0
 
-        return report.main(args_list)
-    args = build_parser().parse_args(args_list)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-gns`` console script; returns the exit status (2 for a usage error)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    commands = {"report": run_report_command, "sweep": run_sweep_command, "branch": run_branch_command}
     try:
-        if args.command == "sweep":
-            return run_sweep_command(args)
-        return run_branch_command(args)
-    except CriticalBatchError as error:
+        return commands[args.command](args)
+    except (CriticalBatchError, report.ReportError) as error:
         print(f"lightning-gns {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -37,19 +37,21 @@ import numpy as np
 import numpy.typing as npt
 from tensorboard.backend.event_processing import event_accumulator, event_multiplexer, io_wrapper
 
+from lightning_gns import scalars as names
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-GNS_PREFIX = "gns/"
-B_SIMPLE = "gns/b_simple"
-GRAD_SQ_NORM = "gns/grad_sq_norm"
-TRACE_COV = "gns/trace_cov"
-B_BIG = "gns/b_big"
-SKIPPED_STEPS = "gns/skipped_steps"
-EFFECTIVE_BATCH = "gns/effective_batch_size"
-ACCUMULATION = "gns/accumulation"
-B_SMALL = "gns/b_small"
+GNS_PREFIX = names.PREFIX
+B_SIMPLE = names.B_SIMPLE
+GRAD_SQ_NORM = names.GRAD_SQ_NORM
+TRACE_COV = names.TRACE_COV
+B_BIG = names.B_BIG
+SKIPPED_STEPS = names.SKIPPED_STEPS
+EFFECTIVE_BATCH = names.EFFECTIVE_BATCH_SIZE
+ACCUMULATION = names.ACCUMULATION
+B_SMALL = names.B_SMALL
 # Names people give the training loss, most specific first. Lightning's self.log(name, on_step=True,
 # on_epoch=True) writes name + "_step" and name + "_epoch"; the per-step series is the one to plot.
 LOSS_TAGS: tuple[str, ...] = (
@@ -69,7 +71,6 @@ DEFAULT_SMOOTHING = 0.6
 DEFAULT_OUTPUT = "gns_report.png"
 # What GradientNoiseScale's default batch_size_fn counts; B_simple and the batch sizes are in these units.
 DEFAULT_UNITS = "examples"
-EXIT_USAGE = 2
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -702,45 +703,39 @@ def _output_argument(value: str) -> str:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lightning-gns`` argument parser (subcommand ``report``)."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-gns", description="Tools for the gradient noise scale logged by lightning_gns."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    report = commands.add_parser(
-        "report",
-        help="summarize and plot the gns/ scalars of TensorBoard runs",
-        description="Read the TensorBoard event files of every run under LOGDIR, print B_simple at the start,"
-        " middle and end of each run, and draw B_simple against step and training loss, the |G|^2 and"
-        " tr(Sigma) averages, and the effective batch and accumulation when logged. A run whose event file"
-        " is damaged, or that never logged a finite B_simple, is left out with a note.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    report.add_argument("logdir", metavar="LOGDIR", help="TensorBoard log directory (searched recursively)")
-    report.add_argument(
+REPORT_DESCRIPTION = (
+    "Read the TensorBoard event files of every run under LOGDIR, print B_simple at the start, middle and end of"
+    " each run, and draw B_simple against step and training loss, the |G|^2 and tr(Sigma) averages, and the"
+    " effective batch and accumulation when logged. A run whose event file is damaged, or that never logged a"
+    " finite B_simple, is left out with a note."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``lightning-gns report`` arguments (the console script's parser lives in :mod:`lightning_gns.tools.cli`)."""
+    parser.add_argument("logdir", metavar="LOGDIR", help="TensorBoard log directory (searched recursively)")
+    parser.add_argument(
         "-o",
         "--output",
         default=DEFAULT_OUTPUT,
         type=_output_argument,
         help="picture to write, in an existing folder (.png, .pdf, .svg, ...: what matplotlib's savefig writes)",
     )
-    report.add_argument(
+    parser.add_argument(
         "--loss-tag",
         default=None,
         help=f"training-loss scalar (default: the first of {', '.join(LOSS_TAGS[:4])}, ..."
         " or else a tag containing 'loss')",
     )
-    report.add_argument(
+    parser.add_argument(
         "--smoothing", type=float, default=DEFAULT_SMOOTHING, help="EMA weight for the loss, in [0, 1), as TensorBoard"
     )
-    report.add_argument(
+    parser.add_argument(
         "--units",
         default=DEFAULT_UNITS,
         help="what GradientNoiseScale's batch_size_fn counted (e.g. tokens), for the axis labels",
     )
-    report.add_argument("--dpi", type=int, default=120, help="picture resolution")
-    return parser
+    parser.add_argument("--dpi", type=int, default=120, help="picture resolution")
 
 
 def run_report(
@@ -798,24 +793,3 @@ def run_report(
     path = plot_report(reported, loss_tags, output, smoothing=smoothing, dpi=dpi, units=units)
     print(f"Wrote {path}")
     return summaries, path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lightning-gns`` console script; returns the exit status (2 for a usage error)."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] != ["report"]:
-        # sweep, branch and the top-level help live in lightning_gns.cli, which sends "report" back here.
-        from lightning_gns.cli import main as cli_main
-
-        return cli_main(arguments)
-    args = build_parser().parse_args(arguments)
-    try:
-        run_report(args.logdir, args.output, args.loss_tag, args.smoothing, args.dpi, args.units)
-    except ReportError as error:
-        print(f"lightning-gns {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
