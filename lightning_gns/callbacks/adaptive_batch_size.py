@@ -228,6 +228,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
                 " `from lightning_gns import AdaptiveBatchSize, GradientNoiseScale`."
             )
         self._gns = found[0]
+        self._gns.adaptive_batch_size_attached = True
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Every callback's setup has run by now, so the GradientNoiseScale mode is resolved whatever the order

@@ -151,6 +151,9 @@ class GradientNoiseScaleLogic(LightningNamespace):
         self.tracker = GradientNoiseScaleTracker(beta=self.beta, layers=layers, per_layer=per_layer, warn=self._warn)
         self._comm_hook_pending = False
         self._warned_token_units = False
+        # Set by an AdaptiveBatchSize callback that reads this one (its setup runs before on_fit_start), so that
+        # the TensorBoard layout includes its charts.
+        self.adaptive_batch_size_attached = False
         self._kaplan_loss_value: torch.Tensor | None = None
 
     def _warn(self, message: str) -> None:
@@ -353,13 +356,10 @@ class GradientNoiseScaleLogic(LightningNamespace):
         except ValueError as error:
             raise self._misconfiguration(f"GradientNoiseScale: {error}") from None
         self._comm_hook_pending = self.mode == "ddp"
-        from lightning_gns.callbacks.adaptive_batch_size import AdaptiveBatchSizeLogic  # it imports this module
-
-        adaptive = any(isinstance(cb, AdaptiveBatchSizeLogic) for cb in trainer.callbacks)  # type: ignore[attr-defined]
         for logger in trainer.loggers:
             write_layout(
                 logger,
-                adaptive=adaptive,
+                adaptive=self.adaptive_batch_size_attached,
                 per_layer=self.per_layer,
                 per_example=self.mode == "per_example",
                 kaplan=self.kaplan_loss is not None,
