@@ -118,19 +118,8 @@ class TinyGPT(ZooModule):
         return DataLoader(torch.randint(0, vocab, (examples, length), generator=gen), batch_size=batch_size)
 
 
-class FlattenedTokensModel(ZooModule):
-    """A Linear applied to tokens flattened to (B*T, d): its leading dimension is not the batch."""
-
-    def __init__(self, lr: float = 0.0) -> None:
-        super().__init__(lr)
-        torch.manual_seed(2)
-        self.proj = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        h = torch.tanh(self.proj(x.reshape(b * t, d))).reshape(b, t, d)
-        return self.head(h).mean(dim=(1, 2))
+class SequenceRegression(ZooModule):
+    """Sequences of 3 vectors of width 4, a scalar target per sequence, squared error."""
 
     @staticmethod
     def example_loss(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -147,7 +136,22 @@ class FlattenedTokensModel(ZooModule):
         return DataLoader(TensorDataset(x, x.sum(dim=(1, 2)) * 0.1), batch_size=batch_size)
 
 
-class AttentionModel(ZooModule):
+class FlattenedTokensModel(SequenceRegression):
+    """A Linear applied to tokens flattened to (B*T, d): its leading dimension is not the batch."""
+
+    def __init__(self, lr: float = 0.0) -> None:
+        super().__init__(lr)
+        torch.manual_seed(2)
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = torch.tanh(self.proj(x.reshape(b * t, d))).reshape(b, t, d)
+        return self.head(h).mean(dim=(1, 2))
+
+
+class AttentionModel(SequenceRegression):
     """nn.MultiheadAttention: its out_proj is an nn.Linear whose weight is used functionally, never called."""
 
     def __init__(self, lr: float = 0.0) -> None:
@@ -161,16 +165,6 @@ class AttentionModel(ZooModule):
         h = self.embed(x)
         h, _ = self.attn(h, h, h, need_weights=False)
         return self.head(h).mean(dim=(1, 2))
-
-    @staticmethod
-    def example_loss(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return (call(x) - y).square().mean()
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self.example_loss(self, batch)
-
-    data = FlattenedTokensModel.data
 
 
 class BatchNormCNN(ZooModule):
