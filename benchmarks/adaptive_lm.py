@@ -183,8 +183,8 @@ def mean_std(values: list[float], digits: int = 0) -> str:
 def table(runs: list[Run], names: list[str]) -> str:
     small = {r.seed: r for r in runs if r.name == "fixed small"}
     lines = [
-        "| configuration | seeds | final val loss (nats/token) | Δ vs fixed small | optimizer steps | steps vs fixed small"
-        " | tokens | wall time (s) |",
+        "| configuration | seeds | final val loss (nats/token) | Δ vs fixed small | optimizer steps"
+        " | steps vs fixed small | tokens | wall time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in names:

@@ -210,7 +210,11 @@ def planned_accumulation(
     if limited != target_batch:
         sign = ">" if target_batch > current else "<"
         op = "x" if target_batch > current else "/"
-        return new, f"target {target_batch:.4g} {sign} {current:.4g} {op} {max_growth:g}: {verb} to {wanted:.4g} (max_growth {max_growth:g})"
+        return (
+            new,
+            f"target {target_batch:.4g} {sign} {current:.4g} {op} {max_growth:g}: {verb} to {wanted:.4g}"
+            f" (max_growth {max_growth:g})",
+        )
     return new, f"target {target_batch:.4g}: {verb} from {current:.4g} to {wanted:.4g}"
 
 

@@ -22,10 +22,10 @@ from lightning_gns.batch_schedule import (
     ratio_relative_error,
 )
 from tests.adaptive_support import RecordingRegression, scheduled_target
+from tests.models import LinearRegression, loader
 from tests.recording import Recorder
 from tests.reference import step_estimates
 from tests.test_adaptive import DIM, LR, MICRO, PROBLEM, X, Y, fit
-from tests.models import LinearRegression, loader
 
 # ---------------------------------------------------------------- pure functions
 
