@@ -7,9 +7,9 @@ Batch sizes are in the units the noise scale is measured in (examples, or tokens
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 LrScaling = Literal["none", "linear", "sqrt", "adascale"]
 LR_SCALINGS: tuple[str, ...] = ("none", "linear", "sqrt", "adascale")
@@ -164,6 +164,34 @@ def calibration_from_branch(b_crit: float, b_simple: float) -> float:
     return float(b_crit) / float(b_simple)
 
 
+def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> float:
+    """Geometric mean of ``local_critical_batch / b_simple`` over branch points at ``min_step`` or later.
+
+    ``points`` are the :class:`~lightning_gns.sweep.BranchPoint` objects of
+    :func:`~lightning_gns.sweep.branched_critical_batch` or the dictionaries of the ``branch.json`` that
+    ``lightning-gns branch`` writes. Skip early points with ``min_step``: at initialisation ``B_simple`` has
+    a transient, and a local critical batch at the smallest multiplier tried is only an upper bound.
+
+    Example:
+        >>> points = [{"step": 100, "local_critical_batch": 16.0, "b_simple": 23.4},
+        ...           {"step": 250, "local_critical_batch": 64.0, "b_simple": 47.1}]
+        >>> round(calibration_from_branch_points(points), 3), round(calibration_from_branch_points(points, 200), 3)
+        (0.964, 1.359)
+    """
+
+    def field(point: Any, name: str) -> Any:
+        return point[name] if isinstance(point, Mapping) else getattr(point, name)
+
+    ratios = [
+        calibration_from_branch(float(field(p, "local_critical_batch")), float(field(p, "b_simple")))
+        for p in points
+        if int(field(p, "step")) >= min_step
+    ]
+    if not ratios:
+        raise ValueError(f"No branch point at step >= {min_step}: lower min_step or branch later in the run.")
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
 def planned_accumulation(
     target_batch: float,
     accumulation: int,
@@ -295,6 +323,7 @@ __all__ = [
     "accumulation_for",
     "adascale_gain",
     "calibration_from_branch",
+    "calibration_from_branch_points",
     "ema_effective_samples",
     "is_safe_boundary",
     "limit_growth",

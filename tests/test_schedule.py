@@ -16,11 +16,13 @@ from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import (
     NoiseScaleStatistics,
     calibration_from_branch,
+    calibration_from_branch_points,
     ema_effective_samples,
     limit_growth,
     planned_accumulation,
     ratio_relative_error,
 )
+from lightning_gns.sweep import BranchPoint
 from tests.adaptive_support import RecordingRegression, scheduled_target
 from tests.models import LinearRegression, loader
 from tests.recording import Recorder
@@ -90,6 +92,19 @@ def test_calibration_from_branch() -> None:
         calibration_from_branch(35.0, math.inf)
     with pytest.raises(ValueError, match="b_crit must be a positive finite batch size"):
         calibration_from_branch(0.0, 92.0)
+
+
+def test_calibration_from_branch_points_reads_branch_json_and_branch_points() -> None:
+    # The digits study's branch.json (docs/critical_batch/): 16 / 102, 16 / 23.4 and 64 / 47.1.
+    path = Path(__file__).resolve().parents[1] / "docs" / "critical_batch" / "branch.json"
+    points = json.loads(path.read_text())
+    ratios = [p["local_critical_batch"] / p["b_simple"] for p in points]
+    assert calibration_from_branch_points(points) == pytest.approx(float(np.exp(np.mean(np.log(ratios)))))
+    later = [r for p, r in zip(points, ratios, strict=True) if p["step"] >= 100]
+    expected = float(np.exp(np.mean(np.log(later))))
+    assert calibration_from_branch_points([BranchPoint(**p) for p in points], min_step=100) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="No branch point at step >= 10000"):
+        calibration_from_branch_points(points, min_step=10_000)
 
 
 @pytest.mark.parametrize(
