@@ -5,14 +5,16 @@ at a constant learning rate) on Python's standard-library sources, one CPU devic
 in tokens. Every configuration trains on the same number of tokens (``--tokens``); a run stops at the first
 optimizer step at or past it. Configurations:
 
-- ``fixed small``: accumulation 1 (``--micro-batch`` sequences; the batch the learning rate is set for);
+- ``fixed small``: accumulation 1 (``--micro-batch`` sequences; the batch the learning rate is set for),
+  and ``fixed small lr=<lr>`` for each of ``--small-lrs`` (is the learning rate right for the small batch?);
 - ``adaptive <rule> c=<calibration>``: ``AdaptiveBatchSize`` from accumulation 1 to ``--max-accumulation``,
   target ``calibration x B_simple`` (``target="b_simple"``), learning-rate rule ``<rule>``; one configuration
   per ``RULE:CALIBRATION`` in ``--adaptive`` (the rule and the calibration are chosen by this benchmark, not
   assumed);
-- ``fixed large``: the largest accumulation the first adaptive configuration reached (over all seeds), from
-  the start, with that configuration's learning-rate factor at that batch (``adascale`` has no fixed-batch
-  form: ``sqrt``).
+- ``fixed large x<k> <rule>``: accumulation ``k``, the largest the first adaptive configuration reached
+  (over all seeds; or ``--large-accumulation``), from the start, with learning rate ``--lr x f(k)`` for each
+  rule ``f`` of ``--large-lr-rules`` (``adascale``'s gain needs measured statistics; ``linear`` is its
+  upper bound).
 
 Validation: cross-entropy in nats per token on held-out text (the last 5% of the corpus, never trained on):
 on ``--val-sequences`` sequences every ``--eval-every`` tokens, and on the whole held-out set at the end.
@@ -112,7 +114,7 @@ class TokenBudget(Callback):
             trainer.should_stop = True
 
 
-def train(name: str, seed: int, args: argparse.Namespace, large_accumulation: int) -> Run:
+def train(name: str, seed: int, args: argparse.Namespace) -> Run:
     seed_everything(seed, verbose=False)
     train_set, val_set = datasets(args.context)
     loader = DataLoader(
@@ -144,10 +146,12 @@ def train(name: str, seed: int, args: argparse.Namespace, large_accumulation: in
             lr_scaling=rule,  # type: ignore[arg-type]
         )
         callbacks += [GradientNoiseScale(beta=args.beta, mode="per_example", batch_size_fn=count_tokens), adaptive]
-    elif name == "fixed large":
-        accumulation = large_accumulation
-        rule = args.adaptive[0].split(":")[0]
-        lr = args.lr * lr_factor("sqrt" if rule == "adascale" else rule, float(accumulation))  # type: ignore[arg-type]
+    elif name.startswith("fixed large"):
+        _, _, k, rule = name.split()
+        accumulation = int(k.removeprefix("x"))
+        lr = args.lr * lr_factor(rule, float(accumulation))  # type: ignore[arg-type]
+    elif name.startswith("fixed small lr="):
+        lr = float(name.removeprefix("fixed small lr="))
     callbacks.append(TokenBudget(run, args.tokens, args.eval_every, (val_x[:probe], val_y[:probe])))
     trainer = Trainer(
         accelerator="cpu",
@@ -209,12 +213,11 @@ def plot(runs: list[Run], names: list[str], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    colors = dict(zip(names, palette, strict=False))
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
     labelled: set[str] = set()
-    for run in runs:
-        if not run.curve:
+    for run in sorted(runs, key=lambda r: names.index(r.name) if r.name in names else len(names)):
+        if not run.curve or run.name not in names:
             continue
         steps, tokens, losses = zip(*run.curve, strict=True)
         label = None if run.name in labelled else run.name
@@ -227,9 +230,9 @@ def plot(runs: list[Run], names: list[str], out: Path, title: str) -> None:
     for ax, xlabel in zip(axes[:2], ["optimizer steps", "training tokens"], strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
-        ax.set_xscale("log")
-        ax.set_ylim(top=min(3.0, ax.get_ylim()[1]))
+        ax.set_ylim(top=min(2.6, ax.get_ylim()[1]))
         ax.legend()
+    axes[0].set_xscale("log")
     axes[2].set_xlabel("optimizer steps")
     axes[2].set_ylabel("tokens per optimizer step")
     axes[2].set_yscale("log", base=2)
@@ -252,9 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-accumulation", type=int, default=16, help="adaptive upper bound")
     parser.add_argument("--large-accumulation", type=int, default=0, help="fixed large (0: what adaptive reached)")
     parser.add_argument(
+        "--large-lr-rules", nargs="+", default=["sqrt", "linear"], help="fixed large learning-rate rules"
+    )
+    parser.add_argument("--small-lrs", type=float, nargs="*", default=[0.004], help="extra fixed small lrs")
+    parser.add_argument(
         "--adaptive",
         nargs="+",
-        default=["sqrt:0.5", "none:0.5", "adascale:0.5", "sqrt:1", "sqrt:0.25"],
+        default=["adascale:0.5", "sqrt:0.5", "none:0.5", "adascale:1", "adascale:0.25"],
         help="adaptive configurations, RULE:CALIBRATION (learning-rate rule, B_crit / B_simple); the first one"
         " sets the fixed large batch",
     )
@@ -268,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=100_000, help="tokens between validation probes")
     parser.add_argument("--val-sequences", type=int, default=128, help="held-out sequences per probe")
     parser.add_argument("--configs", nargs="+", default=None, help="only these configurations (default: all)")
+    parser.add_argument("--plot-configs", nargs="+", default=None, help="only these in the plot (default: all)")
     parser.add_argument("--out", type=Path, default=Path("adaptive_lm.png"))
     parser.add_argument("--results", type=Path, default=Path("adaptive_lm.jsonl"), help="JSON lines, one per run")
     parser.add_argument("--report-only", action="store_true", help="table and plot from --results, no training")
@@ -278,40 +286,54 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     adaptive_names = [f"adaptive {spec.split(':')[0]} c={float(spec.split(':')[1]):g}" for spec in args.adaptive]
-    names = ["fixed small", *adaptive_names, "fixed large"]
+    small_names = ["fixed small", *(f"fixed small lr={lr:g}" for lr in args.small_lrs)]
     runs: list[Run] = []
     if args.report_only:
         runs = [Run(**json.loads(line)) for line in args.results.read_text().splitlines() if line.strip()]
     else:
-        wanted = args.configs or names
-        # The first adaptive configuration sets the fixed large batch; the other ones come last.
-        order = [n for n in [adaptive_names[0], "fixed small", "fixed large", *adaptive_names[1:]] if n in wanted]
+        # The first adaptive configuration sets the fixed large batch; the other adaptive ones come last.
+        order = [adaptive_names[0], *small_names, "fixed large", *adaptive_names[1:]]
         for name in order:
-            large = args.large_accumulation or max(
-                [r.max_accumulation for r in runs if r.name == adaptive_names[0]] or [args.max_accumulation]
-            )
-            for seed in range(args.seeds):
-                run = train(name, seed, args, large)
-                runs.append(run)
-                with args.results.open("a") as f:
-                    f.write(json.dumps(asdict(run)) + "\n")
-                changes = ", ".join(f"{b}@{s}" for s, b in run.batches)
-                print(
-                    f"seed {seed} {name:18s} val {run.final_val_loss:.4f} steps {run.steps} tokens {run.tokens}"
-                    f" {run.seconds:.0f}s tokens/step {changes}",
-                    file=sys.stderr,
-                    flush=True,
+            if name == "fixed large":
+                large = args.large_accumulation or max(
+                    [r.max_accumulation for r in runs if r.name == adaptive_names[0]] or [args.max_accumulation]
                 )
-    present = [n for n in names if any(r.name == n for r in runs)]
-    large = [r.max_accumulation for r in runs if r.name == "fixed large"]
+                names = [f"fixed large x{large} {rule}" for rule in args.large_lr_rules]
+            else:
+                names = [name]
+            for name in names:
+                if args.configs and name not in args.configs and name.rsplit(" ", 1)[0] not in args.configs:
+                    continue
+                for seed in range(args.seeds):
+                    run = train(name, seed, args)
+                    runs.append(run)
+                    with args.results.open("a") as f:
+                        f.write(json.dumps(asdict(run)) + "\n")
+                    changes = ", ".join(f"{b}@{s}" for s, b in run.batches)
+                    print(
+                        f"seed {seed} {name:18s} val {run.final_val_loss:.4f} steps {run.steps} tokens {run.tokens}"
+                        f" {run.seconds:.0f}s tokens/step {changes}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    kinds = ("fixed small", "adaptive", "fixed large")
+    present = sorted(
+        dict.fromkeys(r.name for r in runs),
+        key=lambda n: ([i for i, kind in enumerate(kinds) if n.startswith(kind)] + [len(kinds)])[0],
+    )
     print(
         f"Char transformer ({args.layers} layers, d_model {args.d_model}, context {args.context}), AdamW lr {args.lr}"
-        f" at {args.micro_batch * args.context} tokens per step; {args.tokens:,} training tokens per run; fixed large"
-        f" = accumulation {large[0] if large else 'n/a'}; adaptive target calibration x B_simple, max_growth"
+        f" at {args.micro_batch * args.context} tokens per step; {args.tokens:,} training tokens per run;"
+        f" adaptive target c x B_simple, max_growth"
         f" {args.max_growth:g}, min_samples {args.min_samples:g}, max_relative_error {args.max_relative_error:g}:\n"
     )
     print(table(runs, present))
-    plot(runs, present, args.out, f"char transformer: validation loss at {args.tokens:,} training tokens per run")
+    plot(
+        runs,
+        args.plot_configs or present,
+        args.out,
+        f"char transformer: validation loss at {args.tokens:,} training tokens per run",
+    )
     print(f"\nplot: {args.out}")
 
 
