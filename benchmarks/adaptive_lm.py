@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 names = [name]
             for name in names:
-                if args.configs and name not in args.configs and name.rsplit(" ", 1)[0] not in args.configs:
+                if args.configs and not any(name == c or name.startswith(c + " ") for c in args.configs):
                     continue
                 for seed in range(args.seeds):
                     run = train(name, seed, args)

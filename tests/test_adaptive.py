@@ -196,6 +196,7 @@ def test_b_simple_target_respects_bounds_and_grows_only() -> None:
     problem = LinearProblem(dim=DIM, seed=3)
     callback = AdaptiveBatchSize(
         target="b_simple",
+        calibration=1.0,
         warmup_steps=2,
         min_steps_between_changes=2,
         check_every_n_steps=1,
@@ -211,7 +212,13 @@ def test_b_simple_target_respects_bounds_and_grows_only() -> None:
 
 def test_sqrt_target_with_r() -> None:
     callback = AdaptiveBatchSize(
-        target="sqrt", r=4.0, warmup_steps=2, check_every_n_steps=1, min_samples=0, max_relative_error=math.inf
+        target="sqrt",
+        r=4.0,
+        calibration=1.0,
+        warmup_steps=2,
+        check_every_n_steps=1,
+        min_samples=0,
+        max_relative_error=math.inf,
     )
     fit(callback, LinearRegression(PROBLEM, lr=0.0), max_epochs=1)
     # sqrt(4 * 11) = 6.6 examples, 1.66x the 4 of one micro-batch: round(6.6 / 4) = 2 micro-batches (3 if the

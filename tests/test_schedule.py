@@ -165,7 +165,7 @@ def test_no_change_before_the_estimate_has_enough_samples() -> None:
 
 
 def test_no_change_while_the_estimate_is_too_noisy() -> None:
-    callback = schedule(target="b_simple", max_relative_error=1e-6)
+    callback = schedule(target="b_simple", calibration=1.0, max_relative_error=1e-6)
     fit(callback, LinearRegression(PROBLEM, lr=0.0), max_epochs=1)
     assert len(callback.history) == 1
     assert "relative standard error of B_simple" in callback.decisions[-1]["reason"]
@@ -233,7 +233,9 @@ def test_resume_mid_run_keeps_the_readiness_state(tmp_path: Path) -> None:
     """A run resumed at the end of epoch 0 makes the same decisions, for the same reasons, as the whole run."""
 
     def make() -> AdaptiveBatchSize:
-        return schedule(target="b_simple", min_samples=5, max_relative_error=0.6, max_growth=2.0, monotonic=False)
+        return schedule(
+            target="b_simple", calibration=1.0, min_samples=5, max_relative_error=0.6, max_growth=2.0, monotonic=False
+        )
 
     full = make()
     fit(full, RecordingRegression(DIM, LR, PROBLEM.w))

@@ -44,18 +44,20 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     (which must be in ``Trainer(callbacks=...)`` too) and changes the gradient accumulation so that the
     effective batch, micro-batch x accumulation x ranks in the noise scale's units, follows a target:
 
-    - ``"sqrt"`` (default): ``sqrt(r * B_simple)``, the schedule of the paper's Appendix D (eq. D.3); ``r``
-      defaults to the effective batch at the start of training, so the batch grows like the geometric mean
-      of where it started and the noise scale (fewer steps at a modest cost in examples);
-    - ``"b_simple"``: the batch ``B_simple``, the paper's estimate of the critical batch (under their model
-      about twice the minimal steps and twice the minimal examples);
+    - ``"b_simple"`` (default): the batch ``calibration x B_simple``, an estimate of the critical batch
+      (under the paper's model, at the critical batch training takes about twice the minimal steps and
+      twice the minimal examples);
+    - ``"sqrt"``: ``sqrt(r * calibration * B_simple)``, the schedule of the paper's Appendix D (eq. D.3);
+      ``r`` defaults to the effective batch at the start of training, so the batch grows like the geometric
+      mean of where it started and the noise scale;
     - a function ``NoiseScaleStatistics -> float`` of your own (not from a YAML config), called on the
       global-zero rank only.
 
-    ``calibration`` is the ratio ``B_crit / B_simple`` (default 1): both named targets use
-    ``calibration x B_simple`` in place of ``B_simple``. Measure it with a branched critical-batch run
-    (``lightning-gns branch``, then :func:`~lightning_gns.batch_schedule.calibration_from_branch`) or
-    take it from a similar task.
+    ``calibration`` is the ratio ``B_crit / B_simple``: both named targets use ``calibration x B_simple``
+    in place of ``B_simple``. The default 0.5 is what the language-model benchmark (docs/adaptive.md)
+    found best (the measured ratio on the digits task is 0.38, so ``B_simple`` itself overshoots). Measure
+    it for your task with a branched critical-batch run (``lightning-gns branch``, then
+    :func:`~lightning_gns.batch_schedule.calibration_from_branch_points`) or take it from a similar task.
 
     A change needs a trustworthy estimate: the noise-scale EMA must average at least ``min_samples``
     effective steps, and the relative standard error of ``B_simple``, estimated from the spread of the
@@ -84,7 +86,8 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     On each change the learning rate is multiplied, relative to the starting effective batch (for which
     the configured learning rate is taken to be right), by ``lr_scaling``:
 
-    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (Adam-type optimizers);
+    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (Adam-type optimizers: the best of
+      the three in the AdamW language-model benchmark of docs/adaptive.md, where ``"none"`` lost clearly);
     - ``"adascale"``: ``(s^2 + |G|^2) / (s^2 / S + |G|^2)`` with ``s^2`` the starting batch's gradient
       variance, measured at the change (between 1 and ``S``);
 
@@ -140,9 +143,9 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
 
     def __init__(
         self,
-        target: Literal["b_simple", "sqrt"] | TargetFn = "sqrt",
+        target: Literal["b_simple", "sqrt"] | TargetFn = "b_simple",
         r: float | None = None,
-        calibration: float = 1.0,
+        calibration: float = 0.5,
         max_growth: float = 2.0,
         min_samples: float = 10.0,
         max_relative_error: float = 0.5,
