@@ -61,6 +61,7 @@ class Run:
     examples: int | None = None
     curve: list[tuple[int, int, float, int]] = field(default_factory=list)  # (step, examples, val loss, batch)
     seconds: float = 0.0
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # AdaptiveBatchSize.decisions
 
 
 class ValidationProbe(Callback):
@@ -145,6 +146,9 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
     start = time.perf_counter()
     trainer.fit(DigitsClassifier(lr=lr, momentum=args.momentum), loader)
     run.seconds = time.perf_counter() - start
+    for callback in callbacks:
+        if isinstance(callback, AdaptiveBatchSize):
+            run.decisions = callback.decisions
     return run
 
 
@@ -262,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beta", type=float, default=0.95, help="GNS EMA decay")
     parser.add_argument("--target-loss", type=float, default=0.15, help="validation cross-entropy to reach")
     parser.add_argument("--max-epochs", type=int, default=20, help="give up after this many epochs")
+    parser.add_argument("--verbose", action="store_true", help="print every AdaptiveBatchSize decision")
     parser.add_argument("--out", type=Path, default=Path("adaptive.png"), help="where to save the plot")
     args = parser.parse_args(argv)
 
@@ -274,6 +279,12 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             run = train(name, seed, args)
             runs.append(run)
+            for decision in run.decisions if args.verbose else []:
+                print(
+                    f"  step {decision['step']}: B_simple {decision['b_simple']:.4g}, relative error"
+                    f" {decision['relative_error']:.2g}: {decision['reason']}",
+                    file=sys.stderr,
+                )
             print(
                 f"seed {seed} {name:12s} steps {run.steps} examples {run.examples}"
                 f" ({len(run.curve)} steps run, {run.seconds:.0f} s)",
