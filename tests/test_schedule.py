@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,6 @@ from lightning_gns.batch_schedule import (
     planned_accumulation,
     ratio_relative_error,
 )
-from lightning_gns.sweep import BranchPoint
 from tests.adaptive_support import RecordingRegression, scheduled_target
 from tests.models import LinearRegression, loader
 from tests.recording import Recorder
@@ -95,6 +95,7 @@ def test_calibration_from_branch() -> None:
 
 
 def test_calibration_from_branch_points_reads_branch_json_and_branch_points() -> None:
+    # Dictionaries (branch.json) and objects with the BranchPoint attributes alike.
     # The digits study's branch.json (docs/critical_batch/): 16 / 102, 16 / 23.4 and 64 / 47.1.
     path = Path(__file__).resolve().parents[1] / "docs" / "critical_batch" / "branch.json"
     points = json.loads(path.read_text())
@@ -102,7 +103,9 @@ def test_calibration_from_branch_points_reads_branch_json_and_branch_points() ->
     assert calibration_from_branch_points(points) == pytest.approx(float(np.exp(np.mean(np.log(ratios)))))
     later = [r for p, r in zip(points, ratios, strict=True) if p["step"] >= 100]
     expected = float(np.exp(np.mean(np.log(later))))
-    assert calibration_from_branch_points([BranchPoint(**p) for p in points], min_step=100) == pytest.approx(expected)
+    assert calibration_from_branch_points([SimpleNamespace(**p) for p in points], min_step=100) == pytest.approx(
+        expected
+    )
     with pytest.raises(ValueError, match="No branch point at step >= 10000"):
         calibration_from_branch_points(points, min_step=10_000)
 
