@@ -14,6 +14,11 @@ step (a fixed set, so a threshold crossing is not an artefact of minibatch noise
 A run stops at the first step whose validation loss is at most ``--target-loss``; "examples" counts every
 training example that went into a gradient up to that step (short windows at an epoch's end included).
 
+Each configuration is also placed against the fixed-batch frontier of the batch-size sweep in
+``docs/critical_batch.md`` (``--frontier``: its ``fit.json``, the fitted ``S = S_min + E_min / B``, i.e.
+``S(E) = S_min E / (E - E_min)`` at ``E`` examples): a run below it took fewer steps than any fixed batch
+(with a tuned learning rate) needs at the same number of examples.
+
 Prints a Markdown table of mean ± std over ``--seeds`` and saves a plot (validation loss against steps
 and against examples, and the adaptive effective batch) to ``--out``.
 
@@ -23,7 +28,9 @@ Example: ``python benchmarks/adaptive.py --seeds 3 --out docs/adaptive.png`` (a 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -54,6 +61,7 @@ class Run:
     examples: int | None = None
     curve: list[tuple[int, int, float, int]] = field(default_factory=list)  # (step, examples, val loss, batch)
     seconds: float = 0.0
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # AdaptiveBatchSize.decisions
 
 
 class ValidationProbe(Callback):
@@ -107,6 +115,10 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
         callbacks.append(
             AdaptiveBatchSize(
                 target=fraction_target(args.fraction) if args.target == "fraction" else args.target,
+                calibration=args.calibration,
+                max_growth=args.max_growth,
+                min_samples=args.min_samples,
+                max_relative_error=args.max_relative_error,
                 max_accumulation=args.max_accumulation,
                 warmup_steps=args.warmup_steps,
                 min_steps_between_changes=args.min_steps_between_changes,
@@ -134,6 +146,9 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
     start = time.perf_counter()
     trainer.fit(DigitsClassifier(lr=lr, momentum=args.momentum), loader)
     run.seconds = time.perf_counter() - start
+    for callback in callbacks:
+        if isinstance(callback, AdaptiveBatchSize):
+            run.decisions = callback.decisions
     return run
 
 
@@ -151,11 +166,17 @@ def ratio(values: list[float]) -> str:
     return f"{values[0]:.2f}x"
 
 
-def table(runs: list[Run], names: list[str]) -> str:
+def frontier_steps(examples: float, s_min: float, e_min: float) -> float:
+    """Steps the fitted fixed-batch frontier needs for ``examples`` (inf at or below ``E_min``)."""
+    return s_min * examples / (examples - e_min) if examples > e_min else math.inf
+
+
+def table(runs: list[Run], names: list[str], frontier: tuple[float, float] | None = None) -> str:
     small = {r.seed: r for r in runs if r.name == "fixed small"}
     lines = [
-        "| configuration | reached | optimizer steps | examples | steps vs fixed small | examples vs fixed small |",
-        "|---|---|---|---|---|---|",
+        "| configuration | reached | optimizer steps | examples | steps vs fixed small | examples vs fixed small |"
+        + (" frontier steps at these examples | runs below the frontier |" if frontier else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if frontier else ""),
     ]
     for name in names:
         mine = [r for r in runs if r.name == name]
@@ -165,10 +186,16 @@ def table(runs: list[Run], names: list[str]) -> str:
         paired = [(r, small[r.seed]) for r in done if small.get(r.seed) and small[r.seed].steps is not None]
         step_ratio = [r.steps / s.steps for r, s in paired if r.steps and s.steps]
         example_ratio = [r.examples / s.examples for r, s in paired if r.examples and s.examples]
-        lines.append(
+        row = (
             f"| {name} | {len(done)}/{len(mine)} | {mean_std(steps)} | {mean_std(examples)} |"
             f" {ratio(step_ratio) if step_ratio else 'n/a'} | {ratio(example_ratio) if example_ratio else 'n/a'} |"
         )
+        if frontier:
+            bound = [frontier_steps(e, *frontier) for e in examples]
+            below = sum(s < b for s, b in zip(steps, bound, strict=True))
+            finite = [b for b in bound if math.isfinite(b)]
+            row += f" {mean_std(finite) if finite else 'inf'} | {below}/{len(steps)} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -223,12 +250,23 @@ def main(argv: list[str] | None = None) -> None:
         help="--target fraction: effective batch = this x B_simple, where the paper's E/E_min = 1 + B/B_simple"
         " forecasts this fraction of extra examples over batch 1",
     )
+    parser.add_argument("--calibration", type=float, default=1.0, help="B_crit / B_simple for the named targets")
+    parser.add_argument("--max-growth", type=float, default=2.0, help="largest batch factor per change")
+    parser.add_argument("--min-samples", type=float, default=10.0, help="effective EMA samples before a change")
+    parser.add_argument("--max-relative-error", type=float, default=0.5, help="of B_simple, for a change")
+    parser.add_argument(
+        "--frontier",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "docs" / "critical_batch" / "fit.json",
+        help="fit.json of a lightning-gns sweep at the same target loss (S_min, E_min); '' for none",
+    )
     parser.add_argument("--lr-scaling", choices=["none", "linear", "sqrt", "adascale"], default="linear")
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--min-steps-between-changes", type=int, default=20)
     parser.add_argument("--beta", type=float, default=0.95, help="GNS EMA decay")
     parser.add_argument("--target-loss", type=float, default=0.15, help="validation cross-entropy to reach")
     parser.add_argument("--max-epochs", type=int, default=20, help="give up after this many epochs")
+    parser.add_argument("--verbose", action="store_true", help="print every AdaptiveBatchSize decision")
     parser.add_argument("--out", type=Path, default=Path("adaptive.png"), help="where to save the plot")
     args = parser.parse_args(argv)
 
@@ -241,6 +279,12 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             run = train(name, seed, args)
             runs.append(run)
+            for decision in run.decisions if args.verbose else []:
+                print(
+                    f"  step {decision['step']}: B_simple {decision['b_simple']:.4g}, relative error"
+                    f" {decision['relative_error']:.2g}: {decision['reason']}",
+                    file=sys.stderr,
+                )
             print(
                 f"seed {seed} {name:12s} steps {run.steps} examples {run.examples}"
                 f" ({len(run.curve)} steps run, {run.seconds:.0f} s)",
@@ -251,7 +295,15 @@ def main(argv: list[str] | None = None) -> None:
         f" max accumulation {args.max_accumulation}, adaptive target {args.target!r} with lr_scaling"
         f" {args.lr_scaling!r}; validation loss <= {args.target_loss}; {args.seeds} seeds:\n"
     )
-    print(table(runs, names))
+    frontier = None
+    if str(args.frontier) and args.frontier.is_file():
+        fit = json.loads(args.frontier.read_text())
+        frontier = (float(fit["s_min"]), float(fit["e_min"]))
+        print(
+            f"Frontier: {args.frontier.name} (target loss {fit['target_loss']}): S_min {frontier[0]:.1f},"
+            f" E_min {frontier[1]:.0f}, B_crit {frontier[1] / frontier[0]:.1f}\n"
+        )
+    print(table(runs, names, frontier))
     plot(runs, names, args.target_loss, args.out)
     print(f"\nplot: {args.out}")
 

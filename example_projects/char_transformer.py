@@ -238,9 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--adaptive-accumulation",
         action="store_true",
-        help="let lightning_gns.AdaptiveBatchSize grow the accumulation (target sqrt(r * B_simple), r = the starting"
-        " batch; AdamW learning rate x sqrt(batch ratio)); logs gns/effective_batch_size, gns/accumulation,"
-        " gns/lr_factor",
+        help="let lightning_gns.AdaptiveBatchSize grow the accumulation (target 0.5 x B_simple, at most doubling per"
+        " change; AdamW learning rate x sqrt(batch ratio): the setting of benchmarks/adaptive_lm.py); logs"
+        " gns/effective_batch_size, gns/accumulation, gns/lr_factor",
     )
     parser.add_argument("--max-accumulation", type=int, default=16, help="upper bound for --adaptive-accumulation")
     parser.add_argument("--logdir", default="lightning_logs", help="TensorBoard log directory")
@@ -266,6 +266,8 @@ def adaptive_callbacks(args: argparse.Namespace) -> list[Callback]:
     # AdamW: the square-root rule; the first change after a tenth of the run, at most every twentieth.
     return [
         AdaptiveBatchSize(
+            target="b_simple",
+            calibration=0.5,
             max_accumulation=args.max_accumulation,
             warmup_steps=max(1, args.max_steps // 10),
             min_steps_between_changes=max(1, args.max_steps // 20),

@@ -127,9 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--adaptive-accumulation",
         action="store_true",
-        help="let lightning_gns.AdaptiveBatchSize grow the accumulation from --accumulate (target sqrt(r * B_simple),"
-        " r = the starting batch; SGD learning rate x batch ratio); logs gns/effective_batch_size,"
-        " gns/accumulation, gns/lr_factor",
+        help="let lightning_gns.AdaptiveBatchSize grow the accumulation from --accumulate (its default target,"
+        " 0.5 x B_simple, at most doubling per change; SGD learning rate x batch ratio); logs"
+        " gns/effective_batch_size, gns/accumulation, gns/lr_factor",
     )
     parser.add_argument("--max-accumulation", type=int, default=16, help="upper bound for --adaptive-accumulation")
     parser.add_argument("--logdir", type=str, default="lightning_logs", help="TensorBoard log directory")

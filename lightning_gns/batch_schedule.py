@@ -7,9 +7,9 @@ Batch sizes are in the units the noise scale is measured in (examples, or tokens
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 LrScaling = Literal["none", "linear", "sqrt", "adascale"]
 LR_SCALINGS: tuple[str, ...] = ("none", "linear", "sqrt", "adascale")
@@ -30,6 +30,7 @@ class NoiseScaleStatistics:
         micro_batch_size: units in one micro-batch of one rank.
         world_size: number of ranks.
         step: optimizer steps taken so far (``trainer.global_step``).
+        calibration: the ``B_crit / B_simple`` ratio the callback was given (:attr:`b_crit` applies it).
     """
 
     b_simple: float
@@ -40,6 +41,12 @@ class NoiseScaleStatistics:
     micro_batch_size: int
     world_size: int
     step: int
+    calibration: float = 1.0
+
+    @property
+    def b_crit(self) -> float:
+        """The critical-batch estimate ``calibration x B_simple`` (``B_simple`` itself without calibration)."""
+        return self.calibration * self.b_simple
 
 
 TargetFn = Callable[[NoiseScaleStatistics], float]
@@ -89,6 +96,154 @@ def accumulation_for(
     if monotonic:
         wanted = max(wanted, accumulation)
     return wanted
+
+
+def ema_effective_samples(beta: float, steps: int) -> float:
+    """Effective sample count of a bias-corrected EMA with decay ``beta`` after ``steps`` updates.
+
+    The EMA's weights are ``w_i = (1 - beta) beta^(n-i) / (1 - beta^n)``; the count is ``1 / sum(w_i^2)``
+    (Kish's effective sample size), ``(1 - beta^n)(1 + beta) / ((1 - beta)(1 + beta^n))``: ``n`` for a
+    short run, ``(1 + beta) / (1 - beta)`` for a long one.
+
+    Example:
+        >>> ema_effective_samples(0.9, 1), round(ema_effective_samples(0.9, 10**6), 6)
+        (1.0, 19.0)
+    """
+    if steps <= 0:
+        return 0.0
+    decay = beta**steps
+    return (1 - decay) * (1 + beta) / ((1 - beta) * (1 + decay))
+
+
+def ratio_relative_error(
+    trace_cov: float, grad_sq_norm: float, var_trace: float, var_grad: float, cov: float, samples: float
+) -> float:
+    """Relative standard error of ``B_simple = tr(Sigma) / |G|^2`` from the spread of the per-step estimates.
+
+    The delta method for a ratio of means: ``se^2 / B^2 = (v_T / T^2 + v_G / G^2 - 2 c / (T G)) / n`` with
+    ``v_T``, ``v_G``, ``c`` the variances and covariance of one step's ``tr(Sigma)`` and ``|G|^2`` estimates
+    and ``n`` the effective sample count of their average. ``inf`` while ``|G|^2`` or ``tr(Sigma)`` is not
+    positive or there are fewer than two samples (the ratio has no meaningful spread then).
+
+    Example:
+        >>> round(ratio_relative_error(10.0, 1.0, var_trace=0.0, var_grad=1.0, cov=0.0, samples=25.0), 6)
+        0.2
+    """
+    values = (trace_cov, grad_sq_norm, var_trace, var_grad, cov, samples)
+    if not all(math.isfinite(v) for v in values) or trace_cov <= 0 or grad_sq_norm <= 0 or samples < 2:
+        return math.inf
+    relative = var_trace / trace_cov**2 + var_grad / grad_sq_norm**2 - 2 * cov / (trace_cov * grad_sq_norm)
+    return math.sqrt(max(relative, 0.0) / samples)
+
+
+def limit_growth(target_batch: float, current_batch: float, max_growth: float) -> float:
+    """``target_batch`` clamped into ``[current / max_growth, current * max_growth]`` (batch-size warm-up steps).
+
+    Example:
+        >>> limit_growth(1000.0, 64.0, 2.0), limit_growth(10.0, 64.0, 2.0), limit_growth(100.0, 64.0, 2.0)
+        (128.0, 32.0, 100.0)
+    """
+    if not math.isfinite(target_batch) or not math.isfinite(max_growth):
+        return target_batch
+    return min(max(target_batch, current_batch / max_growth), current_batch * max_growth)
+
+
+def calibration_from_branch(b_crit: float, b_simple: float) -> float:
+    """The ``B_crit / B_simple`` ratio from a branched critical-batch measurement and ``B_simple`` at its checkpoint.
+
+    ``b_crit`` is the local critical batch that ``lightning-gns branch`` reports (multiplier x the base
+    batch, in the noise scale's units), ``b_simple`` the noise scale the run had at the branch checkpoint.
+
+    Example:
+        >>> calibration_from_branch(b_crit=35.0, b_simple=92.0)  # the digits study of docs/critical_batch.md
+        0.3804347826086957
+    """
+    for name, value in (("b_crit", b_crit), ("b_simple", b_simple)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite batch size, got {value!r}.")
+    return float(b_crit) / float(b_simple)
+
+
+def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> float:
+    """Geometric mean of ``local_critical_batch / b_simple`` over branch points at ``min_step`` or later.
+
+    ``points`` are the :class:`~lightning_gns.tools.sweep.BranchPoint` objects of
+    :func:`~lightning_gns.tools.sweep.branched_critical_batch` or the dictionaries of the ``branch.json`` that
+    ``lightning-gns branch`` writes. Skip early points with ``min_step``: at initialisation ``B_simple`` has
+    a transient, and a local critical batch at the smallest multiplier tried is only an upper bound.
+
+    Example:
+        >>> points = [{"step": 100, "local_critical_batch": 16.0, "b_simple": 23.4},
+        ...           {"step": 250, "local_critical_batch": 64.0, "b_simple": 47.1}]
+        >>> round(calibration_from_branch_points(points), 3), round(calibration_from_branch_points(points, 200), 3)
+        (0.964, 1.359)
+    """
+
+    def field(point: Any, name: str) -> Any:
+        return point[name] if isinstance(point, Mapping) else getattr(point, name)
+
+    ratios = [
+        calibration_from_branch(float(field(p, "local_critical_batch")), float(field(p, "b_simple")))
+        for p in points
+        if int(field(p, "step")) >= min_step
+    ]
+    if not ratios:
+        raise ValueError(f"No branch point at step >= {min_step}: lower min_step or branch later in the run.")
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def planned_accumulation(
+    target_batch: float,
+    accumulation: int,
+    units_per_accumulation: float,
+    min_accumulation: int,
+    max_accumulation: int,
+    tolerance: float,
+    monotonic: bool,
+    max_growth: float,
+) -> tuple[int, str]:
+    """:func:`accumulation_for` with growth limited to ``max_growth`` per change, and the reason in words.
+
+    Example:
+        >>> planned_accumulation(1000.0, 2, 32.0, 1, 64, tolerance=0.25, monotonic=True, max_growth=2.0)
+        (4, 'target 1000 > 64 x 2: grow to 128 (max_growth 2)')
+    """
+    current = accumulation * units_per_accumulation
+    if not math.isfinite(target_batch) or target_batch <= 0:
+        return accumulation, f"no usable target ({target_batch:.4g})"
+    limited = limit_growth(target_batch, current, max_growth)
+    new = accumulation_for(
+        limited, accumulation, units_per_accumulation, min_accumulation, max_accumulation, tolerance, monotonic
+    )
+    if math.isfinite(max_growth):
+        # Rounding to whole micro-batches must not step past the limit either.
+        new = min(new, max(accumulation, math.floor(accumulation * max_growth)))
+        new = max(new, min(accumulation, math.ceil(accumulation / max_growth)))
+    new = min(max(new, min_accumulation), max_accumulation)
+    if new == accumulation:
+        ratio = target_batch / current
+        if 1 / (1 + tolerance) <= ratio <= 1 + tolerance:
+            why = f"target {target_batch:.4g} within tolerance {tolerance:g} of {current:.4g}"
+        elif ratio < 1 and monotonic:
+            why = f"target {target_batch:.4g} < {current:.4g}: monotonic, keep"
+        elif ratio > 1 and accumulation >= max_accumulation:
+            why = f"target {target_batch:.4g} > {current:.4g}: at max_accumulation {max_accumulation}"
+        elif ratio < 1 and accumulation <= min_accumulation:
+            why = f"target {target_batch:.4g} < {current:.4g}: at min_accumulation {min_accumulation}"
+        else:
+            why = f"target {target_batch:.4g} rounds to the current {current:.4g}"
+        return accumulation, why
+    verb = "grow" if new > accumulation else "shrink"
+    wanted = new * units_per_accumulation
+    if limited != target_batch:
+        sign = ">" if target_batch > current else "<"
+        op = "x" if target_batch > current else "/"
+        return (
+            new,
+            f"target {target_batch:.4g} {sign} {current:.4g} {op} {max_growth:g}: {verb} to {wanted:.4g}"
+            f" (max_growth {max_growth:g})",
+        )
+    return new, f"target {target_batch:.4g}: {verb} from {current:.4g} to {wanted:.4g}"
 
 
 def is_safe_boundary(batches_done: int, new_accumulation: int, epoch_ended: bool) -> bool:
@@ -167,7 +322,13 @@ __all__ = [
     "TargetFn",
     "accumulation_for",
     "adascale_gain",
+    "calibration_from_branch",
+    "calibration_from_branch_points",
+    "ema_effective_samples",
     "is_safe_boundary",
+    "limit_growth",
     "lr_factor",
+    "planned_accumulation",
+    "ratio_relative_error",
     "sqrt_schedule",
 ]

@@ -6,6 +6,7 @@ Lightning's DDP launcher re-executes this script for the other rank, so it must 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def main() -> None:
         monotonic=False,
         lr_scaling="linear",
         max_accumulation=8,
+        max_growth=math.inf,
+        min_samples=0,
+        max_relative_error=math.inf,
     )
     trainer = Trainer(
         accelerator="cpu",

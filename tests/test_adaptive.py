@@ -65,6 +65,10 @@ class MemoryLogger(Logger):
         self.logged.append((int(step or 0), dict(metrics)))
 
 
+def without_b_simple(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{key: value for key, value in entry.items() if key != "b_simple"} for entry in history]
+
+
 def adaptive(target: Any = None, **kwargs: Any) -> AdaptiveBatchSize:
     settings: dict[str, Any] = {
         "target": scheduled_target(WANTED) if target is None else target,
@@ -75,6 +79,11 @@ def adaptive(target: Any = None, **kwargs: Any) -> AdaptiveBatchSize:
         "monotonic": False,
         "lr_scaling": "linear",
         "max_accumulation": 8,
+        # The scheduled targets jump by up to 3x and need no estimate: the growth limit and the readiness
+        # checks have tests of their own.
+        "max_growth": math.inf,
+        "min_samples": 0,
+        "max_relative_error": math.inf,
     }
     return AdaptiveBatchSize(**{**settings, **kwargs})
 
@@ -186,7 +195,14 @@ def test_b_simple_target_respects_bounds_and_grows_only() -> None:
     # lr = 0 keeps the model where B_simple has its closed form, 5 + 1 + 5 s^2/|d|^2 = 11 examples.
     problem = LinearProblem(dim=DIM, seed=3)
     callback = AdaptiveBatchSize(
-        target="b_simple", warmup_steps=2, min_steps_between_changes=2, check_every_n_steps=1, max_accumulation=2
+        target="b_simple",
+        calibration=1.0,
+        warmup_steps=2,
+        min_steps_between_changes=2,
+        check_every_n_steps=1,
+        max_accumulation=2,
+        min_samples=0,
+        max_relative_error=math.inf,
     )
     fit(callback, LinearRegression(problem, lr=0.0), max_epochs=1)
     accumulations = [int(h["accumulation"]) for h in callback.history]
@@ -195,7 +211,15 @@ def test_b_simple_target_respects_bounds_and_grows_only() -> None:
 
 
 def test_sqrt_target_with_r() -> None:
-    callback = AdaptiveBatchSize(target="sqrt", r=4.0, warmup_steps=2, check_every_n_steps=1, min_accumulation=1)
+    callback = AdaptiveBatchSize(
+        target="sqrt",
+        r=4.0,
+        calibration=1.0,
+        warmup_steps=2,
+        check_every_n_steps=1,
+        min_samples=0,
+        max_relative_error=math.inf,
+    )
     fit(callback, LinearRegression(PROBLEM, lr=0.0), max_epochs=1)
     # sqrt(4 * 11) = 6.6 examples, 1.66x the 4 of one micro-batch: round(6.6 / 4) = 2 micro-batches (3 if the
     # noisy estimate of B_simple passes 30).
@@ -313,7 +337,8 @@ def test_resume_mid_epoch_with_a_pending_change(tmp_path: Path) -> None:
 
     resumed = adaptive()
     trainer, model = fit(resumed, ckpt_path=str(ckpt))
-    assert resumed.history == full.history
+    # The plain DataLoader serves other data after the resume (below), so the measured B_simple differs.
+    assert without_b_simple(resumed.history) == without_b_simple(full.history)
     # The same windows as the uninterrupted run: k = 2 once more, then 5 from micro-batch 20 on. (The plain
     # DataLoader is not resumable, so Lightning serves its first batches again: the data differ, not the windows.)
     windows = [(s["epoch"], s["batch_idx"], s["accumulation"]) for s in model.steps]  # type: ignore[attr-defined]

@@ -20,7 +20,19 @@ import torch
 GNS_KEYS = frozenset({"metric", "beta"})
 GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "reference_batch_size"})
 ADAPTIVE_KEYS = frozenset({"accumulation", "reference_accumulation", "lr_factor"})
-ADAPTIVE_OPTIONAL_KEYS = frozenset({"pending", "last_change_step", "micro_batch_size", "history", "lr_scaling"})
+ADAPTIVE_OPTIONAL_KEYS = frozenset(
+    {
+        "pending",
+        "last_change_step",
+        "micro_batch_size",
+        "history",
+        "lr_scaling",
+        "decisions",
+        "pending_record",
+        "estimate_moments",
+        "last_ema",
+    }
+)
 _COUNTS = ("measured_steps", "skipped_steps")
 _SIZES = ("last_b_small", "last_b_big")
 
@@ -162,8 +174,21 @@ def validate_adaptive_state(state: Any, lr_scalings: Iterable[str], callback: st
     if not isinstance(history, list):
         raise _fail(callback, "history", f"must be a list of changes, got {type(history).__name__}")
     for i, entry in enumerate(history):
-        if not isinstance(entry, Mapping) or set(entry) != {"step", "accumulation", "lr_factor"}:
+        if not isinstance(entry, Mapping) or not {"step", "accumulation", "lr_factor"} <= set(entry):
             raise _fail(callback, f"history[{i}]", f"is {entry!r}, must be a dict with step, accumulation, lr_factor")
+    decisions = state.get("decisions", [])
+    if not isinstance(decisions, list) or not all(isinstance(entry, Mapping) for entry in decisions):
+        raise _fail(callback, "decisions", "must be a list of dicts (one per decision step)")
+    record = state.get("pending_record")
+    if record is not None and not isinstance(record, Mapping):
+        raise _fail(callback, "pending_record", f"is {record!r}, must be None or a dict")
+    for key in ("estimate_moments", "last_ema"):
+        values = state.get(key)
+        if values is not None and not (
+            isinstance(values, (list, tuple))
+            and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        ):
+            raise _fail(callback, key, f"is {values!r}, must be None or a list of finite numbers")
     if "lr_scaling" in state and state["lr_scaling"] not in tuple(lr_scalings):
         raise _fail(callback, "lr_scaling", f"is {state['lr_scaling']!r}, not one of {tuple(lr_scalings)}")
 

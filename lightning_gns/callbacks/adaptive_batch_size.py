@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
@@ -19,9 +21,11 @@ from lightning_gns.batch_schedule import (
     LrScaling,
     NoiseScaleStatistics,
     TargetFn,
-    accumulation_for,
+    ema_effective_samples,
     is_safe_boundary,
     lr_factor,
+    planned_accumulation,
+    ratio_relative_error,
     sqrt_schedule,
 )
 from lightning_gns.batch_size import checked_batch_size, units_as_int
@@ -43,19 +47,36 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     (which must be in ``Trainer(callbacks=...)`` too) and changes the gradient accumulation so that the
     effective batch, micro-batch x accumulation x ranks in the noise scale's units, follows a target:
 
-    - ``"sqrt"`` (default): ``sqrt(r * B_simple)``, the schedule of the paper's Appendix D (eq. D.3); ``r``
-      defaults to the effective batch at the start of training, so the batch grows like the geometric mean
-      of where it started and the noise scale (fewer steps at a modest cost in examples);
-    - ``"b_simple"``: the batch ``B_simple``, the paper's estimate of the critical batch (under their model
-      about twice the minimal steps and twice the minimal examples);
+    - ``"b_simple"`` (default): the batch ``calibration x B_simple``, an estimate of the critical batch
+      (under the paper's model, at the critical batch training takes about twice the minimal steps and
+      twice the minimal examples);
+    - ``"sqrt"``: ``sqrt(r * calibration * B_simple)``, the schedule of the paper's Appendix D (eq. D.3);
+      ``r`` defaults to the effective batch at the start of training, so the batch grows like the geometric
+      mean of where it started and the noise scale;
     - a function ``NoiseScaleStatistics -> float`` of your own (not from a YAML config), called on the
       global-zero rank only.
 
-    A change needs the target outside ``[B / (1 + tolerance), B * (1 + tolerance)]`` around the current
+    ``calibration`` is the ratio ``B_crit / B_simple``: both named targets use ``calibration x B_simple``
+    in place of ``B_simple``. The default 0.5 is what the language-model benchmark (docs/adaptive.md)
+    found best (the measured ratio on the digits task is 0.38, so ``B_simple`` itself overshoots). Measure
+    it for your task with a branched critical-batch run (``lightning-gns branch``, then
+    :func:`~lightning_gns.batch_schedule.calibration_from_branch_points`) or take it from a similar task.
+
+    A change needs a trustworthy estimate: the noise-scale EMA must average at least ``min_samples``
+    effective steps, and the relative standard error of ``B_simple``, estimated from the spread of the
+    per-step ``tr(Sigma)`` and ``|G|^2`` estimates (delta method), must be at most ``max_relative_error``.
+    It also needs the target outside ``[B / (1 + tolerance), B * (1 + tolerance)]`` around the current
     effective batch ``B``, ``warmup_steps`` optimizer steps of training, and ``min_steps_between_changes``
     steps since the last change; it is looked at every ``check_every_n_steps`` steps (the only steps on
-    which the statistics are read to the host). The new accumulation is clamped to
+    which the statistics are read to the host). One change moves the batch by at most a factor
+    ``max_growth`` (batch-size warm-up by doublings with the default 2), is clamped to
     ``[min_accumulation, max_accumulation]`` and, with ``monotonic=True``, never shrinks.
+
+    Every decision is recorded with its reason: ``history`` holds one entry per change that took effect
+    (``step``, ``accumulation``, ``lr_factor``, and for changes ``decided_step``, ``b_simple``, ``target``,
+    ``old_accumulation``, ``reason``), ``decisions`` one per decision step, changes and holds alike
+    (``step``, ``b_simple``, ``relative_error``, ``samples``, ``target``, ``accumulation``, ``new_accumulation``,
+    ``reason``).
 
     A decided change waits for a safe boundary: Lightning counts accumulation windows from the start of
     the epoch, so a new accumulation ``k`` starts only after an optimizer step that closed a multiple of
@@ -68,7 +89,8 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     On each change the learning rate is multiplied, relative to the starting effective batch (for which
     the configured learning rate is taken to be right), by ``lr_scaling``:
 
-    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (Adam-type optimizers);
+    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (Adam-type optimizers: the best of
+      the three in the AdamW language-model benchmark of docs/adaptive.md, where ``"none"`` lost clearly);
     - ``"adascale"``: ``(s^2 + |G|^2) / (s^2 / S + |G|^2)`` with ``s^2`` the starting batch's gradient
       variance, measured at the change (between 1 and ``S``);
 
@@ -91,6 +113,12 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     Args:
         target: ``"b_simple"``, ``"sqrt"`` or a function of :class:`~lightning_gns.batch_schedule.NoiseScaleStatistics`
             returning the wanted effective batch (in the noise scale's units).
+        calibration: ``B_crit / B_simple``: the named targets use ``calibration x B_simple``.
+        max_growth: largest factor by which one change may grow (or shrink) the effective batch; ``math.inf``
+            for no limit.
+        min_samples: effective number of per-step estimates the noise-scale EMA must hold before a change.
+        max_relative_error: largest relative standard error of ``B_simple`` at which a change is made
+            (``math.inf``: no check).
         r: ``target="sqrt"`` only: the ``r`` of ``sqrt(r * B_simple)``, in batch units. Default: the starting
             effective batch.
         min_accumulation: smallest accumulation to use (the start is clamped into the bounds).
@@ -118,8 +146,12 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
 
     def __init__(
         self,
-        target: Literal["b_simple", "sqrt"] | TargetFn = "sqrt",
+        target: Literal["b_simple", "sqrt"] | TargetFn = "b_simple",
         r: float | None = None,
+        calibration: float = 0.5,
+        max_growth: float = 2.0,
+        min_samples: float = 10.0,
+        max_relative_error: float = 0.5,
         min_accumulation: int = 1,
         max_accumulation: int = 64,
         warmup_steps: int = 100,
@@ -142,6 +174,16 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
                 )
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and r > 0):
                 raise ValueError(f"r must be a positive finite number (a batch size), got {r!r}.")
+        self.calibration = _positive("calibration", calibration, "a B_crit / B_simple ratio such as 0.5")
+        self.max_growth = _positive("max_growth", max_growth, "2.0 doubles at most", minimum=1.0, infinite=True)
+        if isinstance(min_samples, (int, float)) and min_samples == 0:
+            min_samples = 0.0  # no check
+        else:
+            min_samples = _positive("min_samples", min_samples, "10 effective steps, or 0 for no check")
+        self.min_samples = float(min_samples)
+        self.max_relative_error = _positive(
+            "max_relative_error", max_relative_error, "0.5, or math.inf for no check", infinite=True
+        )
         self.min_accumulation = checked_int("min_accumulation", min_accumulation, minimum=1)
         self.max_accumulation = checked_int("max_accumulation", max_accumulation, minimum=1)
         if self.max_accumulation < self.min_accumulation:
@@ -171,7 +213,15 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         self.pending: tuple[int, float] | None = None
         self.last_change_step: int | None = None
         self.micro_batch_size: int | None = None
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, Any]] = []
+        self.decisions: list[dict[str, Any]] = []
+        self.pending_record: dict[str, Any] | None = None
+        # EMAs (decay: the metric's beta) of 1, T, G, T^2, G^2, T*G over the per-step estimates T = tr(Sigma)
+        # and G = |G|^2, on the metric's device; and the metric's EMA states after the last optimizer step,
+        # from which each step's own estimates are recovered.
+        self._moments: Tensor | None = None
+        self._last_ema: Tensor | None = None
+        self._saved_moments: tuple[list[float], list[float]] | None = None
 
         self._restored = False
         # What load_state_dict needs beyond the callback's own state, gathered by on_load_checkpoint.
@@ -273,7 +323,10 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             self.pending = None
             self.last_change_step = None
             self.history = [{"step": trainer.global_step, "accumulation": self.accumulation, "lr_factor": 1.0}]
+            self.decisions = []
+            self.pending_record = None
         trainer.accumulate_grad_batches = self.accumulation
+        self._start_moments()
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._scale_lr))
@@ -314,6 +367,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         if fit_loop._should_accumulate():
             return  # no optimizer step on this micro-batch: nothing to log, decide or switch
         assert self.accumulation is not None
+        self._track_moments()
         step = trainer.global_step
         logging = (trainer.loggers or self.prog_bar) and trainer._logger_connector.should_update_logs
         deciding = (
@@ -334,6 +388,65 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             if is_safe_boundary(batch_idx + 1, self.pending[0], epoch_ended):
                 self._switch(trainer, step)
 
+    # ------------------------------------------------------------------ estimate quality
+    def _start_moments(self) -> None:
+        metric = self.gns.metric
+        device = metric.grad_sq_norm_ema.device
+        saved, self._saved_moments = self._saved_moments, None
+        if saved is not None:
+            moments, last = saved
+            self._moments = torch.tensor(moments, dtype=torch.float64, device=device)
+            self._last_ema = torch.tensor(last, dtype=torch.float64, device=device)
+        else:
+            # A fresh run, or a checkpoint without the moments: the spread is measured from here on.
+            self._moments = torch.zeros(6, dtype=torch.float64, device=device)
+            self._last_ema = self._ema_state()
+
+    def _ema_state(self) -> Tensor:
+        metric = self.gns.metric
+        return torch.stack(
+            [
+                metric.trace_cov_ema.detach().double(),
+                metric.grad_sq_norm_ema.detach().double(),
+                metric.measured_steps.detach().double(),
+            ]
+        )
+
+    def _track_moments(self) -> None:
+        """Fold the step's own estimates into the moments; device operations only (no host sync)."""
+        if self._moments is None or self._last_ema is None:
+            return
+        beta = self.gns.metric.beta
+        now = self._ema_state()
+        measured = now[2] != self._last_ema[2]
+        # The metric folded ema = beta * ema + (1 - beta) * x on a measured step: recover x.
+        x = (now[:2] - beta * self._last_ema[:2]) / (1 - beta)
+        t, g = x[0], x[1]
+        values = torch.stack([torch.ones_like(t), t, g, t * t, g * g, t * g])
+        self._moments.copy_(torch.where(measured, beta * self._moments + (1 - beta) * values, self._moments))
+        self._last_ema.copy_(now)
+
+    def estimate_quality(self) -> tuple[float, float]:
+        """``(effective samples, relative standard error)`` of the current ``B_simple`` (reads to the host)."""
+        metric = self.gns.metric
+        samples = ema_effective_samples(metric.beta, int(metric.measured_steps))
+        if self._moments is None:
+            return samples, math.inf
+        weight, t, g, tt, gg, tg = self._moments.tolist()
+        if weight <= 0:
+            return samples, math.inf
+        t, g, tt, gg, tg = (value / weight for value in (t, g, tt, gg, tg))
+        # weight = 1 - beta^m after m measured steps: the moments' own effective sample count, and the
+        # unbiased spread for a sample of that size.
+        beta = metric.beta
+        own = weight * (1 + beta) / ((1 - beta) * (2 - weight))
+        correction = own / (own - 1) if own > 1 else math.inf
+        var_t, var_g, cov = (tt - t * t) * correction, (gg - g * g) * correction, (tg - t * g) * correction
+        return samples, ratio_relative_error(
+            float(metric.trace_cov), float(metric.grad_sq_norm), var_t, var_g, cov, min(samples, own)
+        )
+
+    # ------------------------------------------------------------------ decisions
     def _decide(self, trainer: Trainer, step: int) -> tuple[int, float] | None:
         decision: Any = None
         if trainer.is_global_zero:
@@ -344,9 +457,15 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         decision = trainer.strategy.broadcast(decision, src=0)
         if decision is not None and decision[0] == "error":
             raise RuntimeError(f"AdaptiveBatchSize could not decide on the global-zero rank: {decision[1]}")
-        return None if decision is None else (int(decision[0]), float(decision[1]))
+        assert decision is not None
+        new, factor, record = decision
+        self.decisions.append(record)
+        if new is None:
+            return None
+        self.pending_record = record
+        return int(new), float(factor)
 
-    def _decision(self, trainer: Trainer, step: int) -> tuple[int, float] | None:
+    def _decision(self, trainer: Trainer, step: int) -> tuple[int | None, float, dict[str, Any]]:
         assert self.accumulation is not None and self.reference_accumulation is not None
         assert self.micro_batch_size is not None
         metric = self.gns.metric
@@ -361,9 +480,30 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             micro_batch_size=self.micro_batch_size,
             world_size=world_size,
             step=step,
+            calibration=self.calibration,
         )
+        samples, error = self.estimate_quality()
+        record: dict[str, Any] = {
+            "step": step,
+            "b_simple": stats.b_simple,
+            "relative_error": error,
+            "samples": samples,
+            "target": math.nan,
+            "accumulation": self.accumulation,
+            "new_accumulation": self.accumulation,
+        }
+        if samples < self.min_samples:
+            record["reason"] = f"not ready: {samples:.3g} effective samples < min_samples {self.min_samples:g}"
+            return None, 1.0, record
+        if not error <= self.max_relative_error:
+            record["reason"] = (
+                f"not ready: relative standard error of B_simple {error:.3g} > max_relative_error"
+                f" {self.max_relative_error:g}"
+            )
+            return None, 1.0, record
         target = float(self._target(stats, self.reference_accumulation * units_per_accumulation))
-        new = accumulation_for(
+        record["target"] = target
+        new, reason = planned_accumulation(
             target,
             self.accumulation,
             units_per_accumulation,
@@ -371,9 +511,12 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             self.max_accumulation,
             self.tolerance,
             self.monotonic,
+            self.max_growth,
         )
+        record["new_accumulation"] = new
+        record["reason"] = reason
         if new == self.accumulation:
-            return None
+            return None, 1.0, record
         factor = lr_factor(
             self.lr_scaling,
             new / self.reference_accumulation,
@@ -381,7 +524,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             grad_sq_norm=stats.grad_sq_norm,
             reference_batch=self.reference_accumulation * units_per_accumulation,
         )
-        return new, factor
+        return new, factor, record
 
     def _target(self, stats: NoiseScaleStatistics, reference_batch: float) -> float:
         if callable(self.target):
@@ -389,16 +532,27 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         if math.isnan(stats.b_simple):
             return math.nan
         if self.target == "b_simple":
-            return stats.b_simple
-        return sqrt_schedule(stats.b_simple, self.r if self.r is not None else reference_batch)
+            return stats.b_crit
+        return sqrt_schedule(stats.b_crit, self.r if self.r is not None else reference_batch)
 
     def _switch(self, trainer: Trainer, step: int) -> None:
         assert self.pending is not None
+        old = self.accumulation
         self.accumulation, self.lr_factor = self.pending
         self.pending = None
         self.last_change_step = step
         trainer.accumulate_grad_batches = self.accumulation
-        self.history.append({"step": step, "accumulation": self.accumulation, "lr_factor": self.lr_factor})
+        entry: dict[str, Any] = {"step": step, "accumulation": self.accumulation, "lr_factor": self.lr_factor}
+        record, self.pending_record = self.pending_record, None
+        if record is not None:
+            entry.update(
+                decided_step=record["step"],
+                b_simple=record["b_simple"],
+                target=record["target"],
+                old_accumulation=old,
+                reason=record["reason"],
+            )
+        self.history.append(entry)
 
     def _log(self, pl_module: LightningModule, world_size: int) -> None:
         values = {
@@ -419,6 +573,10 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             "micro_batch_size": self.micro_batch_size,
             "history": [dict(entry) for entry in self.history],
             "lr_scaling": self.lr_scaling,
+            "decisions": [dict(entry) for entry in self.decisions],
+            "pending_record": None if self.pending_record is None else dict(self.pending_record),
+            "estimate_moments": None if self._moments is None else self._moments.tolist(),
+            "last_ema": None if self._last_ema is None else self._last_ema.tolist(),
         }
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -466,6 +624,11 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         micro = state_dict.get("micro_batch_size")
         self.micro_batch_size = None if micro is None else int(micro)
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
+        self.decisions = [dict(entry) for entry in state_dict.get("decisions", [])]
+        record = state_dict.get("pending_record")
+        self.pending_record = None if record is None else dict(record)
+        moments, last = state_dict.get("estimate_moments"), state_dict.get("last_ema")
+        self._saved_moments = None if moments is None or last is None else (list(moments), list(last))
         self._restored = True
         if self.accumulation is not None:
             self._reconcile(state_dict.get("lr_scaling", self.lr_scaling))
@@ -513,3 +676,13 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             grad_sq_norm=context.get("grad_sq_norm", math.nan) if known else math.nan,
             reference_batch=float(self.reference_accumulation * (micro or 1) * context.get("world_size", 1)),
         )
+
+
+def _positive(name: str, value: Any, example: str, minimum: float = 0.0, infinite: bool = False) -> float:
+    """``value`` as a float: above 0 (``minimum=0``) or at least ``minimum``; finite unless ``infinite``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    ok = ok and (value >= minimum if minimum else value > 0) and (infinite or math.isfinite(value))
+    if not ok:
+        bound = f">= {minimum:g}" if minimum else "> 0"
+        raise ValueError(f"{name} must be {'a' if infinite else 'a finite'} number {bound} ({example}), got {value!r}.")
+    return float(value)
