@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,11 @@ def fit(callbacks: list[Callback], ckpt_path: str | None = None, **kwargs: Any) 
 
 
 def shrinking(**kwargs: Any) -> AdaptiveBatchSize:
-    """Asks for one micro-batch per step from step 2 on."""
+    """Asks for one micro-batch per step from step 2 on (at once: no readiness wait, no growth limit)."""
     settings: dict[str, Any] = {
+        "min_samples": 0,
+        "max_relative_error": math.inf,
+        "max_growth": math.inf,
         "target": scheduled_target({2: 1}),
         "warmup_steps": 1,
         "min_steps_between_changes": 1,
