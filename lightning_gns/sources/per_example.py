@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gns.sources.base import GradNormSource
+from lightning_gns.sources.fused_linear import FusedLinearForward, can_fuse, fused_pays
 from lightning_gns.sources.per_example_factors import (
     Dense,
     Factor,
@@ -121,6 +122,24 @@ def batch_coupled_layers(model: nn.Module) -> list[str]:
     return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, BATCH_COUPLED_LAYERS)]
 
 
+_TWICE = (
+    "a layer's output gradient arrived twice in one backward pass (a double backward, or autograd.grad"
+    " through the model before backward): per-example norms would mix both passes"
+)
+
+
+class _FusedUse:
+    """One fused call of a watched Linear: where its backward delivers the per-example gradients."""
+
+    __slots__ = ("fired", "module", "params", "source")
+
+    def __init__(self, source: PerExampleSource, module: nn.Module, params: list[tuple[str, int]]) -> None:
+        self.source, self.module, self.params, self.fired = source, module, params, False
+
+    def deliver(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.source._on_fused_grad(self, weight, bias)
+
+
 @dataclass
 class PerExampleBackward:
     """What one backward pass gave the per-example source."""
@@ -157,9 +176,10 @@ class PerExampleSource(GradNormSource):
 
     name = "per_example"
 
-    def __init__(self, layers: Layers = "all") -> None:
+    def __init__(self, layers: Layers = "all", fused: bool = True) -> None:
         super().__init__()
         self.layers = layers
+        self.fused = fused
         self.params: list[nn.Parameter] = []
         self.param_layers: list[str] = []  # name of the first layer owning each watched parameter
         self.excluded: dict[int, str] = {}  # index into params -> why it cannot be measured per example
@@ -178,6 +198,14 @@ class PerExampleSource(GradNormSource):
         self._stored_factors: dict[int, list[Factor]] = defaultdict(list)
         self._failed: str | None = None
         self.last_layer_sq_norms: dict[str, Tensor] = {}
+        # Fused nn.Linear (see fused_linear): the layers whose forward was replaced, and the output of the
+        # fused call that just ran (its forward hook must not hook it a second time).
+        self._fused_modules: list[nn.Module] = []
+        self.fused_output: Tensor | None = None
+        # Calls counted per module before backward, and calls seen during backward: a non-reentrant activation
+        # checkpoint replays a counted forward there, which must not count again.
+        self._forward_calls: dict[int, int] = defaultdict(int)
+        self._replayed_calls: dict[int, int] = defaultdict(int)
 
     def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:  # type: ignore[override]
         self.detach()
@@ -199,6 +227,9 @@ class PerExampleSource(GradNormSource):
             self._module_params[id(module)] = indices
             self._module_names[id(module)] = module_name or type(module).__name__
             self._handles.append(module.register_forward_hook(self._on_forward))
+            if self.fused and can_fuse(module) and any(n == "weight" for n, _ in indices):
+                module.forward = FusedLinearForward(module, self)  # type: ignore[method-assign]
+                self._fused_modules.append(module)
 
     def covered_params(self) -> list[nn.Parameter]:
         """Watched parameters not excluded so far."""
@@ -213,6 +244,9 @@ class PerExampleSource(GradNormSource):
         self.excluded.setdefault(index, reason)
 
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if output is self.fused_output and output is not None:  # counted, and measured in its own backward
+            self.fused_output = None
+            return
         if not (self.recording and isinstance(output, Tensor) and output.requires_grad and args):
             return
         inp = args[0]
@@ -224,10 +258,66 @@ class PerExampleSource(GradNormSource):
             for _, i in params:
                 self.exclude(i, problem)
             return
-        for _, i in params:
-            self._pending_uses[i] += 1
+        if not self._new_use(module, params):
+            return
         fired = [False]
         output.register_hook(partial(self._on_output_grad, module, inp.detach(), params, fired))
+
+    def _new_use(self, module: nn.Module, params: list[tuple[str, int]]) -> bool:
+        """Count a use of ``module``'s parameters; False for a checkpoint's replay of a counted call.
+
+        A forward that runs inside backward is an activation checkpoint's recomputation: non-reentrant
+        checkpointing replays calls already counted (their hooks from the first forward fire), reentrant
+        checkpointing runs the first forward without gradients and counts nothing then.
+        """
+        key = id(module)
+        if torch._C._current_graph_task_id() == -1:
+            self._forward_calls[key] += 1
+        else:
+            self._replayed_calls[key] += 1
+            if self._replayed_calls[key] <= self._forward_calls[key]:
+                return False
+        for _, i in params:
+            self._pending_uses[i] += 1
+        return True
+
+    def plan_fused(self, module: nn.Linear, inp: Tensor) -> _FusedUse | None:
+        """The fused call's receiver when this call of a watched Linear should run fused, else None.
+
+        Fused: gradients enabled, not under ``torch.compile``, a batch of sequences (B, ..., d_in) whose
+        leading dimension is the expected example count, and the shape for which :func:`fused_pays`. The
+        decision depends on nothing a checkpoint's recomputation could see differently.
+        """
+        if inp.dim() < 3 or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        batch = inp.shape[0]
+        if self.expected_examples is not None and batch != self.expected_examples:
+            return None  # the forward hook excludes the layer
+        if batch == 0 or not fused_pays(batch, inp.numel() // (batch * inp.shape[-1]), *module.weight.shape):
+            return None
+        params = self._module_params.get(id(module))
+        if not params:  # a copy of a watched layer (deepcopy of the model) is not watched
+            return None
+        use = _FusedUse(self, module, params)
+        self._new_use(module, params)  # a replayed call still runs fused: the checkpoint expects its tensors
+        return use
+
+    def _on_fused_grad(self, use: _FusedUse, weight: Tensor, bias: Tensor | None) -> None:
+        if not self.recording:
+            return
+        if use.fired:
+            self._failed = _TWICE
+            return
+        use.fired = True
+        try:
+            for param_name, index in use.params:
+                value = weight if param_name == "weight" else bias
+                if value is not None and index not in self.excluded:
+                    half = value.dtype in (torch.float16, torch.bfloat16)
+                    sq = torch.linalg.vector_norm(value.flatten(1), dim=1, dtype=torch.float32 if half else None)
+                    self._add(index, Materialized(value), sq.square())
+        except (NotImplementedError, RuntimeError) as error:
+            self._failed = f"per-example norms of layer {self._module_names[id(use.module)]!r} failed: {error}"
 
     def _batch_dim_problem(self, module: nn.Module, inp: Tensor, output: Tensor) -> str | None:
         """Why this call's leading dimension is not the batch of examples, or None if it is."""
@@ -262,10 +352,7 @@ class PerExampleSource(GradNormSource):
         if not self.recording:
             return
         if fired[0]:
-            self._failed = (
-                "a layer's output gradient arrived twice in one backward pass (a double backward, or autograd.grad"
-                " through the model before backward): per-example norms would mix both passes"
-            )
+            self._failed = _TWICE
             return
         fired[0] = True
         try:
@@ -277,8 +364,9 @@ class PerExampleSource(GradNormSource):
             # A combination we cannot measure exactly: report the step as unmeasurable, never a wrong value.
             self._failed = f"per-example norms of layer {self._module_names[id(module)]!r} failed: {error}"
 
-    def _add(self, index: int, factor: Factor) -> None:
-        sq = factor_sq_norm(factor)
+    def _add(self, index: int, factor: Factor, sq: Tensor | None = None) -> None:
+        if sq is None:
+            sq = factor_sq_norm(factor)
         for earlier in self._stored_factors[index]:
             sq = sq + 2 * factor_inner(earlier, factor)
         self._sq_norms[index] = self._sq_norms[index] + sq if index in self._sq_norms else sq
@@ -294,6 +382,9 @@ class PerExampleSource(GradNormSource):
         self._sq_norms, self._failed = {}, None
         self._pending_uses.clear()
         self._stored_factors.clear()
+        self._forward_calls.clear()
+        self._replayed_calls.clear()
+        self.fused_output = None
         if not sq_norms and failed is None:
             return None
         shapes = {t.shape for t in sq_norms.values()}
@@ -328,6 +419,13 @@ class PerExampleSource(GradNormSource):
         return backward.sq_norms[keep].sum(dim=0).sqrt()
 
     def detach(self) -> None:
+        for module in self._fused_modules:
+            if isinstance(vars(module).get("forward"), FusedLinearForward):
+                del module.forward
+        self._fused_modules = []
+        self.fused_output = None
+        self._forward_calls.clear()
+        self._replayed_calls.clear()
         self._module_params = {}
         self._sq_norms = {}
         self._failed = None
