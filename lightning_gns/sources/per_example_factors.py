@@ -85,13 +85,12 @@ def factor_sq_norm(factor: Factor) -> Tensor:
 
 def factor_inner(u: Factor, v: Factor) -> Tensor:
     """Per-example inner product of two factored gradients of the same parameter, shape (B,)."""
-    if isinstance(u, OneHot) and isinstance(v, Materialized) or isinstance(u, Materialized) and isinstance(v, OneHot):
-        one_hot, full = (u, v) if isinstance(u, OneHot) else (v, u)
-        assert isinstance(one_hot, OneHot) and isinstance(full, Materialized)
-        if full.value.dim() == 3:  # (B, rows, n): the rows each one-hot position selects, against its b
-            width = full.value.shape[2]
-            rows = torch.gather(full.value, 1, one_hot.index.unsqueeze(2).expand(-1, -1, width))
-            return _dot(_f32(rows), _f32(one_hot.b))
+    one_hot, full = (u, v) if isinstance(u, OneHot) else (v, u)
+    if isinstance(one_hot, OneHot) and isinstance(full, Materialized) and full.value.dim() == 3:
+        # (B, rows, n): the rows each one-hot position selects, against its b
+        width = full.value.shape[2]
+        rows = torch.gather(full.value, 1, one_hot.index.unsqueeze(2).expand(-1, -1, width))
+        return _dot(_f32(rows), _f32(one_hot.b))
     if isinstance(u, Materialized) or isinstance(v, Materialized):
         return _dot(_materialize(u), _materialize(v))
     if isinstance(u, Dense) and isinstance(v, Dense):
