@@ -163,6 +163,15 @@ class PerExampleSource(GradNormSource):
     (tied embeddings, a module called twice) get exact cross terms. Gradients of the per-example *share*
     of the batch loss are reported; the caller rescales them to per-example losses.
 
+    ``nn.Linear`` layers (not subclasses with their own ``forward``) on sequences take a fused path while
+    recording, where it costs less (:func:`~lightning_gns.sources.fused_linear.fused_pays`): their
+    ``forward`` is replaced (until :meth:`detach`) by one whose backward forms each example's weight gradient
+    once, sums it into the weight gradient and takes its norm, instead of autograd's weight gradient plus the
+    per-example form again (``fused=False`` turns it off). Autocast is applied as for ``F.linear``; under
+    ``torch.compile`` and for 2-D inputs the hooks measure the layer as before. Activation checkpointing
+    (reentrant or not) is exact: a non-reentrant checkpoint's recomputation in backward is recognised and not
+    counted as another use of the layer.
+
     The watched parameters (:attr:`params`, fixed at :meth:`attach`) are those of supported layers. A use
     that cannot be split per example excludes the parameter for the rest of the run (:attr:`excluded`, with
     the reason): a layer whose input's leading dimension is not the micro-batch's example count
