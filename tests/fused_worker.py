@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,9 +30,9 @@ def data(rank: int) -> torch.Tensor:
     return torch.randint(0, 11, (BATCH, LENGTH), generator=torch.Generator().manual_seed(100 + rank))
 
 
-def run(rank: int, out: Path, wrap: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def run(rank: int, out: Path, wrap: str) -> None:
+    # A file rendezvous: no port to race for with other tests.
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = SeqModel().double()
     reference = copy.deepcopy(model)
@@ -44,7 +43,7 @@ def run(rank: int, out: Path, wrap: str, port: int) -> None:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (2,))
-        for layer in (model.up, model.down):
+        for layer in (model.up, model.down, model.norm):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         wrapped = model
@@ -80,9 +79,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--wrap", choices=["ddp", "fsdp2"], required=True)
-    parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    mp.spawn(run, args=(args.out, args.wrap, args.port), nprocs=2, join=True)
+    mp.spawn(run, args=(args.out, args.wrap), nprocs=2, join=True)
 
 
 if __name__ == "__main__":

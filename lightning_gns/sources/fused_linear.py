@@ -1,4 +1,4 @@
-"""``nn.Linear`` with per-example weight gradients computed once: the weight gradient and their norms together.
+"""``nn.Linear`` (and ``nn.LayerNorm``) with per-example gradients computed once: ``.grad`` and their norms together.
 
 Autograd computes a Linear layer's weight gradient as ``delta^T x`` over all ``B T`` positions, which is the
 sum over examples of the per-example gradients ``delta_i^T x_i``. Computed per example (one batched matmul)
@@ -6,17 +6,20 @@ and then summed over the batch, the same work gives ``.grad`` and every example'
 norms cost one reduction more. The hook path instead lets autograd form the weight gradient and then
 forms the per-example gradients (or their Gram form) a second time.
 
-:class:`FusedLinearForward` replaces a watched layer's ``forward`` (an instance attribute, removed on
-detach). While the per-example source records and the layer's input is a batch of sequences for which
-the fused form pays (:func:`fused_pays`), it runs :class:`FusedLinearFunction`; otherwise it is
-``F.linear``, and the source's hooks do what they always did.
+:class:`FusedForward` replaces a watched layer's ``forward`` (an instance attribute, removed on detach).
+While the per-example source records and the layer's input is a batch of sequences for which the fused
+form pays (:func:`fused_pays`), it runs :class:`FusedLinearFunction`; otherwise it is ``F.linear``, and the
+source's hooks do what they always did. ``nn.LayerNorm`` gets the same treatment
+(:class:`FusedLayerNormFunction`): its per-example weight gradient ``sum_t delta_t * xhat_t`` needs the
+normalised input, which the hook path recomputes and the fused backward rebuilds from the mean and inverse
+standard deviation the forward kept.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import weakref
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -83,6 +86,51 @@ class FusedLinearFunction(torch.autograd.Function):
         return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None
 
 
+class FusedLayerNormFunction(torch.autograd.Function):
+    """``F.layer_norm`` whose backward hands each example's weight and bias gradients to ``call``.
+
+    The input gradient comes from the same kernel as autograd's (``native_layer_norm_backward``, input only);
+    the weight and bias gradients are the batch sums of the per-example ones, accumulated in float32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        normalized_shape: tuple[int, ...],
+        eps: float,
+        call: FusedCall,
+    ) -> Tensor:
+        out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.normalized_shape, ctx.call = normalized_shape, call
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        shape = ctx.normalized_shape
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                grad_out, x, shape, mean, rstd, weight, bias, [True, False, False]
+            )[0]
+        batch, width = grad_out.shape[0], math.prod(shape)
+        delta = grad_out.reshape(batch, -1, width)
+        normalized = ((x - mean) * rstd).reshape(batch, -1, width)  # float32 (the statistics') for half inputs
+        per_example = (delta * normalized).sum(dim=1)  # (B, width)
+        per_example_bias = delta.sum(dim=1, dtype=per_example.dtype) if bias is not None else None
+        grad_w = per_example.sum(dim=0).reshape(weight.shape).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if per_example_bias is not None and ctx.needs_input_grad[2]:
+            grad_b = per_example_bias.sum(dim=0).reshape(bias.shape).to(bias.dtype)
+        with torch.no_grad():
+            ctx.call.deliver(per_example.detach(), None if per_example_bias is None else per_example_bias.detach())
+        return grad_x, grad_w, grad_b, None, None, None
+
+
 def _batch_sum(per_example: Tensor, dtype: torch.dtype) -> Tensor:
     if per_example.dtype in (torch.float16, torch.bfloat16):
         return per_example.sum(dim=0, dtype=torch.float32).to(dtype)
@@ -114,21 +162,22 @@ def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, call: FusedCall
         return FusedLinearFunction.apply(x_cast, weight_cast, bias_cast, call)  # type: ignore[no-any-return]
 
 
-Planner = Callable[[nn.Linear, Tensor], "FusedCall | None"]
+FUSABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
 
 
-class FusedLinearForward:
-    """A watched ``nn.Linear``'s ``forward`` while the per-example source is attached.
+class FusedForward:
+    """A watched ``nn.Linear``'s or ``nn.LayerNorm``'s ``forward`` while the per-example source is attached.
 
-    ``plan(module, input)`` (the source's) returns the call to deliver the per-example gradients to when this
-    call should be fused, else None (then this is ``F.linear``). Holds the source weakly; a deep copy of the
-    model keeps a forward that finds its module unwatched (plain ``F.linear``), and pickling stores plain
-    ``nn.Linear.forward``.
+    ``owner.plan_fused(module, input)`` returns the call to deliver the per-example gradients to when this
+    call should be fused, else None (then this is the layer's own forward). Holds the source weakly; a deep
+    copy of the model keeps a forward that finds its module unwatched (the plain forward), and pickling stores
+    the class's own ``forward``.
     """
 
-    def __init__(self, module: nn.Linear, owner: Any) -> None:
+    def __init__(self, module: nn.Module, owner: Any) -> None:
         self.module = module
         self._owner = weakref.ref(owner)
+        self._plain = functools.partial(type(module).forward, module)
 
     def __call__(self, input: Tensor) -> Tensor:
         module = self.module
@@ -136,15 +185,22 @@ class FusedLinearForward:
         if owner is not None and owner.recording:
             call = owner.plan_fused(module, input)
             if call is not None:
-                output = fused_linear(input, module.weight, module.bias, call)
+                if isinstance(module, nn.Linear):
+                    output = fused_linear(input, module.weight, module.bias, call)
+                else:
+                    assert isinstance(module, nn.LayerNorm)
+                    output = FusedLayerNormFunction.apply(
+                        input, module.weight, module.bias, tuple(module.normalized_shape), module.eps, call
+                    )
                 owner.fused_output = output
-                return output
-        return F.linear(input, module.weight, module.bias)
+                return output  # type: ignore[no-any-return]
+        return self._plain(input)  # type: ignore[no-any-return]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (functools.partial, (nn.Linear.forward, self.module))
+        return (functools.partial, (type(self.module).forward, self.module))
 
 
 def can_fuse(module: nn.Module) -> bool:
-    """Whether ``module`` runs ``nn.Linear``'s own forward (a subclass overriding it is left alone)."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and "forward" not in vars(module)
+    """Whether ``module`` is a Linear or LayerNorm running its class's own forward (not a subclass's)."""
+    kind = next((k for k in FUSABLE if isinstance(module, k)), None)
+    return kind is not None and type(module).forward is kind.forward and "forward" not in vars(module)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gns.sources.base import GradNormSource
-from lightning_gns.sources.fused_linear import FusedLinearForward, can_fuse, fused_pays
+from lightning_gns.sources.fused_linear import FusedForward, can_fuse, fused_pays
 from lightning_gns.sources.per_example_factors import (
     Dense,
     Factor,
@@ -236,8 +236,9 @@ class PerExampleSource(GradNormSource):
             self._module_params[id(module)] = indices
             self._module_names[id(module)] = module_name or type(module).__name__
             self._handles.append(module.register_forward_hook(self._on_forward))
-            if self.fused and can_fuse(module) and any(n == "weight" for n, _ in indices):
-                module.forward = FusedLinearForward(module, self)  # type: ignore[method-assign]
+            measures_weight = any(n == "weight" for n, _ in indices)
+            if self.fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
+                module.forward = FusedForward(module, self)  # type: ignore[method-assign]
                 self._fused_modules.append(module)
 
     def covered_params(self) -> list[nn.Parameter]:
@@ -290,19 +291,23 @@ class PerExampleSource(GradNormSource):
             self._pending_uses[i] += 1
         return True
 
-    def plan_fused(self, module: nn.Linear, inp: Tensor) -> _FusedUse | None:
-        """The fused call's receiver when this call of a watched Linear should run fused, else None.
+    def plan_fused(self, module: nn.Module, inp: Tensor) -> _FusedUse | None:
+        """The fused call's receiver when this call of a watched Linear or LayerNorm should run fused, else None.
 
-        Fused: gradients enabled, not under ``torch.compile``, a batch of sequences (B, ..., d_in) whose
-        leading dimension is the expected example count, and the shape for which :func:`fused_pays`. The
-        decision depends on nothing a checkpoint's recomputation could see differently.
+        Fused: gradients enabled, not under ``torch.compile``, a batch whose leading dimension is the expected
+        example count, and for a Linear a batch of sequences (B, ..., d_in) of the shape for which
+        :func:`fused_pays`; for a LayerNorm, autocast off (its casting rules differ by device). The decision
+        depends on nothing a checkpoint's recomputation could see differently.
         """
-        if inp.dim() < 3 or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
-        batch = inp.shape[0]
-        if self.expected_examples is not None and batch != self.expected_examples:
+        batch = inp.shape[0] if inp.dim() > 0 else 0
+        if batch == 0 or (self.expected_examples is not None and batch != self.expected_examples):
             return None  # the forward hook excludes the layer
-        if batch == 0 or not fused_pays(batch, inp.numel() // (batch * inp.shape[-1]), *module.weight.shape):
+        if isinstance(module, nn.Linear):
+            if inp.dim() < 3 or not fused_pays(batch, inp.numel() // (batch * inp.shape[-1]), *module.weight.shape):
+                return None
+        elif inp.dim() <= len(module.normalized_shape) or torch.is_autocast_enabled(inp.device.type):  # type: ignore[arg-type]
             return None
         params = self._module_params.get(id(module))
         if not params:  # a copy of a watched layer (deepcopy of the model) is not watched
@@ -429,7 +434,7 @@ class PerExampleSource(GradNormSource):
 
     def detach(self) -> None:
         for module in self._fused_modules:
-            if isinstance(vars(module).get("forward"), FusedLinearForward):
+            if isinstance(vars(module).get("forward"), FusedForward):
                 del module.forward
         self._fused_modules = []
         self.fused_output = None
