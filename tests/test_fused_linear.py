@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_gns import GradientNoiseScaleTracker
 from lightning_gns.sources import PerExampleSource
 from lightning_gns.sources.fused_linear import FusedForward, fused_pays
+from lightning_gns.sources.per_example_factors import OneHot, factor_sq_norm
 
 VOCAB = 11
 
@@ -252,3 +253,17 @@ def test_fused_path_under_two_process_ddp_and_fsdp2(tmp_path: Path, wrap: str) -
         assert result["fused"] == ["down", "head", "norm", "up"]
         assert result["norm_error"] < 1e-10
         assert max(result["grad_errors"].values()) < 1e-10, result["grad_errors"]
+
+
+def test_embedding_norms_scattered_and_gram_forms_agree() -> None:
+    """A small table's per-example gradient is scattered into (B, rows, n); a large one takes the Gram form."""
+    torch.manual_seed(6)
+    index = torch.randint(0, 7, (3, 10))
+    b = torch.randn(3, 10, 4, dtype=torch.float64)
+    want = torch.zeros(3, 7, 4, dtype=torch.float64)
+    for i in range(3):
+        for t in range(10):
+            want[i, index[i, t]] += b[i, t]
+    want_sq = want.flatten(1).square().sum(dim=1)
+    for rows in (7, None):  # scattered, Gram
+        torch.testing.assert_close(factor_sq_norm(OneHot(index, b, rows)), want_sq, rtol=1e-12, atol=0)

@@ -119,8 +119,11 @@ class FusedLayerNormFunction(torch.autograd.Function):
             )[0]
         batch, width = grad_out.shape[0], math.prod(shape)
         delta = grad_out.reshape(batch, -1, width)
-        normalized = ((x - mean) * rstd).reshape(batch, -1, width)  # float32 (the statistics') for half inputs
-        per_example = (delta * normalized).sum(dim=1)  # (B, width)
+        # delta * (x - mean) * rstd in one temporary (float32, the statistics' dtype, for half inputs): each
+        # fresh (B, T, width) buffer costs about as much as the arithmetic on it.
+        product = x - mean
+        product.mul_(rstd)
+        per_example = product.reshape(batch, -1, width).mul_(delta).sum(dim=1)  # (B, width)
         per_example_bias = delta.sum(dim=1, dtype=per_example.dtype) if bias is not None else None
         grad_w = per_example.sum(dim=0).reshape(weight.shape).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b = None

@@ -56,7 +56,7 @@ def layer_factors(module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str,
         delta = grad_out.reshape(batch, index.shape[1], -1)
         if module.padding_idx is not None:  # the padding row receives no gradient
             delta = delta * (index != module.padding_idx).unsqueeze(-1)
-        return {"weight": OneHot(index, delta)}
+        return {"weight": OneHot(index, delta, module.num_embeddings)}
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return _norm_factors(module, inp, grad_out)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):

@@ -36,10 +36,19 @@ class Dense:
 
 @dataclass
 class OneHot:
-    """Per-example gradient ``sum_t onehot(index[:, t]) b[:, t]^T``: an embedding's rows, index (B, T), b (B, T, n)."""
+    """Per-example gradient ``sum_t onehot(index[:, t]) b[:, t]^T``: an embedding's rows, index (B, T), b (B, T, n).
+
+    ``rows`` is the embedding's row count when known: a small table's per-example gradient (B, rows, n) is
+    then summed row by row instead of comparing every pair of positions.
+    """
 
     index: Tensor
     b: Tensor
+    rows: int | None = None
+
+
+# Largest per-example gradient (B x rows x n elements) an embedding's norm is allowed to materialise.
+MAX_MATERIALIZED_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -79,6 +88,13 @@ def factor_sq_norm(factor: Factor) -> Tensor:
             return _dot(a @ a.transpose(1, 2), b @ b.transpose(1, 2))
         return _sq_sum(a.transpose(1, 2) @ b)
     b = _f32(factor.b)
+    batch, t, n = b.shape
+    rows = factor.rows
+    # Scattering the positions' rows into (B, rows, n) costs B T n and a pass over B rows n; comparing all
+    # pairs of positions costs B T^2 (n + 1).
+    if rows is not None and rows * n < t * t * (n + 1) and batch * rows * n <= MAX_MATERIALIZED_ELEMENTS:
+        full = b.new_zeros(batch, rows, n).scatter_add_(1, factor.index.unsqueeze(2).expand(-1, -1, n), b)
+        return _sq_sum(full)
     same_row = factor.index.unsqueeze(2) == factor.index.unsqueeze(1)
     return _dot(b @ b.transpose(1, 2), same_row.to(b.dtype))
 
