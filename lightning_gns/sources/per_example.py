@@ -129,7 +129,7 @@ _TWICE = (
 
 
 class _FusedUse:
-    """One fused call of a watched Linear: where its backward delivers the per-example gradients."""
+    """One fused call of a watched Linear or LayerNorm: where its backward delivers the per-example gradients."""
 
     __slots__ = ("fired", "module", "params", "source")
 
@@ -163,14 +163,15 @@ class PerExampleSource(GradNormSource):
     (tied embeddings, a module called twice) get exact cross terms. Gradients of the per-example *share*
     of the batch loss are reported; the caller rescales them to per-example losses.
 
-    ``nn.Linear`` layers (not subclasses with their own ``forward``) on sequences take a fused path while
-    recording, where it costs less (:func:`~lightning_gns.sources.fused_linear.fused_pays`): their
-    ``forward`` is replaced (until :meth:`detach`) by one whose backward forms each example's weight gradient
-    once, sums it into the weight gradient and takes its norm, instead of autograd's weight gradient plus the
-    per-example form again (``fused=False`` turns it off). Autocast is applied as for ``F.linear``; under
-    ``torch.compile`` and for 2-D inputs the hooks measure the layer as before. Activation checkpointing
-    (reentrant or not) is exact: a non-reentrant checkpoint's recomputation in backward is recognised and not
-    counted as another use of the layer.
+    ``nn.Linear`` layers on sequences and ``nn.LayerNorm`` layers (not subclasses with their own ``forward``)
+    take a fused path while recording, for a Linear where it costs less
+    (:func:`~lightning_gns.sources.fused_linear.fused_pays`): their ``forward`` is replaced (until
+    :meth:`detach`) by one whose backward forms each example's parameter gradients once, sums them into the
+    parameter gradients and takes their norms, instead of autograd's gradient plus the per-example form
+    again (``fused=False`` turns it off). Autocast is applied to a Linear as for ``F.linear`` (a LayerNorm
+    under autocast, a Linear on 2-D inputs and anything under ``torch.compile`` are measured by the hooks as
+    before). Activation checkpointing (reentrant or not) is exact: a non-reentrant checkpoint's recomputation
+    in backward is recognised and not counted as another use of the layer.
 
     The watched parameters (:attr:`params`, fixed at :meth:`attach`) are those of supported layers. A use
     that cannot be split per example excludes the parameter for the rest of the run (:attr:`excluded`, with
@@ -207,7 +208,7 @@ class PerExampleSource(GradNormSource):
         self._stored_factors: dict[int, list[Factor]] = defaultdict(list)
         self._failed: str | None = None
         self.last_layer_sq_norms: dict[str, Tensor] = {}
-        # Fused nn.Linear (see fused_linear): the layers whose forward was replaced, and the output of the
+        # Fused Linear and LayerNorm (see fused_linear): the layers whose forward was replaced, and the output of the
         # fused call that just ran (its forward hook must not hook it a second time).
         self._fused_modules: list[nn.Module] = []
         self.fused_output: Tensor | None = None
