@@ -267,3 +267,24 @@ def test_embedding_norms_scattered_and_gram_forms_agree() -> None:
     want_sq = want.flatten(1).square().sum(dim=1)
     for rows in (7, None):  # scattered, Gram
         torch.testing.assert_close(factor_sq_norm(OneHot(index, b, rows)), want_sq, rtol=1e-12, atol=0)
+
+
+def test_torch_func_inside_a_recorded_step_runs_the_plain_forward() -> None:
+    """vmap over the attached model while recording: the fused function is not vmapped, the hooks see nothing."""
+    torch.manual_seed(7)
+    model = SeqModel().double()
+    tokens = torch.randint(0, VOCAB, (3, 8))
+    expected = vmap_sq_norms(model, tokens)
+    source = PerExampleSource()
+    source.attach(model, model.parameters())
+    source.recording = True
+    got = vmap_sq_norms(model, tokens)
+    for name, want in expected.items():
+        torch.testing.assert_close(got[name], want, rtol=1e-12, atol=0)
+
+
+def test_data_parallel_model_is_not_fused() -> None:
+    model = SeqModel()
+    source = PerExampleSource()
+    source.attach(nn.DataParallel(model), model.parameters())
+    assert all("forward" not in vars(m) for m in model.modules())

@@ -220,6 +220,9 @@ class PerExampleSource(GradNormSource):
     def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:  # type: ignore[override]
         self.detach()
         wanted = {id(p) for p in params}
+        # nn.DataParallel's replicas copy a module's attributes, a replaced forward included, which would run
+        # the original layer's weights on every replica: no fused path there.
+        fused = self.fused and not any(isinstance(m, nn.DataParallel) for m in model.modules())
         self.params, self.param_layers, self._index, self.excluded = [], [], {}, {}
         for module_name, module in model.named_modules():
             if not is_supported(module, self.layers):
@@ -238,7 +241,7 @@ class PerExampleSource(GradNormSource):
             self._module_names[id(module)] = module_name or type(module).__name__
             self._handles.append(module.register_forward_hook(self._on_forward))
             measures_weight = any(n == "weight" for n, _ in indices)
-            if self.fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
+            if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
                 module.forward = FusedForward(module, self)  # type: ignore[method-assign]
                 self._fused_modules.append(module)
 
@@ -301,6 +304,8 @@ class PerExampleSource(GradNormSource):
         depends on nothing a checkpoint's recomputation could see differently.
         """
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func (vmap, grad): plain
             return None
         batch = inp.shape[0] if inp.dim() > 0 else 0
         if batch == 0 or (self.expected_examples is not None and batch != self.expected_examples):
