@@ -96,6 +96,7 @@ class GradientNoiseScaleTracker:
         # shares): a list of parameters, and in per_example mode their indices into the watched parameters.
         self._big_norm_share: list[nn.Parameter] = []
         self._share_index = torch.zeros(0, dtype=torch.long)
+        self._share_is_all = False  # this rank norms every watched parameter, in their order
         # FSDP2 (fully_shard): parameters and gradients are DTensors, each rank holding a shard, so every rank
         # norms its own shards of all parameters and the all-reduce adds them up.
         self._sharded = False
@@ -110,10 +111,13 @@ class GradientNoiseScaleTracker:
         self._layer_names: list[str] = []
         self._layer_index = torch.zeros(0, dtype=torch.long)
         self._flag_tensors: dict[tuple[bool, ...], Tensor] = {}
-        self._covered_numel: Tensor | None = None
         # Effective batch of the first measured step: the reference of the statistical efficiency. A device
         # tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
         self.reference_batch_size: Tensor | None = None
+        self._bad_flags: tuple[int, Tensor] | None = None  # (len(source.excluded) it was built for, flags)
+        # The step's packed statistics, reused (see _step_buffer), and its NumPy view on the CPU.
+        self._packed: Tensor | None = None
+        self._packed_host: Any = None
         # Running sums of the current optimizer step on this rank (see end_micro_batch).
         self._weighted_sq_sum: Tensor | None = None  # A = sum_i b_i |g_i|^2 (a (P,) vector in per_example mode)
         self._measured: tuple[bool, ...] = ()
@@ -254,18 +258,24 @@ class GradientNoiseScaleTracker:
         measured = source.params if source is not None else self._params
         world_size = 1 if self._sharded else self._world_size  # shards already split the work
         self._big_norm_share = _balanced_share(measured, world_size, self._rank)
+        device = self.metric.grad_sq_norm_ema.device
+        # Allocated here, at setup, rather than on the first measured step.
+        self._step_buffer(
+            4 * len(source.params) + 4 if source is not None else len(SmallBatchSummary._fields) + 1, device
+        )
         if source is None:
             return
-        device = self.metric.grad_sq_norm_ema.device
         index = {id(p): i for i, p in enumerate(source.params)}
-        self._share_index = torch.tensor([index[id(p)] for p in self._big_norm_share], dtype=torch.long, device=device)
+        share = [index[id(p)] for p in self._big_norm_share]
+        self._share_index = torch.tensor(share, dtype=torch.long, device=device)
+        self._share_is_all = share == list(range(len(source.params)))
         self._excluded = torch.zeros(len(source.params), dtype=torch.bool, device=device)
         self._numels = torch.tensor([p.numel() for p in source.params], dtype=torch.float64, device=device)
         self._layer_names = sorted(set(source.param_layers))
         position = {name: i for i, name in enumerate(self._layer_names)}
         self._layer_index = torch.tensor([position[n] for n in source.param_layers], dtype=torch.long, device=device)
         self._flag_tensors = {}
-        self._covered_numel = None
+        self._bad_flags = None
 
     def detach(self) -> None:
         """Remove every hook this tracker registered (a DDP comm hook stays until the wrapper is gone).
@@ -356,7 +366,7 @@ class GradientNoiseScaleTracker:
             values[scalars.KAPLAN_B_CRIT_TOKENS] = forecasts.kaplan_critical_batch_tokens(kaplan_loss.double())
         if self._per_example_source is not None:
             total = float(sum(p.numel() for p in self._params))
-            covered = self._covered_numel if self._covered_numel is not None else self._numels.sum()
+            covered = (self._numels * (~self._excluded).to(self._numels.dtype)).sum()
             values[scalars.COVERED_FRACTION] = covered / total
         for name, layer_metric in self.layer_metrics.items():
             values[scalars.layer_b_simple(name)] = layer_metric.b_simple
@@ -484,8 +494,9 @@ class GradientNoiseScaleTracker:
     def end_micro_batch(self) -> None:
         """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation)."""
         source = self._active_source
-        for candidate in self._sources():
-            candidate.recording = False  # gradients outside the training backward are not recorded
+        for candidate in (self._comm_hook_source, self._param_hook_source, self._per_example_source):
+            if candidate is not None:
+                candidate.recording = False  # gradients outside the training backward are not recorded
         if not (self._in_micro_batch and self._measuring_step) or source is None:
             return
         self._in_micro_batch = False
@@ -499,8 +510,12 @@ class GradientNoiseScaleTracker:
         # gradient g (times the loss factor, removed at the step): its term of A = sum_i b_i |g_i|^2 is u |raw|^2.
         units = self._micro_batch_units
         units_sum: int | Tensor = units.sum() if isinstance(units, Tensor) else units
-        term = norms.double().square().sum() * units_sum
-        self._weighted_sq_sum = term if self._weighted_sq_sum is None else self._weighted_sq_sum + term
+        sq = norms.double().square()
+        term = (sq.sum() if sq.numel() > 1 else sq.reshape(())) * units_sum  # the sum of one norm is that norm
+        if self._weighted_sq_sum is None:
+            self._weighted_sq_sum = term
+        else:
+            self._weighted_sq_sum += term  # term is a fresh tensor: the sum is this step's own
         self._num_small += norms.numel()
         self._add_micro_batch_units(units_sum)
 
@@ -589,16 +604,17 @@ class GradientNoiseScaleTracker:
         # mean over the step's small batches is .grad * k / (backward passes per rank), which is also right
         # for a short last window of the epoch.
         big_factor = (k / max(m, 1)) ** 2
-        param_sq_norms = _param_sq_norms(self._big_norm_share, device)
+        param_sq_norms = _param_sq_norms(self._big_norm_share, device, self._sharded)
         if self._per_example_source is not None:
             self._measure_per_example_step(device, unscale_sq, big_factor, param_sq_norms)
         else:
-            nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
-            whole = self._weighted_sq_sum if self._weighted_sq_sum is not None else nan
-            packed = torch.empty(len(SmallBatchSummary._fields) + 1, dtype=torch.float64, device=device)
-            packed[0] = whole.to(device) * unscale_sq
-            self._fill_counts(packed[1:5])
-            packed[5] = param_sq_norms.sum()
+            packed = self._step_buffer(len(SmallBatchSummary._fields) + 1, device)
+            if self._weighted_sq_sum is None:
+                packed[0] = float("nan")
+            else:
+                torch.mul(self._weighted_sq_sum.to(device), unscale_sq, out=packed[0])
+            self._fill_counts(packed, 1)
+            torch.sum(param_sq_norms, dim=0, out=packed[5])
             if self._world_size > 1:
                 dist.all_reduce(packed, group=self._process_group)
             self.metric.fold(SmallBatchSummary.from_stacked(packed[:5]), packed[5] * big_factor)
@@ -607,12 +623,39 @@ class GradientNoiseScaleTracker:
         self._clear_step()
         return True
 
-    def _fill_counts(self, out: Tensor) -> None:
-        """n, B, W and sum w^2/b of this rank's step: fills for host numbers, copies for device tensors."""
-        out[0] = self._num_small
-        out[1] = self._units
-        out[2] = float(self._num_backward)  # sum of shares: 1 per backward pass
-        out[3] = self._inv_units  # sum of share^2 / size: 1 / units per backward pass
+    def _step_buffer(self, size: int, device: torch.device) -> Tensor:
+        """The float64 buffer a step packs its statistics into, reused from step to step.
+
+        Nothing keeps a reference to it past the step (the metric copies what it keeps), so one allocation
+        serves the whole run; on the CPU its NumPy view takes the host counts in one assignment.
+        """
+        buffer = self._packed
+        if buffer is None or buffer.numel() != size or buffer.device != device:
+            buffer = self._packed = torch.zeros(size, dtype=torch.float64, device=device)
+            self._packed_host = buffer.numpy() if device.type == "cpu" else None
+        return buffer
+
+    def _fill_counts(self, packed: Tensor, at: int) -> None:
+        """n, B, W and sum w^2/b of this rank's step into ``packed[at:at + 4]``.
+
+        Host numbers on the CPU go through the buffer's NumPy view (one assignment instead of four tensor
+        fills); device tensors (per-example counts) are copied.
+        """
+        counts = (self._num_small, self._units, float(self._num_backward), self._inv_units)
+        # W: sum of shares, 1 per backward pass; sum w^2/b: sum of share^2 / size, 1 / units per backward pass.
+        host = self._packed_host
+        num_small, units, inv_units = self._num_small, self._units, self._inv_units
+        if (
+            host is not None
+            and packed is self._packed
+            and not isinstance(num_small, Tensor)
+            and not isinstance(units, Tensor)
+            and not isinstance(inv_units, Tensor)
+        ):
+            host[at : at + 4] = counts
+            return
+        for i, value in enumerate(counts):
+            packed[at + i] = value
 
     def _measure_per_example_step(
         self, device: torch.device, unscale_sq: Tensor | float, big_factor: float, param_sq_norms: Tensor
@@ -622,7 +665,7 @@ class GradientNoiseScaleTracker:
         n_params = len(source.params)
         # One all-reduce: per watched parameter A_p, |G_big,p|^2 (this rank's share), whether it got per-example
         # norms, whether it was found unmeasurable; then the step's counts.
-        packed = torch.zeros(4 * n_params + 4, dtype=torch.float64, device=device)
+        packed = self._step_buffer(4 * n_params + 4, device)
         a_part, big_part, measured_part, bad_part = packed[:-4].view(4, n_params).unbind()
         failed = self._step_failure is not None or self._weighted_sq_sum is None
         if failed:
@@ -630,14 +673,14 @@ class GradientNoiseScaleTracker:
             measured_part.fill_(1.0)  # no inference about unmeasured parameters from a failed step
         else:
             assert self._weighted_sq_sum is not None
-            a_part.copy_(self._weighted_sq_sum * unscale_sq)
+            torch.mul(self._weighted_sq_sum.to(device), unscale_sq, out=a_part)
             measured_part.copy_(self._flags(self._measured, device))
-        if self._sharded:
+        if self._sharded or self._share_is_all:
             big_part.copy_(param_sq_norms)
         else:
-            big_part.index_copy_(0, self._share_index, param_sq_norms)
-        bad_part.copy_(self._flags(tuple(i in source.excluded for i in range(n_params)), device))
-        self._fill_counts(packed[-4:])
+            big_part.zero_().index_copy_(0, self._share_index, param_sq_norms)
+        bad_part.copy_(self._bad_part_flags(source, device))
+        self._fill_counts(packed, 4 * n_params)
         if self._world_size > 1:
             dist.all_reduce(packed, group=self._process_group)
         # A parameter that some rank found unmeasurable, or that has a gradient nobody measured per example
@@ -647,7 +690,6 @@ class GradientNoiseScaleTracker:
         a_kept, big_kept = a_part * keep, big_part * keep
         counts = SmallBatchSummary.from_stacked(torch.cat([a_kept.sum().reshape(1), packed[-4:]]))
         self.metric.fold(counts, big_kept.sum() * big_factor)
-        self._covered_numel = (self._numels * keep).sum()
         if self.per_layer:
             n_layers = len(self._layer_names)
             by_layer = torch.zeros(3, n_layers, dtype=torch.float64, device=device)
@@ -658,6 +700,14 @@ class GradientNoiseScaleTracker:
             for i, name in enumerate(self._layer_names):
                 layer_counts = SmallBatchSummary(a_layer[i], *counts[1:])
                 self.layer_metric(name).fold(layer_counts, by_layer[1, i] * big_factor)
+
+    def _bad_part_flags(self, source: PerExampleSource, device: torch.device) -> Tensor:
+        # The source's exclusions only grow: rebuilt when their number changes, not per step.
+        n_excluded = len(source.excluded)
+        if self._bad_flags is None or self._bad_flags[0] != n_excluded:
+            flags = tuple(i in source.excluded for i in range(len(source.params)))
+            self._bad_flags = (n_excluded, self._flags(flags, device))
+        return self._bad_flags[1]
 
     def _flags(self, flags: tuple[bool, ...], device: torch.device) -> Tensor:
         # Cached per distinct tuple: a fresh host-to-device copy every step would cost more than the flags.
@@ -736,15 +786,24 @@ def _balanced_share(params: list[nn.Parameter], world_size: int, rank: int) -> l
     return share
 
 
-def _param_sq_norms(params: list[nn.Parameter], device: torch.device) -> Tensor:
-    """Squared gradient norm of each parameter (0 where there is no gradient), float64, shape (len(params),)."""
+def _param_sq_norms(params: list[nn.Parameter], device: torch.device, sharded: bool = True) -> Tensor:
+    """Squared gradient norm of each parameter (0 where there is no gradient), float64, shape (len(params),).
+
+    ``sharded=False`` promises no DTensor gradients (their local shards are then not looked up).
+    """
     # A DTensor gradient's local shard: a norm of the DTensor itself would all-reduce once per parameter.
-    grads = [_local(p.grad) for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None]
+    if sharded:
+        grads = [_local(g) for g in grads]
     if not grads:
         return torch.zeros(len(params), dtype=torch.float64, device=device)
-    norms = iter(_fused_norms(grads))
+    norms = _fused_norms(grads)
+    if len(grads) == len(params) and len({n.dtype for n in norms}) == 1:
+        # One stack and one conversion instead of one conversion per parameter (the same float64 values).
+        return torch.stack(norms).to(device=device, dtype=torch.float64).square()
+    remaining = iter(norms)
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    per_param = [next(norms) if p.grad is not None else zero for p in params]
+    per_param = [next(remaining) if p.grad is not None else zero for p in params]
     return torch.stack([n.to(device=device, dtype=torch.float64) for n in per_param]).square()
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gns.sources.base import GradNormSource
+from lightning_gns.sources.fused_linear import FusedForward, can_fuse, fused_pays
 from lightning_gns.sources.per_example_factors import (
     Dense,
     Factor,
@@ -55,7 +56,7 @@ def layer_factors(module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str,
         delta = grad_out.reshape(batch, index.shape[1], -1)
         if module.padding_idx is not None:  # the padding row receives no gradient
             delta = delta * (index != module.padding_idx).unsqueeze(-1)
-        return {"weight": OneHot(index, delta)}
+        return {"weight": OneHot(index, delta, module.num_embeddings)}
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return _norm_factors(module, inp, grad_out)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -121,6 +122,24 @@ def batch_coupled_layers(model: nn.Module) -> list[str]:
     return [name or type(m).__name__ for name, m in model.named_modules() if isinstance(m, BATCH_COUPLED_LAYERS)]
 
 
+_TWICE = (
+    "a layer's output gradient arrived twice in one backward pass (a double backward, or autograd.grad"
+    " through the model before backward): per-example norms would mix both passes"
+)
+
+
+class _FusedUse:
+    """One fused call of a watched Linear or LayerNorm: where its backward delivers the per-example gradients."""
+
+    __slots__ = ("fired", "module", "params", "source")
+
+    def __init__(self, source: PerExampleSource, module: nn.Module, params: list[tuple[str, int]]) -> None:
+        self.source, self.module, self.params, self.fired = source, module, params, False
+
+    def deliver(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.source._on_fused_grad(self, weight, bias)
+
+
 @dataclass
 class PerExampleBackward:
     """What one backward pass gave the per-example source."""
@@ -144,6 +163,16 @@ class PerExampleSource(GradNormSource):
     (tied embeddings, a module called twice) get exact cross terms. Gradients of the per-example *share*
     of the batch loss are reported; the caller rescales them to per-example losses.
 
+    ``nn.Linear`` layers on sequences and ``nn.LayerNorm`` layers (not subclasses with their own ``forward``)
+    take a fused path while recording, for a Linear where it costs less
+    (:func:`~lightning_gns.sources.fused_linear.fused_pays`): their ``forward`` is replaced (until
+    :meth:`detach`) by one whose backward forms each example's parameter gradients once, sums them into the
+    parameter gradients and takes their norms, instead of autograd's gradient plus the per-example form
+    again (``fused=False`` turns it off). Autocast is applied to a Linear as for ``F.linear`` (a LayerNorm
+    under autocast, a Linear on 2-D inputs and anything under ``torch.compile`` are measured by the hooks as
+    before). Activation checkpointing (reentrant or not) is exact: a non-reentrant checkpoint's recomputation
+    in backward is recognised and not counted as another use of the layer.
+
     The watched parameters (:attr:`params`, fixed at :meth:`attach`) are those of supported layers. A use
     that cannot be split per example excludes the parameter for the rest of the run (:attr:`excluded`, with
     the reason): a layer whose input's leading dimension is not the micro-batch's example count
@@ -157,9 +186,10 @@ class PerExampleSource(GradNormSource):
 
     name = "per_example"
 
-    def __init__(self, layers: Layers = "all") -> None:
+    def __init__(self, layers: Layers = "all", fused: bool = True) -> None:
         super().__init__()
         self.layers = layers
+        self.fused = fused
         self.params: list[nn.Parameter] = []
         self.param_layers: list[str] = []  # name of the first layer owning each watched parameter
         self.excluded: dict[int, str] = {}  # index into params -> why it cannot be measured per example
@@ -178,10 +208,21 @@ class PerExampleSource(GradNormSource):
         self._stored_factors: dict[int, list[Factor]] = defaultdict(list)
         self._failed: str | None = None
         self.last_layer_sq_norms: dict[str, Tensor] = {}
+        # Fused Linear and LayerNorm (see fused_linear): the layers whose forward was replaced, and the output of the
+        # fused call that just ran (its forward hook must not hook it a second time).
+        self._fused_modules: list[nn.Module] = []
+        self.fused_output: Tensor | None = None
+        # Calls counted per module before backward, and calls seen during backward: a non-reentrant activation
+        # checkpoint replays a counted forward there, which must not count again.
+        self._forward_calls: dict[int, int] = defaultdict(int)
+        self._replayed_calls: dict[int, int] = defaultdict(int)
 
     def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:
         self.detach()
         wanted = {id(p) for p in params}
+        # nn.DataParallel's replicas copy a module's attributes, a replaced forward included, which would run
+        # the original layer's weights on every replica: no fused path there.
+        fused = self.fused and not any(isinstance(m, nn.DataParallel) for m in model.modules())
         self.params, self.param_layers, self._index, self.excluded = [], [], {}, {}
         for module_name, module in model.named_modules():
             if not is_supported(module, self.layers):
@@ -199,6 +240,10 @@ class PerExampleSource(GradNormSource):
             self._module_params[id(module)] = indices
             self._module_names[id(module)] = module_name or type(module).__name__
             self._handles.append(module.register_forward_hook(self._on_forward))
+            measures_weight = any(n == "weight" for n, _ in indices)
+            if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
+                module.forward = FusedForward(module, self)
+                self._fused_modules.append(module)
 
     def covered_params(self) -> list[nn.Parameter]:
         """Watched parameters not excluded so far."""
@@ -213,6 +258,9 @@ class PerExampleSource(GradNormSource):
         self.excluded.setdefault(index, reason)
 
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if output is self.fused_output and output is not None:  # counted, and measured in its own backward
+            self.fused_output = None
+            return
         if not (self.recording and isinstance(output, Tensor) and output.requires_grad and args):
             return
         inp = args[0]
@@ -224,10 +272,72 @@ class PerExampleSource(GradNormSource):
             for _, i in params:
                 self.exclude(i, problem)
             return
-        for _, i in params:
-            self._pending_uses[i] += 1
+        if not self._new_use(module, params):
+            return
         fired = [False]
         output.register_hook(partial(self._on_output_grad, module, inp.detach(), params, fired))
+
+    def _new_use(self, module: nn.Module, params: list[tuple[str, int]]) -> bool:
+        """Count a use of ``module``'s parameters; False for a checkpoint's replay of a counted call.
+
+        A forward that runs inside backward is an activation checkpoint's recomputation: non-reentrant
+        checkpointing replays calls already counted (their hooks from the first forward fire), reentrant
+        checkpointing runs the first forward without gradients and counts nothing then.
+        """
+        key = id(module)
+        if torch._C._current_graph_task_id() == -1:
+            self._forward_calls[key] += 1
+        else:
+            self._replayed_calls[key] += 1
+            if self._replayed_calls[key] <= self._forward_calls[key]:
+                return False
+        for _, i in params:
+            self._pending_uses[i] += 1
+        return True
+
+    def plan_fused(self, module: nn.Module, inp: Tensor) -> _FusedUse | None:
+        """The fused call's receiver when this call of a watched Linear or LayerNorm should run fused, else None.
+
+        Fused: gradients enabled, not under ``torch.compile``, a batch whose leading dimension is the expected
+        example count, and for a Linear a batch of sequences (B, ..., d_in) of the shape for which
+        :func:`fused_pays`; for a LayerNorm, autocast off (its casting rules differ by device). The decision
+        depends on nothing a checkpoint's recomputation could see differently.
+        """
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func (vmap, grad): plain
+            return None
+        batch = inp.shape[0] if inp.dim() > 0 else 0
+        if batch == 0 or (self.expected_examples is not None and batch != self.expected_examples):
+            return None  # the forward hook excludes the layer
+        if isinstance(module, nn.Linear):
+            if inp.dim() < 3 or not fused_pays(batch, inp.numel() // (batch * inp.shape[-1]), *module.weight.shape):
+                return None
+        elif inp.dim() <= len(module.normalized_shape) or torch.is_autocast_enabled(inp.device.type):  # type: ignore[arg-type]
+            return None
+        params = self._module_params.get(id(module))
+        if not params:  # a copy of a watched layer (deepcopy of the model) is not watched
+            return None
+        use = _FusedUse(self, module, params)
+        self._new_use(module, params)  # a replayed call still runs fused: the checkpoint expects its tensors
+        return use
+
+    def _on_fused_grad(self, use: _FusedUse, weight: Tensor, bias: Tensor | None) -> None:
+        if not self.recording:
+            return
+        if use.fired:
+            self._failed = _TWICE
+            return
+        use.fired = True
+        try:
+            for param_name, index in use.params:
+                value = weight if param_name == "weight" else bias
+                if value is not None and index not in self.excluded:
+                    half = value.dtype in (torch.float16, torch.bfloat16)
+                    sq = torch.linalg.vector_norm(value.flatten(1), dim=1, dtype=torch.float32 if half else None)
+                    self._add(index, Materialized(value), sq.square())
+        except (NotImplementedError, RuntimeError) as error:
+            self._failed = f"per-example norms of layer {self._module_names[id(use.module)]!r} failed: {error}"
 
     def _batch_dim_problem(self, module: nn.Module, inp: Tensor, output: Tensor) -> str | None:
         """Why this call's leading dimension is not the batch of examples, or None if it is."""
@@ -262,10 +372,7 @@ class PerExampleSource(GradNormSource):
         if not self.recording:
             return
         if fired[0]:
-            self._failed = (
-                "a layer's output gradient arrived twice in one backward pass (a double backward, or autograd.grad"
-                " through the model before backward): per-example norms would mix both passes"
-            )
+            self._failed = _TWICE
             return
         fired[0] = True
         try:
@@ -277,8 +384,9 @@ class PerExampleSource(GradNormSource):
             # A combination we cannot measure exactly: report the step as unmeasurable, never a wrong value.
             self._failed = f"per-example norms of layer {self._module_names[id(module)]!r} failed: {error}"
 
-    def _add(self, index: int, factor: Factor) -> None:
-        sq = factor_sq_norm(factor)
+    def _add(self, index: int, factor: Factor, sq: Tensor | None = None) -> None:
+        if sq is None:
+            sq = factor_sq_norm(factor)
         for earlier in self._stored_factors[index]:
             sq = sq + 2 * factor_inner(earlier, factor)
         self._sq_norms[index] = self._sq_norms[index] + sq if index in self._sq_norms else sq
@@ -294,6 +402,9 @@ class PerExampleSource(GradNormSource):
         self._sq_norms, self._failed = {}, None
         self._pending_uses.clear()
         self._stored_factors.clear()
+        self._forward_calls.clear()
+        self._replayed_calls.clear()
+        self.fused_output = None
         if not sq_norms and failed is None:
             return None
         shapes = {t.shape for t in sq_norms.values()}
@@ -328,6 +439,13 @@ class PerExampleSource(GradNormSource):
         return backward.sq_norms[keep].sum(dim=0).sqrt()
 
     def detach(self) -> None:
+        for module in self._fused_modules:
+            if isinstance(vars(module).get("forward"), FusedForward):
+                del module.forward
+        self._fused_modules = []
+        self.fused_output = None
+        self._forward_calls.clear()
+        self._replayed_calls.clear()
         self._module_params = {}
         self._sq_norms = {}
         self._failed = None

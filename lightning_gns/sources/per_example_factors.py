@@ -36,15 +36,28 @@ class Dense:
 
 @dataclass
 class OneHot:
-    """Per-example gradient ``sum_t onehot(index[:, t]) b[:, t]^T``: an embedding's rows, index (B, T), b (B, T, n)."""
+    """Per-example gradient ``sum_t onehot(index[:, t]) b[:, t]^T``: an embedding's rows, index (B, T), b (B, T, n).
+
+    ``rows`` is the embedding's row count when known: a small table's per-example gradient (B, rows, n) is
+    then summed row by row instead of comparing every pair of positions.
+    """
 
     index: Tensor
     b: Tensor
+    rows: int | None = None
+
+
+# Largest per-example gradient (B x rows x n elements) an embedding's norm is allowed to materialise.
+MAX_MATERIALIZED_ELEMENTS = 1 << 26
 
 
 @dataclass
 class Materialized:
-    """Per-example gradient held as a (B, P) tensor (cheap for normalisation layers and biases)."""
+    """Per-example gradient held as a (B, P) tensor (cheap for normalisation layers and biases), or (B, rows, n).
+
+    The (B, rows, n) form is a fused Linear's per-example weight gradient, kept unflattened so that an
+    embedding tied to it can pick its rows.
+    """
 
     value: Tensor
 
@@ -75,12 +88,25 @@ def factor_sq_norm(factor: Factor) -> Tensor:
             return _dot(a @ a.transpose(1, 2), b @ b.transpose(1, 2))
         return _sq_sum(a.transpose(1, 2) @ b)
     b = _f32(factor.b)
+    batch, t, n = b.shape
+    rows = factor.rows
+    # Scattering the positions' rows into (B, rows, n) costs B T n and a pass over B rows n; comparing all
+    # pairs of positions costs B T^2 (n + 1).
+    if rows is not None and rows * n < t * t * (n + 1) and batch * rows * n <= MAX_MATERIALIZED_ELEMENTS:
+        full = b.new_zeros(batch, rows, n).scatter_add_(1, factor.index.unsqueeze(2).expand(-1, -1, n), b)
+        return _sq_sum(full)
     same_row = factor.index.unsqueeze(2) == factor.index.unsqueeze(1)
     return _dot(b @ b.transpose(1, 2), same_row.to(b.dtype))
 
 
 def factor_inner(u: Factor, v: Factor) -> Tensor:
     """Per-example inner product of two factored gradients of the same parameter, shape (B,)."""
+    one_hot, full = (u, v) if isinstance(u, OneHot) else (v, u)
+    if isinstance(one_hot, OneHot) and isinstance(full, Materialized) and full.value.dim() == 3:
+        # (B, rows, n): the rows each one-hot position selects, against its b
+        width = full.value.shape[2]
+        rows = torch.gather(full.value, 1, one_hot.index.unsqueeze(2).expand(-1, -1, width))
+        return _dot(_f32(rows), _f32(one_hot.b))
     if isinstance(u, Materialized) or isinstance(v, Materialized):
         return _dot(_materialize(u), _materialize(v))
     if isinstance(u, Dense) and isinstance(v, Dense):

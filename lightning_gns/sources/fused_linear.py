@@ -1,0 +1,209 @@
+"""``nn.Linear`` (and ``nn.LayerNorm``) with per-example gradients computed once: ``.grad`` and their norms together.
+
+Autograd computes a Linear layer's weight gradient as ``delta^T x`` over all ``B T`` positions, which is the
+sum over examples of the per-example gradients ``delta_i^T x_i``. Computed per example (one batched matmul)
+and then summed over the batch, the same work gives ``.grad`` and every example's gradient, whose squared
+norms cost one reduction more. The hook path instead lets autograd form the weight gradient and then
+forms the per-example gradients (or their Gram form) a second time.
+
+:class:`FusedForward` replaces a watched layer's ``forward`` (an instance attribute, removed on detach).
+While the per-example source records and the layer's input is a batch of sequences for which the fused
+form pays (:func:`fused_pays`), it runs :class:`FusedLinearFunction`; otherwise it is ``F.linear``, and the
+source's hooks do what they always did. ``nn.LayerNorm`` gets the same treatment
+(:class:`FusedLayerNormFunction`): its per-example weight gradient ``sum_t delta_t * xhat_t`` needs the
+normalised input, which the hook path recomputes and the fused backward rebuilds from the mean and inverse
+standard deviation the forward kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Above this many per-example weight-gradient elements (B x d_out x d_in) the fused form is used only where
+# the hook path would materialise the same tensor anyway (see fused_pays).
+FUSED_MAX_ELEMENTS = 1 << 26
+
+
+def fused_pays(batch: int, tokens: int, d_out: int, d_in: int) -> bool:
+    """Whether one batched per-example matmul beats the weight-gradient matmul plus the hook path's norms.
+
+    Per example the hook path costs the weight gradient's share ``T d_out d_in`` plus the cheaper of the
+    materialised form (``T d_out d_in``) and the Gram form (``T^2 (d_out + d_in)``); the fused form costs the
+    same matmul plus a sum and a norm over ``d_out d_in``. Single tokens (``T = 1``) have a closed form that
+    costs nothing, and where the Gram form wins the fused form's (B, d_out, d_in) tensor must stay small.
+    """
+    if tokens < 2:
+        return False
+    per_example = d_out * d_in
+    if tokens * (d_out + d_in) >= per_example:  # the hook path materialises (B, d_out, d_in) itself
+        return True
+    return per_example < tokens * tokens * (d_out + d_in) and batch * per_example <= FUSED_MAX_ELEMENTS
+
+
+class FusedCall(Protocol):
+    """What one fused call hands its per-example gradients to (see ``PerExampleSource``)."""
+
+    def deliver(self, weight: Tensor, bias: Tensor | None) -> None: ...
+
+
+class FusedLinearFunction(torch.autograd.Function):
+    """``F.linear`` whose backward forms each example's weight gradient once and hands it to ``call``.
+
+    Inputs ``x`` (B, ..., d_in). The weight gradient is the batch sum of the per-example gradients (float32
+    accumulation for half precision, rounded to the weight's dtype as autograd's matmul does).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, call: FusedCall) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.call = call
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight)
+        batch = grad_out.shape[0]
+        delta = grad_out.reshape(batch, -1, grad_out.shape[-1])
+        per_example = torch.bmm(delta.transpose(1, 2), x.reshape(batch, -1, x.shape[-1]))  # (B, d_out, d_in)
+        grad_w = _batch_sum(per_example, weight.dtype)
+        per_example_bias = None
+        if ctx.has_bias:
+            per_example_bias = delta.sum(dim=1)
+            grad_b = _batch_sum(per_example_bias, weight.dtype) if ctx.needs_input_grad[2] else None
+        with torch.no_grad():
+            ctx.call.deliver(per_example.detach(), None if per_example_bias is None else per_example_bias.detach())
+        return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None
+
+
+class FusedLayerNormFunction(torch.autograd.Function):
+    """``F.layer_norm`` whose backward hands each example's weight and bias gradients to ``call``.
+
+    The input gradient comes from the same kernel as autograd's (``native_layer_norm_backward``, input only);
+    the weight and bias gradients are the batch sums of the per-example ones, accumulated in float32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        normalized_shape: tuple[int, ...],
+        eps: float,
+        call: FusedCall,
+    ) -> Tensor:
+        out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.normalized_shape, ctx.call = normalized_shape, call
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        shape = ctx.normalized_shape
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                grad_out, x, shape, mean, rstd, weight, bias, [True, False, False]
+            )[0]
+        batch, width = grad_out.shape[0], math.prod(shape)
+        delta = grad_out.reshape(batch, -1, width)
+        # delta * (x - mean) * rstd in one temporary (float32, the statistics' dtype, for half inputs): each
+        # fresh (B, T, width) buffer costs about as much as the arithmetic on it.
+        product = x - mean
+        product.mul_(rstd)
+        per_example = product.reshape(batch, -1, width).mul_(delta).sum(dim=1)  # (B, width)
+        per_example_bias = delta.sum(dim=1, dtype=per_example.dtype) if bias is not None else None
+        grad_w = per_example.sum(dim=0).reshape(weight.shape).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = None
+        if per_example_bias is not None and ctx.needs_input_grad[2]:
+            grad_b = per_example_bias.sum(dim=0).reshape(bias.shape).to(bias.dtype)
+        with torch.no_grad():
+            ctx.call.deliver(per_example.detach(), None if per_example_bias is None else per_example_bias.detach())
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _batch_sum(per_example: Tensor, dtype: torch.dtype) -> Tensor:
+    if per_example.dtype in (torch.float16, torch.bfloat16):
+        return per_example.sum(dim=0, dtype=torch.float32).to(dtype)
+    return per_example.sum(dim=0)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run ``F.linear`` in here, or None when it is off (or leaves ``x`` alone)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # As autocast does: floating-point tensors other than float64 are cast.
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, call: FusedCall) -> Tensor:
+    """``F.linear(x, weight, bias)`` through :class:`FusedLinearFunction`, casting as autocast would."""
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return FusedLinearFunction.apply(x, weight, bias, call)
+    x_cast, weight_cast, bias_cast = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return FusedLinearFunction.apply(x_cast, weight_cast, bias_cast, call)
+
+
+FUSABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
+
+
+class FusedForward:
+    """A watched ``nn.Linear``'s or ``nn.LayerNorm``'s ``forward`` while the per-example source is attached.
+
+    ``owner.plan_fused(module, input)`` returns the call to deliver the per-example gradients to when this
+    call should be fused, else None (then this is the layer's own forward). Holds the source weakly; a deep
+    copy of the model keeps a forward that finds its module unwatched (the plain forward), and pickling stores
+    the class's own ``forward``.
+    """
+
+    def __init__(self, module: nn.Module, owner: Any) -> None:
+        self.module = module
+        self._owner = weakref.ref(owner)
+        self._plain = functools.partial(type(module).forward, module)
+
+    def __call__(self, input: Tensor) -> Tensor:
+        module = self.module
+        owner = self._owner()
+        if owner is not None and owner.recording:
+            call = owner.plan_fused(module, input)
+            if call is not None:
+                if isinstance(module, nn.Linear):
+                    output = fused_linear(input, module.weight, module.bias, call)
+                else:
+                    assert isinstance(module, nn.LayerNorm)
+                    output = FusedLayerNormFunction.apply(
+                        input, module.weight, module.bias, tuple(module.normalized_shape), module.eps, call
+                    )
+                owner.fused_output = output
+                return output
+        return self._plain(input)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (functools.partial, (type(self.module).forward, self.module))
+
+
+def can_fuse(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear or LayerNorm running its class's own forward (not a subclass's)."""
+    kind = next((k for k in FUSABLE if isinstance(module, k)), None)
+    return kind is not None and type(module).forward is kind.forward and "forward" not in vars(module)
