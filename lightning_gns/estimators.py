@@ -86,6 +86,40 @@ class SmallBatchSummary(NamedTuple):
         return cls(*stacked.unbind())
 
 
+# One optimizer step's statistics packed into one float64 vector, so that a distributed run sums them with a
+# single all-reduce: A = sum_i b_i |g_i|^2 at SUM_INDEX, then the counts n, B, W, sum_i w_i^2 / b_i (COUNTS),
+# then |G_big|^2 at BIG_INDEX. A caller that packs other per-step data (per-parameter vectors) keeps the
+# COUNT_FIELDS counts together and rebuilds the summary with summary_from_counts.
+SUM_INDEX = 0
+COUNT_FIELDS = len(SmallBatchSummary._fields) - 1
+COUNTS = slice(1, 1 + COUNT_FIELDS)
+BIG_INDEX = 1 + COUNT_FIELDS
+STEP_SIZE = BIG_INDEX + 1
+
+
+def pack_step(summary: SmallBatchSummary, big_sq_norm: Tensor) -> Tensor:
+    """``summary`` and ``|G_big|^2`` as one vector of :data:`STEP_SIZE` (for a single all-reduce)."""
+    return torch.cat([summary.stack(), big_sq_norm.reshape(1).to(summary.size_sum)])
+
+
+def unpack_step(packed: Tensor) -> tuple[SmallBatchSummary, Tensor]:
+    """The summary and ``|G_big|^2`` of a vector in the :func:`pack_step` layout.
+
+    Example:
+        >>> import torch
+        >>> s = summarize_small_batches(torch.tensor([5.0, 3.0]), torch.tensor([4.0, 4.0]))
+        >>> summary, big = unpack_step(pack_step(s, torch.tensor(3.5)))
+        >>> float(summary.size_sum), float(big)
+        (8.0, 3.5)
+    """
+    return summary_from_counts(packed[SUM_INDEX], packed[COUNTS]), packed[BIG_INDEX]
+
+
+def summary_from_counts(size_weighted_sq_norm_sum: Tensor, counts: Tensor) -> SmallBatchSummary:
+    """A summary from ``A`` and the :data:`COUNT_FIELDS` counts ``n, B, W, sum w^2/b`` in that order."""
+    return SmallBatchSummary(size_weighted_sq_norm_sum, *counts.unbind())
+
+
 def summarize_small_batches(
     small_sq_norms: Tensor,
     small_sizes: Tensor,

@@ -12,9 +12,11 @@ from torchmetrics import Metric
 
 from lightning_gns.estimators import (
     SmallBatchSummary,
+    pack_step,
     simple_noise_scale,
     summarize_small_batches,
     unbiased_estimates,
+    unpack_step,
 )
 
 
@@ -113,11 +115,11 @@ class GradientNoiseScaleMetric(Metric):
         summary = summarize_small_batches(small_sq_norms, small_sizes, small_weights)
         big = big_sq_norm.reshape(()).to(device=summary.size_sum.device, dtype=torch.float64)
         if self._should_all_reduce():
-            packed = torch.cat([summary.stack(), big.reshape(1)]) if big_sq_norm_is_partial else summary.stack()
+            packed = pack_step(summary, big)
             dist.all_reduce(packed, group=self.process_group)
-            summary = SmallBatchSummary.from_stacked(packed[: len(SmallBatchSummary._fields)])
+            summary, summed_big = unpack_step(packed)
             if big_sq_norm_is_partial:
-                big = packed[-1]
+                big = summed_big
         self.fold(summary, big)
 
     def _should_all_reduce(self) -> bool:

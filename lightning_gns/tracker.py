@@ -17,7 +17,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_gns import forecasts, scalars
-from lightning_gns.estimators import SmallBatchSummary
+from lightning_gns.estimators import (
+    BIG_INDEX,
+    COUNT_FIELDS,
+    COUNTS,
+    STEP_SIZE,
+    SUM_INDEX,
+    summary_from_counts,
+    unpack_step,
+)
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
 from lightning_gns.sources.per_example import Layers, PerExampleBackward, batch_coupled_layers
@@ -260,9 +268,7 @@ class GradientNoiseScaleTracker:
         self._big_norm_share = _balanced_share(measured, world_size, self._rank)
         device = self.metric.grad_sq_norm_ema.device
         # Allocated here, at setup, rather than on the first measured step.
-        self._step_buffer(
-            4 * len(source.params) + 4 if source is not None else len(SmallBatchSummary._fields) + 1, device
-        )
+        self._step_buffer(4 * len(source.params) + COUNT_FIELDS if source is not None else STEP_SIZE, device)
         if source is None:
             return
         index = {id(p): i for i, p in enumerate(source.params)}
@@ -608,16 +614,17 @@ class GradientNoiseScaleTracker:
         if self._per_example_source is not None:
             self._measure_per_example_step(device, unscale_sq, big_factor, param_sq_norms)
         else:
-            packed = self._step_buffer(len(SmallBatchSummary._fields) + 1, device)
+            packed = self._step_buffer(STEP_SIZE, device)
             if self._weighted_sq_sum is None:
-                packed[0] = float("nan")
+                packed[SUM_INDEX] = float("nan")
             else:
-                torch.mul(self._weighted_sq_sum.to(device), unscale_sq, out=packed[0])
-            self._fill_counts(packed, 1)
-            torch.sum(param_sq_norms, dim=0, out=packed[5])
+                torch.mul(self._weighted_sq_sum.to(device), unscale_sq, out=packed[SUM_INDEX])
+            self._fill_counts(packed, COUNTS.start)
+            torch.sum(param_sq_norms, dim=0, out=packed[BIG_INDEX])
             if self._world_size > 1:
                 dist.all_reduce(packed, group=self._process_group)
-            self.metric.fold(SmallBatchSummary.from_stacked(packed[:5]), packed[5] * big_factor)
+            summary, big = unpack_step(packed)
+            self.metric.fold(summary, big * big_factor)
         if self.reference_batch_size is None:
             self.reference_batch_size = self.metric.last_b_big.clone()
         self._clear_step()
@@ -636,7 +643,7 @@ class GradientNoiseScaleTracker:
         return buffer
 
     def _fill_counts(self, packed: Tensor, at: int) -> None:
-        """n, B, W and sum w^2/b of this rank's step into ``packed[at:at + 4]``.
+        """n, B, W and sum w^2/b of this rank's step into ``packed[at:at + COUNT_FIELDS]``.
 
         Host numbers on the CPU go through the buffer's NumPy view (one assignment instead of four tensor
         fills); device tensors (per-example counts) are copied.
@@ -652,7 +659,7 @@ class GradientNoiseScaleTracker:
             and not isinstance(units, Tensor)
             and not isinstance(inv_units, Tensor)
         ):
-            host[at : at + 4] = counts
+            host[at : at + COUNT_FIELDS] = counts
             return
         for i, value in enumerate(counts):
             packed[at + i] = value
@@ -665,8 +672,8 @@ class GradientNoiseScaleTracker:
         n_params = len(source.params)
         # One all-reduce: per watched parameter A_p, |G_big,p|^2 (this rank's share), whether it got per-example
         # norms, whether it was found unmeasurable; then the step's counts.
-        packed = self._step_buffer(4 * n_params + 4, device)
-        a_part, big_part, measured_part, bad_part = packed[:-4].view(4, n_params).unbind()
+        packed = self._step_buffer(4 * n_params + COUNT_FIELDS, device)
+        a_part, big_part, measured_part, bad_part = packed[: 4 * n_params].view(4, n_params).unbind()
         failed = self._step_failure is not None or self._weighted_sq_sum is None
         if failed:
             a_part.fill_(float("nan"))
@@ -688,7 +695,7 @@ class GradientNoiseScaleTracker:
         self._excluded |= (bad_part > 0) | ((measured_part == 0) & (big_part > 0))
         keep = (~self._excluded).to(torch.float64)
         a_kept, big_kept = a_part * keep, big_part * keep
-        counts = SmallBatchSummary.from_stacked(torch.cat([a_kept.sum().reshape(1), packed[-4:]]))
+        counts = summary_from_counts(a_kept.sum(), packed[4 * n_params :])
         self.metric.fold(counts, big_kept.sum() * big_factor)
         if self.per_layer:
             n_layers = len(self._layer_names)
@@ -698,7 +705,7 @@ class GradientNoiseScaleTracker:
             # A layer that nothing measured in this step (unused everywhere, or excluded) skips it.
             a_layer = torch.where(by_layer[2] > 0, by_layer[0], torch.full_like(by_layer[0], float("nan")))
             for i, name in enumerate(self._layer_names):
-                layer_counts = SmallBatchSummary(a_layer[i], *counts[1:])
+                layer_counts = counts._replace(size_weighted_sq_norm_sum=a_layer[i])
                 self.layer_metric(name).fold(layer_counts, by_layer[1, i] * big_factor)
 
     def _bad_part_flags(self, source: PerExampleSource, device: torch.device) -> Tensor:
