@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "example_projects"))
 
-from char_transformer import VOCAB_SIZE, CharTransformer, count_tokens, datasets
+from char_transformer import VOCAB_SIZE, CharTransformer, count_tokens, datasets, tokens_per_sequence
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import lr_factor
@@ -145,7 +145,10 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
             check_every_n_steps=args.check_every,
             lr_scaling=rule,  # type: ignore[arg-type]
         )
-        callbacks += [GradientNoiseScale(beta=args.beta, mode="per_example", batch_size_fn=count_tokens), adaptive]
+        callbacks += [
+            GradientNoiseScale(beta=args.beta, mode="per_example", batch_size_fn=tokens_per_sequence),
+            adaptive,
+        ]
     elif name.startswith("fixed large"):
         _, _, k, rule = name.split()
         accumulation = int(k.removeprefix("x"))

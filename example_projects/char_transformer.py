@@ -107,8 +107,18 @@ def datasets(context: int) -> tuple[ChunkDataset, ChunkDataset]:
 
 
 def count_tokens(batch: tuple[Tensor, Tensor]) -> int:
-    """``batch_size_fn``: the loss is a mean over B x T tokens, so B_simple is counted in tokens."""
+    """The tokens of a micro-batch: the loss is a mean over its B x T tokens."""
     return batch[0].numel()
+
+
+def tokens_per_sequence(batch: tuple[Tensor, Tensor]) -> Tensor:
+    """``batch_size_fn``: each sequence's tokens (all T here; a padded batch would return mask.sum(dim=1)).
+
+    One count per example tells per-example measurement how the micro-batch's tokens and loss split between
+    its sequences, so B_simple is counted in tokens.
+    """
+    inputs = batch[0]
+    return torch.full((inputs.shape[0],), inputs.shape[1], dtype=torch.long, device=inputs.device)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     val_loader = DataLoader(val_set, batch_size=args.batch_size)
 
-    gns = GradientNoiseScale(beta=args.beta, mode=args.mode, batch_size_fn=count_tokens, prog_bar=True)
+    gns = GradientNoiseScale(beta=args.beta, mode=args.mode, batch_size_fn=tokens_per_sequence, prog_bar=True)
     logger = TensorBoardLogger(save_dir=args.logdir, name=args.name)
     trainer = Trainer(
         accelerator="cpu",
