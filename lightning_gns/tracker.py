@@ -111,7 +111,6 @@ class GradientNoiseScaleTracker:
         self._measuring_step = False
         self._accumulation = 1
         self._micro_batch_units: int | Tensor = 0
-        self._micro_batch_examples: int | Tensor = 0
         # per_example: watched parameters that cannot be measured (agreed by every rank), element counts,
         # the layer of each, and device copies of host flag tuples (the same tuple nearly every step).
         self._excluded: Tensor = torch.zeros(0, dtype=torch.bool)
