@@ -122,9 +122,8 @@ class GradientNoiseScaleTracker:
         # tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
         self.reference_batch_size: Tensor | None = None
         self._bad_flags: tuple[int, Tensor] | None = None  # (len(source.excluded) it was built for, flags)
-        # The step's packed statistics, reused (see _step_buffer), and its NumPy view on the CPU.
+        # The step's packed statistics, reused (see _step_buffer).
         self._packed: Tensor | None = None
-        self._packed_host: Any = None
         # Running sums of the current optimizer step on this rank (see end_micro_batch).
         self._weighted_sq_sum: Tensor | None = None  # A = sum_i b_i |g_i|^2 (a (P,) vector in per_example mode)
         self._measured: tuple[bool, ...] = ()
@@ -305,6 +304,15 @@ class GradientNoiseScaleTracker:
             metric.to(device)
             if device.type == "mps":
                 metric.set_dtype(torch.float32)
+        if self.reference_batch_size is not None:
+            self.reference_batch_size = self.reference_batch_size.to(self.metric.last_b_big)
+        # The per-example bookkeeping made at attach lives where the statistics live.
+        self._excluded = self._excluded.to(device)
+        self._numels = self._numels.to(device=device, dtype=self.metric.last_b_big.dtype)
+        self._share_index = self._share_index.to(device)
+        self._layer_index = self._layer_index.to(device)
+        self._flag_tensors, self._bad_flags = {}, None
+        self._packed = None
         return self
 
     def own_states(self) -> None:
@@ -633,35 +641,27 @@ class GradientNoiseScaleTracker:
         """The float64 buffer a step packs its statistics into, reused from step to step.
 
         Nothing keeps a reference to it past the step (the metric copies what it keeps), so one allocation
-        serves the whole run; on the CPU its NumPy view takes the host counts in one assignment.
+        serves the whole run.
         """
         buffer = self._packed
         if buffer is None or buffer.numel() != size or buffer.device != device:
             buffer = self._packed = torch.zeros(size, dtype=torch.float64, device=device)
-            self._packed_host = buffer.numpy() if device.type == "cpu" else None
         return buffer
 
     def _fill_counts(self, packed: Tensor, at: int) -> None:
         """n, B, W and sum w^2/b of this rank's step into ``packed[at:at + COUNT_FIELDS]``.
 
-        Host numbers on the CPU go through the buffer's NumPy view (one assignment instead of four tensor
-        fills); device tensors (per-example counts) are copied.
+        Host numbers are written with ``fill_`` (the number travels as a kernel argument): item assignment
+        would copy a host scalar to the device and wait for it, a host sync per field on CUDA. Device tensors
+        (per-example counts) are copied on the device.
         """
-        counts = (self._num_small, self._units, float(self._num_backward), self._inv_units)
         # W: sum of shares, 1 per backward pass; sum w^2/b: sum of share^2 / size, 1 / units per backward pass.
-        host = self._packed_host
-        num_small, units, inv_units = self._num_small, self._units, self._inv_units
-        if (
-            host is not None
-            and packed is self._packed
-            and not isinstance(num_small, Tensor)
-            and not isinstance(units, Tensor)
-            and not isinstance(inv_units, Tensor)
-        ):
-            host[at : at + COUNT_FIELDS] = counts
-            return
+        counts = (self._num_small, self._units, float(self._num_backward), self._inv_units)
         for i, value in enumerate(counts):
-            packed[at + i] = value
+            if isinstance(value, Tensor):
+                packed[at + i].copy_(value)
+            else:
+                packed[at + i].fill_(value)
 
     def _measure_per_example_step(
         self, device: torch.device, unscale_sq: Tensor | float, big_factor: float, param_sq_norms: Tensor

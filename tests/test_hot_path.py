@@ -1,8 +1,9 @@
 """No host synchronisation from the package on steps that do not log.
 
 On CUDA, reading a device value on the host (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``)
-waits for the GPU, and so does ``torch.tensor(python_values, device=cuda)``. This test records every such
-call made from lightning_gns code during training without a logger; there must be none after setup.
+waits for the GPU, and so do ``torch.tensor(python_values, device=cuda)`` and item assignment of a host number
+(``t[i] = 3.0`` copies a host scalar to the device and waits; ``t[i].fill_(3.0)`` does not). This test records
+every such call made from lightning_gns code during training without a logger; there must be none after setup.
 """
 
 from __future__ import annotations
@@ -41,15 +42,25 @@ def record_package_syncs() -> Iterator[Counter[str]]:
 
     originals = {name: getattr(torch.Tensor, name) for name in SYNCING_METHODS}
     original_tensor = torch.tensor
+    original_setitem = torch.Tensor.__setitem__
+
+    def setitem(self: torch.Tensor, key: Any, value: Any) -> None:
+        caller = sys._getframe(1).f_code.co_filename
+        if not isinstance(value, torch.Tensor) and caller.startswith(PACKAGE_DIR):
+            calls[f"__setitem__ of a host value from {Path(caller).name}:{sys._getframe(1).f_lineno}"] += 1
+        original_setitem(self, key, value)
+
     try:
         for name, original in originals.items():
             setattr(torch.Tensor, name, wrap(name, original))
         torch.tensor = wrap("torch.tensor", original_tensor)  # type: ignore[assignment]
+        torch.Tensor.__setitem__ = setitem  # type: ignore[method-assign,assignment]
         yield calls
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
         torch.tensor = original_tensor  # type: ignore[assignment]
+        torch.Tensor.__setitem__ = original_setitem  # type: ignore[method-assign]
 
 
 class SyncWatcher(Callback):
@@ -93,3 +104,27 @@ def test_the_watcher_sees_a_sync() -> None:
     with record_package_syncs() as calls:
         _ = gns.b_simple
     assert any(key.startswith("__float__") for key in calls)
+
+
+def test_the_watcher_sees_a_host_value_assigned_into_a_tensor() -> None:
+    """Item assignment of a host number is recorded (a copy and a wait on CUDA); a tensor value is not."""
+    from lightning_gns import tracker as tracker_module
+
+    buffer = torch.zeros(3)
+    with record_package_syncs() as calls:
+        exec(compile("buffer[0] = 1.0\nbuffer[1] = buffer[2]", tracker_module.__file__, "exec"), {"buffer": buffer})
+    assert sum(calls.values()) == 1 and next(iter(calls)).startswith("__setitem__ of a host value"), calls
+
+
+def test_tracker_to_moves_the_per_example_bookkeeping() -> None:
+    """``to(device)`` after ``attach`` moves every tensor the step uses (on CUDA a CPU leftover crashed the step)."""
+    from torch import nn
+
+    from lightning_gns.tracker import GradientNoiseScaleTracker
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    tracker.to("meta")
+    tensors = {name: value for name, value in vars(tracker).items() if isinstance(value, torch.Tensor)}
+    assert tensors and {name: t.device.type for name, t in tensors.items()} == dict.fromkeys(tensors, "meta")
