@@ -31,7 +31,7 @@ from lightning_gns.tools.report import (
     smooth,
     summarize,
 )
-from tests.models import LinearProblem, LinearRegression, loader
+from support.models import LinearProblem, LinearRegression, loader
 
 RUN = "linear/version_0"
 
