@@ -13,7 +13,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from lightning_gns.tools.report import B_SIMPLE, Scalars, load_runs
+from lightning_gns.scalars import B_SIMPLE
+from lightning_gns.tools.report import Scalars, load_runs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_projects"
 # Keeps every script to a few optimizer steps: seconds, not minutes.
