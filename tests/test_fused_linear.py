@@ -105,6 +105,7 @@ def test_autocast_bf16_gradient_and_norms() -> None:
         assert ((got - want).norm() / want.norm()).item() < 0.02, name
 
 
+@pytest.mark.slow
 def test_torch_compile_falls_back_to_the_hooks() -> None:
     torch.manual_seed(4)
     model = SeqModel().double()

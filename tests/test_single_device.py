@@ -67,6 +67,7 @@ def _fp16_plugin(init_scale: float) -> MixedPrecision:
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
 
 
+@pytest.mark.slow
 def test_fp16_grad_scaler_with_overflowing_first_steps_matches_fp32() -> None:
     problem = LinearProblem(dim=8, noise_std=1.0, seed=6)
     x, y = problem.sample(16 * 2 * 400, seed=7)
@@ -91,6 +92,7 @@ def test_fp16_grad_scaler_with_overflowing_first_steps_matches_fp32() -> None:
     assert fp16.trace_cov == pytest.approx(fp32.trace_cov, rel=0.03)
 
 
+@pytest.mark.slow
 def test_bf16_matches_fp32() -> None:
     problem = LinearProblem(dim=8, noise_std=1.0, seed=8)
     x, y = problem.sample(16 * 2 * 200, seed=9)

@@ -190,6 +190,7 @@ def test_unfrozen_backbone_is_measured_from_the_next_step() -> None:
 
 
 # ---------------------------------------------------------------- 7. layers whose leading dimension is not the batch
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [4, 8], ids=["T!=B", "T==B"])
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_nanogpt_positional_embedding_is_left_out_and_the_rest_exact(batch_size: int, accumulate: int) -> None:
