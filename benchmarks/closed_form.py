@@ -23,7 +23,7 @@ from lightning.pytorch import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns import GradientNoiseScale
-from tests.models import LinearProblem, LinearRegression, loader
+from tests.support.models import LinearProblem, LinearRegression, loader
 
 # (label, mode, devices, accumulate_grad_batches, micro-batch)
 CONFIGS: list[tuple[str, str, int, int, int]] = [

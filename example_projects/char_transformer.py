@@ -39,7 +39,8 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
-from lightning_gns.tools.report import B_SIMPLE, Scalars, load_runs, loss_at
+from lightning_gns.scalars import B_SIMPLE
+from lightning_gns.tools.report import Scalars, load_runs, loss_at
 
 VOCAB_SIZE = 256  # UTF-8 bytes
 # A fixed list, so the corpus only changes with the Python version (~0.95 MB of source on 3.11).

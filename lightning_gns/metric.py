@@ -19,6 +19,17 @@ from lightning_gns.estimators import (
     unpack_step,
 )
 
+# The Metric's states, in the order add_state registers them: what its state_dict (and a checkpoint) holds.
+STATE_NAMES = (
+    "grad_sq_norm_ema",
+    "trace_cov_ema",
+    "ema_weight",
+    "measured_steps",
+    "skipped_steps",
+    "last_b_small",
+    "last_b_big",
+)
+
 
 def validate_beta(beta: float) -> float:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 < float(beta) < 1.0:

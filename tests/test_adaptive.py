@@ -12,14 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
 
-from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
+from lightning_gns import AdaptiveBatchSize
 from lightning_gns.batch_schedule import (
     NoiseScaleStatistics,
     accumulation_for,
@@ -28,21 +27,21 @@ from lightning_gns.batch_schedule import (
     lr_factor,
     sqrt_schedule,
 )
-from tests.adaptive_support import RecordingRegression, scheduled_target, window_mean_grad
-from tests.models import LinearProblem, LinearRegression, loader
-from tests.test_errors import ManualRegression, restore_process_state  # noqa: F401  (fixture)
-
-MICRO = 4
-MICRO_BATCHES = 25  # per epoch
-DIM = 5
-LR = 0.05
-PROBLEM = LinearProblem(dim=DIM, seed=3)
-X, Y = PROBLEM.sample(MICRO * MICRO_BATCHES, seed=4)
-# Accumulation wanted from each step on. Traced by hand for 25 micro-batches per epoch: 1 -> 3 waits one
-# step (2 micro-batches done, not a multiple of 3), 3 -> 2 waits one, 2 -> 5 waits two, 5 -> 4 switches at
-# the end of epoch 0, 4 -> 1, 1 -> 3 waits one, and epoch 1 ends with a one-micro-batch window of k = 3.
-WANTED = {2: 3, 5: 2, 8: 5, 11: 4, 14: 1, 16: 3}
-EXPECTED_HISTORY = [(0, 1), (3, 3), (6, 2), (10, 5), (11, 4), (14, 1), (17, 3)]
+from support.adaptive_support import (
+    DIM,
+    EXPECTED_HISTORY,
+    LR,
+    MICRO,
+    PROBLEM,
+    RecordingRegression,
+    adaptive,
+    check_windows,
+    fit,
+    micro_batch,
+    scheduled_target,
+    window_mean_grad,
+)
+from support.models import LinearProblem, LinearRegression, ManualRegression
 
 
 class MemoryLogger(Logger):
@@ -67,79 +66,6 @@ class MemoryLogger(Logger):
 
 def without_b_simple(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{key: value for key, value in entry.items() if key != "b_simple"} for entry in history]
-
-
-def adaptive(target: Any = None, **kwargs: Any) -> AdaptiveBatchSize:
-    settings: dict[str, Any] = {
-        "target": scheduled_target(WANTED) if target is None else target,
-        "warmup_steps": 2,
-        "min_steps_between_changes": 1,
-        "check_every_n_steps": 1,
-        "tolerance": 0.0,
-        "monotonic": False,
-        "lr_scaling": "linear",
-        "max_accumulation": 8,
-        # The scheduled targets jump by up to 3x and need no estimate: the growth limit and the readiness
-        # checks have tests of their own.
-        "max_growth": math.inf,
-        "min_samples": 0,
-        "max_relative_error": math.inf,
-    }
-    return AdaptiveBatchSize(**{**settings, **kwargs})
-
-
-def fit(
-    callback: AdaptiveBatchSize,
-    model: LightningModule | None = None,
-    *,
-    with_gns: bool = True,
-    extra_callbacks: tuple[Callback, ...] = (),
-    ckpt_path: str | None = None,
-    **trainer_kwargs: Any,
-) -> tuple[Trainer, LightningModule]:
-    settings: dict[str, Any] = {
-        "accelerator": "cpu",
-        "max_epochs": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    gns = [GradientNoiseScale(beta=0.9)] if with_gns else []
-    trainer = Trainer(callbacks=[*gns, callback, *extra_callbacks], **{**settings, **trainer_kwargs})
-    model = model if model is not None else RecordingRegression(DIM, LR, PROBLEM.w)
-    trainer.fit(model, loader(X, Y, MICRO), ckpt_path=ckpt_path)
-    return trainer, model
-
-
-def micro_batch(j: int) -> tuple[Tensor, Tensor]:
-    return X[j * MICRO : (j + 1) * MICRO], Y[j * MICRO : (j + 1) * MICRO]
-
-
-def check_windows(steps: list[dict[str, Any]], scheduler_lr: Callable[[int], float], first_step: int = 0) -> None:
-    """Each update is -lr x factor x (1/k) x the summed micro-batch gradients of exactly its window.
-
-    The windows are rebuilt from the data order (no shuffling) and the accumulation of each step: they
-    tile every epoch in order, each micro-batch once; the recorded ``training_step`` inputs must agree.
-    """
-    start: dict[int, int] = {}
-    for i, step in enumerate(steps):
-        k = step["accumulation"]
-        begin = start.get(step["epoch"], 0)
-        end = min(begin + k, MICRO_BATCHES)
-        assert step["batch_idx"] == end - 1, (i, step["batch_idx"], begin, k)
-        start[step["epoch"]] = end
-        window = [micro_batch(j) for j in range(begin, end)]
-        assert len(step["window"]) == len(window)
-        for (x, y), (x_ref, y_ref) in zip(step["window"], window, strict=True):
-            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
-        lr = scheduler_lr(first_step + i)
-        assert step["scheduler_lr"] == pytest.approx(lr, rel=1e-12)
-        assert step["lr_after"] == step["scheduler_lr"]  # the factor lives only inside optimizer.step()
-        factor = float(k)  # "linear", starting accumulation 1
-        expected = step["before"].double() - lr * factor / k * window_mean_grad(step["before"], window)
-        torch.testing.assert_close(step["after"].double(), expected, rtol=1e-5, atol=1e-6)
-    assert all(end == MICRO_BATCHES for end in start.values())
 
 
 # ---------------------------------------------------------------- every step's update
@@ -381,7 +307,7 @@ def test_without_gradient_noise_scale() -> None:
 
 def test_manual_optimization() -> None:
     with pytest.raises(MisconfigurationException, match=r"changes Trainer\.accumulate_grad_batches, which exists in"):
-        fit(AdaptiveBatchSize(), ManualRegression(), with_gns=False)
+        fit(AdaptiveBatchSize(), ManualRegression(PROBLEM), with_gns=False)
 
 
 def test_with_gradient_accumulation_scheduler() -> None:
@@ -406,10 +332,11 @@ def test_target_function_error_reaches_the_caller() -> None:
 # ---------------------------------------------------------------- two processes
 
 
+@pytest.mark.slow
 def test_ddp_ranks_switch_together(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
-    worker = Path(__file__).with_name("adaptive_ddp_worker.py")
+    worker = Path(__file__).parent / "support" / "adaptive_ddp_worker.py"
     proc = subprocess.run(
         [sys.executable, str(worker), "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
     )
@@ -445,7 +372,7 @@ def test_lightning_cli() -> None:
     pytest.importorskip("jsonargparse")
     from lightning.pytorch.cli import LightningCLI
 
-    from tests.test_integrations import CLI_TRAINER_ARGS, CLIData, CLIRegression
+    from support.cli import CLI_TRAINER_ARGS, CLIData, CLIRegression
 
     args = ["fit", *CLI_TRAINER_ARGS, "--trainer.callbacks+=lightning_gns.GradientNoiseScale"]
     args += ["--trainer.callbacks+=lightning_gns.AdaptiveBatchSize", "--trainer.callbacks.target=sqrt"]

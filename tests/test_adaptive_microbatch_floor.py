@@ -12,8 +12,8 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
-from tests.adaptive_support import scheduled_target
-from tests.models import LinearProblem, LinearRegression, loader
+from support.adaptive_support import scheduled_target
+from support.models import LinearProblem, LinearRegression, loader
 
 PROBLEM = LinearProblem(dim=5, seed=3)
 X, Y = PROBLEM.sample(4 * 24, seed=4)

@@ -15,9 +15,17 @@ from lightning.pytorch import Callback, Trainer
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.batch_schedule import adascale_gain
-from tests.adaptive_support import RecordingRegression, window_mean_grad
-from tests.models import LinearProblem, LinearRegression, loader
-from tests.test_adaptive import LR, MICRO, PROBLEM, adaptive, check_windows, fit
+from support.adaptive_support import (
+    LR,
+    MICRO,
+    PROBLEM,
+    RecordingRegression,
+    adaptive,
+    check_windows,
+    fit,
+    window_mean_grad,
+)
+from support.models import LinearProblem, LinearRegression, loader
 
 GNS_KEY = "GradientNoiseScale{'mode': 'auto', 'beta': 0.9}"
 SMALL = LinearProblem(dim=6, seed=10)

@@ -139,6 +139,7 @@ def test_sweep_lr_rule_and_local_critical_batch() -> None:
         local_critical_batch([1, 2], [1.0], 0.02)
 
 
+@pytest.mark.slow
 def test_fitting_module_does_not_import_lightning() -> None:
     code = "import sys, lightning_gns.tools.critical_batch; print(any(m.startswith('lightning.') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -146,6 +147,7 @@ def test_fitting_module_does_not_import_lightning() -> None:
 
 
 # ------------------------------------------------------------------------------ end to end, tiny settings
+@pytest.mark.slow
 def test_tiny_sweep_command_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_gns.tools.cli import main
 

@@ -12,14 +12,15 @@ from typing import Any
 import pytest
 import torch
 
-from tests.ddp_worker import UnusedBranches
-from tests.models import LinearProblem
-from tests.recording import Recorder
-from tests.reference import MicroBatch
-from tests.reference_func import assert_histories_match, reference_history
-from tests.test_single_device import assert_matches_reference
+from support.ddp_worker import UnusedBranches
+from support.models import LinearProblem
+from support.recording import Recorder, assert_matches_reference
+from support.reference import MicroBatch
+from support.reference_func import assert_histories_match, reference_history
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+pytestmark = pytest.mark.slow  # every test runs 2-process workers
+
+WORKER = Path(__file__).parent / "support" / "ddp_worker.py"
 
 
 def run_ddp(tmp_path: Path, *args: str) -> list[dict[str, Any]]:

@@ -6,14 +6,12 @@ exception type reaches the caller of ``Trainer.fit``.
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -21,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_gns import GradientNoiseScale
-from tests.models import LinearProblem, LinearRegression, loader
+from support.models import LinearProblem, LinearRegression, ManualRegression, loader
 
 PROBLEM = LinearProblem(dim=4, seed=0)
 
@@ -132,23 +130,9 @@ def test_microbatch_mode_without_accumulation() -> None:
         fit(GradientNoiseScale(mode="microbatch"))
 
 
-class ManualRegression(LinearRegression):
-    def __init__(self) -> None:
-        super().__init__(PROBLEM)
-        self.automatic_optimization = False
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        optimizer = self.optimizers()
-        loss = super().training_step(batch, batch_idx)
-        optimizer.zero_grad()  # type: ignore[union-attr]
-        self.manual_backward(loss)
-        optimizer.step()  # type: ignore[union-attr]
-        return loss
-
-
 def test_manual_optimization() -> None:
     with pytest.raises(MisconfigurationException, match=r"automatic optimization only.*GradientNoiseScaleTracker"):
-        fit(GradientNoiseScale(), model=ManualRegression())
+        fit(GradientNoiseScale(), model=ManualRegression(PROBLEM))
 
 
 class PlainCPUStrategy(Strategy):
@@ -185,17 +169,6 @@ def test_unsupported_strategy() -> None:
         match=r"supports single-device training, DDP .* not PlainCPUStrategy\. strategy='fsdp' .* not supported",
     ):
         fit(GradientNoiseScale(), strategy=PlainCPUStrategy(), accumulate_grad_batches=2)
-
-
-@pytest.fixture
-def restore_process_state() -> Iterator[None]:
-    """DDP with one device initializes a gloo group in this process and sets MASTER_ADDR etc.: undo both."""
-    env = dict(os.environ)
-    yield
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env)
 
 
 @pytest.mark.usefixtures("restore_process_state")

@@ -13,7 +13,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from lightning_gns.tools.report import B_SIMPLE, Scalars, load_runs
+from lightning_gns.scalars import B_SIMPLE
+from lightning_gns.tools.report import Scalars, load_runs
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_projects"
 # Keeps every script to a few optimizer steps: seconds, not minutes.
@@ -54,6 +55,7 @@ def assert_logged_b_simple(run: Scalars) -> None:
     assert not np.isnan(values[-1]) and values[-1] > 0
 
 
+@pytest.mark.slow
 def test_digits_classifier(tmp_path: Path) -> None:
     proc = run_script("digits_classifier.py", *TINY_DIGITS, "--logdir", str(tmp_path / "logs"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,6 +63,7 @@ def test_digits_classifier(tmp_path: Path) -> None:
     assert_logged_b_simple(only_run(tmp_path / "logs"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "mode"), [([], "per_example"), (["--accumulate", "2"], "microbatch")], ids=["per-example", "accumulate"]
 )
@@ -76,6 +79,7 @@ def test_char_transformer(tmp_path: Path, extra: list[str], mode: str) -> None:
     np.testing.assert_allclose(run["gns/b_simple_sequences"].values, run[B_SIMPLE].values / 16, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ddp_example_two_processes(tmp_path: Path) -> None:
     args = [*TINY_DIGITS, "--accumulate", "1", "--logdir", str(tmp_path / "logs")]
     proc = run_script("ddp_example.py", *args, cwd=tmp_path)
@@ -87,6 +91,7 @@ def test_ddp_example_two_processes(tmp_path: Path) -> None:
     assert run["gns/b_small"].values[-1] == 32 and run["gns/b_big"].values[-1] == 64
 
 
+@pytest.mark.slow
 def test_adaptive_accumulation_flag(tmp_path: Path) -> None:
     args = [*TINY_CHAR, "--adaptive-accumulation", "--logdir", str(tmp_path / "logs")]
     proc = run_script("char_transformer.py", *args, cwd=tmp_path)

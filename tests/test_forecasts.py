@@ -19,7 +19,7 @@ from lightning_gns.forecasts import (
     statistical_efficiency,
     steps_over_min,
 )
-from tests.models import LinearProblem, LinearRegression, loader
+from support.models import LinearProblem, LinearRegression, loader
 
 FORECASTS = ("gns/steps_over_min", "gns/examples_over_min", "gns/statistical_efficiency")
 

@@ -9,73 +9,16 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
-from torch.utils.checkpoint import checkpoint
 
 from lightning_gns import GradientNoiseScaleTracker
 from lightning_gns.sources import PerExampleSource
 from lightning_gns.sources.fused_linear import FusedForward, fused_pays
 from lightning_gns.sources.per_example_factors import OneHot, factor_sq_norm
-
-VOCAB = 11
-
-
-class SeqModel(nn.Module):
-    """Embedding tied to the output layer, an MLP whose Linear layers take the fused path, a LayerNorm."""
-
-    def __init__(self, width: int = 5, checkpointed: bool = False, reentrant: bool = False) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, width)
-        self.up = nn.Linear(width, 2 * width)
-        self.down = nn.Linear(2 * width, width)
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, VOCAB, bias=False)
-        self.head.weight = self.embed.weight
-        self.checkpointed, self.reentrant = checkpointed, reentrant
-
-    def block(self, h: Tensor) -> Tensor:
-        h = h + self.down(torch.tanh(self.up(h)))
-        return h + self.down(torch.tanh(self.up(h)))  # the same two layers again: cross terms
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        h = self.embed(tokens)
-        h = checkpoint(self.block, h, use_reentrant=self.reentrant) if self.checkpointed else self.block(h)
-        return self.head(self.norm(h))
-
-
-def sequence_loss(model: Any, tokens: Tensor) -> Tensor:
-    logits = model(tokens)
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none").mean(dim=1)
-
-
-def vmap_sq_norms(model: nn.Module, tokens: Tensor) -> dict[str, Tensor]:
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def one(params: dict[str, Tensor], example: Tensor) -> Tensor:
-        return sequence_loss(lambda t: functional_call(model, params, (t,)), example.unsqueeze(0)).squeeze(0)
-
-    grads = vmap(grad(one), in_dims=(None, 0))(params, tokens)
-    return {n: g.flatten(1).square().sum(dim=1) for n, g in grads.items()}
-
-
-def fused_layer_names(model: nn.Module) -> set[str]:
-    """Filled during the next forwards with the Linear and LayerNorm layers whose output came from a fused function."""
-    names: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.LayerNorm)):
-
-            def hook(m: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
-                if out.grad_fn is not None and type(out.grad_fn).__name__.startswith("Fused"):
-                    names.add(name)
-
-            module.register_forward_hook(hook)
-    return names
+from support.seq_model import VOCAB, SeqModel, fused_layer_names, sequence_loss, vmap_sq_norms
 
 
 def measure(model: nn.Module, tokens: Tensor, fused: bool = True) -> tuple[Tensor, dict[str, Tensor], set[str]]:
@@ -162,6 +105,7 @@ def test_autocast_bf16_gradient_and_norms() -> None:
         assert ((got - want).norm() / want.norm()).item() < 0.02, name
 
 
+@pytest.mark.slow
 def test_torch_compile_falls_back_to_the_hooks() -> None:
     torch.manual_seed(4)
     model = SeqModel().double()
@@ -241,10 +185,11 @@ def test_fused_pays_by_shape() -> None:
     assert fused_pays(4, 128, 1024, 1024)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_fused_path_under_two_process_ddp_and_fsdp2(tmp_path: Path, wrap: str) -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    worker = Path(__file__).with_name("fused_worker.py")
+    worker = Path(__file__).parent / "support" / "fused_worker.py"
     cmd = [sys.executable, str(worker), "--out", str(tmp_path), "--wrap", wrap]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

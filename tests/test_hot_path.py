@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_gns import GradientNoiseScale
-from tests.models import LinearProblem, LinearRegression, loader
-from tests.test_single_device import make_trainer
+from support.models import LinearProblem, LinearRegression, loader
+from support.trainers import make_trainer
 
 PACKAGE_DIR = str(Path(__file__).resolve().parents[1] / "lightning_gns")
 SYNCING_METHODS = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy")

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
-from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
-from tests.models import LinearProblem, LinearRegression, loader
-from tests.reference import reference_run
-from tests.test_single_device import make_trainer
+from support.cli import CLI_TRAINER_ARGS, CLIData, CLIRegression
+from support.models import LinearProblem, LinearRegression, loader
+from support.reference import reference_run
+from support.trainers import make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_pytorch_lightning_namespace_without_importing_lightning() -> None:
     """lightning_gns.pytorch_lightning works with pytorch_lightning.Trainer and never imports `lightning`."""
     code = """
@@ -60,44 +60,6 @@ def test_lightning_namespace_lone_callback() -> None:
     gns = GradientNoiseScale(beta=0.9)
     make_trainer(gns, accumulate_grad_batches=2).fit(LinearRegression(problem), loader(x, y, 8))  # type: ignore[arg-type]
     assert gns.b_simple > 0
-
-
-class CLIRegression(LightningModule):
-    """A LightningCLI-friendly linear regression (plain typed init args)."""
-
-    def __init__(self, dim: int = 4, lr: float = 0.0) -> None:
-        super().__init__()
-        self.lr = lr
-        self.linear = nn.Linear(dim, 1)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return (self.linear(x).squeeze(-1) - y).square().mean()
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-class CLIData(LightningDataModule):
-    def __init__(self, dim: int = 4, examples: int = 128, batch_size: int = 8) -> None:
-        super().__init__()
-        self.dim, self.examples, self.batch_size = dim, examples, batch_size
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        gen = torch.Generator().manual_seed(0)
-        x, y = torch.randn(self.examples, self.dim, generator=gen), torch.randn(self.examples, generator=gen)
-        return loader(x, y, self.batch_size)
-
-
-CLI_TRAINER_ARGS = [
-    "--trainer.accelerator=cpu",
-    "--trainer.max_epochs=1",
-    "--trainer.logger=false",
-    "--trainer.enable_checkpointing=false",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.accumulate_grad_batches=2",
-]
 
 
 def _gns_callback(cli: LightningCLI) -> GradientNoiseScale:
@@ -168,9 +130,10 @@ def test_plain_pytorch_tracker_agrees_with_callback(mode: str, accumulate: int) 
         assert torch.equal(getattr(gns.metric, name), getattr(tracker.metric, name)), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("accumulation", "source"), [(1, "ddp_comm_hook"), (2, "param_hooks")])
 def test_plain_torch_ddp_tracker_matches_float64_recomputation(tmp_path: Path, accumulation: int, source: str) -> None:
-    worker = Path(__file__).with_name("ddp_plain_worker.py")
+    worker = Path(__file__).parent / "support" / "ddp_plain_worker.py"
     proc = subprocess.run(
         [sys.executable, str(worker), str(tmp_path), str(accumulation)], capture_output=True, text=True, timeout=180
     )

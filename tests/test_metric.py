@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_gns import GradientNoiseScaleMetric
+from lightning_gns.metric import STATE_NAMES
 
 F64 = torch.float64
 EMA_STATES = ("grad_sq_norm_ema", "trace_cov_ema", "ema_weight", "measured_steps")
@@ -231,3 +232,9 @@ def test_compute_after_fold_sees_the_new_step() -> None:
     metric.fold(summarize_small_batches(torch.tensor([9.0, 1.0]), torch.tensor([4, 4])), torch.tensor(2.0))
     assert not torch.equal(metric.compute()["grad_sq_norm"], first)
     assert torch.equal(metric.compute()["grad_sq_norm"], metric.grad_sq_norm)
+
+
+def test_state_names_are_the_registered_states() -> None:
+    metric = GradientNoiseScaleMetric()
+    assert tuple(metric._defaults) == STATE_NAMES
+    assert tuple(metric.state_dict()) == STATE_NAMES  # all persistent

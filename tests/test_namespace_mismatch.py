@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
-from tests.models import LinearProblem, LinearRegression, loader
+from support.models import LinearProblem, LinearRegression, loader
 
 pl = pytest.importorskip("pytorch_lightning")
 from lightning_gns.pytorch_lightning import AdaptiveBatchSize as PLAdaptiveBatchSize  # noqa: E402
@@ -31,7 +31,7 @@ SETTINGS: dict[str, Any] = {
 
 
 class PLRegression(pl.LightningModule):  # type: ignore[misc]
-    """tests.models.LinearRegression for the pytorch_lightning package."""
+    """support.models.LinearRegression for the pytorch_lightning package."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -14,9 +14,9 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.sources import PerExampleSource
-from tests.models import LinearProblem, LinearRegression, loader
-from tests.recording import Recorder
-from tests.test_single_device import assert_matches_reference, make_trainer
+from support.models import LinearProblem, LinearRegression, loader
+from support.recording import Recorder, assert_matches_reference
+from support.trainers import make_trainer
 
 
 class TiedSequenceModel(nn.Module):

@@ -19,10 +19,10 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
+from lightning_gns.scalars import B_SIMPLE
 from lightning_gns.tensorboard_layout import gns_custom_scalars_layout, layout_as_dict, write_layout
 from lightning_gns.tools.cli import main
 from lightning_gns.tools.report import (
-    B_SIMPLE,
     ReportError,
     Series,
     find_loss_tag,
@@ -31,7 +31,7 @@ from lightning_gns.tools.report import (
     smooth,
     summarize,
 )
-from tests.models import LinearProblem, LinearRegression, loader
+from support.models import LinearProblem, LinearRegression, loader
 
 RUN = "linear/version_0"
 

@@ -13,9 +13,9 @@ from matplotlib.lines import Line2D
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 from torch.utils.tensorboard import SummaryWriter
 
+from lightning_gns.scalars import B_SIMPLE
 from lightning_gns.tools.cli import main
 from lightning_gns.tools.report import (
-    B_SIMPLE,
     ReportError,
     Series,
     _masked_crc32c,

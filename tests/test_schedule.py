@@ -23,11 +23,10 @@ from lightning_gns.batch_schedule import (
     planned_accumulation,
     ratio_relative_error,
 )
-from tests.adaptive_support import RecordingRegression, scheduled_target
-from tests.models import LinearRegression, loader
-from tests.recording import Recorder
-from tests.reference import step_estimates
-from tests.test_adaptive import DIM, LR, MICRO, PROBLEM, X, Y, fit
+from support.adaptive_support import DIM, LR, MICRO, PROBLEM, RecordingRegression, X, Y, fit, scheduled_target
+from support.models import LinearRegression, loader
+from support.recording import Recorder
+from support.reference import step_estimates
 
 # ---------------------------------------------------------------- pure functions
 

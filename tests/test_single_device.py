@@ -9,41 +9,13 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_gns import GradientNoiseScale
-from tests.models import LinearProblem, LinearRegression, loader
-from tests.recording import Recorder
-from tests.reference import reference_run
-
-
-def make_trainer(callbacks: list[Any], **kwargs: Any) -> Trainer:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    defaults.update(kwargs)
-    return Trainer(callbacks=callbacks, **defaults)
-
-
-def assert_matches_reference(
-    recorder: Recorder, world_size: int, beta: float, rel: float = 1e-4, per_example: bool = False
-) -> None:
-    expected = reference_run(recorder.micro_batches, world_size=world_size, beta=beta, per_example=per_example)
-    measured = [h for h in recorder.history if not math.isnan(h["grad_sq_norm"])]
-    assert len(measured) == len(expected) > 0
-    for got, want in zip(measured, expected, strict=True):
-        assert got["step"] == want["step"]
-        assert got["b_big"] == want["b_big"]
-        for key in ("grad_sq_norm", "trace_cov", "b_simple"):
-            assert got[key] == pytest.approx(want[key], rel=rel), (key, got["step"])
+from support.models import LinearProblem, LinearRegression, loader
+from support.recording import Recorder, assert_matches_reference
+from support.trainers import make_trainer
 
 
 def test_closed_form_linear_regression_microbatch() -> None:
@@ -95,6 +67,7 @@ def _fp16_plugin(init_scale: float) -> MixedPrecision:
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
 
 
+@pytest.mark.slow
 def test_fp16_grad_scaler_with_overflowing_first_steps_matches_fp32() -> None:
     problem = LinearProblem(dim=8, noise_std=1.0, seed=6)
     x, y = problem.sample(16 * 2 * 400, seed=7)
@@ -119,6 +92,7 @@ def test_fp16_grad_scaler_with_overflowing_first_steps_matches_fp32() -> None:
     assert fp16.trace_cov == pytest.approx(fp32.trace_cov, rel=0.03)
 
 
+@pytest.mark.slow
 def test_bf16_matches_fp32() -> None:
     problem = LinearProblem(dim=8, noise_std=1.0, seed=8)
     x, y = problem.sample(16 * 2 * 200, seed=9)

@@ -14,11 +14,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale
-from tests.models import LinearProblem, LinearRegression, loader
-from tests.recording import Recorder
-from tests.reference_func import BatchRecorder, assert_histories_match, reference_history
-from tests.test_single_device import assert_matches_reference, make_trainer
-from tests.zoo import AttentionModel, BatchNormCNN, FlattenedTokensModel, PaddedTokenModel, TinyGPT
+from support.models import LinearProblem, LinearRegression, loader
+from support.recording import Recorder, assert_matches_reference
+from support.reference_func import BatchRecorder, assert_histories_match, reference_history
+from support.trainers import make_trainer
+from support.zoo import AttentionModel, BatchNormCNN, FlattenedTokensModel, PaddedTokenModel, TinyGPT
 
 
 def fit64(callbacks: list[Any], model: LightningModule, data: Any, **kwargs: Any) -> list[str]:
@@ -190,6 +190,7 @@ def test_unfrozen_backbone_is_measured_from_the_next_step() -> None:
 
 
 # ---------------------------------------------------------------- 7. layers whose leading dimension is not the batch
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [4, 8], ids=["T!=B", "T==B"])
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_nanogpt_positional_embedding_is_left_out_and_the_rest_exact(batch_size: int, accumulate: int) -> None:

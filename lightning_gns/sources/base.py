@@ -6,12 +6,29 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+# Half-precision gradients are reduced (norms, sums, Gram products) in float32: summed in their own dtype they
+# lose the small contributions. The one place that says so; float32 and float64 are reduced as they are.
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def reduction_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The ``dtype=`` to pass a norm or a sum over a tensor of ``dtype``: float32 for half precision, else None.
+
+    Example:
+        >>> reduction_dtype(torch.bfloat16), reduction_dtype(torch.float64)
+        (torch.float32, None)
+    """
+    return torch.float32 if dtype in HALF_PRECISION else None
+
+
+def upcast_half(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is half precision; float32 and float64 tensors are returned as they are."""
+    return tensor.float() if tensor.dtype in HALF_PRECISION else tensor
+
 
 def fp32_norm(tensor: Tensor) -> Tensor:
     """L2 norm accumulated in at least float32 (half-precision gradients would lose the sum)."""
-    if tensor.dtype in (torch.float16, torch.bfloat16):
-        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
-    return torch.linalg.vector_norm(tensor)
+    return torch.linalg.vector_norm(tensor, dtype=reduction_dtype(tensor.dtype))
 
 
 class GradNormSource:

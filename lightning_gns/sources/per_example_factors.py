@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_gns.sources.base import upcast_half
 
-def _f32(t: Tensor) -> Tensor:
-    """Half precision upcast to float32 for the reductions; float32 and float64 unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+_f32 = upcast_half  # the name sources/per_example.py imports; it moves to upcast_half with the tracker split
 
 
 @dataclass
@@ -78,16 +77,16 @@ def _dot(u: Tensor, v: Tensor) -> Tensor:
 def factor_sq_norm(factor: Factor) -> Tensor:
     """Per-example squared Frobenius norm of the factored gradient, shape (B,)."""
     if isinstance(factor, Materialized):
-        return _sq_sum(_f32(factor.value))
+        return _sq_sum(upcast_half(factor.value))
     if isinstance(factor, Dense):
-        a, b = _f32(factor.a), _f32(factor.b)
+        a, b = upcast_half(factor.a), upcast_half(factor.b)
         t, m, n = a.shape[1], a.shape[2], b.shape[2]
         if t == 1:
             return _sq_sum(a) * _sq_sum(b)
         if t * (m + n) < m * n:
             return _dot(a @ a.transpose(1, 2), b @ b.transpose(1, 2))
         return _sq_sum(a.transpose(1, 2) @ b)
-    b = _f32(factor.b)
+    b = upcast_half(factor.b)
     batch, t, n = b.shape
     rows = factor.rows
     # Scattering the positions' rows into (B, rows, n) costs B T n and a pass over B rows n; comparing all
@@ -106,27 +105,27 @@ def factor_inner(u: Factor, v: Factor) -> Tensor:
         # (B, rows, n): the rows each one-hot position selects, against its b
         width = full.value.shape[2]
         rows = torch.gather(full.value, 1, one_hot.index.unsqueeze(2).expand(-1, -1, width))
-        return _dot(_f32(rows), _f32(one_hot.b))
+        return _dot(upcast_half(rows), upcast_half(one_hot.b))
     if isinstance(u, Materialized) or isinstance(v, Materialized):
         return _dot(_materialize(u), _materialize(v))
     if isinstance(u, Dense) and isinstance(v, Dense):
-        a_gram = _f32(u.a) @ _f32(v.a).transpose(1, 2)
-        return _dot(a_gram, _f32(u.b) @ _f32(v.b).transpose(1, 2))
+        a_gram = upcast_half(u.a) @ upcast_half(v.a).transpose(1, 2)
+        return _dot(a_gram, upcast_half(u.b) @ upcast_half(v.b).transpose(1, 2))
     if isinstance(u, OneHot) and isinstance(v, OneHot):
         same_row = u.index.unsqueeze(2) == v.index.unsqueeze(1)
-        return (_f32(u.b) @ _f32(v.b).transpose(1, 2) * same_row).sum(dim=(1, 2))
+        return (upcast_half(u.b) @ upcast_half(v.b).transpose(1, 2) * same_row).sum(dim=(1, 2))
     one_hot, dense = (u, v) if isinstance(u, OneHot) else (v, u)
     assert isinstance(one_hot, OneHot) and isinstance(dense, Dense)
     # dense.a (B, T, rows) selects the embedding row of each one-hot position s: a[:, t, index[:, s]].
     rows = torch.gather(
-        _f32(dense.a), 2, one_hot.index.unsqueeze(1).expand(-1, dense.a.shape[1], -1)
+        upcast_half(dense.a), 2, one_hot.index.unsqueeze(1).expand(-1, dense.a.shape[1], -1)
     )  # (B, T_dense, T_onehot)
-    return (rows * (_f32(dense.b) @ _f32(one_hot.b).transpose(1, 2))).sum(dim=(1, 2))
+    return (rows * (upcast_half(dense.b) @ upcast_half(one_hot.b).transpose(1, 2))).sum(dim=(1, 2))
 
 
 def _materialize(factor: Factor) -> Tensor:
     if isinstance(factor, Materialized):
-        return _f32(factor.value)
+        return upcast_half(factor.value)
     if isinstance(factor, Dense):
-        return (_f32(factor.a).transpose(1, 2) @ _f32(factor.b)).flatten(1)
+        return (upcast_half(factor.a).transpose(1, 2) @ upcast_half(factor.b)).flatten(1)
     raise NotImplementedError("an embedding gradient is never materialised per example (vocabulary x batch)")

@@ -43,15 +43,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-GNS_PREFIX = names.PREFIX
-B_SIMPLE = names.B_SIMPLE
-GRAD_SQ_NORM = names.GRAD_SQ_NORM
-TRACE_COV = names.TRACE_COV
-B_BIG = names.B_BIG
-SKIPPED_STEPS = names.SKIPPED_STEPS
-EFFECTIVE_BATCH = names.EFFECTIVE_BATCH_SIZE
-ACCUMULATION = names.ACCUMULATION
-B_SMALL = names.B_SMALL
 # Names people give the training loss, most specific first. Lightning's self.log(name, on_step=True,
 # on_epoch=True) writes name + "_step" and name + "_epoch"; the per-step series is the one to plot.
 LOSS_TAGS: tuple[str, ...] = (
@@ -309,12 +300,12 @@ def gns_runs(runs: Mapping[str, Scalars]) -> dict[str, Scalars]:
     Raises:
         ReportError: no run did.
     """
-    selected = {name: scalars for name, scalars in runs.items() if B_SIMPLE in scalars}
+    selected = {name: scalars for name, scalars in runs.items() if names.B_SIMPLE in scalars}
     if not selected:
         other = sorted({tag for scalars in runs.values() for tag in scalars})
         shown = ", ".join(other[:12]) + (", ..." if len(other) > 12 else "") if other else "none"
         raise ReportError(
-            f"Found {len(runs)} run(s) with event files but no {B_SIMPLE!r} scalar (scalars found: {shown})."
+            f"Found {len(runs)} run(s) with event files but no {names.B_SIMPLE!r} scalar (scalars found: {shown})."
             " Train with lightning_gns.GradientNoiseScale in Trainer(callbacks=[...]) and a TensorBoardLogger;"
             " the values are logged every log_every_n_steps optimizer steps (Lightning's default 50 logs nothing"
             " in a shorter run: set Trainer(log_every_n_steps=...) lower)."
@@ -337,7 +328,7 @@ def find_loss_tag(scalars: Mapping[str, Series], requested: str | None = None) -
         tag
         for tag in sorted(scalars)
         if "loss" in tag.lower()
-        and not tag.startswith(GNS_PREFIX)
+        and not tag.startswith(names.PREFIX)
         and not any(word in tag.lower() for word in ("val", "test", "predict"))
     ]
     per_step = [tag for tag in candidates if not tag.endswith("_epoch")]
@@ -389,11 +380,11 @@ def summarize(
     Raises:
         ReportError: the run never logged a finite ``gns/b_simple``.
     """
-    b_simple = scalars[B_SIMPLE]
+    b_simple = scalars[names.B_SIMPLE]
     finite = np.isfinite(b_simple.values)
     if not finite.any():
         raise ReportError(
-            f"Run {run!r} logged {B_SIMPLE!r} {len(b_simple)} time(s), never a finite value (NaN before the first"
+            f"Run {run!r} logged {names.B_SIMPLE!r} {len(b_simple)} time(s), never a finite value (NaN before the first"
             " measured step, inf while the |G|^2 average is not positive). Train for more steps."
         )
     steps, values = b_simple.steps[finite], b_simple.values[finite]
@@ -402,7 +393,7 @@ def summarize(
     # argmin returns the first of two equally close points: the earlier one.
     middle = int(np.argmin(np.abs(steps - middle_step)))
     points = [Point(step=int(steps[i]), b_simple=float(values[i]), loss=float(losses[i])) for i in (0, middle, -1)]
-    skipped = scalars.get(SKIPPED_STEPS)
+    skipped = scalars.get(names.SKIPPED_STEPS)
     return RunSummary(
         run=run,
         start=points[0],
@@ -512,7 +503,7 @@ def report_figure(
             "The report picture needs matplotlib: pip install 'lightning-gns[report]' (or pip install matplotlib)."
         ) from error
 
-    adaptive = any(EFFECTIVE_BATCH in s or ACCUMULATION in s for s in runs.values())
+    adaptive = any(names.EFFECTIVE_BATCH_SIZE in s or names.ACCUMULATION in s for s in runs.values())
     # Figure + FigureCanvasAgg instead of pyplot: draws with Agg without changing the process's backend.
     figure = Figure(figsize=(12, 8.5 if adaptive else 7.5), layout="constrained")
     FigureCanvasAgg(figure)
@@ -520,7 +511,7 @@ def report_figure(
     axes = list(grid.flat)
     colors = [f"C{i % 10}" for i in range(len(runs))]
     # Accumulation is a count on another scale than the batch: a second y axis on the last panel.
-    twin = axes[3].twinx() if any(ACCUMULATION in s for s in runs.values()) else None
+    twin = axes[3].twinx() if any(names.ACCUMULATION in s for s in runs.values()) else None
     losses: list[FloatArray] = []
     for (name, scalars), color in zip(runs.items(), colors, strict=True):
         _plot_b_simple_vs_step(axes[0], name, scalars, color)
@@ -584,12 +575,12 @@ def _plot_steps(ax: Axes, series: Series, color: str, label: str, **kwargs: Any)
 
 
 def _plot_b_simple_vs_step(ax: Axes, name: str, scalars: Mapping[str, Series], color: str) -> None:
-    steps, values = _positive(scalars[B_SIMPLE])
+    steps, values = _positive(scalars[names.B_SIMPLE])
     ax.plot(steps, values, color=color, label=f"{name}: B_simple", **_style(len(steps)))
     # The batch actually used per optimizer step, to compare with the noise scale it should track.
-    batch_tag = EFFECTIVE_BATCH if EFFECTIVE_BATCH in scalars else B_BIG
+    batch_tag = names.EFFECTIVE_BATCH_SIZE if names.EFFECTIVE_BATCH_SIZE in scalars else names.B_BIG
     if batch_tag in scalars:
-        label = "effective batch" if batch_tag == EFFECTIVE_BATCH else "batch per step"
+        label = "effective batch" if batch_tag == names.EFFECTIVE_BATCH_SIZE else "batch per step"
         _plot_steps(ax, scalars[batch_tag], color, f"{name}: {label}", linestyle="--", linewidth=1)
 
 
@@ -599,7 +590,7 @@ def _plot_b_simple_vs_loss(
     """Draws B_simple against the loss; returns the losses drawn."""
     if not loss_tag:
         return np.empty(0)
-    steps, values = _positive(scalars[B_SIMPLE])
+    steps, values = _positive(scalars[names.B_SIMPLE])
     losses = loss_at(steps, scalars[loss_tag], smoothing)
     keep = np.isfinite(losses)
     ax.plot(losses[keep], values[keep], color=color, label=name, **(_style(int(keep.sum())) or {"marker": "."}))
@@ -607,24 +598,24 @@ def _plot_b_simple_vs_loss(
 
 
 def _plot_estimates(ax: Axes, name: str, scalars: Mapping[str, Series], color: str) -> None:
-    for tag, label, linestyle in ((TRACE_COV, "tr(Sigma)", "-"), (GRAD_SQ_NORM, "|G|^2", ":")):
+    for tag, label, linestyle in ((names.TRACE_COV, "tr(Sigma)", "-"), (names.GRAD_SQ_NORM, "|G|^2", ":")):
         if tag in scalars:
             steps, values = _positive(scalars[tag])
             ax.plot(steps, values, color=color, linestyle=linestyle, label=f"{name}: {label}", **_style(len(steps)))
 
 
 def _plot_batch_sizes(ax: Axes, name: str, scalars: Mapping[str, Series], color: str) -> None:
-    if B_BIG in scalars:
-        _plot_steps(ax, scalars[B_BIG], color, f"{name}: big batch")
-    if B_SMALL in scalars:
-        _plot_steps(ax, scalars[B_SMALL], color, f"{name}: small batch", linestyle=":")
+    if names.B_BIG in scalars:
+        _plot_steps(ax, scalars[names.B_BIG], color, f"{name}: big batch")
+    if names.B_SMALL in scalars:
+        _plot_steps(ax, scalars[names.B_SMALL], color, f"{name}: small batch", linestyle=":")
 
 
 def _plot_adaptive(ax: Axes, twin: Axes | None, name: str, scalars: Mapping[str, Series], color: str) -> None:
-    if EFFECTIVE_BATCH in scalars:
-        _plot_steps(ax, scalars[EFFECTIVE_BATCH], color, f"{name}: effective batch")
-    if twin is not None and ACCUMULATION in scalars:
-        series = scalars[ACCUMULATION]
+    if names.EFFECTIVE_BATCH_SIZE in scalars:
+        _plot_steps(ax, scalars[names.EFFECTIVE_BATCH_SIZE], color, f"{name}: effective batch")
+    if twin is not None and names.ACCUMULATION in scalars:
+        series = scalars[names.ACCUMULATION]
         twin.plot(
             series.steps,
             series.values,
@@ -788,7 +779,7 @@ def run_report(
     print(format_table(summaries))
     without = sorted(set(readable) - set(runs))
     if without:
-        print(f"Runs without {B_SIMPLE} (left out): {', '.join(without)}")
+        print(f"Runs without {names.B_SIMPLE} (left out): {', '.join(without)}")
     reported = {s.run: runs[s.run] for s in summaries}
     path = plot_report(reported, loss_tags, output, smoothing=smoothing, dpi=dpi, units=units)
     print(f"Wrote {path}")

@@ -448,12 +448,11 @@ class BranchPoint:
 
 
 class _Snapshots(Callback):
-    """Copies model and optimizer state, B_simple and the last monitored loss at chosen optimizer steps."""
+    """Copies model and optimizer state and B_simple at chosen optimizer steps."""
 
-    def __init__(self, gns: GradientNoiseScale, at_steps: Sequence[int], monitor: str) -> None:
+    def __init__(self, gns: GradientNoiseScale, at_steps: Sequence[int]) -> None:
         self.gns = gns
         self.at_steps = set(at_steps)
-        self.monitor = monitor
         self.saved: dict[int, dict[str, Any]] = {}
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
@@ -530,7 +529,7 @@ def branched_critical_batch(
     datamodule = datamodule_factory(batch_size=batch_size, seed=base_seed)
     model = model_factory(lr=lr)
     gns = GradientNoiseScale(beta=beta)
-    snapshots = _Snapshots(gns, at_steps, monitor)
+    snapshots = _Snapshots(gns, at_steps)
     trainer = _quiet_trainer(max_steps=max(at_steps), max_epochs=-1, limit_val_batches=0, callbacks=[gns, snapshots])
     with _few_workers_is_fine():
         trainer.fit(model, datamodule=datamodule)

@@ -1,9 +1,9 @@
 """Float64 per-example recomputation for arbitrary models, independent of lightning_gns.
 
 Per-example gradients come from ``torch.func`` (vmap of grad) on a float64 copy of the model; the
-estimator is solved as the 2x2 linear system of tests/reference.py on Lightning's gradient composition
+estimator is solved as the 2x2 linear system of tests/support/reference.py on Lightning's gradient composition
 (micro-batch loss = sum_i share_i * loss_i, divided by the accumulation k). Used on models where the
-closed-form linear problem of tests/reference.py does not reach: transformers, padded tokens, unused or
+closed-form linear problem of tests/support/reference.py does not reach: transformers, padded tokens, unused or
 unfrozen parameters.
 """
 

@@ -14,12 +14,14 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 
+# Run as a script: tests/ (the support package) and the repository root (lightning_gns) on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import NoiseScaleStatistics
-from tests.adaptive_support import RecordingRegression, scheduled_target
-from tests.models import LinearProblem, loader
+from support.adaptive_support import RecordingRegression, scheduled_target
+from support.models import LinearProblem, loader
 
 # 104 examples: 52 per rank, 13 micro-batches of 4 per rank per epoch.
 WANTED = {2: 3, 5: 2, 8: 4}

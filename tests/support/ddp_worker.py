@@ -18,12 +18,14 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import DataLoader, TensorDataset
 
+# Run as a script: tests/ (the support package) and the repository root (lightning_gns) on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns import GradientNoiseScale
-from tests.models import LinearProblem, LinearRegression, loader
-from tests.recording import Recorder
-from tests.reference_func import BatchRecorder
+from support.models import LinearProblem, LinearRegression, loader
+from support.recording import Recorder
+from support.reference_func import BatchRecorder
 
 
 class UserCommHook(Callback):

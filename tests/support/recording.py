@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import pytest
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lightning_gns import GradientNoiseScale
-from tests.reference import MicroBatch
+from support.reference import MicroBatch, reference_run
 
 
 class Recorder(Callback):
@@ -48,3 +50,16 @@ class Recorder(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             self.loss_scales.append(float(scaler.get_scale()))
+
+
+def assert_matches_reference(
+    recorder: Recorder, world_size: int, beta: float, rel: float = 1e-4, per_example: bool = False
+) -> None:
+    expected = reference_run(recorder.micro_batches, world_size=world_size, beta=beta, per_example=per_example)
+    measured = [h for h in recorder.history if not math.isnan(h["grad_sq_norm"])]
+    assert len(measured) == len(expected) > 0
+    for got, want in zip(measured, expected, strict=True):
+        assert got["step"] == want["step"]
+        assert got["b_big"] == want["b_big"]
+        for key in ("grad_sq_norm", "trace_cov", "b_simple"):
+            assert got[key] == pytest.approx(want[key], rel=rel), (key, got["step"])

@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Run as a script: tests/ (the support package) and the repository root (lightning_gns) on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns.sources import PerExampleSource
-from tests.test_fused_linear import SeqModel, fused_layer_names, sequence_loss, vmap_sq_norms
+from support.seq_model import SeqModel, fused_layer_names, sequence_loss, vmap_sq_norms
 
 BATCH, LENGTH = 3, 12
 

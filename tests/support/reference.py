@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tests.models import LinearProblem
+from support.models import LinearProblem
 
 
 @dataclass

@@ -67,3 +67,19 @@ class LinearRegression(LightningModule):
 
 def loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class ManualRegression(LinearRegression):
+    """LinearRegression with manual optimization (``automatic_optimization = False``)."""
+
+    def __init__(self, problem: LinearProblem) -> None:
+        super().__init__(problem)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        optimizer.step()  # type: ignore[union-attr]
+        return loss

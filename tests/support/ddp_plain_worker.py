@@ -1,6 +1,6 @@
 """Plain torch.distributed DDP (no Lightning) with GradientNoiseScaleTracker on 2 gloo processes.
 
-Launched by tests/test_integrations.py: ``python tests/ddp_plain_worker.py OUT_DIR ACCUMULATION``.
+Launched by tests/test_integrations.py: ``python tests/support/ddp_plain_worker.py OUT_DIR ACCUMULATION``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+# Run as a script: tests/ (the support package) and the repository root (lightning_gns) on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns import GradientNoiseScaleTracker
-from tests.models import LinearProblem, LinearRegression, loader
-from tests.reference import MicroBatch
+from support.models import LinearProblem, LinearRegression, loader
+from support.reference import MicroBatch
 
 
 def run(rank: int, out: Path, accumulation: int) -> None:
