@@ -222,7 +222,9 @@ class FusedForward:
                 if isinstance(module, nn.Linear):
                     output = fused_linear(input, module.weight, module.bias, call)
                 elif hf_conv1d_class(module) is not None:
-                    output = fused_linear(input, module.weight, module.bias, call, in_out=True)
+                    weight, bias = module.weight, module.bias
+                    assert isinstance(weight, Tensor) and isinstance(bias, (Tensor, type(None)))
+                    output = fused_linear(input, weight, bias, call, in_out=True)
                 else:
                     assert isinstance(module, nn.LayerNorm)
                     output = FusedLayerNormFunction.apply(
@@ -238,5 +240,5 @@ class FusedForward:
 
 def can_fuse(module: nn.Module) -> bool:
     """Whether ``module`` is a Linear, HF Conv1D or LayerNorm running its class's own forward (not a subclass's)."""
-    kind = next((k for k in FUSABLE if isinstance(module, k)), None) or hf_conv1d_class(module)
+    kind: Any = next((k for k in FUSABLE if isinstance(module, k)), None) or hf_conv1d_class(module)
     return kind is not None and type(module).forward is kind.forward and "forward" not in vars(module)

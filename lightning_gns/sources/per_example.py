@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_gns.sources.base import GradNormSource
 from lightning_gns.sources import per_example_generic as generic
+from lightning_gns.sources.base import GradNormSource
 from lightning_gns.sources.fused_linear import FusedForward, can_fuse, fused_pays, hf_conv1d_class
 from lightning_gns.sources.per_example_factors import (
     Dense,
@@ -288,9 +288,7 @@ class PerExampleSource(GradNormSource):
         self._module_names[id(module)] = label
         return indices
 
-    def _watch_dedicated(
-        self, module: nn.Module, label: str, own: list[tuple[str, nn.Parameter]], fused: bool
-    ) -> None:
+    def _watch_dedicated(self, module: nn.Module, label: str, own: list[tuple[str, nn.Parameter]], fused: bool) -> None:
         indices = self._watch(module, label, own)
         self._handles.append(module.register_forward_hook(self._on_forward))
         measures_weight = any(n == "weight" for n, _ in indices)
@@ -339,15 +337,14 @@ class PerExampleSource(GradNormSource):
         if not params or all(i in self.excluded for _, i in params):
             return
         name = self._module_names[id(module)]
-        replay, outputs, problem = generic.capture(
-            module, name, args, kwargs, output, [n for n, _ in params], self.expected_examples
-        )
-        if problem is not None:
+        captured = generic.capture(module, name, args, kwargs, output, [n for n, _ in params], self.expected_examples)
+        if isinstance(captured, str):
             for _, i in params:
-                self.exclude(i, problem)
+                self.exclude(i, captured)
             return
-        if replay is None or not self._new_use(module, params):
+        if captured is None or not self._new_use(module, params):
             return
+        replay, outputs = captured
         fired = [False]
         hook = partial(self._on_generic_grad, replay, params, fired)
         torch.autograd.graph.register_multi_grad_hook(outputs, hook, mode="all")
@@ -408,8 +405,11 @@ class PerExampleSource(GradNormSource):
         batch = inp.shape[0] if inp.dim() > 0 else 0
         if batch == 0 or (self.expected_examples is not None and batch != self.expected_examples):
             return None  # the forward hook excludes the layer
-        if isinstance(module, nn.Linear):
-            if inp.dim() < 3 or not fused_pays(batch, inp.numel() // (batch * inp.shape[-1]), *module.weight.shape):
+        if isinstance(module, nn.Linear) or hf_conv1d_class(module) is not None:
+            d_in = inp.shape[-1]
+            weight: Tensor = module.weight  # type: ignore[assignment]
+            d_out = weight.shape[0] if isinstance(module, nn.Linear) else weight.shape[1]
+            if inp.dim() < 3 or not fused_pays(batch, inp.numel() // (batch * d_in), d_out, d_in):
                 return None
         elif inp.dim() <= len(module.normalized_shape) or torch.is_autocast_enabled(inp.device.type):  # type: ignore[arg-type]
             return None

@@ -91,9 +91,11 @@ def forward_problem(module: nn.Module, name: str, args: tuple[Any, ...], kwargs:
             " replay of its forward cannot reproduce"
         )
     dropout = getattr(module, "dropout", 0.0)
-    if isinstance(module, COMPOSITE_LAYERS) and module.training and isinstance(dropout, float) and dropout > 0:
-        if not isinstance(module, nn.RNNBase) or module.num_layers > 1:
-            return f"dropout inside {name!r} (nn.{kind}, dropout={dropout}) cannot be replayed per example"
+    # A one-layer recurrent layer applies no dropout (it sits between layers).
+    dropping = isinstance(dropout, float) and dropout > 0 and module.training
+    single_rnn = isinstance(module, nn.RNNBase) and module.num_layers == 1
+    if dropping and isinstance(module, COMPOSITE_LAYERS) and not single_rnn:
+        return f"dropout inside {name!r} (nn.{kind}, dropout={dropout}) cannot be replayed per example"
     if isinstance(module, COMPOSITE_LAYERS):
         first = args[0] if args else kwargs.get("input", kwargs.get("query"))
         if not isinstance(first, Tensor) or first.dim() != 3:
@@ -126,24 +128,27 @@ def capture(
     output: Any,
     param_names: list[str],
     expected: int | None,
-) -> tuple[Replay | None, list[Tensor], str | None]:
-    """The replay of this call, the output tensors to hook, or why the call cannot be split per example."""
+) -> tuple[Replay, list[Tensor]] | str | None:
+    """The replay of this call and the output tensors to hook; why it cannot be split per example; or None.
+
+    None: no output needs a gradient (nothing to measure in this call).
+    """
     out_leaves = tree_flatten(output)[0]
     selected = [i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and t.requires_grad]
     if not selected:
-        return None, [], None
+        return None
     problem = forward_problem(module, name, args, kwargs)
     if problem is not None:
-        return None, [], problem
+        return problem
     all_dims = _output_dims(module, len(out_leaves))
     dims = [all_dims[i] for i in selected]
     tensors = [out_leaves[i] for i in selected]
     first = tensors[0]
-    batch = expected if expected is not None else (first.shape[dims[0]] if first.dim() > dims[0] else None)
+    batch = expected if expected is not None else (first.shape[dims[0]] if first.dim() > dims[0] else 0)
     for t, d in zip(tensors, dims, strict=True):
-        if batch is None or t.dim() <= d or t.shape[d] != batch:
+        if t.dim() <= d or t.shape[d] != batch:
             where = "leading dimension" if d == 0 else f"dimension {d}"
-            return None, [], (
+            return (
                 f"layer {name!r} ({type(module).__name__}) gave an output of shape {tuple(t.shape)} whose {where} is"
                 f" not the micro-batch's {batch} examples (inputs broadcast over the batch, or a layout the"
                 " per-example replay does not know)"
@@ -165,34 +170,32 @@ def capture(
                     batched.append((k, dim))
         at += count
     if not batched:
-        return None, [], (
+        return (
             f"layer {name!r} ({type(module).__name__}) was called without an input whose batch dimension holds the"
             f" micro-batch's {batch} examples: its gradient cannot be split per example"
         )
     wanted_names = set(param_names)
-    wanted, fixed = {}, {}
+    wanted: dict[str, Tensor] = {}
+    fixed: dict[str, Tensor] = {}
     for n, p in module.named_parameters():
         (wanted if n in wanted_names else fixed)[n] = p.detach()
     # Buffers as this call left them: a later call may update them in place (spectral_norm's u and v).
     fixed.update({n: b.detach().clone() for n, b in module.named_buffers()})
     device = first.device.type
     autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
-    return (
-        Replay(
-            module,
-            wanted,
-            fixed,
-            spec,
-            leaves,
-            batched,
-            selected,
-            dims,
-            [(t.shape, t.dtype, t.device) for t in tensors],
-            autocast,
-        ),
-        tensors,
-        None,
+    replay = Replay(
+        module,
+        wanted,
+        fixed,
+        spec,
+        leaves,
+        batched,
+        selected,
+        dims,
+        [(t.shape, t.dtype, t.device) for t in tensors],
+        autocast,
     )
+    return replay, tensors
 
 
 def _with_initial_state(
@@ -274,9 +277,10 @@ def per_example_grads(replay: Replay, grads: list[Tensor | None]) -> dict[str, T
             out = tree_flatten(functional_call(runner, params, args, kwargs))[0]
             return tuple(out[i] for i in replay.outputs)
 
-        _, pull = vjp(outputs, replay.wanted)
+        pull = vjp(outputs, replay.wanted)[1]
         unsqueezed = tuple(c.unsqueeze(d) for c, d in zip(example_cotangents, replay.output_dims, strict=True))
-        return pull(unsqueezed)[0]
+        grads: dict[str, Tensor] = pull(unsqueezed)[0]
+        return grads
 
     inputs = [replay.leaves[k] for k, _ in replay.batched]
     in_dims = ([d for _, d in replay.batched], list(replay.output_dims))
