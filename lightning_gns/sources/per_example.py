@@ -120,10 +120,15 @@ def _conv_factors(module: nn.Conv1d | nn.Conv2d, inp: Tensor, grad_out: Tensor) 
     return factors
 
 
-def _generic_attach_problem(module: nn.Module, label: str, whole: bool, params: list[Tensor]) -> str | None:
-    """Why the parameters of ``module`` (not a dedicated layer) cannot be measured at all, or None."""
+def _generic_attach_problem(
+    module: nn.Module, label: str, whole: bool, params: list[Tensor], is_model: bool
+) -> str | None:
+    """Why the parameters of ``module`` (not a dedicated layer) cannot be measured at all, or None.
+
+    The model itself is never replayed (its parameters are used by its forward or the training step).
+    """
     kind = type(module).__name__
-    if not whole and any(True for _ in module.children()):
+    if not whole and (is_model or any(True for _ in module.children())):
         return (
             f"raw parameter of {label!r} ({kind}) used in its forward: no per-example path (only layers without"
             " children, nn.MultiheadAttention, recurrent and parametrized layers are replayed per example)"
@@ -271,7 +276,7 @@ class PerExampleSource(GradNormSource):
             if not own:
                 continue
             indices = self._watch(module, label, own)
-            problem = _generic_attach_problem(module, label, replays_whole, [p for _, p in own])
+            problem = _generic_attach_problem(module, label, replays_whole, [p for _, p in own], module is model)
             if problem is not None:
                 for _, i in indices:
                     self.exclude(i, problem)
