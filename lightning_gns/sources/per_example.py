@@ -24,6 +24,7 @@ from lightning_gns.sources.per_example_factors import (
     factor_inner,
     factor_sq_norm,
 )
+from lightning_gns.sources.per_example_rnn import rnn_factors
 
 Layers = Literal["all", "norm"]
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
@@ -373,6 +374,9 @@ class PerExampleSource(GradNormSource):
             return
         fired[0] = True
         module = replay.module
+        if isinstance(module, nn.RNNBase):
+            self._on_rnn_grad(replay, params, list(grads))
+            return
         try:
             per_example = generic.per_example_grads(replay, list(grads))
         except (torch.OutOfMemoryError, torch.AcceleratorError):
@@ -386,6 +390,19 @@ class PerExampleSource(GradNormSource):
             if index not in self.excluded:
                 value = per_example[param_name]
                 self._add(index, Materialized(value if value.dim() > 1 else value.unsqueeze(1)))  # scalars: (B, 1)
+
+    def _on_rnn_grad(self, replay: generic.Replay, params: list[tuple[str, int]], grads: list[Tensor | None]) -> None:
+        module = replay.module
+        assert isinstance(module, nn.RNNBase)
+        args, kwargs = generic.replay_inputs(replay)
+        every: list[Tensor | None] = [None] * (3 if isinstance(module, nn.LSTM) else 2)
+        for position, value in zip(replay.outputs, grads, strict=True):
+            every[position] = value
+        x = args[0] if args else kwargs["input"]
+        factors = rnn_factors(module, x, args[1] if len(args) > 1 else kwargs["hx"], every)
+        for param_name, index in params:
+            if param_name in factors and index not in self.excluded:
+                self._add(index, factors[param_name])
 
     def _new_use(self, module: nn.Module, params: list[tuple[str, int]]) -> bool:
         """Count a use of ``module``'s parameters; False for a checkpoint's replay of a counted call.

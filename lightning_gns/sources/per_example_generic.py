@@ -254,6 +254,12 @@ def _replay_state(module: nn.Module) -> Iterator[None]:
                 setattr(module, n, saved[n])
 
 
+def replay_inputs(replay: Replay) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's (args, kwargs) as captured (tensors detached)."""
+    args, kwargs = tree_unflatten(replay.leaves, replay.spec)
+    return args, kwargs
+
+
 _BATCHING_RULE_WARNING = r".*There is a performance drop because we have not yet implemented the batching rule.*"
 
 
