@@ -1,11 +1,11 @@
 """Per-example gradients of any module's parameters, by replaying its forward one example at a time.
 
 For a module that no dedicated path covers (a custom norm such as ``LlamaRMSNorm``, a scale module, a
-grouped convolution, ``nn.LSTM``/``nn.GRU``/``nn.RNN``, ``nn.MultiheadAttention``, a weight under
-``torch.nn.utils.parametrize``), the forward hook keeps the module's inputs and, when its outputs' gradients
-arrive, computes every example's parameter gradient as ``torch.func.vjp`` of ``functional_call(module,
-params, inputs of that example)`` with that example's output gradient as the cotangent, vmapped over the
-examples. This is exact (the same function, differentiated per example) and materialises a (B, *shape)
+grouped convolution, ``nn.MultiheadAttention``, a weight under ``torch.nn.utils.parametrize``; recurrent
+layers are captured here too but replayed by :mod:`per_example_rnn`), the forward hook keeps the module's
+inputs and, when its outputs' gradients arrive, computes every example's parameter gradient as
+``torch.func.vjp`` of ``functional_call(module, params, inputs of that example)`` with that example's output
+gradient as the cotangent, vmapped over the examples. This is exact (the same function, differentiated per example) and materialises a (B, *shape)
 gradient per parameter: it costs about one more forward and backward of the module, per example batched.
 
 What cannot be replayed is refused with a reason, never measured wrongly: random operations (vmap's

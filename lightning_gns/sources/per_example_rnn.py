@@ -81,7 +81,8 @@ def rnn_factors(module: nn.RNNBase, x: Tensor, hx: Any, grads: list[Tensor | Non
                     saved[f"hr{suffix}"] = torch.stack(unprojected, dim=1).detach()
             inp = torch.cat(outputs, dim=2) if directions > 1 else outputs[0]
         replayed = [layout(inp), torch.stack(finals_h)] + ([torch.stack(finals_c)] if lstm else [])
-        pairs = [(o, g) for o, g in zip(replayed, grads, strict=True) if g is not None and o.requires_grad]
+        # Under autocast the layer ran in half precision; the replay runs in the input's dtype.
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(replayed, grads, strict=True) if g is not None and o.requires_grad]
         names = list(probes)
         flat = [t for n in names for t in (probes[n] if isinstance(probes[n], list) else [probes[n]])]
         found = torch.autograd.grad(
