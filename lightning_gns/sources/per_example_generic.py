@@ -5,8 +5,9 @@ grouped convolution, ``nn.MultiheadAttention``, a weight under ``torch.nn.utils.
 layers are captured here too but replayed by :mod:`per_example_rnn`), the forward hook keeps the module's
 inputs and, when its outputs' gradients arrive, computes every example's parameter gradient as
 ``torch.func.vjp`` of ``functional_call(module, params, inputs of that example)`` with that example's output
-gradient as the cotangent, vmapped over the examples. This is exact (the same function, differentiated per example) and materialises a (B, *shape)
-gradient per parameter: it costs about one more forward and backward of the module, per example batched.
+gradient as the cotangent, vmapped over the examples. This is exact (the same function, differentiated per
+example) and materialises a (B, *shape) gradient per parameter: it costs about one more forward and backward
+of the module, per example batched.
 
 What cannot be replayed is refused with a reason, never measured wrongly: random operations (vmap's
 ``randomness="error"`` raises on dropout), inputs without the batch dimension where it is expected,
