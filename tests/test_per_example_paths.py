@@ -152,6 +152,32 @@ def test_conv1d_fused_forward_is_conv1d_forward(shape: tuple[int, ...]) -> None:
     assert_exact(double, regression_loss, x.double())
 
 
+def test_conv1d_fused_under_autocast_matches_conv1d() -> None:
+    """bf16 autocast: the fused forward casts as Conv1D's addmm does (same output); .grad and norms agree."""
+    torch.manual_seed(14)
+    base = nn.Sequential(Conv1D(16, 8), nn.Tanh(), Conv1D(4, 16))
+    x = torch.randn(4, 12, 8)
+    expected = sum(reference_sq_norms(copy.deepcopy(base).double(), regression_loss, x.double()).values())
+    results = {}
+    for fused in (False, True):
+        model = copy.deepcopy(base)
+        source = PerExampleSource(fused=fused)
+        source.attach(model, model.parameters())
+        source.recording, source.expected_examples = True, 4
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model(x)
+        assert type(outputs.grad_fn).__name__.startswith("Fused") == fused
+        outputs.square().flatten(1).mean(dim=1).mean().backward()
+        norms = source.pop_norms()
+        assert norms is not None
+        results[fused] = (outputs, (norms * 4).square(), [p.grad for p in model.parameters()])
+    assert torch.equal(results[True][0], results[False][0])
+    torch.testing.assert_close(results[True][1], expected.float(), rtol=0.05, atol=0)
+    for got, want in zip(results[True][2], results[False][2], strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        assert ((got - want).norm() / want.norm()).item() < 0.02
+
+
 def test_tiny_gpt2_is_covered_but_its_broadcast_positions_and_exact() -> None:
     torch.manual_seed(2)
     config = GPT2Config(
