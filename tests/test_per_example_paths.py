@@ -307,6 +307,31 @@ def test_recurrent_variants_and_final_states_are_exact(kind: type[nn.RNNBase], o
     assert covered_fraction(model, source) == 1.0
 
 
+class ReversedGRU(nn.GRU):
+    """A subclass with its own forward: replayed as written (torch.func), not with torch's GRU equations."""
+
+    def forward(self, x: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        out, h = super().forward(x.flip(1), hx)
+        return out.flip(1), h
+
+
+class ReversedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = ReversedGRU(4, 5, batch_first=True), nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = (x[:, :1, :1] * 0).transpose(0, 1).expand(1, -1, 5)  # float64 vmap needs a batched state
+        return self.head(self.rnn(x, h0)[0])
+
+
+def test_recurrent_subclass_with_its_own_forward_is_replayed_as_written() -> None:
+    torch.manual_seed(15)
+    model = ReversedModel().double()
+    source = assert_exact(model, regression_loss, torch.randn(4, 6, 4, dtype=torch.float64))
+    assert covered_fraction(model, source) == 1.0
+
+
 class AttentionBlock(nn.Module):
     def __init__(self, batch_first: bool) -> None:
         super().__init__()

@@ -24,6 +24,7 @@ from lightning_gns.sources.per_example_factors import (
     factor_inner,
     factor_sq_norm,
 )
+from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
 
 Layers = Literal["all", "norm"]
@@ -390,7 +391,7 @@ class PerExampleSource(GradNormSource):
         fired[0] = True
         module = replay.module
         try:
-            if isinstance(module, nn.RNNBase):
+            if replays_rnn(module):
                 factors = _rnn_factors(replay, list(grads))
             else:
                 per_example = generic.per_example_grads(replay, list(grads))
