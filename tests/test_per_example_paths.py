@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad
+from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
@@ -242,6 +243,39 @@ def test_custom_norms_and_grouped_conv_are_exact() -> None:
         model.llama_norm.weight.uniform_(0.5, 1.5)
     source = assert_exact(model, regression_loss, torch.randn(5, 4, 5, dtype=torch.float64))
     assert covered_fraction(model, source) == 1.0
+
+
+class CheckpointedBlock(nn.Module):
+    """A user norm and an LSTM inside an activation checkpoint: the recomputation is no second use."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.proj, self.norm = nn.Linear(5, 6), ScaledRMSNorm(6)
+        self.rnn, self.head = nn.LSTM(6, 4, batch_first=True), nn.Linear(4, 1)
+        self.reentrant: bool | None = reentrant
+
+    def block(self, h: Tensor) -> Tensor:
+        return self.rnn(self.norm(h))[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        if self.reentrant is None:  # the reference: torch.func cannot differentiate through checkpoints
+            return self.head(self.block(h))
+        return self.head(checkpoint(self.block, h, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_replayed_layers_inside_activation_checkpoints_are_exact(reentrant: bool) -> None:
+    torch.manual_seed(16)
+    model = CheckpointedBlock(reentrant).double()
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    got, source = measured_sq_norms(model, regression_loss, x)
+    assert covered_fraction(model, source) == 1.0
+    model.reentrant = None
+    want = reference_sq_norms(model, regression_loss, x)
+    assert set(got) == set(want)
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], rtol=1e-9, atol=0, msg=name)
 
 
 class RecurrentLM(nn.Module):
