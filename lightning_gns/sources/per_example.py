@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gns.sources import per_example_generic as generic
 from lightning_gns.sources.base import GradNormSource
-from lightning_gns.sources.fused_linear import FusedForward, can_fuse, fused_pays
+from lightning_gns.sources.fused_linear import FusedForward, can_fuse, fused_pays, hf_conv1d_class
 from lightning_gns.sources.per_example_factors import (
     Dense,
     Factor,
@@ -23,6 +24,8 @@ from lightning_gns.sources.per_example_factors import (
     factor_inner,
     factor_sq_norm,
 )
+from lightning_gns.sources.per_example_rnn import replays as replays_rnn
+from lightning_gns.sources.per_example_rnn import rnn_factors
 
 Layers = Literal["all", "norm"]
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
@@ -39,7 +42,7 @@ def is_supported(module: nn.Module, layers: Layers = "all") -> bool:
         return not (module.sparse or module.max_norm is not None or module.scale_grad_by_freq)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.groups == 1 and module.padding_mode == "zeros" and _conv_padding(module) is not None
-    return isinstance(module, SUPPORTED_LAYERS)
+    return isinstance(module, SUPPORTED_LAYERS) or hf_conv1d_class(module) is not None
 
 
 def layer_factors(module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str, Factor]:
@@ -61,6 +64,12 @@ def layer_factors(module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str,
         return _norm_factors(module, inp, grad_out)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return _conv_factors(module, inp, grad_out)
+    if hf_conv1d_class(module) is not None:  # weight (in, out): the per-example gradient sum_t x_t delta_t^T
+        delta = grad_out.reshape(batch, -1, grad_out.shape[-1])
+        factors = {"weight": Dense(inp.reshape(batch, -1, inp.shape[-1]), delta)}
+        if getattr(module, "bias", None) is not None:
+            factors["bias"] = Materialized(delta.sum(dim=1))
+        return factors
     raise TypeError(f"unsupported layer {type(module).__name__}")
 
 
@@ -111,6 +120,66 @@ def _conv_factors(module: nn.Conv1d | nn.Conv2d, inp: Tensor, grad_out: Tensor) 
     if module.bias is not None:
         factors["bias"] = Materialized(delta.sum(dim=2))
     return factors
+
+
+def _generic_attach_problem(
+    module: nn.Module, label: str, whole: bool, params: list[Tensor], is_model: bool
+) -> str | None:
+    """Why the parameters of ``module`` (not a dedicated layer) cannot be measured at all, or None.
+
+    The model itself is never replayed (its parameters are used by its forward or the training step).
+    """
+    kind = type(module).__name__
+    if not whole and (is_model or any(True for _ in module.children())):
+        return (
+            f"raw parameter of {label!r} ({kind}) used in its forward: no per-example path (only layers without"
+            " children, nn.MultiheadAttention, recurrent and parametrized layers are replayed per example)"
+        )
+    if isinstance(module, BATCH_COUPLED_LAYERS):
+        return f"layer {label!r} ({kind}) couples the examples of a batch"
+    if isinstance(module, nn.Embedding):
+        option = "sparse=True" if module.sparse else "max_norm" if module.max_norm is not None else "scale_grad_by_freq"
+        return (
+            f"layer {label!r} (Embedding with {option}) has no per-example gradient that sums to its gradient"
+            " (max_norm renormalises rows in place, scale_grad_by_freq divides by batch counts; sparse is not replayed)"
+        )
+    return generic.attach_problem(module, params)
+
+
+def _rnn_factors(replay: generic.Replay, grads: list[Tensor | None]) -> dict[str, Factor]:
+    module = replay.module
+    assert isinstance(module, nn.RNNBase)
+    args, kwargs = generic.replay_inputs(replay)
+    every: list[Tensor | None] = [None] * (3 if isinstance(module, nn.LSTM) else 2)  # output, h_n[, c_n]
+    for position, value in zip(replay.outputs, grads, strict=True):
+        every[position] = value
+    x = args[0] if args else kwargs["input"]
+    return rnn_factors(module, x, args[1] if len(args) > 1 else kwargs["hx"], every)
+
+
+def _when_all_grads(tensors: list[Tensor], fn: Any) -> None:
+    """Call ``fn(grads)`` once the gradients of all ``tensors`` this backward will compute have arrived.
+
+    As ``register_multi_grad_hook(mode="all")``, with the outputs that will get a gradient found per backward
+    pass (graph task): inside a reentrant checkpoint's backward the torch hook waits for unused outputs forever.
+    """
+    nodes = [t.grad_fn for t in tensors]
+    pending: dict[int, tuple[set[int], list[Tensor | None]]] = {}
+
+    def on_grad(i: int, grad: Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task not in pending:
+            coming = {j for j, node in enumerate(nodes) if node is None or torch._C._will_engine_execute_node(node)}
+            pending[task] = (coming, [None] * len(nodes))
+        coming, grads = pending[task]
+        grads[i] = grad
+        coming.discard(i)
+        if not coming:
+            del pending[task]
+            fn(grads)
+
+    for i, t in enumerate(tensors):
+        t.register_hook(partial(on_grad, i))
 
 
 def batch_coupled_layers(model: nn.Module) -> list[str]:
@@ -173,15 +242,19 @@ class PerExampleSource(GradNormSource):
     before). Activation checkpointing (reentrant or not) is exact: a non-reentrant checkpoint's recomputation
     in backward is recognised and not counted as another use of the layer.
 
-    The watched parameters (:attr:`params`, fixed at :meth:`attach`) are those of supported layers. A use
+    Every other layer with trainable parameters (a leaf module, ``nn.MultiheadAttention``, a recurrent layer,
+    a parametrized layer) takes the generic path (:mod:`~lightning_gns.sources.per_example_generic`,
+    :mod:`~lightning_gns.sources.per_example_rnn`): its captured inputs are replayed per example. Raw
+    parameters of a module with children (and of the model itself) are excluded at attach, with the reason.
+
+    The watched parameters (:attr:`params`, fixed at :meth:`attach`) are those of measured layers. A use
     that cannot be split per example excludes the parameter for the rest of the run (:attr:`excluded`, with
     the reason): a layer whose input's leading dimension is not the micro-batch's example count
     (:attr:`expected_examples`), such as a positional embedding called on ``arange(T)`` and broadcast over
     the batch, or a Linear applied to tokens flattened to ``(B*T, d)``. An output gradient that arrives twice
     (a double backward, ``autograd.grad`` through the layers before ``backward``) makes the whole backward
     unmeasurable (:attr:`PerExampleBackward.failed`). A parameter whose layer never runs as a module (its
-    weight used functionally, as in ``nn.MultiheadAttention``'s ``out_proj``) receives no per-example norm;
-    the caller detects it from its gradient.
+    weight used by a functional call) receives no per-example norm; the caller detects it from its gradient.
     """
 
     name = "per_example"
@@ -193,6 +266,7 @@ class PerExampleSource(GradNormSource):
         self.params: list[nn.Parameter] = []
         self.param_layers: list[str] = []  # name of the first layer owning each watched parameter
         self.excluded: dict[int, str] = {}  # index into params -> why it cannot be measured per example
+        self._left_out_layers: tuple[int, set[str]] = (0, set())  # (len(excluded) it was built for, names)
         self.expected_examples: int | None = None
         self._index: dict[int, int] = {}  # parameter id -> index into params
         # Module id -> its measured (name, parameter index) pairs, as registered at attach. Looked up by
@@ -224,30 +298,63 @@ class PerExampleSource(GradNormSource):
         # the original layer's weights on every replica: no fused path there.
         fused = self.fused and not any(isinstance(m, nn.DataParallel) for m in model.modules())
         self.params, self.param_layers, self._index, self.excluded = [], [], {}, {}
+        self._left_out_layers = (0, set())
+        whole: list[str] = []  # modules the generic path replays with all their children
         for module_name, module in model.named_modules():
-            if not is_supported(module, self.layers):
+            if any(module_name.startswith(f"{w}.") or not w for w in whole):
                 continue
+            label = module_name or type(module).__name__
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) in wanted]
+            replays_whole = self.layers == "all" and generic.replays_whole(module)
+            if is_supported(module, self.layers) and not replays_whole:
+                if own:
+                    self._watch_dedicated(module, label, own, fused)
+                continue
+            if self.layers != "all":
+                continue
+            if replays_whole:
+                whole.append(module_name)
+                own = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) in wanted]
             if not own:
                 continue
-            indices = []
-            for param_name, p in own:
-                if id(p) not in self._index:
-                    self._index[id(p)] = len(self.params)
-                    self.params.append(p)
-                    self.param_layers.append(module_name or type(module).__name__)
-                indices.append((param_name, self._index[id(p)]))
-            self._module_params[id(module)] = indices
-            self._module_names[id(module)] = module_name or type(module).__name__
-            self._handles.append(module.register_forward_hook(self._on_forward))
-            measures_weight = any(n == "weight" for n, _ in indices)
-            if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
-                module.forward = FusedForward(module, self)
-                self._fused_modules.append(module)
+            indices = self._watch(module, label, own)
+            problem = _generic_attach_problem(module, label, replays_whole, [p for _, p in own], module is model)
+            if problem is not None:
+                for _, i in indices:
+                    self.exclude(i, problem)
+                continue
+            self._handles.append(module.register_forward_hook(self._on_generic_forward, with_kwargs=True))
+
+    def _watch(self, module: nn.Module, label: str, named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, int]]:
+        indices = []
+        for param_name, p in named:
+            if id(p) not in self._index:
+                self._index[id(p)] = len(self.params)
+                self.params.append(p)
+                self.param_layers.append(label)
+            indices.append((param_name, self._index[id(p)]))
+        self._module_params[id(module)] = indices
+        self._module_names[id(module)] = label
+        return indices
+
+    def _watch_dedicated(self, module: nn.Module, label: str, own: list[tuple[str, nn.Parameter]], fused: bool) -> None:
+        indices = self._watch(module, label, own)
+        self._handles.append(module.register_forward_hook(self._on_forward))
+        measures_weight = any(n == "weight" for n, _ in indices)
+        if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
+            module.forward = FusedForward(module, self)
+            self._fused_modules.append(module)
 
     def covered_params(self) -> list[nn.Parameter]:
         """Watched parameters not excluded so far."""
         return [p for i, p in enumerate(self.params) if i not in self.excluded]
+
+    def left_out_layers(self) -> set[str]:
+        """Names of the layers all of whose watched parameters are excluded (host-side record)."""
+        if self._left_out_layers[0] != len(self.excluded):
+            kept = {self.param_layers[i] for i in range(len(self.params)) if i not in self.excluded}
+            self._left_out_layers = (len(self.excluded), set(self.param_layers) - kept)
+        return self._left_out_layers[1]
 
     def owner(self, param: nn.Parameter) -> str:
         """Name of the layer a watched parameter is reported under (its first owner for tied weights)."""
@@ -276,6 +383,55 @@ class PerExampleSource(GradNormSource):
             return
         fired = [False]
         output.register_hook(partial(self._on_output_grad, module, inp.detach(), params, fired))
+
+    def _on_generic_forward(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if not self.recording:
+            return
+        params = self._module_params.get(id(module), [])
+        if not params or all(i in self.excluded for _, i in params):
+            return
+        name = self._module_names[id(module)]
+        captured = generic.capture(module, name, args, kwargs, output, [n for n, _ in params], self.expected_examples)
+        if isinstance(captured, str):
+            for _, i in params:
+                self.exclude(i, captured)
+            return
+        if captured is None or not self._new_use(module, params):
+            return
+        replay, outputs = captured
+        fired = [False]
+        hook = partial(self._on_generic_grad, replay, params, fired)
+        _when_all_grads(outputs, hook)
+
+    def _on_generic_grad(
+        self, replay: generic.Replay, params: list[tuple[str, int]], fired: list[bool], grads: Any
+    ) -> None:
+        if not self.recording:
+            return
+        if fired[0]:
+            self._failed = _TWICE
+            return
+        fired[0] = True
+        module = replay.module
+        try:
+            if replays_rnn(module):
+                factors = _rnn_factors(replay, list(grads))
+            else:
+                per_example = generic.per_example_grads(replay, list(grads))
+                # Laid out like the parameter (scalars as (B, 1)), so cross terms with other uses line up.
+                factors = {n: Materialized(g if g.dim() > 1 else g.unsqueeze(1)) for n, g in per_example.items()}
+        except (torch.OutOfMemoryError, torch.AcceleratorError):
+            raise
+        except (RuntimeError, NotImplementedError) as error:  # torch.func's refusals: vmap, random ops, shapes
+            reason = generic.replay_failure(self._module_names[id(module)], module, error)
+            for _, i in params:
+                self.exclude(i, reason)
+            return
+        for param_name, index in params:
+            if param_name in factors and index not in self.excluded:
+                self._add(index, factors[param_name])
 
     def _new_use(self, module: nn.Module, params: list[tuple[str, int]]) -> bool:
         """Count a use of ``module``'s parameters; False for a checkpoint's replay of a counted call.
@@ -310,8 +466,11 @@ class PerExampleSource(GradNormSource):
         batch = inp.shape[0] if inp.dim() > 0 else 0
         if batch == 0 or (self.expected_examples is not None and batch != self.expected_examples):
             return None  # the forward hook excludes the layer
-        if isinstance(module, nn.Linear):
-            if inp.dim() < 3 or not fused_pays(batch, inp.numel() // (batch * inp.shape[-1]), *module.weight.shape):
+        if isinstance(module, nn.Linear) or hf_conv1d_class(module) is not None:
+            d_in = inp.shape[-1]
+            weight: Tensor = module.weight  # type: ignore[assignment]
+            d_out = weight.shape[0] if isinstance(module, nn.Linear) else weight.shape[1]
+            if inp.dim() < 3 or not fused_pays(batch, inp.numel() // (batch * d_in), d_out, d_in):
                 return None
         elif inp.dim() <= len(module.normalized_shape) or torch.is_autocast_enabled(inp.device.type):  # type: ignore[arg-type]
             return None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
 
 
 def make_trainer(callbacks: list[Any], **kwargs: Any) -> Trainer:
@@ -19,3 +21,16 @@ def make_trainer(callbacks: list[Any], **kwargs: Any) -> Trainer:
     )
     defaults.update(kwargs)
     return Trainer(callbacks=callbacks, **defaults)
+
+
+def fit64(callbacks: list[Any], model: LightningModule, data: Any, **kwargs: Any) -> list[str]:
+    """Fit in float64 and return the messages of the GradientNoiseScale warnings raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks, precision="64-true", **kwargs).fit(model, data)
+    return [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
+
+
+def param_names(model: nn.Module, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Names of the trainable parameters, less those starting with ``exclude``."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(exclude)]
