@@ -52,7 +52,7 @@ def main() -> None:
         max_accumulation=8,
         max_growth=math.inf,
         min_samples=0,
-        max_relative_error=math.inf,
+        z=0.0,
     )
     trainer = Trainer(
         accelerator="cpu",

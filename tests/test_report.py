@@ -239,7 +239,16 @@ def test_console_script_is_declared() -> None:
 
 # ------------------------------------------------------------------------------------------ layout
 def chart_tags(layout: layout_pb2.Layout) -> dict[str, list[str]]:
-    return {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    """Each chart's tags as regexes: a Multiline chart's are regexes, a Margin chart's are exact tag names."""
+    charts: dict[str, list[str]] = {}
+    for category in layout.category:
+        for chart in category.chart:
+            if chart.HasField("margin"):
+                exact = [t for s in chart.margin.series for t in (s.value, s.lower, s.upper)]
+                charts[chart.title] = [re.escape(tag) + "$" for tag in exact]
+            else:
+                charts[chart.title] = list(chart.multiline.tag)
+    return charts
 
 
 def fit_logged(root: Path, gns: GradientNoiseScale, *extra: Callback, accumulation: int = 1) -> set[str]:
@@ -321,6 +330,10 @@ def test_layout_charts_per_configuration(adaptive: bool, per_layer: bool, per_ex
 
     always = ["gns/b_simple", "gns/grad_sq_norm", "gns/trace_cov", "gns/b_big", "gns/b_small", "gns/skipped_steps"]
     always += ["gns/steps_over_min", "gns/examples_over_min", "gns/statistical_efficiency"]
+    always += ["gns/b_simple_low", "gns/b_simple_high"]
+    [margin] = [c for category in layout.category for c in category.chart if c.HasField("margin")]
+    [series] = margin.margin.series
+    assert (series.value, series.lower, series.upper) == ("gns/b_simple", "gns/b_simple_low", "gns/b_simple_high")
     assert all(drawn(tag) for tag in always)
     for tag in ("gns/effective_batch_size", "gns/accumulation", "gns/lr_factor"):
         assert drawn(tag) is adaptive
