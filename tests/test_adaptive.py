@@ -28,7 +28,7 @@ from lightning_gns.batch_schedule import (
     lr_factor,
     sqrt_schedule,
 )
-from tests.adaptive_support import RecordingRegression, scheduled_target, window_mean_grad
+from tests.adaptive_support import RecordingRegression, reference_interval, scheduled_target, window_mean_grad
 from tests.models import LinearProblem, LinearRegression, loader
 from tests.test_errors import ManualRegression, restore_process_state  # noqa: F401  (fixture)
 
@@ -207,7 +207,7 @@ def test_b_simple_target_respects_bounds_and_grows_only() -> None:
     fit(callback, LinearRegression(problem, lr=0.0), max_epochs=1)
     accumulations = [int(h["accumulation"]) for h in callback.history]
     assert accumulations == [1, 2]  # wanted round(11 / 4) = 3, clamped to max_accumulation
-    assert callback.lr_factor == 1.0  # lr_scaling="none" by default
+    assert callback.lr_factor == lr_factor(callback.lr_scaling, 2.0)  # the default rule, from accumulation 1 to 2
 
 
 def test_sqrt_target_with_r() -> None:
@@ -448,6 +448,15 @@ def test_ddp_ranks_switch_together(tmp_path: Path) -> None:
         grad = (window_mean_grad(s0["before"], s0["window"]) + window_mean_grad(s1["before"], s1["window"])) / 2
         expected = s0["before"].double() - LR * k / k * grad
         torch.testing.assert_close(s0["after"].double(), expected, rtol=1e-5, atol=1e-6)
+    # B_simple's interval: the same bits on both ranks (the statistics are all-reduced before the fold), and
+    # exact against a float64 recomputation from the per-step estimates.
+    assert ranks[0]["estimates"] == ranks[1]["estimates"] and len(ranks[0]["estimates"]) == len(steps0)
+    assert ranks[0]["intervals"] == ranks[1]["intervals"]
+    assert torch.equal(ranks[0]["moments"], ranks[1]["moments"])
+    g, t = zip(*ranks[0]["estimates"], strict=True)
+    for m, interval in enumerate(ranks[0]["intervals"], start=1):
+        assert interval == pytest.approx(reference_interval(list(g[:m]), list(t[:m]), beta=0.9, z=1.0)[:3], rel=1e-9)
+    assert any(math.isfinite(high) for _, high, _ in ranks[0]["intervals"])
 
 
 # ---------------------------------------------------------------- namespaces and LightningCLI
