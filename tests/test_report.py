@@ -27,6 +27,7 @@ from lightning_gns.tools.report import (
     Series,
     find_loss_tag,
     gns_runs,
+    interval_band,
     load_runs,
     smooth,
     summarize,
@@ -145,6 +146,26 @@ def test_adaptive_runs_get_the_effective_batch_panel(tmp_path: Path, capsys: pyt
     assert "accumulation [micro-batches per step]" in picture and "adaptive: effective batch" in picture
     printed = capsys.readouterr().out
     assert "adaptive  " in printed and "fixed  " in printed and "50 @0 (loss 3)" in printed
+
+
+def test_logged_interval_reaches_the_report_band(logged_run: tuple[Path, Path]) -> None:
+    """gns/b_simple_low <= gns/b_simple <= gns/b_simple_high on every logged step (inf high included), and the
+    band drawn is those values, with 0 and inf bounds moved just past the chart's finite range."""
+    tb_dir, csv_path = logged_run
+    scalars = load_runs(tb_dir)[RUN]
+    low, high, b = scalars["gns/b_simple_low"], scalars["gns/b_simple_high"], scalars[B_SIMPLE]
+    assert low.steps.tolist() == high.steps.tolist() == b.steps.tolist()
+    known = ~np.isnan(low.values)
+    assert known.sum() >= 10
+    assert np.all(low.values[known] <= b.values[known] * (1 + 1e-6))
+    assert np.all(b.values[known] <= high.values[known] * (1 + 1e-6))
+    steps, band_low, band_high = interval_band(scalars)  # type: ignore[misc]
+    assert steps.tolist() == low.steps[known].tolist()
+    finite = np.isfinite(high.values[known])
+    np.testing.assert_array_equal(band_high[finite], high.values[known][finite])
+    assert np.all(band_high[~finite] > np.nanmax(np.where(np.isfinite(b.values), b.values, np.nan)))
+    positive = low.values[known] > 0
+    np.testing.assert_array_equal(band_low[positive], low.values[known][positive])
 
 
 def test_summarize_picks_finite_points_and_counts_infinite_ones() -> None:
