@@ -151,7 +151,7 @@ def test_adaptive_runs_get_the_effective_batch_panel(tmp_path: Path, capsys: pyt
 def test_logged_interval_reaches_the_report_band(logged_run: tuple[Path, Path]) -> None:
     """gns/b_simple_low <= gns/b_simple <= gns/b_simple_high on every logged step (inf high included), and the
     band drawn is those values, with 0 and inf bounds moved just past the chart's finite range."""
-    tb_dir, csv_path = logged_run
+    tb_dir, _ = logged_run
     scalars = load_runs(tb_dir)[RUN]
     low, high, b = scalars["gns/b_simple_low"], scalars["gns/b_simple_high"], scalars[B_SIMPLE]
     assert low.steps.tolist() == high.steps.tolist() == b.steps.tolist()
