@@ -1,30 +1,32 @@
-"""Adaptive accumulation on a character-level language model: optimizer steps and validation loss at equal tokens.
+"""Adaptive accumulation against fixed batches at equal training units, on three tasks of different shape.
 
-Task: the transformer of ``example_projects/char_transformer.py`` (2 layers, d_model 64, context 64, AdamW
-at a constant learning rate) on Python's standard-library sources, one CPU device, the noise scale counted
-in tokens. Every configuration trains on the same number of tokens (``--tokens``); a run stops at the first
-optimizer step at or past it. Configurations:
+Tasks (``--task``): ``stdlib``, the char transformer of ``example_projects/char_transformer.py`` (2 layers,
+d_model 64, context 64, AdamW at a constant learning rate) on Python's standard-library sources; ``docs``,
+the same model with 1 layer and context 128 on the English prose of Python's documentation topics
+(``pydoc_data/topics.py``, shipped with the interpreter); ``digits``, the conv net of
+``example_projects/digits_classifier.py`` under SGD with momentum. One CPU device; the language models count
+the noise scale in tokens. Every configuration trains on the same number of units (``--tokens``: tokens,
+or examples for digits); a run stops at the first optimizer step at or past it. Configurations
+(``--configs``):
 
-- ``fixed small``: accumulation 1 (``--micro-batch`` sequences; the batch the learning rate is set for),
-  and ``fixed small lr=<lr>`` for each of ``--small-lrs`` (is the learning rate right for the small batch?);
-- ``adaptive <rule> c=<calibration>``: ``AdaptiveBatchSize`` from accumulation 1 to ``--max-accumulation``,
-  target ``calibration x B_simple`` (``target="b_simple"``), learning-rate rule ``<rule>``; one configuration
-  per ``RULE:CALIBRATION`` in ``--adaptive`` (the rule and the calibration are chosen by this benchmark, not
-  assumed);
-- ``fixed large x<k> <rule>``: accumulation ``k``, the largest the first adaptive configuration reached
-  (over all seeds; or ``--large-accumulation``), from the start, with learning rate ``--lr x f(k)`` for each
-  rule ``f`` of ``--large-lr-rules`` (``adascale``'s gain needs measured statistics; ``linear`` is its
-  upper bound).
+- ``fixed small``: accumulation 1 (the batch the learning rate is set for); ``fixed small lr=<lr>``;
+- ``fixed x<k> <rule>``: accumulation ``k`` from the first step, learning rate x ``rule(k)``
+  (``none``, ``sqrt``, ``linear``);
+- ``adaptive default``: ``AdaptiveBatchSize()`` and ``GradientNoiseScale()`` with their default arguments;
+  ``adaptive key=value,key=value``: those ``AdaptiveBatchSize`` arguments changed.
 
-Validation: cross-entropy in nats per token on held-out text (the last 5% of the corpus, never trained on):
-on ``--val-sequences`` sequences every ``--eval-every`` tokens, and on the whole held-out set at the end.
+Validation: cross-entropy in nats (per token for the language models) on held-out data (the last 5% of the
+text, never trained on; the digits' held-out split), on ``--val-sequences`` items every ``--eval-every``
+units and on the whole held-out set at the end.
 
-Prints a Markdown table (final validation loss mean ± std over seeds, optimizer steps, tokens, wall time),
-writes every run to ``--results`` (JSON lines; ``--report-only`` re-reads them) and plots validation loss
-against steps and against tokens, and the effective batch, to ``--out``.
+Prints a Markdown table (final validation loss, Δ against the fixed small batch paired per seed with its
+standard error, optimizer steps, units, wall time) and, for each adaptive configuration, the issue's
+criteria (no worse than fixed small within one standard error, >= 40% fewer steps, against every fixed
+batch with at most as many steps); writes every run (loss curve, batch changes, every AdaptiveBatchSize
+decision) to ``--results`` (JSON lines; ``--report-only`` re-reads them) and optionally a plot to ``--out``.
 
-Example (the numbers of docs/adaptive.md; 24 runs of 30-45 s each on a busy 2-core machine):
-``nice -n 15 python benchmarks/adaptive_lm.py --seeds 3 --out docs/adaptive_lm.png --results docs/adaptive_lm.jsonl``
+Example (the defaults study of docs/adaptive.md):
+``nice -n 15 python benchmarks/adaptive_lm.py --task docs --tokens 300000 --results docs/adaptive/defaults_docs.jsonl``
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
       global-zero rank only.
 
     ``calibration`` is the ratio ``B_crit / B_simple``: both named targets use ``calibration x B_simple``
-    in place of ``B_simple``. The default 0.5 is what the language-model benchmark (docs/adaptive.md)
-    found best (the measured ratio on the digits task is 0.38, so ``B_simple`` itself overshoots). Measure
+    in place of ``B_simple``. The default 1 applies to the lower confidence bound; the three-task benchmark of
+    docs/adaptive.md compares it with 0.5 (less loss early in training, far fewer steps saved). Measure
     it for your task with a branched critical-batch run (``lightning-gns branch``, then
     :func:`~lightning_gns.batch_schedule.calibration_from_branch_points`) or take it from a similar task.
 
@@ -91,8 +91,8 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     On each change the learning rate is multiplied, relative to the starting effective batch (for which
     the configured learning rate is taken to be right), by ``lr_scaling``:
 
-    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (Adam-type optimizers: the best of
-      the three in the AdamW language-model benchmark of docs/adaptive.md, where ``"none"`` lost clearly);
+    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (the default: the best rule on all
+      three tasks of docs/adaptive.md, AdamW and SGD alike);
     - ``"adascale"``: ``(s^2 + |G|^2) / (s^2 / S + |G|^2)`` with ``s^2`` the starting batch's gradient
       variance, measured at the change (between 1 and ``S``);
 
