@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="stdlib")
     parser.add_argument("--seeds", type=int, default=3, help="seeds (0, 1, ...)")
-    parser.add_argument("--tokens", type=int, default=600_000, help="training tokens (digits: examples) per run")
+    parser.add_argument("--tokens", type=int, default=300_000, help="training tokens (digits: examples) per run")
     parser.add_argument("--micro-batch", type=int, default=0, help="micro-batch (0: the task's)")
     parser.add_argument("--context", type=int, default=0, help="context (0: the task's)")
     parser.add_argument("--d-model", type=int, default=64)
@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
     present = list(dict.fromkeys([*args.configs, *(r.name for r in runs)]))
-    print(f"task {args.task}: {args.tokens:,} training units per run\n")
+    budget = args.tokens if not args.report_only else min((r.tokens for r in runs), default=0)
+    print(f"task {args.task}: {budget:,} training units per run (the first step at or past the budget)\n")
     print(table(runs, present))
     print()
     for name in present:
