@@ -19,7 +19,6 @@ from lightning_gns.estimators import (
     relative_error,
     simple_noise_scale,
     spread_from_moments,
-    step_moments,
     summarize_small_batches,
     unbiased_estimates,
     unpack_step,
@@ -172,9 +171,11 @@ class GradientNoiseScaleMetric(Metric):
         )
         self.ema_weight.copy_(torch.where(valid, beta * self.ema_weight + (1 - beta), self.ema_weight))
         moments = self.estimate_moments
-        # The zeros keep a skipped step's NaN out of the arithmetic (NaN * 0 would still be NaN).
-        values = step_moments(torch.where(valid, trace_cov, 0.0), torch.where(valid, grad_sq_norm, 0.0))
-        moments.copy_(torch.where(valid, beta * moments + (1 - beta) * values.to(moments.dtype), moments))
+        # One in-place lerp m + w (x - m) with w = (1 - beta) on a measured step and 0 on a skipped one; the
+        # zeros keep a skipped step's NaN out of x (0 * NaN would still be NaN).
+        pair = torch.where(valid, torch.stack([trace_cov, grad_sq_norm]), 0.0).to(dtype)
+        values = torch.cat([torch.ones_like(pair[:1]), pair, pair * pair, pair[:1] * pair[1:]])
+        moments.lerp_(values, valid.to(dtype) * (1 - beta))
         self.measured_steps.add_(valid.long())
         self.skipped_steps.add_((~valid).long())
         self.last_b_big.copy_(summary.size_sum)
