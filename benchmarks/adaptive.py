@@ -118,7 +118,7 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
                 calibration=args.calibration,
                 max_growth=args.max_growth,
                 min_samples=args.min_samples,
-                max_relative_error=args.max_relative_error,
+                z=args.z,
                 max_accumulation=args.max_accumulation,
                 warmup_steps=args.warmup_steps,
                 min_steps_between_changes=args.min_steps_between_changes,
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration", type=float, default=1.0, help="B_crit / B_simple for the named targets")
     parser.add_argument("--max-growth", type=float, default=2.0, help="largest batch factor per change")
     parser.add_argument("--min-samples", type=float, default=10.0, help="effective EMA samples before a change")
-    parser.add_argument("--max-relative-error", type=float, default=0.5, help="of B_simple, for a change")
+    parser.add_argument("--z", type=float, default=1.0, help="standard errors of the confidence bound decided on")
     parser.add_argument(
         "--frontier",
         type=Path,

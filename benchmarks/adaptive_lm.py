@@ -1,30 +1,32 @@
-"""Adaptive accumulation on a character-level language model: optimizer steps and validation loss at equal tokens.
+"""Adaptive accumulation against fixed batches at equal training units, on three tasks of different shape.
 
-Task: the transformer of ``example_projects/char_transformer.py`` (2 layers, d_model 64, context 64, AdamW
-at a constant learning rate) on Python's standard-library sources, one CPU device, the noise scale counted
-in tokens. Every configuration trains on the same number of tokens (``--tokens``); a run stops at the first
-optimizer step at or past it. Configurations:
+Tasks (``--task``): ``stdlib``, the char transformer of ``example_projects/char_transformer.py`` (2 layers,
+d_model 64, context 64, AdamW at a constant learning rate) on Python's standard-library sources; ``docs``,
+the same model with 1 layer and context 128 on the English prose of Python's documentation topics
+(``pydoc_data/topics.py``, shipped with the interpreter); ``digits``, the conv net of
+``example_projects/digits_classifier.py`` under SGD with momentum. One CPU device; the language models count
+the noise scale in tokens. Every configuration trains on the same number of units (``--tokens``: tokens,
+or examples for digits); a run stops at the first optimizer step at or past it. Configurations
+(``--configs``):
 
-- ``fixed small``: accumulation 1 (``--micro-batch`` sequences; the batch the learning rate is set for),
-  and ``fixed small lr=<lr>`` for each of ``--small-lrs`` (is the learning rate right for the small batch?);
-- ``adaptive <rule> c=<calibration>``: ``AdaptiveBatchSize`` from accumulation 1 to ``--max-accumulation``,
-  target ``calibration x B_simple`` (``target="b_simple"``), learning-rate rule ``<rule>``; one configuration
-  per ``RULE:CALIBRATION`` in ``--adaptive`` (the rule and the calibration are chosen by this benchmark, not
-  assumed);
-- ``fixed large x<k> <rule>``: accumulation ``k``, the largest the first adaptive configuration reached
-  (over all seeds; or ``--large-accumulation``), from the start, with learning rate ``--lr x f(k)`` for each
-  rule ``f`` of ``--large-lr-rules`` (``adascale``'s gain needs measured statistics; ``linear`` is its
-  upper bound).
+- ``fixed small``: accumulation 1 (the batch the learning rate is set for); ``fixed small lr=<lr>``;
+- ``fixed x<k> <rule>``: accumulation ``k`` from the first step, learning rate x ``rule(k)``
+  (``none``, ``sqrt``, ``linear``);
+- ``adaptive default``: ``AdaptiveBatchSize()`` and ``GradientNoiseScale()`` with their default arguments;
+  ``adaptive key=value,key=value``: those ``AdaptiveBatchSize`` arguments changed.
 
-Validation: cross-entropy in nats per token on held-out text (the last 5% of the corpus, never trained on):
-on ``--val-sequences`` sequences every ``--eval-every`` tokens, and on the whole held-out set at the end.
+Validation: cross-entropy in nats (per token for the language models) on held-out data (the last 5% of the
+text, never trained on; the digits' held-out split), on ``--val-sequences`` items every ``--eval-every``
+units and on the whole held-out set at the end.
 
-Prints a Markdown table (final validation loss mean ± std over seeds, optimizer steps, tokens, wall time),
-writes every run to ``--results`` (JSON lines; ``--report-only`` re-reads them) and plots validation loss
-against steps and against tokens, and the effective batch, to ``--out``.
+Prints a Markdown table (final validation loss, Δ against the fixed small batch paired per seed with its
+standard error, optimizer steps, units, wall time) and, for each adaptive configuration, the issue's
+criteria (no worse than fixed small within one standard error, >= 40% fewer steps, against every fixed
+batch with at most as many steps); writes every run (loss curve, batch changes, every AdaptiveBatchSize
+decision) to ``--results`` (JSON lines; ``--report-only`` re-reads them) and optionally a plot to ``--out``.
 
-Example (the numbers of docs/adaptive.md; 24 runs of 30-45 s each on a busy 2-core machine):
-``nice -n 15 python benchmarks/adaptive_lm.py --seeds 3 --out docs/adaptive_lm.png --results docs/adaptive_lm.jsonl``
+Example (the defaults study of docs/adaptive.md):
+``nice -n 15 python benchmarks/adaptive_lm.py --task docs --tokens 300000 --results docs/adaptive/defaults_docs.jsonl``
 """
 
 from __future__ import annotations
@@ -48,16 +50,46 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "example_projects"))
 
-from char_transformer import VOCAB_SIZE, CharTransformer, count_tokens, datasets, tokens_per_sequence
+from char_transformer import CharTransformer, ChunkDataset, datasets, tokens_per_sequence
+from digits_classifier import DigitsClassifier, digits_datasets
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import lr_factor
+
+# Tasks of different shape. "stdlib": Python source, context 64, 2 layers (the char example); "docs": the
+# English prose of Python's own documentation topics (pydoc_data/topics.py, shipped with the interpreter),
+# context 128, 1 layer; "digits": the conv net of example_projects/digits_classifier.py under SGD with
+# momentum, counted in examples. The budget (--tokens) is tokens for the language models, examples for digits.
+TASKS: dict[str, dict[str, Any]] = {
+    "stdlib": {"context": 64, "layers": 2, "lr": 4e-3, "micro_batch": 8},
+    "docs": {"context": 128, "layers": 1, "lr": 4e-3, "micro_batch": 4},
+    "digits": {"lr": 0.02, "micro_batch": 16},
+}
+
+
+def count_units(batch: Any) -> int:
+    """Tokens of a language-model micro-batch (B x T), examples of a digits one."""
+    return batch[0].numel() if batch[0].dtype == torch.long else batch[0].shape[0]
+
+
+def task_data(task: str, context: int, seed: int) -> tuple[Any, Any]:
+    if task == "stdlib":
+        return datasets(context)
+    if task == "docs":
+        import sysconfig
+
+        text = (Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py").read_bytes()
+        tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+        split = int(len(tokens) * 0.95)
+        return ChunkDataset(tokens[:split], context), ChunkDataset(tokens[split:], context)
+    return digits_datasets(seed)
 
 
 @dataclass
 class Run:
     name: str
     seed: int
+    task: str = "stdlib"
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -70,15 +102,16 @@ class Run:
 
 
 def validation_loss(model: LightningModule, x: torch.Tensor, y: torch.Tensor, chunk: int = 64) -> float:
-    """Mean cross-entropy per token (nats) over the sequences ``x`` -> ``y``."""
+    """Mean cross-entropy (nats) per token of the sequences ``x`` -> ``y``, or per example (digits)."""
     was_training = model.training
     model.eval()
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(x), chunk):
             logits = model(x[start : start + chunk])
+            classes = logits.shape[-1]
             total += float(
-                F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), y[start : start + chunk].reshape(-1), reduction="sum")
+                F.cross_entropy(logits.reshape(-1, classes), y[start : start + chunk].reshape(-1), reduction="sum")
             )
     model.train(was_training)
     return total / y.numel()
@@ -98,11 +131,11 @@ class TokenBudget(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.tokens += count_tokens(batch)
+        self.tokens += count_units(batch)
         if trainer.fit_loop._should_accumulate():
             return
         step = trainer.global_step
-        per_step = count_tokens(batch) * trainer.accumulate_grad_batches
+        per_step = count_units(batch) * trainer.accumulate_grad_batches
         if not self.run.batches or self.run.batches[-1][1] != per_step:
             self.run.batches.append((step, per_step))
         self.run.max_accumulation = max(self.run.max_accumulation, trainer.accumulate_grad_batches)
@@ -114,12 +147,30 @@ class TokenBudget(Callback):
             trainer.should_stop = True
 
 
+def adaptive_overrides(name: str) -> dict[str, Any]:
+    """``adaptive default`` -> {}; ``adaptive calibration=0.5,lr_scaling=none`` -> those keyword arguments."""
+    spec = name.removeprefix("adaptive").strip()
+    if spec in ("", "default"):
+        return {}
+    overrides: dict[str, Any] = {}
+    for item in spec.split(","):
+        key, value = item.split("=")
+        try:
+            overrides[key] = float(value) if "." in value or key in ("calibration", "z", "tolerance") else int(value)
+        except ValueError:
+            overrides[key] = value
+    return overrides
+
+
 def train(name: str, seed: int, args: argparse.Namespace) -> Run:
     seed_everything(seed, verbose=False)
-    train_set, val_set = datasets(args.context)
+    task = TASKS[args.task]
+    micro_batch = args.micro_batch or task["micro_batch"]
+    context = args.context or task.get("context", 0)
+    train_set, val_set = task_data(args.task, context, seed)
     loader = DataLoader(
         train_set,
-        batch_size=args.micro_batch,
+        batch_size=micro_batch,
         shuffle=True,
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
@@ -127,38 +178,27 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
     val_x = torch.stack([val_set[i][0] for i in range(len(val_set))])
     val_y = torch.stack([val_set[i][1] for i in range(len(val_set))])
     probe = args.val_sequences
-    run = Run(name, seed)
-    accumulation, lr = 1, args.lr
+    run = Run(name, seed, args.task)
+    base_lr = args.lr or task["lr"]
+    accumulation, lr = 1, base_lr
     callbacks: list[Callback] = []
     adaptive: AdaptiveBatchSize | None = None
     if name.startswith("adaptive"):
-        _, rule, calibration = name.split()
-        adaptive = AdaptiveBatchSize(
-            target="b_simple",
-            calibration=float(calibration.removeprefix("c=")),
-            max_accumulation=args.max_accumulation,
-            max_growth=args.max_growth,
-            min_samples=args.min_samples,
-            max_relative_error=args.max_relative_error,
-            warmup_steps=args.warmup_steps,
-            min_steps_between_changes=args.min_steps_between_changes,
-            check_every_n_steps=args.check_every,
-            lr_scaling=rule,  # type: ignore[arg-type]
-        )
-        callbacks += [
-            GradientNoiseScale(beta=args.beta, mode="per_example", batch_size_fn=tokens_per_sequence),
-            adaptive,
-        ]
-    elif name.startswith("fixed large"):
-        _, _, k, rule = name.split()
+        # Library defaults, except the overrides the name spells out; the language models count tokens.
+        adaptive = AdaptiveBatchSize(**adaptive_overrides(name))
+        size_fn = None if args.task == "digits" else tokens_per_sequence
+        gns_kwargs: dict[str, Any] = {} if args.beta is None else {"beta": args.beta}
+        callbacks += [GradientNoiseScale(batch_size_fn=size_fn, **gns_kwargs), adaptive]
+    elif name.startswith("fixed x"):
+        _, k, rule = name.split()
         accumulation = int(k.removeprefix("x"))
-        lr = args.lr * lr_factor(rule, float(accumulation))  # type: ignore[arg-type]
+        lr = base_lr * lr_factor(rule, float(accumulation))  # type: ignore[arg-type]
     elif name.startswith("fixed small lr="):
         lr = float(name.removeprefix("fixed small lr="))
     callbacks.append(TokenBudget(run, args.tokens, args.eval_every, (val_x[:probe], val_y[:probe])))
     trainer = Trainer(
         accelerator="cpu",
-        max_epochs=1000,
+        max_epochs=100_000,
         accumulate_grad_batches=accumulation,
         callbacks=callbacks,
         logger=False,
@@ -168,7 +208,11 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    model = CharTransformer(args.context, args.d_model, args.layers, args.heads, lr)
+    model: LightningModule
+    if args.task == "digits":
+        model = DigitsClassifier(lr=lr)
+    else:
+        model = CharTransformer(context, args.d_model, task["layers"], args.heads, lr)
     start = time.perf_counter()
     trainer.fit(model, loader)
     run.seconds = time.perf_counter() - start
@@ -187,11 +231,19 @@ def mean_std(values: list[float], digits: int = 0) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def paired_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for one value)."""
+    if len(values) < 2:
+        return (values[0] if values else math.nan), 0.0
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
 def table(runs: list[Run], names: list[str]) -> str:
+    """Mean ± std over seeds; Δ vs fixed small paired per seed, mean ± standard error."""
     small = {r.seed: r for r in runs if r.name == "fixed small"}
     lines = [
-        "| configuration | seeds | final val loss (nats/token) | Δ vs fixed small | optimizer steps"
-        " | steps vs fixed small | tokens | wall time (s) |",
+        "| configuration | seeds | final val loss | Δ vs fixed small (± se) | optimizer steps"
+        " | steps vs fixed small | units | wall time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
@@ -199,15 +251,49 @@ def table(runs: list[Run], names: list[str]) -> str:
         if not mine:
             continue
         paired = [(r, small[r.seed]) for r in mine if r.seed in small]
-        delta = [r.final_val_loss - s.final_val_loss for r, s in paired]
+        delta, delta_se = paired_se([r.final_val_loss - s.final_val_loss for r, s in paired])
         step_ratio = [r.steps / s.steps for r, s in paired if s.steps]
         lines.append(
             f"| {name} | {len(mine)} | {mean_std([r.final_val_loss for r in mine], 4)} |"
-            f" {mean_std(delta, 4) if delta else 'n/a'} | {mean_std([float(r.steps) for r in mine])} |"
+            f" {delta:+.4f} ± {delta_se:.4f} | {mean_std([float(r.steps) for r in mine])} |"
             f" {mean_std(step_ratio, 2) + 'x' if step_ratio else 'n/a'} | {mean_std([float(r.tokens) for r in mine])} |"
             f" {mean_std([r.seconds for r in mine])} |"
         )
     return "\n".join(lines)
+
+
+def verdict(runs: list[Run], adaptive: str = "adaptive default") -> str:
+    """The issue's done-when for one configuration: against fixed small, and against every fixed batch that took
+    at most as many steps (is any of them better?)."""
+    mine = {r.seed: r for r in runs if r.name == adaptive}
+    small = {r.seed: r for r in runs if r.name == "fixed small"}
+    if not mine or not small:
+        return f"{adaptive}: no runs"
+    seeds = sorted(set(mine) & set(small))
+    delta, se = paired_se([mine[s].final_val_loss - small[s].final_val_loss for s in seeds])
+    saved = 1 - statistics.mean(mine[s].steps / small[s].steps for s in seeds)
+    loss = statistics.mean(mine[s].final_val_loss for s in seeds)
+    steps = statistics.mean(mine[s].steps for s in seeds)
+    fixed = sorted({r.name for r in runs if r.name.startswith("fixed")})
+    rivals = []
+    for name in fixed:
+        theirs = [r for r in runs if r.name == name]
+        their_steps = statistics.mean(r.steps for r in theirs)
+        if their_steps <= steps * 1.001:
+            their_delta, their_se = paired_se(
+                [mine[r.seed].final_val_loss - r.final_val_loss for r in theirs if r.seed in mine]
+            )
+            rivals.append(f"{name} ({their_steps:.0f} steps): adaptive {their_delta:+.4f} ± {their_se:.4f}")
+    ok_small = delta <= se
+    best_rival = min(
+        (r for r in runs if r.name.startswith("fixed")),
+        key=lambda r: statistics.mean(x.final_val_loss for x in runs if x.name == r.name),
+    ).name
+    return (
+        f"{adaptive}: vs fixed small {delta:+.4f} ± {se:.4f} ({'no worse' if ok_small else 'WORSE'} within one se),"
+        f" {saved:.0%} fewer steps ({'>=' if saved >= 0.4 else '<'} 40%); mean loss {loss:.4f} at {steps:.0f} steps;"
+        f" best fixed batch overall: {best_rival}; fixed batches at <= its steps: {'; '.join(rivals) or 'none'}"
+    )
 
 
 def plot(runs: list[Run], names: list[str], out: Path, title: str) -> None:
@@ -245,43 +331,39 @@ def plot(runs: list[Run], names: list[str], out: Path, title: str) -> None:
     fig.savefig(out, dpi=80)
 
 
+DEFAULT_CONFIGS = [
+    "fixed small",
+    "fixed x2 none",
+    "fixed x4 none",
+    "fixed x4 sqrt",
+    "adaptive default",
+    "adaptive lr_scaling=none",
+    "adaptive calibration=0.5",
+]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="stdlib")
     parser.add_argument("--seeds", type=int, default=3, help="seeds (0, 1, ...)")
-    parser.add_argument("--tokens", type=int, default=1_500_000, help="training tokens per run")
-    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch (the small batch)")
-    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=300_000, help="training tokens (digits: examples) per run")
+    parser.add_argument("--micro-batch", type=int, default=0, help="micro-batch (0: the task's)")
+    parser.add_argument("--context", type=int, default=0, help="context (0: the task's)")
     parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=0.0, help="learning rate at the small batch (0: the task's)")
+    parser.add_argument("--beta", type=float, default=None, help="GNS EMA decay (default: GradientNoiseScale's)")
     parser.add_argument(
-        "--lr", type=float, default=4e-3, help="AdamW learning rate at the small batch (best of 2e-3, 4e-3, 8e-3)"
-    )
-    parser.add_argument("--max-accumulation", type=int, default=16, help="adaptive upper bound")
-    parser.add_argument("--large-accumulation", type=int, default=0, help="fixed large (0: what adaptive reached)")
-    parser.add_argument(
-        "--large-lr-rules", nargs="+", default=["sqrt", "linear"], help="fixed large learning-rate rules"
-    )
-    parser.add_argument("--small-lrs", type=float, nargs="*", default=[0.002, 0.008], help="extra fixed small lrs")
-    parser.add_argument(
-        "--adaptive",
+        "--configs",
         nargs="+",
-        default=["sqrt:0.5", "adascale:0.5", "none:0.5", "sqrt:1", "sqrt:0.25"],
-        help="adaptive configurations, RULE:CALIBRATION (learning-rate rule, B_crit / B_simple); the first one"
-        " sets the fixed large batch",
+        default=DEFAULT_CONFIGS,
+        help="'fixed small', 'fixed small lr=X', 'fixed xK RULE' (accumulation K, lr x RULE(K)), 'adaptive default'"
+        " (AdaptiveBatchSize's default arguments) or 'adaptive key=value,key=value' (those arguments changed)",
     )
-    parser.add_argument("--max-growth", type=float, default=2.0)
-    parser.add_argument("--min-samples", type=float, default=10.0)
-    parser.add_argument("--max-relative-error", type=float, default=0.5)
-    parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--min-steps-between-changes", type=int, default=50)
-    parser.add_argument("--check-every", type=int, default=10)
-    parser.add_argument("--beta", type=float, default=0.95, help="GNS EMA decay")
-    parser.add_argument("--eval-every", type=int, default=100_000, help="tokens between validation probes")
+    parser.add_argument("--eval-every", type=int, default=100_000, help="units between validation probes")
     parser.add_argument("--val-sequences", type=int, default=128, help="held-out sequences per probe")
-    parser.add_argument("--configs", nargs="+", default=None, help="only these configurations (default: all)")
     parser.add_argument("--plot-configs", nargs="+", default=None, help="only these in the plot (default: all)")
-    parser.add_argument("--out", type=Path, default=Path("adaptive_lm.png"))
+    parser.add_argument("--out", type=Path, default=None, help="plot (default: none)")
     parser.add_argument("--results", type=Path, default=Path("adaptive_lm.jsonl"), help="JSON lines, one per run")
     parser.add_argument("--report-only", action="store_true", help="table and plot from --results, no training")
     args = parser.parse_args(argv)
@@ -290,56 +372,41 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    adaptive_names = [f"adaptive {spec.split(':')[0]} c={float(spec.split(':')[1]):g}" for spec in args.adaptive]
-    small_names = ["fixed small", *(f"fixed small lr={lr:g}" for lr in args.small_lrs)]
     runs: list[Run] = []
     if args.report_only:
         runs = [Run(**json.loads(line)) for line in args.results.read_text().splitlines() if line.strip()]
+        runs = [r for r in runs if r.task == args.task]
     else:
-        # The first adaptive configuration sets the fixed large batch; the other adaptive ones come last.
-        order = [adaptive_names[0], *small_names, "fixed large", *adaptive_names[1:]]
-        for name in order:
-            if name == "fixed large":
-                large = args.large_accumulation or max(
-                    [r.max_accumulation for r in runs if r.name == adaptive_names[0]] or [args.max_accumulation]
+        # Seed-major order: a run cut short still leaves complete seeds of every configuration.
+        for seed in range(args.seeds):
+            for name in args.configs:
+                run = train(name, seed, args)
+                runs.append(run)
+                with args.results.open("a") as f:
+                    f.write(json.dumps(asdict(run)) + "\n")
+                changes = ", ".join(f"{b}@{s}" for s, b in run.batches)
+                print(
+                    f"{args.task} seed {seed} {name:28s} val {run.final_val_loss:.4f} steps {run.steps}"
+                    f" units {run.tokens} {run.seconds:.0f}s per step {changes}",
+                    file=sys.stderr,
+                    flush=True,
                 )
-                names = [f"fixed large x{large} {rule}" for rule in args.large_lr_rules]
-            else:
-                names = [name]
-            for name in names:
-                if args.configs and not any(name == c or name.startswith(c + " ") for c in args.configs):
-                    continue
-                for seed in range(args.seeds):
-                    run = train(name, seed, args)
-                    runs.append(run)
-                    with args.results.open("a") as f:
-                        f.write(json.dumps(asdict(run)) + "\n")
-                    changes = ", ".join(f"{b}@{s}" for s, b in run.batches)
-                    print(
-                        f"seed {seed} {name:18s} val {run.final_val_loss:.4f} steps {run.steps} tokens {run.tokens}"
-                        f" {run.seconds:.0f}s tokens/step {changes}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    kinds = ("fixed small", "adaptive", "fixed large")
-    present = sorted(
-        dict.fromkeys(r.name for r in runs),
-        key=lambda n: ([i for i, kind in enumerate(kinds) if n.startswith(kind)] + [len(kinds)])[0],
-    )
-    print(
-        f"Char transformer ({args.layers} layers, d_model {args.d_model}, context {args.context}), AdamW lr {args.lr}"
-        f" at {args.micro_batch * args.context} tokens per step; {args.tokens:,} training tokens per run;"
-        f" adaptive target c x B_simple, max_growth"
-        f" {args.max_growth:g}, min_samples {args.min_samples:g}, max_relative_error {args.max_relative_error:g}:\n"
-    )
+    present = list(dict.fromkeys([*args.configs, *(r.name for r in runs)]))
+    budget = args.tokens if not args.report_only else min((r.tokens for r in runs), default=0)
+    print(f"task {args.task}: {budget:,} training units per run (the first step at or past the budget)\n")
     print(table(runs, present))
-    plot(
-        runs,
-        args.plot_configs or present,
-        args.out,
-        f"char transformer: validation loss at {args.tokens:,} training tokens per run",
-    )
-    print(f"\nplot: {args.out}")
+    print()
+    for name in present:
+        if name.startswith("adaptive"):
+            print(verdict(runs, name))
+    if args.out is not None:
+        plot(
+            runs,
+            args.plot_configs or present,
+            args.out,
+            f"{args.task}: validation loss at {args.tokens:,} units per run",
+        )
+        print(f"\nplot: {args.out}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ class NoiseScaleStatistics:
         world_size: number of ranks.
         step: optimizer steps taken so far (``trainer.global_step``).
         calibration: the ``B_crit / B_simple`` ratio the callback was given (:attr:`b_crit` applies it).
+        b_simple_low: lower confidence bound of ``B_simple`` at the callback's ``z``.
+        b_simple_high: upper confidence bound (``inf`` while ``|G|^2`` is within its noise).
+
+    ``AdaptiveBatchSize`` calls a target function three times per decision: with ``b_simple`` set to the
+    lower bound, to the upper bound, and to the estimate itself (for the record); a target should grow
+    with ``b_simple``.
     """
 
     b_simple: float
@@ -42,6 +48,8 @@ class NoiseScaleStatistics:
     world_size: int
     step: int
     calibration: float = 1.0
+    b_simple_low: float = math.nan
+    b_simple_high: float = math.nan
 
     @property
     def b_crit(self) -> float:
@@ -62,42 +70,6 @@ def sqrt_schedule(b_simple: float, r: float) -> float:
     return math.sqrt(r * b_simple)
 
 
-def accumulation_for(
-    target_batch: float,
-    accumulation: int,
-    units_per_accumulation: float,
-    min_accumulation: int,
-    max_accumulation: int,
-    tolerance: float,
-    monotonic: bool,
-) -> int:
-    """The accumulation that brings the effective batch nearest to ``target_batch``, or ``accumulation`` to stay.
-
-    ``units_per_accumulation`` is what one unit of accumulation adds to the effective batch (micro-batch size
-    x ranks). A target within a factor ``1 + tolerance`` of the current effective batch, a non-finite or
-    non-positive target, and (``monotonic``) a smaller target all keep the current accumulation.
-
-    Example:
-        >>> accumulation_for(300.0, 2, 32.0, 1, 64, tolerance=0.25, monotonic=True)
-        9
-        >>> accumulation_for(70.0, 2, 32.0, 1, 64, tolerance=0.25, monotonic=True)  # within 25% of 64
-        2
-    """
-    if not math.isfinite(target_batch) or target_batch <= 0 or units_per_accumulation <= 0:
-        return accumulation
-    current = accumulation * units_per_accumulation
-    ratio = target_batch / current
-    if 1 / (1 + tolerance) <= ratio <= 1 + tolerance:
-        return accumulation
-    if monotonic and ratio < 1:
-        return accumulation
-    wanted = max(1, round(target_batch / units_per_accumulation))
-    wanted = min(max(wanted, min_accumulation), max_accumulation)
-    if monotonic:
-        wanted = max(wanted, accumulation)
-    return wanted
-
-
 def ema_effective_samples(beta: float, steps: int) -> float:
     """Effective sample count of a bias-corrected EMA with decay ``beta`` after ``steps`` updates.
 
@@ -113,27 +85,6 @@ def ema_effective_samples(beta: float, steps: int) -> float:
         return 0.0
     decay = beta**steps
     return (1 - decay) * (1 + beta) / ((1 - beta) * (1 + decay))
-
-
-def ratio_relative_error(
-    trace_cov: float, grad_sq_norm: float, var_trace: float, var_grad: float, cov: float, samples: float
-) -> float:
-    """Relative standard error of ``B_simple = tr(Sigma) / |G|^2`` from the spread of the per-step estimates.
-
-    The delta method for a ratio of means: ``se^2 / B^2 = (v_T / T^2 + v_G / G^2 - 2 c / (T G)) / n`` with
-    ``v_T``, ``v_G``, ``c`` the variances and covariance of one step's ``tr(Sigma)`` and ``|G|^2`` estimates
-    and ``n`` the effective sample count of their average. ``inf`` while ``|G|^2`` or ``tr(Sigma)`` is not
-    positive or there are fewer than two samples (the ratio has no meaningful spread then).
-
-    Example:
-        >>> round(ratio_relative_error(10.0, 1.0, var_trace=0.0, var_grad=1.0, cov=0.0, samples=25.0), 6)
-        0.2
-    """
-    values = (trace_cov, grad_sq_norm, var_trace, var_grad, cov, samples)
-    if not all(math.isfinite(v) for v in values) or trace_cov <= 0 or grad_sq_norm <= 0 or samples < 2:
-        return math.inf
-    relative = var_trace / trace_cov**2 + var_grad / grad_sq_norm**2 - 2 * cov / (trace_cov * grad_sq_norm)
-    return math.sqrt(max(relative, 0.0) / samples)
 
 
 def limit_growth(target_batch: float, current_batch: float, max_growth: float) -> float:
@@ -192,8 +143,9 @@ def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> 
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
-def planned_accumulation(
-    target_batch: float,
+def interval_accumulation(
+    target_low: float,
+    target_high: float,
     accumulation: int,
     units_per_accumulation: float,
     min_accumulation: int,
@@ -202,48 +154,55 @@ def planned_accumulation(
     monotonic: bool,
     max_growth: float,
 ) -> tuple[int, str]:
-    """:func:`accumulation_for` with growth limited to ``max_growth`` per change, and the reason in words.
+    """The accumulation a confidence interval ``[target_low, target_high]`` of the target asks for, and why.
+
+    Grow only when the lower bound is above the current effective batch ``B`` by more than the tolerance
+    (``target_low > B (1 + tolerance)``), to the whole accumulation nearest the lower bound (at least one
+    micro-batch more); shrink (``monotonic=False``) only when the upper bound is below ``B / (1 + tolerance)``,
+    to the one nearest the upper bound (at least one fewer). One change moves the batch by at most a factor
+    ``max_growth`` (rounding never steps past it) and stays within the accumulation bounds. An infinite lower
+    bound grows by ``max_growth`` (to ``max_accumulation`` without a limit).
 
     Example:
-        >>> planned_accumulation(1000.0, 2, 32.0, 1, 64, tolerance=0.25, monotonic=True, max_growth=2.0)
-        (4, 'target 1000 > 64 x 2: grow to 128 (max_growth 2)')
+        >>> interval_accumulation(700.0, 2000.0, 2, 32.0, 1, 64, tolerance=0.25, monotonic=True, max_growth=2.0)
+        (4, 'target >= 700 > 64 x 1.25: grow to 128 (max_growth 2)')
+        >>> interval_accumulation(50.0, 2000.0, 2, 32.0, 1, 64, tolerance=0.25, monotonic=False, max_growth=2.0)[1]
+        'target in [50, 2000]: 64 within it (tolerance 0.25), keep'
     """
     current = accumulation * units_per_accumulation
-    if not math.isfinite(target_batch) or target_batch <= 0:
-        return accumulation, f"no usable target ({target_batch:.4g})"
-    limited = limit_growth(target_batch, current, max_growth)
-    new = accumulation_for(
-        limited, accumulation, units_per_accumulation, min_accumulation, max_accumulation, tolerance, monotonic
-    )
-    if math.isfinite(max_growth):
-        # Rounding to whole micro-batches must not step past the limit either.
-        new = min(new, max(accumulation, math.floor(accumulation * max_growth)))
-        new = max(new, min(accumulation, math.ceil(accumulation / max_growth)))
-    new = min(max(new, min_accumulation), max_accumulation)
-    if new == accumulation:
-        ratio = target_batch / current
-        if 1 / (1 + tolerance) <= ratio <= 1 + tolerance:
-            why = f"target {target_batch:.4g} within tolerance {tolerance:g} of {current:.4g}"
-        elif ratio < 1 and monotonic:
-            why = f"target {target_batch:.4g} < {current:.4g}: monotonic, keep"
-        elif ratio > 1 and accumulation >= max_accumulation:
-            why = f"target {target_batch:.4g} > {current:.4g}: at max_accumulation {max_accumulation}"
-        elif ratio < 1 and accumulation <= min_accumulation:
-            why = f"target {target_batch:.4g} < {current:.4g}: at min_accumulation {min_accumulation}"
-        else:
-            why = f"target {target_batch:.4g} rounds to the current {current:.4g}"
-        return accumulation, why
-    verb = "grow" if new > accumulation else "shrink"
-    wanted = new * units_per_accumulation
-    if limited != target_batch:
-        sign = ">" if target_batch > current else "<"
-        op = "x" if target_batch > current else "/"
-        return (
-            new,
-            f"target {target_batch:.4g} {sign} {current:.4g} {op} {max_growth:g}: {verb} to {wanted:.4g}"
-            f" (max_growth {max_growth:g})",
-        )
-    return new, f"target {target_batch:.4g}: {verb} from {current:.4g} to {wanted:.4g}"
+    low, high = float(target_low), float(target_high)
+    if math.isnan(low) or math.isnan(high) or units_per_accumulation <= 0:
+        return accumulation, f"no usable target ({low:.4g} .. {high:.4g})"
+    band = 1 + tolerance
+    if low > current * band:
+        head = f"target >= {low:.4g} > {current:.4g} x {band:g}"
+        if accumulation >= max_accumulation:
+            return accumulation, f"{head}: at max_accumulation {max_accumulation}"
+        wanted = low if math.isinf(max_growth) else min(low, current * max_growth)
+        new = max_accumulation if math.isinf(wanted) else max(round(wanted / units_per_accumulation), accumulation + 1)
+        limit = f" (max_growth {max_growth:g})" if math.isfinite(max_growth) and wanted < low else ""
+        if math.isfinite(max_growth):
+            new = min(new, math.floor(accumulation * max_growth))
+        new = min(new, max_accumulation)
+        if new <= accumulation:
+            return accumulation, f"{head}: max_growth {max_growth:g} allows no whole micro-batch more"
+        return new, f"{head}: grow to {new * units_per_accumulation:.4g}{limit}"
+    if high < current / band:
+        head = f"target <= {high:.4g} < {current:.4g} / {band:g}"
+        if monotonic:
+            return accumulation, f"{head}: monotonic, keep"
+        if accumulation <= min_accumulation:
+            return accumulation, f"{head}: at min_accumulation {min_accumulation}"
+        wanted = high if math.isinf(max_growth) else max(high, current / max_growth)
+        new = min(round(wanted / units_per_accumulation), accumulation - 1)
+        limit = f" (max_growth {max_growth:g})" if math.isfinite(max_growth) and wanted > high else ""
+        if math.isfinite(max_growth):
+            new = max(new, math.ceil(accumulation / max_growth))
+        new = max(new, min_accumulation)
+        if new >= accumulation:
+            return accumulation, f"{head}: max_growth {max_growth:g} allows no whole micro-batch less"
+        return new, f"{head}: shrink to {new * units_per_accumulation:.4g}{limit}"
+    return accumulation, f"target in [{low:.4g}, {high:.4g}]: {current:.4g} within it (tolerance {tolerance:g}), keep"
 
 
 def is_safe_boundary(batches_done: int, new_accumulation: int, epoch_ended: bool) -> bool:
@@ -320,15 +279,13 @@ __all__ = [
     "LrScaling",
     "NoiseScaleStatistics",
     "TargetFn",
-    "accumulation_for",
     "adascale_gain",
     "calibration_from_branch",
     "calibration_from_branch_points",
     "ema_effective_samples",
+    "interval_accumulation",
     "is_safe_boundary",
     "limit_growth",
     "lr_factor",
-    "planned_accumulation",
-    "ratio_relative_error",
     "sqrt_schedule",
 ]

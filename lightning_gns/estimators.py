@@ -254,3 +254,129 @@ def simple_noise_scale(trace_cov: Tensor, grad_sq_norm: Tensor) -> Tensor:
     infinite = torch.full_like(ratio, float("inf"))
     ratio = torch.where(grad_sq_norm > 0, ratio, infinite)
     return torch.where(trace_cov.isnan() | grad_sq_norm.isnan(), torch.full_like(ratio, float("nan")), ratio)
+
+
+# ------------------------------------------------------------------ the quality of an averaged estimate
+# A metric keeps EMAs (decay beta, the same steps as its averages) of these per-step values, in this order:
+# 1 (the weight 1 - beta^m after m measured steps), tr(Sigma), |G|^2, their squares and their product.
+MOMENT_FIELDS = ("weight", "trace_cov", "grad_sq_norm", "trace_cov_sq", "grad_sq_norm_sq", "cross")
+
+
+def step_moments(trace_cov: Tensor, grad_sq_norm: Tensor) -> Tensor:
+    """One step's values in the :data:`MOMENT_FIELDS` order (float64), to be folded into an EMA."""
+    t, g = trace_cov.to(torch.float64), grad_sq_norm.to(torch.float64)
+    return torch.stack([torch.ones_like(t), t, g, t * t, g * g, t * g])
+
+
+class EstimateSpread(NamedTuple):
+    """Averaged ``tr(Sigma)`` and ``|G|^2`` estimates with the (co)variances of those averages."""
+
+    trace_cov: Tensor
+    grad_sq_norm: Tensor
+    var_trace_cov: Tensor
+    """Variance of the averaged ``tr(Sigma)`` estimate (not of one step's)."""
+    var_grad_sq_norm: Tensor
+    cov: Tensor
+    samples: Tensor
+    """Kish's effective sample count of the EMA, ``1 / sum_i w_i^2``."""
+
+
+def spread_from_moments(moments: Tensor, beta: float) -> EstimateSpread:
+    """Means, and variances of the means, from EMAs (decay ``beta``) of :func:`step_moments`.
+
+    With normalised EMA weights ``w_i`` the average has effective sample count ``n = 1 / sum w_i^2``
+    ``= W (1 + beta) / ((1 - beta)(2 - W))`` (``W = 1 - beta^m``), and the unbiased variance of the average
+    is the weighted spread over ``n - 1``: ``sum w_i (x_i - mean)^2 / (n - 1)``. With ``n <= 1`` (fewer than
+    two steps) the variances are ``inf``; before any step everything is NaN. Per-step estimates are taken
+    to be independent (they are computed from disjoint batches).
+
+    Example:
+        >>> import torch
+        >>> one = torch.tensor(1.0)
+        >>> m = 0.5 * 0.5 * step_moments(2 * one, one) + 0.5 * step_moments(4 * one, one)  # beta 0.5, two steps
+        >>> s = spread_from_moments(m, 0.5)
+        >>> round(float(s.trace_cov), 4), round(float(s.samples), 4), round(float(s.var_trace_cov), 4)
+        (3.3333, 1.8, 1.1111)
+    """
+    m = moments.to(torch.float64)
+    weight = m[0]
+    mean = m[1:] / weight
+    t, g, tt, gg, tg = mean.unbind()
+    samples = weight * (1 + beta) / ((1 - beta) * (2 - weight))
+    spread = samples > 1
+    over = 1 / torch.where(spread, samples - 1, torch.ones_like(samples))
+    inf = torch.full_like(samples, float("inf"))
+    var_t = torch.where(spread, (tt - t * t).clamp(min=0) * over, inf)
+    var_g = torch.where(spread, (gg - g * g).clamp(min=0) * over, inf)
+    cov = torch.where(spread, (tg - t * g) * over, torch.zeros_like(samples))
+    return EstimateSpread(t, g, var_t, var_g, cov, samples)
+
+
+def relative_error(spread: EstimateSpread) -> Tensor:
+    """Relative standard error of ``B_simple = tr(Sigma) / |G|^2`` by the delta method for a ratio of averages.
+
+    ``se^2 / B^2 = v_T / T^2 + v_G / G^2 - 2 c / (T G)`` with ``v``, ``c`` the (co)variances of the averages.
+    ``inf`` while either average is not positive or there are fewer than two samples.
+
+    Example:
+        >>> import torch
+        >>> one = torch.tensor(1.0, dtype=torch.float64)
+        >>> s = EstimateSpread(10 * one, one, 0 * one, one / 25, 0 * one, 25 * one)
+        >>> round(float(relative_error(s)), 6)
+        0.2
+    """
+    t, g, v_t, v_g, c, samples = spread
+    relative = v_t / t.square() + v_g / g.square() - 2 * c / (t * g)
+    error = relative.clamp(min=0).sqrt()
+    usable = (t > 0) & (g > 0) & (samples > 1) & error.isfinite()
+    return torch.where(usable, error, torch.full_like(error, float("inf")))
+
+
+def noise_scale_interval(spread: EstimateSpread, z: float) -> tuple[Tensor, Tensor]:
+    """Confidence bounds ``(low, high)`` of ``B_simple`` at ``z`` standard errors (Fieller's construction).
+
+    A ratio ``rho`` is too small when ``T - rho G > z sd(T - rho G)`` and too large when
+    ``rho G - T > z sd(T - rho G)``, with ``Var(T - rho G) = v_T - 2 rho c + rho^2 v_G``: the delta
+    method applied to the linear combination rather than to the ratio, so the bounds stay meaningful
+    while ``|G|^2`` is within its noise. They are roots of
+    ``(G^2 - z^2 v_G) rho^2 - 2 (T G - z^2 c) rho + T^2 - z^2 v_T``. For a precise estimate they are
+    ``B (1 -+ z r)`` to first order in the :func:`relative_error` ``r``. Cases:
+
+    - ``high = inf`` when ``|G|^2``'s lower bound ``G - z sd(G)`` is not positive (no ratio is too large);
+    - ``low = 0`` when ``tr(Sigma)``'s lower bound ``T - z sd(T)`` is not positive;
+    - ``low`` is large when ``T`` is resolved and ``G`` is not: about ``T / (z sd(G))`` at ``G = 0``;
+    - ``z = 0`` gives ``low = high = B_simple`` (with its read-out rules: ``inf`` for ``G <= 0``, 0 for ``T <= 0``).
+
+    NaN before the first estimate. Fewer than two samples: ``(0, inf)`` for ``z > 0``.
+
+    Example:
+        >>> import torch
+        >>> one = torch.tensor(1.0, dtype=torch.float64)
+        >>> s = EstimateSpread(10 * one, one, 0 * one, one / 100, 0 * one, 100 * one)
+        >>> [round(float(b), 4) for b in noise_scale_interval(s, 1.0)]
+        [9.0909, 11.1111]
+        >>> [float(b) for b in noise_scale_interval(s._replace(grad_sq_norm=0 * one), 1.0)]
+        [100.0, inf]
+    """
+    t, g, v_t, v_g, c, _ = spread
+    z2 = float(z) ** 2
+
+    def scaled(v: Tensor) -> Tensor:  # z^2 v, with z = 0 meaning "no spread" even where v is inf
+        return torch.zeros_like(v) if z2 == 0 else z2 * v
+
+    quad = g.square() - scaled(v_g)
+    half_lin = t * g - scaled(c)
+    const = t.square() - scaled(v_t)
+    root = (half_lin.square() - quad * const).clamp(min=0).sqrt()
+    inf = torch.full_like(t, float("inf"))
+    zero = torch.zeros_like(t)
+    # low: the smallest positive root, written C / (b + sqrt(disc)) to avoid cancellation; no positive
+    # root while T is resolved means every ratio is too small (G is resolved and negative).
+    denominator = half_lin + root
+    low = torch.where(denominator > 0, const / denominator, inf)
+    low = torch.where((t <= 0) | (const <= 0), zero, low)
+    high = torch.where((g > 0) & (quad > 0), ((half_lin + root) / quad).clamp(min=0), inf)
+    low = torch.minimum(low, high)
+    unknown = t.isnan() | g.isnan()
+    nan = torch.full_like(t, float("nan"))
+    return torch.where(unknown, nan, low), torch.where(unknown, nan, high)

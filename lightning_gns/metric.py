@@ -11,9 +11,14 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_gns.estimators import (
+    MOMENT_FIELDS,
+    EstimateSpread,
     SmallBatchSummary,
+    noise_scale_interval,
     pack_step,
+    relative_error,
     simple_noise_scale,
+    spread_from_moments,
     summarize_small_batches,
     unbiased_estimates,
     unpack_step,
@@ -28,7 +33,11 @@ STATE_NAMES = (
     "skipped_steps",
     "last_b_small",
     "last_b_big",
+    "estimate_moments",
 )
+
+# The z of the logged interval gns/b_simple_low .. gns/b_simple_high: one standard error either side.
+LOGGED_Z = 1.0
 
 
 def validate_beta(beta: float) -> float:
@@ -47,9 +56,11 @@ class GradientNoiseScaleMetric(Metric):
     gradients, their batch sizes, and the squared norm of the big-batch gradient. It turns them into
     unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` (see :mod:`lightning_gns.estimators`) and folds
     them into two exponential moving averages, bias-corrected by ``1 - beta^n`` like Adam's moments.
-    ``B_simple`` is the ratio of the averages. A step whose inputs or estimates are not finite (an
-    overflowed fp16 step) or that holds fewer than two small batches is skipped and counted, and never
-    enters the averages. No host synchronisation happens in :meth:`update`.
+    ``B_simple`` is the ratio of the averages. The metric also keeps EMAs (same decay, same steps) of the
+    estimates' squares and product, from which :meth:`relative_error` and :meth:`confidence_interval`
+    give the quality of ``B_simple`` (:func:`~lightning_gns.estimators.noise_scale_interval`). A step
+    whose inputs or estimates are not finite (an overflowed fp16 step) or that holds fewer than two small
+    batches is skipped and counted, and never enters the averages. No host synchronisation happens in :meth:`update`.
 
     In a ``torch.distributed`` run every process passes its own small batches; with ``all_reduce=True``
     (default) the metric sums their statistics with one small all-reduce per update, so every process
@@ -71,6 +82,8 @@ class GradientNoiseScaleMetric(Metric):
         ... )
         >>> {k: round(float(v), 4) for k, v in metric.compute().items()}
         {'b_simple': 1.3333, 'grad_sq_norm': 3.0, 'trace_cov': 4.0}
+        >>> [float(b) for b in metric.confidence_interval(1.0)]  # one step: no spread measured yet
+        [0.0, inf]
     """
 
     is_differentiable = False
@@ -84,6 +97,7 @@ class GradientNoiseScaleMetric(Metric):
     skipped_steps: Tensor
     last_b_small: Tensor
     last_b_big: Tensor
+    estimate_moments: Tensor
 
     def __init__(self, beta: float = 0.99, all_reduce: bool = True, **kwargs: Any) -> None:
         # States already agree across processes after update's all-reduce: nothing to sync at compute.
@@ -101,6 +115,11 @@ class GradientNoiseScaleMetric(Metric):
         # Batch sizes of the last update, in the caller's units (examples or tokens).
         self.add_state("last_b_small", torch.tensor(float("nan"), dtype=f64), dist_reduce_fx=None, persistent=True)
         self.add_state("last_b_big", torch.tensor(float("nan"), dtype=f64), dist_reduce_fx=None, persistent=True)
+        # EMAs of the per-step values in estimators.MOMENT_FIELDS order (not bias-corrected: the first one is
+        # the weight). A checkpoint saved before they existed leaves them at zero: the spread is then
+        # measured from the resume on.
+        moments = torch.zeros(len(MOMENT_FIELDS), dtype=f64)
+        self.add_state("estimate_moments", moments, dist_reduce_fx=None, persistent=True)
 
     def update(
         self,
@@ -163,6 +182,12 @@ class GradientNoiseScaleMetric(Metric):
             torch.where(valid, beta * self.trace_cov_ema + (1 - beta) * trace_cov.to(dtype), self.trace_cov_ema)
         )
         self.ema_weight.copy_(torch.where(valid, beta * self.ema_weight + (1 - beta), self.ema_weight))
+        moments = self.estimate_moments
+        # One in-place lerp m + w (x - m) with w = (1 - beta) on a measured step and 0 on a skipped one; the
+        # zeros keep a skipped step's NaN out of x (0 * NaN would still be NaN).
+        pair = torch.where(valid, torch.stack([trace_cov, grad_sq_norm]), 0.0).to(dtype)
+        values = torch.cat([torch.ones_like(pair[:1]), pair, pair * pair, pair[:1] * pair[1:]])
+        moments.lerp_(values, valid.to(dtype) * (1 - beta))
         self.measured_steps.add_(valid.long())
         self.skipped_steps.add_((~valid).long())
         self.last_b_big.copy_(summary.size_sum)
@@ -183,6 +208,20 @@ class GradientNoiseScaleMetric(Metric):
     def b_simple(self) -> Tensor:
         """``B_simple``: ratio of the averaged ``tr(Sigma)`` and ``|G|^2`` estimates, in the units of the sizes."""
         return simple_noise_scale(self.trace_cov, self.grad_sq_norm)
+
+    def spread(self) -> EstimateSpread:
+        """The averaged estimates with the variances of the averages and the effective sample count."""
+        return spread_from_moments(self.estimate_moments, self.beta)
+
+    def relative_error(self) -> Tensor:
+        """Relative standard error of :attr:`b_simple` (delta method; ``inf`` while it has no finite spread)."""
+        return relative_error(self.spread())
+
+    def confidence_interval(self, z: float = LOGGED_Z) -> tuple[Tensor, Tensor]:
+        """``(low, high)`` bounds of :attr:`b_simple` at ``z`` standard errors (``high = inf`` while the
+        ``|G|^2`` average is within ``z`` standard errors of zero). Device tensors, no host sync.
+        """
+        return noise_scale_interval(self.spread(), z)
 
     def compute(self) -> dict[str, Tensor]:
         """``{"b_simple", "grad_sq_norm", "trace_cov"}`` as tensors."""

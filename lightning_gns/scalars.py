@@ -9,6 +9,9 @@ PREFIX = "gns/"
 
 # GradientNoiseScale (every mode).
 B_SIMPLE = "gns/b_simple"
+# One standard error either side of B_simple (Fieller bounds; the high one is inf while |G|^2 is within its noise).
+B_SIMPLE_LOW = "gns/b_simple_low"
+B_SIMPLE_HIGH = "gns/b_simple_high"
 GRAD_SQ_NORM = "gns/grad_sq_norm"
 TRACE_COV = "gns/trace_cov"
 B_SMALL = "gns/b_small"

@@ -2,6 +2,7 @@
 
 TensorBoard's "Custom Scalars" dashboard draws several tags on one chart. The layout below puts
 ``B_simple`` next to the batch actually used per optimizer step (the comparison the noise scale is for),
+``B_simple`` with its logged interval as a band (a Margin chart),
 the two unbiased estimates on another chart, and the batch sizes, accumulation and skipped steps on
 their own. Only the charts a run fills are written: the arguments of :func:`gns_custom_scalars_layout`
 say which optional scalars (the adaptive batch's, per-layer, per-example coverage, Kaplan's critical
@@ -12,6 +13,7 @@ anchors keep ``gns/b_simple`` from also drawing ``gns/b_simple_sequences`` and t
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -61,6 +63,14 @@ CHARTS: dict[str, list[str]] = {
         _exact(scalars.COVERED_FRACTION),
     ],
 }
+# A Margin chart draws a value with a band between two other tags: B_simple with its logged interval.
+MARGIN_CHARTS: dict[str, tuple[str, str, str]] = {
+    "B_simple with one standard error (band open above while |G|^2 is within its noise)": (
+        scalars.B_SIMPLE,
+        scalars.B_SIMPLE_LOW,
+        scalars.B_SIMPLE_HIGH,
+    ),
+}
 LAYER_CHARTS: dict[str, list[str]] = {"B_simple per layer": [re.escape(scalars.LAYER_PREFIX) + r".*/b_simple$"]}
 # Tags logged only in some configurations: AdaptiveBatchSize's, mode="per_example"'s, kaplan_loss's.
 ADAPTIVE_TAGS = frozenset(
@@ -89,7 +99,9 @@ def gns_custom_scalars_layout(
     Example:
         >>> layout = gns_custom_scalars_layout(adaptive=False, per_layer=False, per_example=False, kaplan=False)
         >>> [chart.title for chart in layout.category[0].chart]  # doctest: +NORMALIZE_WHITESPACE
-        ['B_simple and the batch per optimizer step', '|G|^2 and tr(Sigma) estimates (log scale helps)',
+        ['B_simple and the batch per optimizer step',
+         'B_simple with one standard error (band open above while |G|^2 is within its noise)',
+         '|G|^2 and tr(Sigma) estimates (log scale helps)',
          'forecasts for the batch in use: S/S_min, E/E_min, statistical efficiency', 'batch sizes',
          'skipped steps']
     """
@@ -98,11 +110,13 @@ def gns_custom_scalars_layout(
         | (set() if per_example else PER_EXAMPLE_TAGS)
         | (set() if kaplan else KAPLAN_TAGS)
     )
-    charts: dict[str, list[str]] = {}
+    charts: dict[str, list[str] | tuple[str, str, str]] = {}
     for title, tags in CHARTS.items():
         kept = [tag for tag in tags if tag not in absent]
         if kept:
             charts[_retitle(title, per_example)] = kept
+        if title == "B_simple and the batch per optimizer step":
+            charts.update(MARGIN_CHARTS)
     categories = [_category(CATEGORY, charts, closed=False)]
     if per_layer:
         categories.append(_category(LAYER_CATEGORY, LAYER_CHARTS, closed=True))
@@ -116,14 +130,17 @@ def _retitle(title: str, per_example: bool) -> str:
     return title
 
 
-def _category(title: str, charts: dict[str, list[str]], closed: bool) -> layout_pb2.Category:
+def _chart(title: str, tags: list[str] | tuple[str, str, str]) -> layout_pb2.Chart:
+    if isinstance(tags, tuple):  # (value, lower, upper): exact tag names, not regexes
+        value, lower, upper = tags
+        series = layout_pb2.MarginChartContent.Series(value=value, lower=lower, upper=upper)
+        return layout_pb2.Chart(title=title, margin=layout_pb2.MarginChartContent(series=[series]))
+    return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=tags))
+
+
+def _category(title: str, charts: Mapping[str, list[str] | tuple[str, str, str]], closed: bool) -> layout_pb2.Category:
     return layout_pb2.Category(
-        title=title,
-        closed=closed,
-        chart=[
-            layout_pb2.Chart(title=chart, multiline=layout_pb2.MultilineChartContent(tag=tags))
-            for chart, tags in charts.items()
-        ],
+        title=title, closed=closed, chart=[_chart(chart, tags) for chart, tags in charts.items()]
     )
 
 

@@ -361,8 +361,11 @@ class GradientNoiseScaleTracker:
         """
         metric = self.metric
         b_simple, b_big = metric.b_simple, metric.last_b_big
+        low, high = metric.confidence_interval()
         values = {
             scalars.B_SIMPLE: b_simple,
+            scalars.B_SIMPLE_LOW: low,
+            scalars.B_SIMPLE_HIGH: high,
             scalars.GRAD_SQ_NORM: metric.grad_sq_norm,
             scalars.TRACE_COV: metric.trace_cov,
             scalars.B_SMALL: metric.last_b_small,

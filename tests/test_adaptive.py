@@ -21,8 +21,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_gns import AdaptiveBatchSize
 from lightning_gns.batch_schedule import (
     NoiseScaleStatistics,
-    accumulation_for,
     adascale_gain,
+    interval_accumulation,
     is_safe_boundary,
     lr_factor,
     sqrt_schedule,
@@ -38,6 +38,7 @@ from support.adaptive_support import (
     check_windows,
     fit,
     micro_batch,
+    reference_interval,
     scheduled_target,
     window_mean_grad,
 )
@@ -128,12 +129,12 @@ def test_b_simple_target_respects_bounds_and_grows_only() -> None:
         check_every_n_steps=1,
         max_accumulation=2,
         min_samples=0,
-        max_relative_error=math.inf,
+        z=0.0,
     )
     fit(callback, LinearRegression(problem, lr=0.0), max_epochs=1)
     accumulations = [int(h["accumulation"]) for h in callback.history]
     assert accumulations == [1, 2]  # wanted round(11 / 4) = 3, clamped to max_accumulation
-    assert callback.lr_factor == 1.0  # lr_scaling="none" by default
+    assert callback.lr_factor == lr_factor(callback.lr_scaling, 2.0)  # the default rule, from accumulation 1 to 2
 
 
 def test_sqrt_target_with_r() -> None:
@@ -144,7 +145,7 @@ def test_sqrt_target_with_r() -> None:
         warmup_steps=2,
         check_every_n_steps=1,
         min_samples=0,
-        max_relative_error=math.inf,
+        z=0.0,
     )
     fit(callback, LinearRegression(PROBLEM, lr=0.0), max_epochs=1)
     # sqrt(4 * 11) = 6.6 examples, 1.66x the 4 of one micro-batch: round(6.6 / 4) = 2 micro-batches (3 if the
@@ -172,10 +173,18 @@ def test_statistics_reach_the_target_function() -> None:
         seen.append(stats)
         return stats.effective_batch_size
 
-    fit(adaptive(target=target, check_every_n_steps=5, warmup_steps=5), max_epochs=1)
-    assert [s.step for s in seen] == [5, 10, 15, 20, 25]
+    callback = adaptive(target=target, check_every_n_steps=5, warmup_steps=5, z=1.0)
+    fit(callback, max_epochs=1)
+    # Three calls per decision: at the lower bound of B_simple, at the upper bound, at the estimate.
+    assert [s.step for s in seen] == [step for step in (5, 10, 15, 20, 25) for _ in range(3)]
     assert all(s.micro_batch_size == MICRO and s.world_size == 1 and s.accumulation == 1 for s in seen)
-    assert not any(math.isnan(s.b_simple) for s in seen)
+    for (at_low, at_high, at_estimate), decision in zip(
+        zip(*[iter(seen)] * 3, strict=True), callback.decisions, strict=True
+    ):
+        assert at_low.b_simple == at_estimate.b_simple_low == decision["b_simple_low"]
+        assert at_high.b_simple == at_estimate.b_simple_high == decision["b_simple_high"]
+        assert at_estimate.b_simple == decision["b_simple"] and not math.isnan(at_estimate.b_simple)
+        assert at_low.b_simple <= at_estimate.b_simple <= at_high.b_simple
 
 
 # ---------------------------------------------------------------- pure functions
@@ -202,18 +211,28 @@ def test_lr_rules() -> None:
         lr_factor("cubic", 2.0)  # type: ignore[arg-type]
 
 
-def test_accumulation_for_bounds_band_and_monotonic() -> None:
-    def choose(target: float, k: int = 2, *, tol: float = 0.25, mono: bool = True, lo: int = 1, hi: int = 8) -> int:
-        return accumulation_for(target, k, 10.0, lo, hi, tol, mono)
+def test_interval_accumulation_bounds_band_and_monotonic() -> None:
+    def choose(
+        low: float, high: float, k: int = 2, *, tol: float = 0.25, mono: bool = True, lo: int = 1, hi: int = 8
+    ) -> int:
+        return interval_accumulation(low, high, k, 10.0, lo, hi, tol, mono, max_growth=math.inf)[0]
 
-    assert choose(24.0) == 2 and choose(16.5) == 2  # inside [20 / 1.25, 20 * 1.25]
-    assert choose(26.0) == 3  # just outside
-    assert choose(1000.0) == 8 and choose(1000.0, hi=5) == 5  # upper bound
-    assert choose(5.0) == 2  # monotonic: no shrinking
-    assert choose(5.0, mono=False) == 1 and choose(5.0, mono=False, lo=2) == 2 and choose(0.1, k=4, mono=False) == 1
-    assert choose(float("nan")) == 2 and choose(float("inf")) == 2 and choose(-3.0) == 2
-    assert choose(30.0, k=4, tol=0.0) == 4  # band 0 but monotonic keeps 4 (target 3)
-    assert choose(30.0, k=4, tol=0.0, mono=False) == 3
+    # The current batch is 20: grow only when the LOWER bound is above 25, shrink only when the UPPER one is
+    # below 16.
+    assert choose(24.0, 1e6) == 2 and choose(16.5, 24.0, mono=False) == 2
+    assert choose(26.0, 1e6) == 3  # just outside: nearest whole accumulation to the lower bound
+    assert choose(25.5, 30.0, tol=0.25) == 3  # round(2.55) = 3; and never less than one micro-batch more:
+    assert choose(20.5, 30.0, tol=0.0) == 3
+    assert choose(1000.0, math.inf) == 8 and choose(1000.0, math.inf, hi=5) == 5  # upper bound
+    assert choose(math.inf, math.inf) == 8  # a resolved negative |G|^2: grow as far as allowed
+    assert choose(1.0, 5.0) == 2  # monotonic: no shrinking
+    assert choose(1.0, 5.0, mono=False) == 1 and choose(1.0, 5.0, mono=False, lo=2) == 2
+    assert choose(0.1, 0.5, k=4, mono=False) == 1
+    assert choose(1.0, 17.0, mono=False, tol=0.25) == 2  # upper bound inside the band: keep
+    assert choose(float("nan"), 3.0) == 2 and choose(3.0, float("nan"), mono=False) == 2
+    assert choose(30.0, 31.0, k=4, tol=0.0) == 4  # band 0 but monotonic keeps 4
+    assert choose(30.0, 31.0, k=4, tol=0.0, mono=False) == 3
+    assert choose(20.0, 39.0, k=4, tol=0.0, mono=False) == 3  # at least one micro-batch fewer
     assert sqrt_schedule(100.0, 4.0) == 20.0
 
 
@@ -292,6 +311,8 @@ def test_resume_mid_epoch_with_a_pending_change(tmp_path: Path) -> None:
         ({"check_every_n_steps": True}, r"check_every_n_steps must be an int >= 1"),
         ({"tolerance": -0.1}, r"tolerance must be a finite number >= 0"),
         ({"tolerance": math.inf}, r"tolerance must be a finite number >= 0"),
+        ({"z": -1.0}, r"z must be a finite number >= 0"),
+        ({"z": math.inf}, r"z must be a finite number >= 0"),
         ({"lr_scaling": "cubic"}, r"Unknown lr_scaling 'cubic'\. Choose one of 'none', 'linear', 'sqrt', 'adascale'"),
     ],
 )
@@ -355,6 +376,15 @@ def test_ddp_ranks_switch_together(tmp_path: Path) -> None:
         grad = (window_mean_grad(s0["before"], s0["window"]) + window_mean_grad(s1["before"], s1["window"])) / 2
         expected = s0["before"].double() - LR * k / k * grad
         torch.testing.assert_close(s0["after"].double(), expected, rtol=1e-5, atol=1e-6)
+    # B_simple's interval: the same bits on both ranks (the statistics are all-reduced before the fold), and
+    # exact against a float64 recomputation from the per-step estimates.
+    assert ranks[0]["estimates"] == ranks[1]["estimates"] and len(ranks[0]["estimates"]) == len(steps0)
+    assert ranks[0]["intervals"] == ranks[1]["intervals"]
+    assert torch.equal(ranks[0]["moments"], ranks[1]["moments"])
+    g, t = zip(*ranks[0]["estimates"], strict=True)
+    for m, interval in enumerate(ranks[0]["intervals"], start=1):
+        assert interval == pytest.approx(reference_interval(list(g[:m]), list(t[:m]), beta=0.9, z=1.0)[:3], rel=1e-9)
+    assert any(math.isfinite(high) for _, high, _ in ranks[0]["intervals"])
 
 
 # ---------------------------------------------------------------- namespaces and LightningCLI

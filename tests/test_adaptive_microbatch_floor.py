@@ -38,7 +38,7 @@ def shrinking(**kwargs: Any) -> AdaptiveBatchSize:
     """Asks for one micro-batch per step from step 2 on (at once: no readiness wait, no growth limit)."""
     settings: dict[str, Any] = {
         "min_samples": 0,
-        "max_relative_error": math.inf,
+        "z": 0.0,
         "max_growth": math.inf,
         "target": scheduled_target({2: 1}),
         "warmup_steps": 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -238,3 +239,88 @@ def test_state_names_are_the_registered_states() -> None:
     metric = GradientNoiseScaleMetric()
     assert tuple(metric._defaults) == STATE_NAMES
     assert tuple(metric.state_dict()) == STATE_NAMES  # all persistent
+
+
+# ---------------------------------------------------------------- the interval of B_simple
+
+
+def test_moments_and_interval_match_a_float64_recursion_with_skipped_steps() -> None:
+    """estimate_moments follows the same steps as the averages (skipped steps leave it bit-identical), and the
+    interval equals the reference recomputation from the per-step estimates."""
+    from support.adaptive_support import reference_interval
+
+    rng = random.Random(5)
+    metric = GradientNoiseScaleMetric(beta=0.9)
+    kept: list[tuple[float, float]] = []
+    for _ in range(60):
+        step = random_step(rng)
+        before = metric.estimate_moments.clone()
+        step.update(metric)
+        estimates = step.estimates()
+        if estimates is None:
+            assert torch.equal(metric.estimate_moments, before)
+            continue
+        kept.append(estimates)
+        g, t = zip(*kept, strict=True)
+        low, high, error, samples = reference_interval(list(g), list(t), beta=0.9, z=1.0)
+        assert float(metric.spread().samples) == pytest.approx(samples, rel=1e-12)
+        assert [float(v) for v in metric.confidence_interval(1.0)] == pytest.approx([low, high], rel=1e-9)
+        assert float(metric.relative_error()) == pytest.approx(error, rel=1e-9)
+        assert float(metric.spread().trace_cov) == pytest.approx(float(metric.trace_cov), rel=1e-12)
+    assert len(kept) > 30
+
+
+def spread(t: float, g: float, var_t: float, var_g: float, cov: float = 0.0, samples: float = 100.0) -> Any:
+    from lightning_gns.estimators import EstimateSpread
+
+    return EstimateSpread(*torch.tensor([t, g, var_t, var_g, cov, samples], dtype=F64).unbind())
+
+
+def test_interval_closed_forms() -> None:
+    from lightning_gns.estimators import noise_scale_interval, relative_error
+
+    # z = 0: the estimate itself, with B_simple's read-out rules.
+    assert [float(b) for b in noise_scale_interval(spread(10.0, 2.0, 1.0, 1.0), 0.0)] == [5.0, 5.0]
+    assert [float(b) for b in noise_scale_interval(spread(10.0, -2.0, 1.0, 1.0), 0.0)] == [math.inf, math.inf]
+    assert [float(b) for b in noise_scale_interval(spread(-1.0, 2.0, 1.0, 1.0), 0.0)] == [0.0, 0.0]
+    # A precise estimate: B (1 -+ z r) to first order in r.
+    precise = spread(10.0, 2.0, 1e-6, 4e-8, 1e-8)
+    r = float(relative_error(precise))
+    low, high = (float(b) for b in noise_scale_interval(precise, 2.0))
+    assert low == pytest.approx(5.0 * (1 - 2 * r), rel=1e-6) and high == pytest.approx(5.0 * (1 + 2 * r), rel=1e-6)
+    # Only |G|^2 uncertain: the bounds are T / (G +- z sd(G)) exactly.
+    low, high = (float(b) for b in noise_scale_interval(spread(10.0, 2.0, 0.0, 0.25), 1.0))
+    assert (low, high) == pytest.approx((10.0 / 2.5, 10.0 / 1.5), rel=1e-12)
+    # The noise floor: G = 0 within its noise, T resolved: high = inf, low = T / (z sd(G)).
+    low, high = (float(b) for b in noise_scale_interval(spread(10.0, 0.0, 0.0, 0.25), 2.0))
+    assert high == math.inf and low == pytest.approx(10.0 / (2.0 * 0.5), rel=1e-12)
+    # |G|^2's lower bound exactly at 0 already opens the interval above; T not resolved: low = 0.
+    assert float(noise_scale_interval(spread(10.0, 1.0, 0.0, 1.0), 1.0)[1]) == math.inf
+    assert float(noise_scale_interval(spread(1.0, 2.0, 4.0, 0.01), 1.0)[0]) == 0.0
+    # No estimate: NaN; one step (no spread yet): (0, inf).
+    assert all(math.isnan(float(b)) for b in GradientNoiseScaleMetric().confidence_interval())
+    metric = GradientNoiseScaleMetric()
+    Step([5.0, 3.0], [4, 4], 3.5).update(metric)
+    assert [float(b) for b in metric.confidence_interval()] == [0.0, math.inf]
+    assert float(relative_error(spread(10.0, 0.0, 1.0, 1.0))) == math.inf
+
+
+def test_a_checkpoint_without_the_moments_loads_and_measures_the_spread_afresh() -> None:
+    from lightning_gns.callbacks._checkpoint import validate_gns_state
+    from lightning_gns.tracker import GradientNoiseScaleTracker
+
+    rng = random.Random(2)
+    saved = GradientNoiseScaleTracker(beta=0.9)
+    for _ in range(20):
+        random_step(rng).update(saved.metric)
+    old = saved.state_dict()
+    del old["metric"]["estimate_moments"]
+    validate_gns_state({**old, "beta": 0.9}, saved.metric._defaults, 0.9)
+    restored = GradientNoiseScaleTracker(beta=0.9)
+    restored.load_state_dict(old)
+    assert float(restored.metric.b_simple) == float(saved.metric.b_simple)
+    assert torch.equal(restored.metric.estimate_moments, torch.zeros(6, dtype=F64))
+    bad = saved.state_dict()
+    bad["metric"]["estimate_moments"] = torch.zeros(5, dtype=F64)
+    with pytest.raises(ValueError, match="estimate_moments' must have shape"):
+        validate_gns_state({**bad, "beta": 0.9}, saved.metric._defaults, 0.9)

@@ -27,6 +27,7 @@ from lightning_gns.tools.report import (
     Series,
     find_loss_tag,
     gns_runs,
+    interval_band,
     load_runs,
     smooth,
     summarize,
@@ -147,6 +148,26 @@ def test_adaptive_runs_get_the_effective_batch_panel(tmp_path: Path, capsys: pyt
     assert "adaptive  " in printed and "fixed  " in printed and "50 @0 (loss 3)" in printed
 
 
+def test_logged_interval_reaches_the_report_band(logged_run: tuple[Path, Path]) -> None:
+    """gns/b_simple_low <= gns/b_simple <= gns/b_simple_high on every logged step (inf high included), and the
+    band drawn is those values, with 0 and inf bounds moved just past the chart's finite range."""
+    tb_dir, _ = logged_run
+    scalars = load_runs(tb_dir)[RUN]
+    low, high, b = scalars["gns/b_simple_low"], scalars["gns/b_simple_high"], scalars[B_SIMPLE]
+    assert low.steps.tolist() == high.steps.tolist() == b.steps.tolist()
+    known = ~np.isnan(low.values)
+    assert known.sum() >= 10
+    assert np.all(low.values[known] <= b.values[known] * (1 + 1e-6))
+    assert np.all(b.values[known] <= high.values[known] * (1 + 1e-6))
+    steps, band_low, band_high = interval_band(scalars)  # type: ignore[misc]
+    assert steps.tolist() == low.steps[known].tolist()
+    finite = np.isfinite(high.values[known])
+    np.testing.assert_array_equal(band_high[finite], high.values[known][finite])
+    assert np.all(band_high[~finite] > np.nanmax(np.where(np.isfinite(b.values), b.values, np.nan)))
+    positive = low.values[known] > 0
+    np.testing.assert_array_equal(band_low[positive], low.values[known][positive])
+
+
 def test_summarize_picks_finite_points_and_counts_infinite_ones() -> None:
     scalars = {
         B_SIMPLE: Series(np.array([0, 10, 20, 30, 40, 50]), np.array([np.nan, 4.0, np.inf, 8.0, 10.0, 12.0])),
@@ -239,7 +260,16 @@ def test_console_script_is_declared() -> None:
 
 # ------------------------------------------------------------------------------------------ layout
 def chart_tags(layout: layout_pb2.Layout) -> dict[str, list[str]]:
-    return {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    """Each chart's tags as regexes: a Multiline chart's are regexes, a Margin chart's are exact tag names."""
+    charts: dict[str, list[str]] = {}
+    for category in layout.category:
+        for chart in category.chart:
+            if chart.HasField("margin"):
+                exact = [t for s in chart.margin.series for t in (s.value, s.lower, s.upper)]
+                charts[chart.title] = [re.escape(tag) + "$" for tag in exact]
+            else:
+                charts[chart.title] = list(chart.multiline.tag)
+    return charts
 
 
 def fit_logged(root: Path, gns: GradientNoiseScale, *extra: Callback, accumulation: int = 1) -> set[str]:
@@ -321,6 +351,10 @@ def test_layout_charts_per_configuration(adaptive: bool, per_layer: bool, per_ex
 
     always = ["gns/b_simple", "gns/grad_sq_norm", "gns/trace_cov", "gns/b_big", "gns/b_small", "gns/skipped_steps"]
     always += ["gns/steps_over_min", "gns/examples_over_min", "gns/statistical_efficiency"]
+    always += ["gns/b_simple_low", "gns/b_simple_high"]
+    [margin] = [c for category in layout.category for c in category.chart if c.HasField("margin")]
+    [series] = margin.margin.series
+    assert (series.value, series.lower, series.upper) == ("gns/b_simple", "gns/b_simple_low", "gns/b_simple_high")
     assert all(drawn(tag) for tag in always)
     for tag in ("gns/effective_batch_size", "gns/accumulation", "gns/lr_factor"):
         assert drawn(tag) is adaptive

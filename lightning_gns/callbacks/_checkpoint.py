@@ -34,6 +34,8 @@ ADAPTIVE_OPTIONAL_KEYS = frozenset(
     }
 )
 _COUNTS = ("measured_steps", "skipped_steps")
+# Metric states that checkpoints of earlier versions lack (the metric then starts them afresh), and their shapes.
+_OPTIONAL_METRIC_STATES = {"estimate_moments": (6,)}
 _SIZES = ("last_b_small", "last_b_big")
 
 
@@ -70,12 +72,16 @@ def validate_metric_states(callback: str, where: str, states: Any, names: Iterab
     """One :class:`~lightning_gns.GradientNoiseScaleMetric`'s saved states (``where`` prefixes the key names)."""
     if not isinstance(states, Mapping):
         raise _fail(callback, where.rstrip("."), f"must be a dict of tensors, got {type(states).__name__}")
-    _check_keys(callback, where, states, frozenset(names), frozenset())
+    optional = frozenset(_OPTIONAL_METRIC_STATES)
+    _check_keys(callback, where, states, frozenset(names) - optional, optional & frozenset(names))
     values: dict[str, float] = {}
     for name, value in states.items():
         key = f"{where}{name}"
         if not isinstance(value, torch.Tensor):
             raise _fail(callback, key, f"must be a tensor, got {type(value).__name__}")
+        if name in _OPTIONAL_METRIC_STATES:
+            _check_moments(callback, key, value, _OPTIONAL_METRIC_STATES[name])
+            continue
         if value.shape != ():
             raise _fail(callback, key, f"must be a scalar tensor (shape ()), got shape {tuple(value.shape)}")
         if name in _COUNTS and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
@@ -137,6 +143,16 @@ def validate_gns_state(
 def _check_accumulation(callback: str, key: str, value: Any) -> None:
     if not _is_int(value) or value < 1:
         raise _fail(callback, key, f"is {value!r}, must be an int >= 1 (micro-batches per optimizer step)")
+
+
+def _check_moments(callback: str, key: str, value: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(value.shape) != shape:
+        raise _fail(callback, key, f"must have shape {shape}, got {tuple(value.shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise _fail(callback, key, "must be finite")
+    weight = float(value[0])
+    if not 0.0 <= weight <= 1.0:
+        raise _fail(callback, key, f"has weight {weight}, must lie in [0, 1] (it is 1 - beta^steps)")
 
 
 def _check_factor(callback: str, key: str, value: Any) -> None:

@@ -7,10 +7,10 @@ The hooks live in :class:`AdaptiveBatchSizeLogic`, which imports no Lightning na
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
@@ -21,11 +21,9 @@ from lightning_gns.batch_schedule import (
     LrScaling,
     NoiseScaleStatistics,
     TargetFn,
-    ema_effective_samples,
+    interval_accumulation,
     is_safe_boundary,
     lr_factor,
-    planned_accumulation,
-    ratio_relative_error,
     sqrt_schedule,
 )
 from lightning_gns.batch_size import checked_batch_size, units_as_int
@@ -57,26 +55,30 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
       global-zero rank only.
 
     ``calibration`` is the ratio ``B_crit / B_simple``: both named targets use ``calibration x B_simple``
-    in place of ``B_simple``. The default 0.5 is what the language-model benchmark (docs/adaptive.md)
-    found best (the measured ratio on the digits task is 0.38, so ``B_simple`` itself overshoots). Measure
+    in place of ``B_simple``. The default 1 applies to the lower confidence bound; the three-task benchmark of
+    docs/adaptive.md compares it with 0.5 (less loss early in training, far fewer steps saved). Measure
     it for your task with a branched critical-batch run (``lightning-gns branch``, then
     :func:`~lightning_gns.batch_schedule.calibration_from_branch_points`) or take it from a similar task.
 
-    A change needs a trustworthy estimate: the noise-scale EMA must average at least ``min_samples``
-    effective steps, and the relative standard error of ``B_simple``, estimated from the spread of the
-    per-step ``tr(Sigma)`` and ``|G|^2`` estimates (delta method), must be at most ``max_relative_error``.
-    It also needs the target outside ``[B / (1 + tolerance), B * (1 + tolerance)]`` around the current
-    effective batch ``B``, ``warmup_steps`` optimizer steps of training, and ``min_steps_between_changes``
-    steps since the last change; it is looked at every ``check_every_n_steps`` steps (the only steps on
-    which the statistics are read to the host). One change moves the batch by at most a factor
-    ``max_growth`` (batch-size warm-up by doublings with the default 2), is clamped to
+    Decisions are made on a confidence interval, not on the estimate alone. The metric keeps the spread of
+    the per-step ``tr(Sigma)`` and ``|G|^2`` estimates, and gives bounds of ``B_simple`` at ``z`` standard
+    errors (:meth:`~lightning_gns.GradientNoiseScaleMetric.confidence_interval`, Fieller's construction:
+    the upper bound is ``inf`` while ``|G|^2`` is within its noise, and the lower bound is then large).
+    The batch grows when the target at the lower bound exceeds the current effective batch ``B`` by more
+    than the tolerance (``> B (1 + tolerance)``), to the target at the lower bound; with ``monotonic=False``
+    it shrinks when the target at the upper bound is below ``B / (1 + tolerance)``. A decision also needs
+    ``min_samples`` effective per-step estimates in the average (Kish's count of the EMA weights),
+    ``warmup_steps`` optimizer steps of training and ``min_steps_between_changes`` steps since the last
+    change; it is looked at every ``check_every_n_steps`` steps (the only steps on which the statistics are
+    read to the host). One change moves the batch by at most a factor ``max_growth`` (batch-size warm-up
+    by doublings with the default 2) and at least one micro-batch, is clamped to
     ``[min_accumulation, max_accumulation]`` and, with ``monotonic=True``, never shrinks.
 
     Every decision is recorded with its reason: ``history`` holds one entry per change that took effect
     (``step``, ``accumulation``, ``lr_factor``, and for changes ``decided_step``, ``b_simple``, ``target``,
     ``old_accumulation``, ``reason``), ``decisions`` one per decision step, changes and holds alike
-    (``step``, ``b_simple``, ``relative_error``, ``samples``, ``target``, ``accumulation``, ``new_accumulation``,
-    ``reason``).
+    (``step``, ``b_simple``, ``b_simple_low``, ``b_simple_high``, ``relative_error``, ``samples``, ``target``,
+    ``target_low``, ``target_high``, ``accumulation``, ``new_accumulation``, ``reason``).
 
     A decided change waits for a safe boundary: Lightning counts accumulation windows from the start of
     the epoch, so a new accumulation ``k`` starts only after an optimizer step that closed a multiple of
@@ -89,8 +91,8 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     On each change the learning rate is multiplied, relative to the starting effective batch (for which
     the configured learning rate is taken to be right), by ``lr_scaling``:
 
-    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (Adam-type optimizers: the best of
-      the three in the AdamW language-model benchmark of docs/adaptive.md, where ``"none"`` lost clearly);
+    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (the default: the best rule on all
+      three tasks of docs/adaptive.md, AdamW and SGD alike);
     - ``"adascale"``: ``(s^2 + |G|^2) / (s^2 / S + |G|^2)`` with ``s^2`` the starting batch's gradient
       variance, measured at the change (between 1 and ``S``);
 
@@ -116,9 +118,8 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         calibration: ``B_crit / B_simple``: the named targets use ``calibration x B_simple``.
         max_growth: largest factor by which one change may grow (or shrink) the effective batch; ``math.inf``
             for no limit.
+        z: standard errors of the confidence bounds decisions are made on (0: on the estimate itself).
         min_samples: effective number of per-step estimates the noise-scale EMA must hold before a change.
-        max_relative_error: largest relative standard error of ``B_simple`` at which a change is made
-            (``math.inf``: no check).
         r: ``target="sqrt"`` only: the ``r`` of ``sqrt(r * B_simple)``, in batch units. Default: the starting
             effective batch.
         min_accumulation: smallest accumulation to use (the start is clamped into the bounds).
@@ -148,17 +149,17 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         self,
         target: Literal["b_simple", "sqrt"] | TargetFn = "b_simple",
         r: float | None = None,
-        calibration: float = 0.5,
+        calibration: float = 1.0,
         max_growth: float = 2.0,
+        z: float = 1.0,
         min_samples: float = 10.0,
-        max_relative_error: float = 0.5,
         min_accumulation: int = 1,
         max_accumulation: int = 64,
-        warmup_steps: int = 100,
+        warmup_steps: int = 50,
         min_steps_between_changes: int = 50,
         tolerance: float = 0.25,
         monotonic: bool = True,
-        lr_scaling: LrScaling = "none",
+        lr_scaling: LrScaling = "sqrt",
         check_every_n_steps: int = 10,
         prog_bar: bool = False,
     ) -> None:
@@ -181,9 +182,12 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         else:
             min_samples = _positive("min_samples", min_samples, "10 effective steps, or 0 for no check")
         self.min_samples = float(min_samples)
-        self.max_relative_error = _positive(
-            "max_relative_error", max_relative_error, "0.5, or math.inf for no check", infinite=True
-        )
+        if isinstance(z, bool) or not isinstance(z, (int, float)) or not (0 <= z < math.inf):
+            raise ValueError(
+                f"z must be a finite number >= 0 (standard errors of the confidence bound: 1.0, or 0 to decide"
+                f" on the estimate itself), got {z!r}."
+            )
+        self.z = float(z)
         self.min_accumulation = checked_int("min_accumulation", min_accumulation, minimum=1)
         self.max_accumulation = checked_int("max_accumulation", max_accumulation, minimum=1)
         if self.max_accumulation < self.min_accumulation:
@@ -216,12 +220,6 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         self.history: list[dict[str, Any]] = []
         self.decisions: list[dict[str, Any]] = []
         self.pending_record: dict[str, Any] | None = None
-        # EMAs (decay: the metric's beta) of 1, T, G, T^2, G^2, T*G over the per-step estimates T = tr(Sigma)
-        # and G = |G|^2, on the metric's device; and the metric's EMA states after the last optimizer step,
-        # from which each step's own estimates are recovered.
-        self._moments: Tensor | None = None
-        self._last_ema: Tensor | None = None
-        self._saved_moments: tuple[list[float], list[float]] | None = None
 
         self._restored = False
         # What load_state_dict needs beyond the callback's own state, gathered by on_load_checkpoint.
@@ -326,7 +324,6 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             self.decisions = []
             self.pending_record = None
         trainer.accumulate_grad_batches = self.accumulation
-        self._start_moments()
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._scale_lr))
@@ -367,7 +364,6 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         if fit_loop._should_accumulate():
             return  # no optimizer step on this micro-batch: nothing to log, decide or switch
         assert self.accumulation is not None
-        self._track_moments()
         step = trainer.global_step
         logging = (trainer.loggers or self.prog_bar) and trainer._logger_connector.should_update_logs
         deciding = (
@@ -387,64 +383,6 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             epoch_ended = fit_loop.epoch_loop._num_ready_batches_reached()
             if is_safe_boundary(batch_idx + 1, self.pending[0], epoch_ended):
                 self._switch(trainer, step)
-
-    # ------------------------------------------------------------------ estimate quality
-    def _start_moments(self) -> None:
-        metric = self.gns.metric
-        device = metric.grad_sq_norm_ema.device
-        saved, self._saved_moments = self._saved_moments, None
-        if saved is not None:
-            moments, last = saved
-            self._moments = torch.tensor(moments, dtype=torch.float64, device=device)
-            self._last_ema = torch.tensor(last, dtype=torch.float64, device=device)
-        else:
-            # A fresh run, or a checkpoint without the moments: the spread is measured from here on.
-            self._moments = torch.zeros(6, dtype=torch.float64, device=device)
-            self._last_ema = self._ema_state()
-
-    def _ema_state(self) -> Tensor:
-        metric = self.gns.metric
-        return torch.stack(
-            [
-                metric.trace_cov_ema.detach().double(),
-                metric.grad_sq_norm_ema.detach().double(),
-                metric.measured_steps.detach().double(),
-            ]
-        )
-
-    def _track_moments(self) -> None:
-        """Fold the step's own estimates into the moments; device operations only (no host sync)."""
-        if self._moments is None or self._last_ema is None:
-            return
-        beta = self.gns.metric.beta
-        now = self._ema_state()
-        measured = now[2] != self._last_ema[2]
-        # The metric folded ema = beta * ema + (1 - beta) * x on a measured step: recover x.
-        x = (now[:2] - beta * self._last_ema[:2]) / (1 - beta)
-        t, g = x[0], x[1]
-        values = torch.stack([torch.ones_like(t), t, g, t * t, g * g, t * g])
-        self._moments.copy_(torch.where(measured, beta * self._moments + (1 - beta) * values, self._moments))
-        self._last_ema.copy_(now)
-
-    def estimate_quality(self) -> tuple[float, float]:
-        """``(effective samples, relative standard error)`` of the current ``B_simple`` (reads to the host)."""
-        metric = self.gns.metric
-        samples = ema_effective_samples(metric.beta, int(metric.measured_steps))
-        if self._moments is None:
-            return samples, math.inf
-        weight, t, g, tt, gg, tg = self._moments.tolist()
-        if weight <= 0:
-            return samples, math.inf
-        t, g, tt, gg, tg = (value / weight for value in (t, g, tt, gg, tg))
-        # weight = 1 - beta^m after m measured steps: the moments' own effective sample count, and the
-        # unbiased spread for a sample of that size.
-        beta = metric.beta
-        own = weight * (1 + beta) / ((1 - beta) * (2 - weight))
-        correction = own / (own - 1) if own > 1 else math.inf
-        var_t, var_g, cov = (tt - t * t) * correction, (gg - g * g) * correction, (tg - t * g) * correction
-        return samples, ratio_relative_error(
-            float(metric.trace_cov), float(metric.grad_sq_norm), var_t, var_g, cov, min(samples, own)
-        )
 
     # ------------------------------------------------------------------ decisions
     def _decide(self, trainer: Trainer, step: int) -> tuple[int, float] | None:
@@ -471,40 +409,50 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         metric = self.gns.metric
         world_size = trainer.world_size
         units_per_accumulation = float(self.micro_batch_size * world_size)
+        low, high = metric.confidence_interval(self.z)
+        spread = metric.spread()
+        # One read to the host for everything the decision needs.
+        b_simple, low, high, grad_sq_norm, trace_cov, samples, error = torch.stack(
+            [metric.b_simple, low, high, metric.grad_sq_norm, metric.trace_cov, spread.samples, metric.relative_error()]
+        ).tolist()
         stats = NoiseScaleStatistics(
-            b_simple=float(metric.b_simple),
-            grad_sq_norm=float(metric.grad_sq_norm),
-            trace_cov=float(metric.trace_cov),
+            b_simple=b_simple,
+            grad_sq_norm=grad_sq_norm,
+            trace_cov=trace_cov,
             effective_batch_size=self.accumulation * units_per_accumulation,
             accumulation=self.accumulation,
             micro_batch_size=self.micro_batch_size,
             world_size=world_size,
             step=step,
             calibration=self.calibration,
+            b_simple_low=low,
+            b_simple_high=high,
         )
-        samples, error = self.estimate_quality()
         record: dict[str, Any] = {
             "step": step,
-            "b_simple": stats.b_simple,
+            "b_simple": b_simple,
+            "b_simple_low": low,
+            "b_simple_high": high,
             "relative_error": error,
             "samples": samples,
             "target": math.nan,
+            "target_low": math.nan,
+            "target_high": math.nan,
             "accumulation": self.accumulation,
             "new_accumulation": self.accumulation,
         }
-        if samples < self.min_samples:
-            record["reason"] = f"not ready: {samples:.3g} effective samples < min_samples {self.min_samples:g}"
+        if not samples >= self.min_samples:
+            record["reason"] = f"warming up: {samples:.3g} effective samples < min_samples {self.min_samples:g}"
             return None, 1.0, record
-        if not error <= self.max_relative_error:
-            record["reason"] = (
-                f"not ready: relative standard error of B_simple {error:.3g} > max_relative_error"
-                f" {self.max_relative_error:g}"
-            )
-            return None, 1.0, record
-        target = float(self._target(stats, self.reference_accumulation * units_per_accumulation))
-        record["target"] = target
-        new, reason = planned_accumulation(
-            target,
+        reference_batch = self.reference_accumulation * units_per_accumulation
+        target_low = float(self._target(replace(stats, b_simple=low), reference_batch))
+        target_high = float(self._target(replace(stats, b_simple=high), reference_batch))
+        record.update(
+            target=float(self._target(stats, reference_batch)), target_low=target_low, target_high=target_high
+        )
+        new, reason = interval_accumulation(
+            target_low,
+            target_high,
             self.accumulation,
             units_per_accumulation,
             self.min_accumulation,
@@ -522,7 +470,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             new / self.reference_accumulation,
             trace_cov=stats.trace_cov,
             grad_sq_norm=stats.grad_sq_norm,
-            reference_batch=self.reference_accumulation * units_per_accumulation,
+            reference_batch=reference_batch,
         )
         return new, factor, record
 
@@ -575,8 +523,6 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             "lr_scaling": self.lr_scaling,
             "decisions": [dict(entry) for entry in self.decisions],
             "pending_record": None if self.pending_record is None else dict(self.pending_record),
-            "estimate_moments": None if self._moments is None else self._moments.tolist(),
-            "last_ema": None if self._last_ema is None else self._last_ema.tolist(),
         }
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -627,8 +573,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         self.decisions = [dict(entry) for entry in state_dict.get("decisions", [])]
         record = state_dict.get("pending_record")
         self.pending_record = None if record is None else dict(record)
-        moments, last = state_dict.get("estimate_moments"), state_dict.get("last_ema")
-        self._saved_moments = None if moments is None or last is None else (list(moments), list(last))
+        # "estimate_moments" and "last_ema" of older checkpoints are not read: the metric keeps the moments now.
         self._restored = True
         if self.accumulation is not None:
             self._reconcile(state_dict.get("lr_scaling", self.lr_scaling))

@@ -574,9 +574,35 @@ def _plot_steps(ax: Axes, series: Series, color: str, label: str, **kwargs: Any)
     ax.plot(steps, values, color=color, label=label, drawstyle="steps-post", **_style(len(steps)), **kwargs)
 
 
+def interval_band(scalars: Mapping[str, Series]) -> tuple[IntArray, FloatArray, FloatArray] | None:
+    """Steps, low and high of ``B_simple``'s logged interval as drawn on a log axis, or None if not logged.
+
+    A bound of 0 is drawn at a tenth of the smallest positive value, an infinite one (``|G|^2`` within its
+    noise) at ten times the largest finite value: the band then reaches past everything else on the chart.
+    """
+    if names.B_SIMPLE_LOW not in scalars or names.B_SIMPLE_HIGH not in scalars:
+        return None
+    low, high = scalars[names.B_SIMPLE_LOW], scalars[names.B_SIMPLE_HIGH]
+    steps, low_at, high_at = np.intersect1d(low.steps, high.steps, return_indices=True)
+    lows, highs = low.values[low_at], high.values[high_at]
+    keep = ~(np.isnan(lows) | np.isnan(highs))
+    steps, lows, highs = steps[keep], lows[keep], highs[keep]
+    finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in (lows, highs, scalars[names.B_SIMPLE].values)])
+    if not len(steps) or not len(finite):
+        return None
+    lows = np.where(lows > 0, lows, finite.min() / 10)
+    highs = np.where(np.isfinite(highs), highs, finite.max() * 10)
+    return steps, np.minimum(lows, highs), highs
+
+
 def _plot_b_simple_vs_step(ax: Axes, name: str, scalars: Mapping[str, Series], color: str) -> None:
     steps, values = _positive(scalars[names.B_SIMPLE])
     ax.plot(steps, values, color=color, label=f"{name}: B_simple", **_style(len(steps)))
+    band = interval_band(scalars)
+    if band is not None:
+        # Error bars on B_simple: one standard error either side (Fieller bounds, open above while |G|^2 is
+        # within its noise).
+        ax.fill_between(*band, color=color, alpha=0.2, linewidth=0, step="post", label=f"{name}: B_simple ± 1 se")
     # The batch actually used per optimizer step, to compare with the noise scale it should track.
     batch_tag = names.EFFECTIVE_BATCH_SIZE if names.EFFECTIVE_BATCH_SIZE in scalars else names.B_BIG
     if batch_tag in scalars:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import NoiseScaleStatistics
-from support.adaptive_support import RecordingRegression, scheduled_target
+from support.adaptive_support import EstimateRecorder, RecordingRegression, scheduled_target
 from support.models import LinearProblem, loader
 
 # 104 examples: 52 per rank, 13 micro-batches of 4 per rank per epoch.
@@ -54,14 +54,16 @@ def main() -> None:
         max_accumulation=8,
         max_growth=math.inf,
         min_samples=0,
-        max_relative_error=math.inf,
+        z=0.0,
     )
+    gns = GradientNoiseScale(beta=0.9)
+    estimates = EstimateRecorder(gns, z=1.0)
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
         max_epochs=2,
-        callbacks=[GradientNoiseScale(beta=0.9), adaptive],
+        callbacks=[gns, adaptive, estimates],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -74,6 +76,9 @@ def main() -> None:
         "steps": model.steps,
         "target_calls": calls,
         "global_step": trainer.global_step,
+        "estimates": estimates.estimates,
+        "intervals": estimates.intervals,
+        "moments": gns.metric.estimate_moments.detach().cpu().clone(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(result, args.out / f"rank{trainer.global_rank}.pt")

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import NoiseScaleStatistics
+from lightning_gns.estimators import unbiased_estimates
 from support.models import LinearProblem, loader
 
 Scheduler = Callable[[torch.optim.Optimizer], Any]
@@ -121,7 +123,7 @@ def adaptive(target: Any = None, **kwargs: Any) -> AdaptiveBatchSize:
         # checks have tests of their own.
         "max_growth": math.inf,
         "min_samples": 0,
-        "max_relative_error": math.inf,
+        "z": 0.0,
     }
     return AdaptiveBatchSize(**{**settings, **kwargs})
 
@@ -178,3 +180,64 @@ def check_windows(steps: list[dict[str, Any]], scheduler_lr: Callable[[int], flo
         expected = step["before"].double() - lr * factor / k * window_mean_grad(step["before"], window)
         torch.testing.assert_close(step["after"].double(), expected, rtol=1e-5, atol=1e-6)
     assert all(end == MICRO_BATCHES for end in start.values())
+
+
+class EstimateRecorder(Callback):
+    """Records, at every fold of the GradientNoiseScale metric, the step's own estimates and the interval after it.
+
+    ``estimates`` holds ``(|G|^2, tr(Sigma))`` of each folded step (computed from the fold's arguments with
+    the same estimator, float64), ``intervals`` ``(low, high, relative error)`` read from the metric right after.
+    """
+
+    def __init__(self, gns: Any, z: float = 1.0) -> None:
+        self.gns = gns
+        self.z = z
+        self.estimates: list[tuple[float, float]] = []
+        self.intervals: list[tuple[float, float, float]] = []
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        metric = self.gns.metric
+        fold = metric.fold
+
+        def recording_fold(summary: Any, big_sq_norm: Tensor) -> None:
+            g, t = unbiased_estimates(summary, big_sq_norm)
+            fold(summary, big_sq_norm)
+            self.estimates.append((float(g), float(t)))
+            low, high = metric.confidence_interval(self.z)
+            self.intervals.append((float(low), float(high), float(metric.relative_error())))
+
+        metric.fold = recording_fold
+
+
+def reference_interval(
+    grad_sq_norms: list[float], trace_covs: list[float], beta: float, z: float
+) -> tuple[float, float, float, float]:
+    """``(low, high, relative error, effective samples)`` of the EMA of these per-step estimates, in float64 numpy.
+
+    Written independently of lightning_gns.estimators: explicit weights, numpy's polynomial roots and the
+    definitions of the bounds (the smallest ratio not rejected as too small, the largest not rejected as too
+    large) rather than the closed forms.
+    """
+    g_all, t_all = np.array(grad_sq_norms, dtype=np.float64), np.array(trace_covs, dtype=np.float64)
+    m = len(g_all)
+    w = beta ** np.arange(m - 1, -1, -1, dtype=np.float64)
+    w /= w.sum()
+    n_eff = 1 / np.sum(w**2)
+    t, g = w @ t_all, w @ g_all
+    if n_eff <= 1 + 1e-12:
+        error = math.inf
+        return (0.0, math.inf, error, n_eff) if z > 0 else (t / g, t / g, error, n_eff)
+    vt = w @ (t_all - t) ** 2 / (n_eff - 1)
+    vg = w @ (g_all - g) ** 2 / (n_eff - 1)
+    c = w @ ((t_all - t) * (g_all - g)) / (n_eff - 1)
+    relative = vt / t**2 + vg / g**2 - 2 * c / (t * g)
+    error = math.sqrt(max(relative, 0.0)) if t > 0 and g > 0 else math.inf
+    coefficients = [g * g - z * z * vg, -2 * (t * g - z * z * c), t * t - z * z * vt]
+    roots = sorted(r.real for r in np.roots(coefficients) if abs(r.imag) <= 1e-12 * max(1.0, abs(r.real)))
+    if t - z * math.sqrt(vt) <= 0:
+        low = 0.0
+    else:
+        positive = [r for r in roots if r > 0]
+        low = positive[0] if positive else math.inf
+    high = roots[-1] if g - z * math.sqrt(vg) > 0 else math.inf
+    return low, high, error, n_eff
