@@ -61,10 +61,17 @@ class FusedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, call: FusedCall) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, call: FusedCall, in_out: bool = False
+    ) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.call = call
         ctx.has_bias = bias is not None
+        ctx.in_out = in_out
+        if in_out:  # HF Conv1D's own arithmetic (weight (in, out)), so outputs are bit-identical to its forward
+            flat = x.view(-1, x.shape[-1])
+            out = torch.addmm(bias, flat, weight) if bias is not None else flat.mm(weight)
+            return out.view(*x.shape[:-1], weight.shape[1])
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -72,10 +79,15 @@ class FusedLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(weight)
+            grad_x = grad_out.matmul(weight.t() if ctx.in_out else weight)
         batch = grad_out.shape[0]
         delta = grad_out.reshape(batch, -1, grad_out.shape[-1])
-        per_example = torch.bmm(delta.transpose(1, 2), x.reshape(batch, -1, x.shape[-1]))  # (B, d_out, d_in)
+        inputs = x.reshape(batch, -1, x.shape[-1])
+        # Laid out like the weight, so that cross terms with another use of the same parameter line up.
+        if ctx.in_out:
+            per_example = torch.bmm(inputs.transpose(1, 2), delta)  # (B, d_in, d_out)
+        else:
+            per_example = torch.bmm(delta.transpose(1, 2), inputs)  # (B, d_out, d_in)
         grad_w = _batch_sum(per_example, weight.dtype)
         per_example_bias = None
         if ctx.has_bias:
@@ -83,7 +95,7 @@ class FusedLinearFunction(torch.autograd.Function):
             grad_b = _batch_sum(per_example_bias, weight.dtype) if ctx.needs_input_grad[2] else None
         with torch.no_grad():
             ctx.call.deliver(per_example.detach(), None if per_example_bias is None else per_example_bias.detach())
-        return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None
+        return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None, None
 
 
 class FusedLayerNormFunction(torch.autograd.Function):
@@ -155,17 +167,36 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype)
 
 
-def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, call: FusedCall) -> Tensor:
-    """``F.linear(x, weight, bias)`` through :class:`FusedLinearFunction`, casting as autocast would."""
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, call: FusedCall, in_out: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)`` through :class:`FusedLinearFunction`, casting as autocast would.
+
+    ``in_out``: the weight is laid out (in, out), as HF ``Conv1D``'s, and the output is ``addmm(bias, x, W)``.
+    """
     dtype = _autocast_dtype(x)
     if dtype is None:
-        return FusedLinearFunction.apply(x, weight, bias, call)
+        return FusedLinearFunction.apply(x, weight, bias, call, in_out)
     x_cast, weight_cast, bias_cast = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return FusedLinearFunction.apply(x_cast, weight_cast, bias_cast, call)
+        return FusedLinearFunction.apply(x_cast, weight_cast, bias_cast, call, in_out)
 
 
 FUSABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
+
+
+def hf_conv1d_class(module: nn.Module) -> type | None:
+    """The ``transformers`` ``Conv1D`` class ``module`` is an instance of (GPT-2's linear layer), else None.
+
+    Recognised by name, module path and shape (``nx``/``nf`` attributes, weight ``(nx, nf)``), so that
+    ``transformers`` is never imported here.
+    """
+    for cls in type(module).__mro__:
+        if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."):
+            weight = getattr(module, "weight", None)
+            nx, nf = getattr(module, "nx", None), getattr(module, "nf", None)
+            if isinstance(weight, Tensor) and weight.dim() == 2 and tuple(weight.shape) == (nx, nf):
+                return cls
+            return None
+    return None
 
 
 class FusedForward:
@@ -190,6 +221,10 @@ class FusedForward:
             if call is not None:
                 if isinstance(module, nn.Linear):
                     output = fused_linear(input, module.weight, module.bias, call)
+                elif hf_conv1d_class(module) is not None:
+                    weight, bias = module.weight, module.bias
+                    assert isinstance(weight, Tensor) and isinstance(bias, (Tensor, type(None)))
+                    output = fused_linear(input, weight, bias, call, in_out=True)
                 else:
                     assert isinstance(module, nn.LayerNorm)
                     output = FusedLayerNormFunction.apply(
@@ -204,6 +239,6 @@ class FusedForward:
 
 
 def can_fuse(module: nn.Module) -> bool:
-    """Whether ``module`` is a Linear or LayerNorm running its class's own forward (not a subclass's)."""
-    kind = next((k for k in FUSABLE if isinstance(module, k)), None)
+    """Whether ``module`` is a Linear, HF Conv1D or LayerNorm running its class's own forward (not a subclass's)."""
+    kind: Any = next((k for k in FUSABLE if isinstance(module, k)), None) or hf_conv1d_class(module)
     return kind is not None and type(module).forward is kind.forward and "forward" not in vars(module)

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gns.sources import per_example_generic as generic
 from lightning_gns.sources.base import GradNormSource
-from lightning_gns.sources.fused_linear import FusedForward, can_fuse, fused_pays
+from lightning_gns.sources.fused_linear import FusedForward, can_fuse, fused_pays, hf_conv1d_class
 from lightning_gns.sources.per_example_factors import (
     Dense,
     Factor,
@@ -39,7 +40,7 @@ def is_supported(module: nn.Module, layers: Layers = "all") -> bool:
         return not (module.sparse or module.max_norm is not None or module.scale_grad_by_freq)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.groups == 1 and module.padding_mode == "zeros" and _conv_padding(module) is not None
-    return isinstance(module, SUPPORTED_LAYERS)
+    return isinstance(module, SUPPORTED_LAYERS) or hf_conv1d_class(module) is not None
 
 
 def layer_factors(module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str, Factor]:
@@ -61,6 +62,12 @@ def layer_factors(module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str,
         return _norm_factors(module, inp, grad_out)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return _conv_factors(module, inp, grad_out)
+    if hf_conv1d_class(module) is not None:  # weight (in, out): the per-example gradient sum_t x_t delta_t^T
+        delta = grad_out.reshape(batch, -1, grad_out.shape[-1])
+        factors = {"weight": Dense(inp.reshape(batch, -1, inp.shape[-1]), delta)}
+        if getattr(module, "bias", None) is not None:
+            factors["bias"] = Materialized(delta.sum(dim=1))
+        return factors
     raise TypeError(f"unsupported layer {type(module).__name__}")
 
 
@@ -111,6 +118,25 @@ def _conv_factors(module: nn.Conv1d | nn.Conv2d, inp: Tensor, grad_out: Tensor) 
     if module.bias is not None:
         factors["bias"] = Materialized(delta.sum(dim=2))
     return factors
+
+
+def _generic_attach_problem(module: nn.Module, label: str, whole: bool, params: list[Tensor]) -> str | None:
+    """Why the parameters of ``module`` (not a dedicated layer) cannot be measured at all, or None."""
+    kind = type(module).__name__
+    if not whole and any(True for _ in module.children()):
+        return (
+            f"raw parameter of {label!r} ({kind}) used in its forward: no per-example path (only layers without"
+            " children, nn.MultiheadAttention, recurrent and parametrized layers are replayed per example)"
+        )
+    if isinstance(module, BATCH_COUPLED_LAYERS):
+        return f"layer {label!r} ({kind}) couples the examples of a batch"
+    if isinstance(module, nn.Embedding):
+        option = "sparse=True" if module.sparse else "max_norm" if module.max_norm is not None else "scale_grad_by_freq"
+        return (
+            f"layer {label!r} (Embedding with {option}) has no per-example gradient that sums to its gradient"
+            " (max_norm renormalises rows in place, scale_grad_by_freq divides by batch counts; sparse is not replayed)"
+        )
+    return generic.attach_problem(module, params)
 
 
 def batch_coupled_layers(model: nn.Module) -> list[str]:
@@ -224,26 +250,51 @@ class PerExampleSource(GradNormSource):
         # the original layer's weights on every replica: no fused path there.
         fused = self.fused and not any(isinstance(m, nn.DataParallel) for m in model.modules())
         self.params, self.param_layers, self._index, self.excluded = [], [], {}, {}
+        whole: list[str] = []  # modules the generic path replays with all their children
         for module_name, module in model.named_modules():
-            if not is_supported(module, self.layers):
+            if any(module_name.startswith(f"{w}.") or not w for w in whole):
                 continue
+            label = module_name or type(module).__name__
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) in wanted]
+            replays_whole = self.layers == "all" and generic.replays_whole(module)
+            if is_supported(module, self.layers) and not replays_whole:
+                if own:
+                    self._watch_dedicated(module, label, own, fused)
+                continue
+            if self.layers != "all":
+                continue
+            if replays_whole:
+                whole.append(module_name)
+                own = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) in wanted]
             if not own:
                 continue
-            indices = []
-            for param_name, p in own:
-                if id(p) not in self._index:
-                    self._index[id(p)] = len(self.params)
-                    self.params.append(p)
-                    self.param_layers.append(module_name or type(module).__name__)
-                indices.append((param_name, self._index[id(p)]))
-            self._module_params[id(module)] = indices
-            self._module_names[id(module)] = module_name or type(module).__name__
-            self._handles.append(module.register_forward_hook(self._on_forward))
-            measures_weight = any(n == "weight" for n, _ in indices)
-            if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
-                module.forward = FusedForward(module, self)
-                self._fused_modules.append(module)
+            indices = self._watch(module, label, own)
+            problem = _generic_attach_problem(module, label, replays_whole, [p for _, p in own])
+            if problem is not None:
+                for _, i in indices:
+                    self.exclude(i, problem)
+                continue
+            self._handles.append(module.register_forward_hook(self._on_generic_forward, with_kwargs=True))
+
+    def _watch(self, module: nn.Module, label: str, named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, int]]:
+        indices = []
+        for param_name, p in named:
+            if id(p) not in self._index:
+                self._index[id(p)] = len(self.params)
+                self.params.append(p)
+                self.param_layers.append(label)
+            indices.append((param_name, self._index[id(p)]))
+        self._module_params[id(module)] = indices
+        self._module_names[id(module)] = label
+        return indices
+
+    def _watch_dedicated(self, module: nn.Module, label: str, own: list[tuple[str, nn.Parameter]], fused: bool) -> None:
+        indices = self._watch(module, label, own)
+        self._handles.append(module.register_forward_hook(self._on_forward))
+        measures_weight = any(n == "weight" for n, _ in indices)
+        if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
+            module.forward = FusedForward(module, self)
+            self._fused_modules.append(module)
 
     def covered_params(self) -> list[nn.Parameter]:
         """Watched parameters not excluded so far."""
@@ -276,6 +327,50 @@ class PerExampleSource(GradNormSource):
             return
         fired = [False]
         output.register_hook(partial(self._on_output_grad, module, inp.detach(), params, fired))
+
+    def _on_generic_forward(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if not self.recording:
+            return
+        params = self._module_params.get(id(module), [])
+        if not params or all(i in self.excluded for _, i in params):
+            return
+        name = self._module_names[id(module)]
+        captured = generic.capture(module, name, args, kwargs, output, [n for n, _ in params], self.expected_examples)
+        if isinstance(captured, str):
+            for _, i in params:
+                self.exclude(i, captured)
+            return
+        if captured is None or not self._new_use(module, params):
+            return
+        replay, outputs = captured
+        fired = [False]
+        hook = partial(self._on_generic_grad, replay, params, fired)
+        torch.autograd.graph.register_multi_grad_hook(outputs, hook, mode="all")
+
+    def _on_generic_grad(
+        self, replay: generic.Replay, params: list[tuple[str, int]], fired: list[bool], grads: Any
+    ) -> None:
+        if not self.recording:
+            return
+        if fired[0]:
+            self._failed = _TWICE
+            return
+        fired[0] = True
+        module = replay.module
+        try:
+            per_example = generic.per_example_grads(replay, list(grads))
+        except (torch.OutOfMemoryError, torch.AcceleratorError):
+            raise
+        except (RuntimeError, NotImplementedError) as error:  # torch.func's refusals: vmap, random ops, shapes
+            reason = generic.replay_failure(self._module_names[id(module)], module, error)
+            for _, i in params:
+                self.exclude(i, reason)
+            return
+        for param_name, index in params:
+            if index not in self.excluded:
+                self._add(index, Materialized(per_example[param_name]))
 
     def _new_use(self, module: nn.Module, params: list[tuple[str, int]]) -> bool:
         """Count a use of ``module``'s parameters; False for a checkpoint's replay of a counted call.
@@ -310,8 +405,11 @@ class PerExampleSource(GradNormSource):
         batch = inp.shape[0] if inp.dim() > 0 else 0
         if batch == 0 or (self.expected_examples is not None and batch != self.expected_examples):
             return None  # the forward hook excludes the layer
-        if isinstance(module, nn.Linear):
-            if inp.dim() < 3 or not fused_pays(batch, inp.numel() // (batch * inp.shape[-1]), *module.weight.shape):
+        if isinstance(module, nn.Linear) or hf_conv1d_class(module) is not None:
+            d_in = inp.shape[-1]
+            weight: Tensor = module.weight  # type: ignore[assignment]
+            d_out = weight.shape[0] if isinstance(module, nn.Linear) else weight.shape[1]
+            if inp.dim() < 3 or not fused_pays(batch, inp.numel() // (batch * d_in), d_out, d_in):
                 return None
         elif inp.dim() <= len(module.normalized_shape) or torch.is_autocast_enabled(inp.device.type):  # type: ignore[arg-type]
             return None

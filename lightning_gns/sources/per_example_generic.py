@@ -1,0 +1,306 @@
+"""Per-example gradients of any module's parameters, by replaying its forward one example at a time.
+
+For a module that no dedicated path covers (a custom norm such as ``LlamaRMSNorm``, a scale module, a
+grouped convolution, ``nn.LSTM``/``nn.GRU``/``nn.RNN``, ``nn.MultiheadAttention``, a weight under
+``torch.nn.utils.parametrize``), the forward hook keeps the module's inputs and, when its outputs' gradients
+arrive, computes every example's parameter gradient as ``torch.func.vjp`` of ``functional_call(module,
+params, inputs of that example)`` with that example's output gradient as the cotangent, vmapped over the
+examples. This is exact (the same function, differentiated per example) and materialises a (B, *shape)
+gradient per parameter: it costs about one more forward and backward of the module, per example batched.
+
+What cannot be replayed is refused with a reason, never measured wrongly: random operations (vmap's
+``randomness="error"`` raises on dropout), inputs without the batch dimension where it is expected,
+``PackedSequence`` inputs, forward pre-hooks whose effect is unknown, sharded (DTensor) parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+# Modules with children whose parameters only the parent's forward uses (functionally): replayed whole.
+COMPOSITE_LAYERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase)
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+# Forward pre-hooks the replay knows how to run: the old hook-based weight_norm and spectral_norm.
+_KNOWN_PRE_HOOKS = (WeightNorm, SpectralNorm)
+
+
+def replays_whole(module: nn.Module) -> bool:
+    """Whether the generic path takes ``module`` with all its children: a known composite or a parametrized module."""
+    return isinstance(module, COMPOSITE_LAYERS) or parametrize.is_parametrized(module) or _known_pre_hooks(module)
+
+
+def _known_pre_hooks(module: nn.Module) -> bool:
+    return any(isinstance(h, _KNOWN_PRE_HOOKS) for h in module._forward_pre_hooks.values())
+
+
+def attach_problem(module: nn.Module, params: list[Tensor]) -> str | None:
+    """Why the generic path cannot measure ``module`` at all, or None."""
+    kind = type(module).__name__
+    if any(type(p).__name__ == "DTensor" for p in params):
+        return f"{kind} has sharded (DTensor) parameters, which a per-example replay of its forward cannot use"
+    return None
+
+
+def _input_dim(module: nn.Module, position: int | str, value: Any) -> int | None:
+    """The batch dimension of one top-level input of ``module`` (None: no batch dimension by design)."""
+    if isinstance(module, nn.RNNBase):
+        if position in (0, "input"):
+            return 0 if module.batch_first else 1
+        return 1  # hx: (layers * directions, B, hidden), whatever batch_first says
+    if isinstance(module, nn.MultiheadAttention):
+        name = _MHA_ARGS[position] if isinstance(position, int) and position < len(_MHA_ARGS) else position
+        if name in ("query", "key", "value"):
+            return 0 if module.batch_first else 1
+        if name == "attn_mask" and isinstance(value, Tensor) and (value.dim() == 2 or module.num_heads > 1):
+            return None  # (L, S) is shared; (B * heads, L, S) is split below the batch dimension
+    return 0
+
+
+def _output_dims(module: nn.Module, count: int) -> list[int]:
+    """The batch dimension of each tensor of the module's flattened output."""
+    if isinstance(module, nn.RNNBase):  # output, then h_n (and c_n): (layers * directions, B, hidden)
+        return [0 if module.batch_first else 1] + [1] * (count - 1)
+    if isinstance(module, nn.MultiheadAttention):  # attn_output, attn_weights (B, ...)
+        return [0 if module.batch_first else 1] + [0] * (count - 1)
+    return [0] * count
+
+
+def forward_problem(module: nn.Module, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why this call of ``module`` cannot be replayed per example (before looking at shapes), or None."""
+    kind = type(module).__name__
+    if any(isinstance(v, PackedSequence) for v in (*args, *kwargs.values())):
+        return f"layer {name!r} ({kind}) was called on a PackedSequence, which has no per-example batch dimension"
+    unknown = [h for h in module._forward_pre_hooks.values() if not isinstance(h, _KNOWN_PRE_HOOKS)]
+    if unknown:
+        return (
+            f"layer {name!r} ({kind}) has a forward pre-hook ({type(unknown[0]).__name__}) whose effect a per-example"
+            " replay of its forward cannot reproduce"
+        )
+    dropout = getattr(module, "dropout", 0.0)
+    # A one-layer recurrent layer applies no dropout (it sits between layers).
+    dropping = isinstance(dropout, float) and dropout > 0 and module.training
+    single_rnn = isinstance(module, nn.RNNBase) and module.num_layers == 1
+    if dropping and isinstance(module, COMPOSITE_LAYERS) and not single_rnn:
+        return f"dropout inside {name!r} (nn.{kind}, dropout={dropout}) cannot be replayed per example"
+    if isinstance(module, COMPOSITE_LAYERS):
+        first = args[0] if args else kwargs.get("input", kwargs.get("query"))
+        if not isinstance(first, Tensor) or first.dim() != 3:
+            shape = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
+            return f"layer {name!r} (nn.{kind}) was called on an input of shape {shape} without a batch dimension"
+    return None
+
+
+@dataclass
+class Replay:
+    """One call of a module, kept for its per-example replay when the output gradients arrive."""
+
+    module: nn.Module
+    wanted: dict[str, Tensor]  # measured parameters by name (detached)
+    fixed: dict[str, Tensor]  # the other parameters and the buffers as the forward saw them
+    spec: Any  # tree structure of (args, kwargs)
+    leaves: list[Any]  # flattened (args, kwargs), tensors detached
+    batched: list[tuple[int, int]]  # (leaf position, batch dimension) of the inputs split per example
+    outputs: list[int]  # positions in the flattened output of the tensors whose gradients are the cotangents
+    output_dims: list[int]
+    output_like: list[tuple[torch.Size, torch.dtype, torch.device]]
+    autocast: tuple[str, torch.dtype] | None
+
+
+def capture(
+    module: nn.Module,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    output: Any,
+    param_names: list[str],
+    expected: int | None,
+) -> tuple[Replay, list[Tensor]] | str | None:
+    """The replay of this call and the output tensors to hook; why it cannot be split per example; or None.
+
+    None: no output needs a gradient (nothing to measure in this call).
+    """
+    out_leaves = tree_flatten(output)[0]
+    selected = [i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and t.requires_grad]
+    if not selected:
+        return None
+    problem = forward_problem(module, name, args, kwargs)
+    if problem is not None:
+        return problem
+    all_dims = _output_dims(module, len(out_leaves))
+    dims = [all_dims[i] for i in selected]
+    tensors = [out_leaves[i] for i in selected]
+    first = tensors[0]
+    batch = expected if expected is not None else (first.shape[dims[0]] if first.dim() > dims[0] else 0)
+    for t, d in zip(tensors, dims, strict=True):
+        if t.dim() <= d or t.shape[d] != batch:
+            where = "leading dimension" if d == 0 else f"dimension {d}"
+            return (
+                f"layer {name!r} ({type(module).__name__}) gave an output of shape {tuple(t.shape)} whose {where} is"
+                f" not the micro-batch's {batch} examples (inputs broadcast over the batch, or a layout the"
+                " per-example replay does not know)"
+            )
+    if isinstance(module, nn.RNNBase):
+        args, kwargs = _with_initial_state(module, args, kwargs, batch)
+    leaves, spec = tree_flatten((args, kwargs))
+    positions: list[tuple[int | str, Any]] = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
+    batched: list[tuple[int, int]] = []
+    at = 0
+    for position, value in positions:
+        count = len(tree_flatten(value)[0])
+        dim = _input_dim(module, position, value)
+        for k in range(at, at + count):
+            leaf = leaves[k]
+            if isinstance(leaf, Tensor):
+                leaves[k] = leaf.detach()
+                if dim is not None and leaf.dim() > dim and leaf.shape[dim] == batch:
+                    batched.append((k, dim))
+        at += count
+    if not batched:
+        return (
+            f"layer {name!r} ({type(module).__name__}) was called without an input whose batch dimension holds the"
+            f" micro-batch's {batch} examples: its gradient cannot be split per example"
+        )
+    wanted_names = set(param_names)
+    wanted: dict[str, Tensor] = {}
+    fixed: dict[str, Tensor] = {}
+    for n, p in module.named_parameters():
+        (wanted if n in wanted_names else fixed)[n] = p.detach()
+    # Buffers as this call left them: a later call may update them in place (spectral_norm's u and v).
+    fixed.update({n: b.detach().clone() for n, b in module.named_buffers()})
+    device = first.device.type
+    autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+    replay = Replay(
+        module,
+        wanted,
+        fixed,
+        spec,
+        leaves,
+        batched,
+        selected,
+        dims,
+        [(t.shape, t.dtype, t.device) for t in tensors],
+        autocast,
+    )
+    return replay, tensors
+
+
+def _with_initial_state(
+    module: nn.RNNBase, args: tuple[Any, ...], kwargs: dict[str, Any], batch: int
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call with its default zero initial state made explicit (one per example).
+
+    The state the recurrent layer creates itself has no batch dimension under vmap, and its in-place updates
+    then fail for some dtypes (float64 on CPU); zeros passed per example are the same state.
+    """
+    if (len(args) > 1 and args[1] is not None) or kwargs.get("hx") is not None:
+        return args, kwargs
+    x = args[0] if args else kwargs["input"]
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    out = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    h = x.new_zeros(layers, batch, out)
+    hx: Any = (h, x.new_zeros(layers, batch, module.hidden_size)) if isinstance(module, nn.LSTM) else h
+    kwargs = {k: v for k, v in kwargs.items() if k != "hx"}
+    if args:
+        return (args[0], hx, *args[2:]), kwargs
+    return args, {**kwargs, "hx": hx}
+
+
+class _Runner(nn.Module):
+    """Calls the module's ``forward`` without its hooks (the known weight_norm/spectral_norm ones run by hand)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inner = self.inner
+        for hook in inner._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                setattr(inner, hook.name, hook.compute_weight(inner))
+            elif isinstance(hook, SpectralNorm):  # u and v as the forward's power iteration left them
+                setattr(inner, hook.name, hook.compute_weight(inner, do_power_iteration=False))
+        return inner.forward(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _replay_state(module: nn.Module) -> Iterator[None]:
+    """Parametrized spectral norms in eval mode (no second power iteration), hook-set weights restored after."""
+    spectral = [m for m in module.modules() if isinstance(m, _SpectralNorm) and m.training]
+    hooked = [h.name for h in module._forward_pre_hooks.values() if isinstance(h, _KNOWN_PRE_HOOKS)]
+    saved = {n: vars(module)[n] for n in hooked if n in vars(module)}
+    for m in spectral:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in spectral:
+            m.training = True
+        for n in hooked:
+            if n in saved:
+                setattr(module, n, saved[n])
+
+
+_BATCHING_RULE_WARNING = r".*There is a performance drop because we have not yet implemented the batching rule.*"
+
+
+def per_example_grads(replay: Replay, grads: list[Tensor | None]) -> dict[str, Tensor]:
+    """Each example's gradient of every measured parameter, (B, *shape), laid out like the parameter."""
+    cotangents = [
+        g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+        for g, (shape, dtype, device) in zip(grads, replay.output_like, strict=True)
+    ]
+    runner = _Runner(replay.module)
+    fixed = {f"inner.{n}": t for n, t in replay.fixed.items()}
+
+    def one(example_inputs: list[Tensor], example_cotangents: list[Tensor]) -> dict[str, Tensor]:
+        leaves = list(replay.leaves)
+        for (k, dim), value in zip(replay.batched, example_inputs, strict=True):
+            leaves[k] = value.unsqueeze(dim)
+        args, kwargs = tree_unflatten(leaves, replay.spec)
+
+        def outputs(wanted: dict[str, Tensor]) -> tuple[Tensor, ...]:
+            params = {**fixed, **{f"inner.{n}": t for n, t in wanted.items()}}
+            out = tree_flatten(functional_call(runner, params, args, kwargs))[0]
+            return tuple(out[i] for i in replay.outputs)
+
+        pull = vjp(outputs, replay.wanted)[1]
+        unsqueezed = tuple(c.unsqueeze(d) for c, d in zip(example_cotangents, replay.output_dims, strict=True))
+        grads: dict[str, Tensor] = pull(unsqueezed)[0]
+        return grads
+
+    inputs = [replay.leaves[k] for k, _ in replay.batched]
+    in_dims = ([d for _, d in replay.batched], list(replay.output_dims))
+    autocast = (
+        torch.autocast(replay.autocast[0], dtype=replay.autocast[1])
+        if replay.autocast is not None
+        else contextlib.nullcontext()
+    )
+    with warnings.catch_warnings(), _replay_state(replay.module), autocast, torch.enable_grad():
+        warnings.filterwarnings("ignore", message=_BATCHING_RULE_WARNING, category=UserWarning)
+        return vmap(one, in_dims=in_dims, randomness="error")(inputs, cotangents)
+
+
+def replay_failure(name: str, module: nn.Module, error: Exception) -> str:
+    """The reason a failed replay leaves the module's parameters out."""
+    kind = type(module).__name__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "random" in text and "vmap" in text:
+        return (
+            f"a random operation (dropout?) inside {name!r} ({kind}) cannot be replayed per example"
+            " (its parameters need the same random draw per example as in the forward)"
+        )
+    return f"the per-example replay of {name!r} ({kind}) failed ({type(error).__name__}: {text[:200]})"
