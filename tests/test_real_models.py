@@ -187,37 +187,39 @@ class Case:
     loss: Callable[[Any, Any], Tensor]
     data: Callable[[], DataLoader]
     left_out: Callable[[str], bool]
-    """Which parameter names (of the LightningModule) are left out today."""
+    """Which parameter names (of the LightningModule) are left out."""
     units: Callable[[Any], Tensor] = per_sequence
     batch_size_fn: Callable[[Any], Any] | None = None
+    target: float = 1.0
+    """The covered fraction issue 16 asks for."""
 
 
-CONV1D = (".attn.c_attn.", ".attn.c_proj.", ".mlp.c_fc.", ".mlp.c_proj.")
 CASES = {
-    # transformers' Conv1D has no per-example path yet; wpe is called on position_ids of shape (1, T).
-    "gpt2": Case(gpt2, next_token_loss, token_data, lambda n: any(c in n for c in CONV1D) or n.endswith(".wpe.weight")),
-    # LlamaRMSNorm is its own class, not nn.RMSNorm.
-    "llama": Case(llama, next_token_loss, token_data, lambda n: "norm" in n),
-    # Position embeddings of position_ids (1, T) broadcast over the batch; per-example token counts.
+    # wpe is called on position_ids of shape (1, T), broadcast over the batch.
+    "gpt2": Case(gpt2, next_token_loss, token_data, lambda n: n.endswith(".wpe.weight"), target=0.95),
+    "llama": Case(llama, next_token_loss, token_data, lambda n: False, target=1.0),
+    # Position embeddings of position_ids (1, T) broadcast over the batch; per-example token counts. The MLM
+    # head's bias is the decoder Linear's bias (tied), yet it is left out as a raw parameter of
+    # BertLMPredictionHead, which also uses it: see the report of branch leftout.
     "bert-padded": Case(
         bert,
         padded_token_loss,
         padded_data,
-        lambda n: n.endswith("position_embeddings.weight"),
+        lambda n: n.endswith(("position_embeddings.weight", "cls.predictions.bias")),
         units=real_tokens,
         batch_size_fn=real_tokens,
+        target=0.95,
     ),
-    # Raw parameters used in TinyViT.forward; MultiheadAttention's in_proj (raw) and out_proj (used functionally).
+    # The class token and positional embedding are raw parameters used in TinyViT.forward.
     "vit": Case(
         TinyViT,
         classification_loss,
         lambda: feature_data((4, 12)),
-        lambda n: n.endswith(("cls_token", "pos_embed")) or ".attn." in n,
+        lambda n: n.endswith(("cls_token", "pos_embed")),
+        target=0.9,
     ),
-    "lstm-lm": Case(LSTMLanguageModel, next_token_loss, token_data, lambda n: ".lstm." in n),
-    "weight-norm": Case(
-        weight_normed, classification_loss, lambda: feature_data((6,)), lambda n: ".parametrizations." in n
-    ),
+    "lstm-lm": Case(LSTMLanguageModel, next_token_loss, token_data, lambda n: False, target=0.99),
+    "weight-norm": Case(weight_normed, classification_loss, lambda: feature_data((6,)), lambda n: False, target=0.99),
 }
 
 
@@ -238,6 +240,7 @@ def test_real_model_coverage_is_announced_and_the_covered_part_exact(name: str) 
     numel = {n: p.numel() for n, p in model.named_parameters()}
     total = sum(numel.values())
     assert gns.covered_fraction == pytest.approx(sum(numel[n] for n in kept) / total, rel=1e-12)
+    assert gns.covered_fraction >= case.target
     said = [m for m in messages if "Left out" in m]
     if expected:
         assert len(said) == 1 and all(n in said[0] for n in expected), messages

@@ -18,7 +18,7 @@ from tests.models import LinearProblem, LinearRegression, loader
 from tests.recording import Recorder
 from tests.reference_func import BatchRecorder, assert_histories_match, reference_history
 from tests.test_single_device import assert_matches_reference, make_trainer
-from tests.zoo import AttentionModel, BatchNormCNN, FlattenedTokensModel, PaddedTokenModel, TinyGPT
+from tests.zoo import BatchNormCNN, FlattenedTokensModel, PaddedTokenModel, TinyGPT
 
 
 def fit64(callbacks: list[Any], model: LightningModule, data: Any, **kwargs: Any) -> list[str]:
@@ -214,8 +214,8 @@ def test_nanogpt_positional_embedding_is_left_out_and_the_rest_exact(batch_size:
 
 @pytest.mark.parametrize(
     ("model_class", "left_out"),
-    [(FlattenedTokensModel, ("proj",)), (AttentionModel, ("attn",))],
-    ids=["flattened-tokens", "multihead-attention"],
+    [(FlattenedTokensModel, ("proj",))],
+    ids=["flattened-tokens"],
 )
 def test_layers_that_cannot_be_split_per_example_are_left_out_and_said(
     model_class: type[Any], left_out: tuple[str, ...]

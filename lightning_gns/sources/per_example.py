@@ -370,7 +370,8 @@ class PerExampleSource(GradNormSource):
             return
         for param_name, index in params:
             if index not in self.excluded:
-                self._add(index, Materialized(per_example[param_name]))
+                value = per_example[param_name]
+                self._add(index, Materialized(value if value.dim() > 1 else value.unsqueeze(1)))  # scalars: (B, 1)
 
     def _new_use(self, module: nn.Module, params: list[tuple[str, int]]) -> bool:
         """Count a use of ``module``'s parameters; False for a checkpoint's replay of a counted call.
