@@ -11,10 +11,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
-from lightning_gns.sources.left_out import NOT_IN_MODEL
+from lightning_gns.sources.left_out import NOT_IN_MODEL, unwatched_reasons
 from tests.test_hot_path import SyncWatcher
 from tests.test_single_device import make_trainer
-from tests.zoo import AttentionModel, SequenceRegression
+from tests.zoo import SequenceRegression, TinyGPT
 
 RAW_TOP = (
     "raw parameter used in the forward of the top module (Structure), outside any layer the per-example source hooks"
@@ -43,13 +43,16 @@ class Structure(nn.Module):
         self.norm = nn.LayerNorm(4)
 
 
-def test_reasons_come_from_the_model_structure_at_attach() -> None:
+def test_reasons_come_from_the_model_structure() -> None:
+    """Why each parameter would be left out if the per-example source did not watch it, from its owner alone."""
     model = Structure()
     outside = nn.Parameter(torch.zeros(2))
-    tracker = GradientNoiseScaleTracker()
-    tracker.attach([*model.parameters(), outside], mode="per_example", model=model)
+    supported = ("linear.", "attn.out_proj.", "norm.")  # layers with a dedicated path: nothing to explain
+    params = [p for n, p in model.named_parameters() if not n.startswith(supported)]
+    reasons = unwatched_reasons(model, [*params, outside], layers="all")
     gru = "unsupported layer GRUCell"
-    assert tracker.left_out == {
+    by_name = {name: reasons[id(p)] for name, p in model.named_parameters() if not name.startswith(supported)}
+    assert by_name == {
         "scale": RAW_TOP,
         "cell.weight_ih": gru,
         "cell.weight_hh": gru,
@@ -57,17 +60,34 @@ def test_reasons_come_from_the_model_structure_at_attach() -> None:
         "cell.bias_hh": gru,
         "attn.in_proj_weight": RAW_ATTN,
         "attn.in_proj_bias": RAW_ATTN,
+        "normed.bias": "unsupported layer ParametrizedLinear",
         "normed.parametrizations.weight.original0": PARAMETRIZED,
         "normed.parametrizations.weight.original1": PARAMETRIZED,
         "sparse.weight": "Embedding with an option per-example norms do not support (sparse=True)",
         "grouped.weight": "Conv1d with an option per-example norms do not support (groups > 1)",
         "grouped.bias": "Conv1d with an option per-example norms do not support (groups > 1)",
-        "<optimized parameter 19, shape (2,)>": NOT_IN_MODEL,
     }
-    covered = ("linear.", "attn.out_proj.", "normed.bias", "norm.")
+    assert reasons[id(outside)] == NOT_IN_MODEL
+
+
+def test_left_out_is_every_parameter_the_estimate_does_not_cover() -> None:
+    model = Structure()
+    outside = nn.Parameter(torch.zeros(2))
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach([*model.parameters(), outside], mode="per_example", model=model)
+    source = tracker._per_example_source
+    assert source is not None
+    covered = {id(p) for p in source.covered_params()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    expected = {names[id(p)] for p in model.parameters() if id(p) not in covered} | {
+        "<optimized parameter 19, shape (2,)>"
+    }
+    left_out = tracker.left_out
+    assert set(left_out) == expected and left_out["<optimized parameter 19, shape (2,)>"] == NOT_IN_MODEL
+    assert all(left_out.values())
     total = sum(p.numel() for p in model.parameters()) + outside.numel()
-    want = sum(p.numel() for n, p in model.named_parameters() if n.startswith(covered)) / total
-    assert tracker.covered_fraction == pytest.approx(want, rel=1e-12)
+    missing = sum(model.get_parameter(n).numel() for n in expected if not n.startswith("<")) + outside.numel()
+    assert tracker.covered_fraction == pytest.approx(1 - missing / total, rel=1e-12)
 
 
 def test_layers_norm_leaves_out_every_other_layer_by_name() -> None:
@@ -142,10 +162,10 @@ def test_one_message_then_one_update_when_more_is_left_out(tmp_path: Path) -> No
 
 
 def test_left_out_parts_add_no_host_sync_on_steps_that_do_not_log() -> None:
-    model = AttentionModel(lr=0.1)
+    model = TinyGPT(lr=0.1)
     gns = GradientNoiseScale(beta=0.9, mode="per_example")
     watcher = SyncWatcher()
-    make_trainer([watcher, gns]).fit(model, AttentionModel.data(4 * 12))
+    make_trainer([watcher, gns]).fit(model, TinyGPT.data(4 * 12))
     assert watcher.context is not None and int(gns.metric.measured_steps) == 12
     assert dict(watcher.calls) == {}
-    assert set(gns.left_out) == {n for n, _ in model.named_parameters() if n.startswith("attn.")}
+    assert list(gns.left_out) == ["wpe.weight"]

@@ -56,7 +56,7 @@ def _reason(owner: tuple[str, nn.Module] | None, layers: Layers) -> str:
         return "not a normalisation layer (layers='norm' measures LayerNorm and RMSNorm only)"
     if isinstance(module, SUPPORTED_LAYERS) and not is_supported(module, "all"):
         return f"{kind} with an option per-example norms do not support ({_unsupported_options(module)})"
-    if not any(True for _ in module.children()):
+    if not any(name != "parametrizations" for name, _ in module.named_children()):  # a leaf, parametrized or not
         return f"unsupported layer {kind}"
     where = f"{module_name!r} ({kind})" if module_name else f"the top module ({kind})"
     return f"raw parameter used in the forward of {where}, outside any layer the per-example source hooks"
