@@ -289,9 +289,14 @@ class GradientNoiseScaleTracker:
         self._share_is_all = share == list(range(len(source.params)))
         self._excluded = torch.zeros(len(source.params), dtype=torch.bool, device=device)
         self._numels = torch.tensor([p.numel() for p in source.params], dtype=torch.float64, device=device)
-        self._layer_names = sorted(set(source.param_layers))
+        # Layers left out whole at attach get no per-layer metric: their parameters go to a last, unread column.
+        measurable = [n for i, n in enumerate(source.param_layers) if i not in source.excluded]
+        self._layer_names = sorted(set(measurable))
         position = {name: i for i, name in enumerate(self._layer_names)}
-        self._layer_index = torch.tensor([position[n] for n in source.param_layers], dtype=torch.long, device=device)
+        unread = len(self._layer_names)
+        self._layer_index = torch.tensor(
+            [position.get(n, unread) for n in source.param_layers], dtype=torch.long, device=device
+        )
         self._flag_tensors = {}
         self._bad_flags = None
 
@@ -752,7 +757,7 @@ class GradientNoiseScaleTracker:
         self.metric.fold(counts, big_kept.sum() * big_factor)
         if self.per_layer:
             n_layers = len(self._layer_names)
-            by_layer = torch.zeros(3, n_layers, dtype=torch.float64, device=device)
+            by_layer = torch.zeros(3, n_layers + 1, dtype=torch.float64, device=device)
             for row, values in enumerate((a_kept, big_kept, measured_part * keep)):
                 by_layer[row].index_add_(0, self._layer_index, values)
             # A layer that nothing measured in this step (unused everywhere, or excluded) skips it.
