@@ -478,13 +478,13 @@ class GradientNoiseScaleTracker:
     def _announce_left_out(self) -> None:
         """One message with every left-out parameter; again (once) when more are left out later."""
         left_out = self.left_out
+        numels = {self._param_names[id(p)]: p.numel() for p in self._params}
+        total = sum(numels.values())
         if left_out and left_out != self._left_out_said:
-            numels = {self._param_names[id(p)]: p.numel() for p in self._params}
-            total = sum(numels.values())
             updated = len(left_out.keys() - self._left_out_said.keys()) if self._left_out_said else None
             self._left_out_said = left_out
             self._announce(left_out_message(left_out, numels, total, updated))
-        covered = self.covered_fraction
+        covered = 1 - sum(numels[n] for n in left_out) / total if total else 1.0
         if self.layers == "all" and covered < 0.5 and not self._low_coverage_said:
             self._low_coverage_said = True
             self._announce(low_coverage_message(covered))
