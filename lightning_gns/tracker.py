@@ -763,6 +763,8 @@ class GradientNoiseScaleTracker:
             # A layer that nothing measured in this step (unused everywhere, or excluded) skips it.
             a_layer = torch.where(by_layer[2] > 0, by_layer[0], torch.full_like(by_layer[0], float("nan")))
             for i, name in enumerate(self._layer_names):
+                if name in source.left_out_layers():  # nothing in it can ever be measured: no metric
+                    continue
                 layer_counts = counts._replace(size_weighted_sq_norm_sum=a_layer[i])
                 self.layer_metric(name).fold(layer_counts, by_layer[1, i] * big_factor)
 

@@ -152,7 +152,7 @@ class FlattenedTokensModel(SequenceRegression):
 
 
 class AttentionModel(SequenceRegression):
-    """nn.MultiheadAttention: its out_proj is an nn.Linear whose weight is used functionally, never called."""
+    """nn.MultiheadAttention: its out_proj's weight is used functionally, so the layer is replayed whole."""
 
     def __init__(self, lr: float = 0.0) -> None:
         super().__init__(lr)

@@ -120,10 +120,15 @@ def _conv_factors(module: nn.Conv1d | nn.Conv2d, inp: Tensor, grad_out: Tensor) 
     return factors
 
 
-def _generic_attach_problem(module: nn.Module, label: str, whole: bool, params: list[Tensor]) -> str | None:
-    """Why the parameters of ``module`` (not a dedicated layer) cannot be measured at all, or None."""
+def _generic_attach_problem(
+    module: nn.Module, label: str, whole: bool, params: list[Tensor], is_model: bool
+) -> str | None:
+    """Why the parameters of ``module`` (not a dedicated layer) cannot be measured at all, or None.
+
+    The model itself is never replayed (its parameters are used by its forward or the training step).
+    """
     kind = type(module).__name__
-    if not whole and any(True for _ in module.children()):
+    if not whole and (is_model or any(True for _ in module.children())):
         return (
             f"raw parameter of {label!r} ({kind}) used in its forward: no per-example path (only layers without"
             " children, nn.MultiheadAttention, recurrent and parametrized layers are replayed per example)"
@@ -219,6 +224,7 @@ class PerExampleSource(GradNormSource):
         self.params: list[nn.Parameter] = []
         self.param_layers: list[str] = []  # name of the first layer owning each watched parameter
         self.excluded: dict[int, str] = {}  # index into params -> why it cannot be measured per example
+        self._left_out_layers: tuple[int, set[str]] = (0, set())  # (len(excluded) it was built for, names)
         self.expected_examples: int | None = None
         self._index: dict[int, int] = {}  # parameter id -> index into params
         # Module id -> its measured (name, parameter index) pairs, as registered at attach. Looked up by
@@ -250,6 +256,7 @@ class PerExampleSource(GradNormSource):
         # the original layer's weights on every replica: no fused path there.
         fused = self.fused and not any(isinstance(m, nn.DataParallel) for m in model.modules())
         self.params, self.param_layers, self._index, self.excluded = [], [], {}, {}
+        self._left_out_layers = (0, set())
         whole: list[str] = []  # modules the generic path replays with all their children
         for module_name, module in model.named_modules():
             if any(module_name.startswith(f"{w}.") or not w for w in whole):
@@ -269,7 +276,7 @@ class PerExampleSource(GradNormSource):
             if not own:
                 continue
             indices = self._watch(module, label, own)
-            problem = _generic_attach_problem(module, label, replays_whole, [p for _, p in own])
+            problem = _generic_attach_problem(module, label, replays_whole, [p for _, p in own], module is model)
             if problem is not None:
                 for _, i in indices:
                     self.exclude(i, problem)
@@ -299,6 +306,13 @@ class PerExampleSource(GradNormSource):
     def covered_params(self) -> list[nn.Parameter]:
         """Watched parameters not excluded so far."""
         return [p for i, p in enumerate(self.params) if i not in self.excluded]
+
+    def left_out_layers(self) -> set[str]:
+        """Names of the layers all of whose watched parameters are excluded (host-side record)."""
+        if self._left_out_layers[0] != len(self.excluded):
+            kept = {self.param_layers[i] for i in range(len(self.params)) if i not in self.excluded}
+            self._left_out_layers = (len(self.excluded), set(self.param_layers) - kept)
+        return self._left_out_layers[1]
 
     def owner(self, param: nn.Parameter) -> str:
         """Name of the layer a watched parameter is reported under (its first owner for tied weights)."""
