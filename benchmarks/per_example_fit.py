@@ -159,6 +159,35 @@ class OpacusEveryN(Callback):
         self.last_sq_norms = total
 
 
+def check_against_opacus(shape: Shape, seed: int) -> str:
+    """Assert that Opacus' per-sample squared norms equal per_example's on the small GPT (float32): same quantity."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(seed)
+    model = small_gpt(shape)
+    tokens, targets = stdlib_text_batches(shape, count=1, seed=seed)[0]
+    tracker = lightning_gns.GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    tracker.start_micro_batch(units=len(tokens))
+    F.cross_entropy(model(tokens).transpose(1, 2), targets).backward()
+    source = tracker._per_example_source
+    assert source is not None and tracker.covered_fraction == 1.0
+    ours = source.pop_norms()
+    tracker.detach()
+    assert ours is not None
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(wrapped(tokens).transpose(1, 2), targets).backward()
+    theirs = OpacusEveryN(wrapped)
+    theirs.measuring = True
+    theirs.on_before_optimizer_step(None, None, None)  # type: ignore[arg-type]
+    assert theirs.last_sq_norms is not None
+    # Both are norms of each example's share of the batch-mean loss (Opacus scales by the batch size).
+    got, want = ours.square(), theirs.last_sq_norms / len(tokens) ** 2
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=0)
+    return f"max relative difference {((got - want).abs() / want).max().item():.1e} over {len(tokens)} examples"
+
+
 # ---------------------------------------------------------------------------------------------- fits
 @dataclass
 class FitResult:
@@ -292,13 +321,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     shape = Shape(args.n_layer, args.d_model, args.n_head, args.seq_len, args.batch)
     started, load_before = time.perf_counter(), os.getloadavg()
+    check = "not run (--skip-opacus)" if args.skip_opacus else check_against_opacus(shape, args.seed)
     rows = [row for name in args.models for row in run_model(name, shape, args)]
     print(
         f"\nModels: {shape.n_layer} layers, d_model {shape.d_model}, {shape.n_head} heads, sequence {shape.seq_len},"
         f" batch {shape.batch}, byte vocabulary {VOCAB}; AdamW; CPU, {args.threads} torch thread(s)."
         f"\nlightning_gns from {os.path.dirname(lightning_gns.__file__)}; torch {torch.__version__}."
         f"\nPer model: fits W0 G0 O0 ... W{args.reps} ({args.reps} of each variant), each {args.warmup} warm-up +"
-        f" {args.steps} timed steps; measured every {EVERY}nd step; clock: {args.clock}.\n"
+        f" {args.steps} timed steps; measured every {EVERY}nd step; clock: {args.clock}."
+        f"\nPer-example squared norms on the small GPT equal Opacus' (float32): {check}.\n"
     )
     print(table(rows))
     load_after = os.getloadavg()
