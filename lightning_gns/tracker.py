@@ -434,18 +434,20 @@ class GradientNoiseScaleTracker:
         """Every optimized trainable parameter the estimate does not cover: its name in the model -> why.
 
         Empty outside ``per_example`` mode (the other modes norm whole gradients). Reasons come from the model's
-        structure at :meth:`attach` (``"unsupported layer LSTM"``, ``"raw parameter used in ... forward"``,
-        parametrized tensors, ...) and from the measured steps (a layer whose leading dimension is not the
-        batch, a gradient that arrived without the per-example hooks firing). Reading it after a measured step
-        synchronises with the device, like :attr:`covered_fraction`.
+        structure at :meth:`attach` (a raw parameter used in its module's own forward, an embedding option without
+        an exact per-example gradient, ...) and from the measured steps (a layer whose leading dimension is not
+        the batch, a gradient that arrived without the per-example hooks firing). Reading it after a measured
+        step synchronises with the device, like :attr:`covered_fraction`.
 
-        Example:
+        Example (``layers="norm"`` measures the normalisation layers only):
             >>> from torch import nn
-            >>> model = nn.Sequential(nn.Linear(3, 4), nn.GRUCell(4, 2))
-            >>> tracker = GradientNoiseScaleTracker()
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+            >>> tracker = GradientNoiseScaleTracker(layers="norm")
             >>> tracker.attach(model.parameters(), mode="per_example", model=model)
-            >>> sorted(set(tracker.left_out.values()))
-            ['unsupported layer GRUCell']
+            >>> tracker.left_out["0.weight"]
+            "not a normalisation layer (layers='norm' measures LayerNorm and RMSNorm only)"
+            >>> sorted(tracker.left_out), round(tracker.covered_fraction, 3)
+            (['0.bias', '0.weight'], 0.333)
         """
         source = self._per_example_source
         if source is None:
