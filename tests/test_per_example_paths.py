@@ -247,6 +247,40 @@ def test_recurrent_layers_are_exact(kind: type[nn.RNNBase], batch_first: bool, i
     assert covered_fraction(model, source) >= 0.99
 
 
+class RecurrentVariant(nn.Module):
+    """A recurrent layer whose final states enter the loss too (their gradients are cotangents of the replay)."""
+
+    def __init__(self, kind: type[nn.RNNBase], **options: Any) -> None:
+        super().__init__()
+        self.rnn = kind(4, 5, num_layers=2, batch_first=True, **options)
+        width = (2 if self.rnn.bidirectional else 1) * (self.rnn.proj_size or 5)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, state = self.rnn(x)
+        final = state if isinstance(state, Tensor) else state[0] + state[1][..., : state[0].shape[-1]]
+        return self.head(out).mean(dim=(1, 2)) + final.square().sum(dim=(0, 2))
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        (nn.LSTM, {"bidirectional": True}),
+        (nn.LSTM, {"proj_size": 3}),
+        (nn.LSTM, {"proj_size": 3, "bidirectional": True, "bias": False}),
+        (nn.GRU, {"bidirectional": True}),
+        (nn.GRU, {"bias": False}),
+        (nn.RNN, {"nonlinearity": "relu", "bidirectional": True}),
+    ],
+    ids=["lstm-bi", "lstm-proj", "lstm-proj-bi-nobias", "gru-bi", "gru-nobias", "rnn-relu-bi"],
+)
+def test_recurrent_variants_and_final_states_are_exact(kind: type[nn.RNNBase], options: dict[str, Any]) -> None:
+    torch.manual_seed(13)
+    model = RecurrentVariant(kind, **options).double()
+    source = assert_exact(model, lambda m, x: m(x), torch.randn(4, 6, 4, dtype=torch.float64))
+    assert covered_fraction(model, source) == 1.0
+
+
 class AttentionBlock(nn.Module):
     def __init__(self, batch_first: bool) -> None:
         super().__init__()

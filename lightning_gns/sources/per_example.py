@@ -24,6 +24,7 @@ from lightning_gns.sources.per_example_factors import (
     factor_inner,
     factor_sq_norm,
 )
+from lightning_gns.sources.per_example_rnn import rnn_factors
 
 Layers = Literal["all", "norm"]
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
@@ -144,6 +145,17 @@ def _generic_attach_problem(
     return generic.attach_problem(module, params)
 
 
+def _rnn_factors(replay: generic.Replay, grads: list[Tensor | None]) -> dict[str, Factor]:
+    module = replay.module
+    assert isinstance(module, nn.RNNBase)
+    args, kwargs = generic.replay_inputs(replay)
+    every: list[Tensor | None] = [None] * (3 if isinstance(module, nn.LSTM) else 2)  # output, h_n[, c_n]
+    for position, value in zip(replay.outputs, grads, strict=True):
+        every[position] = value
+    x = args[0] if args else kwargs["input"]
+    return rnn_factors(module, x, args[1] if len(args) > 1 else kwargs["hx"], every)
+
+
 def batch_coupled_layers(model: nn.Module) -> list[str]:
     """Names of the layers that couple the examples of a batch (BatchNorm and SyncBatchNorm in any form).
 
@@ -204,15 +216,19 @@ class PerExampleSource(GradNormSource):
     before). Activation checkpointing (reentrant or not) is exact: a non-reentrant checkpoint's recomputation
     in backward is recognised and not counted as another use of the layer.
 
-    The watched parameters (:attr:`params`, fixed at :meth:`attach`) are those of supported layers. A use
+    Every other layer with trainable parameters (a leaf module, ``nn.MultiheadAttention``, a recurrent layer,
+    a parametrized layer) takes the generic path (:mod:`~lightning_gns.sources.per_example_generic`,
+    :mod:`~lightning_gns.sources.per_example_rnn`): its captured inputs are replayed per example. Raw
+    parameters of a module with children (and of the model itself) are excluded at attach, with the reason.
+
+    The watched parameters (:attr:`params`, fixed at :meth:`attach`) are those of measured layers. A use
     that cannot be split per example excludes the parameter for the rest of the run (:attr:`excluded`, with
     the reason): a layer whose input's leading dimension is not the micro-batch's example count
     (:attr:`expected_examples`), such as a positional embedding called on ``arange(T)`` and broadcast over
     the batch, or a Linear applied to tokens flattened to ``(B*T, d)``. An output gradient that arrives twice
     (a double backward, ``autograd.grad`` through the layers before ``backward``) makes the whole backward
     unmeasurable (:attr:`PerExampleBackward.failed`). A parameter whose layer never runs as a module (its
-    weight used functionally, as in ``nn.MultiheadAttention``'s ``out_proj``) receives no per-example norm;
-    the caller detects it from its gradient.
+    weight used by a functional call) receives no per-example norm; the caller detects it from its gradient.
     """
 
     name = "per_example"
@@ -374,7 +390,12 @@ class PerExampleSource(GradNormSource):
         fired[0] = True
         module = replay.module
         try:
-            per_example = generic.per_example_grads(replay, list(grads))
+            if isinstance(module, nn.RNNBase):
+                factors = _rnn_factors(replay, list(grads))
+            else:
+                per_example = generic.per_example_grads(replay, list(grads))
+                # Laid out like the parameter (scalars as (B, 1)), so cross terms with other uses line up.
+                factors = {n: Materialized(g if g.dim() > 1 else g.unsqueeze(1)) for n, g in per_example.items()}
         except (torch.OutOfMemoryError, torch.AcceleratorError):
             raise
         except (RuntimeError, NotImplementedError) as error:  # torch.func's refusals: vmap, random ops, shapes
@@ -383,9 +404,8 @@ class PerExampleSource(GradNormSource):
                 self.exclude(i, reason)
             return
         for param_name, index in params:
-            if index not in self.excluded:
-                value = per_example[param_name]
-                self._add(index, Materialized(value if value.dim() > 1 else value.unsqueeze(1)))  # scalars: (B, 1)
+            if param_name in factors and index not in self.excluded:
+                self._add(index, factors[param_name])
 
     def _new_use(self, module: nn.Module, params: list[tuple[str, int]]) -> bool:
         """Count a use of ``module``'s parameters; False for a checkpoint's replay of a counted call.

@@ -1,12 +1,13 @@
 """Per-example gradients of any module's parameters, by replaying its forward one example at a time.
 
 For a module that no dedicated path covers (a custom norm such as ``LlamaRMSNorm``, a scale module, a
-grouped convolution, ``nn.LSTM``/``nn.GRU``/``nn.RNN``, ``nn.MultiheadAttention``, a weight under
-``torch.nn.utils.parametrize``), the forward hook keeps the module's inputs and, when its outputs' gradients
-arrive, computes every example's parameter gradient as ``torch.func.vjp`` of ``functional_call(module,
-params, inputs of that example)`` with that example's output gradient as the cotangent, vmapped over the
-examples. This is exact (the same function, differentiated per example) and materialises a (B, *shape)
-gradient per parameter: it costs about one more forward and backward of the module, per example batched.
+grouped convolution, ``nn.MultiheadAttention``, a weight under ``torch.nn.utils.parametrize``; recurrent
+layers are captured here too but replayed by :mod:`per_example_rnn`), the forward hook keeps the module's
+inputs and, when its outputs' gradients arrive, computes every example's parameter gradient as
+``torch.func.vjp`` of ``functional_call(module, params, inputs of that example)`` with that example's output
+gradient as the cotangent, vmapped over the examples. This is exact (the same function, differentiated per
+example) and materialises a (B, *shape) gradient per parameter: it costs about one more forward and backward
+of the module, per example batched.
 
 What cannot be replayed is refused with a reason, never measured wrongly: random operations (vmap's
 ``randomness="error"`` raises on dropout), inputs without the batch dimension where it is expected,
@@ -252,6 +253,12 @@ def _replay_state(module: nn.Module) -> Iterator[None]:
         for n in hooked:
             if n in saved:
                 setattr(module, n, saved[n])
+
+
+def replay_inputs(replay: Replay) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's (args, kwargs) as captured (tensors detached)."""
+    args, kwargs = tree_unflatten(replay.leaves, replay.spec)
+    return args, kwargs
 
 
 _BATCHING_RULE_WARNING = r".*There is a performance drop because we have not yet implemented the batching rule.*"
