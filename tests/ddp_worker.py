@@ -66,6 +66,46 @@ class UnusedBranches(LinearRegression):
         return 0.5 * (self(x, flag) - y).square().mean()
 
 
+class ReplayedLayers(LinearRegression):
+    """The linear model's input read as 3 steps of 2 features through a GRU, attention and a user-written norm.
+
+    Every layer but the two Linear ones takes the generic per-example replay (the GRU its recurrent form).
+    """
+
+    def __init__(self, problem: LinearProblem, lr: float = 0.0) -> None:
+        super().__init__(problem, lr)
+        torch.manual_seed(8)
+        self.rnn = torch.nn.GRU(2, 4, batch_first=True)
+        self.attn = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+        self.scale = Scale(4)
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = x.reshape(x.shape[0], -1, 2)
+        # A zero initial state made from the input: batched under the float64 reference's vmap too.
+        state = (steps[:, :1, :1] * 0).transpose(0, 1).expand(1, -1, 4)
+        h = self.rnn(steps, state)[0]
+        h = self.scale(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.linear(x).squeeze(-1) + self.head(h[:, -1]).squeeze(-1)
+
+    @staticmethod
+    def example_loss(call: Any, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        return 0.5 * (call(x) - y).square().mean()
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        return self.example_loss(self, batch)
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.tanh(x)
+
+
 class BranchOnRankOneOnly(Callback):
     """Clears rank 0's branch flags before the batch is recorded or used: rank 0 never runs the branch."""
 
@@ -97,7 +137,7 @@ class SaveResults(Callback):
             "closed_form_trace_cov": problem.trace_cov,
             "closed_form_grad_sq_norm": problem.grad_sq_norm,
         }
-        if isinstance(pl_module, UnusedBranches):
+        if isinstance(pl_module, (UnusedBranches, ReplayedLayers)):
             result["final_params"] = {n: p.detach().double().clone() for n, p in pl_module.named_parameters()}
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(result, self.out / f"rank{trainer.global_rank}.pt")
@@ -157,7 +197,9 @@ def main() -> None:
     parser.add_argument("--user-comm-hook", action="store_true")
     parser.add_argument("--mode", default="auto")
     parser.add_argument("--strategy", choices=["ddp", "ddp_spawn", "fsdp2"], default="ddp")
-    parser.add_argument("--model", choices=["linear", "mlp", "module-comm-hook", "unused-branches"], default="linear")
+    parser.add_argument(
+        "--model", choices=["linear", "mlp", "module-comm-hook", "unused-branches", "replayed"], default="linear"
+    )
     parser.add_argument("--per-layer", action="store_true")
     args = parser.parse_args()
 
@@ -173,6 +215,7 @@ def main() -> None:
         "mlp": MLPRegression,
         "module-comm-hook": ModuleCommHook,
         "unused-branches": UnusedBranches,
+        "replayed": ReplayedLayers,
     }
     model_class = models[args.model]
     data: Any = loader(x, y, args.batch_size)
@@ -186,6 +229,8 @@ def main() -> None:
         strategy = DDPStrategy(find_unused_parameters=True)
         recorder = BatchRecorder(gns)
         callbacks.append(BranchOnRankOneOnly())
+    if args.model == "replayed":
+        recorder = BatchRecorder(gns)
     trainer = Trainer(
         accelerator="cpu",
         devices=2,

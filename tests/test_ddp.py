@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.ddp_worker import UnusedBranches
+from tests.ddp_worker import ReplayedLayers, UnusedBranches
 from tests.models import LinearProblem
 from tests.recording import Recorder
 from tests.reference import MicroBatch
@@ -137,6 +137,22 @@ def test_ddp_per_example_with_unused_parameters_matches_float64(tmp_path: Path) 
     )  # fmt: skip
     assert results[0]["layer_b_simple"]["linear"] == pytest.approx(main_layer[-1]["b_simple"], rel=1e-4)
     assert math.isnan(results[0]["layer_b_simple"].get("never", math.nan))
+
+
+def test_ddp_per_example_through_replayed_layers_matches_float64(tmp_path: Path) -> None:
+    """GRU, MultiheadAttention and a user-written layer on 2 processes: covered whole, exact on every rank."""
+    args = ["--model", "replayed", "--mode", "per_example", "--examples", "96", "--lr", "0.1", "--beta", "0.8"]
+    results = run_ddp(tmp_path, *args)
+    assert results[0]["history"] == results[1]["history"]
+    assert results[0]["history"][-1]["skipped"] == 0
+    assert results[0]["covered_fraction"] == results[1]["covered_fraction"] == 1.0
+    model = ReplayedLayers(LinearProblem(dim=6, noise_std=1.0, seed=20))
+    micro_batches = [mb for r in results for mb in r["micro_batches"]]
+    want = reference_history(
+        model, micro_batches, ReplayedLayers.example_loss, lambda step: [n for n, _ in model.named_parameters()],
+        lambda batch: torch.ones(len(batch[0])), beta=0.8, world_size=2,
+    )  # fmt: skip
+    assert_histories_match(results[0]["history"], want, rel=1e-4)  # float32 training
 
 
 def test_ddp_spawn_gives_the_same_numbers_as_ddp(tmp_path: Path) -> None:

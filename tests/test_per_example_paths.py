@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad
+from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.pytorch_utils import Conv1D
@@ -152,6 +153,32 @@ def test_conv1d_fused_forward_is_conv1d_forward(shape: tuple[int, ...]) -> None:
     assert_exact(double, regression_loss, x.double())
 
 
+def test_conv1d_fused_under_autocast_matches_conv1d() -> None:
+    """bf16 autocast: the fused forward casts as Conv1D's addmm does (same output); .grad and norms agree."""
+    torch.manual_seed(14)
+    base = nn.Sequential(Conv1D(16, 8), nn.Tanh(), Conv1D(4, 16))
+    x = torch.randn(4, 12, 8)
+    expected = sum(reference_sq_norms(copy.deepcopy(base).double(), regression_loss, x.double()).values())
+    results = {}
+    for fused in (False, True):
+        model = copy.deepcopy(base)
+        source = PerExampleSource(fused=fused)
+        source.attach(model, model.parameters())
+        source.recording, source.expected_examples = True, 4
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model(x)
+        assert type(outputs.grad_fn).__name__.startswith("Fused") == fused
+        outputs.square().flatten(1).mean(dim=1).mean().backward()
+        norms = source.pop_norms()
+        assert norms is not None
+        results[fused] = (outputs, (norms * 4).square(), [p.grad for p in model.parameters()])
+    assert torch.equal(results[True][0], results[False][0])
+    torch.testing.assert_close(results[True][1], expected.float(), rtol=0.05, atol=0)
+    for got, want in zip(results[True][2], results[False][2], strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        assert ((got - want).norm() / want.norm()).item() < 0.02
+
+
 def test_tiny_gpt2_is_covered_but_its_broadcast_positions_and_exact() -> None:
     torch.manual_seed(2)
     config = GPT2Config(
@@ -218,6 +245,39 @@ def test_custom_norms_and_grouped_conv_are_exact() -> None:
     assert covered_fraction(model, source) == 1.0
 
 
+class CheckpointedBlock(nn.Module):
+    """A user norm and an LSTM inside an activation checkpoint: the recomputation is no second use."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.proj, self.norm = nn.Linear(5, 6), ScaledRMSNorm(6)
+        self.rnn, self.head = nn.LSTM(6, 4, batch_first=True), nn.Linear(4, 1)
+        self.reentrant: bool | None = reentrant
+
+    def block(self, h: Tensor) -> Tensor:
+        return self.rnn(self.norm(h))[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        if self.reentrant is None:  # the reference: torch.func cannot differentiate through checkpoints
+            return self.head(self.block(h))
+        return self.head(checkpoint(self.block, h, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_replayed_layers_inside_activation_checkpoints_are_exact(reentrant: bool) -> None:
+    torch.manual_seed(16)
+    model = CheckpointedBlock(reentrant).double()
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    got, source = measured_sq_norms(model, regression_loss, x)
+    assert covered_fraction(model, source) == 1.0
+    model.reentrant = None
+    want = reference_sq_norms(model, regression_loss, x)
+    assert set(got) == set(want)
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], rtol=1e-9, atol=0, msg=name)
+
+
 class RecurrentLM(nn.Module):
     def __init__(self, kind: type[nn.RNNBase], batch_first: bool, initial_state: bool) -> None:
         super().__init__()
@@ -278,6 +338,31 @@ def test_recurrent_variants_and_final_states_are_exact(kind: type[nn.RNNBase], o
     torch.manual_seed(13)
     model = RecurrentVariant(kind, **options).double()
     source = assert_exact(model, lambda m, x: m(x), torch.randn(4, 6, 4, dtype=torch.float64))
+    assert covered_fraction(model, source) == 1.0
+
+
+class ReversedGRU(nn.GRU):
+    """A subclass with its own forward: replayed as written (torch.func), not with torch's GRU equations."""
+
+    def forward(self, x: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        out, h = super().forward(x.flip(1), hx)
+        return out.flip(1), h
+
+
+class ReversedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = ReversedGRU(4, 5, batch_first=True), nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = (x[:, :1, :1] * 0).transpose(0, 1).expand(1, -1, 5)  # float64 vmap needs a batched state
+        return self.head(self.rnn(x, h0)[0])
+
+
+def test_recurrent_subclass_with_its_own_forward_is_replayed_as_written() -> None:
+    torch.manual_seed(15)
+    model = ReversedModel().double()
+    source = assert_exact(model, regression_loss, torch.randn(4, 6, 4, dtype=torch.float64))
     assert covered_fraction(model, source) == 1.0
 
 

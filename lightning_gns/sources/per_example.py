@@ -24,6 +24,7 @@ from lightning_gns.sources.per_example_factors import (
     factor_inner,
     factor_sq_norm,
 )
+from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
 
 Layers = Literal["all", "norm"]
@@ -154,6 +155,31 @@ def _rnn_factors(replay: generic.Replay, grads: list[Tensor | None]) -> dict[str
         every[position] = value
     x = args[0] if args else kwargs["input"]
     return rnn_factors(module, x, args[1] if len(args) > 1 else kwargs["hx"], every)
+
+
+def _when_all_grads(tensors: list[Tensor], fn: Any) -> None:
+    """Call ``fn(grads)`` once the gradients of all ``tensors`` this backward will compute have arrived.
+
+    As ``register_multi_grad_hook(mode="all")``, with the outputs that will get a gradient found per backward
+    pass (graph task): inside a reentrant checkpoint's backward the torch hook waits for unused outputs forever.
+    """
+    nodes = [t.grad_fn for t in tensors]
+    pending: dict[int, tuple[set[int], list[Tensor | None]]] = {}
+
+    def on_grad(i: int, grad: Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if task not in pending:
+            coming = {j for j, node in enumerate(nodes) if node is None or torch._C._will_engine_execute_node(node)}
+            pending[task] = (coming, [None] * len(nodes))
+        coming, grads = pending[task]
+        grads[i] = grad
+        coming.discard(i)
+        if not coming:
+            del pending[task]
+            fn(grads)
+
+    for i, t in enumerate(tensors):
+        t.register_hook(partial(on_grad, i))
 
 
 def batch_coupled_layers(model: nn.Module) -> list[str]:
@@ -377,7 +403,7 @@ class PerExampleSource(GradNormSource):
         replay, outputs = captured
         fired = [False]
         hook = partial(self._on_generic_grad, replay, params, fired)
-        torch.autograd.graph.register_multi_grad_hook(outputs, hook, mode="all")
+        _when_all_grads(outputs, hook)
 
     def _on_generic_grad(
         self, replay: generic.Replay, params: list[tuple[str, int]], fired: list[bool], grads: Any
@@ -390,7 +416,7 @@ class PerExampleSource(GradNormSource):
         fired[0] = True
         module = replay.module
         try:
-            if isinstance(module, nn.RNNBase):
+            if replays_rnn(module):
                 factors = _rnn_factors(replay, list(grads))
             else:
                 per_example = generic.per_example_grads(replay, list(grads))

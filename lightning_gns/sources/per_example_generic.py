@@ -32,6 +32,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lightning_gns.sources import per_example_rnn
+
 # Modules with children whose parameters only the parent's forward uses (functionally): replayed whole.
 COMPOSITE_LAYERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase)
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
@@ -154,7 +156,7 @@ def capture(
                 f" not the micro-batch's {batch} examples (inputs broadcast over the batch, or a layout the"
                 " per-example replay does not know)"
             )
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, nn.RNNBase) and per_example_rnn.replays(module):
         args, kwargs = _with_initial_state(module, args, kwargs, batch)
     leaves, spec = tree_flatten((args, kwargs))
     positions: list[tuple[int | str, Any]] = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())

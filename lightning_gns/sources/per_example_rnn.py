@@ -20,6 +20,12 @@ from torch import Tensor, nn
 from lightning_gns.sources.per_example_factors import Dense, Factor, Materialized
 
 
+def replays(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` running torch's own forward (the equations here)."""
+    kind = next((k for k in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(module, k)), None)
+    return kind is not None and type(module).forward is kind.forward and "forward" not in vars(module)
+
+
 def rnn_factors(module: nn.RNNBase, x: Tensor, hx: Any, grads: list[Tensor | None]) -> dict[str, Factor]:
     """Factored per-example gradients of the layer's parameters, keyed by parameter name.
 
