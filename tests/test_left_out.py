@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -169,3 +172,23 @@ def test_left_out_parts_add_no_host_sync_on_steps_that_do_not_log() -> None:
     assert watcher.context is not None and int(gns.metric.measured_steps) == 12
     assert dict(watcher.calls) == {}
     assert list(gns.left_out) == ["wpe.weight"]
+
+
+WORKER = Path(__file__).with_name("left_out_ddp_worker.py")
+
+
+def test_ranks_agree_on_what_is_left_out_under_ddp(tmp_path: Path) -> None:
+    """Only rank 1 finds ``late`` unmeasurable; both ranks leave it out and name it (rank 0 from the all-reduce)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert set(rank0["left_out"]) == set(rank1["left_out"]) == {"late.weight", "late.bias"}
+    assert "leading dimension" in rank1["left_out"]["late.weight"]
+    assert "another process found it unmeasurable" in rank0["left_out"]["late.weight"]
+    # proj and head: 25 of the 45 elements.
+    assert rank0["covered_fraction"] == rank1["covered_fraction"] == pytest.approx(25 / 45)
+    assert rank0["b_simple"] == rank1["b_simple"]
