@@ -8,7 +8,6 @@ covered fraction to ``--out/rank{r}.pt``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -52,7 +51,6 @@ def main() -> None:
     trainer.fit(RankBranch(), RankBranch.data(2 * 4 * 6))
     state = {"left_out": gns.left_out, "covered_fraction": gns.covered_fraction, "b_simple": gns.b_simple}
     torch.save(state, args.out / f"rank{trainer.global_rank}.pt")
-    os.environ.pop("LOCAL_RANK", None)
 
 
 if __name__ == "__main__":
