@@ -33,8 +33,9 @@ class StepTimer:
     (CUDA) waits for the device at both ends, so that a step's kernels are counted in that step.
     """
 
-    def __init__(self, sync: bool = False) -> None:
+    def __init__(self, sync: bool = False, clock: Callable[[], float] = time.perf_counter) -> None:
         self.sync = sync
+        self.clock = clock  # time.process_time: this process's CPU time, less disturbed by a busy machine
         self.times: list[float] = []  # seconds, one per optimizer step
         self.steps: list[int] = []  # trainer.global_step when the step started (0-based step index)
         self._start = 0.0
@@ -46,7 +47,7 @@ class StepTimer:
                 if timer._micro == 0:
                     if timer.sync:
                         torch.cuda.synchronize()
-                    timer._start = time.perf_counter()
+                    timer._start = timer.clock()
                     timer.steps.append(trainer.global_step)
 
         class _Last(Callback):
@@ -57,7 +58,7 @@ class StepTimer:
                 if timer._micro == trainer.accumulate_grad_batches:
                     if timer.sync:
                         torch.cuda.synchronize()
-                    timer.times.append(time.perf_counter() - timer._start)
+                    timer.times.append(timer.clock() - timer._start)
                     timer._micro = 0
 
         self.first: Callback = _First()

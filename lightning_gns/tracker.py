@@ -28,6 +28,7 @@ from lightning_gns.estimators import (
 )
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
+from lightning_gns.sources.left_out import left_out_message, low_coverage_message, parameter_names, unwatched_reasons
 from lightning_gns.sources.per_example import Layers, PerExampleBackward, batch_coupled_layers
 
 try:  # public since torch 2.5; FSDP2's parameters and gradients are DTensors
@@ -96,6 +97,12 @@ class GradientNoiseScaleTracker:
         self._per_example_source: PerExampleSource | None = None
         self._active_source: GradNormSource | None = None
         self._params: list[nn.Parameter] = []
+        self._param_names: dict[int, str] = {}  # parameter id -> its name in the model
+        # per_example: why each optimized parameter the source does not watch is left out (from the model's
+        # structure at attach), and the left-out set and coverage the last announcement reported.
+        self._unwatched: dict[int, str] = {}
+        self._left_out_said: dict[str, str] = {}
+        self._low_coverage_said = False
         self._model: nn.Module | None = None
         self._ddp_model: nn.parallel.DistributedDataParallel | None = None
         self._process_group: Any = None
@@ -163,6 +170,7 @@ class GradientNoiseScaleTracker:
             raise ValueError(f"Unknown mode {mode!r}. Choose one of {', '.join(repr(m) for m in SOURCE_MODES)}.")
         self.detach()
         self._per_example_source = None
+        self._unwatched = {}
         self.mode = mode
         self._params = _unique_trainable(params)
         self._model, self._ddp_model, self._process_group = model, ddp_model, process_group
@@ -194,6 +202,11 @@ class GradientNoiseScaleTracker:
             source = PerExampleSource(self.layers)
             source.attach(module, self._params)
             self._per_example_source = source
+            watched = {id(p) for p in source.params}
+            self._unwatched = unwatched_reasons(module, [p for p in self._params if id(p) not in watched], self.layers)
+        self._param_names = parameter_names(
+            model if model is not None else getattr(ddp_model, "module", None), self._params
+        )
         self._prepare_big_norm()
 
     def _attach_comm_hook(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
@@ -275,9 +288,14 @@ class GradientNoiseScaleTracker:
         self._share_is_all = share == list(range(len(source.params)))
         self._excluded = torch.zeros(len(source.params), dtype=torch.bool, device=device)
         self._numels = torch.tensor([p.numel() for p in source.params], dtype=torch.float64, device=device)
-        self._layer_names = sorted(set(source.param_layers))
+        # Layers left out whole at attach get no per-layer metric: their parameters go to a last, unread column.
+        measurable = [n for i, n in enumerate(source.param_layers) if i not in source.excluded]
+        self._layer_names = sorted(set(measurable))
         position = {name: i for i, name in enumerate(self._layer_names)}
-        self._layer_index = torch.tensor([position[n] for n in source.param_layers], dtype=torch.long, device=device)
+        unread = len(self._layer_names)
+        self._layer_index = torch.tensor(
+            [position.get(n, unread) for n in source.param_layers], dtype=torch.long, device=device
+        )
         self._flag_tensors = {}
         self._bad_flags = None
 
@@ -417,10 +435,44 @@ class GradientNoiseScaleTracker:
         for index in self._excluded.nonzero().flatten().tolist():
             source.exclude(
                 index,
-                f"layer {source.param_layers[index]!r} received a gradient without its per-example hooks firing (its"
-                " weight is used outside the module's forward, as in nn.MultiheadAttention's out_proj, or by a"
-                " functional call), or another rank found it unmeasurable",
+                "received a gradient without its layer's per-example hooks firing (a weight used outside its"
+                " module's forward, as nn.MultiheadAttention does with out_proj, or by a functional call), or"
+                " another process found it unmeasurable",
             )
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        """Every optimized trainable parameter the estimate does not cover: its name in the model -> why.
+
+        Empty outside ``per_example`` mode (the other modes norm whole gradients). Reasons come from the model's
+        structure at :meth:`attach` (a raw parameter used in its module's own forward, an embedding option without
+        an exact per-example gradient, ...) and from the measured steps (a layer whose leading dimension is not
+        the batch, a gradient that arrived without the per-example hooks firing). Reading it after a measured
+        step synchronises with the device, like :attr:`covered_fraction`.
+
+        Example (``layers="norm"`` measures the normalisation layers only):
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+            >>> tracker = GradientNoiseScaleTracker(layers="norm")
+            >>> tracker.attach(model.parameters(), mode="per_example", model=model)
+            >>> tracker.left_out["0.weight"]
+            "not a normalisation layer (layers='norm' measures LayerNorm and RMSNorm only)"
+            >>> sorted(tracker.left_out), round(tracker.covered_fraction, 3)
+            (['0.bias', '0.weight'], 0.333)
+        """
+        source = self._per_example_source
+        if source is None:
+            return {}
+        self._read_exclusions()
+        index = {id(p): i for i, p in enumerate(source.params)}
+        reasons: dict[str, str] = {}
+        for p in self._params:
+            i = index.get(id(p))
+            if i is None:
+                reasons[self._param_names[id(p)]] = self._unwatched[id(p)]
+            elif i in source.excluded:
+                reasons[self._param_names[id(p)]] = source.excluded[i]
+        return reasons
 
     def check(self) -> list[str]:
         """Announce what the measurement leaves out or cannot measure (once each); returns the new messages.
@@ -430,16 +482,25 @@ class GradientNoiseScaleTracker:
         before = len(self._announced)
         source = self._per_example_source
         if source is not None:
-            self._read_exclusions()
-            for reason in source.excluded.values():
-                self._announce(
-                    f"GradientNoiseScale(mode='per_example'): {reason}. Its parameters are left out of both batch"
-                    " sizes' norms (see gns/covered_fraction); the rest of the model is measured."
-                )
+            self._announce_left_out()
         metric = self.metric
         if int(metric.measured_steps) == 0 and int(metric.skipped_steps) >= 1:
             self._announce(self._nothing_measured_message())
         return self._announced[before:]
+
+    def _announce_left_out(self) -> None:
+        """One message with every left-out parameter; again (once) when more are left out later."""
+        left_out = self.left_out
+        numels = {self._param_names[id(p)]: p.numel() for p in self._params}
+        total = sum(numels.values())
+        if left_out and left_out != self._left_out_said:
+            updated = len(left_out.keys() - self._left_out_said.keys()) if self._left_out_said else None
+            self._left_out_said = left_out
+            self._announce(left_out_message(left_out, numels, total, updated))
+        covered = 1 - sum(numels[n] for n in left_out) / total if total else 1.0
+        if self.layers == "all" and covered < 0.5 and not self._low_coverage_said:
+            self._low_coverage_said = True
+            self._announce(low_coverage_message(covered))
 
     def _nothing_measured_message(self) -> str:
         reasons = []
@@ -701,7 +762,7 @@ class GradientNoiseScaleTracker:
         self.metric.fold(counts, big_kept.sum() * big_factor)
         if self.per_layer:
             n_layers = len(self._layer_names)
-            by_layer = torch.zeros(3, n_layers, dtype=torch.float64, device=device)
+            by_layer = torch.zeros(3, n_layers + 1, dtype=torch.float64, device=device)
             for row, values in enumerate((a_kept, big_kept, measured_part * keep)):
                 by_layer[row].index_add_(0, self._layer_index, values)
             # A layer that nothing measured in this step (unused everywhere, or excluded) skips it.

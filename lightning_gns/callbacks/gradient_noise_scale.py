@@ -62,7 +62,9 @@ class GradientNoiseScaleLogic(LightningNamespace):
     - ``gns/skipped_steps``: measured steps that could not be used (non-finite gradients, or fewer than
       two small batches).
     - ``gns/covered_fraction`` (``per_example``): fraction of the optimized parameters (by element count)
-      the estimate covers; parameters of unsupported layers are left out of both batch sizes' norms.
+      the estimate covers; the others are left out of both batch sizes' norms, listed by name and reason in
+      :attr:`left_out` and in one warning (repeated once if more are left out later; below one half, a
+      second warning says the number is not the model's noise scale and how to measure all of it).
     - ``gns/layer/<layer name>/b_simple`` (``per_layer=True``): B_simple of each layer's parameters.
     - Forecasts for the batch in use ``B`` (``gns/b_big``, the effective batch of the last measured step),
       with ``B_simple`` standing in for the paper's ``B_noise`` (see :mod:`lightning_gns.forecasts`):
@@ -74,8 +76,8 @@ class GradientNoiseScaleLogic(LightningNamespace):
       ``B_crit(L) = 2e8 / L^(1/0.21)`` tokens for the logged language-model loss ``L`` in nats.
 
     After each optimizer step, ``b_simple``, ``grad_sq_norm``, ``trace_cov``, ``skipped_steps`` and
-    ``covered_fraction`` read as Python numbers, and :meth:`compute` returns every logged value by name. At the
-    start of fit a TensorBoard custom-scalars layout that groups these charts is
+    ``covered_fraction`` read as Python numbers, ``left_out`` as a dict, and :meth:`compute` returns every
+    logged value by name. At the start of fit a TensorBoard custom-scalars layout that groups these charts is
     written to every ``TensorBoardLogger`` (the "Custom Scalars" tab).
 
     Args:
@@ -217,6 +219,15 @@ class GradientNoiseScaleLogic(LightningNamespace):
     def covered_fraction(self) -> float:
         """Fraction of the optimized parameters (by element count) that the estimate covers."""
         return self.tracker.covered_fraction
+
+    @property
+    def left_out(self) -> dict[str, str]:
+        """``per_example``: every optimized parameter the estimate leaves out, by its name in the module -> why.
+
+        Empty when everything is covered, and in the other modes. See
+        :attr:`GradientNoiseScaleTracker.left_out <lightning_gns.GradientNoiseScaleTracker.left_out>`.
+        """
+        return self.tracker.left_out
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -1,0 +1,194 @@
+"""What per_example mode leaves out: the left_out readout, its reasons, the one message, the low-coverage warning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor, nn
+
+from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
+from lightning_gns.sources.left_out import NOT_IN_MODEL, unwatched_reasons
+from tests.test_hot_path import SyncWatcher
+from tests.test_single_device import make_trainer
+from tests.zoo import SequenceRegression, TinyGPT
+
+RAW_TOP = (
+    "raw parameter used in the forward of the top module (Structure), outside any layer the per-example source hooks"
+)
+RAW_ATTN = (
+    "raw parameter used in the forward of 'attn' (MultiheadAttention), outside any layer the per-example source hooks"
+)
+PARAMETRIZED = (
+    "parametrized tensor (torch.nn.utils.parametrize, e.g. weight_norm or spectral_norm): its gradient reaches the"
+    " original tensors, which no per-example path reads"
+)
+
+
+class Structure(nn.Module):
+    """One parameter of each kind the per-example source has no path for, beside supported layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.linear = nn.Linear(3, 4)
+        self.cell = nn.GRUCell(4, 4)
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.normed = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+        self.sparse = nn.Embedding(5, 4, sparse=True)
+        self.grouped = nn.Conv1d(4, 4, 3, groups=2)
+        self.norm = nn.LayerNorm(4)
+
+
+def test_reasons_come_from_the_model_structure() -> None:
+    """Why each parameter would be left out if the per-example source did not watch it, from its owner alone."""
+    model = Structure()
+    outside = nn.Parameter(torch.zeros(2))
+    supported = ("linear.", "attn.out_proj.", "norm.")  # layers with a dedicated path: nothing to explain
+    params = [p for n, p in model.named_parameters() if not n.startswith(supported)]
+    reasons = unwatched_reasons(model, [*params, outside], layers="all")
+    gru = "unsupported layer GRUCell"
+    by_name = {name: reasons[id(p)] for name, p in model.named_parameters() if not name.startswith(supported)}
+    assert by_name == {
+        "scale": RAW_TOP,
+        "cell.weight_ih": gru,
+        "cell.weight_hh": gru,
+        "cell.bias_ih": gru,
+        "cell.bias_hh": gru,
+        "attn.in_proj_weight": RAW_ATTN,
+        "attn.in_proj_bias": RAW_ATTN,
+        "normed.bias": "unsupported layer ParametrizedLinear",
+        "normed.parametrizations.weight.original0": PARAMETRIZED,
+        "normed.parametrizations.weight.original1": PARAMETRIZED,
+        "sparse.weight": "Embedding with an option per-example norms do not support (sparse=True)",
+        "grouped.weight": "Conv1d with an option per-example norms do not support (groups > 1)",
+        "grouped.bias": "Conv1d with an option per-example norms do not support (groups > 1)",
+    }
+    assert reasons[id(outside)] == NOT_IN_MODEL
+
+
+def test_left_out_is_every_parameter_the_estimate_does_not_cover() -> None:
+    model = Structure()
+    outside = nn.Parameter(torch.zeros(2))
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach([*model.parameters(), outside], mode="per_example", model=model)
+    source = tracker._per_example_source
+    assert source is not None
+    covered = {id(p) for p in source.covered_params()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    expected = {names[id(p)] for p in model.parameters() if id(p) not in covered} | {
+        "<optimized parameter 19, shape (2,)>"
+    }
+    left_out = tracker.left_out
+    assert set(left_out) == expected and left_out["<optimized parameter 19, shape (2,)>"] == NOT_IN_MODEL
+    assert all(left_out.values())
+    total = sum(p.numel() for p in model.parameters()) + outside.numel()
+    missing = sum(model.get_parameter(n).numel() for n in expected if not n.startswith("<")) + outside.numel()
+    assert tracker.covered_fraction == pytest.approx(1 - missing / total, rel=1e-12)
+
+
+def test_layers_norm_leaves_out_every_other_layer_by_name() -> None:
+    model = Structure()
+    tracker = GradientNoiseScaleTracker(layers="norm")
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    names = {n for n, _ in model.named_parameters()}
+    left_out = tracker.left_out
+    assert set(left_out) == names - {"norm.weight", "norm.bias"}
+    assert {r for n, r in left_out.items() if ".parametrizations." not in n} == {
+        "not a normalisation layer (layers='norm' measures LayerNorm and RMSNorm only)"
+    }
+
+
+def test_everything_covered_and_other_modes_leave_nothing_out() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    for mode in ("per_example", "microbatch"):
+        tracker = GradientNoiseScaleTracker()
+        tracker.attach(model.parameters(), mode=mode, model=model)  # type: ignore[arg-type]
+        assert tracker.left_out == {} and tracker.covered_fraction == 1.0
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(Structure().parameters(), mode="microbatch")
+    assert tracker.left_out == {}
+
+
+class LateBranch(SequenceRegression):
+    """From step 2 on, a branch on tokens flattened to (B*T, d) joins: left out then, most of the model."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.01)
+        torch.manual_seed(7)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.proj = nn.Linear(4, 4)
+        self.late = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4))
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        if self.trainer.global_step >= 2:
+            b, t, d = h.shape
+            h = h + self.late(h.reshape(b * t, d)).reshape(b, t, d)
+        return self.head(h).mean(dim=(1, 2)) * self.scale
+
+
+def test_one_message_then_one_update_when_more_is_left_out(tmp_path: Path) -> None:
+    model = LateBranch()
+    gns = GradientNoiseScale(beta=0.8, mode="per_example")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer([gns], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+        trainer.fit(model, LateBranch.data(4 * 8))
+    messages = [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
+    said = [m for m in messages if "Left out" in m]
+    assert len(said) == 2, messages
+    assert "scale" in said[0] and "late.0.weight" not in said[0] and "updated" not in said[0]
+    late = ["late.0.weight", "late.0.bias", "late.2.weight", "late.2.bias"]
+    assert all(n in said[1] for n in [*late, "scale"]) and "updated: 4 more" in said[1]
+    assert set(gns.left_out) == {"scale", *late}
+    total = sum(p.numel() for p in model.parameters())
+    kept = model.proj.weight.numel() + model.proj.bias.numel() + model.head.weight.numel() + model.head.bias.numel()
+    assert gns.covered_fraction == pytest.approx(kept / total, rel=1e-12)
+    # Each group's share of the elements, and the covered share, are in the message.
+    for layer in ("late.0", "late.2"):  # each layer's reason names its input shape: a group of its own
+        share = sum(model.get_parameter(f"{layer}.{p}").numel() for p in ("weight", "bias")) / total
+        assert f"({100 * share:.1f}%): {layer}.weight, {layer}.bias" in said[1]
+    assert f"covers {100 * kept / total:.1f}% of the {total:,} trainable" in said[1]
+    # Below one half only after the branch joined, and said once although every later step logs.
+    low = [m for m in messages if "NOT the model's noise scale" in m]
+    assert len(low) == 1 and "accumulate_grad_batches=2" in low[0] and "DDP" in low[0]
+    assert messages.index(low[0]) > messages.index(said[1])
+    assert not any("rest of the model is measured" in m for m in messages)
+
+
+def test_left_out_parts_add_no_host_sync_on_steps_that_do_not_log() -> None:
+    model = TinyGPT(lr=0.1)
+    gns = GradientNoiseScale(beta=0.9, mode="per_example")
+    watcher = SyncWatcher()
+    make_trainer([watcher, gns]).fit(model, TinyGPT.data(4 * 12))
+    assert watcher.context is not None and int(gns.metric.measured_steps) == 12
+    assert dict(watcher.calls) == {}
+    assert list(gns.left_out) == ["wpe.weight"]
+
+
+WORKER = Path(__file__).with_name("left_out_ddp_worker.py")
+
+
+def test_ranks_agree_on_what_is_left_out_under_ddp(tmp_path: Path) -> None:
+    """Only rank 1 finds ``late`` unmeasurable; both ranks leave it out and name it (rank 0 from the all-reduce)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert set(rank0["left_out"]) == set(rank1["left_out"]) == {"late.weight", "late.bias"}
+    assert "leading dimension" in rank1["left_out"]["late.weight"]
+    assert "another process found it unmeasurable" in rank0["left_out"]["late.weight"]
+    # proj and head: 25 of the 45 elements.
+    assert rank0["covered_fraction"] == rank1["covered_fraction"] == pytest.approx(25 / 45)
+    assert rank0["b_simple"] == rank1["b_simple"]
