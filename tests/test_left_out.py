@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
 from lightning_gns.sources.left_out import NOT_IN_MODEL, unwatched_reasons
-from tests.test_hot_path import SyncWatcher
-from tests.test_single_device import make_trainer
-from tests.zoo import SequenceRegression, TinyGPT
+from support.syncs import SyncWatcher
+from support.trainers import make_trainer
+from support.zoo import SequenceRegression, TinyGPT
 
 RAW_TOP = (
     "raw parameter used in the forward of the top module (Structure), outside any layer the per-example source hooks"
@@ -174,9 +174,10 @@ def test_left_out_parts_add_no_host_sync_on_steps_that_do_not_log() -> None:
     assert list(gns.left_out) == ["wpe.weight"]
 
 
-WORKER = Path(__file__).with_name("left_out_ddp_worker.py")
+WORKER = Path(__file__).parent / "support" / "left_out_ddp_worker.py"
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_what_is_left_out_under_ddp(tmp_path: Path) -> None:
     """Only rank 1 finds ``late`` unmeasurable; both ranks leave it out and name it (rank 0 from the all-reduce)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

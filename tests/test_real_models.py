@@ -24,13 +24,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gns import GradientNoiseScale
-from tests.reference_func import BatchRecorder, assert_histories_match
-from tests.reference_loop import loop_reference_history
-from tests.test_trustworthy import fit64
+from support.reference_func import BatchRecorder, assert_histories_match
+from support.reference_loop import loop_reference_history
+from support.trainers import fit64
 
 VOCAB = 64
 BATCH = 4
 STEPS = 5
+
+pytestmark = pytest.mark.slow  # each case is a float64 Lightning fit of a transformers model (10-20 s)
 
 
 class Wrapped(LightningModule):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tests.reference_func import ExampleLoss, RecordedMicroBatch, step_estimate
+from support.reference_func import ExampleLoss, RecordedMicroBatch, step_estimate
 
 
 def loop_per_example_grads(

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
@@ -18,7 +19,7 @@ from lightning.pytorch import Trainer
 from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale
-from tests.zoo import SequenceRegression
+from support.zoo import SequenceRegression
 
 
 class RankBranch(SequenceRegression):
