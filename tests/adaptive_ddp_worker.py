@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,6 +19,7 @@ from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import NoiseScaleStatistics
 from tests.adaptive_support import RecordingRegression, scheduled_target
 from tests.models import LinearProblem, loader
+from tests.multiprocess import end_process, launched_children
 
 # 104 examples: 52 per rank, 13 micro-batches of 4 per rank per epoch.
 WANTED = {2: 3, 5: 2, 8: 4}
@@ -75,8 +75,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(result, args.out / f"rank{trainer.global_rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
+    end_process(launched_children(trainer))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from lightning_gns.batch_schedule import (
 )
 from tests.adaptive_support import RecordingRegression, scheduled_target, window_mean_grad
 from tests.models import LinearProblem, LinearRegression, loader
+from tests.multiprocess import run_worker
 from tests.test_errors import ManualRegression, restore_process_state  # noqa: F401  (fixture)
 
 MICRO = 4
@@ -406,14 +404,9 @@ def test_target_function_error_reaches_the_caller() -> None:
 # ---------------------------------------------------------------- two processes
 
 
+@pytest.mark.multiprocess
 def test_ddp_ranks_switch_together(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    worker = Path(__file__).with_name("adaptive_ddp_worker.py")
-    proc = subprocess.run(
-        [sys.executable, str(worker), "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(Path(__file__).with_name("adaptive_ddp_worker.py"), "--out", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["history"] == ranks[1]["history"]
     assert [(h["step"], h["accumulation"]) for h in ranks[0]["history"]] == [(0, 1), (3, 3), (6, 2), (9, 4)]

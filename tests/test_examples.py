@@ -76,6 +76,7 @@ def test_char_transformer(tmp_path: Path, extra: list[str], mode: str) -> None:
     np.testing.assert_allclose(run["gns/b_simple_sequences"].values, run[B_SIMPLE].values / 16, rtol=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_ddp_example_two_processes(tmp_path: Path) -> None:
     args = [*TINY_DIGITS, "--accumulate", "1", "--logdir", str(tmp_path / "logs")]
     proc = run_script("ddp_example.py", *args, cwd=tmp_path)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from lightning_gns import GradientNoiseScaleTracker
 from lightning_gns.sources import PerExampleSource
 from lightning_gns.sources.fused_linear import FusedForward, fused_pays
 from lightning_gns.sources.per_example_factors import OneHot, factor_sq_norm
+from tests.multiprocess import run_worker
 
 VOCAB = 11
 
@@ -241,13 +239,10 @@ def test_fused_pays_by_shape() -> None:
     assert fused_pays(4, 128, 1024, 1024)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_fused_path_under_two_process_ddp_and_fsdp2(tmp_path: Path, wrap: str) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    worker = Path(__file__).with_name("fused_worker.py")
-    cmd = [sys.executable, str(worker), "--out", str(tmp_path), "--wrap", wrap]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(Path(__file__).with_name("fused_worker.py"), "--out", str(tmp_path), "--wrap", wrap)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["fused"] == ["down", "head", "norm", "up"]
