@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale
+from lightning_gns.callbacks._spawn import SpawnedResult
 from tests.models import LinearProblem, LinearRegression, loader
 from tests.test_single_device import make_trainer
 
@@ -184,3 +185,28 @@ def test_unmeasurable_combined_batch_says_so_once_and_reads_no_nonsense(tmp_path
     assert gns.skipped_steps == 8 and all(
         math.isnan(readouts[name]) for name in ("gns/b_simple", "gns/b_small", "gns/b_big", "gns/steps_over_min")
     )
+
+
+# ---------------------------------------------------------------- fits in spawned or forked processes
+
+
+def _leave(result: SpawnedResult, payload: dict[str, Any]) -> None:
+    assert result.in_child
+    assert result.write(payload)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])  # ddp_notebook forks, ddp_spawn spawns
+def test_a_child_process_leaves_its_readouts_for_the_parent(start_method: str) -> None:
+    result = SpawnedResult()
+    assert not result.in_child and result.read() is None
+    payload = {"gns/b_simple": 3.25, "gns/b_small": math.nan, "gns/steps_over_min": math.inf, "mode": "ddp"}
+    child = torch.multiprocessing.get_context(start_method).Process(target=_leave, args=(result, payload))
+    child.start()
+    child.join(timeout=600)
+    assert child.exitcode == 0
+    got = result.read()
+    assert got is not None and got.keys() == payload.keys()
+    assert got["gns/b_simple"] == 3.25 and math.isnan(got["gns/b_small"]) and got["gns/steps_over_min"] == math.inf
+    assert result.read() is None  # taken once
+    assert not SpawnedResult(size=64).write({"too": "x" * 100})
