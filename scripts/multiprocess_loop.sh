@@ -46,7 +46,11 @@ failures=$(cat "$logs"/*.log 2>/dev/null | grep -E '^(FAILED|ERROR) ' | sed -E '
 total=0
 printf '%-100s %s\n' "test" "failed/runs"
 while read -r test; do
-    count=$(printf '%s\n' "$failures" | grep -cxF "$test")
+    # The summary names a test relative to where pytest ran, the collection relative to its rootdir: match the end.
+    count=$(printf '%s\n' "$failures" | awk -v t="$test" '{
+        start = length($0) - length(t)
+        if (start >= 0 && substr($0, start + 1) == t && (start == 0 || substr($0, start, 1) == "/")) n++
+    } END { print n + 0 }')
     total=$((total + count))
     printf '%-100s %d/%d\n' "$test" "$count" $((N * K))
 done <<<"$tests"
