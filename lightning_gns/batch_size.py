@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -13,41 +13,54 @@ BatchSizeFn = Callable[[Any], "int | Tensor"]
 
 
 def leading_dim_batch_size(batch: Any) -> int:
-    """Length of the leading dimension of the first tensor found in ``batch`` (depth first).
+    """The leading dimension that every tensor in ``batch`` shares: its number of examples.
 
-    Handles a tensor, and (nested) lists, tuples, dicts and dataclass-like objects of tensors.
+    Handles a tensor, and (nested) lists, tuples, dicts and dataclass-like objects of tensors. Tensors that
+    disagree (two dataloaders' batches combined) are refused with a ``ValueError`` naming ``batch_size_fn``.
 
     Example:
         >>> import torch
         >>> leading_dim_batch_size({"x": torch.zeros(32, 5), "y": torch.zeros(32)})
         32
     """
-    size = _first_leading_dim(batch)
-    if size is None:
+    sizes = dict(_leading_dims(batch, "batch"))
+    if not sizes:
         raise ValueError(
             f"GradientNoiseScale could not find the batch size: no tensor with a leading dimension in a batch of"
             f" type {type(batch).__name__}. Pass batch_size_fn=..., a function that returns the number of"
             " examples (or tokens) in a batch, e.g. GradientNoiseScale(batch_size_fn=lambda batch: len(batch['ids']))."
         )
-    return size
+    if len(set(sizes.values())) > 1:
+        # Several dataloaders combined into one batch (CombinedLoader), or tensors that are not example-first:
+        # no count of examples is right for all of them, and a wrong one biases every estimate.
+        shown = ", ".join(f"{path}: {size}" for path, size in list(sizes.items())[:6])
+        raise ValueError(
+            f"GradientNoiseScale cannot count the examples of this batch: its tensors disagree on the leading"
+            f" dimension ({shown}{', ...' if len(sizes) > 6 else ''}), as when several train dataloaders are combined"
+            " into one batch. Pass batch_size_fn returning the micro-batch's total (e.g. lambda batch:"
+            " sum(len(x) for x, y in batch.values()), when the loss is the mean over all of them), or a 1-D integer"
+            " tensor with one count per example in the order the model sees them (e.g. torch.ones(total, dtype=int))."
+            " mode='per_example' needs the model to run once on all the examples (their concatenation)."
+        )
+    return next(iter(sizes.values()))
 
 
-def _first_leading_dim(obj: Any) -> int | None:
+def _leading_dims(obj: Any, path: str) -> Iterator[tuple[str, int]]:
+    """(path, leading dimension) of every tensor in ``obj`` with at least one dimension, depth first."""
     if isinstance(obj, Tensor):
-        return int(obj.shape[0]) if obj.dim() > 0 else None
+        if obj.dim() > 0:
+            yield path, int(obj.shape[0])
+        return
     if isinstance(obj, Mapping):
-        children: Any = obj.values()
+        children: Any = ((f"{path}[{key!r}]", value) for key, value in obj.items())
     elif isinstance(obj, (list, tuple)):
-        children = obj
+        children = ((f"{path}[{i}]", value) for i, value in enumerate(obj))
     elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        children = vars(obj).values()
+        children = ((f"{path}.{name}", value) for name, value in vars(obj).items())
     else:
-        return None
-    for child in children:
-        size = _first_leading_dim(child)
-        if size is not None:
-            return size
-    return None
+        return
+    for child_path, child in children:
+        yield from _leading_dims(child, child_path)
 
 
 def checked_batch_size(batch_size_fn: BatchSizeFn, batch: Any) -> int | Tensor:

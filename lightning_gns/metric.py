@@ -112,7 +112,7 @@ class GradientNoiseScaleMetric(Metric):
         self.add_state("ema_weight", torch.tensor(0.0, dtype=f64), dist_reduce_fx=None, persistent=True)
         self.add_state("measured_steps", torch.tensor(0, dtype=torch.int64), dist_reduce_fx=None, persistent=True)
         self.add_state("skipped_steps", torch.tensor(0, dtype=torch.int64), dist_reduce_fx=None, persistent=True)
-        # Batch sizes of the last update, in the caller's units (examples or tokens).
+        # Batch sizes of the last measured step (one that entered the averages), in the caller's units.
         self.add_state("last_b_small", torch.tensor(float("nan"), dtype=f64), dist_reduce_fx=None, persistent=True)
         self.add_state("last_b_big", torch.tensor(float("nan"), dtype=f64), dist_reduce_fx=None, persistent=True)
         # EMAs of the per-step values in estimators.MOMENT_FIELDS order (not bias-corrected: the first one is
@@ -189,9 +189,13 @@ class GradientNoiseScaleMetric(Metric):
         values = torch.cat([torch.ones_like(pair[:1]), pair, pair * pair, pair[:1] * pair[1:]])
         moments.lerp_(values, valid.to(dtype) * (1 - beta))
         self.measured_steps.add_(valid.long())
-        self.skipped_steps.add_((~valid).long())
-        self.last_b_big.copy_(summary.size_sum)
-        self.last_b_small.copy_(summary.size_sum / summary.num_small_batches)
+        # A step without any backward pass on any process (StochasticWeightAveraging's BatchNorm epoch, a
+        # training_step that returned None) is no step to measure: it is neither skipped nor a batch size.
+        ran = summary.weight_sum > 0
+        self.skipped_steps.add_((ran & ~valid).long())
+        # The batch sizes are those of the last step that entered the averages, the step the readouts describe.
+        self.last_b_big.copy_(torch.where(valid, summary.size_sum, self.last_b_big))
+        self.last_b_small.copy_(torch.where(valid, summary.size_sum / summary.num_small_batches, self.last_b_small))
         self._computed = None  # torchmetrics caches compute(); a fold outside update() must clear it too
 
     @property

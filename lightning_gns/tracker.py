@@ -91,6 +91,7 @@ class GradientNoiseScaleTracker:
         # Fallbacks, exclusions and unmeasurable steps are announced through this, once per message.
         self._warn: Callable[[str], None] = warn if warn is not None else _python_warning
         self._announced: list[str] = []
+        self._said_nothing_measured = False
         self._comm_hook_source: DDPCommHookSource | None = None
         self._comm_hook_model: nn.Module | None = None
         self._param_hook_source = ParamHookSource()
@@ -128,6 +129,7 @@ class GradientNoiseScaleTracker:
         # Effective batch of the first measured step: the reference of the statistical efficiency. A device
         # tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
         self.reference_batch_size: Tensor | None = None
+        self._reference_settled = False  # the host has seen reference_batch_size hold a batch size
         self._bad_flags: tuple[int, Tensor] | None = None  # (len(source.excluded) it was built for, flags)
         # The step's packed statistics, reused (see _step_buffer).
         self._packed: Tensor | None = None
@@ -480,11 +482,14 @@ class GradientNoiseScaleTracker:
         Reads a few flags from the device: call it on steps that log, not on every step.
         """
         before = len(self._announced)
+        if not self._reference_settled and self.reference_batch_size is not None:
+            self._reference_settled = bool(torch.isfinite(self.reference_batch_size))
         source = self._per_example_source
         if source is not None:
             self._announce_left_out()
         metric = self.metric
-        if int(metric.measured_steps) == 0 and int(metric.skipped_steps) >= 1:
+        if int(metric.measured_steps) == 0 and int(metric.skipped_steps) >= 1 and not self._said_nothing_measured:
+            self._said_nothing_measured = True  # once: the message's count would make every logging step new
             self._announce(self._nothing_measured_message())
         return self._announced[before:]
 
@@ -696,8 +701,13 @@ class GradientNoiseScaleTracker:
                 dist.all_reduce(packed, group=self._process_group)
             summary, big = unpack_step(packed)
             self.metric.fold(summary, big * big_factor)
-        if self.reference_batch_size is None:
+        reference = self.reference_batch_size
+        if reference is None:
             self.reference_batch_size = self.metric.last_b_big.clone()
+        elif not self._reference_settled:
+            # The first measured step can come after the first step (skipped, or without a backward): the
+            # reference stays NaN until then. check() tells on a logging step when it holds a batch size.
+            torch.where(torch.isnan(reference), self.metric.last_b_big, reference, out=reference)
         self._clear_step()
         return True
 
@@ -809,7 +819,10 @@ class GradientNoiseScaleTracker:
         return {
             "metric": _metric_states(self.metric),
             "layer_metrics": {name: _metric_states(m) for name, m in self.layer_metrics.items()},
-            "reference_batch_size": None if reference is None else reference.detach().cpu().clone(),
+            # NaN before the first measured step: nothing to keep (a resumed run takes its first measured step).
+            "reference_batch_size": None
+            if reference is None or not bool(torch.isfinite(reference))
+            else reference.detach().cpu().clone(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -819,6 +832,7 @@ class GradientNoiseScaleTracker:
             _load_metric_states(self.layer_metric(name), states)
         reference = state_dict.get("reference_batch_size")
         self.reference_batch_size = None if reference is None else reference.to(self.metric.last_b_big.device)
+        self._reference_settled = reference is not None
 
 
 def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

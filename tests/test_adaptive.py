@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +40,7 @@ from support.adaptive_support import (
     window_mean_grad,
 )
 from support.models import LinearProblem, LinearRegression, ManualRegression
+from support.multiprocess import run_worker
 
 
 class MemoryLogger(Logger):
@@ -354,14 +352,9 @@ def test_target_function_error_reaches_the_caller() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ddp_ranks_switch_together(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    worker = Path(__file__).parent / "support" / "adaptive_ddp_worker.py"
-    proc = subprocess.run(
-        [sys.executable, str(worker), "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(Path(__file__).parent / "support" / "adaptive_ddp_worker.py", "--out", str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["history"] == ranks[1]["history"]
     assert [(h["step"], h["accumulation"]) for h in ranks[0]["history"]] == [(0, 1), (3, 3), (6, 2), (9, 4)]

@@ -197,9 +197,21 @@ def test_tiny_sweep_command_on_digits(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "B_crit = E_min / S_min" in printed and "| 16 |" in (out / "sweep.md").read_text()
 
 
-def test_tiny_branch_on_digits(tmp_path: Path) -> None:
+def test_tiny_branch_on_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also: every Trainer the command builds (base run, branches, validations) gets --accelerator."""
+    from lightning.pytorch import Trainer
+
+    from lightning_gns.tools import sweep
     from lightning_gns.tools.cli import main
 
+    built: list[dict[str, object]] = []
+
+    class RecordingTrainer(Trainer):
+        def __init__(self, **kwargs: object) -> None:
+            built.append(kwargs)
+            super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sweep, "Trainer", RecordingTrainer)
     out = tmp_path / "branch"
     argv = ["branch", "--model", f"{DIGITS}:model", "--data", f"{DIGITS}:datamodule", "--batch-size", "16"]
     argv += ["--lr", "0.05", "--at-steps", "4", "--branch-examples", "128", "--multipliers", "1", "2"]
@@ -209,6 +221,9 @@ def test_tiny_branch_on_digits(tmp_path: Path) -> None:
     assert point["step"] == 4 and point["examples"] == 64
     assert point["local_critical_batch"] in (16, 32)
     assert all(math.isfinite(x) for x in point["losses"]) and point["b_simple"] > 0
+    # The base run, the validation at the branch point, and per multiplier one branch and its validation.
+    assert len(built) == 2 + 2 * 2
+    assert [kwargs.get("accelerator") for kwargs in built] == ["cpu"] * len(built)
 
 
 def test_sweep_reports_an_unreachable_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

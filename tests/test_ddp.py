@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,26 +11,18 @@ import torch
 
 from support.ddp_worker import ReplayedLayers, UnusedBranches
 from support.models import LinearProblem
+from support.multiprocess import run_worker
 from support.recording import Recorder, assert_matches_reference
 from support.reference import MicroBatch
 from support.reference_func import assert_histories_match, reference_history
 
-pytestmark = pytest.mark.slow  # every test runs 2-process workers
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # every test runs 2-process workers
 
 WORKER = Path(__file__).parent / "support" / "ddp_worker.py"
 
 
 def run_ddp(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--out", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, "--out", str(tmp_path), *args)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
@@ -167,6 +156,18 @@ def test_ddp_spawn_gives_the_same_numbers_as_ddp(tmp_path: Path) -> None:
         for key in ("grad_sq_norm", "trace_cov", "b_simple"):
             assert got[key] == pytest.approx(want[key], rel=1e-9), (key, got["step"])
     assert_matches_reference(merged_recorder(spawn), world_size=2, beta=0.9, per_example=True)
+
+
+def test_main_process_reads_rank_zero_readouts_after_ddp_spawn(tmp_path: Path) -> None:
+    """The main process of a ddp_spawn fit ran no hook: after fit it reads what rank 0 had at its end."""
+    args = ["--examples", "203", "--lr", "0.3", "--beta", "0.9", "--mode", "per_example", "--per-layer"]
+    rank0 = run_ddp(tmp_path, *args, "--strategy", "ddp_spawn")[0]
+    main = torch.load(tmp_path / "main.pt", weights_only=False)
+    assert math.isfinite(rank0["b_simple"]) and rank0["layer_b_simple"] and rank0["skipped_steps"] == 0
+    for key in ("mode", "source", "b_simple", "grad_sq_norm", "trace_cov", "layer_b_simple", "covered_fraction"):
+        assert main[key] == rank0[key], key
+    assert main["compute"] == rank0["compute"] and "gns/layer/linear/b_simple" in main["compute"]
+    assert main["skipped_steps"] == 0
 
 
 def test_user_comm_hook_in_module_on_fit_start_falls_back_and_says_so(tmp_path: Path) -> None:

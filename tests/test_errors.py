@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -252,3 +253,58 @@ def test_sharded_training_rejects_tensor_parallelism() -> None:
     gns = GradientNoiseScale()
     with pytest.raises(MisconfigurationException, match=r"needs tensor_parallel_size=1 \(got 2\)"):
         gns._resolve_sharded_mode(ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+
+
+# ---------------------------------------------------------------- errors inside the per-example norms
+
+
+class NormOnly(LinearRegression):
+    """A LayerNorm on sequences, the only measured layer: its norms come from the fused path only."""
+
+    def __init__(self) -> None:
+        super().__init__(PROBLEM)
+        del self.linear
+        self.norm = torch.nn.LayerNorm(PROBLEM.dim)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        sequence = torch.stack([x, x.flip(-1), 2 * x], dim=1)  # (B, 3, dim): takes the fused LayerNorm path
+        return 0.5 * (self.norm(sequence).sum(dim=(1, 2)) - y).square().mean()
+
+
+def _raise(error: BaseException) -> Callable[..., Any]:
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    return failing
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("injected: out of memory"), ValueError("injected: a bug")], ids=["oom", "other"]
+)
+@pytest.mark.parametrize("path", ["hooks", "fused"])
+def test_errors_in_per_example_norms_reach_the_user(
+    monkeypatch: pytest.MonkeyPatch, path: str, error: BaseException
+) -> None:
+    """Out of memory (a RuntimeError) and any other error propagate through trainer.fit, not a skipped step."""
+    from lightning_gns.sources import per_example
+
+    if path == "hooks":  # Linear on (B, dim): the hooks compute the factors
+        monkeypatch.setattr(per_example, "layer_factors", _raise(error))
+        model: LinearRegression = LinearRegression(PROBLEM)
+    else:  # the fused LayerNorm delivers per-example gradients, which _add folds in
+        monkeypatch.setattr(per_example.PerExampleSource, "_add", _raise(error))
+        model = NormOnly()
+    with pytest.raises(type(error), match="injected"):
+        fit(GradientNoiseScale(mode="per_example"), model=model)
+
+
+def test_a_shape_that_does_not_split_per_example_skips_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain RuntimeError in the factor maths (shapes, dtypes) means "cannot be measured": skipped, said once."""
+    from lightning_gns.sources import per_example
+
+    monkeypatch.setattr(per_example, "layer_factors", _raise(RuntimeError("shape '[4, -1, 3]' is invalid")))
+    gns = GradientNoiseScale(mode="per_example")
+    with pytest.warns(UserWarning, match=r"no optimizer step could be measured.*failed: shape '\[4, -1, 3\]'"):
+        fit(gns)
+    assert gns.skipped_steps == 2 and np.isnan(gns.b_simple)

@@ -80,6 +80,7 @@ def test_char_transformer(tmp_path: Path, extra: list[str], mode: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ddp_example_two_processes(tmp_path: Path) -> None:
     args = [*TINY_DIGITS, "--accumulate", "1", "--logdir", str(tmp_path / "logs")]
     proc = run_script("ddp_example.py", *args, cwd=tmp_path)

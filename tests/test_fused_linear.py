@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ from lightning_gns import GradientNoiseScaleTracker
 from lightning_gns.sources import PerExampleSource
 from lightning_gns.sources.fused_linear import FusedForward, fused_pays
 from lightning_gns.sources.per_example_factors import OneHot, factor_sq_norm
+from support.multiprocess import run_worker
 from support.seq_model import VOCAB, SeqModel, fused_layer_names, sequence_loss, vmap_sq_norms
 
 
@@ -186,13 +184,10 @@ def test_fused_pays_by_shape() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_fused_path_under_two_process_ddp_and_fsdp2(tmp_path: Path, wrap: str) -> None:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    worker = Path(__file__).parent / "support" / "fused_worker.py"
-    cmd = [sys.executable, str(worker), "--out", str(tmp_path), "--wrap", wrap]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(Path(__file__).parent / "support" / "fused_worker.py", "--out", str(tmp_path), "--wrap", wrap)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result["fused"] == ["down", "head", "norm", "up"]

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
 from support.cli import CLI_TRAINER_ARGS, CLIData, CLIRegression
 from support.models import LinearProblem, LinearRegression, loader
+from support.multiprocess import run_worker
 from support.reference import reference_run
 from support.trainers import make_trainer
 
@@ -131,13 +132,10 @@ def test_plain_pytorch_tracker_agrees_with_callback(mode: str, accumulate: int) 
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("accumulation", "source"), [(1, "ddp_comm_hook"), (2, "param_hooks")])
 def test_plain_torch_ddp_tracker_matches_float64_recomputation(tmp_path: Path, accumulation: int, source: str) -> None:
-    worker = Path(__file__).parent / "support" / "ddp_plain_worker.py"
-    proc = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path), str(accumulation)], capture_output=True, text=True, timeout=180
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_worker(Path(__file__).parent / "support" / "ddp_plain_worker.py", str(tmp_path), str(accumulation))
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert results[0]["source"] == source
     assert (results[0]["g2"], results[0]["tr"]) == (results[1]["g2"], results[1]["tr"])

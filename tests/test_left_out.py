@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
 from lightning_gns.sources.left_out import NOT_IN_MODEL, unwatched_reasons
+from support.multiprocess import run_worker
 from support.syncs import SyncWatcher
 from support.trainers import make_trainer
 from support.zoo import SequenceRegression, TinyGPT
@@ -178,14 +176,10 @@ WORKER = Path(__file__).parent / "support" / "left_out_ddp_worker.py"
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ranks_agree_on_what_is_left_out_under_ddp(tmp_path: Path) -> None:
     """Only rank 1 finds ``late`` unmeasurable; both ranks leave it out and name it (rank 0 from the all-reduce)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, "--out", str(tmp_path))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert set(rank0["left_out"]) == set(rank1["left_out"]) == {"late.weight", "late.bias"}
     assert "leading dimension" in rank1["left_out"]["late.weight"]

@@ -17,6 +17,7 @@ from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._checkpoint import foreign_states, validate_gns_state
 from lightning_gns.callbacks._logging import log_scalars
 from lightning_gns.callbacks._namespace import LightningNamespace
+from lightning_gns.callbacks._spawn import SpawnedResult
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources.per_example import Layers, batch_coupled_layers
 from lightning_gns.tensorboard_layout import write_layout
@@ -143,7 +144,7 @@ class GradientNoiseScaleLogic(LightningNamespace):
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise ValueError(f"batch_size_fn must be a callable batch -> int, got {batch_size_fn!r}.")
         self.requested_mode: str = mode
-        self.mode: str | None = None
+        self._mode: str | None = None
         self.batch_size_fn: BatchSizeFn = batch_size_fn or leading_dim_batch_size
         self.prog_bar = prog_bar
         self.measure_every_n_steps = every
@@ -157,11 +158,25 @@ class GradientNoiseScaleLogic(LightningNamespace):
         # the TensorBoard layout includes its charts.
         self.adaptive_batch_size_attached = False
         self._kaplan_loss_value: torch.Tensor | None = None
+        # strategy="ddp_spawn"/"ddp_notebook": rank 0 leaves its final readouts here for the main process.
+        self._spawned = SpawnedResult()
+        self._set_up_here = False  # a fit ran its hooks in this process
+        self._spawned_readouts: dict[str, Any] | None = None  # what rank 0 of the last spawned fit had
 
     def _warn(self, message: str) -> None:
         self._lightning("utilities.rank_zero").rank_zero_warn(message)
 
     # ------------------------------------------------------------------ readouts
+    @property
+    def mode(self) -> str | None:
+        """The mode in use, resolved from ``requested_mode`` at the start of fit; None before."""
+        self._take_spawned_result()
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str | None) -> None:
+        self._mode = value
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.requested_mode, beta=self.beta)  # type: ignore[attr-defined]
@@ -169,26 +184,31 @@ class GradientNoiseScaleLogic(LightningNamespace):
     @property
     def metric(self) -> GradientNoiseScaleMetric:
         """The whole-model :class:`~lightning_gns.GradientNoiseScaleMetric` (device tensors)."""
+        self._take_spawned_result()
         return self.tracker.metric
 
     @property
     def layer_metrics(self) -> dict[str, GradientNoiseScaleMetric]:
         """``per_layer=True``: one metric per layer, by layer name."""
+        self._take_spawned_result()
         return self.tracker.layer_metrics
 
     @property
     def b_simple(self) -> float:
         """``B_simple`` in batch-size units; NaN before the first estimate."""
+        self._take_spawned_result()
         return self.tracker.b_simple
 
     @property
     def grad_sq_norm(self) -> float:
         """Bias-corrected EMA of the unbiased ``|G|^2`` estimates."""
+        self._take_spawned_result()
         return self.tracker.grad_sq_norm
 
     @property
     def trace_cov(self) -> float:
         """Bias-corrected EMA of the unbiased ``tr(Sigma)`` estimates."""
+        self._take_spawned_result()
         return self.tracker.trace_cov
 
     @property
@@ -207,17 +227,27 @@ class GradientNoiseScaleLogic(LightningNamespace):
         The same mapping as :meth:`GradientNoiseScaleTracker.compute`: ``gns/b_simple``, the averages, the
         batch sizes, the forecasts (``gns/steps_over_min``, ``gns/examples_over_min``,
         ``gns/statistical_efficiency``), ``gns/kaplan_b_crit_tokens`` at the last logged ``kaplan_loss``, ...
+        After a fit in spawned processes (``strategy="ddp_spawn"``), what rank 0 had at the end of fit.
         """
+        self._take_spawned_result()
+        if self._spawned_readouts is not None:
+            return dict(self._spawned_readouts["readouts"])
         return {name: float(value) for name, value in self.tracker.compute(self._kaplan_loss_value).items()}
 
     @property
     def source(self) -> str | None:
         """Source that fed the last measured step: ``"ddp_comm_hook"``, ``"param_hooks"`` or ``"per_example"``."""
+        self._take_spawned_result()
+        if self._spawned_readouts is not None:
+            return self._spawned_readouts["source"]
         return self.tracker.source
 
     @property
     def covered_fraction(self) -> float:
         """Fraction of the optimized parameters (by element count) that the estimate covers."""
+        self._take_spawned_result()
+        if self._spawned_readouts is not None:
+            return float(self._spawned_readouts["covered_fraction"])
         return self.tracker.covered_fraction
 
     @property
@@ -229,11 +259,64 @@ class GradientNoiseScaleLogic(LightningNamespace):
         """
         return self.tracker.left_out
 
+    # ------------------------------------------------------------------ fits in spawned processes
+    def _leave_spawned_result(self, trainer: Trainer) -> None:
+        """In rank 0 of a spawned or forked fit: leave the final readouts for the process that built the callback."""
+        if not (self._spawned.in_child and trainer.global_rank == 0):
+            return
+        state = self.tracker.state_dict()
+        reference = state["reference_batch_size"]
+        payload = {
+            "metric": {name: value.item() for name, value in state["metric"].items()},
+            "layer_metrics": {
+                layer: {name: value.item() for name, value in states.items()}
+                for layer, states in state["layer_metrics"].items()
+            },
+            "reference_batch_size": None if reference is None else reference.item(),
+            "readouts": self.compute(),
+            "mode": self.mode,
+            "source": self.tracker.source,
+            "covered_fraction": self.tracker.covered_fraction,
+        }
+        if not self._spawned.write(payload):
+            self._warn(
+                "GradientNoiseScale: this fit ran in spawned processes and its readouts could not be carried back"
+                " to the main process (no shared memory, or too many per-layer metrics), where gns.b_simple and"
+                " compute() stay NaN. Read them inside the run, e.g. in a callback's on_fit_end or from the logged"
+                " gns/ scalars."
+            )
+
+    def _take_spawned_result(self) -> None:
+        """In the process that built the callback, after a spawned fit: take over what rank 0 had at its end."""
+        if self._set_up_here or self._spawned.in_child:
+            return
+        payload = self._spawned.read()
+        if payload is None:
+            return
+
+        def tensors(states: dict[str, Any]) -> dict[str, torch.Tensor]:
+            return {
+                name: torch.tensor(v, dtype=torch.int64 if isinstance(v, int) else torch.float64)
+                for name, v in states.items()
+            }
+
+        reference = payload["reference_batch_size"]
+        self.tracker.load_state_dict(
+            {
+                "metric": tensors(payload["metric"]),
+                "layer_metrics": {layer: tensors(states) for layer, states in payload["layer_metrics"].items()},
+                "reference_batch_size": None if reference is None else torch.tensor(reference, dtype=torch.float64),
+            }
+        )
+        self.mode = payload["mode"]
+        self._spawned_readouts = payload
+
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._check_fit(trainer, pl_module, "GradientNoiseScale", "supports automatic optimization only")
+        self._set_up_here, self._spawned_readouts = True, None
         self.mode = self._resolve_mode(trainer, pl_module)
         self.tracker.own_states()  # ddp_spawn pickled the states into memory shared with the other processes
         self.tracker.to(trainer.strategy.root_device)
@@ -396,6 +479,8 @@ class GradientNoiseScaleLogic(LightningNamespace):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.tracker.detach()
+        if stage == "fit":
+            self._leave_spawned_result(trainer)
 
     # ------------------------------------------------------------------ per micro-batch and step
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

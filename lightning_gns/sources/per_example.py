@@ -496,6 +496,10 @@ class PerExampleSource(GradNormSource):
                     sq = torch.linalg.vector_norm(value.flatten(1), dim=1, dtype=torch.float32 if half else None)
                     self._add(index, Materialized(value), sq.square())
         except (NotImplementedError, RuntimeError) as error:
+            # Only our own refusal and a plain RuntimeError (shapes or dtypes that do not split per example) mean
+            # "this step cannot be measured"; its subclasses (out of memory, a device failure) reach the user.
+            if type(error) is not RuntimeError and not isinstance(error, NotImplementedError):
+                raise
             self._failed = f"per-example norms of layer {self._module_names[id(use.module)]!r} failed: {error}"
 
     def _batch_dim_problem(self, module: nn.Module, inp: Tensor, output: Tensor) -> str | None:
@@ -540,7 +544,10 @@ class PerExampleSource(GradNormSource):
                 if param_name in factors and index not in self.excluded:
                     self._add(index, factors[param_name])
         except (NotImplementedError, RuntimeError) as error:
-            # A combination we cannot measure exactly: report the step as unmeasurable, never a wrong value.
+            # A combination we cannot measure exactly: report the step as unmeasurable, never a wrong value. Out of
+            # memory and device failures (RuntimeError subclasses) are no such combination: they reach the user.
+            if type(error) is not RuntimeError and not isinstance(error, NotImplementedError):
+                raise
             self._failed = f"per-example norms of layer {self._module_names[id(module)]!r} failed: {error}"
 
     def _add(self, index: int, factor: Factor, sq: Tensor | None = None) -> None:

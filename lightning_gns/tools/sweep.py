@@ -530,7 +530,13 @@ def branched_critical_batch(
     model = model_factory(lr=lr)
     gns = GradientNoiseScale(beta=beta)
     snapshots = _Snapshots(gns, at_steps)
-    trainer = _quiet_trainer(max_steps=max(at_steps), max_epochs=-1, limit_val_batches=0, callbacks=[gns, snapshots])
+    trainer = _quiet_trainer(
+        max_steps=max(at_steps),
+        max_epochs=-1,
+        limit_val_batches=0,
+        callbacks=[gns, snapshots],
+        **(trainer_kwargs or {}),
+    )
     with _few_workers_is_fine():
         trainer.fit(model, datamodule=datamodule)
     points = []
@@ -538,7 +544,8 @@ def branched_critical_batch(
         saved = snapshots.saved[step]
         start_model = model_factory(lr=lr)
         start_model.load_state_dict(saved["model"])
-        loss_at_branch = _validate_loss(start_model, datamodule_factory(batch_size=batch_size, seed=base_seed), monitor)
+        at_branch_data = datamodule_factory(batch_size=batch_size, seed=base_seed)
+        loss_at_branch = _validate_loss(start_model, at_branch_data, monitor, trainer_kwargs)
         means, stds = [], []
         for k, num_steps in zip(multipliers, steps_needed, strict=True):
             losses = []
@@ -556,7 +563,7 @@ def branched_critical_batch(
                 )
                 with _few_workers_is_fine():
                     branch_trainer.fit(branch, datamodule=data)
-                losses.append(_validate_loss(branch, data, monitor))
+                losses.append(_validate_loss(branch, data, monitor, trainer_kwargs))
             means.append(float(np.mean(losses)))
             stds.append(float(np.std(losses, ddof=1)) if len(losses) > 1 else math.nan)
         k_star = local_critical_batch(list(multipliers), means, tolerance)
@@ -575,8 +582,11 @@ def branched_critical_batch(
     return points
 
 
-def _validate_loss(model: LightningModule, datamodule: LightningDataModule, monitor: str) -> float:
-    trainer = _quiet_trainer()
+def _validate_loss(
+    model: LightningModule, datamodule: LightningDataModule, monitor: str, trainer_kwargs: dict[str, Any] | None
+) -> float:
+    # The same trainer options as the runs themselves (--accelerator ...), validation being part of the run.
+    trainer = _quiet_trainer(**(trainer_kwargs or {}))
     with _few_workers_is_fine():
         metrics = trainer.validate(model, datamodule=datamodule, verbose=False)
     if not metrics or monitor not in metrics[0]:

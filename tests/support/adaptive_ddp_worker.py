@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Trainer
 
 # Run as a script: tests/ (the support package) and the repository root (lightning_gns) on the path.
@@ -22,6 +21,7 @@ from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import NoiseScaleStatistics
 from support.adaptive_support import EstimateRecorder, RecordingRegression, scheduled_target
 from support.models import LinearProblem, loader
+from support.multiprocess import end_process, launched_children
 
 # 104 examples: 52 per rank, 13 micro-batches of 4 per rank per epoch.
 WANTED = {2: 3, 5: 2, 8: 4}
@@ -82,8 +82,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(result, args.out / f"rank{trainer.global_rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
+    end_process(launched_children(trainer))
 
 
 if __name__ == "__main__":

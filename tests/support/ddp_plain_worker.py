@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns import GradientNoiseScaleTracker
 from support.models import LinearProblem, LinearRegression, loader
+from support.multiprocess import end_process
 from support.reference import MicroBatch
 
 
@@ -53,9 +54,10 @@ def run(rank: int, out: Path, accumulation: int) -> None:
         {"micro_batches": seen, "source": tracker.source, "g2": tracker.grad_sq_norm, "tr": tracker.trace_cov},
         out / f"rank{rank}.pt",
     )
-    dist.destroy_process_group()
+    end_process()
 
 
 if __name__ == "__main__":
     out_dir, accumulation = Path(sys.argv[1]), int(sys.argv[2])
     mp.spawn(run, args=(out_dir, accumulation), nprocs=2)
+    end_process()

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns import GradientNoiseScale
 from support.models import LinearProblem, LinearRegression, loader
+from support.multiprocess import end_process, launched_children
 from support.recording import Recorder
 from support.reference_func import BatchRecorder
 
@@ -135,6 +135,8 @@ class SaveResults(Callback):
             "trace_cov": gns.trace_cov,
             "layer_b_simple": gns.layer_b_simple,
             "covered_fraction": gns.covered_fraction,
+            "compute": gns.compute(),
+            "skipped_steps": gns.skipped_steps,
             "closed_form_b_simple": problem.b_simple,
             "closed_form_trace_cov": problem.trace_cov,
             "closed_form_grad_sq_norm": problem.grad_sq_norm,
@@ -248,11 +250,23 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model_class(problem, lr=args.lr), data)
+    if args.strategy == "ddp_spawn":  # the main process, which ran no hook: what it reads after fit
+        readouts = {
+            "mode": gns.mode,
+            "source": gns.source,
+            "b_simple": gns.b_simple,
+            "grad_sq_norm": gns.grad_sq_norm,
+            "trace_cov": gns.trace_cov,
+            "layer_b_simple": gns.layer_b_simple,
+            "covered_fraction": gns.covered_fraction,
+            "compute": gns.compute(),
+            "skipped_steps": gns.skipped_steps,
+        }
+        torch.save(readouts, args.out / "main.pt")
     if trainer.global_rank == 0 and args.strategy != "ddp_spawn":
         messages = [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
         (args.out / "warnings.txt").write_text("\n".join(messages))
-    if dist.is_initialized():
-        dist.barrier()
+    end_process(launched_children(trainer))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns.sources import PerExampleSource
+from support.multiprocess import end_process
 from support.seq_model import SeqModel, fused_layer_names, sequence_loss, vmap_sq_norms
 
 BATCH, LENGTH = 3, 12
@@ -74,7 +75,7 @@ def run(rank: int, out: Path, wrap: str) -> None:
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     source.detach()
-    dist.destroy_process_group()
+    end_process()
 
 
 def main() -> None:
@@ -83,6 +84,7 @@ def main() -> None:
     parser.add_argument("--wrap", choices=["ddp", "fsdp2"], required=True)
     args = parser.parse_args()
     mp.spawn(run, args=(args.out, args.wrap), nprocs=2, join=True)
+    end_process()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from lightning.pytorch import Trainer
 from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale
+from support.multiprocess import end_process, launched_children
 from support.zoo import SequenceRegression
 
 
@@ -52,6 +53,7 @@ def main() -> None:
     trainer.fit(RankBranch(), RankBranch.data(2 * 4 * 6))
     state = {"left_out": gns.left_out, "covered_fraction": gns.covered_fraction, "b_simple": gns.b_simple}
     torch.save(state, args.out / f"rank{trainer.global_rank}.pt")
+    end_process(launched_children(trainer))
 
 
 if __name__ == "__main__":
