@@ -377,7 +377,7 @@ class GradientNoiseScaleTracker:
         Example:
             >>> tracker = GradientNoiseScaleTracker()
             >>> sorted(tracker.compute())[:3]
-            ['gns/b_big', 'gns/b_simple', 'gns/b_small']
+            ['gns/b_big', 'gns/b_simple', 'gns/b_simple_high']
         """
         metric = self.metric
         b_simple, b_big = metric.b_simple, metric.last_b_big

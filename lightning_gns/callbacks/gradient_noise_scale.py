@@ -267,9 +267,10 @@ class GradientNoiseScaleLogic(LightningNamespace):
         state = self.tracker.state_dict()
         reference = state["reference_batch_size"]
         payload = {
-            "metric": {name: value.item() for name, value in state["metric"].items()},
+            # tolist: a scalar state becomes a number, a vector state (the estimates' moments) a list.
+            "metric": {name: value.tolist() for name, value in state["metric"].items()},
             "layer_metrics": {
-                layer: {name: value.item() for name, value in states.items()}
+                layer: {name: value.tolist() for name, value in states.items()}
                 for layer, states in state["layer_metrics"].items()
             },
             "reference_batch_size": None if reference is None else reference.item(),
