@@ -344,8 +344,9 @@ def test_target_function_error_reaches_the_caller() -> None:
     def broken(stats: NoiseScaleStatistics) -> float:
         raise KeyError("nope")
 
-    with pytest.raises(RuntimeError, match=r"could not decide on the global-zero rank: KeyError: 'nope'"):
+    with pytest.raises(RuntimeError, match=r"could not decide on the global-zero rank: KeyError: 'nope'") as caught:
         fit(adaptive(target=broken), max_epochs=1)
+    assert isinstance(caught.value.__cause__, KeyError)  # the original exception, with its traceback
 
 
 # ---------------------------------------------------------------- two processes

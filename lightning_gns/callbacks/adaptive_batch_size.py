@@ -387,14 +387,18 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     # ------------------------------------------------------------------ decisions
     def _decide(self, trainer: Trainer, step: int) -> tuple[int, float] | None:
         decision: Any = None
+        failure: Exception | None = None
         if trainer.is_global_zero:
             try:
                 decision = self._decision(trainer, step)
             except Exception as error:  # every rank must leave the broadcast, then all of them raise
-                decision = ("error", f"{type(error).__name__}: {error}")
+                failure, decision = error, ("error", f"{type(error).__name__}: {error}")
         decision = trainer.strategy.broadcast(decision, src=0)
         if decision is not None and decision[0] == "error":
-            raise RuntimeError(f"AdaptiveBatchSize could not decide on the global-zero rank: {decision[1]}")
+            # The global-zero rank keeps the original exception (type and traceback) as the cause.
+            raise RuntimeError(
+                f"AdaptiveBatchSize could not decide on the global-zero rank: {decision[1]}"
+            ) from failure
         assert decision is not None
         new, factor, record = decision
         self.decisions.append(record)
