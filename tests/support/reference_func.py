@@ -110,13 +110,16 @@ def reference_history(
     sizes_of: Callable[[Any], Tensor],
     beta: float,
     world_size: int = 1,
+    grads_of: Callable[..., Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """Bias-corrected EMAs per step, as the callback should report them.
 
     ``names_at(step)``: the parameters measured at that step; ``sizes_of(batch)``: each example's units (its
     share of the micro-batch loss is its units over their sum). Under DDP, pass every rank's micro-batches and
-    the world size: the big batch is the average over ranks.
+    the world size: the big batch is the average over ranks. ``grads_of`` computes the (B, P) float64
+    per-example gradients (default :func:`per_example_grads`, vmap; a loop where vmap has no rule).
     """
+    grads_of = per_example_grads if grads_of is None else grads_of
     by_step: dict[int, list[RecordedMicroBatch]] = defaultdict(list)
     for mb in recorded:
         by_step[mb.step].append(mb)
@@ -126,7 +129,7 @@ def reference_history(
         names = names_at(step)
         grads, sizes, shares = [], [], []
         for mb in by_step[step]:
-            grads.append(per_example_grads(model, mb.params, example_loss, mb.batch, names))
+            grads.append(grads_of(model, mb.params, example_loss, mb.batch, names))
             size = sizes_of(mb.batch).double()
             sizes.append(size)
             shares.append(size / size.sum())

@@ -9,8 +9,6 @@ float64 copy of the model, then solves the estimator exactly as tests/reference_
 from __future__ import annotations
 
 import copy
-import math
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from support.reference_func import ExampleLoss, RecordedMicroBatch, step_estimate
+from support.reference_func import ExampleLoss, RecordedMicroBatch, reference_history
 
 
 def loop_per_example_grads(
@@ -52,29 +50,6 @@ def loop_reference_history(
     beta: float,
 ) -> list[dict[str, float]]:
     """Bias-corrected EMAs per step over the parameters ``names`` (one process), as the callback should report."""
-    by_step: dict[int, list[RecordedMicroBatch]] = defaultdict(list)
-    for mb in recorded:
-        by_step[mb.step].append(mb)
-    g2_ema = trace_ema = weight = 0.0
-    history = []
-    for step in sorted(by_step):
-        grads, sizes, shares = [], [], []
-        for mb in by_step[step]:
-            grads.append(loop_per_example_grads(model, mb.params, example_loss, mb.batch, names))
-            size = sizes_of(mb.batch).double()
-            sizes.append(size)
-            shares.append(size / size.sum())
-        g2, tr = step_estimate(grads, sizes, shares, by_step[step][0].accumulation)
-        g2_ema = beta * g2_ema + (1 - beta) * g2
-        trace_ema = beta * trace_ema + (1 - beta) * tr
-        weight = beta * weight + (1 - beta)
-        g2_avg, tr_avg = g2_ema / weight, trace_ema / weight
-        history.append(
-            {
-                "step": step,
-                "grad_sq_norm": g2_avg,
-                "trace_cov": tr_avg,
-                "b_simple": max(tr_avg, 0.0) / g2_avg if g2_avg > 0 else math.inf,
-            }
-        )
-    return history
+    return reference_history(
+        model, recorded, example_loss, lambda step: names, sizes_of, beta, grads_of=loop_per_example_grads
+    )
