@@ -30,10 +30,15 @@ for copy in $(seq "$K"); do
         for run in $(seq "$N"); do
             log="$logs/copy$copy-run$run.log"
             "$PYTHON" -m pytest -q -rfE -m multiprocess --basetemp="$logs/tmp-$copy-$run" "$@" >"$log" 2>&1
+            rc=$?
             rm -rf "$logs/tmp-$copy-$run"
-            # Keep only the logs of runs that failed.
+            # Keep only the logs of runs that failed. A pytest that dies (a signal, an abort at exit) names no
+            # failed test: it is counted from its exit status.
             if grep -qE '^(FAILED|ERROR) ' "$log"; then
                 echo "copy $copy run $run: $(grep -cE '^(FAILED|ERROR) ' "$log") failed"
+            elif [ "$rc" -ne 0 ]; then
+                echo "copy $copy run $run: pytest exited with status $rc and named no failed test"
+                echo "$rc" >"$logs/copy$copy-run$run.crashed"
             else
                 rm -f "$log"
             fi
@@ -54,5 +59,6 @@ while read -r test; do
     total=$((total + count))
     printf '%-100s %d/%d\n' "$test" "$count" $((N * K))
 done <<<"$tests"
-echo "failed runs of a test, in all: $total"
-[ "$total" -eq 0 ]
+crashed=$(find "$logs" -name '*.crashed' | wc -l)
+echo "failed runs of a test, in all: $total; pytest runs that exited non-zero without naming a test: $crashed"
+[ "$total" -eq 0 ] && [ "$crashed" -eq 0 ]
