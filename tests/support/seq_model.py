@@ -1,6 +1,6 @@
 """A small sequence model whose Linear and LayerNorm layers take the fused per-example path, and its torch.func norms.
 
-Shared by tests/test_fused_linear.py and tests/support/fused_worker.py.
+Shared by tests/test_per_example_fused.py and tests/support/fused_worker.py.
 """
 
 from __future__ import annotations

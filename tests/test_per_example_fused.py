@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScaleTracker
 from lightning_gns.sources import PerExampleSource
-from lightning_gns.sources.fused_linear import FusedForward, fused_pays
 from lightning_gns.sources.per_example_factors import OneHot, factor_sq_norm
+from lightning_gns.sources.per_example_fused import FusedForward, fused_pays
 from support.multiprocess import run_worker
 from support.seq_model import VOCAB, SeqModel, fused_layer_names, sequence_loss, vmap_sq_norms
 
