@@ -23,7 +23,7 @@ from lightning_gns.sources.per_example_factors import (
     factor_inner,
     factor_sq_norm,
 )
-from lightning_gns.sources.per_example_fused import FusedForward, can_fuse, fused_pays, hf_conv1d_class
+from lightning_gns.sources.per_example_fused import FusableForward, can_fuse, fused_pays, hf_conv1d_class
 from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
 
@@ -342,7 +342,7 @@ class PerExampleSource(GradNormSource):
         self._handles.append(module.register_forward_hook(self._on_forward))
         measures_weight = any(n == "weight" for n, _ in indices)
         if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
-            module.forward = FusedForward(module, self)
+            module.forward = FusableForward(module, self)
             self._fused_modules.append(module)
 
     def covered_params(self) -> list[nn.Parameter]:
@@ -606,7 +606,7 @@ class PerExampleSource(GradNormSource):
 
     def detach(self) -> None:
         for module in self._fused_modules:
-            if isinstance(vars(module).get("forward"), FusedForward):
+            if isinstance(vars(module).get("forward"), FusableForward):
                 del module.forward
         self._fused_modules = []
         self.fused_output = None
