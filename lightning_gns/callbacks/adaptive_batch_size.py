@@ -1,6 +1,6 @@
 """AdaptiveBatchSize: grow the effective batch with the measured noise scale through gradient accumulation.
 
-The hooks live in :class:`AdaptiveBatchSizeLogic`, which imports no Lightning namespace; the public
+The hooks live in :class:`AdaptiveBatchSizeBase`, which imports no Lightning namespace; the public
 ``AdaptiveBatchSize`` classes add the ``Callback`` base of ``lightning.pytorch`` or ``pytorch_lightning``.
 """
 
@@ -31,13 +31,13 @@ from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._checkpoint import validate_adaptive_state
 from lightning_gns.callbacks._logging import log_scalars
 from lightning_gns.callbacks._namespace import LightningNamespace
-from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
+from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleBase
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
 
-class AdaptiveBatchSizeLogic(LightningNamespace):
+class AdaptiveBatchSizeBase(LightningNamespace):
     r"""Grow ``accumulate_grad_batches`` so that the effective batch follows the measured gradient noise scale.
 
     The noise scale grows as the loss falls, and with it the largest batch that still saves optimizer steps
@@ -224,13 +224,13 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         self._restored = False
         # What load_state_dict needs beyond the callback's own state, gathered by on_load_checkpoint.
         self._resume_context: dict[str, Any] = {}
-        self._gns: GradientNoiseScaleLogic | None = None
+        self._gns: GradientNoiseScaleBase | None = None
         self._handles: list[RemovableHandle] = []
         self._unscaled_lrs: dict[int, list[Any]] = {}
 
     # ------------------------------------------------------------------ readouts
     @property
-    def gns(self) -> GradientNoiseScaleLogic:
+    def gns(self) -> GradientNoiseScaleBase:
         """The ``GradientNoiseScale`` callback this one reads (found at setup)."""
         if self._gns is None:
             raise RuntimeError("AdaptiveBatchSize finds its GradientNoiseScale callback in Trainer.fit(); none yet.")
@@ -268,7 +268,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
                 " (pytorch/pytorch#143580), and AdaptiveBatchSize may raise the accumulation up to"
                 f" max_accumulation={self.max_accumulation}. Use DDPStrategy(static_graph=False)."
             )
-        found = [cb for cb in trainer.callbacks if isinstance(cb, GradientNoiseScaleLogic)]  # type: ignore[attr-defined]
+        found = [cb for cb in trainer.callbacks if isinstance(cb, GradientNoiseScaleBase)]  # type: ignore[attr-defined]
         if not found:
             raise self._misconfiguration(
                 "AdaptiveBatchSize reads the noise scale from a GradientNoiseScale callback, and Trainer(callbacks=...)"

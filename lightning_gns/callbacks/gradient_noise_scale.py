@@ -1,6 +1,6 @@
 """GradientNoiseScale: measure B_simple from the gradients training already computes.
 
-The hooks live in :class:`GradientNoiseScaleLogic`, which imports no Lightning namespace; the public
+The hooks live in :class:`GradientNoiseScaleBase`, which imports no Lightning namespace; the public
 ``GradientNoiseScale`` classes add the ``Callback`` base of ``lightning.pytorch`` or ``pytorch_lightning``.
 """
 
@@ -31,7 +31,7 @@ MODES: tuple[str, ...] = ("auto", "ddp", "microbatch", "per_example")
 LAYERS: tuple[str, ...] = ("all", "norm")
 
 
-class GradientNoiseScaleLogic(LightningNamespace):
+class GradientNoiseScaleBase(LightningNamespace):
     r"""Measure the simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` during training.
 
     McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training") show that ``B_simple``
