@@ -9,11 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-LrScaling = Literal["none", "linear", "sqrt", "adascale"]
-LR_SCALINGS: tuple[str, ...] = ("none", "linear", "sqrt", "adascale")
-TARGETS: tuple[str, ...] = ("b_simple", "sqrt")
+# The learning-rate rules, spelled here only. The fixed ones are a function of the batch ratio alone;
+# "adascale" also needs the measured gradient statistics.
+FixedLrScaling = Literal["none", "linear", "sqrt"]
+LrScaling = Literal[FixedLrScaling, "adascale"]
+FIXED_LR_SCALINGS: tuple[str, ...] = get_args(FixedLrScaling)
+LR_SCALINGS: tuple[str, ...] = get_args(LrScaling)
+Target = Literal["b_simple", "sqrt"]
+TARGETS: tuple[str, ...] = get_args(Target)
 
 
 @dataclass(frozen=True)
@@ -274,10 +279,13 @@ def lr_factor(
 
 
 __all__ = [
+    "FIXED_LR_SCALINGS",
     "LR_SCALINGS",
     "TARGETS",
+    "FixedLrScaling",
     "LrScaling",
     "NoiseScaleStatistics",
+    "Target",
     "TargetFn",
     "adascale_gain",
     "calibration_from_branch",

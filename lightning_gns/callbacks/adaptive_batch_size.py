@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
@@ -20,6 +20,7 @@ from lightning_gns.batch_schedule import (
     TARGETS,
     LrScaling,
     NoiseScaleStatistics,
+    Target,
     TargetFn,
     interval_accumulation,
     is_safe_boundary,
@@ -147,7 +148,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
 
     def __init__(
         self,
-        target: Literal["b_simple", "sqrt"] | TargetFn = "b_simple",
+        target: Target | TargetFn = "b_simple",
         r: float | None = None,
         calibration: float = 1.0,
         max_growth: float = 2.0,
@@ -165,7 +166,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
     ) -> None:
         if not callable(target) and target not in TARGETS:
             raise ValueError(
-                f"Unknown target {target!r}. Choose 'b_simple', 'sqrt', or pass a function"
+                f"Unknown target {target!r}. Choose {', '.join(repr(t) for t in TARGETS)}, or pass a function"
                 " NoiseScaleStatistics -> wanted effective batch size."
             )
         if r is not None:

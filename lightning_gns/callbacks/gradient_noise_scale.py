@@ -6,7 +6,7 @@ The hooks live in :class:`GradientNoiseScaleBase`, which imports no Lightning na
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch.optim import Optimizer
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
 Mode = Literal["auto", "ddp", "microbatch", "per_example"]
-MODES: tuple[str, ...] = ("auto", "ddp", "microbatch", "per_example")
-LAYERS: tuple[str, ...] = ("all", "norm")
+MODES: tuple[str, ...] = get_args(Mode)
+LAYERS: tuple[str, ...] = get_args(Layers)
 
 
 class GradientNoiseScaleBase(LightningNamespace):
