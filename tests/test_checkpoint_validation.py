@@ -97,6 +97,16 @@ def set_key(name: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def saved_before_the_rename(base_accumulation: Any) -> Callable[[dict[str, Any]], None]:
+    """The state as versions before ``base_accumulation`` saved it: under the name ``reference_accumulation``."""
+
+    def edit(state: dict[str, Any]) -> None:
+        state.pop("base_accumulation")
+        state["reference_accumulation"] = base_accumulation
+
+    return edit
+
+
 f64 = torch.float64
 
 
@@ -192,7 +202,8 @@ def test_resume_with_the_same_settings_does_not_warn(gns_checkpoint: dict[str, A
     [
         (set_key("accumulation", 0), r"'accumulation' is 0, must be an int >= 1"),
         (set_key("accumulation", 4.0), r"'accumulation' is 4\.0, must be an int >= 1"),
-        (set_key("reference_accumulation", True), r"'reference_accumulation' is True, must be an int >= 1"),
+        (set_key("base_accumulation", True), r"'base_accumulation' is True, must be an int >= 1"),
+        (saved_before_the_rename(True), r"'base_accumulation' is True, must be an int >= 1"),
         (set_key("lr_factor", math.nan), r"'lr_factor' is nan, must be a positive finite learning-rate factor"),
         (set_key("lr_factor", math.inf), r"'lr_factor' is inf, must be a positive finite"),
         (set_key("lr_factor", 0.0), r"'lr_factor' is 0\.0, must be a positive finite"),
@@ -237,7 +248,7 @@ def test_accumulation_outside_new_bounds_is_clamped_at_a_safe_boundary(
     )
     assert (steps[switch - 1]["batch_idx"] + 1) % clamped == 0  # switched where a multiple of the new k was done
     assert {"step": 11 + switch, "accumulation": clamped, "lr_factor": float(clamped)} in resumed.history
-    # Every update is the window's mean gradient at the lr x factor of its accumulation ("linear", reference 1).
+    # Every update is the window's mean gradient at the lr x factor of its accumulation ("linear", base 1).
     check_windows(steps, lambda i: LR)
     assert trainer.global_step > 11
 
@@ -255,7 +266,7 @@ def test_changed_lr_scaling_recomputes_the_factor(adaptive_checkpoint: Path, rul
         metric = checkpoint["callbacks"][GNS_KEY]["metric"]
         weight = float(metric["ema_weight"])
         trace_cov, grad_sq_norm = float(metric["trace_cov_ema"]) / weight, float(metric["grad_sq_norm_ema"]) / weight
-        expected = adascale_gain(trace_cov, grad_sq_norm, 4.0, reference_batch=float(MICRO))
+        expected = adascale_gain(trace_cov, grad_sq_norm, 4.0, base_batch=float(MICRO))
         assert 1.0 < expected < 4.0
     resumed = adaptive(lr_scaling=rule, warmup_steps=1000)  # no further change: the restored k = 4 stays
     seen: dict[str, float] = {}
@@ -295,6 +306,7 @@ def test_states_of_earlier_versions_without_optional_keys_load(adaptive_checkpoi
     def strip_adaptive(state: dict[str, Any]) -> None:
         for key in ("pending", "last_change_step", "micro_batch_size", "history", "lr_scaling"):
             state.pop(key)
+        saved_before_the_rename(state["base_accumulation"])(state)
 
     path = edited(checkpoint, "AdaptiveBatchSize", strip_adaptive, tmp_path / "old.ckpt")
     checkpoint = torch.load(path, weights_only=False)
@@ -304,4 +316,4 @@ def test_states_of_earlier_versions_without_optional_keys_load(adaptive_checkpoi
         warnings.simplefilter("always")
         fit(resumed, ckpt_path=path)
     assert not [w for w in record if "AdaptiveBatchSize:" in str(w.message)]  # the rule is taken to be unchanged
-    assert (resumed.accumulation, resumed.lr_factor) == (4, 4.0)
+    assert (resumed.accumulation, resumed.lr_factor, resumed.base_accumulation) == (4, 4.0, 1)

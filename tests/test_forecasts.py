@@ -43,7 +43,7 @@ def test_forecasts_follow_the_papers_relations() -> None:
 
 
 def test_statistical_efficiency() -> None:
-    assert float(statistical_efficiency(t(128.0), t(50.0), t(128.0))) == 1.0  # the reference batch itself
+    assert float(statistical_efficiency(t(128.0), t(50.0), t(128.0))) == 1.0  # the base batch itself
     # Pollux: (phi + B0) / (phi + B); quadrupling a batch far below the noise scale costs little.
     assert float(statistical_efficiency(t(400.0), t(1e4), t(100.0))) == pytest.approx(10100 / 10400)
     assert float(statistical_efficiency(t(400.0), t(100.0), t(100.0))) == pytest.approx(0.4)

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gns import scalars
+from lightning_gns._deprecation import warn_renamed
 from lightning_gns.batch_schedule import (
     LR_SCALINGS,
     TARGETS,
@@ -29,7 +30,7 @@ from lightning_gns.batch_schedule import (
 )
 from lightning_gns.batch_size import checked_batch_size, units_as_int
 from lightning_gns.callbacks._arguments import checked_int
-from lightning_gns.callbacks._checkpoint import validate_adaptive_state
+from lightning_gns.callbacks._checkpoint import ADAPTIVE_RENAMED_KEYS, renamed_keys, validate_adaptive_state
 from lightning_gns.callbacks._logging import log_scalars
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleBase
@@ -213,7 +214,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
 
         # Training state, saved in checkpoints.
         self.accumulation: int | None = None
-        self.reference_accumulation: int | None = None
+        self.base_accumulation: int | None = None  # at the start: the learning rate is taken to be tuned for it
         self.lr_factor = 1.0
         self.pending: tuple[int, float] | None = None
         self.last_change_step: int | None = None
@@ -230,6 +231,12 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self._unscaled_lrs: dict[int, list[Any]] = {}
 
     # ------------------------------------------------------------------ readouts
+    @property
+    def reference_accumulation(self) -> int | None:
+        """Deprecated name of ``base_accumulation`` (the accumulation the learning rate was tuned for)."""
+        warn_renamed("AdaptiveBatchSize.reference_accumulation", "it is now called base_accumulation")
+        return self.base_accumulation
+
     @property
     def gns(self) -> GradientNoiseScaleBase:
         """The ``GradientNoiseScale`` callback this one reads (found at setup)."""
@@ -317,7 +324,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         if not self._restored or self.accumulation is None:
             start = trainer.accumulate_grad_batches
             self.accumulation = min(max(start, self.min_accumulation), self.max_accumulation)
-            self.reference_accumulation = self.accumulation
+            self.base_accumulation = self.accumulation
             self.lr_factor = 1.0
             self.pending = None
             self.last_change_step = None
@@ -409,7 +416,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         return int(new), float(factor)
 
     def _decision(self, trainer: Trainer, step: int) -> tuple[int | None, float, dict[str, Any]]:
-        assert self.accumulation is not None and self.reference_accumulation is not None
+        assert self.accumulation is not None and self.base_accumulation is not None
         assert self.micro_batch_size is not None
         metric = self.gns.metric
         world_size = trainer.world_size
@@ -449,12 +456,10 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         if not samples >= self.min_samples:
             record["reason"] = f"warming up: {samples:.3g} effective samples < min_samples {self.min_samples:g}"
             return None, 1.0, record
-        reference_batch = self.reference_accumulation * units_per_accumulation
-        target_low = float(self._target(replace(stats, b_simple=low), reference_batch))
-        target_high = float(self._target(replace(stats, b_simple=high), reference_batch))
-        record.update(
-            target=float(self._target(stats, reference_batch)), target_low=target_low, target_high=target_high
-        )
+        base_batch = self.base_accumulation * units_per_accumulation
+        target_low = float(self._target(replace(stats, b_simple=low), base_batch))
+        target_high = float(self._target(replace(stats, b_simple=high), base_batch))
+        record.update(target=float(self._target(stats, base_batch)), target_low=target_low, target_high=target_high)
         new, reason = interval_accumulation(
             target_low,
             target_high,
@@ -472,21 +477,21 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             return None, 1.0, record
         factor = lr_factor(
             self.lr_scaling,
-            new / self.reference_accumulation,
+            new / self.base_accumulation,
             trace_cov=stats.trace_cov,
             grad_sq_norm=stats.grad_sq_norm,
-            reference_batch=reference_batch,
+            base_batch=base_batch,
         )
         return new, factor, record
 
-    def _target(self, stats: NoiseScaleStatistics, reference_batch: float) -> float:
+    def _target(self, stats: NoiseScaleStatistics, base_batch: float) -> float:
         if callable(self.target):
             return self.target(stats)
         if math.isnan(stats.b_simple):
             return math.nan
         if self.target == "b_simple":
             return stats.b_crit
-        return sqrt_schedule(stats.b_crit, self.r if self.r is not None else reference_batch)
+        return sqrt_schedule(stats.b_crit, self.r if self.r is not None else base_batch)
 
     def _switch(self, trainer: Trainer, step: int) -> None:
         assert self.pending is not None
@@ -519,7 +524,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
     def state_dict(self) -> dict[str, Any]:
         return {
             "accumulation": self.accumulation,
-            "reference_accumulation": self.reference_accumulation,
+            "base_accumulation": self.base_accumulation,
             "lr_factor": self.lr_factor,
             "pending": self.pending,
             "last_change_step": self.last_change_step,
@@ -562,11 +567,12 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         taken to be what is wanted from now on. Checkpoints saved before ``lr_scaling`` was recorded are
         taken to have used this callback's rule.
         """
+        state_dict = renamed_keys(state_dict, ADAPTIVE_RENAMED_KEYS)
         validate_adaptive_state(state_dict, LR_SCALINGS)
         accumulation = state_dict["accumulation"]
-        reference = state_dict["reference_accumulation"]
+        base = state_dict["base_accumulation"]
         self.accumulation = None if accumulation is None else int(accumulation)
-        self.reference_accumulation = None if reference is None else int(reference)
+        self.base_accumulation = None if base is None else int(base)
         self.lr_factor = float(state_dict["lr_factor"])
         pending = state_dict.get("pending")
         self.pending = None if pending is None else (int(pending[0]), float(pending[1]))
@@ -613,18 +619,18 @@ class AdaptiveBatchSizeBase(LightningNamespace):
 
     def _restored_lr_factor(self, accumulation: int) -> float:
         """The factor this callback's lr_scaling gives ``accumulation``, from the checkpoint's statistics."""
-        assert self.reference_accumulation is not None
+        assert self.base_accumulation is not None
         context = self._resume_context
         micro = self.micro_batch_size
-        # Without a micro-batch size (no step taken) the reference batch is unknown: NaN statistics make
+        # Without a micro-batch size (no step taken) the base batch is unknown: NaN statistics make
         # "adascale" fall back to a factor of 1.
         known = micro is not None
         return lr_factor(
             self.lr_scaling,
-            accumulation / self.reference_accumulation,
+            accumulation / self.base_accumulation,
             trace_cov=context.get("trace_cov", math.nan) if known else math.nan,
             grad_sq_norm=context.get("grad_sq_norm", math.nan) if known else math.nan,
-            reference_batch=float(self.reference_accumulation * (micro or 1) * context.get("world_size", 1)),
+            base_batch=float(self.base_accumulation * (micro or 1) * context.get("world_size", 1)),
         )
 
 

@@ -548,7 +548,7 @@ class GradientNoiseScaleBase(LightningNamespace):
             self._lightning("utilities.rank_zero").rank_zero_warn(
                 f"The checkpoint holds {qualname} state saved with {settings}, but this {qualname} has"
                 f" mode={self.requested_mode!r}, beta={self.beta!r}: its averages (and the statistical-efficiency"
-                f" reference) restart from zero instead of continuing. To continue them, resume with"
+                f" base batch) restart from zero instead of continuing. To continue them, resume with"
                 f" {qualname}({settings})."
             )
 
