@@ -42,88 +42,26 @@ if TYPE_CHECKING:
 class AdaptiveBatchSizeBase(LightningNamespace):
     r"""Grow ``accumulate_grad_batches`` so that the effective batch follows the measured gradient noise scale.
 
-    The noise scale grows as the loss falls, and with it the largest batch that still saves optimizer steps
-    (McCandlish et al. 2018). This callback reads the :class:`~lightning_gns.GradientNoiseScale` callback
-    (which must be in ``Trainer(callbacks=...)`` too) and changes the gradient accumulation so that the
-    effective batch, micro-batch x accumulation x ranks in the noise scale's units, follows a target:
+    Reads the :class:`~lightning_gns.GradientNoiseScale` callback, which must be in the same ``Trainer``. The
+    effective batch (micro-batch x accumulation x ranks, in the noise scale's units) follows ``target``,
+    decided on a confidence interval of ``B_simple``; a change waits for a safe boundary of Lightning's
+    accumulation windows and multiplies the learning rate by the ``lr_scaling`` factor. ``history`` (changes)
+    and ``decisions`` (every decision step) give the reasons; checkpoints carry the state. The rules, the
+    defaults and the benchmark behind them: docs/adaptive.md.
 
-    - ``"b_simple"`` (default): the batch ``calibration x B_simple``, an estimate of the critical batch
-      (under the paper's model, at the critical batch training takes about twice the minimal steps and
-      twice the minimal examples);
-    - ``"sqrt"``: ``sqrt(r * calibration * B_simple)``, the schedule of the paper's Appendix D (eq. D.3);
-      ``r`` defaults to the effective batch at the start of training, so the batch grows like the geometric
-      mean of where it started and the noise scale;
-    - a function ``NoiseScaleStatistics -> float`` of your own (not from a YAML config), called on the
-      global-zero rank only.
-
-    ``calibration`` is the ratio ``B_crit / B_simple``: both named targets use ``calibration x B_simple``
-    in place of ``B_simple``. The default 1 applies to the lower confidence bound; the three-task benchmark of
-    docs/adaptive.md compares it with 0.5 (less loss early in training, far fewer steps saved). Measure
-    it for your task with a branched critical-batch run (``lightning-gns branch``, then
-    :func:`~lightning_gns.batch_schedule.calibration_from_branch_points`) or take it from a similar task.
-
-    Decisions are made on a confidence interval, not on the estimate alone. The metric keeps the spread of
-    the per-step ``tr(Sigma)`` and ``|G|^2`` estimates, and gives bounds of ``B_simple`` at ``z`` standard
-    errors (:meth:`~lightning_gns.GradientNoiseScaleMetric.confidence_interval`, Fieller's construction:
-    the upper bound is ``inf`` while ``|G|^2`` is within its noise, and the lower bound is then large).
-    The batch grows when the target at the lower bound exceeds the current effective batch ``B`` by more
-    than the tolerance (``> B (1 + tolerance)``), to the target at the lower bound; with ``monotonic=False``
-    it shrinks when the target at the upper bound is below ``B / (1 + tolerance)``. A decision also needs
-    ``min_samples`` effective per-step estimates in the average (Kish's count of the EMA weights),
-    ``warmup_steps`` optimizer steps of training and ``min_steps_between_changes`` steps since the last
-    change; it is looked at every ``check_every_n_steps`` steps (the only steps on which the statistics are
-    read to the host). One change moves the batch by at most a factor ``max_growth`` (batch-size warm-up
-    by doublings with the default 2) and at least one micro-batch, is clamped to
-    ``[min_accumulation, max_accumulation]`` and, with ``monotonic=True``, never shrinks.
-
-    Every decision is recorded with its reason: ``history`` holds one entry per change that took effect
-    (``step``, ``accumulation``, ``lr_factor``, and for changes ``decided_step``, ``b_simple``, ``target``,
-    ``old_accumulation``, ``reason``), ``decisions`` one per decision step, changes and holds alike
-    (``step``, ``b_simple``, ``b_simple_low``, ``b_simple_high``, ``relative_error``, ``samples``, ``target``,
-    ``target_low``, ``target_high``, ``accumulation``, ``new_accumulation``, ``reason``).
-
-    A decided change waits for a safe boundary: Lightning counts accumulation windows from the start of
-    the epoch, so a new accumulation ``k`` starts only after an optimizer step that closed a multiple of
-    ``k`` micro-batches of the epoch, or at the start of the next epoch. Every micro-batch gradient is
-    applied exactly once and the logger's step counts optimizer steps. Under DDP the global-zero rank
-    decides and broadcasts the decision on decision steps only, so all ranks switch at the same batch.
-    As with any accumulation, an epoch's last window may hold fewer micro-batches than ``k``; Lightning
-    still divides that window's loss by ``k``.
-
-    On each change the learning rate is multiplied, relative to the starting effective batch (for which
-    the configured learning rate is taken to be right), by ``lr_scaling``:
-
-    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (the default: the best rule on all
-      three tasks of docs/adaptive.md, AdamW and SGD alike);
-    - ``"adascale"``: ``(s^2 + |G|^2) / (s^2 / S + |G|^2)`` with ``s^2`` the starting batch's gradient
-      variance, measured at the change (between 1 and ``S``);
-
-    with ``S`` the new effective batch over the starting one. The factor multiplies each parameter group's
-    ``lr`` only while ``optimizer.step()`` runs, so learning-rate schedulers, ``ReduceLROnPlateau`` and
-    ``LearningRateMonitor`` keep seeing (and setting) the unscaled learning rate, and the schedule works
-    on top of the factor. Schedulers sized from ``trainer.estimated_stepping_batches`` do not know that
-    later steps hold more examples. A small learning rate inflates the measured noise scale (it scales like
-    ``B / lr`` under SGD), so growing the batch without ``lr_scaling`` tends to grow it further.
-
-    The accumulation, the learning-rate factor and the change history are saved in checkpoints and applied
-    again when training resumes.
-
-    Logged (on logging steps, through ``LightningModule.log``), for the optimizer step just taken:
-
-    - ``gns/effective_batch_size``: micro-batch x accumulation x ranks, in the noise scale's units;
-    - ``gns/accumulation``: ``accumulate_grad_batches``;
-    - ``gns/lr_factor``: the factor applied to the learning rate.
+    Logged on logging steps: ``gns/effective_batch_size``, ``gns/accumulation``, ``gns/lr_factor``.
 
     Args:
-        target: ``"b_simple"``, ``"sqrt"`` or a function of :class:`~lightning_gns.batch_schedule.NoiseScaleStatistics`
-            returning the wanted effective batch (in the noise scale's units).
+        target: ``"b_simple"`` (``calibration x B_simple``), ``"sqrt"`` (``sqrt(r * calibration * B_simple)``)
+            or a function of :class:`~lightning_gns.batch_schedule.NoiseScaleStatistics` returning the wanted
+            effective batch (in the noise scale's units), called on the global-zero rank.
+        r: ``target="sqrt"`` only: the ``r`` of ``sqrt(r * B_simple)``, in batch units. Default: the starting
+            effective batch.
         calibration: ``B_crit / B_simple``: the named targets use ``calibration x B_simple``.
         max_growth: largest factor by which one change may grow (or shrink) the effective batch; ``math.inf``
             for no limit.
         z: standard errors of the confidence bounds decisions are made on (0: on the estimate itself).
         min_samples: effective number of per-step estimates the noise-scale EMA must hold before a change.
-        r: ``target="sqrt"`` only: the ``r`` of ``sqrt(r * B_simple)``, in batch units. Default: the starting
-            effective batch.
         min_accumulation: smallest accumulation to use (the start is clamped into the bounds).
         max_accumulation: largest accumulation to use.
         warmup_steps: optimizer steps before the first change.
@@ -131,7 +69,8 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             change waits for ``warmup_steps`` only).
         tolerance: relative band around the current effective batch inside which the target changes nothing.
         monotonic: only grow the batch.
-        lr_scaling: ``"none"``, ``"linear"``, ``"sqrt"`` or ``"adascale"``.
+        lr_scaling: the learning-rate factor for ``S`` = effective batch / starting one: ``"none"`` (1),
+            ``"linear"`` (``S``), ``"sqrt"`` (``sqrt(S)``) or ``"adascale"`` (AdaScale's gain, 1 to ``S``).
         check_every_n_steps: look at the target every n optimizer steps.
         prog_bar: show ``gns/accumulation`` in the progress bar.
 
@@ -141,8 +80,8 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 
         trainer = Trainer(
-            accumulate_grad_batches=1,
-            callbacks=[GradientNoiseScale(), AdaptiveBatchSize(max_accumulation=32, lr_scaling="linear")],
+            accumulate_grad_batches=1,  # the start, which the configured learning rate is taken to suit
+            callbacks=[GradientNoiseScale(), AdaptiveBatchSize(max_accumulation=32)],
         )
         trainer.fit(model)
     """
