@@ -26,6 +26,7 @@ from support.adaptive_support import (
     window_mean_grad,
 )
 from support.models import LinearProblem, LinearRegression, loader
+from support.trainers import make_trainer
 
 GNS_KEY = "GradientNoiseScale{'mode': 'auto', 'beta': 0.9}"
 SMALL = LinearProblem(dim=6, seed=10)
@@ -33,16 +34,7 @@ SX, SY = SMALL.sample(8 * 2 * 6, seed=11)
 
 
 def fit_gns(gns: GradientNoiseScale, ckpt_path: str | None = None, max_epochs: int = 1) -> Trainer:
-    trainer = Trainer(
-        callbacks=[gns],
-        accelerator="cpu",
-        accumulate_grad_batches=2,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer([gns], accumulate_grad_batches=2, max_epochs=max_epochs)
     trainer.fit(LinearRegression(SMALL, lr=0.1), loader(SX, SY, 8), ckpt_path=ckpt_path)
     return trainer
 

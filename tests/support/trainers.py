@@ -10,10 +10,11 @@ from torch import nn
 
 
 def make_trainer(callbacks: list[Any], **kwargs: Any) -> Trainer:
+    """One epoch on one CPU process unless ``kwargs`` say otherwise; with ``max_steps`` the step count ends it."""
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
-        max_epochs=1,
+        max_epochs=None if "max_steps" in kwargs else 1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
