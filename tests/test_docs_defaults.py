@@ -131,14 +131,17 @@ def quoted_names(text: str) -> set[str]:
     return set(re.findall(r'(?<![=\w])"(\w+)"', text))
 
 
+def adaptive_table(path: Path, rows: str) -> tuple[str, int, list[tuple[str, str]], dict[str, str]]:
+    """The one table of a page holding ``rows`` under an AdaptiveBatchSize heading, as the parser reads it."""
+    path.write_text("## AdaptiveBatchSize arguments\n\n| argument | default | meaning |\n|---|---|---|\n" + rows)
+    [table] = argument_tables(path)
+    return table
+
+
 def test_a_wrong_default_is_caught(tmp_path: Path) -> None:
     """The parser reads what a wrong table says (so the comparison above can fail)."""
-    page = tmp_path / "page.md"
-    page.write_text(
-        "## AdaptiveBatchSize arguments\n\n| argument | default | meaning |\n|---|---|---|\n"
-        "| `calibration` | `0.25` | x |\n| `min_accumulation`, `max_accumulation` | `1`, `64` | bounds |\n"
-    )
-    [(owner, _, rows, _)] = argument_tables(page)
+    rows_text = "| `calibration` | `0.25` | x |\n| `min_accumulation`, `max_accumulation` | `1`, `64` | bounds |\n"
+    owner, _, rows, _ = adaptive_table(tmp_path / "page.md", rows_text)
     assert owner == "AdaptiveBatchSize"
     assert rows == [("calibration", "0.25"), ("min_accumulation", "1"), ("max_accumulation", "64")]
     assert parse_default("0.25") != inspect.signature(AdaptiveBatchSize).parameters["calibration"].default
@@ -146,10 +149,6 @@ def test_a_wrong_default_is_caught(tmp_path: Path) -> None:
 
 def test_a_missing_choice_is_caught(tmp_path: Path) -> None:
     """A table row that leaves out a learning-rate rule reads as fewer choices than the code takes."""
-    page = tmp_path / "page.md"
-    page.write_text(
-        "## AdaptiveBatchSize arguments\n\n| argument | default | meaning |\n|---|---|---|\n"
-        '| `lr_scaling` | `"sqrt"` | `"none"`, `"linear"` (SGD) or `"sqrt"`; `target="sqrt"` aside |\n'
-    )
-    [(_, _, _, meanings)] = argument_tables(page)
+    row = '| `lr_scaling` | `"sqrt"` | `"none"`, `"linear"` (SGD) or `"sqrt"`; `target="sqrt"` aside |\n'
+    *_, meanings = adaptive_table(tmp_path / "page.md", row)
     assert quoted_names(meanings["lr_scaling"]) == {"none", "linear", "sqrt"} != set(LR_SCALINGS)
