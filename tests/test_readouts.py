@@ -11,13 +11,13 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import StochasticWeightAveraging
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.callbacks._spawn import SpawnedResult
 from support.models import LinearProblem, LinearRegression, loader
-from support.trainers import make_trainer
+from support.trainers import MemoryLogger, make_trainer
 
 PROBLEM = LinearProblem(dim=5, seed=30)
 
@@ -216,28 +216,6 @@ def test_a_child_process_leaves_its_readouts_for_the_parent(start_method: str) -
 # ---------------------------------------------------------------- before the first measured step
 
 
-class LoggedMetrics(Logger):
-    """Every ``log_metrics`` call's metrics."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[dict[str, float]] = []
-
-    @property
-    def name(self) -> str:
-        return "logged"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append(dict(metrics))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 class LoggedLossRegression(LinearRegression):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)
@@ -251,12 +229,12 @@ def test_before_the_first_measured_step_what_the_readme_says_is_nan() -> None:
     One example per step in per_example mode is one small batch: no step can be measured.
     """
     gns = GradientNoiseScale(mode="per_example", kaplan_loss="loss")
-    logger = LoggedMetrics()
+    logger = MemoryLogger()
     make_trainer([gns, AdaptiveBatchSize(warmup_steps=100)], logger=logger, log_every_n_steps=1, max_steps=3).fit(
         LoggedLossRegression(PROBLEM), loader(*PROBLEM.sample(8, seed=0), batch_size=1)
     )
-    assert len(logger.rows) == 3
-    for row in logger.rows:
+    assert len(logger.logged) == 3
+    for _, row in logger.logged:
         logged = {name: value for name, value in row.items() if name.startswith("gns/")}
         nan = {name for name, value in logged.items() if math.isnan(value)}
         assert nan == {
