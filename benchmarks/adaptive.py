@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "example_projects")
 from digits_classifier import DigitsClassifier, digits_datasets
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
-from lightning_gns.batch_schedule import NoiseScaleStatistics, lr_factor
+from lightning_gns.batch_schedule import LR_SCALINGS, NoiseScaleStatistics, lr_factor
 
 
 @dataclass
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(__file__).resolve().parents[1] / "docs" / "critical_batch" / "fit.json",
         help="fit.json of a lightning-gns sweep at the same target loss (S_min, E_min); '' for none",
     )
-    parser.add_argument("--lr-scaling", choices=["none", "linear", "sqrt", "adascale"], default="linear")
+    parser.add_argument("--lr-scaling", choices=LR_SCALINGS, default="linear")
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--min-steps-between-changes", type=int, default=20)
     parser.add_argument("--beta", type=float, default=0.95, help="GNS EMA decay")

@@ -9,11 +9,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-LrScaling = Literal["none", "linear", "sqrt", "adascale"]
-LR_SCALINGS: tuple[str, ...] = ("none", "linear", "sqrt", "adascale")
-TARGETS: tuple[str, ...] = ("b_simple", "sqrt")
+from lightning_gns._deprecation import renamed_argument
+
+# The learning-rate rules, spelled here only. The fixed ones are a function of the batch ratio alone;
+# "adascale" also needs the measured gradient statistics.
+FixedLrScaling = Literal["none", "linear", "sqrt"]
+LrScaling = Literal[FixedLrScaling, "adascale"]
+FIXED_LR_SCALINGS: tuple[str, ...] = get_args(FixedLrScaling)
+LR_SCALINGS: tuple[str, ...] = get_args(LrScaling)
+Target = Literal["b_simple", "sqrt"]
+TARGETS: tuple[str, ...] = get_args(Target)
 
 
 @dataclass(frozen=True)
@@ -219,19 +226,24 @@ def is_safe_boundary(batches_done: int, new_accumulation: int, epoch_ended: bool
     return epoch_ended or batches_done % new_accumulation == 0
 
 
-def adascale_gain(trace_cov: float, grad_sq_norm: float, scale: float, reference_batch: float = 1.0) -> float:
-    """AdaScale's gain ``(s^2 + |G|^2) / (s^2 / S + |G|^2)``, with ``s^2 = tr(Sigma) / reference_batch``.
+def adascale_gain(
+    trace_cov: float, grad_sq_norm: float, scale: float, base_batch: float = 1.0, **renamed: float
+) -> float:
+    """AdaScale's gain ``(s^2 + |G|^2) / (s^2 / S + |G|^2)``, with ``s^2 = tr(Sigma) / base_batch``.
 
-    ``s^2`` is the gradient variance of the reference batch (the batch the learning rate was tuned for),
+    ``s^2`` is the gradient variance of the base batch ``B_0`` (the batch the learning rate was tuned for),
     ``tr(Sigma)`` the per-unit one the noise scale measures, and ``S`` the batch ratio. It is also the ratio
     of McCandlish et al.'s optimal learning rates (eq. 2.6) at the two batches,
-    ``(1 + B_simple / B_ref) / (1 + B_simple / B_new)``. It lies between 1 (no noise) and ``S`` (only noise);
+    ``(1 + B_simple / B_0) / (1 + B_simple / B_new)``. It lies between 1 (no noise) and ``S`` (only noise);
     a non-positive ``|G|^2`` average reads as only noise, a non-positive ``tr(Sigma)`` as none.
+    ``reference_batch=`` is the deprecated name of ``base_batch``.
 
     Example:
-        >>> adascale_gain(trace_cov=30.0, grad_sq_norm=1.0, scale=3.0, reference_batch=10.0)
+        >>> adascale_gain(trace_cov=30.0, grad_sq_norm=1.0, scale=3.0, base_batch=10.0)
         2.0
     """
+    old = renamed_argument("adascale_gain", renamed, "reference_batch", "base_batch")
+    base_batch = base_batch if old is None else old
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite batch ratio, got {scale!r}.")
     low, high = min(1.0, scale), max(1.0, scale)
@@ -241,7 +253,7 @@ def adascale_gain(trace_cov: float, grad_sq_norm: float, scale: float, reference
         return 1.0
     if grad_sq_norm <= 0:
         return scale
-    noise = trace_cov / reference_batch
+    noise = trace_cov / base_batch
     gain = (noise + grad_sq_norm) / (noise / scale + grad_sq_norm)
     return min(max(gain, low), high)
 
@@ -251,17 +263,21 @@ def lr_factor(
     scale: float,
     trace_cov: float = math.nan,
     grad_sq_norm: float = math.nan,
-    reference_batch: float = 1.0,
+    base_batch: float = 1.0,
+    **renamed: float,
 ) -> float:
-    """The learning-rate multiplier for an effective batch ``scale`` times the reference one.
+    """The learning-rate multiplier for an effective batch ``scale`` times the base one (``base_batch``).
 
     ``"none"``: 1. ``"linear"``: ``S`` (SGD, Goyal et al. 2017). ``"sqrt"``: ``sqrt(S)`` (Adam-type
-    optimizers). ``"adascale"``: :func:`adascale_gain` from the measured statistics.
+    optimizers). ``"adascale"``: :func:`adascale_gain` from the measured statistics. ``reference_batch=`` is
+    the deprecated name of ``base_batch``.
 
     Example:
         >>> [lr_factor(rule, 4.0) for rule in ("none", "linear", "sqrt")]
         [1.0, 4.0, 2.0]
     """
+    old = renamed_argument("lr_factor", renamed, "reference_batch", "base_batch")
+    base_batch = base_batch if old is None else old
     if rule == "none":
         return 1.0
     if rule == "linear":
@@ -269,15 +285,18 @@ def lr_factor(
     if rule == "sqrt":
         return math.sqrt(scale)
     if rule == "adascale":
-        return adascale_gain(trace_cov, grad_sq_norm, scale, reference_batch)
+        return adascale_gain(trace_cov, grad_sq_norm, scale, base_batch)
     raise ValueError(f"Unknown lr_scaling {rule!r}. Choose one of {', '.join(repr(r) for r in LR_SCALINGS)}.")
 
 
 __all__ = [
+    "FIXED_LR_SCALINGS",
     "LR_SCALINGS",
     "TARGETS",
+    "FixedLrScaling",
     "LrScaling",
     "NoiseScaleStatistics",
+    "Target",
     "TargetFn",
     "adascale_gain",
     "calibration_from_branch",

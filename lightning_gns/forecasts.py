@@ -10,8 +10,8 @@ gives, per step (their eq. 2.11 and the lines after it):
   every example counts fully; 2 at ``B = B_noise``; large: most examples are wasted.
 
 Pollux (Qiao et al. 2021) calls ``(B_noise + B_0) / (B_noise + B)`` the statistical efficiency of batch
-``B`` relative to a reference batch ``B_0``: the progress per example at ``B`` as a fraction of that at
-``B_0``. It is 1 while the batch stays at the reference and falls below 1 as the batch grows past it.
+``B`` relative to a base batch ``B_0``: the progress per example at ``B`` as a fraction of that at
+``B_0``. It is 1 while the batch stays at ``B_0`` and falls below 1 as the batch grows past it.
 
 ``B_simple`` stands in for ``B_noise`` (they are equal when the Hessian is a multiple of the identity),
 so these forecasts are as rough as ``B_simple`` itself; a too-small learning rate inflates it.
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from lightning_gns._deprecation import renamed_argument
 
 # Kaplan et al. 2020, eq. 5.3 and Table 1 ("B_* ~ 2e8 tokens, alpha_B ~ 0.21").
 KAPLAN_B_STAR_TOKENS = 2.0e8
@@ -54,16 +56,24 @@ def examples_over_min(batch_size: Tensor, noise_scale: Tensor) -> Tensor:
     return 1 + batch_size / noise_scale
 
 
-def statistical_efficiency(batch_size: Tensor, noise_scale: Tensor, reference_batch_size: Tensor) -> Tensor:
+def statistical_efficiency(
+    batch_size: Tensor, noise_scale: Tensor, base_batch_size: Tensor | None = None, **renamed: Tensor
+) -> Tensor:
     """Progress per example at ``B`` relative to ``B_0`` (Pollux): ``(B_noise + B_0) / (B_noise + B)``.
 
-    An ``inf`` noise scale (pure noise) reads as 1.
+    ``base_batch_size`` is ``B_0`` (``reference_batch_size=``, its deprecated name, still works). An ``inf``
+    noise scale (pure noise) reads as 1.
 
     Example:
         >>> round(float(statistical_efficiency(torch.tensor(400.0), torch.tensor(100.0), torch.tensor(100.0))), 4)
         0.4
     """
-    efficiency = (noise_scale + reference_batch_size) / (noise_scale + batch_size)
+    old = renamed_argument("statistical_efficiency", renamed, "reference_batch_size", "base_batch_size")
+    if old is not None:
+        base_batch_size = old
+    if base_batch_size is None:
+        raise TypeError("statistical_efficiency() missing 1 required argument: 'base_batch_size'")
+    efficiency = (noise_scale + base_batch_size) / (noise_scale + batch_size)
     return torch.where(noise_scale.isinf(), torch.ones_like(efficiency), efficiency)
 
 

@@ -52,19 +52,11 @@ def validate_beta(beta: float) -> float:
 class GradientNoiseScaleMetric(Metric):
     """The simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018).
 
-    Each :meth:`update` takes one optimizer step's observations: the squared norms of the small-batch
-    gradients, their batch sizes, and the squared norm of the big-batch gradient. It turns them into
-    unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` (see :mod:`lightning_gns.estimators`) and folds
-    them into two exponential moving averages, bias-corrected by ``1 - beta^n`` like Adam's moments.
-    ``B_simple`` is the ratio of the averages. The metric also keeps EMAs (same decay, same steps) of the
-    estimates' squares and product, from which :meth:`relative_error` and :meth:`confidence_interval`
-    give the quality of ``B_simple`` (:func:`~lightning_gns.estimators.noise_scale_interval`). A step
-    whose inputs or estimates are not finite (an overflowed fp16 step) or that holds fewer than two small
-    batches is skipped and counted, and never enters the averages. No host synchronisation happens in :meth:`update`.
-
-    In a ``torch.distributed`` run every process passes its own small batches; with ``all_reduce=True``
-    (default) the metric sums their statistics with one small all-reduce per update, so every process
-    holds the same state. Call :meth:`update` on all processes together.
+    Each :meth:`update` folds one optimizer step into bias-corrected EMAs of unbiased ``|G|^2`` and
+    ``tr(Sigma)`` estimates (docs/estimator.md); ``B_simple`` is their ratio, and :meth:`confidence_interval`
+    bounds it (docs/adaptive.md). A step that is not finite or holds fewer than two small batches is skipped and
+    counted. :meth:`update` never synchronises with the host; under ``torch.distributed`` every process
+    passes its own small batches, and all of them call it together.
 
     Args:
         beta: EMA decay per update, in (0, 1).
@@ -127,7 +119,6 @@ class GradientNoiseScaleMetric(Metric):
         small_sizes: Tensor,
         big_sq_norm: Tensor,
         small_weights: Tensor | None = None,
-        big_sq_norm_is_partial: bool = False,
     ) -> None:
         """Fold in one optimizer step.
 
@@ -139,17 +130,13 @@ class GradientNoiseScaleMetric(Metric):
                 all small batches of all processes.
             small_weights: ``w_i``; default ``small_sizes`` (the big batch is the mean over all examples).
                 Lightning's gradient accumulation weights micro-batches equally: pass ones.
-            big_sq_norm_is_partial: ``big_sq_norm`` is this process's share of the squared norm
-                (sharded parameters or sharded work) and is summed over processes with the rest.
         """
         summary = summarize_small_batches(small_sq_norms, small_sizes, small_weights)
         big = big_sq_norm.reshape(()).to(device=summary.size_sum.device, dtype=torch.float64)
         if self._should_all_reduce():
             packed = pack_step(summary, big)
             dist.all_reduce(packed, group=self.process_group)
-            summary, summed_big = unpack_step(packed)
-            if big_sq_norm_is_partial:
-                big = summed_big
+            summary, _ = unpack_step(packed)  # big_sq_norm is the same on every process
         self.fold(summary, big)
 
     def _should_all_reduce(self) -> bool:

@@ -12,18 +12,18 @@ The adaptive batch works the same way: ``from lightning_gns.pytorch_lightning im
 
 from pytorch_lightning import Callback
 
-from lightning_gns.callbacks.adaptive_batch_size import AdaptiveBatchSizeLogic
-from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
+from lightning_gns.callbacks.adaptive_batch_size import AdaptiveBatchSizeBase
+from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleBase
 
 
 # The hooks are annotated with lightning.pytorch types; at run time both namespaces pass theirs.
-class GradientNoiseScale(GradientNoiseScaleLogic, Callback):  # type: ignore[misc]
-    __doc__ = GradientNoiseScaleLogic.__doc__
+class GradientNoiseScale(GradientNoiseScaleBase, Callback):  # type: ignore[misc]
+    __doc__ = GradientNoiseScaleBase.__doc__
     _lightning_namespace = "pytorch_lightning"
 
 
-class AdaptiveBatchSize(AdaptiveBatchSizeLogic, Callback):  # type: ignore[misc]
-    __doc__ = AdaptiveBatchSizeLogic.__doc__
+class AdaptiveBatchSize(AdaptiveBatchSizeBase, Callback):  # type: ignore[misc]
+    __doc__ = AdaptiveBatchSizeBase.__doc__
     _lightning_namespace = "pytorch_lightning"
 
 

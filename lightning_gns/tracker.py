@@ -43,11 +43,9 @@ SOURCE_MODES: tuple[str, ...] = ("ddp", "microbatch", "per_example")
 class GradientNoiseScaleTracker:
     """Measure the gradient noise scale in any training loop.
 
-    Small batches come from the source picked by ``mode``: ``"microbatch"`` (each micro-batch of an
-    accumulation window), ``"ddp"`` (each rank's local gradient, per micro-batch when accumulating), or
-    ``"per_example"`` (each example, computed in the supported layers). The loss of each micro-batch must
-    be its mean over the units passed to :meth:`start_micro_batch`, divided by the accumulation factor,
-    as usual for gradient accumulation.
+    The small batches are micro-batches, DDP ranks or single examples, by ``mode`` (README, "Modes"). Each
+    micro-batch's loss must be its mean over the ``units`` passed to :meth:`start_micro_batch`, divided by
+    the accumulation factor. :meth:`compute` returns the ``gns/`` scalars by name.
 
     Args:
         beta: EMA decay per measured optimizer step, in (0, 1).
@@ -57,8 +55,7 @@ class GradientNoiseScaleTracker:
     Example (plain PyTorch, one device, 2 micro-batches per step):
         >>> import torch
         >>> from torch import nn
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
+        >>> _ = torch.manual_seed(0)
         >>> model = nn.Linear(4, 1)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         >>> tracker = GradientNoiseScaleTracker(beta=0.9)

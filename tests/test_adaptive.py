@@ -11,7 +11,6 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -41,26 +40,7 @@ from support.adaptive_support import (
 )
 from support.models import LinearProblem, LinearRegression, ManualRegression
 from support.multiprocess import run_worker
-
-
-class MemoryLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.logged: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.logged.append((int(step or 0), dict(metrics)))
+from support.trainers import MemoryLogger
 
 
 def without_b_simple(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,7 +135,7 @@ def test_sqrt_target_with_r() -> None:
 def test_start_is_clamped_into_the_bounds() -> None:
     callback = AdaptiveBatchSize(min_accumulation=3, max_accumulation=4, warmup_steps=1000)
     trainer, _ = fit(callback, LinearRegression(PROBLEM), max_epochs=1)
-    assert trainer.accumulate_grad_batches == 3 and callback.reference_accumulation == 3
+    assert trainer.accumulate_grad_batches == 3 and callback.base_accumulation == 3
 
 
 def test_monotonic_ignores_a_smaller_target() -> None:
@@ -192,11 +172,11 @@ def test_lr_rules() -> None:
     assert lr_factor("none", 8.0) == 1.0
     assert lr_factor("linear", 8.0) == 8.0
     assert lr_factor("sqrt", 8.0) == pytest.approx(math.sqrt(8))
-    # AdaScale: s^2 = tr(Sigma) / B_ref = 2, |G|^2 = 1, S = 4: (2 + 1) / (0.5 + 1) = 2.
-    assert lr_factor("adascale", 4.0, trace_cov=64.0, grad_sq_norm=1.0, reference_batch=32.0) == pytest.approx(2.0)
-    # The same gain as the ratio of McCandlish's optimal learning rates (1 + B/B_ref) / (1 + B/B_new).
-    b_simple, ref, new = 64.0, 32.0, 128.0
-    assert adascale_gain(b_simple, 1.0, new / ref, ref) == pytest.approx((1 + b_simple / ref) / (1 + b_simple / new))
+    # AdaScale: s^2 = tr(Sigma) / B_0 = 2, |G|^2 = 1, S = 4: (2 + 1) / (0.5 + 1) = 2.
+    assert lr_factor("adascale", 4.0, trace_cov=64.0, grad_sq_norm=1.0, base_batch=32.0) == pytest.approx(2.0)
+    # The same gain as the ratio of McCandlish's optimal learning rates (1 + B/B_0) / (1 + B/B_new).
+    b_simple, base, new = 64.0, 32.0, 128.0
+    assert adascale_gain(b_simple, 1.0, new / base, base) == pytest.approx((1 + b_simple / base) / (1 + b_simple / new))
     assert adascale_gain(0.0, 1.0, 4.0) == 1.0  # no noise: bigger batches do not help
     assert adascale_gain(5.0, -1.0, 4.0) == 4.0  # only noise: linear
     assert adascale_gain(1e9, 1e-9, 4.0) == pytest.approx(4.0)

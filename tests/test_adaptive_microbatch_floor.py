@@ -14,22 +14,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from support.adaptive_support import scheduled_target
 from support.models import LinearProblem, LinearRegression, loader
+from support.trainers import make_trainer
 
 PROBLEM = LinearProblem(dim=5, seed=3)
 X, Y = PROBLEM.sample(4 * 24, seed=4)
 
 
 def fit(callbacks: list[Callback], ckpt_path: str | None = None, **kwargs: Any) -> Trainer:
-    settings: dict[str, Any] = {
-        "accelerator": "cpu",
-        "max_epochs": 1,
-        "accumulate_grad_batches": 4,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    trainer = Trainer(callbacks=callbacks, **{**settings, **kwargs})
+    trainer = make_trainer(callbacks, **{"accumulate_grad_batches": 4, **kwargs})
     trainer.fit(LinearRegression(PROBLEM, lr=0.05), loader(X, Y, 4), ckpt_path=ckpt_path)
     return trainer
 

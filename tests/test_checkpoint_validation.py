@@ -26,6 +26,7 @@ from support.adaptive_support import (
     window_mean_grad,
 )
 from support.models import LinearProblem, LinearRegression, loader
+from support.trainers import make_trainer
 
 GNS_KEY = "GradientNoiseScale{'mode': 'auto', 'beta': 0.9}"
 SMALL = LinearProblem(dim=6, seed=10)
@@ -33,16 +34,7 @@ SX, SY = SMALL.sample(8 * 2 * 6, seed=11)
 
 
 def fit_gns(gns: GradientNoiseScale, ckpt_path: str | None = None, max_epochs: int = 1) -> Trainer:
-    trainer = Trainer(
-        callbacks=[gns],
-        accelerator="cpu",
-        accumulate_grad_batches=2,
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer([gns], accumulate_grad_batches=2, max_epochs=max_epochs)
     trainer.fit(LinearRegression(SMALL, lr=0.1), loader(SX, SY, 8), ckpt_path=ckpt_path)
     return trainer
 
@@ -93,6 +85,16 @@ def del_metric(name: str) -> Callable[[dict[str, Any]], None]:
 def set_key(name: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def edit(state: dict[str, Any]) -> None:
         state[name] = value
+
+    return edit
+
+
+def saved_before_the_rename(base_accumulation: Any) -> Callable[[dict[str, Any]], None]:
+    """The state as versions before ``base_accumulation`` saved it: under the name ``reference_accumulation``."""
+
+    def edit(state: dict[str, Any]) -> None:
+        state.pop("base_accumulation")
+        state["reference_accumulation"] = base_accumulation
 
     return edit
 
@@ -192,7 +194,8 @@ def test_resume_with_the_same_settings_does_not_warn(gns_checkpoint: dict[str, A
     [
         (set_key("accumulation", 0), r"'accumulation' is 0, must be an int >= 1"),
         (set_key("accumulation", 4.0), r"'accumulation' is 4\.0, must be an int >= 1"),
-        (set_key("reference_accumulation", True), r"'reference_accumulation' is True, must be an int >= 1"),
+        (set_key("base_accumulation", True), r"'base_accumulation' is True, must be an int >= 1"),
+        (saved_before_the_rename(True), r"'base_accumulation' is True, must be an int >= 1"),
         (set_key("lr_factor", math.nan), r"'lr_factor' is nan, must be a positive finite learning-rate factor"),
         (set_key("lr_factor", math.inf), r"'lr_factor' is inf, must be a positive finite"),
         (set_key("lr_factor", 0.0), r"'lr_factor' is 0\.0, must be a positive finite"),
@@ -237,7 +240,7 @@ def test_accumulation_outside_new_bounds_is_clamped_at_a_safe_boundary(
     )
     assert (steps[switch - 1]["batch_idx"] + 1) % clamped == 0  # switched where a multiple of the new k was done
     assert {"step": 11 + switch, "accumulation": clamped, "lr_factor": float(clamped)} in resumed.history
-    # Every update is the window's mean gradient at the lr x factor of its accumulation ("linear", reference 1).
+    # Every update is the window's mean gradient at the lr x factor of its accumulation ("linear", base 1).
     check_windows(steps, lambda i: LR)
     assert trainer.global_step > 11
 
@@ -255,7 +258,7 @@ def test_changed_lr_scaling_recomputes_the_factor(adaptive_checkpoint: Path, rul
         metric = checkpoint["callbacks"][GNS_KEY]["metric"]
         weight = float(metric["ema_weight"])
         trace_cov, grad_sq_norm = float(metric["trace_cov_ema"]) / weight, float(metric["grad_sq_norm_ema"]) / weight
-        expected = adascale_gain(trace_cov, grad_sq_norm, 4.0, reference_batch=float(MICRO))
+        expected = adascale_gain(trace_cov, grad_sq_norm, 4.0, base_batch=float(MICRO))
         assert 1.0 < expected < 4.0
     resumed = adaptive(lr_scaling=rule, warmup_steps=1000)  # no further change: the restored k = 4 stays
     seen: dict[str, float] = {}
@@ -295,6 +298,7 @@ def test_states_of_earlier_versions_without_optional_keys_load(adaptive_checkpoi
     def strip_adaptive(state: dict[str, Any]) -> None:
         for key in ("pending", "last_change_step", "micro_batch_size", "history", "lr_scaling"):
             state.pop(key)
+        saved_before_the_rename(state["base_accumulation"])(state)
 
     path = edited(checkpoint, "AdaptiveBatchSize", strip_adaptive, tmp_path / "old.ckpt")
     checkpoint = torch.load(path, weights_only=False)
@@ -304,4 +308,4 @@ def test_states_of_earlier_versions_without_optional_keys_load(adaptive_checkpoi
         warnings.simplefilter("always")
         fit(resumed, ckpt_path=path)
     assert not [w for w in record if "AdaptiveBatchSize:" in str(w.message)]  # the rule is taken to be unchanged
-    assert (resumed.accumulation, resumed.lr_factor) == (4, 4.0)
+    assert (resumed.accumulation, resumed.lr_factor, resumed.base_accumulation) == (4, 4.0, 1)

@@ -58,19 +58,15 @@ def test_ddp_matches_float64_recomputation(tmp_path: Path, accumulate: int, user
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_ddp_per_example_matches_float64_recomputation(tmp_path: Path, accumulate: int) -> None:
-    """Every example on every rank is a small batch; the big batch is the all-reduced gradient."""
-    args = ["--mode", "per_example", "--accumulate", str(accumulate), "--examples", "203", "--lr", "0.3"]
-    results = run_ddp(tmp_path, *args, "--beta", "0.9")
-    check_ranks_agree(results)
-    assert results[0]["mode"] == "per_example" and results[0]["source"] == "per_example"
-    assert_matches_reference(merged_recorder(results), world_size=2, beta=0.9, per_example=True)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_per_example_matches_float64_recomputation(tmp_path: Path, strategy: str, accumulate: int) -> None:
+    """Every example on every rank is a small batch; the big batch is the all-reduced gradient.
 
-
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_fsdp2_per_example_matches_float64_recomputation(tmp_path: Path, accumulate: int) -> None:
-    """Sharded parameters (ModelParallelStrategy + fully_shard): the big-batch norm sums the ranks' shards."""
-    args = ["--strategy", "fsdp2", "--accumulate", str(accumulate), "--examples", "203", "--lr", "0.3"]
+    Under FSDP2 (ModelParallelStrategy + fully_shard, which "auto" measures per example) the parameters are
+    sharded and the big-batch norm sums the ranks' shards.
+    """
+    mode = ["--mode", "per_example"] if strategy == "ddp" else []
+    args = ["--strategy", strategy, *mode, "--accumulate", str(accumulate), "--examples", "203", "--lr", "0.3"]
     results = run_ddp(tmp_path, *args, "--beta", "0.9")
     check_ranks_agree(results)
     assert results[0]["mode"] == "per_example" and results[0]["source"] == "per_example"

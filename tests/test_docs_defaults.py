@@ -4,7 +4,8 @@ A table is a Markdown table whose header starts ``| argument | default |``. Each
 ...`` (or ``| `a`, `b` | `1`, `2` | ...`` for two arguments) is compared with ``inspect.signature`` of the class
 the table documents: the one named in a ``<!-- arguments: ClassName -->`` comment right above the table, or
 else in the nearest heading above it. Every documented argument must exist with that default, and every
-argument of the signature must be documented.
+argument of the signature must be documented. An argument that takes one of a few names (``mode``,
+``lr_scaling``, ...) must list exactly the names the code accepts, each in double quotes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale, GradientNoiseScaleMetric
+from lightning_gns.batch_schedule import LR_SCALINGS, TARGETS
+from lightning_gns.callbacks.gradient_noise_scale import LAYERS, MODES
 from lightning_gns.tracker import GradientNoiseScaleTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,12 +33,19 @@ CLASSES: dict[str, Any] = {
     "AdaptiveBatchSize": AdaptiveBatchSize,
     "GradientNoiseScale": GradientNoiseScale,
 }
+# The arguments that take one of a few names, and the names the code accepts.
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("GradientNoiseScale", "mode"): MODES,
+    ("GradientNoiseScale", "layers"): LAYERS,
+    ("AdaptiveBatchSize", "target"): TARGETS,
+    ("AdaptiveBatchSize", "lr_scaling"): LR_SCALINGS,
+}
 HEADER = re.compile(r"^\|\s*argument\s*\|\s*default\s*\|")
 MARKER = re.compile(r"<!--\s*arguments:\s*(\w+)\s*-->")
 
 
-def argument_tables(path: Path) -> list[tuple[str, int, list[tuple[str, str]]]]:
-    """``(class name or "", line, [(argument, default text)])`` for every argument table of ``path``."""
+def argument_tables(path: Path) -> list[tuple[str, int, list[tuple[str, str]], dict[str, str]]]:
+    """``(class name or "", line, [(argument, default text)], {argument: meaning})`` for every argument table."""
     lines = path.read_text().splitlines()
     tables = []
     for i, line in enumerate(lines):
@@ -51,6 +61,7 @@ def argument_tables(path: Path) -> list[tuple[str, int, list[tuple[str, str]]]]:
                 owner = next((name for name in CLASSES if name in above), None)
                 break
         rows: list[tuple[str, str]] = []
+        meanings: dict[str, str] = {}
         for row in lines[i + 2 :]:
             if not row.startswith("|"):
                 break
@@ -59,7 +70,8 @@ def argument_tables(path: Path) -> list[tuple[str, int, list[tuple[str, str]]]]:
             defaults = re.findall(r"`([^`]+)`", cells[1])
             assert len(names) == len(defaults), f"{path.name}:{i + 1}: row {row!r} pairs names and defaults unevenly"
             rows.extend(zip(names, defaults, strict=True))
-        tables.append((owner or "", i + 1, rows))
+            meanings.update(dict.fromkeys(names, " | ".join(cells[2:])))
+        tables.append((owner or "", i + 1, rows, meanings))
     return tables
 
 
@@ -73,12 +85,16 @@ TABLES = [(path, *table) for path in DOCUMENTS for table in argument_tables(path
 
 
 def test_the_documented_classes_have_tables() -> None:
-    documented = {owner for _, owner, _, _ in TABLES}
+    documented = {owner for _, owner, _, _, _ in TABLES}
     assert {"AdaptiveBatchSize", "GradientNoiseScale"} <= documented
 
 
-@pytest.mark.parametrize(("path", "owner", "line", "rows"), TABLES, ids=[f"{p.name}:{n}" for p, _, n, _ in TABLES])
-def test_table_defaults_match_the_signature(path: Path, owner: str, line: int, rows: list[tuple[str, str]]) -> None:
+@pytest.mark.parametrize(
+    ("path", "owner", "line", "rows", "meanings"), TABLES, ids=[f"{p.name}:{n}" for p, _, n, _, _ in TABLES]
+)
+def test_table_defaults_match_the_signature(
+    path: Path, owner: str, line: int, rows: list[tuple[str, str]], meanings: dict[str, str]
+) -> None:
     where = f"{path.relative_to(ROOT)}:{line} ({owner})"
     assert owner in CLASSES, (
         f"{where}: an argument table without a class: put `<!-- arguments: ClassName -->` above it or name one"
@@ -101,16 +117,38 @@ def test_table_defaults_match_the_signature(path: Path, owner: str, line: int, r
         )
     missing = sorted(set(parameters) - set(documented))
     assert not missing, f"{where}: {owner} arguments missing from the table: {missing}"
+    for name in documented:
+        if (owner, name) in CHOICES:
+            named = quoted_names(meanings[name])
+            assert named == set(CHOICES[owner, name]), (
+                f"{where}: {name!r} is documented with the choices {sorted(named)}, the code takes"
+                f" {sorted(CHOICES[owner, name])}"
+            )
+
+
+def quoted_names(text: str) -> set[str]:
+    """The names a table cell gives in double quotes (``"sqrt"``; not ``target="sqrt"``)."""
+    return set(re.findall(r'(?<![=\w])"(\w+)"', text))
+
+
+def adaptive_table(path: Path, rows: str) -> tuple[str, int, list[tuple[str, str]], dict[str, str]]:
+    """The one table of a page holding ``rows`` under an AdaptiveBatchSize heading, as the parser reads it."""
+    path.write_text("## AdaptiveBatchSize arguments\n\n| argument | default | meaning |\n|---|---|---|\n" + rows)
+    [table] = argument_tables(path)
+    return table
 
 
 def test_a_wrong_default_is_caught(tmp_path: Path) -> None:
     """The parser reads what a wrong table says (so the comparison above can fail)."""
-    page = tmp_path / "page.md"
-    page.write_text(
-        "## AdaptiveBatchSize arguments\n\n| argument | default | meaning |\n|---|---|---|\n"
-        "| `calibration` | `0.25` | x |\n| `min_accumulation`, `max_accumulation` | `1`, `64` | bounds |\n"
-    )
-    [(owner, _, rows)] = argument_tables(page)
+    rows_text = "| `calibration` | `0.25` | x |\n| `min_accumulation`, `max_accumulation` | `1`, `64` | bounds |\n"
+    owner, _, rows, _ = adaptive_table(tmp_path / "page.md", rows_text)
     assert owner == "AdaptiveBatchSize"
     assert rows == [("calibration", "0.25"), ("min_accumulation", "1"), ("max_accumulation", "64")]
     assert parse_default("0.25") != inspect.signature(AdaptiveBatchSize).parameters["calibration"].default
+
+
+def test_a_missing_choice_is_caught(tmp_path: Path) -> None:
+    """A table row that leaves out a learning-rate rule reads as fewer choices than the code takes."""
+    row = '| `lr_scaling` | `"sqrt"` | `"none"`, `"linear"` (SGD) or `"sqrt"`; `target="sqrt"` aside |\n'
+    *_, meanings = adaptive_table(tmp_path / "page.md", row)
+    assert quoted_names(meanings["lr_scaling"]) == {"none", "linear", "sqrt"} != set(LR_SCALINGS)

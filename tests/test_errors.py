@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -21,21 +20,13 @@ from torch.utils.data import DataLoader
 
 from lightning_gns import GradientNoiseScale
 from support.models import LinearProblem, LinearRegression, ManualRegression, loader
+from support.trainers import make_trainer
 
 PROBLEM = LinearProblem(dim=4, seed=0)
 
 
 def fit(callback: GradientNoiseScale, model: Any = None, data: DataLoader | None = None, **trainer_kwargs: Any) -> None:
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-        **trainer_kwargs,
-    )
+    trainer = make_trainer([callback], max_steps=2, **trainer_kwargs)
     if data is None:
         data = loader(*PROBLEM.sample(32, seed=1), batch_size=4)
     trainer.fit(model if model is not None else LinearRegression(PROBLEM), data)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing import event_accumulator
 from torch import Tensor
@@ -20,6 +19,7 @@ from lightning_gns.forecasts import (
     steps_over_min,
 )
 from support.models import LinearProblem, LinearRegression, loader
+from support.trainers import make_trainer
 
 FORECASTS = ("gns/steps_over_min", "gns/examples_over_min", "gns/statistical_efficiency")
 
@@ -43,7 +43,7 @@ def test_forecasts_follow_the_papers_relations() -> None:
 
 
 def test_statistical_efficiency() -> None:
-    assert float(statistical_efficiency(t(128.0), t(50.0), t(128.0))) == 1.0  # the reference batch itself
+    assert float(statistical_efficiency(t(128.0), t(50.0), t(128.0))) == 1.0  # the base batch itself
     # Pollux: (phi + B0) / (phi + B); quadrupling a batch far below the noise scale costs little.
     assert float(statistical_efficiency(t(400.0), t(1e4), t(100.0))) == pytest.approx(10100 / 10400)
     assert float(statistical_efficiency(t(400.0), t(100.0), t(100.0))) == pytest.approx(0.4)
@@ -70,17 +70,8 @@ def test_callback_logs_forecasts_and_the_tensorboard_layout(tmp_path: Path) -> N
     problem = LinearProblem(dim=6, noise_std=0.5, seed=21)
     x, y = problem.sample(8 * 2 * 12, seed=22)
     gns = GradientNoiseScale(beta=0.9, kaplan_loss="train_loss")
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        accumulate_grad_batches=2,
-        log_every_n_steps=1,
-        logger=TensorBoardLogger(tmp_path, name="run"),
-        callbacks=[gns],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = make_trainer(
+        [gns], accumulate_grad_batches=2, log_every_n_steps=1, logger=TensorBoardLogger(tmp_path, name="run")
     )
     trainer.fit(LossLoggingRegression(problem, lr=0.05), loader(x, y, 8))
 

@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
-from lightning_gns import GradientNoiseScale
+from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.callbacks._spawn import SpawnedResult
 from support.models import LinearProblem, LinearRegression, loader
-from support.trainers import make_trainer
+from support.trainers import MemoryLogger, make_trainer
 
 PROBLEM = LinearProblem(dim=5, seed=30)
 
@@ -211,3 +211,50 @@ def test_a_child_process_leaves_its_readouts_for_the_parent(start_method: str) -
     assert got["gns/b_simple"] == 3.25 and math.isnan(got["gns/b_small"]) and got["gns/steps_over_min"] == math.inf
     assert result.read() is None  # taken once
     assert not SpawnedResult(size=64).write({"too": "x" * 100})
+
+
+# ---------------------------------------------------------------- before the first measured step
+
+
+class LoggedLossRegression(LinearRegression):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss)
+        return loss
+
+
+def test_before_the_first_measured_step_what_the_readme_says_is_nan() -> None:
+    """README, "Logged scalars": NaN until a step is measured, except the counts, coverage, Kaplan and adaptive ones.
+
+    One example per step in per_example mode is one small batch: no step can be measured.
+    """
+    gns = GradientNoiseScale(mode="per_example", kaplan_loss="loss")
+    logger = MemoryLogger()
+    make_trainer([gns, AdaptiveBatchSize(warmup_steps=100)], logger=logger, log_every_n_steps=1, max_steps=3).fit(
+        LoggedLossRegression(PROBLEM), loader(*PROBLEM.sample(8, seed=0), batch_size=1)
+    )
+    assert len(logger.logged) == 3
+    for _, row in logger.logged:
+        logged = {name: value for name, value in row.items() if name.startswith("gns/")}
+        nan = {name for name, value in logged.items() if math.isnan(value)}
+        assert nan == {
+            "gns/b_simple",
+            "gns/b_simple_low",
+            "gns/b_simple_high",
+            "gns/grad_sq_norm",
+            "gns/trace_cov",
+            "gns/b_small",
+            "gns/b_big",
+            "gns/steps_over_min",
+            "gns/examples_over_min",
+            "gns/statistical_efficiency",
+        }
+        assert set(logged) - nan == {
+            "gns/skipped_steps",
+            "gns/covered_fraction",
+            "gns/kaplan_b_crit_tokens",
+            "gns/effective_batch_size",
+            "gns/accumulation",
+            "gns/lr_factor",
+        }
+    assert gns.skipped_steps == 3 and gns.covered_fraction == 1.0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -33,6 +33,7 @@ from lightning_gns.tools.report import (
     summarize,
 )
 from support.models import LinearProblem, LinearRegression, loader
+from support.trainers import make_trainer
 
 RUN = "linear/version_0"
 
@@ -53,17 +54,12 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     problem = LinearProblem(dim=6, noise_std=0.5, seed=4)
     x, y = problem.sample(8 * 2 * 10, seed=5)
     csv_logger = CSVLogger(root / "csv", name="linear")
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = make_trainer(
+        [GradientNoiseScale(beta=0.8)],
         max_epochs=2,
         accumulate_grad_batches=2,
         log_every_n_steps=1,
         logger=[TensorBoardLogger(root / "tb", name="linear"), csv_logger],
-        callbacks=[GradientNoiseScale(beta=0.8)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(LoggedLinearRegression(problem, lr=0.1), loader(x, y, 8))
     yield root / "tb", Path(csv_logger.log_dir) / "metrics.csv"
@@ -276,17 +272,11 @@ def fit_logged(root: Path, gns: GradientNoiseScale, *extra: Callback, accumulati
     """The gns/ tags one short real fit writes to TensorBoard."""
     problem = LinearProblem(dim=6, noise_std=0.5, seed=4)
     x, y = problem.sample(8 * 2 * 6, seed=5)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
+    trainer = make_trainer(
+        [gns, *extra],
         accumulate_grad_batches=accumulation,
         log_every_n_steps=1,
         logger=TensorBoardLogger(root, name="run"),
-        callbacks=[gns, *extra],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(LoggedLinearRegression(problem, lr=0.1), loader(x, y, 8))
     [scalars] = load_runs(root).values()

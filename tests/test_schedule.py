@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import (
@@ -39,6 +38,7 @@ from support.adaptive_support import (
 from support.models import LinearProblem, LinearRegression, loader
 from support.recording import Recorder
 from support.reference import step_estimates
+from support.trainers import make_trainer
 
 # ---------------------------------------------------------------- pure functions
 
@@ -207,15 +207,7 @@ def test_interval_is_recomputed_from_the_per_step_estimates() -> None:
     estimates = EstimateRecorder(gns, z=1.0)
     callback = schedule(target=lambda stats: stats.effective_batch_size, z=1.0)  # never changes
     model = RecordingRegression(DIM, LR, PROBLEM.w)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[gns, callback, recorder, estimates],
-    )
+    trainer = make_trainer([gns, callback, recorder, estimates])
     trainer.fit(model, loader(X, Y, MICRO))
     raw = [step_estimates([mb], 1, per_example=True) for mb in recorder.micro_batches]
     np.testing.assert_allclose(np.array(estimates.estimates), np.array(raw), rtol=1e-4, atol=1e-6)
@@ -246,15 +238,7 @@ def test_noise_floor_grows_to_the_maximum_within_a_few_hundred_steps() -> None:
     x, y = problem.sample(MICRO * 3000, seed=4)
     callback = AdaptiveBatchSize(max_accumulation=8)
     gns = GradientNoiseScale()
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=300,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[gns, callback],
-    )
+    trainer = make_trainer([gns, callback], max_steps=300)
     trainer.fit(LinearRegression(problem, lr=0.0), loader(x, y, MICRO))
     changes = [(h["step"], h["accumulation"]) for h in callback.history]
     assert changes[1][0] >= 50  # the first 50 steps of noise do not grow the batch
@@ -277,15 +261,7 @@ def test_early_noise_does_not_grow_a_batch_at_its_noise_scale() -> None:
         callback = AdaptiveBatchSize(
             calibration=0.75, warmup_steps=0, check_every_n_steps=1, min_steps_between_changes=1, **kwargs
         )
-        trainer = Trainer(
-            accelerator="cpu",
-            max_steps=50,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[GradientNoiseScale(), callback],
-        )
+        trainer = make_trainer([GradientNoiseScale(), callback], max_steps=50)
         trainer.fit(LinearRegression(problem, lr=0.0), loader(x, y, MICRO))
         return callback
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -259,8 +258,5 @@ def test_trainer_without_loggers_still_warns_at_the_end() -> None:
     gns = GradientNoiseScale(mode="per_example")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Trainer(
-            accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[gns, _Unused()],
-        ).fit(model, TinyGPT.data(8))  # fmt: skip
+        make_trainer([gns, _Unused()], max_steps=2).fit(model, TinyGPT.data(8))
     assert any("wpe.weight" in str(w.message) for w in caught)

@@ -19,7 +19,9 @@ import torch
 # versions still load; lr_scaling is saved since the check of a changed rule.
 GNS_KEYS = frozenset({"metric", "beta"})
 GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "reference_batch_size"})
-ADAPTIVE_KEYS = frozenset({"accumulation", "reference_accumulation", "lr_factor"})
+ADAPTIVE_KEYS = frozenset({"accumulation", "base_accumulation", "lr_factor"})
+# Keys saved under another name by earlier versions: old -> new.
+ADAPTIVE_RENAMED_KEYS = {"reference_accumulation": "base_accumulation"}
 ADAPTIVE_OPTIONAL_KEYS = frozenset(
     {
         "pending",
@@ -160,6 +162,16 @@ def _check_factor(callback: str, key: str, value: Any) -> None:
         raise _fail(callback, key, f"is {value!r}, must be a positive finite learning-rate factor")
 
 
+def renamed_keys(state: Any, renamed: Mapping[str, str]) -> Any:
+    """``state`` with the keys earlier versions saved under an old name under their new one.
+
+    Left as it is when it is not a dict or already holds a new name (the checks then say what is wrong).
+    """
+    if not isinstance(state, Mapping) or any(new in state for new in renamed.values()):
+        return state
+    return {renamed.get(key, key): value for key, value in state.items()}
+
+
 def validate_adaptive_state(state: Any, lr_scalings: Iterable[str], callback: str = "AdaptiveBatchSize") -> None:
     """The state of :meth:`AdaptiveBatchSize.state_dict`; raises ``ValueError`` naming the first bad key.
 
@@ -170,9 +182,9 @@ def validate_adaptive_state(state: Any, lr_scalings: Iterable[str], callback: st
         raise _fail(callback, "state", f"must be a dict, got {type(state).__name__}")
     _check_keys(callback, "", state, ADAPTIVE_KEYS, ADAPTIVE_OPTIONAL_KEYS)
     started = state["accumulation"] is not None
-    if started or state["reference_accumulation"] is not None:  # both None: saved before training started
+    if started or state["base_accumulation"] is not None:  # both None: saved before training started
         _check_accumulation(callback, "accumulation", state["accumulation"])
-        _check_accumulation(callback, "reference_accumulation", state["reference_accumulation"])
+        _check_accumulation(callback, "base_accumulation", state["base_accumulation"])
     _check_factor(callback, "lr_factor", state["lr_factor"])
     pending = state.get("pending")
     if pending is not None:

@@ -2,17 +2,17 @@
 
 from lightning.pytorch import Callback
 
-from lightning_gns.callbacks.adaptive_batch_size import AdaptiveBatchSizeLogic
-from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
+from lightning_gns.callbacks.adaptive_batch_size import AdaptiveBatchSizeBase
+from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleBase
 
 
-class GradientNoiseScale(GradientNoiseScaleLogic, Callback):
-    __doc__ = GradientNoiseScaleLogic.__doc__
+class GradientNoiseScale(GradientNoiseScaleBase, Callback):
+    __doc__ = GradientNoiseScaleBase.__doc__
     _lightning_namespace = "lightning.pytorch"
 
 
-class AdaptiveBatchSize(AdaptiveBatchSizeLogic, Callback):
-    __doc__ = AdaptiveBatchSizeLogic.__doc__
+class AdaptiveBatchSize(AdaptiveBatchSizeBase, Callback):
+    __doc__ = AdaptiveBatchSizeBase.__doc__
     _lightning_namespace = "lightning.pytorch"
 
 

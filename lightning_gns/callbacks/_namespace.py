@@ -22,7 +22,7 @@ def namespace_of(obj: Any) -> str | None:
 
 
 class LightningNamespace:
-    """Mixin of the callbacks' logic classes: ``lightning.pytorch`` or ``pytorch_lightning`` submodules on demand.
+    """Mixin of the callbacks' base classes: ``lightning.pytorch`` or ``pytorch_lightning`` submodules on demand.
 
     The public subclasses set ``_lightning_namespace``; isinstance checks and exceptions then use that
     namespace's classes, which is what the Trainer of the same namespace expects.

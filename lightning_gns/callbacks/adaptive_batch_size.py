@@ -1,6 +1,6 @@
 """AdaptiveBatchSize: grow the effective batch with the measured noise scale through gradient accumulation.
 
-The hooks live in :class:`AdaptiveBatchSizeLogic`, which imports no Lightning namespace; the public
+The hooks live in :class:`AdaptiveBatchSizeBase`, which imports no Lightning namespace; the public
 ``AdaptiveBatchSize`` classes add the ``Callback`` base of ``lightning.pytorch`` or ``pytorch_lightning``.
 """
 
@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gns import scalars
+from lightning_gns._deprecation import warn_renamed
 from lightning_gns.batch_schedule import (
     LR_SCALINGS,
     TARGETS,
     LrScaling,
     NoiseScaleStatistics,
+    Target,
     TargetFn,
     interval_accumulation,
     is_safe_boundary,
@@ -28,100 +30,38 @@ from lightning_gns.batch_schedule import (
 )
 from lightning_gns.batch_size import checked_batch_size, units_as_int
 from lightning_gns.callbacks._arguments import checked_int
-from lightning_gns.callbacks._checkpoint import validate_adaptive_state
+from lightning_gns.callbacks._checkpoint import ADAPTIVE_RENAMED_KEYS, renamed_keys, validate_adaptive_state
 from lightning_gns.callbacks._logging import log_scalars
 from lightning_gns.callbacks._namespace import LightningNamespace
-from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleLogic
+from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleBase
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
 
-class AdaptiveBatchSizeLogic(LightningNamespace):
+class AdaptiveBatchSizeBase(LightningNamespace):
     r"""Grow ``accumulate_grad_batches`` so that the effective batch follows the measured gradient noise scale.
 
-    The noise scale grows as the loss falls, and with it the largest batch that still saves optimizer steps
-    (McCandlish et al. 2018). This callback reads the :class:`~lightning_gns.GradientNoiseScale` callback
-    (which must be in ``Trainer(callbacks=...)`` too) and changes the gradient accumulation so that the
-    effective batch, micro-batch x accumulation x ranks in the noise scale's units, follows a target:
+    Reads the :class:`~lightning_gns.GradientNoiseScale` callback, which must be in the same ``Trainer``. The
+    effective batch (micro-batch x accumulation x ranks, in the noise scale's units) follows ``target``,
+    decided on a confidence interval of ``B_simple``; a change waits for a safe boundary of Lightning's
+    accumulation windows and multiplies the learning rate by the ``lr_scaling`` factor. ``history`` (changes)
+    and ``decisions`` (every decision step) give the reasons; checkpoints carry the state. The rules, the
+    defaults and the benchmark behind them: docs/adaptive.md.
 
-    - ``"b_simple"`` (default): the batch ``calibration x B_simple``, an estimate of the critical batch
-      (under the paper's model, at the critical batch training takes about twice the minimal steps and
-      twice the minimal examples);
-    - ``"sqrt"``: ``sqrt(r * calibration * B_simple)``, the schedule of the paper's Appendix D (eq. D.3);
-      ``r`` defaults to the effective batch at the start of training, so the batch grows like the geometric
-      mean of where it started and the noise scale;
-    - a function ``NoiseScaleStatistics -> float`` of your own (not from a YAML config), called on the
-      global-zero rank only.
-
-    ``calibration`` is the ratio ``B_crit / B_simple``: both named targets use ``calibration x B_simple``
-    in place of ``B_simple``. The default 1 applies to the lower confidence bound; the three-task benchmark of
-    docs/adaptive.md compares it with 0.5 (less loss early in training, far fewer steps saved). Measure
-    it for your task with a branched critical-batch run (``lightning-gns branch``, then
-    :func:`~lightning_gns.batch_schedule.calibration_from_branch_points`) or take it from a similar task.
-
-    Decisions are made on a confidence interval, not on the estimate alone. The metric keeps the spread of
-    the per-step ``tr(Sigma)`` and ``|G|^2`` estimates, and gives bounds of ``B_simple`` at ``z`` standard
-    errors (:meth:`~lightning_gns.GradientNoiseScaleMetric.confidence_interval`, Fieller's construction:
-    the upper bound is ``inf`` while ``|G|^2`` is within its noise, and the lower bound is then large).
-    The batch grows when the target at the lower bound exceeds the current effective batch ``B`` by more
-    than the tolerance (``> B (1 + tolerance)``), to the target at the lower bound; with ``monotonic=False``
-    it shrinks when the target at the upper bound is below ``B / (1 + tolerance)``. A decision also needs
-    ``min_samples`` effective per-step estimates in the average (Kish's count of the EMA weights),
-    ``warmup_steps`` optimizer steps of training and ``min_steps_between_changes`` steps since the last
-    change; it is looked at every ``check_every_n_steps`` steps (the only steps on which the statistics are
-    read to the host). One change moves the batch by at most a factor ``max_growth`` (batch-size warm-up
-    by doublings with the default 2) and at least one micro-batch, is clamped to
-    ``[min_accumulation, max_accumulation]`` and, with ``monotonic=True``, never shrinks.
-
-    Every decision is recorded with its reason: ``history`` holds one entry per change that took effect
-    (``step``, ``accumulation``, ``lr_factor``, and for changes ``decided_step``, ``b_simple``, ``target``,
-    ``old_accumulation``, ``reason``), ``decisions`` one per decision step, changes and holds alike
-    (``step``, ``b_simple``, ``b_simple_low``, ``b_simple_high``, ``relative_error``, ``samples``, ``target``,
-    ``target_low``, ``target_high``, ``accumulation``, ``new_accumulation``, ``reason``).
-
-    A decided change waits for a safe boundary: Lightning counts accumulation windows from the start of
-    the epoch, so a new accumulation ``k`` starts only after an optimizer step that closed a multiple of
-    ``k`` micro-batches of the epoch, or at the start of the next epoch. Every micro-batch gradient is
-    applied exactly once and the logger's step counts optimizer steps. Under DDP the global-zero rank
-    decides and broadcasts the decision on decision steps only, so all ranks switch at the same batch.
-    As with any accumulation, an epoch's last window may hold fewer micro-batches than ``k``; Lightning
-    still divides that window's loss by ``k``.
-
-    On each change the learning rate is multiplied, relative to the starting effective batch (for which
-    the configured learning rate is taken to be right), by ``lr_scaling``:
-
-    - ``"none"``: 1; ``"linear"``: ``S`` (SGD); ``"sqrt"``: ``sqrt(S)`` (the default: the best rule on all
-      three tasks of docs/adaptive.md, AdamW and SGD alike);
-    - ``"adascale"``: ``(s^2 + |G|^2) / (s^2 / S + |G|^2)`` with ``s^2`` the starting batch's gradient
-      variance, measured at the change (between 1 and ``S``);
-
-    with ``S`` the new effective batch over the starting one. The factor multiplies each parameter group's
-    ``lr`` only while ``optimizer.step()`` runs, so learning-rate schedulers, ``ReduceLROnPlateau`` and
-    ``LearningRateMonitor`` keep seeing (and setting) the unscaled learning rate, and the schedule works
-    on top of the factor. Schedulers sized from ``trainer.estimated_stepping_batches`` do not know that
-    later steps hold more examples. A small learning rate inflates the measured noise scale (it scales like
-    ``B / lr`` under SGD), so growing the batch without ``lr_scaling`` tends to grow it further.
-
-    The accumulation, the learning-rate factor and the change history are saved in checkpoints and applied
-    again when training resumes.
-
-    Logged (on logging steps, through ``LightningModule.log``), for the optimizer step just taken:
-
-    - ``gns/effective_batch_size``: micro-batch x accumulation x ranks, in the noise scale's units;
-    - ``gns/accumulation``: ``accumulate_grad_batches``;
-    - ``gns/lr_factor``: the factor applied to the learning rate.
+    Logged on logging steps: ``gns/effective_batch_size``, ``gns/accumulation``, ``gns/lr_factor``.
 
     Args:
-        target: ``"b_simple"``, ``"sqrt"`` or a function of :class:`~lightning_gns.batch_schedule.NoiseScaleStatistics`
-            returning the wanted effective batch (in the noise scale's units).
+        target: ``"b_simple"`` (``calibration x B_simple``), ``"sqrt"`` (``sqrt(r * calibration * B_simple)``)
+            or a function of :class:`~lightning_gns.batch_schedule.NoiseScaleStatistics` returning the wanted
+            effective batch (in the noise scale's units), called on the global-zero rank.
+        r: ``target="sqrt"`` only: the ``r`` of ``sqrt(r * B_simple)``, in batch units. Default: the starting
+            effective batch.
         calibration: ``B_crit / B_simple``: the named targets use ``calibration x B_simple``.
         max_growth: largest factor by which one change may grow (or shrink) the effective batch; ``math.inf``
             for no limit.
         z: standard errors of the confidence bounds decisions are made on (0: on the estimate itself).
         min_samples: effective number of per-step estimates the noise-scale EMA must hold before a change.
-        r: ``target="sqrt"`` only: the ``r`` of ``sqrt(r * B_simple)``, in batch units. Default: the starting
-            effective batch.
         min_accumulation: smallest accumulation to use (the start is clamped into the bounds).
         max_accumulation: largest accumulation to use.
         warmup_steps: optimizer steps before the first change.
@@ -129,7 +69,8 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             change waits for ``warmup_steps`` only).
         tolerance: relative band around the current effective batch inside which the target changes nothing.
         monotonic: only grow the batch.
-        lr_scaling: ``"none"``, ``"linear"``, ``"sqrt"`` or ``"adascale"``.
+        lr_scaling: the learning-rate factor for ``S`` = effective batch / starting one: ``"none"`` (1),
+            ``"linear"`` (``S``), ``"sqrt"`` (``sqrt(S)``) or ``"adascale"`` (AdaScale's gain, 1 to ``S``).
         check_every_n_steps: look at the target every n optimizer steps.
         prog_bar: show ``gns/accumulation`` in the progress bar.
 
@@ -139,15 +80,15 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 
         trainer = Trainer(
-            accumulate_grad_batches=1,
-            callbacks=[GradientNoiseScale(), AdaptiveBatchSize(max_accumulation=32, lr_scaling="linear")],
+            accumulate_grad_batches=1,  # the start, which the configured learning rate is taken to suit
+            callbacks=[GradientNoiseScale(), AdaptiveBatchSize(max_accumulation=32)],
         )
         trainer.fit(model)
     """
 
     def __init__(
         self,
-        target: Literal["b_simple", "sqrt"] | TargetFn = "b_simple",
+        target: Target | TargetFn = "b_simple",
         r: float | None = None,
         calibration: float = 1.0,
         max_growth: float = 2.0,
@@ -165,7 +106,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     ) -> None:
         if not callable(target) and target not in TARGETS:
             raise ValueError(
-                f"Unknown target {target!r}. Choose 'b_simple', 'sqrt', or pass a function"
+                f"Unknown target {target!r}. Choose {', '.join(repr(t) for t in TARGETS)}, or pass a function"
                 " NoiseScaleStatistics -> wanted effective batch size."
             )
         if r is not None:
@@ -212,7 +153,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
 
         # Training state, saved in checkpoints.
         self.accumulation: int | None = None
-        self.reference_accumulation: int | None = None
+        self.base_accumulation: int | None = None  # at the start: the learning rate is taken to be tuned for it
         self.lr_factor = 1.0
         self.pending: tuple[int, float] | None = None
         self.last_change_step: int | None = None
@@ -224,13 +165,19 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         self._restored = False
         # What load_state_dict needs beyond the callback's own state, gathered by on_load_checkpoint.
         self._resume_context: dict[str, Any] = {}
-        self._gns: GradientNoiseScaleLogic | None = None
+        self._gns: GradientNoiseScaleBase | None = None
         self._handles: list[RemovableHandle] = []
         self._unscaled_lrs: dict[int, list[Any]] = {}
 
     # ------------------------------------------------------------------ readouts
     @property
-    def gns(self) -> GradientNoiseScaleLogic:
+    def reference_accumulation(self) -> int | None:
+        """Deprecated name of ``base_accumulation`` (the accumulation the learning rate was tuned for)."""
+        warn_renamed("AdaptiveBatchSize.reference_accumulation", "it is now called base_accumulation")
+        return self.base_accumulation
+
+    @property
+    def gns(self) -> GradientNoiseScaleBase:
         """The ``GradientNoiseScale`` callback this one reads (found at setup)."""
         if self._gns is None:
             raise RuntimeError("AdaptiveBatchSize finds its GradientNoiseScale callback in Trainer.fit(); none yet.")
@@ -268,7 +215,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
                 " (pytorch/pytorch#143580), and AdaptiveBatchSize may raise the accumulation up to"
                 f" max_accumulation={self.max_accumulation}. Use DDPStrategy(static_graph=False)."
             )
-        found = [cb for cb in trainer.callbacks if isinstance(cb, GradientNoiseScaleLogic)]  # type: ignore[attr-defined]
+        found = [cb for cb in trainer.callbacks if isinstance(cb, GradientNoiseScaleBase)]  # type: ignore[attr-defined]
         if not found:
             raise self._misconfiguration(
                 "AdaptiveBatchSize reads the noise scale from a GradientNoiseScale callback, and Trainer(callbacks=...)"
@@ -316,7 +263,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         if not self._restored or self.accumulation is None:
             start = trainer.accumulate_grad_batches
             self.accumulation = min(max(start, self.min_accumulation), self.max_accumulation)
-            self.reference_accumulation = self.accumulation
+            self.base_accumulation = self.accumulation
             self.lr_factor = 1.0
             self.pending = None
             self.last_change_step = None
@@ -408,7 +355,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         return int(new), float(factor)
 
     def _decision(self, trainer: Trainer, step: int) -> tuple[int | None, float, dict[str, Any]]:
-        assert self.accumulation is not None and self.reference_accumulation is not None
+        assert self.accumulation is not None and self.base_accumulation is not None
         assert self.micro_batch_size is not None
         metric = self.gns.metric
         world_size = trainer.world_size
@@ -448,12 +395,10 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         if not samples >= self.min_samples:
             record["reason"] = f"warming up: {samples:.3g} effective samples < min_samples {self.min_samples:g}"
             return None, 1.0, record
-        reference_batch = self.reference_accumulation * units_per_accumulation
-        target_low = float(self._target(replace(stats, b_simple=low), reference_batch))
-        target_high = float(self._target(replace(stats, b_simple=high), reference_batch))
-        record.update(
-            target=float(self._target(stats, reference_batch)), target_low=target_low, target_high=target_high
-        )
+        base_batch = self.base_accumulation * units_per_accumulation
+        target_low = float(self._target(replace(stats, b_simple=low), base_batch))
+        target_high = float(self._target(replace(stats, b_simple=high), base_batch))
+        record.update(target=float(self._target(stats, base_batch)), target_low=target_low, target_high=target_high)
         new, reason = interval_accumulation(
             target_low,
             target_high,
@@ -471,21 +416,21 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
             return None, 1.0, record
         factor = lr_factor(
             self.lr_scaling,
-            new / self.reference_accumulation,
+            new / self.base_accumulation,
             trace_cov=stats.trace_cov,
             grad_sq_norm=stats.grad_sq_norm,
-            reference_batch=reference_batch,
+            base_batch=base_batch,
         )
         return new, factor, record
 
-    def _target(self, stats: NoiseScaleStatistics, reference_batch: float) -> float:
+    def _target(self, stats: NoiseScaleStatistics, base_batch: float) -> float:
         if callable(self.target):
             return self.target(stats)
         if math.isnan(stats.b_simple):
             return math.nan
         if self.target == "b_simple":
             return stats.b_crit
-        return sqrt_schedule(stats.b_crit, self.r if self.r is not None else reference_batch)
+        return sqrt_schedule(stats.b_crit, self.r if self.r is not None else base_batch)
 
     def _switch(self, trainer: Trainer, step: int) -> None:
         assert self.pending is not None
@@ -518,7 +463,7 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
     def state_dict(self) -> dict[str, Any]:
         return {
             "accumulation": self.accumulation,
-            "reference_accumulation": self.reference_accumulation,
+            "base_accumulation": self.base_accumulation,
             "lr_factor": self.lr_factor,
             "pending": self.pending,
             "last_change_step": self.last_change_step,
@@ -561,11 +506,12 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
         taken to be what is wanted from now on. Checkpoints saved before ``lr_scaling`` was recorded are
         taken to have used this callback's rule.
         """
+        state_dict = renamed_keys(state_dict, ADAPTIVE_RENAMED_KEYS)
         validate_adaptive_state(state_dict, LR_SCALINGS)
         accumulation = state_dict["accumulation"]
-        reference = state_dict["reference_accumulation"]
+        base = state_dict["base_accumulation"]
         self.accumulation = None if accumulation is None else int(accumulation)
-        self.reference_accumulation = None if reference is None else int(reference)
+        self.base_accumulation = None if base is None else int(base)
         self.lr_factor = float(state_dict["lr_factor"])
         pending = state_dict.get("pending")
         self.pending = None if pending is None else (int(pending[0]), float(pending[1]))
@@ -612,18 +558,18 @@ class AdaptiveBatchSizeLogic(LightningNamespace):
 
     def _restored_lr_factor(self, accumulation: int) -> float:
         """The factor this callback's lr_scaling gives ``accumulation``, from the checkpoint's statistics."""
-        assert self.reference_accumulation is not None
+        assert self.base_accumulation is not None
         context = self._resume_context
         micro = self.micro_batch_size
-        # Without a micro-batch size (no step taken) the reference batch is unknown: NaN statistics make
+        # Without a micro-batch size (no step taken) the base batch is unknown: NaN statistics make
         # "adascale" fall back to a factor of 1.
         known = micro is not None
         return lr_factor(
             self.lr_scaling,
-            accumulation / self.reference_accumulation,
+            accumulation / self.base_accumulation,
             trace_cov=context.get("trace_cov", math.nan) if known else math.nan,
             grad_sq_norm=context.get("grad_sq_norm", math.nan) if known else math.nan,
-            reference_batch=float(self.reference_accumulation * (micro or 1) * context.get("world_size", 1)),
+            base_batch=float(self.base_accumulation * (micro or 1) * context.get("world_size", 1)),
         )
 
 

@@ -1,12 +1,12 @@
 """GradientNoiseScale: measure B_simple from the gradients training already computes.
 
-The hooks live in :class:`GradientNoiseScaleLogic`, which imports no Lightning namespace; the public
+The hooks live in :class:`GradientNoiseScaleBase`, which imports no Lightning namespace; the public
 ``GradientNoiseScale`` classes add the ``Callback`` base of ``lightning.pytorch`` or ``pytorch_lightning``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch.optim import Optimizer
@@ -27,67 +27,34 @@ if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
 Mode = Literal["auto", "ddp", "microbatch", "per_example"]
-MODES: tuple[str, ...] = ("auto", "ddp", "microbatch", "per_example")
-LAYERS: tuple[str, ...] = ("all", "norm")
+MODES: tuple[str, ...] = get_args(Mode)
+LAYERS: tuple[str, ...] = get_args(Layers)
 
 
-class GradientNoiseScaleLogic(LightningNamespace):
+class GradientNoiseScaleBase(LightningNamespace):
     r"""Measure the simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` during training.
 
-    McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training") show that ``B_simple``
-    estimates the largest batch size that still speeds training up. It is measured from gradient norms
-    at two batch sizes that training computes anyway:
+    ``B_simple`` (McCandlish et al. 2018) estimates the critical batch size. It is measured from gradients
+    training computes anyway, read before clipping with the AMP loss scale and the accumulation removed: the
+    small batches are DDP ranks, accumulation micro-batches or single examples, by ``mode`` (README,
+    "Modes"). No gradient is copied; the host is synchronised on logging steps only.
+    ``lightning_gns.pytorch_lightning.GradientNoiseScale`` is the same class for ``pytorch_lightning``.
 
-    - ``mode="ddp"``: each rank's local gradient (before the all-reduce) is a small batch, the
-      all-reduced gradient is the big batch. With gradient accumulation, every (rank, micro-batch)
-      gradient is a small batch.
-    - ``mode="microbatch"``: with ``accumulate_grad_batches > 1``, each micro-batch's gradient is a small
-      batch and the accumulated gradient is the big batch.
-    - ``mode="per_example"``: each example's gradient is a small batch (``B_small = 1``, the most precise
-      choice), computed inside the supported layers; works on one device without accumulation, with
-      accumulation, and under DDP.
-    - ``mode="auto"`` (default): ``"ddp"`` with several processes, ``"microbatch"`` with accumulation,
-      else ``"per_example"``.
-
-    Gradients are read before gradient clipping, with the AMP loss scale and the accumulation factor
-    removed; no gradient is copied. Steps whose gradients are not finite (an overflowed fp16 step) are
-    skipped and counted. Nothing is synchronised with the host except on logging steps.
-
-    Logged (on logging steps, through ``LightningModule.log``, so any Lightning logger receives them):
-
-    - ``gns/b_simple``: bias-corrected EMA of ``tr(Sigma)`` over that of ``|G|^2``, in batch-size units
-      (examples by default, whatever ``batch_size_fn`` counts otherwise).
-    - ``gns/grad_sq_norm``: EMA of the unbiased ``|G|^2`` estimate (squared gradient norm).
-    - ``gns/trace_cov``: EMA of the unbiased ``tr(Sigma)`` estimate (per-unit gradient variance).
-    - ``gns/b_small``, ``gns/b_big``: mean small-batch size and big-batch size of the last measured step.
-    - ``gns/skipped_steps``: measured steps that could not be used (non-finite gradients, or fewer than
-      two small batches).
-    - ``gns/covered_fraction`` (``per_example``): fraction of the optimized parameters (by element count)
-      the estimate covers; the others are left out of both batch sizes' norms, listed by name and reason in
-      :attr:`left_out` and in one warning (repeated once if more are left out later; below one half, a
-      second warning says the number is not the model's noise scale and how to measure all of it).
-    - ``gns/layer/<layer name>/b_simple`` (``per_layer=True``): B_simple of each layer's parameters.
-    - Forecasts for the batch in use ``B`` (``gns/b_big``, the effective batch of the last measured step),
-      with ``B_simple`` standing in for the paper's ``B_noise`` (see :mod:`lightning_gns.forecasts`):
-      ``gns/steps_over_min`` = ``S / S_min = 1 + B_simple / B`` (steps needed relative to an infinite
-      batch), ``gns/examples_over_min`` = ``E / E_min = 1 + B / B_simple`` (examples needed relative to
-      batch 1), ``gns/statistical_efficiency`` = ``(B_simple + B_0) / (B_simple + B)`` (Pollux; progress
-      per example relative to the first measured step's batch ``B_0``: 1 until the batch grows).
-    - ``gns/kaplan_b_crit_tokens`` (``kaplan_loss`` set): Kaplan et al. 2020's published fit
-      ``B_crit(L) = 2e8 / L^(1/0.21)`` tokens for the logged language-model loss ``L`` in nats.
-
-    After each optimizer step, ``b_simple``, ``grad_sq_norm``, ``trace_cov``, ``skipped_steps`` and
-    ``covered_fraction`` read as Python numbers, ``left_out`` as a dict, and :meth:`compute` returns every
-    logged value by name. At the start of fit a TensorBoard custom-scalars layout that groups these charts is
-    written to every ``TensorBoardLogger`` (the "Custom Scalars" tab).
+    Logged on logging steps (README, "Logged scalars"): ``gns/b_simple`` with ``gns/b_simple_low`` and
+    ``gns/b_simple_high``, the estimates ``gns/grad_sq_norm`` and ``gns/trace_cov``, ``gns/b_small``,
+    ``gns/b_big``, ``gns/skipped_steps``, the forecasts ``gns/steps_over_min``, ``gns/examples_over_min`` and
+    ``gns/statistical_efficiency``; with ``per_example`` ``gns/covered_fraction``, with ``per_layer``
+    ``gns/layer/<name>/b_simple``, with ``kaplan_loss`` ``gns/kaplan_b_crit_tokens``. Attributes
+    (``b_simple``, ``skipped_steps``, ``left_out``, ...) and :meth:`compute` read the same values.
 
     Args:
         beta: EMA decay per measured optimizer step, in (0, 1).
-        mode: ``"auto"``, ``"ddp"``, ``"microbatch"`` or ``"per_example"``.
+        mode: ``"auto"`` (``"ddp"`` with several processes, else ``"microbatch"`` with accumulation, else
+            ``"per_example"``), ``"ddp"``, ``"microbatch"`` or ``"per_example"``.
         batch_size_fn: ``batch -> int | Tensor``, the examples (or tokens) in a micro-batch, or a 1-D integer
             tensor with one count per example (``attention_mask.sum(dim=1)``; it stays on the device). The
-            training loss must be the mean over these units. Default: the leading dimension of the first tensor
-            in the batch. In ``per_example`` mode each example holds its own count (and that share of the loss);
+            training loss must be the mean over these units. Default: the leading dimension the batch's tensors
+            share. In ``per_example`` mode each example holds its own count (and that share of the loss);
             with an int, each counts ``batch_size_fn(batch) / len(batch)`` units.
         prog_bar: show ``gns/b_simple`` in the progress bar.
         measure_every_n_steps: measure every n-th optimizer step (the EMA then spans about
@@ -98,10 +65,6 @@ class GradientNoiseScaleLogic(LightningNamespace):
         kaplan_loss: name of a logged metric (``self.log(name, ...)`` in the LightningModule) that holds a
             language-model cross-entropy in nats per token; when set, ``gns/kaplan_b_crit_tokens`` is
             logged from it. ``None`` (default): not logged.
-
-    The class is available for both Lightning namespaces: ``lightning_gns.GradientNoiseScale`` subclasses
-    ``lightning.pytorch.Callback``, ``lightning_gns.pytorch_lightning.GradientNoiseScale`` subclasses
-    ``pytorch_lightning.Callback``; neither imports the other namespace.
 
     Example::
 
@@ -548,7 +511,7 @@ class GradientNoiseScaleLogic(LightningNamespace):
             self._lightning("utilities.rank_zero").rank_zero_warn(
                 f"The checkpoint holds {qualname} state saved with {settings}, but this {qualname} has"
                 f" mode={self.requested_mode!r}, beta={self.beta!r}: its averages (and the statistical-efficiency"
-                f" reference) restart from zero instead of continuing. To continue them, resume with"
+                f" base batch) restart from zero instead of continuing. To continue them, resume with"
                 f" {qualname}({settings})."
             )
 

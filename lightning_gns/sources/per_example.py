@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from lightning_gns.sources import per_example_generic as generic
 from lightning_gns.sources.base import GradNormSource
-from lightning_gns.sources.fused_linear import FusedForward, can_fuse, fused_pays, hf_conv1d_class
 from lightning_gns.sources.per_example_factors import (
     Dense,
     Factor,
@@ -24,6 +23,7 @@ from lightning_gns.sources.per_example_factors import (
     factor_inner,
     factor_sq_norm,
 )
+from lightning_gns.sources.per_example_fused import FusableForward, can_fuse, fused_pays, hf_conv1d_class
 from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
 
@@ -234,7 +234,7 @@ class PerExampleSource(GradNormSource):
 
     ``nn.Linear`` layers on sequences and ``nn.LayerNorm`` layers (not subclasses with their own ``forward``)
     take a fused path while recording, for a Linear where it costs less
-    (:func:`~lightning_gns.sources.fused_linear.fused_pays`): their ``forward`` is replaced (until
+    (:func:`~lightning_gns.sources.per_example_fused.fused_pays`): their ``forward`` is replaced (until
     :meth:`detach`) by one whose backward forms each example's parameter gradients once, sums them into the
     parameter gradients and takes their norms, instead of autograd's gradient plus the per-example form
     again (``fused=False`` turns it off). Autocast is applied to a Linear as for ``F.linear`` (a LayerNorm
@@ -282,7 +282,7 @@ class PerExampleSource(GradNormSource):
         self._stored_factors: dict[int, list[Factor]] = defaultdict(list)
         self._failed: str | None = None
         self.last_layer_sq_norms: dict[str, Tensor] = {}
-        # Fused Linear and LayerNorm (see fused_linear): the layers whose forward was replaced, and the output of the
+        # Fused Linear and LayerNorm (per_example_fused): the layers whose forward was replaced, and the output of the
         # fused call that just ran (its forward hook must not hook it a second time).
         self._fused_modules: list[nn.Module] = []
         self.fused_output: Tensor | None = None
@@ -342,7 +342,7 @@ class PerExampleSource(GradNormSource):
         self._handles.append(module.register_forward_hook(self._on_forward))
         measures_weight = any(n == "weight" for n, _ in indices)
         if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
-            module.forward = FusedForward(module, self)
+            module.forward = FusableForward(module, self)
             self._fused_modules.append(module)
 
     def covered_params(self) -> list[nn.Parameter]:
@@ -606,7 +606,7 @@ class PerExampleSource(GradNormSource):
 
     def detach(self) -> None:
         for module in self._fused_modules:
-            if isinstance(vars(module).get("forward"), FusedForward):
+            if isinstance(vars(module).get("forward"), FusableForward):
                 del module.forward
         self._fused_modules = []
         self.fused_output = None

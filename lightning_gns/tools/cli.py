@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lightning_gns.batch_schedule import FIXED_LR_SCALINGS
 from lightning_gns.tools import report
 from lightning_gns.tools.critical_batch import CriticalBatchError
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--target-loss", type=float, required=True, help="target value of --monitor")
     sweep.add_argument("--lr", type=float, required=True, help="learning rate at --base-batch-size")
     sweep.add_argument("--base-batch-size", type=int, required=True, help="batch size that --lr belongs to")
-    sweep.add_argument("--lr-rule", choices=["linear", "sqrt", "none"], default="linear", help="lr scaling with B")
+    sweep.add_argument("--lr-rule", choices=FIXED_LR_SCALINGS, default="linear", help="lr scaling with B")
     sweep.add_argument(
         "--lr-grid",
         type=float,
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("--at-steps", type=int, nargs="+", required=True, help="optimizer steps to branch from")
     branch.add_argument("--branch-examples", type=int, required=True, help="examples each branch trains on")
     branch.add_argument("--multipliers", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="batch multipliers k")
-    branch.add_argument("--lr-rule", choices=["linear", "sqrt", "none"], default="sqrt", help="f(k)")
+    branch.add_argument("--lr-rule", choices=FIXED_LR_SCALINGS, default="sqrt", help="f(k)")
     branch.add_argument("--tolerance", type=float, default=0.02, help="relative loss tolerance")
     branch.add_argument("--base-seed", type=int, default=0, help="seed of the base run")
     return parser

@@ -42,7 +42,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from torch.optim import Optimizer
 
-from lightning_gns.batch_schedule import LrScaling, lr_factor
+from lightning_gns.batch_schedule import FIXED_LR_SCALINGS, FixedLrScaling, lr_factor
 from lightning_gns.callbacks import GradientNoiseScale
 from lightning_gns.tools.critical_batch import (
     BootstrapResult,
@@ -484,10 +484,11 @@ class BranchStart(Callback):
 
 
 def _lr_factor(multiplier: float, rule: str) -> float:
-    """The learning-rate rule of the adaptive batch (linear, sqrt or none), as a sweep's usage error."""
-    if rule not in ("linear", "sqrt", "none"):
-        raise CriticalBatchError(f"Unknown learning-rate rule {rule!r}: use 'linear', 'sqrt' or 'none'.")
-    return lr_factor(cast(LrScaling, rule), multiplier)
+    """A fixed learning-rate rule of the adaptive batch (``FIXED_LR_SCALINGS``), as a sweep's usage error."""
+    if rule not in FIXED_LR_SCALINGS:
+        choices = ", ".join(repr(r) for r in FIXED_LR_SCALINGS)
+        raise CriticalBatchError(f"Unknown learning-rate rule {rule!r}: use one of {choices}.")
+    return lr_factor(cast(FixedLrScaling, rule), multiplier)
 
 
 def branched_critical_batch(

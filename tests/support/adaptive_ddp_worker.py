@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer
 
 # Run as a script: tests/ (the support package) and the repository root (lightning_gns) on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -22,6 +21,7 @@ from lightning_gns.batch_schedule import NoiseScaleStatistics
 from support.adaptive_support import EstimateRecorder, RecordingRegression, scheduled_target
 from support.models import LinearProblem, loader
 from support.multiprocess import end_process, launched_children
+from support.trainers import make_trainer
 
 # 104 examples: 52 per rank, 13 micro-batches of 4 per rank per epoch.
 WANTED = {2: 3, 5: 2, 8: 4}
@@ -58,17 +58,7 @@ def main() -> None:
     )
     gns = GradientNoiseScale(beta=0.9)
     estimates = EstimateRecorder(gns, z=1.0)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=2,
-        callbacks=[gns, adaptive, estimates],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = make_trainer([gns, adaptive, estimates], devices=2, strategy="ddp", max_epochs=2)
     model = RecordingRegression(5, 0.05, problem.w)
     trainer.fit(model, loader(x, y, 4))
     result = {

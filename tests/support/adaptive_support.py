@@ -20,6 +20,7 @@ from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import NoiseScaleStatistics
 from lightning_gns.estimators import unbiased_estimates
 from support.models import LinearProblem, loader
+from support.trainers import make_trainer
 
 Scheduler = Callable[[torch.optim.Optimizer], Any]
 
@@ -137,16 +138,8 @@ def fit(
     ckpt_path: str | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[Trainer, LightningModule]:
-    settings: dict[str, Any] = {
-        "accelerator": "cpu",
-        "max_epochs": 2,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
     gns = [GradientNoiseScale(beta=0.9)] if with_gns else []
-    trainer = Trainer(callbacks=[*gns, callback, *extra_callbacks], **{**settings, **trainer_kwargs})
+    trainer = make_trainer([*gns, callback, *extra_callbacks], **{"max_epochs": 2, **trainer_kwargs})
     model = model if model is not None else RecordingRegression(DIM, LR, PROBLEM.w)
     trainer.fit(model, loader(X, Y, MICRO), ckpt_path=ckpt_path)
     return trainer, model

@@ -26,6 +26,7 @@ from support.models import LinearProblem, LinearRegression, loader
 from support.multiprocess import end_process, launched_children
 from support.recording import Recorder
 from support.reference_func import BatchRecorder
+from support.trainers import make_trainer
 
 
 class UserCommHook(Callback):
@@ -116,6 +117,21 @@ class BranchOnRankOneOnly(Callback):
             batch[2].zero_()
 
 
+def readouts(gns: GradientNoiseScale) -> dict[str, Any]:
+    """What the callback reads back after fit, by name."""
+    return {
+        "mode": gns.mode,
+        "source": gns.source,
+        "b_simple": gns.b_simple,
+        "grad_sq_norm": gns.grad_sq_norm,
+        "trace_cov": gns.trace_cov,
+        "layer_b_simple": gns.layer_b_simple,
+        "covered_fraction": gns.covered_fraction,
+        "compute": gns.compute(),
+        "skipped_steps": gns.skipped_steps,
+    }
+
+
 class SaveResults(Callback):
     """Writes what this process saw at the end of fit (in the process itself: ddp_spawn's parent holds nothing)."""
 
@@ -126,17 +142,9 @@ class SaveResults(Callback):
         gns, recorder, problem = self.gns, self.recorder, self.problem
         result = {
             "rank": trainer.global_rank,
-            "mode": gns.mode,
-            "source": gns.source,
             "micro_batches": recorder.micro_batches,
             "history": recorder.history,
-            "b_simple": gns.b_simple,
-            "grad_sq_norm": gns.grad_sq_norm,
-            "trace_cov": gns.trace_cov,
-            "layer_b_simple": gns.layer_b_simple,
-            "covered_fraction": gns.covered_fraction,
-            "compute": gns.compute(),
-            "skipped_steps": gns.skipped_steps,
+            **readouts(gns),
             "closed_form_b_simple": problem.b_simple,
             "closed_form_trace_cov": problem.trace_cov,
             "closed_form_grad_sq_norm": problem.grad_sq_norm,
@@ -235,34 +243,17 @@ def main() -> None:
         callbacks.append(BranchOnRankOneOnly())
     if args.model == "replayed":
         recorder = BatchRecorder(gns)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = make_trainer(
+        [*callbacks, gns, recorder, SaveResults(args.out, gns, recorder, problem)],
         devices=2,
         strategy=strategy,
-        max_epochs=1,
         accumulate_grad_batches=args.accumulate,
-        callbacks=[*callbacks, gns, recorder, SaveResults(args.out, gns, recorder, problem)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model_class(problem, lr=args.lr), data)
     if args.strategy == "ddp_spawn":  # the main process, which ran no hook: what it reads after fit
-        readouts = {
-            "mode": gns.mode,
-            "source": gns.source,
-            "b_simple": gns.b_simple,
-            "grad_sq_norm": gns.grad_sq_norm,
-            "trace_cov": gns.trace_cov,
-            "layer_b_simple": gns.layer_b_simple,
-            "covered_fraction": gns.covered_fraction,
-            "compute": gns.compute(),
-            "skipped_steps": gns.skipped_steps,
-        }
-        torch.save(readouts, args.out / "main.pt")
+        torch.save(readouts(gns), args.out / "main.pt")
     if trainer.global_rank == 0 and args.strategy != "ddp_spawn":
         messages = [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
         (args.out / "warnings.txt").write_text("\n".join(messages))

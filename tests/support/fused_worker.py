@@ -1,4 +1,4 @@
-"""2-process (gloo, CPU) check of the fused Linear path under DDP and FSDP2, run by tests/test_fused_linear.py.
+"""2-process (gloo, CPU) check of the fused Linear path under DDP and FSDP2, run by tests/test_per_example_fused.py.
 
 Each rank trains one step of a small float64 sequence model (tied embedding/output layer, Linear layers that
 take the fused path, a LayerNorm) on its own examples, wrapped in DistributedDataParallel or sharded with

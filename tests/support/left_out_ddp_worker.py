@@ -15,11 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from lightning.pytorch import Trainer
 from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale
 from support.multiprocess import end_process, launched_children
+from support.trainers import make_trainer
 from support.zoo import SequenceRegression
 
 
@@ -45,11 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     gns = GradientNoiseScale(beta=0.8, mode="per_example")
-    trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[gns],
-    )  # fmt: skip
+    trainer = make_trainer([gns], devices=2, strategy="ddp_find_unused_parameters_true")
     trainer.fit(RankBranch(), RankBranch.data(2 * 4 * 6))
     state = {"left_out": gns.left_out, "covered_fraction": gns.covered_fraction, "b_simple": gns.b_simple}
     torch.save(state, args.out / f"rank{trainer.global_rank}.pt")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,25 +59,28 @@ def reference_run(
     by_step: dict[int, list[MicroBatch]] = defaultdict(list)
     for mb in micro_batches:
         by_step[mb.step].append(mb)
+    # One small batch carries no information about the noise.
+    steps = [s for s in sorted(by_step) if per_example or len(by_step[s]) * world_size >= 2]
+    history = ema_history([(s, *step_estimates(by_step[s], world_size, per_example)) for s in steps], beta)
+    for entry in history:
+        entry["b_big"] = float(sum(len(mb.y) for mb in by_step[int(entry["step"])]))
+    return history
+
+
+def ema_history(estimates: Iterable[tuple[int, float, float]], beta: float) -> list[dict[str, float]]:
+    """Per ``(step, |G|^2, tr(Sigma))`` estimate: the bias-corrected EMAs so far and their ratio ``B_simple``.
+
+    ``B_simple`` reads a negative ``tr(Sigma)`` average as 0 and a non-positive ``|G|^2`` one as ``inf``.
+    """
     g2_ema = trace_ema = weight = 0.0
-    history = []
-    for step in sorted(by_step):
-        if len(by_step[step]) * world_size < 2 and not per_example:
-            continue  # one small batch carries no information about the noise
-        g2, tr = step_estimates(by_step[step], world_size, per_example)
+    history: list[dict[str, float]] = []
+    for step, g2, tr in estimates:
         g2_ema = beta * g2_ema + (1 - beta) * g2
         trace_ema = beta * trace_ema + (1 - beta) * tr
         weight = beta * weight + (1 - beta)
         g2_avg, tr_avg = g2_ema / weight, trace_ema / weight
-        history.append(
-            {
-                "step": step,
-                "grad_sq_norm": g2_avg,
-                "trace_cov": tr_avg,
-                "b_simple": tr_avg / g2_avg if g2_avg > 0 else math.inf,
-                "b_big": float(sum(len(mb.y) for mb in by_step[step])),
-            }
-        )
+        b_simple = max(tr_avg, 0.0) / g2_avg if g2_avg > 0 else math.inf
+        history.append({"step": step, "grad_sq_norm": g2_avg, "trace_cov": tr_avg, "b_simple": b_simple})
     return history
 
 

@@ -10,7 +10,6 @@ unfrozen parameters.
 from __future__ import annotations
 
 import copy
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from support.reference import ema_history
 
 # (model, one example's batch with a leading dimension of 1) -> that example's mean loss (a scalar).
 ExampleLoss = Callable[[nn.Module, Any], Tensor]
@@ -123,8 +124,7 @@ def reference_history(
     by_step: dict[int, list[RecordedMicroBatch]] = defaultdict(list)
     for mb in recorded:
         by_step[mb.step].append(mb)
-    g2_ema = trace_ema = weight = 0.0
-    history = []
+    estimates = []
     for step in sorted(by_step):
         names = names_at(step)
         grads, sizes, shares = [], [], []
@@ -133,20 +133,8 @@ def reference_history(
             size = sizes_of(mb.batch).double()
             sizes.append(size)
             shares.append(size / size.sum())
-        g2, tr = step_estimate(grads, sizes, shares, by_step[step][0].accumulation * world_size)
-        g2_ema = beta * g2_ema + (1 - beta) * g2
-        trace_ema = beta * trace_ema + (1 - beta) * tr
-        weight = beta * weight + (1 - beta)
-        g2_avg, tr_avg = g2_ema / weight, trace_ema / weight
-        history.append(
-            {
-                "step": step,
-                "grad_sq_norm": g2_avg,
-                "trace_cov": tr_avg,
-                "b_simple": max(tr_avg, 0.0) / g2_avg if g2_avg > 0 else math.inf,
-            }
-        )
-    return history
+        estimates.append((step, *step_estimate(grads, sizes, shares, by_step[step][0].accumulation * world_size)))
+    return ema_history(estimates, beta)
 
 
 def assert_histories_match(got: list[dict[str, float]], want: list[dict[str, float]], rel: float = 1e-7) -> None:

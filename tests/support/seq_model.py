@@ -1,6 +1,6 @@
 """A small sequence model whose Linear and LayerNorm layers take the fused per-example path, and its torch.func norms.
 
-Shared by tests/test_fused_linear.py and tests/support/fused_worker.py.
+Shared by tests/test_per_example_fused.py and tests/support/fused_worker.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.checkpoint import checkpoint
 
+from lightning_gns.sources.per_example_fused import LayerNormWithPerExampleGrads, LinearWithPerExampleGrads
+
 VOCAB = 11
+
+# The autograd node types of the fused functions' outputs.
+_FUSED_NODES = {f"{cls.__name__}Backward" for cls in (LinearWithPerExampleGrads, LayerNormWithPerExampleGrads)}
+
+
+def is_fused_output(out: Tensor) -> bool:
+    """Whether ``out`` came from one of the fused per-example functions."""
+    return out.grad_fn is not None and type(out.grad_fn).__name__ in _FUSED_NODES
 
 
 class SeqModel(nn.Module):
@@ -61,7 +71,7 @@ def fused_layer_names(model: nn.Module) -> set[str]:
         if isinstance(module, (nn.Linear, nn.LayerNorm)):
 
             def hook(m: nn.Module, args: Any, out: Tensor, name: str = name) -> None:
-                if out.grad_fn is not None and type(out.grad_fn).__name__.startswith("Fused"):
+                if is_fused_output(out):
                     names.add(name)
 
             module.register_forward_hook(hook)

@@ -1,4 +1,4 @@
-"""A quiet one-epoch CPU Trainer (no logger, checkpoints, progress bar or summary) for the tests."""
+"""A quiet one-epoch CPU Trainer for the tests, and a logger that keeps what it is given."""
 
 from __future__ import annotations
 
@@ -6,14 +6,38 @@ import warnings
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
 from torch import nn
 
 
+class MemoryLogger(Logger):
+    """Keeps every ``(step, metrics)`` the Trainer logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((int(step or 0), dict(metrics)))
+
+
 def make_trainer(callbacks: list[Any], **kwargs: Any) -> Trainer:
+    """One epoch on one CPU process unless ``kwargs`` say otherwise; with ``max_steps`` the step count ends it."""
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
-        max_epochs=1,
+        max_epochs=None if "max_steps" in kwargs else 1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -1,4 +1,4 @@
-"""``nn.Linear`` (and ``nn.LayerNorm``) with per-example gradients computed once: ``.grad`` and their norms together.
+"""``nn.Linear``, HF ``Conv1D`` and ``nn.LayerNorm`` with ``.grad`` and per-example gradients from one computation.
 
 Autograd computes a Linear layer's weight gradient as ``delta^T x`` over all ``B T`` positions, which is the
 sum over examples of the per-example gradients ``delta_i^T x_i``. Computed per example (one batched matmul)
@@ -6,11 +6,11 @@ and then summed over the batch, the same work gives ``.grad`` and every example'
 norms cost one reduction more. The hook path instead lets autograd form the weight gradient and then
 forms the per-example gradients (or their Gram form) a second time.
 
-:class:`FusedForward` replaces a watched layer's ``forward`` (an instance attribute, removed on detach).
+:class:`FusableForward` replaces a watched layer's ``forward`` (an instance attribute, removed on detach).
 While the per-example source records and the layer's input is a batch of sequences for which the fused
-form pays (:func:`fused_pays`), it runs :class:`FusedLinearFunction`; otherwise it is ``F.linear``, and the
+form pays (:func:`fused_pays`), it runs :class:`LinearWithPerExampleGrads`; otherwise it is ``F.linear``, and the
 source's hooks do what they always did. ``nn.LayerNorm`` gets the same treatment
-(:class:`FusedLayerNormFunction`): its per-example weight gradient ``sum_t delta_t * xhat_t`` needs the
+(:class:`LayerNormWithPerExampleGrads`): its per-example weight gradient ``sum_t delta_t * xhat_t`` needs the
 normalised input, which the hook path recomputes and the fused backward rebuilds from the mean and inverse
 standard deviation the forward kept.
 """
@@ -47,13 +47,13 @@ def fused_pays(batch: int, tokens: int, d_out: int, d_in: int) -> bool:
     return per_example < tokens * tokens * (d_out + d_in) and batch * per_example <= FUSED_MAX_ELEMENTS
 
 
-class FusedCall(Protocol):
+class PerExampleGradSink(Protocol):
     """What one fused call hands its per-example gradients to (see ``PerExampleSource``)."""
 
     def deliver(self, weight: Tensor, bias: Tensor | None) -> None: ...
 
 
-class FusedLinearFunction(torch.autograd.Function):
+class LinearWithPerExampleGrads(torch.autograd.Function):
     """``F.linear`` whose backward forms each example's weight gradient once and hands it to ``call``.
 
     Inputs ``x`` (B, ..., d_in). The weight gradient is the batch sum of the per-example gradients (float32
@@ -62,7 +62,7 @@ class FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, call: FusedCall, in_out: bool = False
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, call: PerExampleGradSink, in_out: bool = False
     ) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.call = call
@@ -98,7 +98,7 @@ class FusedLinearFunction(torch.autograd.Function):
         return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None, None
 
 
-class FusedLayerNormFunction(torch.autograd.Function):
+class LayerNormWithPerExampleGrads(torch.autograd.Function):
     """``F.layer_norm`` whose backward hands each example's weight and bias gradients to ``call``.
 
     The input gradient comes from the same kernel as autograd's (``native_layer_norm_backward``, input only);
@@ -113,7 +113,7 @@ class FusedLayerNormFunction(torch.autograd.Function):
         bias: Tensor | None,
         normalized_shape: tuple[int, ...],
         eps: float,
-        call: FusedCall,
+        call: PerExampleGradSink,
     ) -> Tensor:
         out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -167,17 +167,19 @@ def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype)
 
 
-def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None, call: FusedCall, in_out: bool = False) -> Tensor:
-    """``F.linear(x, weight, bias)`` through :class:`FusedLinearFunction`, casting as autocast would.
+def fused_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, call: PerExampleGradSink, in_out: bool = False
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` through :class:`LinearWithPerExampleGrads`, casting as autocast would.
 
     ``in_out``: the weight is laid out (in, out), as HF ``Conv1D``'s, and the output is ``addmm(bias, x, W)``.
     """
     dtype = _autocast_dtype(x)
     if dtype is None:
-        return FusedLinearFunction.apply(x, weight, bias, call, in_out)
+        return LinearWithPerExampleGrads.apply(x, weight, bias, call, in_out)
     x_cast, weight_cast, bias_cast = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return FusedLinearFunction.apply(x_cast, weight_cast, bias_cast, call, in_out)
+        return LinearWithPerExampleGrads.apply(x_cast, weight_cast, bias_cast, call, in_out)
 
 
 FUSABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
@@ -199,8 +201,8 @@ def hf_conv1d_class(module: nn.Module) -> type | None:
     return None
 
 
-class FusedForward:
-    """A watched ``nn.Linear``'s or ``nn.LayerNorm``'s ``forward`` while the per-example source is attached.
+class FusableForward:
+    """A watched Linear's, HF Conv1D's or LayerNorm's ``forward`` while the per-example source is attached.
 
     ``owner.plan_fused(module, input)`` returns the call to deliver the per-example gradients to when this
     call should be fused, else None (then this is the layer's own forward). Holds the source weakly; a deep
@@ -227,7 +229,7 @@ class FusedForward:
                     output = fused_linear(input, weight, bias, call, in_out=True)
                 else:
                     assert isinstance(module, nn.LayerNorm)
-                    output = FusedLayerNormFunction.apply(
+                    output = LayerNormWithPerExampleGrads.apply(
                         input, module.weight, module.bias, tuple(module.normalized_shape), module.eps, call
                     )
                 owner.fused_output = output

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScaleTracker
 from lightning_gns.sources import PerExampleSource
-from lightning_gns.sources.fused_linear import FusedForward, fused_pays
 from lightning_gns.sources.per_example_factors import OneHot, factor_sq_norm
+from lightning_gns.sources.per_example_fused import FusableForward, fused_pays
 from support.multiprocess import run_worker
 from support.seq_model import VOCAB, SeqModel, fused_layer_names, sequence_loss, vmap_sq_norms
 
@@ -150,8 +150,8 @@ def test_attach_and_detach_replace_and_restore_forward() -> None:
     model = SeqModel()
     source = PerExampleSource()
     source.attach(model, model.parameters())
-    assert isinstance(vars(model.up).get("forward"), FusedForward)
-    assert isinstance(vars(model.norm).get("forward"), FusedForward)
+    assert isinstance(vars(model.up).get("forward"), FusableForward)
+    assert isinstance(vars(model.norm).get("forward"), FusableForward)
     assert "forward" not in vars(model.embed)  # only Linear and LayerNorm layers
     copied = copy.deepcopy(model)  # a copy runs plain F.linear: its layers are not watched
     source.recording = True
