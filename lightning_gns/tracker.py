@@ -30,11 +30,7 @@ from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
 from lightning_gns.sources.left_out import left_out_message, low_coverage_message, parameter_names, unwatched_reasons
 from lightning_gns.sources.per_example import Layers, PerExampleBackward, batch_coupled_layers
-
-try:  # public since torch 2.5; FSDP2's parameters and gradients are DTensors
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover - older torch, or built without distributed
-    _DTensor = None  # type: ignore[assignment,misc]
+from lightning_gns.sources.sharded import balanced_share, is_dtensor, param_sq_norms
 
 SourceMode = Literal["ddp", "microbatch", "per_example"]
 SOURCE_MODES: tuple[str, ...] = ("ddp", "microbatch", "per_example")
@@ -179,7 +175,7 @@ class GradientNoiseScaleTracker:
         distributed = dist.is_available() and dist.is_initialized()
         self._world_size = dist.get_world_size(process_group) if distributed else 1
         self._rank = dist.get_rank(process_group) if distributed else 0
-        self._sharded = any(_is_dtensor(p) for p in self._params)
+        self._sharded = any(is_dtensor(p) for p in self._params)
         if self._sharded and mode != "per_example":
             raise ValueError(
                 f"Sharded parameters (FSDP2 fully_shard) are supported with mode='per_example' only, got mode={mode!r}:"
@@ -278,7 +274,7 @@ class GradientNoiseScaleTracker:
         source = self._per_example_source
         measured = source.params if source is not None else self._params
         world_size = 1 if self._sharded else self._world_size  # shards already split the work
-        self._big_norm_share = _balanced_share(measured, world_size, self._rank)
+        self._big_norm_share = balanced_share(measured, world_size, self._rank)
         device = self.metric.grad_sq_norm_ema.device
         # Allocated here, at setup, rather than on the first measured step.
         self._step_buffer(4 * len(source.params) + COUNT_FIELDS if source is not None else STEP_SIZE, device)
@@ -686,9 +682,9 @@ class GradientNoiseScaleTracker:
         # mean over the step's small batches is .grad * k / (backward passes per rank), which is also right
         # for a short last window of the epoch.
         big_factor = (k / max(m, 1)) ** 2
-        param_sq_norms = _param_sq_norms(self._big_norm_share, device, self._sharded)
+        share_sq_norms = param_sq_norms(self._big_norm_share, device, self._sharded)
         if self._per_example_source is not None:
-            self._measure_per_example_step(device, unscale_sq, big_factor, param_sq_norms)
+            self._measure_per_example_step(device, unscale_sq, big_factor, share_sq_norms)
         else:
             packed = self._step_buffer(STEP_SIZE, device)
             if self._weighted_sq_sum is None:
@@ -696,7 +692,7 @@ class GradientNoiseScaleTracker:
             else:
                 torch.mul(self._weighted_sq_sum.to(device), unscale_sq, out=packed[SUM_INDEX])
             self._fill_counts(packed, COUNTS.start)
-            torch.sum(param_sq_norms, dim=0, out=packed[BIG_INDEX])
+            torch.sum(share_sq_norms, dim=0, out=packed[BIG_INDEX])
             if self._world_size > 1:
                 dist.all_reduce(packed, group=self._process_group)
             summary, big = unpack_step(packed)
@@ -856,60 +852,3 @@ def _load_metric_states(metric: GradientNoiseScaleMetric, states: dict[str, Tens
 
 def _python_warning(message: str) -> None:
     warnings.warn(message, stacklevel=3)
-
-
-def _balanced_share(params: list[nn.Parameter], world_size: int, rank: int) -> list[nn.Parameter]:
-    """This rank's parameters when the work of one norm is split evenly by size (same on every rank)."""
-    if world_size <= 1:
-        return list(params)
-    loads = [0] * world_size
-    share: list[nn.Parameter] = []
-    for index in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
-        owner = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[owner] += params[index].numel()
-        if owner == rank:
-            share.append(params[index])
-    return share
-
-
-def _param_sq_norms(params: list[nn.Parameter], device: torch.device, sharded: bool = True) -> Tensor:
-    """Squared gradient norm of each parameter (0 where there is no gradient), float64, shape (len(params),).
-
-    ``sharded=False`` promises no DTensor gradients (their local shards are then not looked up).
-    """
-    # A DTensor gradient's local shard: a norm of the DTensor itself would all-reduce once per parameter.
-    grads = [p.grad for p in params if p.grad is not None]
-    if sharded:
-        grads = [_local(g) for g in grads]
-    if not grads:
-        return torch.zeros(len(params), dtype=torch.float64, device=device)
-    norms = _fused_norms(grads)
-    if len(grads) == len(params) and len({n.dtype for n in norms}) == 1:
-        # One stack and one conversion instead of one conversion per parameter (the same float64 values).
-        return torch.stack(norms).to(device=device, dtype=torch.float64).square()
-    remaining = iter(norms)
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    per_param = [next(remaining) if p.grad is not None else zero for p in params]
-    return torch.stack([n.to(device=device, dtype=torch.float64) for n in per_param]).square()
-
-
-def _fused_norms(grads: list[Tensor]) -> list[Tensor]:
-    """One fused norm pass per dtype; half-precision gradients are accumulated in float32, float64 kept."""
-    wide = [g.dtype == torch.float64 for g in grads]
-    if not any(wide):
-        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    if all(wide):
-        return list(torch._foreach_norm(grads, 2))
-    narrow_norms = iter(
-        torch._foreach_norm([g for g, w in zip(grads, wide, strict=True) if not w], 2, dtype=torch.float32)
-    )
-    wide_norms = iter(torch._foreach_norm([g for g, w in zip(grads, wide, strict=True) if w], 2))
-    return [next(wide_norms) if w else next(narrow_norms) for w in wide]
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return _DTensor is not None and isinstance(tensor, _DTensor)
-
-
-def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
