@@ -14,12 +14,12 @@ from lightning_gns.estimators import (
     MOMENT_FIELDS,
     EstimateSpread,
     SmallBatchSummary,
+    StepSums,
     noise_scale_interval,
     pack_step,
     relative_error,
     simple_noise_scale,
     spread_from_moments,
-    summarize_small_batches,
     unbiased_estimates,
     unpack_step,
 )
@@ -127,7 +127,6 @@ class GradientNoiseScaleMetric(Metric):
         small_sizes: Tensor,
         big_sq_norm: Tensor,
         small_weights: Tensor | None = None,
-        big_sq_norm_is_partial: bool = False,
     ) -> None:
         """Fold in one optimizer step.
 
@@ -139,17 +138,15 @@ class GradientNoiseScaleMetric(Metric):
                 all small batches of all processes.
             small_weights: ``w_i``; default ``small_sizes`` (the big batch is the mean over all examples).
                 Lightning's gradient accumulation weights micro-batches equally: pass ones.
-            big_sq_norm_is_partial: ``big_sq_norm`` is this process's share of the squared norm
-                (sharded parameters or sharded work) and is summed over processes with the rest.
         """
-        summary = summarize_small_batches(small_sq_norms, small_sizes, small_weights)
+        sums = StepSums()
+        sums.add(small_sq_norms, small_sizes, small_weights)
+        summary = sums.summary()
         big = big_sq_norm.reshape(()).to(device=summary.size_sum.device, dtype=torch.float64)
         if self._should_all_reduce():
             packed = pack_step(summary, big)
             dist.all_reduce(packed, group=self.process_group)
-            summary, summed_big = unpack_step(packed)
-            if big_sq_norm_is_partial:
-                big = summed_big
+            summary, _ = unpack_step(packed)
         self.fold(summary, big)
 
     def _should_all_reduce(self) -> bool:
