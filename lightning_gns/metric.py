@@ -49,6 +49,17 @@ def validate_beta(beta: float) -> float:
     return float(beta)
 
 
+def metric_states(metric: GradientNoiseScaleMetric) -> dict[str, Tensor]:
+    """The metric's states as host copies, by name (what a checkpoint keeps)."""
+    return {name: getattr(metric, name).detach().cpu().clone() for name in metric._defaults}
+
+
+def load_metric_states(metric: GradientNoiseScaleMetric, states: dict[str, Tensor]) -> None:
+    """Copy ``states`` (from :func:`metric_states`) into the metric, keeping each on the metric's device."""
+    for name, value in states.items():
+        getattr(metric, name).copy_(value)
+
+
 class GradientNoiseScaleMetric(Metric):
     """The simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018).
 
