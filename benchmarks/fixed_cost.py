@@ -32,7 +32,7 @@ def time_measure_step(mode: str, n_params: int, calls: int, repeats: int) -> flo
         p.grad = torch.randn_like(p)
     tracker = GradientNoiseScaleTracker(beta=0.9)
     tracker.attach(model.parameters(), mode=mode, model=model)  # type: ignore[arg-type]
-    source = tracker._per_example_source
+    source = tracker._sources.per_example
     watched = len(source.params) if source is not None else 0
 
     def prepare() -> None:  # what two recorded micro-batches of 16 examples leave behind

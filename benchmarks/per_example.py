@@ -213,7 +213,7 @@ def check_against_vmap(shape: Shape, seed: int) -> str:
     for layers in ("all", "norm"):
         tracker = GradientNoiseScaleTracker(layers=layers)
         tracker.attach(model.parameters(), mode="per_example", model=model)
-        source = tracker._per_example_source
+        source = tracker._sources.per_example
         assert source is not None
         source.recording = True
         model.zero_grad(set_to_none=True)

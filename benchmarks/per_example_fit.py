@@ -171,7 +171,7 @@ def check_against_opacus(shape: Shape, seed: int) -> str:
     tracker.attach(model.parameters(), mode="per_example", model=model)
     tracker.start_micro_batch(units=len(tokens))
     F.cross_entropy(model(tokens).transpose(1, 2), targets).backward()
-    source = tracker._per_example_source
+    source = tracker._sources.per_example
     assert source is not None and tracker.covered_fraction == 1.0
     ours = pop_norms(source)
     tracker.detach()

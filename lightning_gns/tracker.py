@@ -8,7 +8,6 @@ is glue around it; plain PyTorch and Fabric loops call it directly.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -16,16 +15,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_gns import forecasts, scalars
+from lightning_gns import scalars
+from lightning_gns.announcements import Announcements
 from lightning_gns.estimators import COUNT_FIELDS, StepSums, summary_from_counts
 from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, metric_states, validate_beta
-from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
 from lightning_gns.sources.base import BackwardNorms, StepBookkeeping
-from lightning_gns.sources.ddp_comm_hook import register_comm_hook
-from lightning_gns.sources.left_out import left_out_message, low_coverage_message, parameter_names
+from lightning_gns.sources.left_out import parameter_names
 from lightning_gns.sources.per_example import Layers
 from lightning_gns.sources.per_example_bookkeeping import PerExampleBookkeeping, attach_per_example
 from lightning_gns.sources.sharded import is_dtensor
+from lightning_gns.sources.source_set import SourceSet
 
 SourceMode = Literal["ddp", "microbatch", "per_example"]
 SOURCE_MODES: tuple[str, ...] = ("ddp", "microbatch", "per_example")
@@ -80,16 +79,8 @@ class GradientNoiseScaleTracker:
         self.per_layer = per_layer
         self.mode: str | None = None
         # Fallbacks, exclusions and unmeasurable steps are announced through this, once per message.
-        self._warn: Callable[[str], None] = warn if warn is not None else _python_warning
-        self._announced: list[str] = []
-        self._said_nothing_measured = False
-        self._left_out_said: dict[str, str] = {}  # the left-out set the last announcement reported
-        self._low_coverage_said = False
-        self._comm_hook_source: DDPCommHookSource | None = None
-        self._comm_hook_model: nn.Module | None = None
-        self._param_hook_source = ParamHookSource()
-        self._per_example_source: PerExampleSource | None = None
-        self._active_source: GradNormSource | None = None
+        self._announce = Announcements(warn)
+        self._sources = SourceSet(self._announce)
         self._params: list[nn.Parameter] = []
         self._param_names: dict[int, str] = {}  # parameter id -> its name in the model
         self._model: nn.Module | None = None
@@ -137,7 +128,7 @@ class GradientNoiseScaleTracker:
         if mode not in SOURCE_MODES:
             raise ValueError(f"Unknown mode {mode!r}. Choose one of {', '.join(repr(m) for m in SOURCE_MODES)}.")
         self.detach()
-        self._per_example_source = None
+        self._sources.per_example = None
         self.mode = mode
         self._params = _unique_trainable(params)
         self._model, self._ddp_model, self._process_group = model, ddp_model, process_group
@@ -153,7 +144,7 @@ class GradientNoiseScaleTracker:
         module = model if model is not None else getattr(ddp_model, "module", None)
         device = self.metric.grad_sq_norm_ema.device
         if mode == "per_example":
-            source = self._per_example_source = attach_per_example(module, self._params, self.layers)
+            source = self._sources.per_example = attach_per_example(module, self._params, self.layers)
             assert module is not None
             self._book = PerExampleBookkeeping(
                 source, module, self._params, self.layers, self._world_size, self._rank, device, sharded
@@ -172,18 +163,7 @@ class GradientNoiseScaleTracker:
         ``ddp_model`` does this at once). Falls back to parameter hooks, with a warning, if DDP refuses.
         """
         self._ddp_model = ddp_model
-        if self._comm_hook_model is not ddp_model:
-            self._comm_hook_model = ddp_model
-            self._comm_hook_source = register_comm_hook(ddp_model, self._announce)
-        if self._comm_hook_source is not None:
-            ddp_params = {id(p) for p in ddp_model.parameters() if p.requires_grad}
-            self._comm_hook_source.usable = ddp_params == {id(p) for p in self._params}
-            if not self._comm_hook_source.usable:
-                self._announce(
-                    "GradientNoiseScale: DDP's gradient buckets hold other parameters than the optimizer steps"
-                    " (frozen, unfrozen or unoptimized parameters), so per-rank gradient norms come from parameter"
-                    " hooks on the optimized parameters (source 'param_hooks')."
-                )
+        self._sources.use_comm_hook(ddp_model, self._params)
 
     @property
     def step_is_empty(self) -> bool:
@@ -202,7 +182,7 @@ class GradientNoiseScaleTracker:
         before = sum(p.numel() for p in self._params)
         self.attach(current, self.mode, self._model, self._ddp_model, self._process_group)  # type: ignore[arg-type]
         after = sum(p.numel() for p in self._params)
-        self._warn(
+        self._announce.warn(
             f"GradientNoiseScale: the optimized trainable parameters changed ({before:,} -> {after:,} elements);"
             " the gradient norms now cover the new set. The averages continue, so the noise scale moves to the new"
             f" parameters' value over about 1 / (1 - beta) = {1 / (1 - self.metric.beta):.0f} measured steps."
@@ -214,15 +194,8 @@ class GradientNoiseScaleTracker:
 
         What was measured stays readable (:attr:`covered_fraction` included).
         """
-        for source in self._sources():
-            if source is not self._comm_hook_source:
-                source.detach()
-            source.recording = False
+        self._sources.detach()
         self._sums.clear()
-
-    def _sources(self) -> list[GradNormSource]:
-        candidates = (self._comm_hook_source, self._param_hook_source, self._per_example_source)
-        return [s for s in candidates if s is not None]
 
     def to(self, device: torch.device | str) -> GradientNoiseScaleTracker:
         """Move the statistics to ``device`` (float32 on MPS, which has no float64)."""
@@ -266,7 +239,8 @@ class GradientNoiseScaleTracker:
     @property
     def source(self) -> str | None:
         """Source that fed the last micro-batch: ``"ddp_comm_hook"``, ``"param_hooks"`` or ``"per_example"``."""
-        return self._active_source.name if self._active_source is not None else None
+        active = self._sources.active
+        return active.name if active is not None else None
 
     def compute(self, kaplan_loss: Tensor | None = None) -> dict[str, Tensor]:
         """Every readout, keyed by its logged name (:mod:`lightning_gns.scalars`), as device tensors.
@@ -281,27 +255,7 @@ class GradientNoiseScaleTracker:
             >>> sorted(tracker.compute())[:3]
             ['gns/b_big', 'gns/b_simple', 'gns/b_simple_high']
         """
-        metric = self.metric
-        b_simple, b_big = metric.b_simple, metric.last_b_big
-        low, high = metric.confidence_interval()
-        values = {
-            scalars.B_SIMPLE: b_simple,
-            scalars.B_SIMPLE_LOW: low,
-            scalars.B_SIMPLE_HIGH: high,
-            scalars.GRAD_SQ_NORM: metric.grad_sq_norm,
-            scalars.TRACE_COV: metric.trace_cov,
-            scalars.B_SMALL: metric.last_b_small,
-            scalars.B_BIG: b_big,
-            scalars.SKIPPED_STEPS: metric.skipped_steps,
-            scalars.STEPS_OVER_MIN: forecasts.steps_over_min(b_big, b_simple),
-            scalars.EXAMPLES_OVER_MIN: forecasts.examples_over_min(b_big, b_simple),
-        }
-        if self.reference_batch_size is not None:
-            values[scalars.STATISTICAL_EFFICIENCY] = forecasts.statistical_efficiency(
-                b_big, b_simple, self.reference_batch_size
-            )
-        if kaplan_loss is not None:
-            values[scalars.KAPLAN_B_CRIT_TOKENS] = forecasts.kaplan_critical_batch_tokens(kaplan_loss.double())
+        values = scalars.metric_values(self.metric, self.reference_batch_size, kaplan_loss)
         covered = self._book.covered_fraction(float(sum(p.numel() for p in self._params)))
         if covered is not None:
             values[scalars.COVERED_FRACTION] = covered
@@ -312,7 +266,7 @@ class GradientNoiseScaleTracker:
     @property
     def has_per_example_layers(self) -> bool:
         """Whether ``per_example`` mode found at least one supported layer owning an optimized parameter."""
-        return self._per_example_source is not None and self._per_example_source.attached
+        return self._sources.per_example is not None and self._sources.per_example.attached
 
     @property
     def covered_fraction(self) -> float:
@@ -352,36 +306,20 @@ class GradientNoiseScaleTracker:
 
         Reads a few flags from the device: call it on steps that log, not on every step.
         """
-        before = len(self._announced)
+        before = len(self._announce.said)
         if not self._reference_settled and self.reference_batch_size is not None:
             self._reference_settled = bool(torch.isfinite(self.reference_batch_size))
-        self._announce_left_out()
-        metric = self.metric
-        if int(metric.measured_steps) == 0 and int(metric.skipped_steps) >= 1 and not self._said_nothing_measured:
-            self._said_nothing_measured = True  # once: the message's count would make every logging step new
-            self._announce(self._nothing_measured_message())
-        return self._announced[before:]
-
-    def _announce_left_out(self) -> None:
-        """One message with every left-out parameter; again (once) when more are left out later."""
         left_out = self.left_out
-        if not left_out:
-            return
-        numels = {self._param_names[id(p)]: p.numel() for p in self._params}
-        total = sum(numels.values())
-        if left_out and left_out != self._left_out_said:
-            updated = len(left_out.keys() - self._left_out_said.keys()) if self._left_out_said else None
-            self._left_out_said = left_out
-            self._announce(left_out_message(left_out, numels, total, updated))
-        covered = 1 - sum(numels[n] for n in left_out) / total if total else 1.0
-        if self.layers == "all" and covered < 0.5 and not self._low_coverage_said:
-            self._low_coverage_said = True
-            self._announce(low_coverage_message(covered))
+        if left_out:
+            numels = {self._param_names[id(p)]: p.numel() for p in self._params}
+            self._announce.left_out(left_out, numels, all_layers=self.layers == "all")
+        skipped = int(self.metric.skipped_steps) if int(self.metric.measured_steps) == 0 else 0
+        if skipped >= 1:
+            self._announce.nothing_measured(skipped, self._nothing_measured_reasons())
+        return self._announce.said[before:]
 
-    def _nothing_measured_message(self) -> str:
-        reasons = []
-        if self._step_failure_seen is not None:
-            reasons.append(self._step_failure_seen)
+    def _nothing_measured_reasons(self) -> list[str]:
+        reasons = [] if self._step_failure_seen is None else [self._step_failure_seen]
         if self.mode == "per_example" and self._world_size == 1 and self._accumulation == 1:
             reasons.append(
                 "a micro-batch of one example on one process has a single small batch (per_example needs at least"
@@ -389,16 +327,7 @@ class GradientNoiseScaleTracker:
             )
         if self.mode == "microbatch" and self._accumulation < 2:
             reasons.append("mode='microbatch' needs accumulate_grad_batches >= 2")
-        why = "; ".join(reasons) if reasons else "non-finite gradients or fewer than two small batches per step"
-        return (
-            "GradientNoiseScale: no optimizer step could be measured so far"
-            f" ({int(self.metric.skipped_steps)} skipped): {why}. B_simple stays NaN until a step can be measured."
-        )
-
-    def _announce(self, message: str) -> None:
-        if message not in self._announced:
-            self._announced.append(message)
-            self._warn(message)
+        return reasons
 
     # ------------------------------------------------------------------ per micro-batch
     def start_micro_batch(
@@ -423,31 +352,16 @@ class GradientNoiseScaleTracker:
                 examples = units
             elif units.dim() == 1:
                 examples = units.numel()
-        source = self._source_for(accumulation)
+        source = self._sources.pick(self._params, accumulation)
         if self._in_micro_batch:
             self.stop_recording()  # the last micro-batch had no backward (training_step returned None)
-        for candidate in self._sources():
-            candidate.recording = measure and candidate is source
-        source.expected_examples = examples
-        self._active_source = source
+        self._sources.start(source, measure, examples)
         self._in_micro_batch = measure
-
-    def _source_for(self, accumulation: int) -> GradNormSource:
-        if self._per_example_source is not None:
-            return self._per_example_source
-        # The comm hook sees per-rank gradients only when every backward synchronizes.
-        comm = self._comm_hook_source
-        if comm is not None and comm.usable and accumulation == 1:
-            return comm
-        if not self._param_hook_source.attached:
-            self._param_hook_source.attach(self._params)
-        return self._param_hook_source
 
     def end_micro_batch(self) -> None:
         """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation)."""
-        source = self._active_source
-        for candidate in self._sources():
-            candidate.recording = False  # gradients outside the training backward are not recorded
+        source = self._sources.active
+        self._sources.stop()
         if not (self._in_micro_batch and self._measuring_step) or source is None:
             return
         self._in_micro_batch = False
@@ -465,12 +379,10 @@ class GradientNoiseScaleTracker:
 
     def stop_recording(self) -> None:
         """Stop a micro-batch that had no backward pass, dropping whatever its forward left in the sources."""
-        for candidate in self._sources():
-            candidate.recording = False
+        self._sources.stop()
         if self._in_micro_batch:
             self._in_micro_batch = False
-            for candidate in self._sources():
-                candidate.pop_backward()
+            self._sources.drop()
 
     # ------------------------------------------------------------------ per optimizer step
     def measure_step(self, loss_scale: Tensor | float | None = None) -> bool:
@@ -574,7 +486,3 @@ def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
             seen.add(id(p))
             unique.append(p)
     return unique
-
-
-def _python_warning(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
