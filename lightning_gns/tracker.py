@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from lightning_gns import scalars
 from lightning_gns.announcements import Announcements
-from lightning_gns.estimators import COUNT_FIELDS, StepSums, summary_from_counts
+from lightning_gns.estimators import StepSums, summary_from_counts
 from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, metric_states, validate_beta
 from lightning_gns.sources.base import BackwardNorms, StepBookkeeping
 from lightning_gns.sources.left_out import parameter_names
@@ -97,7 +97,6 @@ class GradientNoiseScaleTracker:
         # tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
         self.reference_batch_size: Tensor | None = None
         self._reference_settled = False  # the host has seen reference_batch_size hold a batch size
-        self._packed: Tensor | None = None  # the step's packed statistics, reused (see _step_buffer)
         self._sums = StepSums()  # running sums of the current optimizer step on this rank
         self._step_failure_seen: str | None = None  # the last reason a step could not be measured
 
@@ -154,7 +153,7 @@ class GradientNoiseScaleTracker:
             if mode == "ddp" and ddp_model is not None:
                 self.use_comm_hook(ddp_model)
         self._param_names = parameter_names(module, self._params)
-        self._step_buffer(self._book.size + COUNT_FIELDS, device)  # allocated at setup, not on the first step
+        self._book.buffer(device)  # allocated at setup, not on the first measured step
 
     def use_comm_hook(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
         """``ddp`` mode: take per-rank norms from a communication hook on ``ddp_model`` from now on.
@@ -207,7 +206,6 @@ class GradientNoiseScaleTracker:
         if self.reference_batch_size is not None:
             self.reference_batch_size = self.reference_batch_size.to(self.metric.last_b_big)
         self._book.to(device, self.metric.last_b_big.dtype)  # the bookkeeping made at attach lives here too
-        self._packed = None
         return self
 
     def own_states(self) -> None:
@@ -416,7 +414,7 @@ class GradientNoiseScaleTracker:
         # One all-reduce: what the source's bookkeeping packs (A and this rank's share of |G_big|^2, per part),
         # then the step's counts.
         book = self._book
-        packed = self._step_buffer(book.size + COUNT_FIELDS, device)
+        packed = book.buffer(device)
         book.pack(packed[: book.size], self._sums, unscale_sq)
         self._sums.fill_counts(packed[book.size :])
         if self._world_size > 1:
@@ -437,17 +435,6 @@ class GradientNoiseScaleTracker:
             torch.where(torch.isnan(reference), self.metric.last_b_big, reference, out=reference)
         self._sums.clear()
         return True
-
-    def _step_buffer(self, size: int, device: torch.device) -> Tensor:
-        """The float64 buffer a step packs its statistics into, reused from step to step.
-
-        Nothing keeps a reference to it past the step (the metric copies what it keeps), so one allocation
-        serves the whole run.
-        """
-        buffer = self._packed
-        if buffer is None or buffer.numel() != size or buffer.device != device:
-            buffer = self._packed = torch.zeros(size, dtype=torch.float64, device=device)
-        return buffer
 
     def layer_metric(self, name: str) -> GradientNoiseScaleMetric:
         """The metric of one layer (created on first use, on the main metric's device)."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gns.estimators import StepSums
+from lightning_gns.estimators import COUNT_FIELDS, StepSums
 from lightning_gns.sources.sharded import balanced_share, param_sq_norms
 
 # Half-precision gradients are reduced (norms, sums, Gram products) in float32: summed in their own dtype they
@@ -114,6 +114,18 @@ class StepBookkeeping:
         # the work: every rank norms its own shards of all parameters.
         self.share = balanced_share(params, 1 if sharded else world_size, rank)
         self.size = 2  # floats packed before the step's counts
+        self._packed: Tensor | None = None
+
+    def buffer(self, device: torch.device) -> Tensor:
+        """The float64 buffer a step packs into (:attr:`size` floats, then the counts), reused from step to step.
+
+        Nothing keeps a reference to it past the step (the metric copies what it keeps), so one allocation
+        serves the whole run.
+        """
+        buffer = self._packed
+        if buffer is None or buffer.device != device:
+            buffer = self._packed = torch.zeros(self.size + COUNT_FIELDS, dtype=torch.float64, device=device)
+        return buffer
 
     def pack(self, out: Tensor, sums: StepSums, unscale_sq: Tensor | float) -> None:
         """This rank's ``A`` (the loss factors removed by ``unscale_sq``) and share of ``|G_big|^2`` into ``out``."""
@@ -147,3 +159,4 @@ class StepBookkeeping:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the bookkeeping's tensors to where the statistics live."""
+        self._packed = None

@@ -182,6 +182,7 @@ class PerExampleBookkeeping(StepBookkeeping):
         return reasons
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().to(device, dtype)
         self._excluded = self._excluded.to(device)
         self._numels = self._numels.to(device=device, dtype=dtype)
         self._share_index = self._share_index.to(device)
