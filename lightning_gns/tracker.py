@@ -19,12 +19,13 @@ from lightning_gns import scalars
 from lightning_gns.announcements import Announcements
 from lightning_gns.estimators import StepSums, summary_from_counts
 from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, metric_states, validate_beta
-from lightning_gns.sources.base import BackwardNorms, StepBookkeeping
+from lightning_gns.sources.base import BackwardNorms
 from lightning_gns.sources.left_out import parameter_names
 from lightning_gns.sources.per_example import Layers
 from lightning_gns.sources.per_example_bookkeeping import PerExampleBookkeeping, attach_per_example
 from lightning_gns.sources.sharded import is_dtensor
 from lightning_gns.sources.source_set import SourceSet
+from lightning_gns.sources.step_bookkeeping import StepBookkeeping
 
 SourceMode = Literal["ddp", "microbatch", "per_example"]
 SOURCE_MODES: tuple[str, ...] = ("ddp", "microbatch", "per_example")

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gns.estimators import StepSums
-from lightning_gns.sources.base import StepBookkeeping
 from lightning_gns.sources.left_out import unwatched_reasons
 from lightning_gns.sources.per_example import Layers, PerExampleSource, batch_coupled_layers
 from lightning_gns.sources.sharded import param_sq_norms
+from lightning_gns.sources.step_bookkeeping import StepBookkeeping
 
 
 def attach_per_example(model: nn.Module | None, params: list[nn.Parameter], layers: Layers) -> PerExampleSource:
