@@ -12,14 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gns.sources import per_example_generic as generic
-from lightning_gns.sources.base import BackwardNorms, GradNormSource
+from lightning_gns.sources.base import BackwardNorms, GradNormSource, reduction_dtype, upcast_half
 from lightning_gns.sources.fused_linear import FusedForward, can_fuse, fused_pays, hf_conv1d_class
 from lightning_gns.sources.per_example_factors import (
     Dense,
     Factor,
     Materialized,
     OneHot,
-    _f32,
     factor_inner,
     factor_sq_norm,
 )
@@ -74,7 +73,7 @@ def layer_factors(module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str,
 
 def _norm_factors(module: nn.LayerNorm | nn.RMSNorm, inp: Tensor, grad_out: Tensor) -> dict[str, Factor]:
     dims = tuple(range(-len(module.normalized_shape), 0))
-    x = _f32(inp)
+    x = upcast_half(inp)
     # The normalised input, recomputed by the same fused kernels the layer uses (torch.var_mean is several
     # times slower than the whole layer_norm kernel on CPU).
     if isinstance(module, nn.LayerNorm):
@@ -84,7 +83,7 @@ def _norm_factors(module: nn.LayerNorm | nn.RMSNorm, inp: Tensor, grad_out: Tens
         normalized = F.rms_norm(x, module.normalized_shape, eps=eps)
     batch = grad_out.shape[0]
     width = normalized.shape[-len(dims) :].numel()
-    delta = _f32(grad_out).reshape(batch, -1, width)
+    delta = upcast_half(grad_out).reshape(batch, -1, width)
     factors: dict[str, Factor] = {}
     if module.weight is not None:
         factors["weight"] = Materialized((delta * normalized.reshape(batch, -1, width)).sum(dim=1))
@@ -475,8 +474,7 @@ class PerExampleSource(GradNormSource):
             for param_name, index in use.params:
                 value = weight if param_name == "weight" else bias
                 if value is not None and index not in self.excluded:
-                    half = value.dtype in (torch.float16, torch.bfloat16)
-                    sq = torch.linalg.vector_norm(value.flatten(1), dim=1, dtype=torch.float32 if half else None)
+                    sq = torch.linalg.vector_norm(value.flatten(1), dim=1, dtype=reduction_dtype(value.dtype))
                     self._add(index, Materialized(value), sq.square())
         except (NotImplementedError, RuntimeError) as error:
             # Only our own refusal and a plain RuntimeError (shapes or dtypes that do not split per example) mean

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_gns.sources.base import reduction_dtype
+
 try:  # public since torch 2.5; FSDP2's parameters and gradients are DTensors
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # pragma: no cover - older torch, or built without distributed
@@ -47,17 +49,16 @@ def param_sq_norms(params: list[nn.Parameter], device: torch.device, sharded: bo
 
 
 def fused_norms(grads: list[Tensor]) -> list[Tensor]:
-    """One fused norm pass per dtype; half-precision gradients are accumulated in float32, float64 kept."""
-    wide = [g.dtype == torch.float64 for g in grads]
-    if not any(wide):
-        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    if all(wide):
-        return list(torch._foreach_norm(grads, 2))
-    narrow_norms = iter(
-        torch._foreach_norm([g for g, w in zip(grads, wide, strict=True) if not w], 2, dtype=torch.float32)
-    )
-    wide_norms = iter(torch._foreach_norm([g for g, w in zip(grads, wide, strict=True) if w], 2))
-    return [next(wide_norms) if w else next(narrow_norms) for w in wide]
+    """Each gradient's norm, one fused pass per dtype they are accumulated in (:func:`reduction_dtype`)."""
+    dtypes = [reduction_dtype(g.dtype) or g.dtype for g in grads]
+    if len(set(dtypes)) == 1:
+        return list(torch._foreach_norm(grads, 2, dtype=dtypes[0]))
+    norms: list[Tensor] = list(grads)
+    for dtype in set(dtypes):
+        group = [i for i, d in enumerate(dtypes) if d == dtype]
+        for i, norm in zip(group, torch._foreach_norm([grads[i] for i in group], 2, dtype=dtype), strict=True):
+            norms[i] = norm
+    return norms
 
 
 def is_dtensor(tensor: Tensor) -> bool:
