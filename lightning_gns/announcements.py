@@ -38,11 +38,22 @@ class Announcements:
             self._low_coverage_said = True
             self(low_coverage_message(covered))
 
-    def nothing_measured(self, skipped: int, reasons: list[str]) -> None:
-        """Once: no optimizer step could be measured so far (``skipped`` of them), for ``reasons``."""
+    def nothing_measured(
+        self, skipped: int, failure: str | None, mode: str | None, world_size: int, accumulation: int
+    ) -> None:
+        """Once: no optimizer step could be measured so far (``skipped`` of them), with what may be the cause:
+        the last ``failure`` of a step, or a setup without two small batches per step."""
         if self._nothing_measured_said:
             return
         self._nothing_measured_said = True  # once: the message's count would make every logging step new
+        reasons = [] if failure is None else [failure]
+        if mode == "per_example" and world_size == 1 and accumulation == 1:
+            reasons.append(
+                "a micro-batch of one example on one process has a single small batch (per_example needs at least"
+                " two examples per optimizer step)"
+            )
+        if mode == "microbatch" and accumulation < 2:
+            reasons.append("mode='microbatch' needs accumulate_grad_batches >= 2")
         why = "; ".join(reasons) if reasons else "non-finite gradients or fewer than two small batches per step"
         self(
             f"GradientNoiseScale: no optimizer step could be measured so far ({skipped} skipped): {why}."

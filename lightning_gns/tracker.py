@@ -314,19 +314,10 @@ class GradientNoiseScaleTracker:
             self._announce.left_out(left_out, numels, all_layers=self.layers == "all")
         skipped = int(self.metric.skipped_steps) if int(self.metric.measured_steps) == 0 else 0
         if skipped >= 1:
-            self._announce.nothing_measured(skipped, self._nothing_measured_reasons())
-        return self._announce.said[before:]
-
-    def _nothing_measured_reasons(self) -> list[str]:
-        reasons = [] if self._step_failure_seen is None else [self._step_failure_seen]
-        if self.mode == "per_example" and self._world_size == 1 and self._accumulation == 1:
-            reasons.append(
-                "a micro-batch of one example on one process has a single small batch (per_example needs at least"
-                " two examples per optimizer step)"
+            self._announce.nothing_measured(
+                skipped, self._step_failure_seen, self.mode, self._world_size, self._accumulation
             )
-        if self.mode == "microbatch" and self._accumulation < 2:
-            reasons.append("mode='microbatch' needs accumulate_grad_batches >= 2")
-        return reasons
+        return self._announce.said[before:]
 
     # ------------------------------------------------------------------ per micro-batch
     def start_micro_batch(

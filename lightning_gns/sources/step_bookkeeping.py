@@ -1,4 +1,4 @@
-"""How the tracker packs an optimizer step's statistics for its one all-reduce, and what the estimate covers."""
+"""The tracker's step layout for sources whose small batches are whole gradients; the base of per-example's."""
 
 from __future__ import annotations
 
