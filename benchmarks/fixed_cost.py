@@ -32,15 +32,16 @@ def time_measure_step(mode: str, n_params: int, calls: int, repeats: int) -> flo
         p.grad = torch.randn_like(p)
     tracker = GradientNoiseScaleTracker(beta=0.9)
     tracker.attach(model.parameters(), mode=mode, model=model)  # type: ignore[arg-type]
-    source = tracker._per_example_source
+    source = tracker._sources.per_example
     watched = len(source.params) if source is not None else 0
 
     def prepare() -> None:  # what two recorded micro-batches of 16 examples leave behind
-        tracker._measuring_step, tracker._accumulation, tracker._num_backward = True, 2, 2
-        tracker._num_small, tracker._units, tracker._inv_units = (32 if watched else 2), 32, 2 / 16
-        shape = (watched,) if watched else ()
-        tracker._weighted_sq_sum = torch.rand(shape, dtype=torch.float64)
-        tracker._measured = (True,) * watched
+        tracker._measuring_step, tracker._accumulation = True, 2
+        sums = tracker._sums
+        sums.backward_passes, sums.weight_sum = 2, 2.0
+        sums.num_small_batches, sums.size_sum, sums.weight_sq_over_size_sum = (32 if watched else 2), 32, 2 / 16
+        sums.size_weighted_sq_norm_sum = torch.rand(watched if watched else 1, dtype=torch.float64)
+        sums.measured = (True,) * watched
 
     def mean_call() -> float:
         total = 0.0

@@ -85,6 +85,7 @@ from paired import measured_vs_idle, norm_pass, quartiles, summary  # noqa: E402
 
 import lightning_gns  # noqa: E402
 from lightning_gns import GradientNoiseScaleTracker  # noqa: E402
+from tests.support.per_example_norms import pop_norms  # noqa: E402
 
 VOCAB = 256  # bytes
 LR = 3e-4
@@ -212,12 +213,12 @@ def check_against_vmap(shape: Shape, seed: int) -> str:
     for layers in ("all", "norm"):
         tracker = GradientNoiseScaleTracker(layers=layers)
         tracker.attach(model.parameters(), mode="per_example", model=model)
-        source = tracker._per_example_source
+        source = tracker._sources.per_example
         assert source is not None
         source.recording = True
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(tokens).transpose(1, 2), targets).backward()
-        norms = source.pop_norms()
+        norms = pop_norms(source)
         tracker.detach()
         assert norms is not None
         # The source reports the norms of each example's share (1/B) of the batch mean loss.

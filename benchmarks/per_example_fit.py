@@ -60,6 +60,7 @@ from per_example import GPT, VOCAB, Shape, stdlib_text_batches  # noqa: E402
 
 import lightning_gns  # noqa: E402
 from lightning_gns import GradientNoiseScale  # noqa: E402
+from tests.support.per_example_norms import pop_norms  # noqa: E402
 
 EVERY = 2
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -170,9 +171,9 @@ def check_against_opacus(shape: Shape, seed: int) -> str:
     tracker.attach(model.parameters(), mode="per_example", model=model)
     tracker.start_micro_batch(units=len(tokens))
     F.cross_entropy(model(tokens).transpose(1, 2), targets).backward()
-    source = tracker._per_example_source
+    source = tracker._sources.per_example
     assert source is not None and tracker.covered_fraction == 1.0
-    ours = source.pop_norms()
+    ours = pop_norms(source)
     tracker.detach()
     assert ours is not None
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")

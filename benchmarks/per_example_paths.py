@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -29,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from lightning_gns.sources import PerExampleSource
+from tests.support.per_example_norms import pop_norms
 
 BATCH, TOKENS, WIDTH = 16, 64, 128
 
@@ -100,7 +105,7 @@ def check(model: nn.Module, x: Tensor) -> float:
     source.expected_examples = x.shape[0]
     model.zero_grad(set_to_none=True)
     model(x).square().flatten(1).mean(dim=1).mean().backward()
-    got = source.pop_norms()
+    got = pop_norms(source)
     source.detach()
     assert got is not None
     got = got * x.shape[0]  # the source sees each example's 1/B share of the mean loss
@@ -127,7 +132,7 @@ def step(model: nn.Module, x: Tensor, source: PerExampleSource | None) -> float:
     model.zero_grad(set_to_none=True)
     model(x).square().mean().backward()
     if source is not None:
-        norms = source.pop_norms()
+        norms = pop_norms(source)
         assert norms is not None and bool(torch.isfinite(norms).all())
     with torch.no_grad():
         for p in model.parameters():

@@ -120,6 +120,142 @@ def summary_from_counts(size_weighted_sq_norm_sum: Tensor, counts: Tensor) -> Sm
     return SmallBatchSummary(size_weighted_sq_norm_sum, *counts.unbind())
 
 
+class StepSums:
+    """Running sums of one optimizer step's small batches on this process: the :class:`SmallBatchSummary` fields.
+
+    Two ways in: :meth:`add` takes small batches as the estimator sees them (mean-loss gradients ``g_i`` with
+    sizes and weights), :meth:`add_backward` takes one backward pass of a training loop as a gradient-norm
+    source saw it (each small batch's gradient still scaled by its share of the micro-batch's mean loss, every
+    backward weighted alike). ``A`` is a ``(P,)`` vector when the norms come in ``P`` parts (per parameter);
+    counts stay host numbers while the sizes are, so filling them in costs no host-to-device copy.
+
+    Example (two micro-batches of 4 examples, each backward's norm taken whole):
+        >>> import torch
+        >>> sums = StepSums()
+        >>> sums.add_backward(torch.tensor([[5.0]]), 4)
+        >>> sums.add_backward(torch.tensor([[3.0]]), 4)
+        >>> [float(x) for x in sums.summary()]
+        [32.0, 2.0, 8.0, 2.0, 0.5]
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.size_weighted_sq_norm_sum: Tensor | None = None  # A = sum_i b_i |g_i|^2, None before any small batch
+        self.num_small_batches: int | Tensor = 0
+        self.size_sum: int | Tensor = 0
+        self.weight_sum: float | Tensor = 0.0
+        self.weight_sq_over_size_sum: float | Tensor = 0.0
+        self.backward_passes = 0
+        self.measured: tuple[bool, ...] = ()  # which parts got a norm in some backward of the step
+        self.failed: str | None = None  # why the step cannot be measured (the last reason), or None
+
+    def add(self, small_sq_norms: Tensor, small_sizes: Tensor, small_weights: Tensor | None = None) -> None:
+        """Small batches given as :func:`summarize_small_batches` takes them."""
+        sq_norms = small_sq_norms.reshape(-1).to(torch.float64)
+        sizes = small_sizes.reshape(-1).to(device=sq_norms.device, dtype=torch.float64)
+        if sq_norms.shape != sizes.shape:
+            raise ValueError(
+                f"small_sq_norms and small_sizes must have one entry per small batch, got {tuple(sq_norms.shape)}"
+                f" and {tuple(sizes.shape)}"
+            )
+        if small_weights is None:
+            weights = sizes
+        else:
+            weights = small_weights.reshape(-1).to(device=sq_norms.device, dtype=torch.float64)
+            if weights.shape != sizes.shape:
+                raise ValueError(f"small_weights must have {sizes.numel()} entries, got {weights.numel()}")
+        self._add_sq_sum((sizes * sq_norms).sum())
+        self.num_small_batches = self.num_small_batches + sizes.numel()
+        self.size_sum = self.size_sum + sizes.sum()
+        self.weight_sum = self.weight_sum + weights.sum()
+        self.weight_sq_over_size_sum = self.weight_sq_over_size_sum + (weights.square() / sizes).sum()
+
+    def add_backward(
+        self, sq_norms: Tensor, units: int | Tensor, by_example: bool = False, measured: tuple[bool, ...] = ()
+    ) -> None:
+        """One backward pass of a loss that is the mean over ``units``, weighted 1 in the big batch.
+
+        Args:
+            sq_norms: ``(P, S)``: the squared norm of the gradient each of ``S`` small batches gave each of ``P``
+                parts, as the backward saw it (scaled by the small batch's share of the mean loss).
+            units: the backward's examples (or tokens), shared evenly by the small batches; with ``by_example``
+                a 1-D tensor of each example's units (each column is one example, with its own share).
+            by_example: the columns are the micro-batch's examples (else one column: the whole micro-batch).
+            measured: which of the ``P`` parts received a norm in this backward.
+        """
+        sq = sq_norms.to(torch.float64)
+        units_sum: int | Tensor
+        if by_example and isinstance(units, Tensor) and units.dim() == 1:
+            counts = units.to(device=sq.device, dtype=torch.float64)
+            if counts.numel() != sq.shape[1]:
+                self.add_failed_backward(
+                    f"batch_size_fn returned {counts.numel()} per-example counts for {sq.shape[1]} examples"
+                )
+                return
+            # Example i holds c_i units and a share s_i = c_i / u of the mean loss (u = sum c_i), so the backward
+            # saw s_i g_i: its term of A = sum_i b_i |g_i|^2 is c_i (u / c_i)^2 |raw_i|^2 = u^2 / c_i |raw_i|^2.
+            # Examples without units (all padding) are no small batch.
+            units_sum = counts.sum()
+            has_units = counts > 0
+            weights = torch.where(has_units, units_sum.square() / counts.clamp(min=1), torch.zeros_like(counts))
+            term = sq @ weights
+            self.num_small_batches = self.num_small_batches + has_units.sum()
+        else:
+            # Equal shares 1 / S of u units: each term is (u / S) (S |raw_i|)^2 = u S |raw_i|^2 (u |raw|^2 for a
+            # backward whose one small batch is the micro-batch).
+            units_sum = units.sum() if isinstance(units, Tensor) else units
+            term = sq.sum(dim=1) * (units_sum * sq.shape[1])
+            self.num_small_batches = self.num_small_batches + sq.shape[1]
+        self._add_sq_sum(term)
+        if measured:
+            before = self.measured
+            self.measured = measured if not before else tuple(a or b for a, b in zip(before, measured, strict=True))
+        self._add_backward_counts(units_sum)
+
+    def add_failed_backward(self, reason: str) -> None:
+        """A backward pass whose norms cannot be used: the step is counted as run, and skipped."""
+        self.failed = reason
+        self._add_backward_counts(1)
+
+    def _add_backward_counts(self, units_sum: int | Tensor) -> None:
+        # W: 1 per backward pass; sum w^2/b: the shares' sum_i s_i^2 / c_i = 1 / u per backward pass.
+        self.size_sum = self.size_sum + units_sum
+        self.weight_sq_over_size_sum = self.weight_sq_over_size_sum + 1.0 / units_sum
+        self.weight_sum = self.weight_sum + 1.0
+        self.backward_passes += 1
+
+    def _add_sq_sum(self, term: Tensor) -> None:
+        total = self.size_weighted_sq_norm_sum
+        self.size_weighted_sq_norm_sum = term if total is None else total + term
+
+    def fill_counts(self, out: Tensor) -> None:
+        """``n, B, W, sum w^2/b`` into ``out`` (:data:`COUNT_FIELDS` entries).
+
+        Host numbers are written with ``fill_`` (the number travels as a kernel argument): item assignment
+        would copy a host scalar to the device and wait for it, a host sync per field on CUDA. Device tensors
+        (per-example counts) are copied on the device.
+        """
+        counts = (self.num_small_batches, self.size_sum, self.weight_sum, self.weight_sq_over_size_sum)
+        for i, value in enumerate(counts):
+            if isinstance(value, Tensor):
+                out[i].copy_(value)
+            else:
+                out[i].fill_(value)
+
+    def summary(self, device: torch.device | None = None) -> SmallBatchSummary:
+        """The sums as float64 tensors (``A`` summed over its parts; NaN before any small batch)."""
+        total = self.size_weighted_sq_norm_sum
+        if device is None:
+            device = total.device if total is not None else torch.device("cpu")
+        counts = torch.empty(COUNT_FIELDS, dtype=torch.float64, device=device)
+        self.fill_counts(counts)
+        if total is None:
+            total = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        return summary_from_counts(total.to(device=device, dtype=torch.float64).sum(), counts)
+
+
 def summarize_small_batches(
     small_sq_norms: Tensor,
     small_sizes: Tensor,
@@ -140,27 +276,9 @@ def summarize_small_batches(
         >>> [float(x) for x in s]
         [32.0, 2.0, 8.0, 8.0, 8.0]
     """
-    sq_norms = small_sq_norms.reshape(-1).to(torch.float64)
-    sizes = small_sizes.reshape(-1).to(device=sq_norms.device, dtype=torch.float64)
-    if sq_norms.shape != sizes.shape:
-        raise ValueError(
-            f"small_sq_norms and small_sizes must have one entry per small batch, got {tuple(sq_norms.shape)}"
-            f" and {tuple(sizes.shape)}"
-        )
-    if small_weights is None:
-        weights = sizes
-    else:
-        weights = small_weights.reshape(-1).to(device=sq_norms.device, dtype=torch.float64)
-        if weights.shape != sizes.shape:
-            raise ValueError(f"small_weights must have {sizes.numel()} entries, got {weights.numel()}")
-    return SmallBatchSummary(
-        size_weighted_sq_norm_sum=(sizes * sq_norms).sum(),
-        # A fill, not torch.tensor(...): no host-to-device copy (which would synchronise on CUDA).
-        num_small_batches=torch.full((), float(sizes.numel()), dtype=torch.float64, device=sizes.device),
-        size_sum=sizes.sum(),
-        weight_sum=weights.sum(),
-        weight_sq_over_size_sum=(weights.square() / sizes).sum(),
-    )
+    sums = StepSums()
+    sums.add(small_sq_norms, small_sizes, small_weights)
+    return sums.summary()
 
 
 def unbiased_estimates(summary: SmallBatchSummary, big_sq_norm: Tensor) -> tuple[Tensor, Tensor]:

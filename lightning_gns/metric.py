@@ -14,12 +14,12 @@ from lightning_gns.estimators import (
     MOMENT_FIELDS,
     EstimateSpread,
     SmallBatchSummary,
+    StepSums,
     noise_scale_interval,
     pack_step,
     relative_error,
     simple_noise_scale,
     spread_from_moments,
-    summarize_small_batches,
     unbiased_estimates,
     unpack_step,
 )
@@ -47,6 +47,17 @@ def validate_beta(beta: float) -> float:
             " Typical values: 0.9 (reacts within ~10 steps) to 0.999 (averages ~1000 steps)."
         )
     return float(beta)
+
+
+def metric_states(metric: GradientNoiseScaleMetric) -> dict[str, Tensor]:
+    """The metric's states as host copies, by name (what a checkpoint keeps)."""
+    return {name: getattr(metric, name).detach().cpu().clone() for name in metric._defaults}
+
+
+def load_metric_states(metric: GradientNoiseScaleMetric, states: dict[str, Tensor]) -> None:
+    """Copy ``states`` (from :func:`metric_states`) into the metric, keeping each on the metric's device."""
+    for name, value in states.items():
+        getattr(metric, name).copy_(value)
 
 
 class GradientNoiseScaleMetric(Metric):
@@ -131,12 +142,14 @@ class GradientNoiseScaleMetric(Metric):
             small_weights: ``w_i``; default ``small_sizes`` (the big batch is the mean over all examples).
                 Lightning's gradient accumulation weights micro-batches equally: pass ones.
         """
-        summary = summarize_small_batches(small_sq_norms, small_sizes, small_weights)
+        sums = StepSums()
+        sums.add(small_sq_norms, small_sizes, small_weights)
+        summary = sums.summary()
         big = big_sq_norm.reshape(()).to(device=summary.size_sum.device, dtype=torch.float64)
         if self._should_all_reduce():
             packed = pack_step(summary, big)
             dist.all_reduce(packed, group=self.process_group)
-            summary, _ = unpack_step(packed)  # big_sq_norm is the same on every process
+            summary, _ = unpack_step(packed)
         self.fold(summary, big)
 
     def _should_all_reduce(self) -> bool:

@@ -8,7 +8,6 @@ is glue around it; plain PyTorch and Fabric loops call it directly.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -16,25 +15,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_gns import forecasts, scalars
-from lightning_gns.estimators import (
-    BIG_INDEX,
-    COUNT_FIELDS,
-    COUNTS,
-    STEP_SIZE,
-    SUM_INDEX,
-    summary_from_counts,
-    unpack_step,
-)
-from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
-from lightning_gns.sources import DDPCommHookSource, GradNormSource, ParamHookSource, PerExampleSource
-from lightning_gns.sources.left_out import left_out_message, low_coverage_message, parameter_names, unwatched_reasons
-from lightning_gns.sources.per_example import Layers, PerExampleBackward, batch_coupled_layers
-
-try:  # public since torch 2.5; FSDP2's parameters and gradients are DTensors
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover - older torch, or built without distributed
-    _DTensor = None  # type: ignore[assignment,misc]
+from lightning_gns import scalars
+from lightning_gns.announcements import Announcements
+from lightning_gns.estimators import StepSums, summary_from_counts
+from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, metric_states, validate_beta
+from lightning_gns.sources.base import BackwardNorms
+from lightning_gns.sources.left_out import parameter_names
+from lightning_gns.sources.per_example import Layers
+from lightning_gns.sources.per_example_bookkeeping import PerExampleBookkeeping, attach_per_example
+from lightning_gns.sources.sharded import is_dtensor
+from lightning_gns.sources.source_set import SourceSet
+from lightning_gns.sources.step_bookkeeping import StepBookkeeping
 
 SourceMode = Literal["ddp", "microbatch", "per_example"]
 SOURCE_MODES: tuple[str, ...] = ("ddp", "microbatch", "per_example")
@@ -86,60 +77,26 @@ class GradientNoiseScaleTracker:
         self.per_layer = per_layer
         self.mode: str | None = None
         # Fallbacks, exclusions and unmeasurable steps are announced through this, once per message.
-        self._warn: Callable[[str], None] = warn if warn is not None else _python_warning
-        self._announced: list[str] = []
-        self._said_nothing_measured = False
-        self._comm_hook_source: DDPCommHookSource | None = None
-        self._comm_hook_model: nn.Module | None = None
-        self._param_hook_source = ParamHookSource()
-        self._per_example_source: PerExampleSource | None = None
-        self._active_source: GradNormSource | None = None
+        self._announce = Announcements(warn)
+        self._sources = SourceSet(self._announce)
         self._params: list[nn.Parameter] = []
         self._param_names: dict[int, str] = {}  # parameter id -> its name in the model
-        # per_example: why each optimized parameter the source does not watch is left out (from the model's
-        # structure at attach), and the left-out set and coverage the last announcement reported.
-        self._unwatched: dict[int, str] = {}
-        self._left_out_said: dict[str, str] = {}
-        self._low_coverage_said = False
         self._model: nn.Module | None = None
         self._ddp_model: nn.parallel.DistributedDataParallel | None = None
         self._process_group: Any = None
         self._world_size, self._rank = 1, 0
-        # This rank's share of the measured parameters for the big-batch norm (the all-reduce adds the
-        # shares): a list of parameters, and in per_example mode their indices into the watched parameters.
-        self._big_norm_share: list[nn.Parameter] = []
-        self._share_index = torch.zeros(0, dtype=torch.long)
-        self._share_is_all = False  # this rank norms every watched parameter, in their order
-        # FSDP2 (fully_shard): parameters and gradients are DTensors, each rank holding a shard, so every rank
-        # norms its own shards of all parameters and the all-reduce adds them up.
-        self._sharded = False
+        # How a step is packed for the all-reduce and what the estimate covers (set at attach).
+        self._book = StepBookkeeping([], 1, 0, torch.device("cpu"))
         self._measuring_step = False
         self._accumulation = 1
         self._micro_batch_units: int | Tensor = 0
-        # per_example: watched parameters that cannot be measured (agreed by every rank), element counts,
-        # the layer of each, and device copies of host flag tuples (the same tuple nearly every step).
-        self._excluded: Tensor = torch.zeros(0, dtype=torch.bool)
-        self._numels = torch.zeros(0, dtype=torch.float64)
-        self._layer_names: list[str] = []
-        self._layer_index = torch.zeros(0, dtype=torch.long)
-        self._flag_tensors: dict[tuple[bool, ...], Tensor] = {}
+        self._in_micro_batch = False
         # Effective batch of the first measured step: the reference of the statistical efficiency. A device
         # tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
         self.reference_batch_size: Tensor | None = None
         self._reference_settled = False  # the host has seen reference_batch_size hold a batch size
-        self._bad_flags: tuple[int, Tensor] | None = None  # (len(source.excluded) it was built for, flags)
-        # The step's packed statistics, reused (see _step_buffer).
-        self._packed: Tensor | None = None
-        # Running sums of the current optimizer step on this rank (see end_micro_batch).
-        self._weighted_sq_sum: Tensor | None = None  # A = sum_i b_i |g_i|^2 (a (P,) vector in per_example mode)
-        self._measured: tuple[bool, ...] = ()
-        self._step_failure: str | None = None
+        self._sums = StepSums()  # running sums of the current optimizer step on this rank
         self._step_failure_seen: str | None = None  # the last reason a step could not be measured
-        self._in_micro_batch = False
-        self._num_small: int | Tensor = 0
-        self._units: int | Tensor = 0
-        self._num_backward = 0
-        self._inv_units: float | Tensor = 0.0
 
     # ------------------------------------------------------------------ wiring
     def attach(
@@ -168,74 +125,33 @@ class GradientNoiseScaleTracker:
         if mode not in SOURCE_MODES:
             raise ValueError(f"Unknown mode {mode!r}. Choose one of {', '.join(repr(m) for m in SOURCE_MODES)}.")
         self.detach()
-        self._per_example_source = None
-        self._unwatched = {}
+        self._sources.per_example = None
         self.mode = mode
         self._params = _unique_trainable(params)
         self._model, self._ddp_model, self._process_group = model, ddp_model, process_group
         distributed = dist.is_available() and dist.is_initialized()
         self._world_size = dist.get_world_size(process_group) if distributed else 1
         self._rank = dist.get_rank(process_group) if distributed else 0
-        self._sharded = any(_is_dtensor(p) for p in self._params)
-        if self._sharded and mode != "per_example":
+        sharded = any(is_dtensor(p) for p in self._params)
+        if sharded and mode != "per_example":
             raise ValueError(
                 f"Sharded parameters (FSDP2 fully_shard) are supported with mode='per_example' only, got mode={mode!r}:"
                 " per-rank and per-micro-batch gradients are never materialised unsharded."
             )
-        if mode == "ddp" and ddp_model is not None:
-            self._attach_comm_hook(ddp_model)
-        elif mode == "per_example":
-            module = model if model is not None else getattr(ddp_model, "module", None)
-            if module is None:
-                raise ValueError("mode='per_example' needs the model: attach(params, 'per_example', model=model).")
-            coupled = batch_coupled_layers(module)
-            if coupled:
-                raise ValueError(
-                    f"mode='per_example' cannot measure a model with batch-coupled layers ({', '.join(coupled[:3])}"
-                    f"{', ...' if len(coupled) > 3 else ''}): BatchNorm makes each example's gradient depend on the"
-                    " rest of the batch, so per-example gradients are not independent samples and their spread is"
-                    " not the gradient noise. Use mode='microbatch' with gradient accumulation (2 or more"
-                    " micro-batches per step), mode='ddp' on several processes, or replace BatchNorm by GroupNorm or"
-                    " LayerNorm."
-                )
-            source = PerExampleSource(self.layers)
-            source.attach(module, self._params)
-            self._per_example_source = source
-            watched = {id(p) for p in source.params}
-            self._unwatched = unwatched_reasons(module, [p for p in self._params if id(p) not in watched], self.layers)
-        self._param_names = parameter_names(
-            model if model is not None else getattr(ddp_model, "module", None), self._params
-        )
-        self._prepare_big_norm()
-
-    def _attach_comm_hook(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
-        if self._comm_hook_model is not ddp_model:
-            self._comm_hook_source, self._comm_hook_model = None, ddp_model
-            if getattr(ddp_model, "_comm_hooks", None):
-                self._announce(
-                    "GradientNoiseScale: the DDP model already has a communication hook (yours, or DDP mixed"
-                    " precision's), and DDP allows only one, so per-rank gradient norms come from parameter hooks"
-                    " (source 'param_hooks'): same numbers, one norm per parameter instead of per bucket."
-                )
-            else:
-                source = DDPCommHookSource()
-                try:
-                    source.attach(ddp_model)
-                    self._comm_hook_source = source
-                except RuntimeError as error:
-                    self._announce(
-                        f"GradientNoiseScale: could not register its DDP communication hook ({error}); per-rank"
-                        " gradient norms come from parameter hooks (source 'param_hooks') instead."
-                    )
-        if self._comm_hook_source is not None:
-            ddp_params = {id(p) for p in ddp_model.parameters() if p.requires_grad}
-            self._comm_hook_source.usable = ddp_params == {id(p) for p in self._params}
-            if not self._comm_hook_source.usable:
-                self._announce(
-                    "GradientNoiseScale: DDP's gradient buckets hold other parameters than the optimizer steps"
-                    " (frozen, unfrozen or unoptimized parameters), so per-rank gradient norms come from parameter"
-                    " hooks on the optimized parameters (source 'param_hooks')."
-                )
+        module = model if model is not None else getattr(ddp_model, "module", None)
+        device = self.metric.grad_sq_norm_ema.device
+        if mode == "per_example":
+            source = self._sources.per_example = attach_per_example(module, self._params, self.layers)
+            assert module is not None
+            self._book = PerExampleBookkeeping(
+                source, module, self._params, self.layers, self._world_size, self._rank, device, sharded
+            )
+        else:
+            self._book = StepBookkeeping(self._params, self._world_size, self._rank, device)
+            if mode == "ddp" and ddp_model is not None:
+                self.use_comm_hook(ddp_model)
+        self._param_names = parameter_names(module, self._params)
+        self._book.buffer(device)  # allocated at setup, not on the first measured step
 
     def use_comm_hook(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
         """``ddp`` mode: take per-rank norms from a communication hook on ``ddp_model`` from now on.
@@ -244,12 +160,12 @@ class GradientNoiseScaleTracker:
         ``ddp_model`` does this at once). Falls back to parameter hooks, with a warning, if DDP refuses.
         """
         self._ddp_model = ddp_model
-        self._attach_comm_hook(ddp_model)
+        self._sources.use_comm_hook(ddp_model, self._params)
 
     @property
     def step_is_empty(self) -> bool:
         """Whether no micro-batch of the current optimizer step has been recorded yet."""
-        return self._num_backward == 0 and not self._in_micro_batch
+        return self._sums.backward_passes == 0 and not self._in_micro_batch
 
     def sync_params(self, params: Iterable[nn.Parameter]) -> bool:
         """Re-attach when the optimized, trainable parameters changed; True if they did.
@@ -263,56 +179,20 @@ class GradientNoiseScaleTracker:
         before = sum(p.numel() for p in self._params)
         self.attach(current, self.mode, self._model, self._ddp_model, self._process_group)  # type: ignore[arg-type]
         after = sum(p.numel() for p in self._params)
-        self._warn(
+        self._announce.warn(
             f"GradientNoiseScale: the optimized trainable parameters changed ({before:,} -> {after:,} elements);"
             " the gradient norms now cover the new set. The averages continue, so the noise scale moves to the new"
             f" parameters' value over about 1 / (1 - beta) = {1 / (1 - self.metric.beta):.0f} measured steps."
         )
         return True
 
-    def _prepare_big_norm(self) -> None:
-        """This rank's share of the big-batch norm and, in per_example mode, the per-parameter bookkeeping."""
-        source = self._per_example_source
-        measured = source.params if source is not None else self._params
-        world_size = 1 if self._sharded else self._world_size  # shards already split the work
-        self._big_norm_share = _balanced_share(measured, world_size, self._rank)
-        device = self.metric.grad_sq_norm_ema.device
-        # Allocated here, at setup, rather than on the first measured step.
-        self._step_buffer(4 * len(source.params) + COUNT_FIELDS if source is not None else STEP_SIZE, device)
-        if source is None:
-            return
-        index = {id(p): i for i, p in enumerate(source.params)}
-        share = [index[id(p)] for p in self._big_norm_share]
-        self._share_index = torch.tensor(share, dtype=torch.long, device=device)
-        self._share_is_all = share == list(range(len(source.params)))
-        self._excluded = torch.zeros(len(source.params), dtype=torch.bool, device=device)
-        self._numels = torch.tensor([p.numel() for p in source.params], dtype=torch.float64, device=device)
-        # Layers left out whole at attach get no per-layer metric: their parameters go to a last, unread column.
-        measurable = [n for i, n in enumerate(source.param_layers) if i not in source.excluded]
-        self._layer_names = sorted(set(measurable))
-        position = {name: i for i, name in enumerate(self._layer_names)}
-        unread = len(self._layer_names)
-        self._layer_index = torch.tensor(
-            [position.get(n, unread) for n in source.param_layers], dtype=torch.long, device=device
-        )
-        self._flag_tensors = {}
-        self._bad_flags = None
-
     def detach(self) -> None:
         """Remove every hook this tracker registered (a DDP comm hook stays until the wrapper is gone).
 
         What was measured stays readable (:attr:`covered_fraction` included).
         """
-        self._param_hook_source.detach()
-        if self._per_example_source is not None:
-            self._per_example_source.detach()
-        for source in self._sources():
-            source.recording = False
-        self._clear_step()
-
-    def _sources(self) -> list[GradNormSource]:
-        candidates = (self._comm_hook_source, self._param_hook_source, self._per_example_source)
-        return [s for s in candidates if s is not None]
+        self._sources.detach()
+        self._sums.clear()
 
     def to(self, device: torch.device | str) -> GradientNoiseScaleTracker:
         """Move the statistics to ``device`` (float32 on MPS, which has no float64)."""
@@ -323,13 +203,7 @@ class GradientNoiseScaleTracker:
                 metric.set_dtype(torch.float32)
         if self.reference_batch_size is not None:
             self.reference_batch_size = self.reference_batch_size.to(self.metric.last_b_big)
-        # The per-example bookkeeping made at attach lives where the statistics live.
-        self._excluded = self._excluded.to(device)
-        self._numels = self._numels.to(device=device, dtype=self.metric.last_b_big.dtype)
-        self._share_index = self._share_index.to(device)
-        self._layer_index = self._layer_index.to(device)
-        self._flag_tensors, self._bad_flags = {}, None
-        self._packed = None
+        self._book.to(device, self.metric.last_b_big.dtype)  # the bookkeeping made at attach lives here too
         return self
 
     def own_states(self) -> None:
@@ -361,7 +235,8 @@ class GradientNoiseScaleTracker:
     @property
     def source(self) -> str | None:
         """Source that fed the last micro-batch: ``"ddp_comm_hook"``, ``"param_hooks"`` or ``"per_example"``."""
-        return self._active_source.name if self._active_source is not None else None
+        active = self._sources.active
+        return active.name if active is not None else None
 
     def compute(self, kaplan_loss: Tensor | None = None) -> dict[str, Tensor]:
         """Every readout, keyed by its logged name (:mod:`lightning_gns.scalars`), as device tensors.
@@ -376,31 +251,10 @@ class GradientNoiseScaleTracker:
             >>> sorted(tracker.compute())[:3]
             ['gns/b_big', 'gns/b_simple', 'gns/b_simple_high']
         """
-        metric = self.metric
-        b_simple, b_big = metric.b_simple, metric.last_b_big
-        low, high = metric.confidence_interval()
-        values = {
-            scalars.B_SIMPLE: b_simple,
-            scalars.B_SIMPLE_LOW: low,
-            scalars.B_SIMPLE_HIGH: high,
-            scalars.GRAD_SQ_NORM: metric.grad_sq_norm,
-            scalars.TRACE_COV: metric.trace_cov,
-            scalars.B_SMALL: metric.last_b_small,
-            scalars.B_BIG: b_big,
-            scalars.SKIPPED_STEPS: metric.skipped_steps,
-            scalars.STEPS_OVER_MIN: forecasts.steps_over_min(b_big, b_simple),
-            scalars.EXAMPLES_OVER_MIN: forecasts.examples_over_min(b_big, b_simple),
-        }
-        if self.reference_batch_size is not None:
-            values[scalars.STATISTICAL_EFFICIENCY] = forecasts.statistical_efficiency(
-                b_big, b_simple, self.reference_batch_size
-            )
-        if kaplan_loss is not None:
-            values[scalars.KAPLAN_B_CRIT_TOKENS] = forecasts.kaplan_critical_batch_tokens(kaplan_loss.double())
-        if self._per_example_source is not None:
-            total = float(sum(p.numel() for p in self._params))
-            covered = (self._numels * (~self._excluded).to(self._numels.dtype)).sum()
-            values[scalars.COVERED_FRACTION] = covered / total
+        values = scalars.metric_values(self.metric, self.reference_batch_size, kaplan_loss)
+        covered = self._book.covered_fraction(float(sum(p.numel() for p in self._params)))
+        if covered is not None:
+            values[scalars.COVERED_FRACTION] = covered
         for name, layer_metric in self.layer_metrics.items():
             values[scalars.layer_b_simple(name)] = layer_metric.b_simple
         return values
@@ -408,7 +262,7 @@ class GradientNoiseScaleTracker:
     @property
     def has_per_example_layers(self) -> bool:
         """Whether ``per_example`` mode found at least one supported layer owning an optimized parameter."""
-        return self._per_example_source is not None and self._per_example_source.attached
+        return self._sources.per_example is not None and self._sources.per_example.attached
 
     @property
     def covered_fraction(self) -> float:
@@ -418,26 +272,7 @@ class GradientNoiseScaleTracker:
         :meth:`check`) are not covered. Reading it after a measured step synchronises with the device.
         """
         total = sum(p.numel() for p in self._params)
-        if not total:
-            return float("nan")
-        source = self._per_example_source
-        if source is None:
-            return 1.0
-        self._read_exclusions()
-        return sum(p.numel() for p in source.covered_params()) / total
-
-    def _read_exclusions(self) -> None:
-        """Copy the exclusions agreed on the device (with the reason) into the source's host-side record."""
-        source = self._per_example_source
-        if source is None or not self._excluded.numel():
-            return
-        for index in self._excluded.nonzero().flatten().tolist():
-            source.exclude(
-                index,
-                "received a gradient without its layer's per-example hooks firing (a weight used outside its"
-                " module's forward, as nn.MultiheadAttention does with out_proj, or by a functional call), or"
-                " another process found it unmeasurable",
-            )
+        return self._book.covered_elements() / total if total else float("nan")
 
     @property
     def left_out(self) -> dict[str, str]:
@@ -459,72 +294,27 @@ class GradientNoiseScaleTracker:
             >>> sorted(tracker.left_out), round(tracker.covered_fraction, 3)
             (['0.bias', '0.weight'], 0.333)
         """
-        source = self._per_example_source
-        if source is None:
-            return {}
-        self._read_exclusions()
-        index = {id(p): i for i, p in enumerate(source.params)}
-        reasons: dict[str, str] = {}
-        for p in self._params:
-            i = index.get(id(p))
-            if i is None:
-                reasons[self._param_names[id(p)]] = self._unwatched[id(p)]
-            elif i in source.excluded:
-                reasons[self._param_names[id(p)]] = source.excluded[i]
-        return reasons
+        reasons = self._book.left_out()
+        return {self._param_names[id(p)]: reasons[id(p)] for p in self._params if id(p) in reasons}
 
     def check(self) -> list[str]:
         """Announce what the measurement leaves out or cannot measure (once each); returns the new messages.
 
         Reads a few flags from the device: call it on steps that log, not on every step.
         """
-        before = len(self._announced)
+        before = len(self._announce.said)
         if not self._reference_settled and self.reference_batch_size is not None:
             self._reference_settled = bool(torch.isfinite(self.reference_batch_size))
-        source = self._per_example_source
-        if source is not None:
-            self._announce_left_out()
-        metric = self.metric
-        if int(metric.measured_steps) == 0 and int(metric.skipped_steps) >= 1 and not self._said_nothing_measured:
-            self._said_nothing_measured = True  # once: the message's count would make every logging step new
-            self._announce(self._nothing_measured_message())
-        return self._announced[before:]
-
-    def _announce_left_out(self) -> None:
-        """One message with every left-out parameter; again (once) when more are left out later."""
         left_out = self.left_out
-        numels = {self._param_names[id(p)]: p.numel() for p in self._params}
-        total = sum(numels.values())
-        if left_out and left_out != self._left_out_said:
-            updated = len(left_out.keys() - self._left_out_said.keys()) if self._left_out_said else None
-            self._left_out_said = left_out
-            self._announce(left_out_message(left_out, numels, total, updated))
-        covered = 1 - sum(numels[n] for n in left_out) / total if total else 1.0
-        if self.layers == "all" and covered < 0.5 and not self._low_coverage_said:
-            self._low_coverage_said = True
-            self._announce(low_coverage_message(covered))
-
-    def _nothing_measured_message(self) -> str:
-        reasons = []
-        if self._step_failure_seen is not None:
-            reasons.append(self._step_failure_seen)
-        if self.mode == "per_example" and self._world_size == 1 and self._accumulation == 1:
-            reasons.append(
-                "a micro-batch of one example on one process has a single small batch (per_example needs at least"
-                " two examples per optimizer step)"
+        if left_out:
+            numels = {self._param_names[id(p)]: p.numel() for p in self._params}
+            self._announce.left_out(left_out, numels, all_layers=self.layers == "all")
+        skipped = int(self.metric.skipped_steps) if int(self.metric.measured_steps) == 0 else 0
+        if skipped >= 1:
+            self._announce.nothing_measured(
+                skipped, self._step_failure_seen, self.mode, self._world_size, self._accumulation
             )
-        if self.mode == "microbatch" and self._accumulation < 2:
-            reasons.append("mode='microbatch' needs accumulate_grad_batches >= 2")
-        why = "; ".join(reasons) if reasons else "non-finite gradients or fewer than two small batches per step"
-        return (
-            "GradientNoiseScale: no optimizer step could be measured so far"
-            f" ({int(self.metric.skipped_steps)} skipped): {why}. B_simple stays NaN until a step can be measured."
-        )
-
-    def _announce(self, message: str) -> None:
-        if message not in self._announced:
-            self._announced.append(message)
-            self._warn(message)
+        return self._announce.said[before:]
 
     # ------------------------------------------------------------------ per micro-batch
     def start_micro_batch(
@@ -549,110 +339,37 @@ class GradientNoiseScaleTracker:
                 examples = units
             elif units.dim() == 1:
                 examples = units.numel()
-        source = self._source_for(accumulation)
+        source = self._sources.pick(self._params, accumulation)
         if self._in_micro_batch:
             self.stop_recording()  # the last micro-batch had no backward (training_step returned None)
-        for candidate in self._sources():
-            candidate.recording = measure and candidate is source
-        if self._per_example_source is not None:
-            self._per_example_source.expected_examples = examples
-        self._active_source = source
+        self._sources.start(source, measure, examples)
         self._in_micro_batch = measure
-
-    def _source_for(self, accumulation: int) -> GradNormSource:
-        if self._per_example_source is not None:
-            return self._per_example_source
-        # The comm hook sees per-rank gradients only when every backward synchronizes.
-        comm = self._comm_hook_source
-        if comm is not None and comm.usable and accumulation == 1:
-            return comm
-        if not self._param_hook_source.attached:
-            self._param_hook_source.attach(self._params)
-        return self._param_hook_source
 
     def end_micro_batch(self) -> None:
         """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation)."""
-        source = self._active_source
-        for candidate in (self._comm_hook_source, self._param_hook_source, self._per_example_source):
-            if candidate is not None:
-                candidate.recording = False  # gradients outside the training backward are not recorded
+        source = self._sources.active
+        self._sources.stop()
         if not (self._in_micro_batch and self._measuring_step) or source is None:
             return
         self._in_micro_batch = False
-        if isinstance(source, PerExampleSource):
-            self._end_per_example_micro_batch(source)
-            return
-        norms = source.pop_norms()
-        if norms is None:
-            return
-        # A backward that held one small batch (the micro-batch, or this rank's share of it) saw its mean-loss
-        # gradient g (times the loss factor, removed at the step): its term of A = sum_i b_i |g_i|^2 is u |raw|^2.
-        units = self._micro_batch_units
-        units_sum: int | Tensor = units.sum() if isinstance(units, Tensor) else units
-        sq = norms.double().square()
-        term = (sq.sum() if sq.numel() > 1 else sq.reshape(())) * units_sum  # the sum of one norm is that norm
-        if self._weighted_sq_sum is None:
-            self._weighted_sq_sum = term
+        backward = source.pop_backward()
+        if backward is None:
+            if source.nothing_recorded is None:
+                return
+            backward = BackwardNorms(torch.zeros(0), (), failed=source.nothing_recorded)
+        if backward.failed is not None:
+            self._sums.add_failed_backward(backward.failed)
         else:
-            self._weighted_sq_sum += term  # term is a fresh tensor: the sum is this step's own
-        self._num_small += norms.numel()
-        self._add_micro_batch_units(units_sum)
+            self._sums.add_backward(backward.sq_norms, self._micro_batch_units, backward.by_example, backward.measured)
+        if self._sums.failed is not None:
+            self._step_failure_seen = self._sums.failed
 
     def stop_recording(self) -> None:
         """Stop a micro-batch that had no backward pass, dropping whatever its forward left in the sources."""
-        for candidate in self._sources():
-            candidate.recording = False
+        self._sources.stop()
         if self._in_micro_batch:
             self._in_micro_batch = False
-            for candidate in self._sources():
-                if isinstance(candidate, PerExampleSource):
-                    candidate.pop_backward()
-                else:
-                    candidate.pop_norms()
-
-    def _add_micro_batch_units(self, units_sum: int | Tensor) -> None:
-        self._units = self._units + units_sum
-        self._inv_units = self._inv_units + 1.0 / units_sum
-        self._num_backward += 1
-
-    def _end_per_example_micro_batch(self, source: PerExampleSource) -> None:
-        backward = source.pop_backward()
-        if backward is None:
-            backward = PerExampleBackward(torch.zeros(0), (), "no supported layer ran in this micro-batch")
-        if backward.failed is not None:
-            self._step_failure = self._step_failure_seen = backward.failed
-            self._add_micro_batch_units(1)
-            return
-        # Example i holds c_i units and a share s_i = c_i / u of the micro-batch's mean loss (u = sum c_i), so
-        # the backward saw s_i g_i: its term of A = sum_i b_i |g_i|^2 is c_i (u / c_i)^2 |raw_i|^2 = u^2 / c_i
-        # |raw_i|^2. Examples without units (all padding) are no small batch.
-        sq_norms = backward.sq_norms.double()
-        units = self._micro_batch_units
-        if isinstance(units, Tensor) and units.dim() == 1:
-            counts = units.to(device=sq_norms.device, dtype=torch.float64)
-            if counts.numel() != sq_norms.shape[1]:
-                self._step_failure = self._step_failure_seen = (
-                    f"batch_size_fn returned {counts.numel()} per-example counts for {sq_norms.shape[1]} examples"
-                )
-                self._add_micro_batch_units(1)
-                return
-            units_sum: int | Tensor = counts.sum()
-            assert isinstance(units_sum, Tensor)
-            has_units = counts > 0
-            weights = torch.where(has_units, units_sum.square() / counts.clamp(min=1), torch.zeros_like(counts))
-            term = sq_norms @ weights
-            self._num_small = self._num_small + has_units.sum()
-        else:
-            units_sum = units
-            term = sq_norms.sum(dim=1) * (units * float(sq_norms.shape[1]))
-            self._num_small = self._num_small + sq_norms.shape[1]
-        self._weighted_sq_sum = term if self._weighted_sq_sum is None else self._weighted_sq_sum + term
-        self._measured = (
-            backward.measured
-            if not self._measured
-            else tuple(a or b for a, b in zip(self._measured, backward.measured, strict=True))
-        )
-        self._add_micro_batch_units(units_sum)
+            self._sources.drop()
 
     # ------------------------------------------------------------------ per optimizer step
     def measure_step(self, loss_scale: Tensor | float | None = None) -> bool:
@@ -671,10 +388,10 @@ class GradientNoiseScaleTracker:
             it fell between measurements (``measure=False`` at :meth:`start_micro_batch`).
         """
         if not self._measuring_step:
-            self._clear_step()
+            self._sums.clear()
             return False
         device = self.metric.grad_sq_norm_ema.device
-        k, m = self._accumulation, self._num_backward
+        k, m = self._accumulation, self._sums.backward_passes
         # Undo the loss factor k / scale of every recorded norm (squared).
         unscale_sq: Tensor | float = float(k * k)
         if loss_scale is not None:
@@ -683,21 +400,21 @@ class GradientNoiseScaleTracker:
         # mean over the step's small batches is .grad * k / (backward passes per rank), which is also right
         # for a short last window of the epoch.
         big_factor = (k / max(m, 1)) ** 2
-        param_sq_norms = _param_sq_norms(self._big_norm_share, device, self._sharded)
-        if self._per_example_source is not None:
-            self._measure_per_example_step(device, unscale_sq, big_factor, param_sq_norms)
-        else:
-            packed = self._step_buffer(STEP_SIZE, device)
-            if self._weighted_sq_sum is None:
-                packed[SUM_INDEX] = float("nan")
-            else:
-                torch.mul(self._weighted_sq_sum.to(device), unscale_sq, out=packed[SUM_INDEX])
-            self._fill_counts(packed, COUNTS.start)
-            torch.sum(param_sq_norms, dim=0, out=packed[BIG_INDEX])
-            if self._world_size > 1:
-                dist.all_reduce(packed, group=self._process_group)
-            summary, big = unpack_step(packed)
-            self.metric.fold(summary, big * big_factor)
+        # One all-reduce: what the source's bookkeeping packs (A and this rank's share of |G_big|^2, per part),
+        # then the step's counts.
+        book = self._book
+        packed = book.buffer(device)
+        book.pack(packed[: book.size], self._sums, unscale_sq)
+        self._sums.fill_counts(packed[book.size :])
+        if self._world_size > 1:
+            dist.all_reduce(packed, group=self._process_group)
+        sq_sum, big = book.unpack(packed[: book.size])
+        counts = summary_from_counts(sq_sum, packed[book.size :])
+        self.metric.fold(counts, big * big_factor)
+        if self.per_layer:
+            for name, layer_sq_sum, layer_big in book.layer_sums():
+                layer_counts = counts._replace(size_weighted_sq_norm_sum=layer_sq_sum)
+                self.layer_metric(name).fold(layer_counts, layer_big * big_factor)
         reference = self.reference_batch_size
         if reference is None:
             self.reference_batch_size = self.metric.last_b_big.clone()
@@ -705,96 +422,8 @@ class GradientNoiseScaleTracker:
             # The first measured step can come after the first step (skipped, or without a backward): the
             # reference stays NaN until then. check() tells on a logging step when it holds a batch size.
             torch.where(torch.isnan(reference), self.metric.last_b_big, reference, out=reference)
-        self._clear_step()
+        self._sums.clear()
         return True
-
-    def _step_buffer(self, size: int, device: torch.device) -> Tensor:
-        """The float64 buffer a step packs its statistics into, reused from step to step.
-
-        Nothing keeps a reference to it past the step (the metric copies what it keeps), so one allocation
-        serves the whole run.
-        """
-        buffer = self._packed
-        if buffer is None or buffer.numel() != size or buffer.device != device:
-            buffer = self._packed = torch.zeros(size, dtype=torch.float64, device=device)
-        return buffer
-
-    def _fill_counts(self, packed: Tensor, at: int) -> None:
-        """n, B, W and sum w^2/b of this rank's step into ``packed[at:at + COUNT_FIELDS]``.
-
-        Host numbers are written with ``fill_`` (the number travels as a kernel argument): item assignment
-        would copy a host scalar to the device and wait for it, a host sync per field on CUDA. Device tensors
-        (per-example counts) are copied on the device.
-        """
-        # W: sum of shares, 1 per backward pass; sum w^2/b: sum of share^2 / size, 1 / units per backward pass.
-        counts = (self._num_small, self._units, float(self._num_backward), self._inv_units)
-        for i, value in enumerate(counts):
-            if isinstance(value, Tensor):
-                packed[at + i].copy_(value)
-            else:
-                packed[at + i].fill_(value)
-
-    def _measure_per_example_step(
-        self, device: torch.device, unscale_sq: Tensor | float, big_factor: float, param_sq_norms: Tensor
-    ) -> None:
-        source = self._per_example_source
-        assert source is not None
-        n_params = len(source.params)
-        # One all-reduce: per watched parameter A_p, |G_big,p|^2 (this rank's share), whether it got per-example
-        # norms, whether it was found unmeasurable; then the step's counts.
-        packed = self._step_buffer(4 * n_params + COUNT_FIELDS, device)
-        a_part, big_part, measured_part, bad_part = packed[: 4 * n_params].view(4, n_params).unbind()
-        failed = self._step_failure is not None or self._weighted_sq_sum is None
-        if failed:
-            a_part.fill_(float("nan"))
-            measured_part.fill_(1.0)  # no inference about unmeasured parameters from a failed step
-        else:
-            assert self._weighted_sq_sum is not None
-            torch.mul(self._weighted_sq_sum.to(device), unscale_sq, out=a_part)
-            measured_part.copy_(self._flags(self._measured, device))
-        if self._sharded or self._share_is_all:
-            big_part.copy_(param_sq_norms)
-        else:
-            big_part.zero_().index_copy_(0, self._share_index, param_sq_norms)
-        bad_part.copy_(self._bad_part_flags(source, device))
-        self._fill_counts(packed, 4 * n_params)
-        if self._world_size > 1:
-            dist.all_reduce(packed, group=self._process_group)
-        # A parameter that some rank found unmeasurable, or that has a gradient nobody measured per example
-        # (its layer never ran as a module), is left out of both norms from now on, on every rank alike.
-        self._excluded |= (bad_part > 0) | ((measured_part == 0) & (big_part > 0))
-        keep = (~self._excluded).to(torch.float64)
-        a_kept, big_kept = a_part * keep, big_part * keep
-        counts = summary_from_counts(a_kept.sum(), packed[4 * n_params :])
-        self.metric.fold(counts, big_kept.sum() * big_factor)
-        if self.per_layer:
-            n_layers = len(self._layer_names)
-            by_layer = torch.zeros(3, n_layers + 1, dtype=torch.float64, device=device)
-            for row, values in enumerate((a_kept, big_kept, measured_part * keep)):
-                by_layer[row].index_add_(0, self._layer_index, values)
-            # A layer that nothing measured in this step (unused everywhere, or excluded) skips it.
-            a_layer = torch.where(by_layer[2] > 0, by_layer[0], torch.full_like(by_layer[0], float("nan")))
-            for i, name in enumerate(self._layer_names):
-                if name in source.left_out_layers():  # nothing in it can ever be measured: no metric
-                    continue
-                layer_counts = counts._replace(size_weighted_sq_norm_sum=a_layer[i])
-                self.layer_metric(name).fold(layer_counts, by_layer[1, i] * big_factor)
-
-    def _bad_part_flags(self, source: PerExampleSource, device: torch.device) -> Tensor:
-        # The source's exclusions only grow: rebuilt when their number changes, not per step.
-        n_excluded = len(source.excluded)
-        if self._bad_flags is None or self._bad_flags[0] != n_excluded:
-            flags = tuple(i in source.excluded for i in range(len(source.params)))
-            self._bad_flags = (n_excluded, self._flags(flags, device))
-        return self._bad_flags[1]
-
-    def _flags(self, flags: tuple[bool, ...], device: torch.device) -> Tensor:
-        # Cached per distinct tuple: a fresh host-to-device copy every step would cost more than the flags.
-        tensor = self._flag_tensors.get(flags)
-        if tensor is None:
-            tensor = torch.tensor(flags, dtype=torch.float64, device=device)
-            self._flag_tensors[flags] = tensor
-        return tensor
 
     def layer_metric(self, name: str) -> GradientNoiseScaleMetric:
         """The metric of one layer (created on first use, on the main metric's device)."""
@@ -803,19 +432,12 @@ class GradientNoiseScaleTracker:
             self.layer_metrics[name] = metric.to(self.metric.grad_sq_norm_ema.device)
         return self.layer_metrics[name]
 
-    def _clear_step(self) -> None:
-        self._weighted_sq_sum = None
-        self._measured = ()
-        self._step_failure = None
-        self._num_small = self._units = self._num_backward = 0
-        self._inv_units = 0.0
-
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         reference = self.reference_batch_size
         return {
-            "metric": _metric_states(self.metric),
-            "layer_metrics": {name: _metric_states(m) for name, m in self.layer_metrics.items()},
+            "metric": metric_states(self.metric),
+            "layer_metrics": {name: metric_states(m) for name, m in self.layer_metrics.items()},
             # NaN before the first measured step: nothing to keep (a resumed run takes its first measured step).
             "reference_batch_size": None
             if reference is None or not bool(torch.isfinite(reference))
@@ -824,9 +446,9 @@ class GradientNoiseScaleTracker:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # copy_ keeps each state on the metric's device, whether this runs before or after .to(device).
-        _load_metric_states(self.metric, state_dict["metric"])
+        load_metric_states(self.metric, state_dict["metric"])
         for name, states in state_dict.get("layer_metrics", {}).items():
-            _load_metric_states(self.layer_metric(name), states)
+            load_metric_states(self.layer_metric(name), states)
         reference = state_dict.get("reference_batch_size")
         self.reference_batch_size = None if reference is None else reference.to(self.metric.last_b_big.device)
         self._reference_settled = reference is not None
@@ -840,73 +462,3 @@ def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
             seen.add(id(p))
             unique.append(p)
     return unique
-
-
-def _metric_states(metric: GradientNoiseScaleMetric) -> dict[str, Tensor]:
-    return {name: getattr(metric, name).detach().cpu().clone() for name in metric._defaults}
-
-
-def _load_metric_states(metric: GradientNoiseScaleMetric, states: dict[str, Tensor]) -> None:
-    for name, value in states.items():
-        getattr(metric, name).copy_(value)
-
-
-def _python_warning(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
-
-
-def _balanced_share(params: list[nn.Parameter], world_size: int, rank: int) -> list[nn.Parameter]:
-    """This rank's parameters when the work of one norm is split evenly by size (same on every rank)."""
-    if world_size <= 1:
-        return list(params)
-    loads = [0] * world_size
-    share: list[nn.Parameter] = []
-    for index in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
-        owner = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[owner] += params[index].numel()
-        if owner == rank:
-            share.append(params[index])
-    return share
-
-
-def _param_sq_norms(params: list[nn.Parameter], device: torch.device, sharded: bool = True) -> Tensor:
-    """Squared gradient norm of each parameter (0 where there is no gradient), float64, shape (len(params),).
-
-    ``sharded=False`` promises no DTensor gradients (their local shards are then not looked up).
-    """
-    # A DTensor gradient's local shard: a norm of the DTensor itself would all-reduce once per parameter.
-    grads = [p.grad for p in params if p.grad is not None]
-    if sharded:
-        grads = [_local(g) for g in grads]
-    if not grads:
-        return torch.zeros(len(params), dtype=torch.float64, device=device)
-    norms = _fused_norms(grads)
-    if len(grads) == len(params) and len({n.dtype for n in norms}) == 1:
-        # One stack and one conversion instead of one conversion per parameter (the same float64 values).
-        return torch.stack(norms).to(device=device, dtype=torch.float64).square()
-    remaining = iter(norms)
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    per_param = [next(remaining) if p.grad is not None else zero for p in params]
-    return torch.stack([n.to(device=device, dtype=torch.float64) for n in per_param]).square()
-
-
-def _fused_norms(grads: list[Tensor]) -> list[Tensor]:
-    """One fused norm pass per dtype; half-precision gradients are accumulated in float32, float64 kept."""
-    wide = [g.dtype == torch.float64 for g in grads]
-    if not any(wide):
-        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    if all(wide):
-        return list(torch._foreach_norm(grads, 2))
-    narrow_norms = iter(
-        torch._foreach_norm([g for g, w in zip(grads, wide, strict=True) if not w], 2, dtype=torch.float32)
-    )
-    wide_norms = iter(torch._foreach_norm([g for g, w in zip(grads, wide, strict=True) if w], 2))
-    return [next(wide_norms) if w else next(narrow_norms) for w in wide]
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return _DTensor is not None and isinstance(tensor, _DTensor)
-
-
-def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]

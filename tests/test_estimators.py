@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_gns.estimators import (
     SmallBatchSummary,
+    StepSums,
     paper_estimates,
     simple_noise_scale,
     summarize_small_batches,
@@ -244,3 +245,39 @@ def test_mismatched_lengths_raise() -> None:
         summarize_small_batches(t([1.0, 2.0]), t([1.0]))
     with pytest.raises(ValueError, match="small_weights must have 2 entries"):
         summarize_small_batches(t([1.0, 2.0]), t([1.0, 2.0]), t([1.0]))
+
+
+def test_a_backward_record_sums_like_the_small_batches_it_holds() -> None:
+    """StepSums.add_backward, fed norms as a backward sees them (each small batch's share of the micro-batch's
+    mean loss, every backward weighted 1), gives the summary that StepSums.add gives for the mean-loss gradients
+    g_i with sizes b_i and weights w_i = share_i."""
+    gen = torch.Generator().manual_seed(3)
+    # Per example, in two parts (parameters): unit counts per example, then an int count spread evenly.
+    recorded, direct = StepSums(), StepSums()
+    for counts in ([3, 1, 4], [2, 2, 7, 1]):
+        c = torch.tensor(counts, dtype=F64)
+        g_sq = torch.rand(2, len(counts), generator=gen, dtype=F64)
+        recorded.add_backward(g_sq * (c / c.sum()) ** 2, torch.tensor(counts), by_example=True, measured=(True, False))
+        direct.add(g_sq.sum(dim=0), c, c / c.sum())
+    g_sq = torch.rand(2, 4, generator=gen, dtype=F64)  # 6 units over 4 examples: 1.5 units and a 1/4 share each
+    recorded.add_backward(g_sq / 16, 6, by_example=True, measured=(False, True))
+    direct.add(g_sq.sum(dim=0), t([1.5] * 4), t([0.25] * 4))
+    torch.testing.assert_close(recorded.summary().stack(), direct.summary().stack(), rtol=1e-12, atol=0)
+    assert recorded.backward_passes == 3 and recorded.measured == (True, True) and recorded.failed is None
+    # The whole micro-batch as the one small batch of each backward (share 1), its units a tensor or an int.
+    recorded, direct = StepSums(), StepSums()
+    for units in (torch.tensor([2.0, 3.0], dtype=F64), 3):
+        g_sq = torch.rand(1, 1, generator=gen, dtype=F64)
+        recorded.add_backward(g_sq, units)
+        direct.add(g_sq.reshape(1), t([5.0 if isinstance(units, Tensor) else units]), t([1.0]))
+    torch.testing.assert_close(recorded.summary().stack(), direct.summary().stack(), rtol=1e-12, atol=0)
+
+
+def test_a_backward_whose_counts_do_not_match_its_examples_fails_the_step() -> None:
+    sums = StepSums()
+    sums.add_backward(torch.ones(1, 3, dtype=F64), torch.tensor([1, 2]), by_example=True)
+    assert sums.failed == "batch_size_fn returned 2 per-example counts for 3 examples"
+    assert sums.size_weighted_sq_norm_sum is None and sums.backward_passes == 1
+    assert math.isnan(float(sums.summary().size_weighted_sq_norm_sum))
+    sums.clear()
+    assert sums.failed is None and sums.backward_passes == 0 and sums.size_sum == 0

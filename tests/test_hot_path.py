@@ -63,5 +63,11 @@ def test_tracker_to_moves_the_per_example_bookkeeping() -> None:
     tracker = GradientNoiseScaleTracker()
     tracker.attach(model.parameters(), mode="per_example", model=model)
     tracker.to("meta")
-    tensors = {name: value for name, value in vars(tracker).items() if isinstance(value, torch.Tensor)}
+    owners = {"tracker": tracker, "bookkeeping": tracker._book}
+    tensors = {
+        f"{owner}.{name}": value
+        for owner, holder in owners.items()
+        for name, value in vars(holder).items()
+        if isinstance(value, torch.Tensor)
+    }
     assert tensors and {name: t.device.type for name, t in tensors.items()} == dict.fromkeys(tensors, "meta")

@@ -76,7 +76,7 @@ def test_left_out_is_every_parameter_the_estimate_does_not_cover() -> None:
     outside = nn.Parameter(torch.zeros(2))
     tracker = GradientNoiseScaleTracker()
     tracker.attach([*model.parameters(), outside], mode="per_example", model=model)
-    source = tracker._per_example_source
+    source = tracker._sources.per_example
     assert source is not None
     covered = {id(p) for p in source.covered_params()}
     names = {id(p): n for n, p in model.named_parameters()}

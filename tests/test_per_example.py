@@ -15,6 +15,7 @@ from torch.func import functional_call, grad, vmap
 from lightning_gns import GradientNoiseScale
 from lightning_gns.sources import PerExampleSource
 from support.models import LinearProblem, LinearRegression, loader
+from support.per_example_norms import pop_norms, pop_norms_by_layer
 from support.recording import Recorder, assert_matches_reference
 from support.trainers import make_trainer
 
@@ -80,11 +81,11 @@ def source_per_example_sq_norms(model: nn.Module, loss_fn: Any, batch: Any) -> t
     source.recording = True
     losses = loss_fn(model, batch)
     losses.mean().backward()
-    norms = source.pop_norms()
+    norms, layers = pop_norms_by_layer(source)
     assert norms is not None
     batch_size = losses.shape[0]
     # The source reports the example's share (1/B) of the mean loss: scale back to the per-example loss.
-    layer = {name: sq * batch_size**2 for name, sq in source.last_layer_sq_norms.items()}
+    layer = {name: sq * batch_size**2 for name, sq in layers.items()}
     return (norms * batch_size).square(), layer
 
 
@@ -134,7 +135,7 @@ def test_norm_only_layers_cover_just_the_norm_parameters() -> None:
     source.attach(model, model.parameters())
     source.recording = True
     sequence_loss(model, torch.randint(0, 13, (3, 5))).mean().backward()
-    source.pop_norms()
+    pop_norms(source)
     covered = {id(p) for p in source.covered_params()}
     assert covered == {id(model.norm.weight), id(model.norm.bias), id(model.rms.weight)}
 

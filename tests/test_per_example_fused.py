@@ -16,6 +16,7 @@ from lightning_gns.sources import PerExampleSource
 from lightning_gns.sources.per_example_factors import OneHot, factor_sq_norm
 from lightning_gns.sources.per_example_fused import FusableForward, fused_pays
 from support.multiprocess import run_worker
+from support.per_example_norms import pop_norms, pop_norms_by_layer
 from support.seq_model import VOCAB, SeqModel, fused_layer_names, sequence_loss, vmap_sq_norms
 
 
@@ -27,11 +28,11 @@ def measure(model: nn.Module, tokens: Tensor, fused: bool = True) -> tuple[Tenso
     source.expected_examples = len(tokens)
     names = fused_layer_names(model)
     sequence_loss(model, tokens).mean().backward()
-    norms = source.pop_norms()
+    norms, layers = pop_norms_by_layer(source)
     source.detach()
     assert norms is not None
     scale = len(tokens) ** 2
-    return (norms * len(tokens)).square(), {k: v * scale for k, v in source.last_layer_sq_norms.items()}, names
+    return (norms * len(tokens)).square(), {k: v * scale for k, v in layers.items()}, names
 
 
 @pytest.mark.parametrize("checkpointed", [False, "non-reentrant", "reentrant"])
@@ -81,7 +82,7 @@ def test_checkpointed_fused_layers_keep_no_factors_alive() -> None:
     source.recording = True
     sequence_loss(model, torch.randint(0, VOCAB, (3, 7))).mean().backward()
     assert not source._stored_factors  # the recomputed calls counted as further uses would leave theirs
-    assert source.pop_norms() is not None
+    assert pop_norms(source) is not None
 
 
 def test_autocast_bf16_gradient_and_norms() -> None:

@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.sources import PerExampleSource
+from support.per_example_norms import pop_norms
 from support.reference_func import BatchRecorder, assert_histories_match, reference_history
 from support.seq_model import is_fused_output
 from support.trainers import fit64, param_names
@@ -170,7 +171,7 @@ def test_conv1d_fused_under_autocast_matches_conv1d() -> None:
             outputs = model(x)
         assert is_fused_output(outputs) == fused
         outputs.square().flatten(1).mean(dim=1).mean().backward()
-        norms = source.pop_norms()
+        norms = pop_norms(source)
         assert norms is not None
         results[fused] = (outputs, (norms * 4).square(), [p.grad for p in model.parameters()])
     assert torch.equal(results[True][0], results[False][0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
@@ -31,21 +33,39 @@ def fp32_norm(tensor: Tensor) -> Tensor:
     return torch.linalg.vector_norm(tensor, dtype=reduction_dtype(tensor.dtype))
 
 
+@dataclass
+class BackwardNorms:
+    """What one backward pass gave a source: the record every source hands the tracker."""
+
+    sq_norms: Tensor
+    """(P, S): squared norm of the gradient each of S small batches gave each of P parts of the watched
+    parameters (a whole-gradient source: P = S = 1), still carrying the loss's factors."""
+    measured: tuple[bool, ...] = (True,)
+    """Which of the P parts received a norm in this backward."""
+    by_example: bool = False
+    """The S columns are the micro-batch's examples (else the one column is the whole micro-batch)."""
+    failed: str | None = None
+    """Why the whole backward cannot be measured (a double backward, ...), or None."""
+
+
 class GradNormSource:
     """Records the norms of gradient pieces during one backward pass and combines them afterwards.
 
     A source sees the gradient of one backward pass as it is produced (as bucket buffers, parameter
     gradients, or per-example pieces) while :attr:`recording` is true. After the backward pass,
-    :meth:`pop_norms` returns one norm per small batch that backward held: one for the whole micro-batch
-    (DDP buckets, parameter hooks) or one per example. The norms still carry whatever factor the loss had
-    (``1 / accumulate_grad_batches``, the AMP loss scale, each example's share of a mean): the caller
-    removes those, so sources stay independent of the training loop.
+    :meth:`pop_backward` returns the squared norm of each small batch that backward held: one for the whole
+    micro-batch (DDP buckets, parameter hooks) or one per example and watched parameter. The norms still
+    carry whatever factor the loss had (``1 / accumulate_grad_batches``, the AMP loss scale, each example's
+    share of a mean): the caller removes those, so sources stay independent of the training loop.
     """
 
     name = "base"
+    # Why a recording backward that gave this source nothing cannot be measured; None: it held no small batch.
+    nothing_recorded: str | None = None
 
     def __init__(self) -> None:
         self.recording = False
+        self.expected_examples: int | None = None  # examples in the micro-batch (for sources that split it)
         self._piece_norms: list[Tensor] = []
         self._handles: list[RemovableHandle] = []  # hooks to remove on detach (a DDP comm hook has none)
 
@@ -53,13 +73,13 @@ class GradNormSource:
         if self.recording:
             self._piece_norms.append(piece_norm)
 
-    def pop_norms(self) -> Tensor | None:
-        """Norms of the small-batch gradients recorded since the last call, shape (n,); None if none."""
+    def pop_backward(self) -> BackwardNorms | None:
+        """The squared norm of the gradient recorded since the last call, as a (1, 1) record; None if none."""
         if not self._piece_norms:
             return None
         norm = torch.linalg.vector_norm(torch.stack(self._piece_norms))
         self._piece_norms = []
-        return norm.reshape(1)
+        return BackwardNorms(norm.double().square().reshape(1, 1))
 
     @property
     def attached(self) -> bool:

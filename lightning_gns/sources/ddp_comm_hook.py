@@ -1,6 +1,7 @@
 """Small batches from a DDP communication hook: each rank's local gradient before the all-reduce."""
 
 # No `from __future__ import annotations` here: DDP checks the hook's annotations at run time.
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -41,3 +42,26 @@ def _record_then_allreduce(source: "DDPCommHookSource", bucket: dist.GradBucket)
     # The norm must be taken before allreduce_hook divides the buffer in place and sends it.
     source.record(fp32_norm(bucket.buffer()))
     return allreduce_hook(source.process_group, bucket)  # type: ignore[arg-type]
+
+
+def register_comm_hook(
+    ddp_model: DistributedDataParallel, announce: Callable[[str], None]
+) -> "DDPCommHookSource | None":
+    """A source recording from a comm hook on ``ddp_model``; None, announced, where DDP keeps its own or refuses."""
+    if getattr(ddp_model, "_comm_hooks", None):
+        announce(
+            "GradientNoiseScale: the DDP model already has a communication hook (yours, or DDP mixed"
+            " precision's), and DDP allows only one, so per-rank gradient norms come from parameter hooks"
+            " (source 'param_hooks'): same numbers, one norm per parameter instead of per bucket."
+        )
+        return None
+    source = DDPCommHookSource()
+    try:
+        source.attach(ddp_model)
+    except RuntimeError as error:
+        announce(
+            f"GradientNoiseScale: could not register its DDP communication hook ({error}); per-rank"
+            " gradient norms come from parameter hooks (source 'param_hooks') instead."
+        )
+        return None
+    return source

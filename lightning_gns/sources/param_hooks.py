@@ -8,7 +8,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from lightning_gns.sources.base import GradNormSource, fp32_norm
+from lightning_gns.sources.base import BackwardNorms, GradNormSource, fp32_norm
 
 
 class ParamHookSource(GradNormSource):
@@ -19,9 +19,9 @@ class ParamHookSource(GradNormSource):
     ``.grad`` and before DDP all-reduces it. The hook computes a norm and keeps nothing else, so no
     gradient is copied or kept alive. Works on one device and, per rank, under DDP.
 
-    A parameter whose hook fires twice between two :meth:`pop_norms` (``autograd.grad`` with respect to the
+    A parameter whose hook fires twice between two :meth:`pop_backward` (``autograd.grad`` with respect to the
     parameters inside ``training_step``, or two backward passes per micro-batch) makes the micro-batch
-    unmeasurable: the norm of a sum is not the sum of norms. :meth:`pop_norms` then returns NaN.
+    unmeasurable: the norm of a sum is not the sum of norms. :meth:`pop_backward` then returns NaN.
     """
 
     name = "param_hooks"
@@ -43,13 +43,13 @@ class ParamHookSource(GradNormSource):
         self._seen.add(index)
         self.record(fp32_norm(grad))
 
-    def pop_norms(self) -> Tensor | None:
+    def pop_backward(self) -> BackwardNorms | None:
         failed, self.failed = self.failed, None
         self._seen.clear()
-        norms = super().pop_norms()
-        if failed is not None and norms is not None:
-            return torch.full_like(norms, float("nan"))
-        return norms
+        backward = super().pop_backward()
+        if failed is not None and backward is not None:
+            return BackwardNorms(torch.full_like(backward.sq_norms, float("nan")))
+        return backward
 
     def detach(self) -> None:
         self._seen.clear()

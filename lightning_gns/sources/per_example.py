@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
@@ -13,13 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gns.sources import per_example_generic as generic
-from lightning_gns.sources.base import GradNormSource
+from lightning_gns.sources.base import BackwardNorms, GradNormSource, reduction_dtype, upcast_half
 from lightning_gns.sources.per_example_factors import (
     Dense,
     Factor,
     Materialized,
     OneHot,
-    _f32,
     factor_inner,
     factor_sq_norm,
 )
@@ -75,7 +73,7 @@ def layer_factors(module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str,
 
 def _norm_factors(module: nn.LayerNorm | nn.RMSNorm, inp: Tensor, grad_out: Tensor) -> dict[str, Factor]:
     dims = tuple(range(-len(module.normalized_shape), 0))
-    x = _f32(inp)
+    x = upcast_half(inp)
     # The normalised input, recomputed by the same fused kernels the layer uses (torch.var_mean is several
     # times slower than the whole layer_norm kernel on CPU).
     if isinstance(module, nn.LayerNorm):
@@ -85,7 +83,7 @@ def _norm_factors(module: nn.LayerNorm | nn.RMSNorm, inp: Tensor, grad_out: Tens
         normalized = F.rms_norm(x, module.normalized_shape, eps=eps)
     batch = grad_out.shape[0]
     width = normalized.shape[-len(dims) :].numel()
-    delta = _f32(grad_out).reshape(batch, -1, width)
+    delta = upcast_half(grad_out).reshape(batch, -1, width)
     factors: dict[str, Factor] = {}
     if module.weight is not None:
         factors["weight"] = Materialized((delta * normalized.reshape(batch, -1, width)).sum(dim=1))
@@ -209,18 +207,6 @@ class _FusedUse:
         self.source._on_fused_grad(self, weight, bias)
 
 
-@dataclass
-class PerExampleBackward:
-    """What one backward pass gave the per-example source."""
-
-    sq_norms: Tensor
-    """(P, B) per-example squared gradient norm of each watched parameter (0 where it got none)."""
-    measured: tuple[bool, ...]
-    """Which watched parameters received per-example norms in this backward."""
-    failed: str | None
-    """Why the whole backward cannot be measured (a double backward, ...), or None."""
-
-
 class PerExampleSource(GradNormSource):
     """Per-example gradient norms of the supported layers' parameters (``B_small = 1``).
 
@@ -253,11 +239,12 @@ class PerExampleSource(GradNormSource):
     (:attr:`expected_examples`), such as a positional embedding called on ``arange(T)`` and broadcast over
     the batch, or a Linear applied to tokens flattened to ``(B*T, d)``. An output gradient that arrives twice
     (a double backward, ``autograd.grad`` through the layers before ``backward``) makes the whole backward
-    unmeasurable (:attr:`PerExampleBackward.failed`). A parameter whose layer never runs as a module (its
+    unmeasurable (:attr:`BackwardNorms.failed`). A parameter whose layer never runs as a module (its
     weight used by a functional call) receives no per-example norm; the caller detects it from its gradient.
     """
 
     name = "per_example"
+    nothing_recorded = "no supported layer ran in this micro-batch"
 
     def __init__(self, layers: Layers = "all", fused: bool = True) -> None:
         super().__init__()
@@ -281,7 +268,6 @@ class PerExampleSource(GradNormSource):
         self._pending_uses: dict[int, int] = defaultdict(int)
         self._stored_factors: dict[int, list[Factor]] = defaultdict(list)
         self._failed: str | None = None
-        self.last_layer_sq_norms: dict[str, Tensor] = {}
         # Fused Linear and LayerNorm (per_example_fused): the layers whose forward was replaced, and the output of the
         # fused call that just ran (its forward hook must not hook it a second time).
         self._fused_modules: list[nn.Module] = []
@@ -355,10 +341,6 @@ class PerExampleSource(GradNormSource):
             kept = {self.param_layers[i] for i in range(len(self.params)) if i not in self.excluded}
             self._left_out_layers = (len(self.excluded), set(self.param_layers) - kept)
         return self._left_out_layers[1]
-
-    def owner(self, param: nn.Parameter) -> str:
-        """Name of the layer a watched parameter is reported under (its first owner for tied weights)."""
-        return self.param_layers[self._index[id(param)]]
 
     def exclude(self, index: int, reason: str) -> None:
         """Leave a watched parameter out from now on (both batch sizes' norms), for ``reason``."""
@@ -492,8 +474,7 @@ class PerExampleSource(GradNormSource):
             for param_name, index in use.params:
                 value = weight if param_name == "weight" else bias
                 if value is not None and index not in self.excluded:
-                    half = value.dtype in (torch.float16, torch.bfloat16)
-                    sq = torch.linalg.vector_norm(value.flatten(1), dim=1, dtype=torch.float32 if half else None)
+                    sq = torch.linalg.vector_norm(value.flatten(1), dim=1, dtype=reduction_dtype(value.dtype))
                     self._add(index, Materialized(value), sq.square())
         except (NotImplementedError, RuntimeError) as error:
             # Only our own refusal and a plain RuntimeError (shapes or dtypes that do not split per example) mean
@@ -562,8 +543,9 @@ class PerExampleSource(GradNormSource):
         else:
             self._stored_factors.pop(index, None)
 
-    def pop_backward(self) -> PerExampleBackward | None:
-        """The per-parameter, per-example squared norms recorded since the last call; None if none."""
+    def pop_backward(self) -> BackwardNorms | None:
+        """The (P, B) per-parameter, per-example squared norms recorded since the last call (0 where a watched
+        parameter got none); None if none."""
         sq_norms, failed = self._sq_norms, self._failed
         self._sq_norms, self._failed = {}, None
         self._pending_uses.clear()
@@ -577,32 +559,14 @@ class PerExampleSource(GradNormSource):
         if len(shapes) > 1 and failed is None:
             failed = f"layers disagree on the number of examples: {sorted(s[0] for s in shapes)}"
         if failed is not None or not sq_norms:
-            return PerExampleBackward(torch.zeros(0), (), failed or "no per-example norm")
+            return BackwardNorms(torch.zeros(0), (), True, failed or "no per-example norm")
         any_norm = next(iter(sq_norms.values()))
         zero = torch.zeros_like(any_norm)
         for index in self.excluded:  # excluded during this backward, after some of its uses were added
             sq_norms.pop(index, None)
         stacked = torch.stack([sq_norms.get(i, zero) for i in range(len(self.params))])
         measured = tuple(i in sq_norms for i in range(len(self.params)))
-        return PerExampleBackward(stacked, measured, None)
-
-    def pop_norms(self) -> Tensor | None:
-        """Per-example norms over the covered parameters, shape (B,); NaN when the pass was unmeasurable.
-
-        Also leaves the per-layer split in :attr:`last_layer_sq_norms` ({layer name: (B,)}).
-        """
-        backward = self.pop_backward()
-        self.last_layer_sq_norms = {}
-        if backward is None:
-            return None
-        if backward.failed is not None:
-            return torch.full((1,), float("nan"))
-        keep = [i for i in range(len(self.params)) if backward.measured[i] and i not in self.excluded]
-        layer = self.last_layer_sq_norms
-        for i in keep:
-            name = self.param_layers[i]
-            layer[name] = layer[name] + backward.sq_norms[i] if name in layer else backward.sq_norms[i]
-        return backward.sq_norms[keep].sum(dim=0).sqrt()
+        return BackwardNorms(stacked, measured, True)
 
     def detach(self) -> None:
         for module in self._fused_modules:

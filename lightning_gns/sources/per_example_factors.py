@@ -22,8 +22,6 @@ from torch import Tensor
 
 from lightning_gns.sources.base import upcast_half
 
-_f32 = upcast_half  # the name sources/per_example.py imports; it moves to upcast_half with the tracker split
-
 
 @dataclass
 class Dense:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_gns.sources.base import HALF_PRECISION
+
 # Above this many per-example weight-gradient elements (B x d_out x d_in) the fused form is used only where
 # the hook path would materialise the same tensor anyway (see fused_pays).
 FUSED_MAX_ELEMENTS = 1 << 26
@@ -147,7 +149,7 @@ class LayerNormWithPerExampleGrads(torch.autograd.Function):
 
 
 def _batch_sum(per_example: Tensor, dtype: torch.dtype) -> Tensor:
-    if per_example.dtype in (torch.float16, torch.bfloat16):
+    if per_example.dtype in HALF_PRECISION:
         return per_example.sum(dim=0, dtype=torch.float32).to(dtype)
     return per_example.sum(dim=0)
 

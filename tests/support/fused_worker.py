@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gns.sources import PerExampleSource
 from support.multiprocess import end_process
+from support.per_example_norms import pop_norms
 from support.seq_model import SeqModel, fused_layer_names, sequence_loss, vmap_sq_norms
 
 BATCH, LENGTH = 3, 12
@@ -58,7 +59,7 @@ def run(rank: int, out: Path, wrap: str) -> None:
     fused = fused_layer_names(model)
     losses = sequence_loss(wrapped, tokens)
     losses.mean().backward()
-    norms = source.pop_norms()
+    norms = pop_norms(source)
     assert norms is not None
     got = (norms * BATCH).square()
     want = sum(vmap_sq_norms(reference, tokens).values())
