@@ -51,13 +51,13 @@ def layer_b_simple(layer: str) -> str:
 
 
 def metric_values(
-    metric: GradientNoiseScaleMetric, reference_batch_size: Tensor | None = None, kaplan_loss: Tensor | None = None
+    metric: GradientNoiseScaleMetric, base_batch_size: Tensor | None = None, kaplan_loss: Tensor | None = None
 ) -> dict[str, Tensor]:
     """``metric``'s readouts under their logged names, as device tensors (nothing is read to the host).
 
     The noise scale with its interval and two averages, the last measured step's batch sizes, the skipped
     steps, the forecasts for the batch in use (:mod:`lightning_gns.forecasts`; the statistical efficiency
-    with a ``reference_batch_size``) and with ``kaplan_loss`` (nats per token) Kaplan et al.'s critical batch.
+    with a ``base_batch_size``) and with ``kaplan_loss`` (nats per token) Kaplan et al.'s critical batch.
     """
     b_simple, b_big = metric.b_simple, metric.last_b_big
     low, high = metric.confidence_interval()
@@ -73,8 +73,8 @@ def metric_values(
         STEPS_OVER_MIN: forecasts.steps_over_min(b_big, b_simple),
         EXAMPLES_OVER_MIN: forecasts.examples_over_min(b_big, b_simple),
     }
-    if reference_batch_size is not None:
-        values[STATISTICAL_EFFICIENCY] = forecasts.statistical_efficiency(b_big, b_simple, reference_batch_size)
+    if base_batch_size is not None:
+        values[STATISTICAL_EFFICIENCY] = forecasts.statistical_efficiency(b_big, b_simple, base_batch_size)
     if kaplan_loss is not None:
         values[KAPLAN_B_CRIT_TOKENS] = forecasts.kaplan_critical_batch_tokens(kaplan_loss.double())
     return values

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_gns import scalars
+from lightning_gns._deprecation import warn_renamed
 from lightning_gns.announcements import Announcements
 from lightning_gns.estimators import StepSums, summary_from_counts
 from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, metric_states, validate_beta
@@ -91,10 +92,10 @@ class GradientNoiseScaleTracker:
         self._accumulation = 1
         self._micro_batch_units: int | Tensor = 0
         self._in_micro_batch = False
-        # Effective batch of the first measured step: the reference of the statistical efficiency. A device
-        # tensor (set without a host sync), kept in checkpoints so a resumed run keeps its reference.
-        self.reference_batch_size: Tensor | None = None
-        self._reference_settled = False  # the host has seen reference_batch_size hold a batch size
+        # Effective batch of the first measured step: the base of the statistical efficiency. A device
+        # tensor (set without a host sync), kept in checkpoints so a resumed run keeps its base.
+        self.base_batch_size: Tensor | None = None
+        self._base_settled = False  # the host has seen base_batch_size hold a batch size
         self._sums = StepSums()  # running sums of the current optimizer step on this rank
         self._step_failure_seen: str | None = None  # the last reason a step could not be measured
 
@@ -201,8 +202,8 @@ class GradientNoiseScaleTracker:
             metric.to(device)
             if device.type == "mps":
                 metric.set_dtype(torch.float32)
-        if self.reference_batch_size is not None:
-            self.reference_batch_size = self.reference_batch_size.to(self.metric.last_b_big)
+        if self.base_batch_size is not None:
+            self.base_batch_size = self.base_batch_size.to(self.metric.last_b_big)
         self._book.to(device, self.metric.last_b_big.dtype)  # the bookkeeping made at attach lives here too
         return self
 
@@ -233,6 +234,12 @@ class GradientNoiseScaleTracker:
         return float(self.metric.trace_cov)
 
     @property
+    def reference_batch_size(self) -> Tensor | None:
+        """Deprecated name of ``base_batch_size`` (the effective batch of the first measured step)."""
+        warn_renamed("GradientNoiseScaleTracker.reference_batch_size", "it is now called base_batch_size")
+        return self.base_batch_size
+
+    @property
     def source(self) -> str | None:
         """Source that fed the last micro-batch: ``"ddp_comm_hook"``, ``"param_hooks"`` or ``"per_example"``."""
         active = self._sources.active
@@ -251,7 +258,7 @@ class GradientNoiseScaleTracker:
             >>> sorted(tracker.compute())[:3]
             ['gns/b_big', 'gns/b_simple', 'gns/b_simple_high']
         """
-        values = scalars.metric_values(self.metric, self.reference_batch_size, kaplan_loss)
+        values = scalars.metric_values(self.metric, self.base_batch_size, kaplan_loss)
         covered = self._book.covered_fraction(float(sum(p.numel() for p in self._params)))
         if covered is not None:
             values[scalars.COVERED_FRACTION] = covered
@@ -303,8 +310,8 @@ class GradientNoiseScaleTracker:
         Reads a few flags from the device: call it on steps that log, not on every step.
         """
         before = len(self._announce.said)
-        if not self._reference_settled and self.reference_batch_size is not None:
-            self._reference_settled = bool(torch.isfinite(self.reference_batch_size))
+        if not self._base_settled and self.base_batch_size is not None:
+            self._base_settled = bool(torch.isfinite(self.base_batch_size))
         left_out = self.left_out
         if left_out:
             numels = {self._param_names[id(p)]: p.numel() for p in self._params}
@@ -415,13 +422,13 @@ class GradientNoiseScaleTracker:
             for name, layer_sq_sum, layer_big in book.layer_sums():
                 layer_counts = counts._replace(size_weighted_sq_norm_sum=layer_sq_sum)
                 self.layer_metric(name).fold(layer_counts, layer_big * big_factor)
-        reference = self.reference_batch_size
-        if reference is None:
-            self.reference_batch_size = self.metric.last_b_big.clone()
-        elif not self._reference_settled:
+        base = self.base_batch_size
+        if base is None:
+            self.base_batch_size = self.metric.last_b_big.clone()
+        elif not self._base_settled:
             # The first measured step can come after the first step (skipped, or without a backward): the
-            # reference stays NaN until then. check() tells on a logging step when it holds a batch size.
-            torch.where(torch.isnan(reference), self.metric.last_b_big, reference, out=reference)
+            # base stays NaN until then. check() tells on a logging step when it holds a batch size.
+            torch.where(torch.isnan(base), self.metric.last_b_big, base, out=base)
         self._sums.clear()
         return True
 
@@ -434,14 +441,12 @@ class GradientNoiseScaleTracker:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        reference = self.reference_batch_size
+        base = self.base_batch_size
         return {
             "metric": metric_states(self.metric),
             "layer_metrics": {name: metric_states(m) for name, m in self.layer_metrics.items()},
             # NaN before the first measured step: nothing to keep (a resumed run takes its first measured step).
-            "reference_batch_size": None
-            if reference is None or not bool(torch.isfinite(reference))
-            else reference.detach().cpu().clone(),
+            "base_batch_size": None if base is None or not bool(torch.isfinite(base)) else base.detach().cpu().clone(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -449,9 +454,9 @@ class GradientNoiseScaleTracker:
         load_metric_states(self.metric, state_dict["metric"])
         for name, states in state_dict.get("layer_metrics", {}).items():
             load_metric_states(self.layer_metric(name), states)
-        reference = state_dict.get("reference_batch_size")
-        self.reference_batch_size = None if reference is None else reference.to(self.metric.last_b_big.device)
-        self._reference_settled = reference is not None
+        base = state_dict.get("base_batch_size")
+        self.base_batch_size = None if base is None else base.to(self.metric.last_b_big.device)
+        self._base_settled = base is not None
 
 
 def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

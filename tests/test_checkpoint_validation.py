@@ -99,6 +99,16 @@ def saved_before_the_rename(base_accumulation: Any) -> Callable[[dict[str, Any]]
     return edit
 
 
+def saved_under(new: str, old: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """The state as versions before the rename of ``old`` to ``new`` saved it, holding ``value``."""
+
+    def edit(state: dict[str, Any]) -> None:
+        state.pop(new)
+        state[old] = value
+
+    return edit
+
+
 f64 = torch.float64
 
 
@@ -126,7 +136,11 @@ f64 = torch.float64
         (del_metric("skipped_steps"), r"'metric\.skipped_steps' is missing"),
         (set_metric("momentum", torch.tensor(0.0)), r"'metric\.momentum' is not a key this version saves"),
         (set_key("beta", 0.5), r"'beta' is 0\.5, but the state was stored under beta=0\.9"),
-        (set_key("reference_batch_size", torch.tensor(0.0)), r"'reference_batch_size' is 0\.0, must be a positive"),
+        (set_key("base_batch_size", torch.tensor(0.0)), r"'base_batch_size' is 0\.0, must be a positive"),
+        (
+            saved_under("base_batch_size", "reference_batch_size", torch.tensor(0.0)),
+            r"'base_batch_size' is 0\.0, must be a positive",
+        ),
         (set_key("layer_metrics", {"linear": {}}), r"'layer_metrics\.linear\.ema_weight' is missing"),
         (lambda state: state.pop("metric"), r"'metric' is missing"),
     ],
@@ -292,6 +306,21 @@ def test_per_layer_averages_are_dropped_when_per_layer_is_off(tmp_path: Path) ->
     assert int(without.metric.measured_steps) == 2 * int(with_layers.metric.measured_steps)
 
 
+def test_base_batch_saved_under_its_old_name_loads(gns_checkpoint: dict[str, Any], tmp_path: Path) -> None:
+    # Versions before base_batch_size saved it as reference_batch_size. 48 is not this run's batch (16), so
+    # the check sees the saved value kept, not one taken afresh from the resumed run's first step.
+    assert float(gns_checkpoint["callbacks"][GNS_KEY]["base_batch_size"]) == 16.0
+    old = saved_under("base_batch_size", "reference_batch_size", torch.tensor(48.0, dtype=f64))
+    path = edited(gns_checkpoint, GNS_KEY, old, tmp_path / "old.ckpt")
+    resumed = GradientNoiseScale(beta=0.9)
+    fit_gns(resumed, ckpt_path=path, max_epochs=2)
+    base = resumed.tracker.base_batch_size
+    assert base is not None and float(base) == 48.0
+    assert int(resumed.metric.measured_steps) > 6  # the saved averages were loaded and continued
+    with pytest.warns(DeprecationWarning, match=r"GradientNoiseScaleTracker.reference_batch_size is deprecated"):
+        assert resumed.tracker.reference_batch_size is base
+
+
 def test_states_of_earlier_versions_without_optional_keys_load(adaptive_checkpoint: Path, tmp_path: Path) -> None:
     checkpoint = torch.load(adaptive_checkpoint, weights_only=False)
 
@@ -302,7 +331,7 @@ def test_states_of_earlier_versions_without_optional_keys_load(adaptive_checkpoi
 
     path = edited(checkpoint, "AdaptiveBatchSize", strip_adaptive, tmp_path / "old.ckpt")
     checkpoint = torch.load(path, weights_only=False)
-    path = edited(checkpoint, GNS_KEY, lambda state: state.pop("reference_batch_size"), tmp_path / "old.ckpt")
+    path = edited(checkpoint, GNS_KEY, lambda state: state.pop("base_batch_size"), tmp_path / "old.ckpt")
     resumed = adaptive(warmup_steps=1000)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

@@ -94,13 +94,13 @@ def test_callback_logs_forecasts_and_the_tensorboard_layout(tmp_path: Path) -> N
     assert len(accumulator.Scalars("gns/steps_over_min")) == 12
 
 
-def test_reference_batch_survives_resume() -> None:
+def test_base_batch_survives_resume() -> None:
     gns = GradientNoiseScale()
-    gns.tracker.reference_batch_size = torch.tensor(48.0, dtype=torch.float64)
+    gns.tracker.base_batch_size = torch.tensor(48.0, dtype=torch.float64)
     restored = GradientNoiseScale()
     restored.load_state_dict(gns.state_dict())
-    reference = restored.tracker.reference_batch_size
-    assert reference is not None and float(reference) == 48.0
+    base = restored.tracker.base_batch_size
+    assert base is not None and float(base) == 48.0
     assert "gns/statistical_efficiency" not in GradientNoiseScale().compute()
 
 

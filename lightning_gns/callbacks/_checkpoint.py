@@ -18,9 +18,10 @@ import torch
 # Optional keys are those the loaders have always defaulted (to none / empty), so that checkpoints of earlier
 # versions still load; lr_scaling is saved since the check of a changed rule.
 GNS_KEYS = frozenset({"metric", "beta"})
-GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "reference_batch_size"})
+GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "base_batch_size"})
 ADAPTIVE_KEYS = frozenset({"accumulation", "base_accumulation", "lr_factor"})
 # Keys saved under another name by earlier versions: old -> new.
+GNS_RENAMED_KEYS = {"reference_batch_size": "base_batch_size"}
 ADAPTIVE_RENAMED_KEYS = {"reference_accumulation": "base_accumulation"}
 ADAPTIVE_OPTIONAL_KEYS = frozenset(
     {
@@ -133,13 +134,13 @@ def validate_gns_state(
         if not isinstance(layer, str):
             raise _fail(callback, "layer_metrics", f"has a layer name {layer!r} that is not a string")
         validate_metric_states(callback, f"layer_metrics.{layer}.", states, names)
-    reference = state.get("reference_batch_size")
-    if reference is not None:
-        if not isinstance(reference, torch.Tensor) or reference.numel() != 1:
-            raise _fail(callback, "reference_batch_size", f"must be None or a one-element tensor, got {reference!r}")
-        value = float(reference)
+    base = state.get("base_batch_size")
+    if base is not None:
+        if not isinstance(base, torch.Tensor) or base.numel() != 1:
+            raise _fail(callback, "base_batch_size", f"must be None or a one-element tensor, got {base!r}")
+        value = float(base)
         if not (math.isfinite(value) and value > 0):
-            raise _fail(callback, "reference_batch_size", f"is {value}, must be a positive finite batch size")
+            raise _fail(callback, "base_batch_size", f"is {value}, must be a positive finite batch size")
 
 
 def _check_accumulation(callback: str, key: str, value: Any) -> None:

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from lightning_gns import scalars
 from lightning_gns.batch_size import BatchSizeFn, checked_batch_size, leading_dim_batch_size
 from lightning_gns.callbacks._arguments import checked_int
-from lightning_gns.callbacks._checkpoint import foreign_states, validate_gns_state
+from lightning_gns.callbacks._checkpoint import GNS_RENAMED_KEYS, foreign_states, renamed_keys, validate_gns_state
 from lightning_gns.callbacks._logging import log_scalars
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.callbacks._spawn import SpawnedResult
@@ -228,7 +228,7 @@ class GradientNoiseScaleBase(LightningNamespace):
         if not (self._spawned.in_child and trainer.global_rank == 0):
             return
         state = self.tracker.state_dict()
-        reference = state["reference_batch_size"]
+        base = state["base_batch_size"]
         payload = {
             # tolist: a scalar state becomes a number, a vector state (the estimates' moments) a list.
             "metric": {name: value.tolist() for name, value in state["metric"].items()},
@@ -236,7 +236,7 @@ class GradientNoiseScaleBase(LightningNamespace):
                 layer: {name: value.tolist() for name, value in states.items()}
                 for layer, states in state["layer_metrics"].items()
             },
-            "reference_batch_size": None if reference is None else reference.item(),
+            "base_batch_size": None if base is None else base.item(),
             "readouts": self.compute(),
             "mode": self.mode,
             "source": self.tracker.source,
@@ -264,12 +264,12 @@ class GradientNoiseScaleBase(LightningNamespace):
                 for name, v in states.items()
             }
 
-        reference = payload["reference_batch_size"]
+        base = payload["base_batch_size"]
         self.tracker.load_state_dict(
             {
                 "metric": tensors(payload["metric"]),
                 "layer_metrics": {layer: tensors(states) for layer, states in payload["layer_metrics"].items()},
-                "reference_batch_size": None if reference is None else torch.tensor(reference, dtype=torch.float64),
+                "base_batch_size": None if base is None else torch.tensor(base, dtype=torch.float64),
             }
         )
         self.mode = payload["mode"]
@@ -519,8 +519,10 @@ class GradientNoiseScaleBase(LightningNamespace):
         """Load a :meth:`state_dict`, refusing an edited or corrupted one with a ``ValueError`` naming the key.
 
         Non-finite averages, counts below zero, tensors of the wrong shape, missing or unknown keys are
-        refused. Saved per-layer averages are dropped when this callback has ``per_layer=False``.
+        refused. Saved per-layer averages are dropped when this callback has ``per_layer=False``. States of
+        earlier versions, which saved the base batch as ``reference_batch_size``, load.
         """
+        state_dict = renamed_keys(state_dict, GNS_RENAMED_KEYS)
         validate_gns_state(state_dict, self.metric._defaults, self.beta)
         if not self.per_layer and state_dict.get("layer_metrics"):
             state_dict = {**state_dict, "layer_metrics": {}}
