@@ -205,7 +205,8 @@ class StepSums:
         else:
             # Equal shares 1 / S of u units: each term is (u / S) (S |raw_i|)^2 = u S |raw_i|^2 (u |raw|^2 for a
             # backward whose one small batch is the micro-batch).
-            units_sum = units.sum() if isinstance(units, Tensor) else units
+            # An integer tensor of units would make 1 / u a float32 (torch's default dtype): sum in float64.
+            units_sum = units.to(torch.float64).sum() if isinstance(units, Tensor) else units
             term = sq.sum(dim=1) * (units_sum * sq.shape[1])
             self.num_small_batches = self.num_small_batches + sq.shape[1]
         self._add_sq_sum(term)
@@ -222,7 +223,8 @@ class StepSums:
     def _add_backward_counts(self, units_sum: int | Tensor) -> None:
         # W: 1 per backward pass; sum w^2/b: the shares' sum_i s_i^2 / c_i = 1 / u per backward pass.
         self.size_sum = self.size_sum + units_sum
-        self.weight_sq_over_size_sum = self.weight_sq_over_size_sum + 1.0 / units_sum
+        inverse = 1.0 / (units_sum.to(torch.float64) if isinstance(units_sum, Tensor) else units_sum)
+        self.weight_sq_over_size_sum = self.weight_sq_over_size_sum + inverse
         self.weight_sum = self.weight_sum + 1.0
         self.backward_passes += 1
 

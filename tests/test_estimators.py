@@ -281,3 +281,25 @@ def test_a_backward_whose_counts_do_not_match_its_examples_fails_the_step() -> N
     assert math.isnan(float(sums.summary().size_weighted_sq_norm_sum))
     sums.clear()
     assert sums.failed is None and sums.backward_passes == 0 and sums.size_sum == 0
+
+
+@pytest.mark.parametrize("units", [3, 7, 1000003])
+@pytest.mark.parametrize("by_example", [False, True])
+def test_integer_tensor_units_are_counted_in_float64(units: int, by_example: bool) -> None:
+    """A micro-batch's units as an integer tensor (0-d, or 1-D counts summed when the columns are not examples)
+    give the sums a Python int gives, bit for bit: 1 / u in float32 would be off by ~1e-8 relative for these u."""
+    assert float(1.0 / torch.tensor(units)) != 1.0 / units  # the float32 rounding the test would see
+    gen = torch.Generator().manual_seed(units)
+    columns = 3 if by_example else 1
+    norms = [torch.rand(2, columns, generator=gen, dtype=F64) for _ in range(2)]
+    as_int = StepSums()
+    for sq in norms:
+        as_int.add_backward(sq, units, by_example=by_example)
+    tensors = [torch.tensor(units), torch.tensor(units, dtype=torch.int32)]
+    if not by_example:  # a 1-D count tensor is summed: the micro-batch is the one small batch
+        tensors.append(torch.tensor([units - 1, 1]))
+    for units_tensor in tensors:
+        as_tensor = StepSums()
+        for sq in norms:
+            as_tensor.add_backward(sq, units_tensor, by_example=by_example)
+        assert torch.equal(as_tensor.summary().stack(), as_int.summary().stack()), units_tensor

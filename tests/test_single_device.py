@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_gns import GradientNoiseScale
+from lightning_gns.metric import metric_states
 from support.models import LinearProblem, LinearRegression, loader
 from support.recording import Recorder, assert_matches_reference
 from support.trainers import make_trainer
@@ -68,6 +69,30 @@ def _fp16_plugin(init_scale: float) -> MixedPrecision:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["microbatch", "per_example"])
+def test_batch_size_fn_tensors_give_the_numbers_an_int_gives(mode: str) -> None:
+    """A 0-d or 1-D integer tensor from batch_size_fn gives every state bit for bit what the int gives.
+
+    7 examples per micro-batch: 1 / 7 taken in float32 (an int tensor's true division) would show.
+    """
+    problem = LinearProblem(dim=4, seed=6)
+    x, y = problem.sample(7 * 2 * 6, seed=7)
+    states = []
+    fns = (
+        lambda batch: len(batch[0]),
+        lambda batch: torch.tensor(len(batch[0])),
+        lambda batch: torch.ones(len(batch[0]), dtype=torch.int64),
+    )
+    for fn in fns:
+        gns = GradientNoiseScale(beta=0.9, mode=mode, batch_size_fn=fn)  # type: ignore[arg-type]
+        make_trainer([gns], accumulate_grad_batches=2).fit(LinearRegression(problem, lr=0.1), loader(x, y, 7))
+        assert int(gns.metric.measured_steps) == 6
+        states.append(metric_states(gns.metric))
+    for other in states[1:]:
+        for name, value in states[0].items():
+            assert torch.equal(other[name], value), name
+
+
 def test_fp16_grad_scaler_with_overflowing_first_steps_matches_fp32() -> None:
     problem = LinearProblem(dim=8, noise_std=1.0, seed=6)
     x, y = problem.sample(16 * 2 * 400, seed=7)
