@@ -346,7 +346,7 @@ class GradientNoiseScaleTracker:
                 examples = units
             elif units.dim() == 1:
                 examples = units.numel()
-        source = self._sources.pick(self._params, accumulation)
+        source = self._sources.pick(self._params, accumulation, self._param_names)
         if self._in_micro_batch:
             self.stop_recording()  # the last micro-batch had no backward (training_step returned None)
         self._sources.start(source, measure, examples)

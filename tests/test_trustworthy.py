@@ -138,12 +138,60 @@ class ParamGradientInTrainingStep(LinearRegression):
         return loss
 
 
+def fit_warned(gns: GradientNoiseScale, model: LinearRegression, data: Any, **kwargs: Any) -> list[str]:
+    """Fit and return the messages of the warnings raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([gns], **kwargs).fit(model, data)
+    return [str(w.message) for w in caught]
+
+
 def test_parameter_gradient_taken_before_backward_skips_microbatch_steps() -> None:
     problem = LinearProblem(dim=4, seed=44)
     x, y = problem.sample(8 * 8, seed=45)
     gns = GradientNoiseScale(beta=0.9, mode="microbatch")
-    make_trainer([gns], accumulate_grad_batches=2).fit(ParamGradientInTrainingStep(problem), loader(x, y, 8))
+    messages = fit_warned(gns, ParamGradientInTrainingStep(problem), loader(x, y, 8), accumulate_grad_batches=2)
     assert gns.skipped_steps == 4 and math.isnan(gns.b_simple)
+    told = [m for m in messages if "no optimizer step could be measured so far (4 skipped)" in m]
+    assert len(told) == 1 and "parameter 'linear.weight' received two gradients in one micro-batch" in told[0]
+    assert "torch.autograd.grad with respect to the parameters" in told[0]
+
+
+class ReentrantCheckpointing(LinearRegression):
+    """One square layer applied twice, each application in its own reentrant checkpointed segment."""
+
+    def __init__(self, problem: LinearProblem, reentrant: bool) -> None:
+        super().__init__(problem, lr=0.1)
+        self.reentrant = reentrant
+        self.square = nn.Linear(problem.dim, problem.dim, bias=False)
+        with torch.no_grad():
+            self.square.weight.copy_(torch.eye(problem.dim) + 0.1 * torch.ones(problem.dim, problem.dim))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        x = x.requires_grad_(True)  # a reentrant segment whose inputs need no gradient would get none
+        for _ in range(2):
+            x = torch.utils.checkpoint.checkpoint(self.square, x, use_reentrant=self.reentrant)
+        return 0.5 * (self.linear(x).squeeze(-1) - y).square().mean()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_parameter_in_two_reentrant_checkpointed_segments_skips_the_step_and_says_why(reentrant: bool) -> None:
+    """Each reentrant segment's recomputation is a backward pass of its own: square.weight gets two gradients
+    per micro-batch, whose norms do not give the norm of their sum. Non-reentrant checkpointing gives one."""
+    problem = LinearProblem(dim=4, seed=46)
+    x, y = problem.sample(8 * 8, seed=47)
+    gns = GradientNoiseScale(beta=0.9, mode="microbatch")
+    model = ReentrantCheckpointing(problem, reentrant)
+    messages = fit_warned(gns, model, loader(x, y, 8), accumulate_grad_batches=2)
+    told = [m for m in messages if "no optimizer step could be measured" in m]
+    if not reentrant:
+        assert gns.skipped_steps == 0 and math.isfinite(gns.b_simple) and not told
+        return
+    assert gns.skipped_steps == 4 and int(gns.metric.measured_steps) == 0 and math.isnan(gns.b_simple)
+    assert len(told) == 1 and "(4 skipped)" in told[0]
+    assert "parameter 'square.weight' received two gradients in one micro-batch" in told[0]
+    assert "use_reentrant=False" in told[0]
 
 
 # ---------------------------------------------------------------- 6. parameters that change during fit

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import partial
 
 import torch
@@ -19,9 +19,15 @@ class ParamHookSource(GradNormSource):
     ``.grad`` and before DDP all-reduces it. The hook computes a norm and keeps nothing else, so no
     gradient is copied or kept alive. Works on one device and, per rank, under DDP.
 
-    A parameter whose hook fires twice between two :meth:`pop_backward` (``autograd.grad`` with respect to the
-    parameters inside ``training_step``, or two backward passes per micro-batch) makes the micro-batch
-    unmeasurable: the norm of a sum is not the sum of norms. :meth:`pop_backward` then returns NaN.
+    A parameter whose hook fires twice between two :meth:`pop_backward` makes the micro-batch unmeasurable:
+    the norm of a sum is not the sum of norms. :meth:`pop_backward` then returns a record that ``failed``
+    with the parameter's name and the fix. It fires twice for reentrant activation checkpointing
+    (``use_reentrant=True``) with the parameter used in two checkpointed segments, or in one and outside it
+    (each segment's recomputation is a backward pass of its own), for ``autograd.grad`` with respect to the
+    parameters inside ``training_step``, and for two backward passes per micro-batch. A parameter used twice
+    in one backward pass (tied weights, non-reentrant checkpointing) gets one gradient.
+
+    Args of :meth:`attach`: ``names`` maps a parameter's ``id`` to the name messages give it.
     """
 
     name = "param_hooks"
@@ -29,17 +35,29 @@ class ParamHookSource(GradNormSource):
     def __init__(self) -> None:
         super().__init__()
         self._seen: set[int] = set()
+        self._names: list[str] = []
         self.failed: str | None = None
 
-    def attach(self, params: Iterable[nn.Parameter]) -> None:
+    def attach(self, params: Iterable[nn.Parameter], names: Mapping[int, str] | None = None) -> None:
         self.detach()
+        params = list(params)
+        names = names or {}
+        self._names = [names.get(id(p), f"<parameter {i}, shape {tuple(p.shape)}>") for i, p in enumerate(params)]
         self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(params) if p.requires_grad]
 
     def _on_grad(self, index: int, grad: Tensor) -> None:
         if not self.recording:
             return
-        if index in self._seen:
-            self.failed = "a parameter received two gradients in one micro-batch (a second backward or autograd.grad)"
+        if index in self._seen and self.failed is None:
+            self.failed = (
+                f"parameter {self._names[index]!r} received two gradients in one micro-batch, from separate backward"
+                " passes: the norm of their sum cannot be formed from their norms, so the step is skipped."
+                " Reentrant activation checkpointing does this to a parameter used in two checkpointed segments,"
+                " or in one and outside it: pass use_reentrant=False to torch.utils.checkpoint.checkpoint (Hugging"
+                " Face: gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}))."
+                " torch.autograd.grad with respect to the parameters, or a second backward pass, inside"
+                " training_step does it too and cannot be measured from parameter hooks"
+            )
         self._seen.add(index)
         self.record(fp32_norm(grad))
 
@@ -48,7 +66,7 @@ class ParamHookSource(GradNormSource):
         self._seen.clear()
         backward = super().pop_backward()
         if failed is not None and backward is not None:
-            return BackwardNorms(torch.full_like(backward.sq_norms, float("nan")))
+            return BackwardNorms(torch.zeros(0), (), failed=failed)
         return backward
 
     def detach(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from torch import nn
 
@@ -45,8 +45,10 @@ class SourceSet:
                     " hooks on the optimized parameters (source 'param_hooks')."
                 )
 
-    def pick(self, params: list[nn.Parameter], accumulation: int) -> GradNormSource:
-        """The source for a micro-batch of a step of ``accumulation`` micro-batches."""
+    def pick(
+        self, params: list[nn.Parameter], accumulation: int, names: Mapping[int, str] | None = None
+    ) -> GradNormSource:
+        """The source for a micro-batch of a step of ``accumulation`` micro-batches (``names``: id -> name)."""
         if self.per_example is not None:
             return self.per_example
         # The comm hook sees per-rank gradients only when every backward synchronizes.
@@ -54,7 +56,7 @@ class SourceSet:
         if comm is not None and comm.usable and accumulation == 1:
             return comm
         if not self.param_hooks.attached:
-            self.param_hooks.attach(params)
+            self.param_hooks.attach(params, names)
         return self.param_hooks
 
     def start(self, source: GradNormSource, measure: bool, examples: int | None) -> None:
