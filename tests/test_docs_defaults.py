@@ -140,11 +140,11 @@ def adaptive_table(path: Path, rows: str) -> tuple[str, int, list[tuple[str, str
 
 def test_a_wrong_default_is_caught(tmp_path: Path) -> None:
     """The parser reads what a wrong table says (so the comparison above can fail)."""
-    rows_text = "| `calibration` | `0.25` | x |\n| `min_accumulation`, `max_accumulation` | `1`, `64` | bounds |\n"
+    rows_text = "| `calibration` | `0.75` | x |\n| `min_accumulation`, `max_accumulation` | `1`, `64` | bounds |\n"
     owner, _, rows, _ = adaptive_table(tmp_path / "page.md", rows_text)
     assert owner == "AdaptiveBatchSize"
-    assert rows == [("calibration", "0.25"), ("min_accumulation", "1"), ("max_accumulation", "64")]
-    assert parse_default("0.25") != inspect.signature(AdaptiveBatchSize).parameters["calibration"].default
+    assert rows == [("calibration", "0.75"), ("min_accumulation", "1"), ("max_accumulation", "64")]
+    assert parse_default("0.75") != inspect.signature(AdaptiveBatchSize).parameters["calibration"].default
 
 
 def test_a_missing_choice_is_caught(tmp_path: Path) -> None:

@@ -57,7 +57,8 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             effective batch (in the noise scale's units), called on the global-zero rank.
         r: ``target="sqrt"`` only: the ``r`` of ``sqrt(r * B_simple)``, in batch units. Default: the starting
             effective batch.
-        calibration: ``B_crit / B_simple``: the named targets use ``calibration x B_simple``.
+        calibration: ``B_crit / B_simple``: the named targets use ``calibration x B_simple``. The default 0.25
+            is the benchmark's: early in training the critical batch sits well below ``B_simple``.
         max_growth: largest factor by which one change may grow (or shrink) the effective batch; ``math.inf``
             for no limit.
         z: standard errors of the confidence bounds decisions are made on (0: on the estimate itself).
@@ -90,7 +91,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self,
         target: Target | TargetFn = "b_simple",
         r: float | None = None,
-        calibration: float = 1.0,
+        calibration: float = 0.25,
         max_growth: float = 2.0,
         z: float = 1.0,
         min_samples: float = 10.0,
