@@ -180,6 +180,14 @@ def _when_all_grads(tensors: list[Tensor], fn: Any) -> None:
         t.register_hook(partial(on_grad, i))
 
 
+# Why a parameter used in two reentrant checkpoint segments is left out (one line for all of them).
+LATE_USE = (
+    "used again after its gradient in this backward was complete: a reentrant activation checkpoint"
+    " (torch.utils.checkpoint with use_reentrant=True) runs each segment's backward on its own, so the per-example"
+    " cross terms between the segments cannot be formed; checkpoint with use_reentrant=False to measure it exactly"
+)
+
+
 def batch_coupled_layers(model: nn.Module) -> list[str]:
     """Names of the layers that couple the examples of a batch (BatchNorm and SyncBatchNorm in any form).
 
@@ -267,6 +275,9 @@ class PerExampleSource(GradNormSource):
         self._sq_norms: dict[int, Tensor] = {}
         self._pending_uses: dict[int, int] = defaultdict(int)
         self._stored_factors: dict[int, list[Factor]] = defaultdict(list)
+        # Parameters whose every counted use has arrived (their factors are gone): a use counted after that
+        # (a reentrant checkpoint's recomputation in a later segment) could no longer form its cross terms.
+        self._finished: set[int] = set()
         self._failed: str | None = None
         # Fused Linear and LayerNorm (per_example_fused): the layers whose forward was replaced, and the output of the
         # fused call that just ran (its forward hook must not hook it a second time).
@@ -430,6 +441,8 @@ class PerExampleSource(GradNormSource):
             if self._replayed_calls[key] <= self._forward_calls[key]:
                 return False
         for _, i in params:
+            if i in self._finished:
+                self.exclude(i, LATE_USE)
             self._pending_uses[i] += 1
         return True
 
@@ -542,6 +555,7 @@ class PerExampleSource(GradNormSource):
             self._stored_factors[index].append(factor)
         else:
             self._stored_factors.pop(index, None)
+            self._finished.add(index)
 
     def pop_backward(self) -> BackwardNorms | None:
         """The (P, B) per-parameter, per-example squared norms recorded since the last call (0 where a watched
@@ -550,6 +564,7 @@ class PerExampleSource(GradNormSource):
         self._sq_norms, self._failed = {}, None
         self._pending_uses.clear()
         self._stored_factors.clear()
+        self._finished.clear()
         self._forward_calls.clear()
         self._replayed_calls.clear()
         self.fused_output = None
@@ -581,4 +596,5 @@ class PerExampleSource(GradNormSource):
         self._failed = None
         self._pending_uses.clear()
         self._stored_factors.clear()
+        self._finished.clear()
         super().detach()
