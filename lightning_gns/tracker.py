@@ -155,11 +155,8 @@ class GradientNoiseScaleTracker:
         self._book.buffer(device)  # allocated at setup, not on the first measured step
 
     def use_comm_hook(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
-        """``ddp`` mode: take per-rank norms from a communication hook on ``ddp_model`` from now on.
-
-        For callers that attach before the training loop has registered its own hooks (:meth:`attach` with
-        ``ddp_model`` does this at once). Falls back to parameter hooks, with a warning, if DDP refuses.
-        """
+        """``ddp`` mode: take per-rank norms from a comm hook on ``ddp_model`` (parameter hooks, announced, if
+        DDP already has one). :meth:`attach` with ``ddp_model`` does this at once."""
         self._ddp_model = ddp_model
         self._sources.use_comm_hook(ddp_model, self._params)
 
@@ -169,11 +166,8 @@ class GradientNoiseScaleTracker:
         return self._sums.backward_passes == 0 and not self._in_micro_batch
 
     def sync_params(self, params: Iterable[nn.Parameter]) -> bool:
-        """Re-attach when the optimized, trainable parameters changed; True if they did.
-
-        For parameters that change during training (a backbone unfrozen, a parameter group added); the
-        averages continue. Call it between optimizer steps.
-        """
+        """Re-attach when the optimized, trainable parameters changed (a backbone unfrozen, a parameter group
+        added); True if they did. The averages continue. Call it between optimizer steps."""
         current = _unique_trainable(params)
         if [id(p) for p in current] == [id(p) for p in self._params] or self.mode is None:
             return False
@@ -188,10 +182,8 @@ class GradientNoiseScaleTracker:
         return True
 
     def detach(self) -> None:
-        """Remove every hook this tracker registered (a DDP comm hook stays until the wrapper is gone).
-
-        What was measured stays readable (:attr:`covered_fraction` included).
-        """
+        """Remove every hook this tracker registered (a DDP comm hook stays until the wrapper is gone); what was
+        measured stays readable."""
         self._sources.detach()
         self._sums.clear()
 
@@ -208,11 +200,8 @@ class GradientNoiseScaleTracker:
         return self
 
     def own_states(self) -> None:
-        """Give every statistic its own storage.
-
-        ``strategy="ddp_spawn"`` pickles the callback into each process through shared memory, where the
-        processes would otherwise fold into the same tensors.
-        """
+        """Give every statistic its own storage: ``strategy="ddp_spawn"`` pickles the callback into each process
+        through shared memory, where the processes would otherwise fold into the same tensors."""
         for metric in (self.metric, *self.layer_metrics.values()):
             for name in metric._defaults:
                 getattr(metric, name).data = getattr(metric, name).detach().clone()
@@ -248,10 +237,8 @@ class GradientNoiseScaleTracker:
     def compute(self, kaplan_loss: Tensor | None = None) -> dict[str, Tensor]:
         """Every readout, keyed by its logged name (:mod:`lightning_gns.scalars`), as device tensors.
 
-        The noise scale and its two averages, the last measured step's batch sizes, the skipped steps, the
-        forecasts for the batch in use (:mod:`lightning_gns.forecasts`), ``per_example`` coverage, per-layer
-        noise scales, and with ``kaplan_loss`` (a language-model loss in nats per token) Kaplan et al.'s
-        fitted critical batch. Nothing is read to the host: the caller decides when to pay for that.
+        With ``kaplan_loss`` (a language-model loss in nats per token), Kaplan et al.'s fitted critical batch
+        too. Nothing is read to the host: the caller decides when to pay for that.
 
         Example:
             >>> tracker = GradientNoiseScaleTracker()
@@ -275,8 +262,7 @@ class GradientNoiseScaleTracker:
     def covered_fraction(self) -> float:
         """Fraction of the optimized trainable parameters (by element count) that the estimate covers.
 
-        In ``per_example`` mode, parameters outside the supported layers and those found unmeasurable (see
-        :meth:`check`) are not covered. Reading it after a measured step synchronises with the device.
+        Less than 1 in ``per_example`` mode only (see :attr:`left_out`); reading it synchronises with the device.
         """
         total = sum(p.numel() for p in self._params)
         return self._book.covered_elements() / total if total else float("nan")
@@ -285,11 +271,8 @@ class GradientNoiseScaleTracker:
     def left_out(self) -> dict[str, str]:
         """Every optimized trainable parameter the estimate does not cover: its name in the model -> why.
 
-        Empty outside ``per_example`` mode (the other modes norm whole gradients). Reasons come from the model's
-        structure at :meth:`attach` (a raw parameter used in its module's own forward, an embedding option without
-        an exact per-example gradient, ...) and from the measured steps (a layer whose leading dimension is not
-        the batch, a gradient that arrived without the per-example hooks firing). Reading it after a measured
-        step synchronises with the device, like :attr:`covered_fraction`.
+        Empty outside ``per_example`` mode. Reasons come from the model's structure at :meth:`attach` and from
+        the measured steps. Reading it after a measured step synchronises with the device.
 
         Example (``layers="norm"`` measures the normalisation layers only):
             >>> from torch import nn
@@ -460,10 +443,4 @@ class GradientNoiseScaleTracker:
 
 
 def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-    seen: set[int] = set()
-    unique: list[nn.Parameter] = []
-    for p in params:
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            unique.append(p)
-    return unique
+    return list({id(p): p for p in params if p.requires_grad}.values())  # first-seen order
