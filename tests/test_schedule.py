@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -233,7 +234,7 @@ def test_interval_is_recomputed_from_the_per_step_estimates() -> None:
 
 def test_noise_floor_grows_to_the_maximum_within_a_few_hundred_steps() -> None:
     """At the optimum with lr 0: |G|^2 = 0, B_simple = inf. Default arguments: no change in the first 50 steps,
-    then growth by doublings to max_accumulation."""
+    then growth by at most doublings to max_accumulation."""
     problem = LinearProblem(dim=DIM, offset_norm=0.0, seed=3)
     x, y = problem.sample(MICRO * 3000, seed=4)
     callback = AdaptiveBatchSize(max_accumulation=8)
@@ -243,7 +244,8 @@ def test_noise_floor_grows_to_the_maximum_within_a_few_hundred_steps() -> None:
     changes = [(h["step"], h["accumulation"]) for h in callback.history]
     assert changes[1][0] >= 50  # the first 50 steps of noise do not grow the batch
     assert changes[-1][1] == 8 and changes[-1][0] <= 300
-    assert [k for _, k in changes] == [1, 2, 4, 8]
+    sizes = [k for _, k in changes]  # each change at most doubles (max_growth=2); 0.25 x the lower bound may stop
+    assert sizes[:3] == [1, 2, 4] and all(a < b <= 2 * a for a, b in itertools.pairwise(sizes))
     grown = [d for d in callback.decisions if d["new_accumulation"] > d["accumulation"]]
     assert all(d["b_simple_high"] == math.inf and d["target_low"] > 1.25 * d["accumulation"] * MICRO for d in grown)
 
