@@ -26,7 +26,7 @@ batch with at most as many steps); writes every run (loss curve, batch changes, 
 decision) to ``--results`` (JSON lines; ``--report-only`` re-reads them) and optionally a plot to ``--out``.
 
 Example (the defaults study of docs/adaptive.md):
-``nice -n 15 python benchmarks/adaptive_lm.py --task docs --results docs/adaptive/defaults_docs.jsonl``
+``nice -n 15 python benchmarks/adaptive_lm.py --task docs --results docs/adaptive/default_calibration/docs.jsonl``
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from pathlib import Path
@@ -244,8 +243,8 @@ def test_noise_floor_grows_to_the_maximum_within_a_few_hundred_steps() -> None:
     changes = [(h["step"], h["accumulation"]) for h in callback.history]
     assert changes[1][0] >= 50  # the first 50 steps of noise do not grow the batch
     assert changes[-1][1] == 8 and changes[-1][0] <= 300
-    sizes = [k for _, k in changes]  # each change at most doubles (max_growth=2); 0.25 x the lower bound may stop
-    assert sizes[:3] == [1, 2, 4] and all(a < b <= 2 * a for a, b in itertools.pairwise(sizes))
+    # Each change at most doubles (max_growth=2); 0.25 x the lower bound asks for 7, not 8, after 4.
+    assert [k for _, k in changes] == [1, 2, 4, 7, 8]
     grown = [d for d in callback.decisions if d["new_accumulation"] > d["accumulation"]]
     assert all(d["b_simple_high"] == math.inf and d["target_low"] > 1.25 * d["accumulation"] * MICRO for d in grown)
 
