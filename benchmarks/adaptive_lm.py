@@ -101,6 +101,7 @@ class Run:
     max_accumulation: int = 1
     history: list[dict[str, Any]] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
+    cooldown: float = 0.0  # fraction of the budget over which the learning rate decays to 0 (0: constant)
 
 
 def validation_loss(model: LightningModule, x: torch.Tensor, y: torch.Tensor, chunk: int = 64) -> float:
@@ -147,6 +148,28 @@ class TokenBudget(Callback):
         if self.tokens >= self.budget:
             self.run.steps, self.run.tokens = step, self.tokens
             trainer.should_stop = True
+
+
+class Cooldown(Callback):
+    """Decays the learning rate linearly to 0 over the last ``fraction`` of the budget (warmup-stable-decay).
+
+    Set at every micro-batch from the units ``budget`` has counted, outside ``optimizer.step()`` as a scheduler
+    would: AdaptiveBatchSize multiplies it by its factor inside the step and puts it back after. (Set in
+    ``on_before_optimizer_step``, which runs inside the step, it would replace the factor.)
+    """
+
+    def __init__(self, budget: TokenBudget, fraction: float) -> None:
+        self.budget, self.fraction = budget, fraction
+        self.base_lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        optimizer = trainer.optimizers[0]
+        if not self.base_lrs:
+            self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        remaining = 1.0 - self.budget.tokens / self.budget.budget
+        scale = min(1.0, max(0.0, remaining / self.fraction))
+        for group, lr in zip(optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = lr * scale
 
 
 def adaptive_overrides(name: str) -> dict[str, Any]:
@@ -197,7 +220,11 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
         lr = base_lr * lr_factor(rule, float(accumulation))  # type: ignore[arg-type]
     elif name.startswith("fixed small lr="):
         lr = float(name.removeprefix("fixed small lr="))
-    callbacks.append(TokenBudget(run, args.tokens, args.eval_every, (val_x[:probe], val_y[:probe])))
+    budget = TokenBudget(run, args.tokens, args.eval_every, (val_x[:probe], val_y[:probe]))
+    callbacks.append(budget)
+    if args.cooldown > 0:
+        run.cooldown = args.cooldown
+        callbacks.append(Cooldown(budget, args.cooldown))
     trainer = Trainer(
         accelerator="cpu",
         max_epochs=100_000,
@@ -347,7 +374,8 @@ DEFAULT_CONFIGS = [
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="stdlib")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds (0, 1, ...)")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     parser.add_argument(
         "--tokens", type=int, default=0, help="training tokens (digits: examples) per run (0: the task's)"
     )
@@ -356,6 +384,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.0, help="learning rate at the small batch (0: the task's)")
+    parser.add_argument(
+        "--cooldown",
+        type=float,
+        default=0.0,
+        help="decay the learning rate linearly to 0 over this last fraction of the budget (0: constant, as before)",
+    )
     parser.add_argument("--beta", type=float, default=None, help="GNS EMA decay (default: GradientNoiseScale's)")
     parser.add_argument(
         "--configs",
@@ -383,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = [r for r in runs if r.task == args.task]
     else:
         # Seed-major order: a run cut short still leaves complete seeds of every configuration.
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for name in args.configs:
                 run = train(name, seed, args)
                 runs.append(run)
@@ -398,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
     present = list(dict.fromkeys([*args.configs, *(r.name for r in runs)]))
     budget = args.tokens if not args.report_only else min((r.tokens for r in runs), default=0)
-    print(f"task {args.task}: {budget:,} training units per run (the first step at or past the budget)\n")
+    cooldown = f", learning rate decayed to 0 over the last {args.cooldown:.0%}" if args.cooldown else ""
+    print(f"task {args.task}: {budget:,} training units per run (the first step at or past the budget){cooldown}\n")
     print(table(runs, present))
     print()
     for name in present:

@@ -93,6 +93,29 @@ def test_adascale_factor_on_the_optimizer_step() -> None:
     torch.testing.assert_close(last["after"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+class SetsLrInsideTheStep(Callback):
+    """Sets the learning rate in on_before_optimizer_step, which Lightning runs inside optimizer.step()."""
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = LR / 2
+
+
+def test_a_learning_rate_set_inside_the_step_is_kept_and_named_once() -> None:
+    callback = adaptive()
+    with pytest.warns(UserWarning, match=r"changed during optimizer\.step\(\)") as record:
+        _, model = fit(callback, extra_callbacks=(SetsLrInsideTheStep(),))
+    said = [w for w in record if "changed during optimizer.step()" in str(w.message)]
+    assert len(said) == 1 and "on_train_batch_start" in str(said[0].message)
+    steps = model.steps  # type: ignore[attr-defined]
+    assert max(step["accumulation"] for step in steps) > 1  # steps with a factor other than 1 were taken
+    for step in steps:
+        # Each update ran at the value set inside the step, without the factor, and that value stayed.
+        assert step["lr_after"] == LR / 2
+        update = LR / 2 / step["accumulation"] * window_mean_grad(step["before"], step["window"])
+        torch.testing.assert_close(step["after"].double(), step["before"].double() - update, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- targets from the measured noise scale
 
 

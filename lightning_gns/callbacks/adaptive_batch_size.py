@@ -168,7 +168,9 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self._resume_context: dict[str, Any] = {}
         self._gns: GradientNoiseScaleBase | None = None
         self._handles: list[RemovableHandle] = []
-        self._unscaled_lrs: dict[int, list[Any]] = {}
+        # Optimizer id -> (each group's learning rate before the step, the scaled one set for the step).
+        self._unscaled_lrs: dict[int, tuple[list[Any], list[Any]]] = {}
+        self._lr_overwrite_said = False
 
     # ------------------------------------------------------------------ readouts
     @property
@@ -293,16 +295,36 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         if self.lr_factor == 1.0:
             return
         groups = optimizer.param_groups
-        self._unscaled_lrs[id(optimizer)] = [group["lr"] for group in groups]
-        for group in groups:
-            group["lr"] = group["lr"] * self.lr_factor
+        unscaled = [group["lr"] for group in groups]
+        scaled = [lr * self.lr_factor for lr in unscaled]
+        self._unscaled_lrs[id(optimizer)] = (unscaled, scaled)
+        for group, lr in zip(groups, scaled, strict=True):
+            group["lr"] = lr
 
     def _unscale_lr(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        # Put back the very objects that were there, so schedulers continue from their own value.
-        unscaled = self._unscaled_lrs.pop(id(optimizer), None)
-        if unscaled is not None:
-            for group, lr in zip(optimizer.param_groups, unscaled, strict=True):
-                group["lr"] = lr
+        saved = self._unscaled_lrs.pop(id(optimizer), None)
+        if saved is None:
+            return
+        for group, unscaled, scaled in zip(optimizer.param_groups, *saved, strict=True):
+            if group["lr"] is scaled or (isinstance(scaled, float) and group["lr"] == scaled):
+                group["lr"] = unscaled  # the very object that was there, so schedulers continue from their value
+            else:
+                # Set inside optimizer.step(): by the closure (training_step, a backward hook, a callback's
+                # on_before_optimizer_step), which most optimizers call before their update. That update ran
+                # at the value set there, without the factor; it stays, as whoever set it meant it.
+                self._say_lr_overwritten(group["lr"], scaled)
+
+    def _say_lr_overwritten(self, found: Any, scaled: Any) -> None:
+        if self._lr_overwrite_said:
+            return
+        self._lr_overwrite_said = True
+        self._lightning("utilities.rank_zero").rank_zero_warn(
+            f"AdaptiveBatchSize: the learning rate was changed during optimizer.step() (to {found!r}, after this"
+            f" callback had set {scaled!r}, the scheduled value x lr_factor={self.lr_factor:g}), by code that runs"
+            " inside the optimizer's closure: training_step, a backward hook or a callback's"
+            " on_before_optimizer_step. Those steps run without lr_factor. Set the learning rate before the step"
+            " instead (an LR scheduler, or on_train_batch_start), or pass lr_scaling='none'."
+        )
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_end(
