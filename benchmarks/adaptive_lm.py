@@ -15,6 +15,10 @@ or examples for digits); a run stops at the first optimizer step at or past it. 
 - ``adaptive default``: ``AdaptiveBatchSize()`` and ``GradientNoiseScale()`` with their default arguments;
   ``adaptive key=value,key=value``: those ``AdaptiveBatchSize`` arguments changed.
 
+The learning rate is constant unless ``--cooldown F`` decays it linearly to 0 over the last fraction ``F`` of
+the budget (set before each step, as a scheduler would; ``--hold-in-cooldown`` also stops the adaptive
+configurations from growing during the decay). ``--first-seed`` starts the seeds elsewhere than 0.
+
 Validation: cross-entropy in nats (per token for the language models) on held-out data (the last 5% of the
 text, never trained on; the digits' held-out split), on ``--val-sequences`` items every ``--eval-every``
 units and on the whole held-out set at the end.
@@ -158,8 +162,8 @@ class Cooldown(Callback):
     ``on_before_optimizer_step``, which runs inside the step, it would replace the factor.)
     """
 
-    def __init__(self, budget: TokenBudget, fraction: float) -> None:
-        self.budget, self.fraction = budget, fraction
+    def __init__(self, budget: TokenBudget, fraction: float, hold: AdaptiveBatchSize | None = None) -> None:
+        self.budget, self.fraction, self.hold = budget, fraction, hold
         self.base_lrs: list[float] = []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -168,6 +172,8 @@ class Cooldown(Callback):
             self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         remaining = 1.0 - self.budget.tokens / self.budget.budget
         scale = min(1.0, max(0.0, remaining / self.fraction))
+        if scale < 1.0 and self.hold is not None and self.hold.accumulation is not None:
+            self.hold.max_accumulation = self.hold.accumulation  # --hold-in-cooldown: no growth while decaying
         for group, lr in zip(optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = lr * scale
 
@@ -224,7 +230,7 @@ def train(name: str, seed: int, args: argparse.Namespace) -> Run:
     callbacks.append(budget)
     if args.cooldown > 0:
         run.cooldown = args.cooldown
-        callbacks.append(Cooldown(budget, args.cooldown))
+        callbacks.append(Cooldown(budget, args.cooldown, adaptive if args.hold_in_cooldown else None))
     trainer = Trainer(
         accelerator="cpu",
         max_epochs=100_000,
@@ -390,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="decay the learning rate linearly to 0 over this last fraction of the budget (0: constant, as before)",
     )
+    parser.add_argument(
+        "--hold-in-cooldown", action="store_true", help="adaptive configurations keep their batch while the lr decays"
+    )
     parser.add_argument("--beta", type=float, default=None, help="GNS EMA decay (default: GradientNoiseScale's)")
     parser.add_argument(
         "--configs",
@@ -430,9 +439,11 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-    present = list(dict.fromkeys([*args.configs, *(r.name for r in runs)]))
+    asked = [] if args.report_only else args.configs
+    present = list(dict.fromkeys([*asked, *(r.name for r in runs)]))
     budget = args.tokens if not args.report_only else min((r.tokens for r in runs), default=0)
-    cooldown = f", learning rate decayed to 0 over the last {args.cooldown:.0%}" if args.cooldown else ""
+    fraction = args.cooldown or max((r.cooldown for r in runs), default=0.0)
+    cooldown = f", learning rate decayed to 0 over the last {fraction:.0%}" if fraction else ""
     print(f"task {args.task}: {budget:,} training units per run (the first step at or past the budget){cooldown}\n")
     print(table(runs, present))
     print()
