@@ -274,16 +274,14 @@ def adaptive_callbacks(args: argparse.Namespace) -> list[Callback]:
     """``AdaptiveBatchSize`` when ``--adaptive-accumulation`` is given."""
     if not args.adaptive_accumulation:
         return []
-    # AdamW: the square-root rule; the first change after a tenth of the run, at most every twentieth.
+    # The library's target, calibration and learning-rate rule (chosen in docs/adaptive.md); sized to the run:
+    # the first change after a tenth of it, at most every twentieth.
     return [
         AdaptiveBatchSize(
-            target="b_simple",
-            calibration=0.5,
             max_accumulation=args.max_accumulation,
             warmup_steps=max(1, args.max_steps // 10),
             min_steps_between_changes=max(1, args.max_steps // 20),
             check_every_n_steps=max(1, min(10, args.max_steps // 60)),
-            lr_scaling="sqrt",
             prog_bar=True,
         )
     ]
