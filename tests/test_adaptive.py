@@ -116,6 +116,25 @@ def test_a_learning_rate_set_inside_the_step_is_kept_and_named_once() -> None:
         torch.testing.assert_close(step["after"].double(), step["before"].double() - update, rtol=1e-5, atol=1e-6)
 
 
+class RewrapsLrInsideTheStep(Callback):
+    """Replaces each group's learning rate by an equal number, a new object (as an optimizer that converts it)."""
+
+    def __init__(self, wrap: Callable[[float], Any]) -> None:
+        self.wrap = wrap
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = self.wrap(float(group["lr"]))
+
+
+@pytest.mark.parametrize("wrap", [lambda lr: float(repr(lr)), torch.tensor], ids=["new float", "tensor"])
+def test_a_learning_rate_rewrapped_inside_the_step_is_no_change(wrap: Any, recwarn: pytest.WarningsRecorder) -> None:
+    callback = adaptive()
+    _, model = fit(callback, extra_callbacks=(RewrapsLrInsideTheStep(wrap),))
+    assert not [w for w in recwarn if "changed during optimizer.step()" in str(w.message)]
+    check_windows(model.steps, lambda i: LR)  # type: ignore[attr-defined]
+
+
 # ---------------------------------------------------------------- targets from the measured noise scale
 
 

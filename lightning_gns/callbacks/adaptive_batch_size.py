@@ -39,6 +39,13 @@ if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
 
 
+def _same_number(a: Any, b: Any) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 class AdaptiveBatchSizeBase(LightningNamespace):
     r"""Grow ``accumulate_grad_batches`` so that the effective batch follows the measured gradient noise scale.
 
@@ -306,8 +313,11 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         if saved is None:
             return
         for group, unscaled, scaled in zip(optimizer.param_groups, *saved, strict=True):
-            if group["lr"] is scaled or (isinstance(scaled, float) and group["lr"] == scaled):
-                group["lr"] = unscaled  # the very object that was there, so schedulers continue from their value
+            if group["lr"] is scaled or _same_number(group["lr"], scaled):
+                # The very object that was there, so schedulers continue from their value. (An optimizer that
+                # only re-wraps the value, float to tensor, is no change; reading a tensor back syncs, but only
+                # on this unusual path.)
+                group["lr"] = unscaled
             else:
                 # Set inside optimizer.step(): by the closure (training_step, a backward hook, a callback's
                 # on_before_optimizer_step), which most optimizers call before their update. That update ran
