@@ -52,7 +52,9 @@ class AdaptiveBatchSizeBase(LightningNamespace):
     Reads the :class:`~lightning_gns.GradientNoiseScale` callback, which must be in the same ``Trainer``. The
     effective batch (micro-batch x accumulation x ranks, in the noise scale's units) follows ``target``,
     decided on a confidence interval of ``B_simple``; a change waits for a safe boundary of Lightning's
-    accumulation windows and multiplies the learning rate by the ``lr_scaling`` factor. ``history`` (changes)
+    accumulation windows and multiplies the learning rate by the ``lr_scaling`` factor, only while
+    ``optimizer.step()`` runs (a learning rate set inside the step, e.g. in ``on_before_optimizer_step``, is kept
+    without the factor, with a warning). ``history`` (changes)
     and ``decisions`` (every decision step) give the reasons; checkpoints carry the state. The rules, the
     defaults and the benchmark behind them: docs/adaptive.md.
 
