@@ -31,7 +31,8 @@ an idle step is a plain step with idle hooks, and comparing steps within one fit
 comparing fits. ``--clock cpu`` times with ``process_time`` (this process's CPU time) instead of wall time.
 
 Example: ``nice -n 10 python benchmarks/per_example_fit.py`` (about 2 minutes on 2 busy cores); ``--quick``
-for a smoke run; ``--skip-opacus`` without Opacus (``pip install -e .[bench]`` installs it).
+for a smoke run; ``--skip-opacus`` without Opacus (``pip install -e .[bench]`` installs it); ``--ablate NAME``
+switches off part of the per-example work to show where the cost goes (benchmarks/per_example_ablation.py).
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
+import per_example_ablation as ablation  # noqa: E402
 from paired import StepTimer, idle_steps, idle_vs_without, measured_vs_idle, quartiles, summary  # noqa: E402
 from per_example import GPT, VOCAB, Shape, stdlib_text_batches  # noqa: E402
+from per_example_ablation import ABLATIONS  # noqa: E402
 
 import lightning_gns  # noqa: E402
 from lightning_gns import GradientNoiseScale  # noqa: E402
@@ -309,7 +312,15 @@ def parse_args() -> argparse.Namespace:
         help="wall: perf_counter; cpu: process_time (this process's CPU time: less disturbed on a busy machine)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 layers, batch 8, 1 rep of 4 steps")
+    parser.add_argument(
+        "--ablate",
+        choices=ABLATIONS,
+        help="switch off part of the per-example work (benchmarks/per_example_ablation.py): cost decomposition only,"
+        " the norms are wrong; implies --skip-opacus",
+    )
     args = parser.parse_args()
+    if args.ablate:
+        args.skip_opacus = True
     if args.quick:
         args.n_layer, args.batch, args.reps, args.steps, args.warmup = 2, 8, 1, 4, 1
     return args
@@ -321,6 +332,8 @@ def main() -> None:
         logging.getLogger(logger).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     shape = Shape(args.n_layer, args.d_model, args.n_head, args.seq_len, args.batch)
+    if args.ablate:
+        ablation.apply(args.ablate)
     started, load_before = time.perf_counter(), os.getloadavg()
     check = "not run (--skip-opacus)" if args.skip_opacus else check_against_opacus(shape, args.seed)
     rows = [row for name in args.models for row in run_model(name, shape, args)]
@@ -330,7 +343,9 @@ def main() -> None:
         f"\nlightning_gns from {os.path.dirname(lightning_gns.__file__)}; torch {torch.__version__}."
         f"\nPer model: fits W0 G0 O0 ... W{args.reps} ({args.reps} of each variant), each {args.warmup} warm-up +"
         f" {args.steps} timed steps; measured every {EVERY}nd step; clock: {args.clock}."
-        f"\nPer-example squared norms on the small GPT equal Opacus' (float32): {check}.\n"
+        f"\nPer-example squared norms on the small GPT equal Opacus' (float32): {check}."
+        + (f"\nABLATED ({args.ablate}): a cost decomposition only, the norms are wrong." if args.ablate else "")
+        + "\n"
     )
     print(table(rows))
     load_after = os.getloadavg()
