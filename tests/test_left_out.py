@@ -103,6 +103,23 @@ def test_layers_norm_leaves_out_every_other_layer_by_name() -> None:
     }
 
 
+class OffsetLayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + 1
+
+
+def test_layers_norm_leaves_out_a_norm_subclass_with_its_own_forward_by_name() -> None:
+    # layers="all" replays such a subclass as written; layers="norm" has only LayerNorm's own equations.
+    model = nn.Sequential(nn.Linear(3, 4), OffsetLayerNorm(4), nn.LayerNorm(4))
+    tracker = GradientNoiseScaleTracker(layers="norm")
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    own = (
+        "OffsetLayerNorm has a forward of its own (layers='norm' measures LayerNorm and RMSNorm as torch defines them)"
+    )
+    assert {n: r for n, r in tracker.left_out.items() if n.startswith("1.")} == {"1.weight": own, "1.bias": own}
+    assert not any(n.startswith("2.") for n in tracker.left_out)
+
+
 def test_everything_covered_and_other_modes_leave_nothing_out() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
     for mode in ("per_example", "microbatch"):

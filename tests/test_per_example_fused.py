@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScaleTracker
 from lightning_gns.sources import PerExampleSource
+from lightning_gns.sources.per_example import is_supported
 from lightning_gns.sources.per_example_factors import OneHot, factor_sq_norm
 from lightning_gns.sources.per_example_fused import FusableForward, fused_pays
 from support.multiprocess import run_worker
@@ -162,6 +163,7 @@ def test_attach_and_detach_replace_and_restore_forward() -> None:
     restored = pickle.loads(pickle.dumps(model))
     assert torch.equal(restored.up(torch.ones(2, 5)), model.up(torch.ones(2, 5)))
     assert torch.equal(restored.norm(torch.ones(2, 5)), model.norm(torch.ones(2, 5)))
+    assert is_supported(restored.up) and is_supported(restored.norm)  # its own forward, bound: still dedicated
     source.detach()
     assert all("forward" not in vars(m) for m in model.modules())
 

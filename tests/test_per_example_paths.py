@@ -408,6 +408,56 @@ def test_recurrent_subclass_with_its_own_forward_is_replayed_as_written() -> Non
     assert covered_fraction(model, source) == 1.0
 
 
+class MaskPositions(nn.Embedding):
+    """OPT's learned positional embedding: called on the attention mask, it embeds the positions it derives."""
+
+    def forward(self, mask: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward((torch.cumsum(mask, dim=1) * mask - 1).clamp(min=0) + 2)
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass with its own forward and a raw parameter of its own."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__(d_in, d_out)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.scale, self.bias)
+
+
+class DoubledLayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * super().forward(x)
+
+
+class SubclassModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(11, 6), MaskPositions(12, 6)
+        self.proj, self.norm, self.head = ScaledLinear(6, 6), DoubledLayerNorm(6), nn.Linear(6, 11)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        return self.head(self.norm(self.proj(self.tokens(tokens) + self.positions(mask))))
+
+
+def test_supported_layer_subclasses_with_their_own_forward_are_replayed_as_written() -> None:
+    # Measured with a Linear's, an Embedding's or a LayerNorm's equations, these were silently wrong: the
+    # positional embedding took the mask for its indices, the scale was never measured, the norm's doubling lost.
+    torch.manual_seed(16)
+    model = SubclassModel().double()
+    tokens = torch.randint(0, 11, (4, 7))
+    mask = (torch.arange(7) < torch.tensor([[7], [5], [3], [6]])).long()
+
+    def loss(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+        tokens, mask = batch
+        losses = F.cross_entropy(call(tokens, mask).transpose(1, 2), tokens, reduction="none")
+        return (losses * mask).sum(dim=1) / mask.sum(dim=1)
+
+    source = assert_exact(model, loss, (tokens, mask))
+    assert covered_fraction(model, source) == 1.0
+
+
 class AttentionBlock(nn.Module):
     def __init__(self, batch_first: bool) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""per_example mode on the model code people train: transformers' GPT-2, Llama and BERT, a ViT, an LSTM LM, weight_norm.
+"""per_example mode on the model code people train: transformers' models, a ViT, an LSTM LM, weight_norm.
 
 Each model is built from a tiny config in the test (nothing is downloaded) and fitted in float64 with
 ``GradientNoiseScale(mode="per_example")`` and a small learning rate. Then:
@@ -133,6 +133,85 @@ def bert() -> nn.Module:
     return BertForMaskedLM(config)
 
 
+def opt() -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+        max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, word_embed_proj_dim=32, pad_token_id=1,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return OPTForCausalLM(config)
+
+
+def gpt_neox() -> nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return GPTNeoXForCausalLM(config)
+
+
+def gemma3() -> nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=16, sliding_window=8, bos_token_id=0,
+        eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    return Gemma3ForCausalLM(config)
+
+
+def roberta() -> nn.Module:
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    config = RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=20, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+    )  # fmt: skip
+    return RobertaForMaskedLM(config)
+
+
+class T5(nn.Module):
+    """transformers' T5 reconstructing its input: the decoder is fed the shifted input (teacher forcing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        config = T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, dropout_rate=0.0,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        self.t5 = T5ForConditionalGeneration(config)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.t5(input_ids=tokens, labels=tokens).logits
+
+
+def reconstruction_loss(call: Any, tokens: Tensor) -> Tensor:
+    logits = call(tokens)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+
+class HFViT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(
+            image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        self.vit = ViTForImageClassification(config)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.vit(pixel_values=pixels).logits
+
+
 class ViTBlock(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -211,6 +290,43 @@ CASES = {
         units=real_tokens,
         batch_size_fn=real_tokens,
         target=0.95,
+    ),
+    # OPT's positional embedding is an nn.Embedding subclass called on the attention mask: replayed as written.
+    # Its decoder layers flatten the tokens to (B*T, d) before fc1, fc2 and final_layer_norm: left out.
+    "opt-padded": Case(
+        opt,
+        padded_token_loss,
+        padded_data,
+        lambda n: ".layers." in n and n.rsplit(".", 2)[-2] in ("fc1", "fc2", "final_layer_norm"),
+        units=real_tokens,
+        batch_size_fn=real_tokens,
+        target=0.55,
+    ),
+    "gpt-neox": Case(gpt_neox, next_token_loss, token_data, lambda n: False, target=1.0),
+    # Its token embedding is an nn.Embedding subclass that scales its output by sqrt(hidden_size): replayed as
+    # written (measured as a plain embedding, |G|^2 came out 7x too large).
+    "gemma3": Case(gemma3, next_token_loss, token_data, lambda n: False, target=1.0),
+    # Position ids derived from the input ids per example (measured); the LM head's bias is a raw parameter.
+    "roberta-padded": Case(
+        roberta,
+        padded_token_loss,
+        padded_data,
+        lambda n: n == "net.lm_head.bias",
+        units=real_tokens,
+        batch_size_fn=real_tokens,
+        target=0.99,
+    ),
+    # Encoder and decoder; each stack's relative attention bias embeds a (T, T) bucket matrix shared by the batch.
+    "t5": Case(
+        T5, reconstruction_loss, token_data, lambda n: n.endswith("relative_attention_bias.weight"), target=0.99
+    ),
+    # transformers' ViT: the class token and position embeddings are raw parameters of ViTEmbeddings.
+    "hf-vit": Case(
+        HFViT,
+        classification_loss,
+        lambda: feature_data((3, 8, 8)),
+        lambda n: n.endswith(("embeddings.cls_token", "embeddings.position_embeddings")),
+        target=0.98,
     ),
     # The class token and positional embedding are raw parameters used in TinyViT.forward.
     "vit": Case(

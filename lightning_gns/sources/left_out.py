@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from lightning_gns.sources.per_example import NORM_LAYERS, SUPPORTED_LAYERS, Layers, is_supported
+from lightning_gns.sources.per_example import NORM_LAYERS, SUPPORTED_LAYERS, Layers, is_supported, runs_own_forward
 
 NOT_IN_MODEL = "not a parameter of the model (the optimizer steps a tensor no module of the model owns)"
 
@@ -54,6 +54,8 @@ def _reason(owner: tuple[str, nn.Module] | None, layers: Layers) -> str:
         )
     if layers == "norm" and not isinstance(module, NORM_LAYERS):
         return "not a normalisation layer (layers='norm' measures LayerNorm and RMSNorm only)"
+    if layers == "norm" and not runs_own_forward(module):
+        return f"{kind} has a forward of its own (layers='norm' measures LayerNorm and RMSNorm as torch defines them)"
     if isinstance(module, SUPPORTED_LAYERS) and not is_supported(module, "all"):
         return f"{kind} with an option per-example norms do not support ({_unsupported_options(module)})"
     if not any(name != "parametrizations" for name, _ in module.named_children()):  # a leaf, parametrized or not

@@ -32,15 +32,34 @@ SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Con
 BATCH_COUPLED_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
 
+def runs_own_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is a supported layer that runs its layer class's own ``forward``.
+
+    A subclass with a ``forward`` of its own computes something else from its inputs (OPT's positional
+    embedding is called on the attention mask and embeds positions it derives from it): the dedicated
+    equations would be silently wrong there, so such a module is replayed as written (generic path).
+    """
+    kind: Any = next((k for k in SUPPORTED_LAYERS if isinstance(module, k)), None) or hf_conv1d_class(module)
+    if kind is None or type(module).forward is not kind.forward:
+        return False
+    replaced = vars(module).get("forward")  # an instance attribute: ours while attached, or the user's
+    if replaced is None or isinstance(replaced, FusableForward):
+        return True
+    # A model pickled while attached comes back with the class's forward bound as a partial (see FusableForward).
+    return isinstance(replaced, partial) and replaced.func is kind.forward and replaced.args == (module,)
+
+
 def is_supported(module: nn.Module, layers: Layers = "all") -> bool:
-    """Whether the per-example source can measure this module's parameters."""
+    """Whether the per-example source has a dedicated path for this module's parameters."""
+    if not runs_own_forward(module):
+        return False
     if layers == "norm":
         return isinstance(module, NORM_LAYERS)
     if isinstance(module, nn.Embedding):
         return not (module.sparse or module.max_norm is not None or module.scale_grad_by_freq)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.groups == 1 and module.padding_mode == "zeros" and _conv_padding(module) is not None
-    return isinstance(module, SUPPORTED_LAYERS) or hf_conv1d_class(module) is not None
+    return True
 
 
 def layer_factors(module: nn.Module, inp: Tensor, grad_out: Tensor) -> dict[str, Factor]:
@@ -135,7 +154,7 @@ def _generic_attach_problem(
         )
     if isinstance(module, BATCH_COUPLED_LAYERS):
         return f"layer {label!r} ({kind}) couples the examples of a batch"
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding) and (module.sparse or module.max_norm is not None or module.scale_grad_by_freq):
         option = "sparse=True" if module.sparse else "max_norm" if module.max_norm is not None else "scale_grad_by_freq"
         return (
             f"layer {label!r} (Embedding with {option}) has no per-example gradient that sums to its gradient"
