@@ -458,6 +458,36 @@ def test_supported_layer_subclasses_with_their_own_forward_are_replayed_as_writt
     assert covered_fraction(model, source) == 1.0
 
 
+class SequenceFirst(nn.Module):
+    """torch's own encoder layer with its default layout: (T, B, d) inside, batch-first outside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+        self.scale = ScaledRMSNorm(8)  # a generic-path layer on (T, B, d) too
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.scale(self.encoder(self.embed(tokens).transpose(0, 1))).transpose(0, 1))
+
+
+@pytest.mark.parametrize("length", [4, 6])
+def test_sequence_first_layers_with_as_many_positions_as_examples_are_left_out(length: int) -> None:
+    # Inside the encoder, Linear, LayerNorm and the user's norm see (T, B, d). At T != B that shows; at T == B
+    # every (B, B, d) layer is ambiguous (split along the sequence, the encoder's norms were silently wrong):
+    # all are left out, with the reason, but the attention layer, which reads its own batch_first.
+    torch.manual_seed(17)
+    model = SequenceFirst().double()
+    inside = ("encoder.linear", "encoder.norm", "scale.")
+    left_out = inside if length != 4 else ("encoder.linear", "encoder.norm", "scale.", "embed.", "head.")
+    source = assert_exact(model, sequence_loss, torch.randint(0, 11, (4, length)), left_out=left_out)
+    reasons = excluded_reasons(model, source)
+    assert set(reasons) == {n for n, _ in model.named_parameters() if n.startswith(left_out)}
+    if length == 4:
+        assert all("batch_first=False" in r and "(4, 4, " in r for r in reasons.values()), reasons
+
+
 class AttentionBlock(nn.Module):
     def __init__(self, batch_first: bool) -> None:
         super().__init__()

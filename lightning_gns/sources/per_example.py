@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from lightning_gns.sources import per_example_generic as generic
 from lightning_gns.sources.base import BackwardNorms, GradNormSource, reduction_dtype, upcast_half
@@ -28,6 +29,9 @@ from lightning_gns.sources.per_example_rnn import rnn_factors
 Layers = Literal["all", "norm"]
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, *NORM_LAYERS)
+# Layers whose batch dimension is never in doubt: convolutions take (N, C, ...), recurrent and attention layers
+# read their own batch_first.
+AMBIGUITY_FREE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.RNNBase, nn.MultiheadAttention)
 # Layers whose output for one example depends on the other examples of the batch.
 BATCH_COUPLED_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
@@ -289,6 +293,7 @@ class PerExampleSource(GradNormSource):
         self._module_params: dict[int, list[tuple[str, int]]] = {}
         self._module_names: dict[int, str] = {}
         self._broadcast_modules: set[int] = set()  # embeddings found called on arange(B): shared positions
+        self._sequence_first_layer: str | None = None  # a layer with batch_first=False, if the model has one
         self._checked_1d_modules: set[int] = set()
         # Per backward pass: per-example squared norms by parameter index, pending uses and their factors.
         self._sq_norms: dict[int, Tensor] = {}
@@ -315,6 +320,10 @@ class PerExampleSource(GradNormSource):
         fused = self.fused and not any(isinstance(m, nn.DataParallel) for m in model.modules())
         self.params, self.param_layers, self._index, self.excluded = [], [], {}, {}
         self._left_out_layers = (0, set())
+        self._sequence_first_layer = next(
+            (name or type(m).__name__ for name, m in model.named_modules() if getattr(m, "batch_first", None) is False),
+            None,
+        )
         whole: list[str] = []  # modules the generic path replays with all their children
         for module_name, module in model.named_modules():
             if any(module_name.startswith(f"{w}.") or not w for w in whole):
@@ -405,6 +414,12 @@ class PerExampleSource(GradNormSource):
         if not params or all(i in self.excluded for _, i in params):
             return
         name = self._module_names[id(module)]
+        first = next((t for t in tree_flatten(output)[0] if isinstance(t, Tensor)), None)
+        ambiguous = None if first is None else self._sequence_first_problem(module, name, first)
+        if ambiguous is not None:
+            for _, i in params:
+                self.exclude(i, ambiguous)
+            return
         captured = generic.capture(module, name, args, kwargs, output, [n for n, _ in params], self.expected_examples)
         if isinstance(captured, str):
             for _, i in params:
@@ -480,6 +495,8 @@ class PerExampleSource(GradNormSource):
         batch = inp.shape[0] if inp.dim() > 0 else 0
         if batch == 0 or (self.expected_examples is not None and batch != self.expected_examples):
             return None  # the forward hook excludes the layer
+        if self._sequence_first_layer is not None and inp.dim() >= 3 and inp.shape[1] == batch:
+            return None  # maybe (T, B, ...): the forward hook decides
         if isinstance(module, nn.Linear) or hf_conv1d_class(module) is not None:
             d_in = inp.shape[-1]
             weight: Tensor = module.weight  # type: ignore[assignment]
@@ -515,12 +532,36 @@ class PerExampleSource(GradNormSource):
                 raise
             self._failed = f"per-example norms of layer {self._module_names[id(use.module)]!r} failed: {error}"
 
+    def _sequence_first_problem(self, module: nn.Module, name: str, output: Tensor) -> str | None:
+        """Why a ``(B, B, ...)`` output of a sequence layer in a model with sequence-first layers is ambiguous.
+
+        Such a layer's batch dimension is read off its shape. With ``batch_first=False`` layers in the model
+        and as many positions as examples, the first dimension may be the sequence: split along it, the
+        norms would be silently wrong. Convolutions take ``(N, C, ...)`` and recurrent and attention layers
+        read their own ``batch_first``, so they are never ambiguous.
+        """
+        expected, seq_first = self.expected_examples, self._sequence_first_layer
+        if seq_first is None or expected is None or isinstance(module, AMBIGUITY_FREE):
+            return None
+        if output.dim() < 3 or output.shape[0] != expected or output.shape[1] != expected:
+            return None
+        return (
+            f"layer {name!r} ({type(module).__name__}) gave an output of shape {tuple(output.shape)} in a model with"
+            f" sequence-first layers ({seq_first!r} has batch_first=False): with as many positions as examples its"
+            " first dimension may be the sequence, which the shape cannot tell. Build the model with"
+            " batch_first=True, or accumulate gradients over 2 or more micro-batches (mode='microbatch' norms"
+            " whole gradients)"
+        )
+
     def _batch_dim_problem(self, module: nn.Module, inp: Tensor, output: Tensor) -> str | None:
         """Why this call's leading dimension is not the batch of examples, or None if it is."""
         expected = self.expected_examples
         if expected is None:
             return None
         name = self._module_names[id(module)]
+        ambiguous = self._sequence_first_problem(module, name, output)
+        if ambiguous is not None:
+            return ambiguous
         leading = output.shape[0] if output.dim() > 0 else None
         if leading != expected:
             return (
