@@ -414,12 +414,13 @@ class PerExampleSource(GradNormSource):
         if not params or all(i in self.excluded for _, i in params):
             return
         name = self._module_names[id(module)]
-        first = next((t for t in tree_flatten(output)[0] if isinstance(t, Tensor)), None)
-        ambiguous = None if first is None else self._sequence_first_problem(module, name, first)
-        if ambiguous is not None:
-            for _, i in params:
-                self.exclude(i, ambiguous)
-            return
+        if self._sequence_first_layer is not None:
+            first = next((t for t in tree_flatten(output)[0] if isinstance(t, Tensor)), None)
+            ambiguous = None if first is None else self._sequence_first_problem(module, name, first)
+            if ambiguous is not None:
+                for _, i in params:
+                    self.exclude(i, ambiguous)
+                return
         captured = generic.capture(module, name, args, kwargs, output, [n for n, _ in params], self.expected_examples)
         if isinstance(captured, str):
             for _, i in params:
