@@ -335,6 +335,14 @@ class GradientNoiseScaleTracker:
         self._sources.start(source, measure, examples)
         self._in_micro_batch = measure
 
+    def before_backward(self, loss: Tensor) -> None:
+        """Optional, between a measured micro-batch's forward and its backward pass: ``loss`` is what backward
+        runs on. In ``per_example`` mode the first such loss's graph shows parameters used outside their layers
+        (a weight tied by a functional call, a penalty in the loss), which are then left out with the reason."""
+        source = self._sources.active
+        if source is not None and source.recording:
+            source.before_backward(loss)
+
     def end_micro_batch(self) -> None:
         """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation)."""
         source = self._sources.active

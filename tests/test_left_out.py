@@ -204,3 +204,52 @@ def test_ranks_agree_on_what_is_left_out_under_ddp(tmp_path: Path) -> None:
     # proj and head: 25 of the 45 elements.
     assert rank0["covered_fraction"] == rank1["covered_fraction"] == pytest.approx(25 / 45)
     assert rank0["b_simple"] == rank1["b_simple"]
+
+
+class FunctionallyTied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 8)
+        self.mid = nn.Linear(8, 8)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return torch.tanh(self.mid(self.embed(tokens))) @ self.embed.weight.T
+
+
+def tracked_steps(model: nn.Module, check: bool, steps: int = 2) -> GradientNoiseScaleTracker:
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    tokens = torch.randint(0, 11, (4, 6))
+    for _ in range(steps):
+        tracker.start_micro_batch(units=4)
+        loss = nn.functional.cross_entropy(model(tokens).transpose(1, 2), tokens)
+        if check:
+            tracker.before_backward(loss)
+        model.zero_grad()
+        loss.backward()
+        tracker.end_micro_batch()
+        tracker.measure_step()
+    return tracker
+
+
+def test_a_parameter_used_outside_its_layers_is_found_in_the_first_graph_and_left_out() -> None:
+    torch.manual_seed(0)
+    tracker = tracked_steps(FunctionallyTied(), check=True)
+    assert list(tracker.left_out) == ["embed.weight"]
+    reason = tracker.left_out["embed.weight"]
+    assert reason.startswith("used outside the layers that own it (PermuteBackward0 in the forward or the loss")
+    assert "nn.Linear whose weight is the embedding's" in reason and "mode='microbatch'" in reason
+    # Without the loss (before_backward is optional for the tracker) the graph is not read: nothing is found.
+    assert tracked_steps(FunctionallyTied(), check=False).left_out == {}
+
+
+@pytest.mark.slow
+def test_a_compiled_model_is_not_judged_by_its_graph() -> None:
+    # A compiled region calls layers no hook sees: its graph must not make every parameter look used outside.
+    torch.manual_seed(0)
+    model = TinyGPT()
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=2).fit(torch.compile(model, backend="aot_eager"), TinyGPT.data(8))
+    assert set(gns.left_out) == {"wpe.weight"} and gns.skipped_steps == 0

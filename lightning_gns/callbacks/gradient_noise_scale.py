@@ -474,6 +474,9 @@ class GradientNoiseScaleBase(LightningNamespace):
                 )
         self.tracker.start_micro_batch(units, trainer.accumulate_grad_batches, measure=True, examples=examples)
 
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        self.tracker.before_backward(loss)
+
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracker.end_micro_batch()
 

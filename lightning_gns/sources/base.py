@@ -86,6 +86,15 @@ class GradNormSource:
         """Whether any removable hook is registered."""
         return bool(self._handles)
 
+    def begin_record(self) -> None:
+        """A micro-batch this source records begins (before its forward pass)."""
+
+    def before_backward(self, loss: Tensor) -> None:
+        """The recorded micro-batch's loss, before its backward pass (its graph intact)."""
+
+    def end_record(self) -> None:
+        """Recording stops (after the micro-batch's backward pass)."""
+
     def detach(self) -> None:
         """Remove whatever the source attached to the model."""
         for handle in self._handles:

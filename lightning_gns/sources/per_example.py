@@ -25,10 +25,17 @@ from lightning_gns.sources.per_example_factors import (
 from lightning_gns.sources.per_example_fused import FusableForward, can_fuse, fused_pays, hf_conv1d_class
 from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
+from lightning_gns.sources.per_example_uses import UseCheck
 
 Layers = Literal["all", "norm"]
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, *NORM_LAYERS)
+OUTSIDE_USE = (
+    "used outside the layers that own it ({node} in the forward or the loss: a weight tied by a functional call such"
+    " as h @ embedding.weight.T, a penalty on the weights): that part of its gradient has no per-example split."
+    " Share the weight through a module (an nn.Linear whose weight is the embedding's), or accumulate gradients"
+    " over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
+)
 # Layers whose batch dimension is never in doubt: convolutions take (N, C, ...), recurrent and attention layers
 # read their own batch_first.
 AMBIGUITY_FREE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.RNNBase, nn.MultiheadAttention)
@@ -311,6 +318,9 @@ class PerExampleSource(GradNormSource):
         # checkpoint replays a counted forward there, which must not count again.
         self._forward_calls: dict[int, int] = defaultdict(int)
         self._replayed_calls: dict[int, int] = defaultdict(int)
+        # The one-micro-batch check for parameters used outside their layers (per_example_uses).
+        self._uses_to_check = False
+        self._use_check: UseCheck | None = None
 
     def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:
         self.detach()
@@ -324,6 +334,8 @@ class PerExampleSource(GradNormSource):
             (name or type(m).__name__ for name, m in model.named_modules() if getattr(m, "batch_first", None) is False),
             None,
         )
+        # nn.DataParallel's replicas hold copies of the parameters: their uses are no layer call's.
+        self._uses_to_check = not any(isinstance(m, nn.DataParallel) for m in model.modules())
         whole: list[str] = []  # modules the generic path replays with all their children
         for module_name, module in model.named_modules():
             if any(module_name.startswith(f"{w}.") or not w for w in whole):
@@ -362,6 +374,24 @@ class PerExampleSource(GradNormSource):
         self._module_names[id(module)] = label
         return indices
 
+    def begin_record(self) -> None:
+        if self._uses_to_check:
+            self._uses_to_check = False  # one micro-batch; its loss arrives in before_backward
+            self._use_check = UseCheck(dict(self._index))
+
+    def before_backward(self, loss: Tensor) -> None:
+        check, self._use_check = self._use_check, None
+        if check is not None:
+            for index, node in check.outside_uses(loss).items():
+                self.exclude(index, OUTSIDE_USE.format(node=node))
+
+    def end_record(self) -> None:
+        self._use_check = None  # no loss came (the tracker used without before_backward): no check
+
+    def _record_call(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._use_check is not None and torch._C._current_graph_task_id() == -1:
+            self._use_check.record_call(output, inputs, [i for _, i in self._module_params.get(id(module), [])])
+
     def _watch_dedicated(self, module: nn.Module, label: str, own: list[tuple[str, nn.Parameter]], fused: bool) -> None:
         indices = self._watch(module, label, own)
         self._handles.append(module.register_forward_hook(self._on_forward))
@@ -386,6 +416,7 @@ class PerExampleSource(GradNormSource):
         self.excluded.setdefault(index, reason)
 
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._record_call(module, args, output)
         if output is self.fused_output and output is not None:  # counted, and measured in its own backward
             self.fused_output = None
             return
@@ -408,6 +439,7 @@ class PerExampleSource(GradNormSource):
     def _on_generic_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> None:
+        self._record_call(module, (args, kwargs), output)
         if not self.recording:
             return
         params = self._module_params.get(id(module), [])
@@ -645,6 +677,7 @@ class PerExampleSource(GradNormSource):
         return BackwardNorms(stacked, measured, True)
 
     def detach(self) -> None:
+        self._use_check = None
         for module in self._fused_modules:
             if isinstance(vars(module).get("forward"), FusableForward):
                 del module.forward

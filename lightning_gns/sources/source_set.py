@@ -65,11 +65,14 @@ class SourceSet:
             candidate.recording = measure and candidate is source
         source.expected_examples = examples
         self.active = source
+        if measure:
+            source.begin_record()
 
     def stop(self) -> None:
         """Record nothing more (gradients outside the training backward are not recorded)."""
         for source in self.all():
             source.recording = False
+            source.end_record()
 
     def drop(self) -> None:
         """Forget whatever the sources recorded since their last record was taken."""

@@ -1,0 +1,81 @@
+"""Finds watched parameters that the forward (or the loss) uses outside the layers the per-example source hooks.
+
+The per-example norms of a parameter come from the calls of the layers that own it. A use anywhere else (an
+output layer tied by a functional call, ``h @ embedding.weight.T``; a penalty on the weights added to the
+loss) adds to its gradient a part no hook sees: the big batch's norm would hold it and the examples' norms
+not, and ``B_simple`` would be silently wrong.
+
+:class:`UseCheck` reads the autograd graph of one micro-batch's loss, before its backward pass. Every edge into a
+watched parameter's gradient accumulator must come from a node that one of the parameter's own layer calls
+created (found by walking back from the call's outputs to its inputs); any other edge is a use outside. Only
+uses the loss's gradient flows through are found (a weight norm computed for logging is none), and the check
+reads the graph only: it cannot change what the step computes. One micro-batch is enough for a model's
+structure. A graph with compiled regions (whose inner calls no hook sees) is not judged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+Node = Any  # torch.autograd.graph.Node
+
+
+class UseCheck:
+    """One micro-batch's hooked layer calls, then the uses of watched parameters outside them.
+
+    Args:
+        param_index: ``id(parameter)`` -> its index among the watched parameters.
+    """
+
+    def __init__(self, param_index: dict[int, int]) -> None:
+        self._param_index = param_index
+        self._calls: list[tuple[list[Node], set[Node], list[int]]] = []
+
+    def record_call(self, outputs: Any, inputs: Any, indices: list[int]) -> None:
+        """A hooked layer call: its outputs, its inputs (args and kwargs) and its watched parameters' indices."""
+        roots = [t.grad_fn for t in tree_flatten(outputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None]
+        if roots and indices:
+            stops = {t.grad_fn for t in tree_flatten(inputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None}
+            self._calls.append((roots, stops, indices))
+
+    def outside_uses(self, loss: Tensor) -> dict[int, str]:
+        """Watched parameter index -> the kind of graph node that uses it outside its layers (e.g. ``MmBackward0``)."""
+        if loss.grad_fn is None:
+            return {}
+        allowed: set[tuple[Node, int]] = set()
+        for roots, stops, indices in self._calls:
+            wanted = set(indices)
+            allowed.update((node, i) for node, i in self._param_edges(roots, stops) if i in wanted)
+        outside: dict[int, str] = {}
+        for node, index in self._param_edges([loss.grad_fn], set()):
+            if "CompiledFunction" in node.name():
+                return {}  # compiled regions call layers no hook sees: no judgement
+            if index >= 0 and (node, index) not in allowed:
+                outside.setdefault(index, node.name())
+        return outside
+
+    def _param_edges(self, roots: Iterable[Node], stops: set[Node]) -> Iterator[tuple[Node, int]]:
+        """(node, index) for every edge into a watched parameter from a node reachable from ``roots``, not
+        walking through ``stops``; every visited node once (as ``(node, -1)`` when it has no such edge)."""
+        seen: set[Node] = set()
+        stack = [r for r in roots if r not in stops]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            yield node, -1
+            for following, _ in node.next_functions:
+                if following is None:
+                    continue
+                variable = getattr(following, "variable", None)  # a gradient accumulator: a leaf tensor
+                if variable is not None:
+                    index = self._param_index.get(id(variable))
+                    if index is not None:
+                        yield node, index
+                elif following not in stops:
+                    stack.append(following)
