@@ -340,8 +340,15 @@ class GradientNoiseScaleTracker:
         runs on. In ``per_example`` mode the first such loss's graph shows parameters used outside their layers
         (a weight tied by a functional call, a penalty in the loss), which are then left out with the reason."""
         source = self._sources.active
-        if source is not None and source.recording:
+        if source is None or not source.recording:
+            return
+        try:
             source.before_backward(loss)
+        except Exception as error:  # a read of the graph that fails must not stop training; it is announced
+            self._announce(
+                "GradientNoiseScale: the check for parameters used outside their layers could not read this"
+                f" step's autograd graph ({type(error).__name__}: {error}) and was skipped."
+            )
 
     def end_micro_batch(self) -> None:
         """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation)."""

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
 from lightning_gns.sources.left_out import NOT_IN_MODEL, unwatched_reasons
+from lightning_gns.sources.per_example_uses import UseCheck
 from support.multiprocess import run_worker
 from support.syncs import SyncWatcher
 from support.trainers import make_trainer
@@ -253,3 +254,18 @@ def test_a_compiled_model_is_not_judged_by_its_graph() -> None:
         warnings.simplefilter("ignore")
         make_trainer([gns], max_steps=2).fit(torch.compile(model, backend="aot_eager"), TinyGPT.data(8))
     assert set(gns.left_out) == {"wpe.weight"} and gns.skipped_steps == 0
+
+
+def test_a_graph_the_check_cannot_read_is_announced_and_training_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreadable(self: object, loss: Tensor) -> dict[int, str]:
+        raise RuntimeError("no graph")
+
+    monkeypatch.setattr(UseCheck, "outside_uses", unreadable)
+    said: list[str] = []
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = tracked_steps(FunctionallyTied(), check=True)
+        said = [str(w.message) for w in caught if "could not read" in str(w.message)]
+    assert len(said) == 1 and "RuntimeError: no graph" in said[0]
+    assert tracker.left_out == {} and int(tracker.metric.skipped_steps) == 0 and int(tracker.metric.measured_steps) == 2
