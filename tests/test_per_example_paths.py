@@ -458,6 +458,17 @@ def test_supported_layer_subclasses_with_their_own_forward_are_replayed_as_writt
     assert covered_fraction(model, source) == 1.0
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_user_forward_hook_that_changes_a_layers_output_is_measured_through(fused: bool) -> None:
+    # Hooks registered before the source's ran first and handed it the changed output: its gradient is not the
+    # layer's own output gradient, and the norms of the layer's parameters came out silently wrong.
+    torch.manual_seed(18)
+    model = NormModel().double()
+    for layer in (model.proj, model.norm, model.head):  # a hook path Linear, a generic layer, a fused Linear
+        layer.register_forward_hook(lambda module, args, output: 2 * output + 0.1)
+    assert_exact(model, regression_loss, torch.randn(4, 7, 5, dtype=torch.float64), fused=fused)
+
+
 class SequenceFirst(nn.Module):
     """torch's own encoder layer with its default layout: (T, B, d) inside, batch-first outside."""
 

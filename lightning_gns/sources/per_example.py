@@ -360,7 +360,8 @@ class PerExampleSource(GradNormSource):
                 for _, i in indices:
                     self.exclude(i, problem)
                 continue
-            self._handles.append(module.register_forward_hook(self._on_generic_forward, with_kwargs=True))
+            # First among the forward hooks: a user's hook that returns a changed output must not hand it to us.
+            self._handles.append(module.register_forward_hook(self._on_generic_forward, with_kwargs=True, prepend=True))
 
     def _watch(self, module: nn.Module, label: str, named: list[tuple[str, nn.Parameter]]) -> list[tuple[str, int]]:
         indices = []
@@ -394,7 +395,7 @@ class PerExampleSource(GradNormSource):
 
     def _watch_dedicated(self, module: nn.Module, label: str, own: list[tuple[str, nn.Parameter]], fused: bool) -> None:
         indices = self._watch(module, label, own)
-        self._handles.append(module.register_forward_hook(self._on_forward))
+        self._handles.append(module.register_forward_hook(self._on_forward, prepend=True))  # as for the generic path
         measures_weight = any(n == "weight" for n, _ in indices)
         if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
             module.forward = FusableForward(module, self)
