@@ -103,76 +103,51 @@ def real_tokens(batch: tuple[Tensor, Tensor]) -> Tensor:
 
 
 # ---------------------------------------------------------------- models
-def gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def transformers_model(model: str, config: str, **options: Any) -> Callable[[], nn.Module]:
+    """A builder of ``transformers.<model>`` from ``transformers.<config>(**options)`` (imported when called)."""
 
-    config = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config)
+    def build() -> nn.Module:
+        import transformers
 
+        return getattr(transformers, model)(getattr(transformers, config)(**options))
 
-def llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    return build
 
 
-def bert() -> nn.Module:
-    from transformers import BertConfig, BertForMaskedLM
-
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
-    )  # fmt: skip
-    return BertForMaskedLM(config)
-
-
-def opt() -> nn.Module:
-    from transformers import OPTConfig, OPTForCausalLM
-
-    config = OPTConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-        max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, word_embed_proj_dim=32, pad_token_id=1,
-        bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return OPTForCausalLM(config)
-
-
-def gpt_neox() -> nn.Module:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return GPTNeoXForCausalLM(config)
-
-
-def gemma3() -> nn.Module:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    config = Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=16, sliding_window=8, bos_token_id=0,
-        eos_token_id=1, pad_token_id=0,
-    )  # fmt: skip
-    return Gemma3ForCausalLM(config)
-
-
-def roberta() -> nn.Module:
-    from transformers import RobertaConfig, RobertaForMaskedLM
-
-    config = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=20, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
-    )  # fmt: skip
-    return RobertaForMaskedLM(config)
+gpt2 = transformers_model(
+    "GPT2LMHeadModel", "GPT2Config", n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16,
+    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+)  # fmt: skip
+llama = transformers_model(
+    "LlamaForCausalLM", "LlamaConfig", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0,
+    eos_token_id=0, pad_token_id=0,
+)  # fmt: skip
+bert = transformers_model(
+    "BertForMaskedLM", "BertConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    pad_token_id=0,
+)  # fmt: skip
+opt = transformers_model(
+    "OPTForCausalLM", "OPTConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+    num_attention_heads=2, max_position_embeddings=16, dropout=0.0, attention_dropout=0.0, word_embed_proj_dim=32,
+    pad_token_id=1, bos_token_id=0, eos_token_id=0,
+)  # fmt: skip
+gpt_neox = transformers_model(
+    "GPTNeoXForCausalLM", "GPTNeoXConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+    num_attention_heads=2, intermediate_size=64, max_position_embeddings=16, hidden_dropout=0.0,
+    attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
+)  # fmt: skip
+gemma3 = transformers_model(
+    "Gemma3ForCausalLM", "Gemma3TextConfig", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=16,
+    sliding_window=8, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+)  # fmt: skip
+roberta = transformers_model(
+    "RobertaForMaskedLM", "RobertaConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+    num_attention_heads=2, intermediate_size=64, max_position_embeddings=20, hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0, pad_token_id=0,
+)  # fmt: skip
 
 
 class T5(nn.Module):
@@ -180,13 +155,10 @@ class T5(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from transformers import T5Config, T5ForConditionalGeneration
-
-        config = T5Config(
-            vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, dropout_rate=0.0,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-        )  # fmt: skip
-        self.t5 = T5ForConditionalGeneration(config)
+        self.t5 = transformers_model(
+            "T5ForConditionalGeneration", "T5Config", vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2,
+            num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        )()  # fmt: skip
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.t5(input_ids=tokens, labels=tokens).logits
@@ -200,13 +172,11 @@ def reconstruction_loss(call: Any, tokens: Tensor) -> Tensor:
 class HFViT(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        from transformers import ViTConfig, ViTForImageClassification
-
-        config = ViTConfig(
-            image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        )  # fmt: skip
-        self.vit = ViTForImageClassification(config)
+        self.vit = transformers_model(
+            "ViTForImageClassification", "ViTConfig", image_size=8, patch_size=4, num_channels=3, hidden_size=16,
+            num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )()  # fmt: skip
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.vit(pixel_values=pixels).logits
