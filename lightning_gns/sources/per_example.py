@@ -22,7 +22,13 @@ from lightning_gns.sources.per_example_factors import (
     factor_inner,
     factor_sq_norm,
 )
-from lightning_gns.sources.per_example_fused import FusableForward, can_fuse, fused_pays, hf_conv1d_class
+from lightning_gns.sources.per_example_fused import (
+    FusableForward,
+    can_fuse,
+    fused_pays,
+    hf_conv1d_class,
+    runs_class_forward,
+)
 from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
 from lightning_gns.sources.per_example_uses import UseCheck
@@ -50,14 +56,7 @@ def runs_own_forward(module: nn.Module) -> bool:
     embedding is called on the attention mask and embeds positions it derives from it): the dedicated
     equations would be silently wrong there, so such a module is replayed as written (generic path).
     """
-    kind: Any = next((k for k in SUPPORTED_LAYERS if isinstance(module, k)), None) or hf_conv1d_class(module)
-    if kind is None or type(module).forward is not kind.forward:
-        return False
-    replaced = vars(module).get("forward")  # an instance attribute: ours while attached, or the user's
-    if replaced is None or isinstance(replaced, FusableForward):
-        return True
-    # A model pickled while attached comes back with the class's forward bound as a partial (see FusableForward).
-    return isinstance(replaced, partial) and replaced.func is kind.forward and replaced.args == (module,)
+    return runs_class_forward(module, SUPPORTED_LAYERS)
 
 
 def is_supported(module: nn.Module, layers: Layers = "all") -> bool:

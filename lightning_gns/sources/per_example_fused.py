@@ -242,7 +242,21 @@ class FusableForward:
         return (functools.partial, (type(self.module).forward, self.module))
 
 
+def runs_class_forward(module: nn.Module, kinds: tuple[type[nn.Module], ...]) -> bool:
+    """Whether ``module`` is one of ``kinds`` (or an HF Conv1D) running that class's own ``forward``.
+
+    Not a subclass's ``forward``, nor one set on the instance by someone else: ours while attached, or the
+    class's forward bound as a partial, as a model pickled while attached comes back (see FusableForward), are.
+    """
+    kind: Any = next((k for k in kinds if isinstance(module, k)), None) or hf_conv1d_class(module)
+    if kind is None or type(module).forward is not kind.forward:
+        return False
+    replaced = vars(module).get("forward")
+    if replaced is None or isinstance(replaced, FusableForward):
+        return True
+    return isinstance(replaced, functools.partial) and replaced.func is kind.forward and replaced.args == (module,)
+
+
 def can_fuse(module: nn.Module) -> bool:
     """Whether ``module`` is a Linear, HF Conv1D or LayerNorm running its class's own forward (not a subclass's)."""
-    kind: Any = next((k for k in FUSABLE if isinstance(module, k)), None) or hf_conv1d_class(module)
-    return kind is not None and type(module).forward is kind.forward and "forward" not in vars(module)
+    return runs_class_forward(module, FUSABLE)
