@@ -133,7 +133,7 @@ def test_everything_covered_and_other_modes_leave_nothing_out() -> None:
 
 
 class LateBranch(SequenceRegression):
-    """From step 2 on, a branch on tokens flattened to (B*T, d) joins: left out then, most of the model."""
+    """From step 2 on, a branch on tokens flattened by position to (T*B, d) joins: left out then, most of the model."""
 
     def __init__(self) -> None:
         super().__init__(lr=0.01)
@@ -146,8 +146,8 @@ class LateBranch(SequenceRegression):
     def forward(self, x: Tensor) -> Tensor:
         h = self.proj(x)
         if self.trainer.global_step >= 2:
-            b, t, d = h.shape
-            h = h + self.late(h.reshape(b * t, d)).reshape(b, t, d)
+            b, t, d = h.shape  # rows grouped by position: they cannot be split per example
+            h = h + self.late(h.transpose(0, 1).reshape(t * b, d)).reshape(t, b, d).transpose(0, 1)
         return self.head(h).mean(dim=(1, 2)) * self.scale
 
 

@@ -291,15 +291,10 @@ CASES = {
         target=0.95,
     ),
     # OPT's positional embedding is an nn.Embedding subclass called on the attention mask: replayed as written.
-    # Its decoder layers flatten the tokens to (B*T, d) before fc1, fc2 and final_layer_norm: left out.
+    # Its decoder layers flatten the tokens to (B*T, d) before fc1, fc2 and final_layer_norm: rows traced back
+    # to the batch through the graph, regrouped per example.
     "opt-padded": Case(
-        opt,
-        padded_token_loss,
-        padded_data,
-        lambda n: ".layers." in n and n.rsplit(".", 2)[-2] in ("fc1", "fc2", "final_layer_norm"),
-        units=real_tokens,
-        batch_size_fn=real_tokens,
-        target=0.55,
+        opt, padded_token_loss, padded_data, lambda n: False, units=real_tokens, batch_size_fn=real_tokens, target=1.0
     ),
     "gpt-neox": Case(gpt_neox, next_token_loss, token_data, lambda n: False, target=1.0),
     # Its token embedding is an nn.Embedding subclass that scales its output by sqrt(hidden_size): replayed as

@@ -31,6 +31,7 @@ from lightning_gns.sources.per_example_fused import (
 )
 from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
+from lightning_gns.sources.per_example_rows import FlattenedRows
 from lightning_gns.sources.per_example_uses import UseCheck
 
 Layers = Literal["all", "norm"]
@@ -45,6 +46,9 @@ OUTSIDE_USE = (
 # Layers whose batch dimension is never in doubt: convolutions take (N, C, ...), recurrent and attention layers
 # read their own batch_first.
 AMBIGUITY_FREE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.RNNBase, nn.MultiheadAttention)
+# Layers that act on each row of their input alone (the last dimensions): called on tokens flattened to (B*T, d)
+# whose rows hold the examples in order, they are measured with the rows regrouped per example.
+ROW_WISE: tuple[type[nn.Module], ...] = (nn.Linear, *NORM_LAYERS)
 # Layers whose output for one example depends on the other examples of the batch.
 BATCH_COUPLED_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
@@ -235,10 +239,16 @@ _TWICE = (
 class _FusedUse:
     """One fused call of a watched Linear or LayerNorm: where its backward delivers the per-example gradients."""
 
-    __slots__ = ("fired", "module", "params", "source")
+    __slots__ = ("examples", "fired", "grouped", "module", "params", "source")
 
-    def __init__(self, source: PerExampleSource, module: nn.Module, params: list[tuple[str, int]]) -> None:
+    def __init__(
+        self, source: PerExampleSource, module: nn.Module, params: list[tuple[str, int]], examples: int | None
+    ) -> None:
         self.source, self.module, self.params, self.fired = source, module, params, False
+        # Set for an input of flattened rows (B*k, ...): the call regroups it to (examples, k, ...), and
+        # ``grouped`` says whether the rows hold the examples in order (if not, the layer is left out).
+        self.examples = examples
+        self.grouped = False
 
     def deliver(self, weight: Tensor, bias: Tensor | None) -> None:
         self.source._on_fused_grad(self, weight, bias)
@@ -274,7 +284,9 @@ class PerExampleSource(GradNormSource):
     that cannot be split per example excludes the parameter for the rest of the run (:attr:`excluded`, with
     the reason): a layer whose input's leading dimension is not the micro-batch's example count
     (:attr:`expected_examples`), such as a positional embedding called on ``arange(T)`` and broadcast over
-    the batch, or a Linear applied to tokens flattened to ``(B*T, d)``. An output gradient that arrives twice
+    the batch, or a Linear applied to tokens flattened to ``(B*T, d)`` whose rows the autograd graph does not
+    show in batch order (:mod:`~lightning_gns.sources.per_example_rows`; where it does, as in OPT, the rows
+    are regrouped per example and measured). An output gradient that arrives twice
     (a double backward, ``autograd.grad`` through the layers before ``backward``) makes the whole backward
     unmeasurable (:attr:`BackwardNorms.failed`). A parameter whose layer never runs as a module (its
     weight used by a functional call) receives no per-example norm; the caller detects it from its gradient.
@@ -301,6 +313,7 @@ class PerExampleSource(GradNormSource):
         self._broadcast_modules: set[int] = set()  # embeddings found called on arange(B): shared positions
         self._sequence_first_layer: str | None = None  # a layer with batch_first=False, if the model has one
         self._checked_1d_modules: set[int] = set()
+        self._rows = FlattenedRows()  # per micro-batch: which tensors hold the examples' rows in order
         # Per backward pass: per-example squared norms by parameter index, pending uses and their factors.
         self._sq_norms: dict[int, Tensor] = {}
         self._pending_uses: dict[int, int] = defaultdict(int)
@@ -313,6 +326,7 @@ class PerExampleSource(GradNormSource):
         # fused call that just ran (its forward hook must not hook it a second time).
         self._fused_modules: list[nn.Module] = []
         self.fused_output: Tensor | None = None
+        self.fused_use: _FusedUse | None = None
         # Calls counted per module before backward, and calls seen during backward: a non-reentrant activation
         # checkpoint replays a counted forward there, which must not count again.
         self._forward_calls: dict[int, int] = defaultdict(int)
@@ -375,6 +389,7 @@ class PerExampleSource(GradNormSource):
         return indices
 
     def begin_record(self) -> None:
+        self._rows.clear()
         if self._uses_to_check:
             self._uses_to_check = False  # one micro-batch; its loss arrives in before_backward
             self._use_check = UseCheck(dict(self._index))
@@ -387,6 +402,7 @@ class PerExampleSource(GradNormSource):
 
     def end_record(self) -> None:
         self._use_check = None  # no loss came (the tracker used without before_backward): no check
+        self._rows.clear()
 
     def _record_call(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self._use_check is not None and torch._C._current_graph_task_id() == -1:
@@ -418,23 +434,58 @@ class PerExampleSource(GradNormSource):
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._record_call(module, args, output)
         if output is self.fused_output and output is not None:  # counted, and measured in its own backward
-            self.fused_output = None
+            use, self.fused_output, self.fused_use = self.fused_use, None, None
+            if use is not None and use.examples is not None and not use.grouped:
+                for _, i in use.params:
+                    self.exclude(i, self._leading_dim_problem(module, args[0], use.examples))
+            elif isinstance(output, Tensor):
+                self._rows.note_output(output)  # batch-first, or rows that hold the examples in order
             return
         if not (self.recording and isinstance(output, Tensor) and output.requires_grad and args):
             return
         inp = args[0]
+        expected = self.expected_examples
         params = self._module_params.get(id(module), [])
         if not params or all(i in self.excluded for _, i in params):
+            # Left out, yet its output may still hold the examples in order (for a flatten further on).
+            if expected is not None and output.dim() > 0 and output.shape[0] == expected:
+                if id(module) not in self._broadcast_modules:
+                    self._rows.note_output(output)
             return
         problem = self._batch_dim_problem(module, inp, output)
-        if problem is not None:
+        rows = None
+        if problem is not None and expected is not None:
+            rows = self._rows_per_example(module, inp)
+        if problem is not None and rows is None:
             for _, i in params:
                 self.exclude(i, problem)
             return
+        self._rows.note_output(output)  # batch-first, or rows that hold the examples in order
         if not self._new_use(module, params):
             return
         fired = [False]
-        output.register_hook(partial(self._on_output_grad, module, inp.detach(), params, fired))
+        inp = inp.detach()
+        split = None if rows is None or expected is None else (expected, rows)
+        if split is not None:
+            inp = inp.reshape(*split, *inp.shape[1:])
+        output.register_hook(partial(self._on_output_grad, module, inp, params, fired, split))
+
+    def _may_regroup(self, module: nn.Module, inp: Tensor) -> bool:
+        """Whether ``inp`` has the shape of flattened tokens ``(B*k, ...)`` for a row-wise layer (shapes only)."""
+        expected = self.expected_examples
+        if expected is None or self._sequence_first_layer is not None:
+            return False  # in a model with sequence-first layers, a flatten's order is in doubt
+        if not (isinstance(module, ROW_WISE) or hf_conv1d_class(module) is not None):
+            return False
+        rows = inp.shape[0] if inp.dim() > 1 else 0
+        return rows > expected and rows % expected == 0
+
+    def _rows_per_example(self, module: nn.Module, inp: Tensor) -> int | None:
+        """Rows per example of a row-wise layer's input of flattened tokens ``(B*k, ...)`` whose rows hold the
+        examples in order (found through the graph: per_example_rows), else None (the layer is left out)."""
+        if not self._may_regroup(module, inp) or self.expected_examples is None:
+            return None
+        return self._rows.rows_per_example(inp, self.expected_examples)
 
     def _on_generic_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -442,6 +493,10 @@ class PerExampleSource(GradNormSource):
         self._record_call(module, (args, kwargs), output)
         if not self.recording:
             return
+        expected = self.expected_examples
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, Tensor) and expected is not None and tensor.dim() > 0 and tensor.shape[0] == expected:
+                self._rows.note_output(tensor)
         params = self._module_params.get(id(module), [])
         if not params or all(i in self.excluded for _, i in params):
             return
@@ -526,23 +581,34 @@ class PerExampleSource(GradNormSource):
         if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func (vmap, grad): plain
             return None
         batch = inp.shape[0] if inp.dim() > 0 else 0
-        if batch == 0 or (self.expected_examples is not None and batch != self.expected_examples):
-            return None  # the forward hook excludes the layer
+        if batch == 0:
+            return None
+        examples = None  # set when the input is flattened rows (B*k, ...), regrouped per example
+        if self.expected_examples is not None and batch != self.expected_examples:
+            # Decided on shapes alone, so that a checkpoint's recomputation runs the same operations; whether the
+            # rows hold the examples in order is found below, and if not the layer is left out.
+            if not self._may_regroup(module, inp):
+                return None  # the forward hook excludes the layer
+            batch = examples = self.expected_examples
         if self._sequence_first_layer is not None and inp.dim() >= 3 and inp.shape[1] == batch:
             return None  # maybe (T, B, ...): the forward hook decides
         if isinstance(module, nn.Linear) or hf_conv1d_class(module) is not None:
             d_in = inp.shape[-1]
             weight: Tensor = module.weight  # type: ignore[assignment]
             d_out = weight.shape[0] if isinstance(module, nn.Linear) else weight.shape[1]
-            if inp.dim() < 3 or not fused_pays(batch, inp.numel() // (batch * d_in), d_out, d_in):
+            sequences = inp.dim() >= 3 or examples is not None
+            if not sequences or not fused_pays(batch, inp.numel() // (batch * d_in), d_out, d_in):
                 return None
         elif inp.dim() <= len(module.normalized_shape) or torch.is_autocast_enabled(inp.device.type):  # type: ignore[arg-type]
             return None
         params = self._module_params.get(id(module))
         if not params:  # a copy of a watched layer (deepcopy of the model) is not watched
             return None
-        use = _FusedUse(self, module, params)
+        use = _FusedUse(self, module, params, examples)
         self._new_use(module, params)  # a replayed call still runs fused: the checkpoint expects its tensors
+        if examples is not None:
+            use.grouped = self._rows.rows_per_example(inp, examples) is not None
+        self.fused_use = use
         return use
 
     def _on_fused_grad(self, use: _FusedUse, weight: Tensor, bias: Tensor | None) -> None:
@@ -597,11 +663,7 @@ class PerExampleSource(GradNormSource):
             return ambiguous
         leading = output.shape[0] if output.dim() > 0 else None
         if leading != expected:
-            return (
-                f"layer {name!r} ({type(module).__name__}) was called on a tensor of shape {tuple(inp.shape)}, whose"
-                f" leading dimension is not the micro-batch's {expected} examples (a positional embedding of"
-                " arange(T) broadcast over the batch, tokens flattened to (B*T, d), or a sequence-first layout)"
-            )
+            return self._leading_dim_problem(module, inp, expected)
         if isinstance(module, nn.Embedding) and inp.dim() == 1:
             # A 1-D index of length B is either one row per example (a class embedding) or, when T == B by
             # chance, positions shared by every example. Telling them apart reads the index once per layer.
@@ -616,8 +678,24 @@ class PerExampleSource(GradNormSource):
                 )
         return None
 
+    def _leading_dim_problem(self, module: nn.Module, inp: Tensor, expected: int) -> str:
+        name = self._module_names[id(module)]
+        return (
+            f"layer {name!r} ({type(module).__name__}) was called on a tensor of shape {tuple(inp.shape)}, whose"
+            f" leading dimension is not the micro-batch's {expected} examples (a positional embedding of"
+            " arange(T) broadcast over the batch, a sequence-first layout, or tokens flattened to (B*T, d) whose"
+            " rows could not be traced back, through reshapes and elementwise operations, to a tensor with the batch"
+            " first; a flatten of data that needs no gradient cannot be traced)"
+        )
+
     def _on_output_grad(
-        self, module: nn.Module, inp: Tensor, params: list[tuple[str, int]], fired: list[bool], grad_out: Tensor
+        self,
+        module: nn.Module,
+        inp: Tensor,
+        params: list[tuple[str, int]],
+        fired: list[bool],
+        split: tuple[int, int] | None,
+        grad_out: Tensor,
     ) -> None:
         if not self.recording:
             return
@@ -625,8 +703,11 @@ class PerExampleSource(GradNormSource):
             self._failed = _TWICE
             return
         fired[0] = True
+        grad_out = grad_out.detach()
+        if split is not None:  # flattened rows (B*k, ...), regrouped per example as the input was
+            grad_out = grad_out.reshape(*split, *grad_out.shape[1:])
         try:
-            factors = layer_factors(module, inp, grad_out.detach())
+            factors = layer_factors(module, inp, grad_out)
             for param_name, index in params:
                 if param_name in factors and index not in self.excluded:
                     self._add(index, factors[param_name])
@@ -660,7 +741,8 @@ class PerExampleSource(GradNormSource):
         self._finished.clear()
         self._forward_calls.clear()
         self._replayed_calls.clear()
-        self.fused_output = None
+        self._rows.clear()
+        self.fused_output = self.fused_use = None
         if not sq_norms and failed is None:
             return None
         shapes = {t.shape for t in sq_norms.values()}
@@ -678,11 +760,12 @@ class PerExampleSource(GradNormSource):
 
     def detach(self) -> None:
         self._use_check = None
+        self._rows.clear()
         for module in self._fused_modules:
             if isinstance(vars(module).get("forward"), FusableForward):
                 del module.forward
         self._fused_modules = []
-        self.fused_output = None
+        self.fused_output = self.fused_use = None
         self._forward_calls.clear()
         self._replayed_calls.clear()
         self._module_params = {}

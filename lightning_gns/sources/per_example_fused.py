@@ -52,6 +52,8 @@ def fused_pays(batch: int, tokens: int, d_out: int, d_in: int) -> bool:
 class PerExampleGradSink(Protocol):
     """What one fused call hands its per-example gradients to (see ``PerExampleSource``)."""
 
+    examples: int | None  # set when the call's input is flattened rows (examples * k, ...) to regroup
+
     def deliver(self, weight: Tensor, bias: Tensor | None) -> None: ...
 
 
@@ -223,17 +225,22 @@ class FusableForward:
         if owner is not None and owner.recording:
             call = owner.plan_fused(module, input)
             if call is not None:
+                # Tokens flattened to (B*k, ...): regrouped to (B, k, ...) for the call, and back afterwards.
+                examples = call.examples
+                x = input if examples is None else input.reshape(examples, -1, *input.shape[1:])
                 if isinstance(module, nn.Linear):
-                    output = fused_linear(input, module.weight, module.bias, call)
+                    output = fused_linear(x, module.weight, module.bias, call)
                 elif hf_conv1d_class(module) is not None:
                     weight, bias = module.weight, module.bias
                     assert isinstance(weight, Tensor) and isinstance(bias, (Tensor, type(None)))
-                    output = fused_linear(input, weight, bias, call, in_out=True)
+                    output = fused_linear(x, weight, bias, call, in_out=True)
                 else:
                     assert isinstance(module, nn.LayerNorm)
                     output = LayerNormWithPerExampleGrads.apply(
-                        input, module.weight, module.bias, tuple(module.normalized_shape), module.eps, call
+                        x, module.weight, module.bias, tuple(module.normalized_shape), module.eps, call
                     )
+                if examples is not None:
+                    output = output.reshape(*input.shape[:-1], output.shape[-1])
                 owner.fused_output = output
                 return output
         return self._plain(input)

@@ -1,8 +1,8 @@
 """2-process DDP worker for tests/test_left_out.py: a layer only rank 1 cannot split per example.
 
-Rank 1 calls ``late`` on tokens flattened to (B*T, d), so its source excludes the layer with the reason; rank 0
-never calls it (its gradient reaches rank 0 through the all-reduce). Saves each rank's ``left_out`` and
-covered fraction to ``--out/rank{r}.pt``.
+Rank 1 calls ``late`` on tokens flattened by position to (T*B, d), so its source excludes the layer with the
+reason; rank 0 never calls it (its gradient reaches rank 0 through the all-reduce). Saves each rank's
+``left_out`` and covered fraction to ``--out/rank{r}.pt``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class RankBranch(SequenceRegression):
         h = self.proj(x)
         if self.global_rank == 1:
             b, t, d = h.shape
-            h = h + self.late(h.reshape(b * t, d)).reshape(b, t, d)
+            h = h + self.late(h.transpose(0, 1).reshape(t * b, d)).reshape(t, b, d).transpose(0, 1)
         return self.head(h).mean(dim=(1, 2))
 
 

@@ -1,0 +1,129 @@
+"""Tokens flattened to ``(B*T, d)``: whether each example's rows stay together, read off the autograd graph.
+
+A layer called on ``h.reshape(-1, d)`` (OPT's decoder layers do this before ``fc1``, ``fc2`` and
+``final_layer_norm``) sees ``B*T`` rows, not ``B`` examples. Its gradient splits per example only if rows
+``b*T ... (b+1)*T - 1`` all come from example ``b``. That holds when the tensor was reshaped, in row-major
+order, from one whose leading dimension is the batch, and nothing on the way moved data across that order:
+a reshape keeps the flat order, an elementwise op keeps every element where it was. It fails for a flatten of
+a sequence-first tensor (``h.transpose(0, 1).reshape(-1, d)``), whose rows are grouped by position, and the
+shape alone cannot tell the two apart (at ``T == B`` not even the sizes differ).
+
+:class:`FlattenedRows` therefore walks back from the layer's input through the autograd graph: every path must
+pass only through reshapes and elementwise ops and end at an output of a hooked layer that had the batch
+leading (or at a parameter, or a tensor that needs no gradient). Every such output must hold as many elements
+as the input: elementwise ops never shrink a tensor, so an equal count also rules out a broadcast that spread
+one example's elements over others. Anything else (a transpose, a gather, a reduction, an op not listed)
+leaves the layer out, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+Node = Any  # torch.autograd.graph.Node
+
+# Backward nodes of ops that keep every element at its flat (row-major) position: reshapes, and elementwise
+# ops (with a scalar, a parameter, or a tensor that needs no gradient, such as a dropout mask).
+ORDER_KEEPING = frozenset(
+    {
+        # reshapes and copies
+        "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0", "ToCopyBackward0",
+        "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0",
+        # elementwise arithmetic
+        "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1",
+        "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1", "DivBackward2", "NegBackward0",
+        "PowBackward0", "SqrtBackward0", "RsqrtBackward0", "ExpBackward0", "LogBackward0", "AbsBackward0",
+        # activations and dropout
+        "ReluBackward0", "GeluBackward0", "SiluBackward0", "TanhBackward0", "SigmoidBackward0", "EluBackward0",
+        "LeakyReluBackward0", "HardtanhBackward0", "HardswishBackward0", "HardsigmoidBackward0", "MishBackward0",
+        "SoftplusBackward0", "ErfBackward0", "NativeDropoutBackward0", "ThresholdBackward0", "ClampBackward1",
+        "ClampMinBackward0", "ClampMaxBackward0",
+    }
+)  # fmt: skip
+_ACCUMULATOR = "torch::autograd::AccumulateGrad"
+_MAX_NODES = 4096  # a walk this long is given up (the layer is left out): no model path needs it
+
+
+class FlattenedRows:
+    """One micro-batch's tensors whose leading dimension holds the examples in order, and the walk above.
+
+    ``note_output`` records a hooked layer call's output (leading dimension the batch, or itself grouped);
+    ``rows_per_example`` answers for a layer input of ``B*k`` rows. Cleared with :meth:`clear` after each
+    backward pass.
+    """
+
+    def __init__(self) -> None:
+        # grad_fn of a tensor known to hold the examples in order (batch-first, or grouped rows) -> its element count
+        self._known: dict[Node, int] = {}
+
+    def clear(self) -> None:
+        self._known.clear()
+
+    def note_output(self, output: Tensor) -> None:
+        """A hooked layer call's output whose leading dimension is the batch, or whose rows were found grouped."""
+        node = output.grad_fn
+        if node is not None:
+            self._known[node] = output.numel()
+
+    def rows_per_example(self, inp: Tensor, examples: int) -> int | None:
+        """``k`` if ``inp`` (leading dimension ``examples * k``, ``k > 1``) holds example ``b`` in rows
+        ``b*k ... b*k + k - 1``, found through the graph; None if that cannot be shown."""
+        rows = inp.shape[0] if inp.dim() > 1 else 0
+        if rows <= examples or rows % examples or inp.grad_fn is None:
+            return None
+        count = inp.numel()
+        if self._grouped(inp.grad_fn, count, examples):
+            return rows // examples
+        return None
+
+    def _grouped(self, start: Node, count: int, examples: int) -> bool:
+        """Whether every path back from ``start`` keeps the flat order and ends at a tensor known to hold the
+        examples in order (and ``count`` elements), a parameter or nothing; at least one at an example's data."""
+        state: dict[Node, int] = {}
+        stack: list[tuple[Node, bool]] = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in state:
+                continue
+            if not expanded:
+                leaf = self._leaf_state(node, count, examples)
+                if leaf == _FAILS:
+                    return False
+                if leaf is not None:
+                    state[node] = leaf
+                    continue
+                if len(state) + len(stack) > _MAX_NODES:
+                    return False
+                stack.append((node, True))
+                stack.extend((f, False) for f, _ in node.next_functions if f is not None and f not in state)
+                continue
+            inputs = [state[f] for f, _ in node.next_functions if f is not None]
+            state[node] = _GROUPED if _GROUPED in inputs else _CONSTANT
+        if state[start] != _GROUPED:
+            return False  # computed from parameters alone: no example's data to split
+        # Each node that carries example data held ``count`` elements: no order-keeping op shrinks a tensor, and
+        # the input holds ``count``. Later layers' walks stop there.
+        for node, value in state.items():
+            if value == _GROUPED:
+                self._known.setdefault(node, count)
+        return True
+
+    def _leaf_state(self, node: Node, count: int, examples: int) -> int | None:
+        """The state of a node the walk stops at, or None for an order-keeping op to walk through."""
+        known = self._known.get(node)
+        if known is not None:
+            return _GROUPED if known == count else _FAILS
+        name = node.name()
+        if name == _ACCUMULATOR:
+            variable = node.variable
+            if isinstance(variable, nn.Parameter):
+                return _CONSTANT  # a parameter holds no example's data
+            # An input that needs a gradient: batch-first, as every layer input is taken to be.
+            batch_first = variable.dim() > 0 and variable.shape[0] == examples and variable.numel() == count
+            return _GROUPED if batch_first else _FAILS
+        return None if name in ORDER_KEEPING else _FAILS
+
+
+_GROUPED, _CONSTANT, _FAILS = 1, 2, 3
