@@ -314,6 +314,15 @@ CASES = {
     "t5": Case(
         T5, reconstruction_loss, token_data, lambda n: n.endswith("relative_attention_bias.weight"), target=0.99
     ),
+    # As long a sequence as the batch has examples: the bias's output (T, T, heads) has the shape of a batch; the
+    # graph shows it broadcast over the batch, and it is left out as at T != B (it was split along the queries).
+    "t5-T==B": Case(
+        T5,
+        reconstruction_loss,
+        lambda: token_data(BATCH),
+        lambda n: n.endswith("relative_attention_bias.weight"),
+        target=0.99,
+    ),
     # transformers' ViT: the class token and position embeddings are raw parameters of ViTEmbeddings.
     "hf-vit": Case(
         HFViT,

@@ -29,6 +29,7 @@ from lightning_gns.sources.per_example_fused import (
     hf_conv1d_class,
     runs_class_forward,
 )
+from lightning_gns.sources.per_example_positions import broadcast_outputs
 from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
 from lightning_gns.sources.per_example_rows import FlattenedRows
@@ -42,6 +43,13 @@ OUTSIDE_USE = (
     " as h @ embedding.weight.T, a penalty on the weights): that part of its gradient has no per-example split."
     " Share the weight through a module (an nn.Linear whose weight is the embedding's), or accumulate gradients"
     " over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
+)
+POSITIONS = (
+    "layer {name!r} ({kind}) gave an output of shape {shape}, which looks like a batch of {examples} examples, but"
+    " the model broadcasts it over the batch ({node}): its first dimension"
+    " holds positions shared by all examples (as T5's relative attention bias of a (T, T) bucket matrix, when"
+    " the sequence is as long as the batch has examples), so its gradient has no per-example split. Accumulate"
+    " gradients over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
 )
 # Layers whose batch dimension is never in doubt: convolutions take (N, C, ...), recurrent and attention layers
 # read their own batch_first.
@@ -310,10 +318,16 @@ class PerExampleSource(GradNormSource):
         # parameters for unsharded tensors during forward, and the sharded ones are what .grad lives on.
         self._module_params: dict[int, list[tuple[str, int]]] = {}
         self._module_names: dict[int, str] = {}
-        self._broadcast_modules: set[int] = set()  # embeddings found called on arange(B): shared positions
+        # Layers found called on positions shared by every example: an embedding of arange(B), an output broadcast
+        # over the batch (per_example_positions)
+        self._broadcast_modules: set[int] = set()
         self._sequence_first_layer: str | None = None  # a layer with batch_first=False, if the model has one
         self._checked_1d_modules: set[int] = set()
         self._rows = FlattenedRows()  # per micro-batch: which tensors hold the examples' rows in order
+        # Outputs of shape (B, B, ...) this micro-batch (grad_fn -> layer), read in before_backward
+        # (per_example_positions); each layer is judged once.
+        self._square_outputs: dict[Any, tuple[nn.Module, tuple[int, ...]]] = {}
+        self._judged_square: set[int] = set()
         # Per backward pass: per-example squared norms by parameter index, pending uses and their factors.
         self._sq_norms: dict[int, Tensor] = {}
         self._pending_uses: dict[int, int] = defaultdict(int)
@@ -390,6 +404,7 @@ class PerExampleSource(GradNormSource):
 
     def begin_record(self) -> None:
         self._rows.clear()
+        self._square_outputs = {}
         if self._uses_to_check:
             self._uses_to_check = False  # one micro-batch; its loss arrives in before_backward
             self._use_check = UseCheck(dict(self._index))
@@ -399,10 +414,29 @@ class PerExampleSource(GradNormSource):
         if check is not None:
             for index, node in check.outside_uses(loss).items():
                 self.exclude(index, OUTSIDE_USE.format(node=node))
+        square, self._square_outputs = self._square_outputs, {}
+        if square:
+            self._judged_square.update(id(m) for m, _ in square.values())
+            shapes = {m: shape for m, shape in square.values()}
+            for module, node_name in broadcast_outputs(loss, square).items():
+                self._broadcast_modules.add(id(module))  # positions shared by every example
+                shape, name, kind = shapes[module], self._module_names[id(module)], type(module).__name__
+                reason = POSITIONS.format(name=name, kind=kind, shape=shape, examples=shape[0], node=node_name)
+                for _, i in self._module_params.get(id(module), []):
+                    self.exclude(i, reason)
 
     def end_record(self) -> None:
         self._use_check = None  # no loss came (the tracker used without before_backward): no check
         self._rows.clear()
+        self._square_outputs = {}
+
+    def _note_square(self, module: nn.Module, output: Tensor) -> None:
+        """Keep a ``(B, B, ...)`` output of a layer not judged yet, for before_backward (per_example_positions)."""
+        expected = self.expected_examples
+        if expected is None or output.dim() < 2 or output.shape[0] != expected or expected not in output.shape[1:]:
+            return
+        if id(module) not in self._judged_square and output.grad_fn is not None:
+            self._square_outputs[output.grad_fn] = (module, tuple(output.shape))
 
     def _record_call(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self._use_check is not None and torch._C._current_graph_task_id() == -1:
@@ -440,6 +474,8 @@ class PerExampleSource(GradNormSource):
                     self.exclude(i, self._leading_dim_problem(module, args[0], use.examples))
             elif isinstance(output, Tensor):
                 self._rows.note_output(output)  # batch-first, or rows that hold the examples in order
+                if use is not None and use.examples is None:
+                    self._note_square(module, output)
             return
         if not (self.recording and isinstance(output, Tensor) and output.requires_grad and args):
             return
@@ -448,9 +484,9 @@ class PerExampleSource(GradNormSource):
         params = self._module_params.get(id(module), [])
         if not params or all(i in self.excluded for _, i in params):
             # Left out, yet its output may still hold the examples in order (for a flatten further on).
-            if expected is not None and output.dim() > 0 and output.shape[0] == expected:
-                if id(module) not in self._broadcast_modules:
-                    self._rows.note_output(output)
+            leading = output.shape[0] if output.dim() > 0 else None
+            if expected is not None and leading == expected and id(module) not in self._broadcast_modules:
+                self._rows.note_output(output)
             return
         problem = self._batch_dim_problem(module, inp, output)
         rows = None
@@ -461,6 +497,8 @@ class PerExampleSource(GradNormSource):
                 self.exclude(i, problem)
             return
         self._rows.note_output(output)  # batch-first, or rows that hold the examples in order
+        if rows is None:
+            self._note_square(module, output)
         if not self._new_use(module, params):
             return
         fired = [False]
@@ -513,7 +551,12 @@ class PerExampleSource(GradNormSource):
             for _, i in params:
                 self.exclude(i, captured)
             return
-        if captured is None or not self._new_use(module, params):
+        if captured is None:
+            return
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, Tensor):
+                self._note_square(module, tensor)
+        if not self._new_use(module, params):
             return
         replay, outputs = captured
         fired = [False]
@@ -742,6 +785,7 @@ class PerExampleSource(GradNormSource):
         self._forward_calls.clear()
         self._replayed_calls.clear()
         self._rows.clear()
+        self._square_outputs = {}
         self.fused_output = self.fused_use = None
         if not sq_norms and failed is None:
             return None
@@ -761,6 +805,10 @@ class PerExampleSource(GradNormSource):
     def detach(self) -> None:
         self._use_check = None
         self._rows.clear()
+        self._square_outputs = {}
+        self._judged_square = set()
+        self._broadcast_modules = set()
+        self._checked_1d_modules = set()
         for module in self._fused_modules:
             if isinstance(vars(module).get("forward"), FusableForward):
                 del module.forward

@@ -39,7 +39,7 @@ ORDER_KEEPING = frozenset(
         "ReluBackward0", "GeluBackward0", "SiluBackward0", "TanhBackward0", "SigmoidBackward0", "EluBackward0",
         "LeakyReluBackward0", "HardtanhBackward0", "HardswishBackward0", "HardsigmoidBackward0", "MishBackward0",
         "SoftplusBackward0", "ErfBackward0", "NativeDropoutBackward0", "ThresholdBackward0", "ClampBackward1",
-        "ClampMinBackward0", "ClampMaxBackward0",
+        "ClampMinBackward0", "ClampMaxBackward0", "WhereBackward0", "MaskedFillBackward0",
     }
 )  # fmt: skip
 _ACCUMULATOR = "torch::autograd::AccumulateGrad"

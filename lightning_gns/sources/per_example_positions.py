@@ -1,0 +1,102 @@
+"""Layer outputs of shape ``(B, B, ...)``: is the first dimension the batch, or positions that equal it in number?
+
+A layer called on something shared by the batch and indexed by position (T5's relative attention bias embeds a
+``(T, T)`` matrix of position buckets, then broadcasts the result over the batch) has an output whose first
+dimension is a position. At ``T != B`` its shape says so and the layer is left out; at ``T == B`` the shape is
+that of a batch, and splitting it per example would be silently wrong. What the model then does with the output
+tells: such a tensor is broadcast over the batch (T5: ``values.permute(2, 0, 1).unsqueeze(0)`` added to scores of
+shape ``(B, H, T, T)``), which a batch never is.
+
+:func:`broadcast_outputs` reads the autograd graph of a micro-batch's loss before its backward pass. For each
+suspect output it follows the operations that consume it (elementwise ones, permutes, transposes, unsqueezes),
+tracking where the suspect's first dimension goes (each node's output shape is in its metadata), and reports
+those that an elementwise operation broadcasts along a leading dimension of ``B`` while their own first
+dimension sits elsewhere. Any other operation ends the search without a verdict: an output is left out only on
+that evidence. (A transpose of a batch alone is no evidence: ``nn.MultiheadAttention`` with ``batch_first=True``
+transposes its inputs to sequence-first.)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from torch import Tensor
+
+from lightning_gns.sources.per_example_rows import ORDER_KEEPING
+
+Node = Any  # torch.autograd.graph.Node
+
+# Elementwise ops the search follows (reshapes end it: their output shape is not in the graph).
+_ELEMENTWISE = ORDER_KEEPING - {
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "SqueezeBackward2",
+}  # fmt: skip
+
+
+Step = tuple[int, tuple[int, ...]]  # where the suspect's first dimension is, and the tensor's shape
+
+
+def _follow(node: Node, step: Step, examples: int) -> tuple[bool, Step | None]:
+    """(broadcast over the batch here?, the step after ``node``, or None to stop) for a consumer ``node``."""
+    metadata = node._input_metadata
+    if len(metadata) != 1:
+        return False, None
+    pos, shape = step
+    out = tuple(metadata[0].shape)
+    name = node.name()
+    if name in _ELEMENTWISE:
+        offset = len(out) - len(shape)
+        if offset < 0:
+            return False, None
+        aligned = (1,) * offset + shape
+        broadcast = pos + offset != 0 and aligned[0] == 1 and out[0] == examples
+        return broadcast, (pos + offset, out)
+    rank = len(out)
+    if name == "PermuteBackward0":
+        dims = [d % rank for d in node._saved_dims]
+        return False, (dims.index(pos), out)
+    if name == "TransposeBackward0":
+        first, second = node._saved_dim0 % rank, node._saved_dim1 % rank
+        return False, ((second if pos == first else first if pos == second else pos), out)
+    if name == "UnsqueezeBackward0":
+        return False, ((pos + 1 if node._saved_dim % rank <= pos else pos), out)
+    return False, None
+
+
+def broadcast_outputs(loss: Tensor, suspects: dict[Node, tuple[Any, tuple[int, ...]]]) -> dict[Any, str]:
+    """``{key: the op}`` for the suspect outputs (grad_fn -> (key, output shape)) that the graph of ``loss``
+    broadcasts over the batch."""
+    if loss.grad_fn is None or not suspects:
+        return {}
+    consumers: dict[Node, list[Node]] = defaultdict(list)
+    seen: set[Node] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for following, _ in node.next_functions:
+            if following is not None:
+                consumers[following].append(node)
+                stack.append(following)
+    found: dict[Any, str] = {}
+    for suspect, (key, shape) in suspects.items():
+        examples = shape[0]
+        frontier: list[tuple[Node, Step]] = [(c, (0, shape)) for c in consumers.get(suspect, ())]
+        visited: set[Node] = set()
+        while frontier and key not in found:
+            node, step = frontier.pop()
+            if node in visited:
+                continue
+            visited.add(node)
+            try:
+                broadcast, after = _follow(node, step, examples)
+            except (AttributeError, ValueError, ZeroDivisionError):  # metadata this torch does not expose
+                continue
+            if broadcast:
+                found[key] = node.name()
+            elif after is not None:
+                frontier.extend((c, after) for c in consumers.get(node, ()))
+    return found

@@ -1,0 +1,82 @@
+"""Outputs with the batch's shape that hold positions shared by the batch: left out at T == B, as at T != B.
+
+A layer called on positions (a relative-position bias of a ``(T, T)`` bucket matrix, as in T5) gives an output
+of shape ``(T, T, ...)``. At ``T != B`` its leading dimension is not the batch's and it is left out; at
+``T == B`` only what the model does with it tells (it is broadcast over the batch:
+lightning_gns/sources/per_example_positions.py). Batch-first outputs at ``T == B`` stay measured, also where
+the model transposes the batch away (``nn.MultiheadAttention(batch_first=True)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_gns import GradientNoiseScale
+from support.reference_func import BatchRecorder, assert_histories_match, reference_history
+from support.trainers import fit64, param_names
+from support.zoo import AttentionModel, SequenceRegression
+
+
+class RelativeBias(SequenceRegression):
+    """Scores of every pair of positions plus a learned bias per relative position, broadcast over the batch.
+
+    ``unsqueeze``: T5's form, ``bias(buckets).permute(2, 0, 1).unsqueeze(0)``; else the permute alone gives the
+    size-one leading dimension (``(T, T, 1) -> (1, T, T)``) that broadcasting expands.
+    """
+
+    def __init__(self, unsqueeze: bool = True, lr: float = 0.0) -> None:
+        super().__init__(lr)
+        torch.manual_seed(6)
+        self.unsqueeze = unsqueeze
+        self.proj = nn.Linear(4, 4)
+        self.bias = nn.Embedding(5, 2 if unsqueeze else 1)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x)
+        t = h.shape[1]
+        positions = torch.arange(t)
+        buckets = (positions[None, :] - positions[:, None]).clamp(-2, 2) + 2  # (T, T)
+        relative = self.bias(buckets)  # (T, T, heads)
+        if self.unsqueeze:
+            scores = h @ h.transpose(1, 2) / 2  # (B, T, T)
+            scores = scores.unsqueeze(1) + relative.permute(2, 0, 1).unsqueeze(0)  # (B, 2, T, T)
+            mixed = torch.softmax(scores, dim=-1).mean(dim=1) @ h
+        else:
+            mixed = torch.softmax(h @ h.transpose(1, 2) + relative.permute(2, 0, 1), dim=-1) @ h
+        return self.head(torch.tanh(mixed)).mean(dim=(1, 2))
+
+
+def fit_and_check(model: Any, batch_size: int, left_out: tuple[str, ...]) -> GradientNoiseScale:
+    gns = GradientNoiseScale(beta=0.8, mode="per_example")
+    recorder = BatchRecorder(gns)
+    fit64([gns, recorder], model, type(model).data(batch_size * 5, batch_size=batch_size))
+    assert gns.skipped_steps == 0
+    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out))
+    kept = param_names(model, left_out)
+    want = reference_history(
+        model, recorder.micro_batches, type(model).example_loss, lambda step: kept,
+        lambda batch: torch.ones(len(batch[0])), beta=0.8,
+    )  # fmt: skip
+    assert_histories_match(recorder.history, want)
+    return gns
+
+
+@pytest.mark.parametrize("unsqueeze", [True, False], ids=["permute-unsqueeze", "permute"])
+@pytest.mark.parametrize("batch_size", [4, 3], ids=["T!=B", "T==B"])
+def test_a_relative_position_bias_is_left_out_at_any_batch_size(batch_size: int, unsqueeze: bool) -> None:
+    gns = fit_and_check(RelativeBias(unsqueeze), batch_size, ("bias",))
+    reason = gns.left_out["bias.weight"]
+    if batch_size == 3:  # T == B: found by the broadcast
+        assert "broadcasts it over the batch (AddBackward0)" in reason and "(3, 3, " in reason
+    else:
+        assert "leading dimension is not" in reason
+
+
+def test_batch_first_outputs_transposed_inside_attention_stay_measured_at_t_equal_b() -> None:
+    """nn.MultiheadAttention(batch_first=True) transposes its (B, T, d) inputs to (T, B, d): no broadcast."""
+    fit_and_check(AttentionModel(), 3, ())
