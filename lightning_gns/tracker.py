@@ -349,6 +349,8 @@ class GradientNoiseScaleTracker:
                 "GradientNoiseScale: the check for parameters used outside their layers could not read this"
                 f" step's autograd graph ({type(error).__name__}: {error}) and was skipped."
             )
+        while source.notes:
+            self._announce(source.notes.pop(0))
 
     def end_micro_batch(self) -> None:
         """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation)."""

@@ -9,6 +9,7 @@ the model transposes the batch away (``nn.MultiheadAttention(batch_first=True)``
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale
 from support.reference_func import BatchRecorder, assert_histories_match, reference_history
-from support.trainers import fit64, param_names
+from support.trainers import fit64, make_trainer, param_names
 from support.zoo import AttentionModel, SequenceRegression
 
 
@@ -80,3 +81,16 @@ def test_a_relative_position_bias_is_left_out_at_any_batch_size(batch_size: int,
 def test_batch_first_outputs_transposed_inside_attention_stay_measured_at_t_equal_b() -> None:
     """nn.MultiheadAttention(batch_first=True) transposes its (B, T, d) inputs to (T, B, d): no broadcast."""
     fit_and_check(AttentionModel(), 3, ())
+
+
+@pytest.mark.slow
+def test_under_torch_compile_a_square_output_that_cannot_be_judged_is_said_once() -> None:
+    """A compiled region hides what the model does with the bias: not judged, and said (once)."""
+    torch.manual_seed(0)
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(RelativeBias(), backend="aot_eager")
+        make_trainer([gns], max_steps=3).fit(compiled, RelativeBias.data(12, batch_size=3))
+    said = [str(w.message) for w in caught if "under torch.compile" in str(w.message)]
+    assert len(said) == 1 and "'bias'" in said[0] and "Use a batch size other than the sequence length" in said[0]

@@ -68,6 +68,7 @@ class GradNormSource:
         self.expected_examples: int | None = None  # examples in the micro-batch (for sources that split it)
         self._piece_norms: list[Tensor] = []
         self._handles: list[RemovableHandle] = []  # hooks to remove on detach (a DDP comm hook has none)
+        self.notes: list[str] = []  # what the user should hear (once each): the tracker announces and clears them
 
     def record(self, piece_norm: Tensor) -> None:
         if self.recording:

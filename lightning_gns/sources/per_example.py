@@ -51,6 +51,13 @@ POSITIONS = (
     " the sequence is as long as the batch has examples), so its gradient has no per-example split. Accumulate"
     " gradients over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
 )
+UNJUDGED = (
+    "GradientNoiseScale: under torch.compile the per-example source cannot tell whether the outputs of shape"
+    " (B, B, ...) of layers {layers} hold the batch or positions shared by it (as T5's relative attention bias"
+    " when the sequence is as long as the batch has examples): the compiled graph does not show what the model"
+    " does with them. If one holds positions, its norms are wrong. Use a batch size other than the sequence"
+    " length, run the model uncompiled, or accumulate gradients over 2 or more micro-batches (mode='microbatch')"
+)
 # Layers whose batch dimension is never in doubt: convolutions take (N, C, ...), recurrent and attention layers
 # read their own batch_first.
 AMBIGUITY_FREE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.RNNBase, nn.MultiheadAttention)
@@ -418,7 +425,11 @@ class PerExampleSource(GradNormSource):
         if square:
             self._judged_square.update(id(m) for m, _ in square.values())
             shapes = {m: shape for m, shape in square.values()}
-            for module, node_name in broadcast_outputs(loss, square).items():
+            found, unjudged = broadcast_outputs(loss, square)
+            if unjudged:
+                names = sorted({self._module_names[id(m)] for m in unjudged})
+                self.notes.append(UNJUDGED.format(layers=", ".join(repr(n) for n in names)))
+            for module, node_name in found.items():
                 self._broadcast_modules.add(id(module))  # positions shared by every example
                 shape, name, kind = shapes[module], self._module_names[id(module)], type(module).__name__
                 reason = POSITIONS.format(name=name, kind=kind, shape=shape, examples=shape[0], node=node_name)

@@ -13,7 +13,8 @@ tracking where the suspect's first dimension goes (each node's output shape is i
 those that an elementwise operation broadcasts along a leading dimension of ``B`` while their own first
 dimension sits elsewhere. Any other operation ends the search without a verdict: an output is left out only on
 that evidence. (A transpose of a batch alone is no evidence: ``nn.MultiheadAttention`` with ``batch_first=True``
-transposes its inputs to sequence-first.)
+transposes its inputs to sequence-first.) An output consumed by a ``torch.compile``d region cannot be judged:
+the caller says so once.
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ def _follow(node: Node, step: Step, examples: int) -> tuple[bool, Step | None]:
     return False, None
 
 
-def broadcast_outputs(loss: Tensor, suspects: dict[Node, tuple[Any, tuple[int, ...]]]) -> dict[Any, str]:
+def broadcast_outputs(
+    loss: Tensor, suspects: dict[Node, tuple[Any, tuple[int, ...]]]
+) -> tuple[dict[Any, str], list[Any]]:
     """``{key: the op}`` for the suspect outputs (grad_fn -> (key, output shape)) that the graph of ``loss``
-    broadcasts over the batch."""
+    broadcasts over the batch, and the keys of those consumed by a compiled region (``torch.compile``), whose
+    operations the graph does not show: those cannot be judged."""
     if loss.grad_fn is None or not suspects:
-        return {}
+        return {}, []
     consumers: dict[Node, list[Node]] = defaultdict(list)
     seen: set[Node] = set()
     stack = [loss.grad_fn]
@@ -82,6 +86,7 @@ def broadcast_outputs(loss: Tensor, suspects: dict[Node, tuple[Any, tuple[int, .
                 consumers[following].append(node)
                 stack.append(following)
     found: dict[Any, str] = {}
+    unjudged: list[Any] = []
     for suspect, (key, shape) in suspects.items():
         examples = shape[0]
         frontier: list[tuple[Node, Step]] = [(c, (0, shape)) for c in consumers.get(suspect, ())]
@@ -91,6 +96,9 @@ def broadcast_outputs(loss: Tensor, suspects: dict[Node, tuple[Any, tuple[int, .
             if node in visited:
                 continue
             visited.add(node)
+            if "CompiledFunction" in node.name():
+                unjudged.append(key)
+                break
             try:
                 broadcast, after = _follow(node, step, examples)
             except (AttributeError, ValueError, ZeroDivisionError):  # metadata this torch does not expose
@@ -99,4 +107,4 @@ def broadcast_outputs(loss: Tensor, suspects: dict[Node, tuple[Any, tuple[int, .
                 found[key] = node.name()
             elif after is not None:
                 frontier.extend((c, after) for c in consumers.get(node, ()))
-    return found
+    return found, unjudged
