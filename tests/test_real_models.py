@@ -357,6 +357,21 @@ CASES = {
         target=0.9,
     ),
     "lstm-lm": Case(LSTMLanguageModel, next_token_loss, token_data, lambda n: False, target=0.99),
+    # As many positions as examples (T == B): shapes no longer tell positions from the batch. GPT-2's broadcast
+    # positions (1, T) and OPT's flattened (B*T, d) rows, each decided as at T != B.
+    "gpt2-T==B": Case(
+        gpt2, next_token_loss, lambda: token_data(BATCH + 1), lambda n: n.endswith(".wpe.weight"), target=0.95
+    ),
+    "llama-T==B": Case(llama, next_token_loss, lambda: token_data(BATCH + 1), lambda n: False, target=1.0),
+    "opt-padded-T==B": Case(
+        opt,
+        padded_token_loss,
+        lambda: padded_data(BATCH),
+        lambda n: False,
+        units=real_tokens,
+        batch_size_fn=real_tokens,
+        target=1.0,
+    ),
     "weight-norm": Case(weight_normed, classification_loss, lambda: feature_data((6,)), lambda n: False, target=0.99),
 }
 
