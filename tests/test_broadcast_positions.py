@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lightning_gns import GradientNoiseScale
 from support.reference_func import BatchRecorder, assert_histories_match, reference_history
 from support.trainers import fit64, make_trainer, param_names
-from support.zoo import AttentionModel, SequenceRegression
+from support.zoo import AttentionModel, SequenceRegression, TinyGPT
 
 
 class RelativeBias(SequenceRegression):
@@ -94,3 +94,36 @@ def test_under_torch_compile_a_square_output_that_cannot_be_judged_is_said_once(
         make_trainer([gns], max_steps=3).fit(compiled, RelativeBias.data(12, batch_size=3))
     said = [str(w.message) for w in caught if "under torch.compile" in str(w.message)]
     assert len(said) == 1 and "'bias'" in said[0] and "Use a batch size other than the sequence length" in said[0]
+
+
+class OffsetPositions(TinyGPT):
+    """nanoGPT with positions counted from 1: ``wpe(arange(1, T + 1))`` is no ``arange(T)``, yet shared."""
+
+    def forward(self, idx: Tensor) -> Tensor:
+        b, t = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(1, t + 1, device=idx.device))
+        for block in self.blocks:
+            h = block["ln_1"](x)
+            q, k, v = block["c_attn"](h).split(x.shape[-1], dim=2)
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + block["c_proj"](y.transpose(1, 2).reshape(b, t, -1))
+            x = x + block["mlp_proj"](torch.nn.functional.gelu(block["c_fc"](block["ln_2"](x))))
+        return self.lm_head(self.ln_f(x))
+
+
+@pytest.mark.parametrize("batch_size", [4, 8], ids=["T!=B", "T==B"])
+def test_positions_with_an_offset_broadcast_over_the_batch_are_left_out(batch_size: int) -> None:
+    model = OffsetPositions(width=12)  # no dimension of wpe's (T, 12) output equals the batch but T
+    gns = GradientNoiseScale(beta=0.8, mode="per_example")
+    recorder = BatchRecorder(gns)
+    fit64([gns, recorder], model, TinyGPT.data(batch_size * 4, batch_size=batch_size))
+    assert list(gns.left_out) == ["wpe.weight"] and gns.skipped_steps == 0
+    want_reason = "broadcasts it over the batch" if batch_size == 8 else "leading dimension is not"
+    assert want_reason in gns.left_out["wpe.weight"]
+    kept = param_names(model, ("wpe",))
+    want = reference_history(
+        model, recorder.micro_batches, TinyGPT.example_loss, lambda step: kept,
+        lambda batch: torch.ones(len(batch)), beta=0.8,
+    )  # fmt: skip
+    assert_histories_match(recorder.history, want)

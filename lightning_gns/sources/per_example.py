@@ -442,9 +442,13 @@ class PerExampleSource(GradNormSource):
         self._square_outputs = {}
 
     def _note_square(self, module: nn.Module, output: Tensor) -> None:
-        """Keep a ``(B, B, ...)`` output of a layer not judged yet, for before_backward (per_example_positions)."""
+        """Keep an output of a layer not judged yet whose first dimension may be positions as many as the examples,
+        for before_backward (per_example_positions): one of shape ``(B, B, ...)``, or an embedding's ``(B, d)``
+        of a 1-D index (``wpe(arange(1, T + 1))`` at ``T == B`` is no batch of class labels)."""
         expected = self.expected_examples
-        if expected is None or output.dim() < 2 or output.shape[0] != expected or expected not in output.shape[1:]:
+        if expected is None or output.dim() < 2 or output.shape[0] != expected:
+            return
+        if expected not in output.shape[1:] and not (isinstance(module, nn.Embedding) and output.dim() == 2):
             return
         if id(module) not in self._judged_square and output.grad_fn is not None:
             self._square_outputs[output.grad_fn] = (module, tuple(output.shape))
