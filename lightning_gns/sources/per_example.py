@@ -46,10 +46,11 @@ OUTSIDE_USE = (
 )
 POSITIONS = (
     "layer {name!r} ({kind}) gave an output of shape {shape}, which looks like a batch of {examples} examples, but"
-    " the model broadcasts it over the batch ({node}): its first dimension"
-    " holds positions shared by all examples (as T5's relative attention bias of a (T, T) bucket matrix, when"
-    " the sequence is as long as the batch has examples), so its gradient has no per-example split. Accumulate"
-    " gradients over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
+    " the model broadcasts it over the batch ({node}): its first dimension holds positions shared by all"
+    " examples, as many as the examples (a positional table such as wpe(arange(1, T + 1)), or T5's relative"
+    " attention bias of a (T, T) bucket matrix, when the sequence is as long as the batch), so its gradient has no"
+    " per-example split. Accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole"
+    " gradients)"
 )
 UNJUDGED = (
     "GradientNoiseScale: under torch.compile the per-example source cannot tell whether the outputs of shape"
