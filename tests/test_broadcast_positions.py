@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_gns import GradientNoiseScale
 from support.reference_func import BatchRecorder, assert_histories_match, reference_history
@@ -29,16 +30,21 @@ class RelativeBias(SequenceRegression):
     size-one leading dimension (``(T, T, 1) -> (1, T, T)``) that broadcasting expands.
     """
 
-    def __init__(self, unsqueeze: bool = True, lr: float = 0.0) -> None:
+    def __init__(self, unsqueeze: bool = True, checkpointed: str | None = None, lr: float = 0.0) -> None:
         super().__init__(lr)
         torch.manual_seed(6)
-        self.unsqueeze = unsqueeze
+        self.unsqueeze, self.checkpointed = unsqueeze, checkpointed
         self.proj = nn.Linear(4, 4)
         self.bias = nn.Embedding(5, 2 if unsqueeze else 1)
         self.head = nn.Linear(4, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.proj(x)
+        if self.checkpointed:
+            return checkpoint(self.attend, h, use_reentrant=self.checkpointed == "reentrant")
+        return self.attend(h)
+
+    def attend(self, h: Tensor) -> Tensor:
         t = h.shape[1]
         positions = torch.arange(t)
         buckets = (positions[None, :] - positions[:, None]).clamp(-2, 2) + 2  # (T, T)
@@ -58,6 +64,7 @@ def fit_and_check(model: Any, batch_size: int, left_out: tuple[str, ...]) -> Gra
     fit64([gns, recorder], model, type(model).data(batch_size * 5, batch_size=batch_size))
     assert gns.skipped_steps == 0
     assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out))
+    model.checkpointed = None  # torch.func (the reference) refuses checkpoints; the arithmetic is the same
     kept = param_names(model, left_out)
     want = reference_history(
         model, recorder.micro_batches, type(model).example_loss, lambda step: kept,
@@ -76,6 +83,14 @@ def test_a_relative_position_bias_is_left_out_at_any_batch_size(batch_size: int,
         assert "broadcasts it over the batch (AddBackward0)" in reason and "(3, 3, " in reason
     else:
         assert "leading dimension is not" in reason
+
+
+@pytest.mark.parametrize("checkpointed", ["non-reentrant", "reentrant"])
+def test_a_relative_position_bias_inside_an_activation_checkpoint_is_left_out_at_t_equal_b(checkpointed: str) -> None:
+    """A reentrant checkpoint runs the bias only inside the backward, after the loss's graph was read: judged by
+    the graph of the layers recomputed with it, before its gradient is used."""
+    gns = fit_and_check(RelativeBias(checkpointed=checkpointed), 3, ("bias",))
+    assert "broadcasts it over the batch" in gns.left_out["bias.weight"]
 
 
 def test_batch_first_outputs_transposed_inside_attention_stay_measured_at_t_equal_b() -> None:

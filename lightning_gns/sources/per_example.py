@@ -336,6 +336,10 @@ class PerExampleSource(GradNormSource):
         # (per_example_positions); each layer is judged once.
         self._square_outputs: dict[Any, tuple[nn.Module, tuple[int, ...]]] = {}
         self._judged_square: set[int] = set()
+        # The same for layers run inside the backward (a reentrant checkpoint's recomputation), judged by the graph
+        # of every layer output recomputed there, when the first gradient of the micro-batch's recomputation arrives.
+        self._recomputed_square: dict[Any, tuple[nn.Module, tuple[int, ...]]] = {}
+        self._recomputed_outputs: list[Any] = []
         # Per backward pass: per-example squared norms by parameter index, pending uses and their factors.
         self._sq_norms: dict[int, Tensor] = {}
         self._pending_uses: dict[int, int] = defaultdict(int)
@@ -411,8 +415,7 @@ class PerExampleSource(GradNormSource):
         return indices
 
     def begin_record(self) -> None:
-        self._rows.clear()
-        self._square_outputs = {}
+        self._clear_graph_records()
         if self._uses_to_check:
             self._uses_to_check = False  # one micro-batch; its loss arrives in before_backward
             self._use_check = UseCheck(dict(self._index))
@@ -423,24 +426,41 @@ class PerExampleSource(GradNormSource):
             for index, node in check.outside_uses(loss).items():
                 self.exclude(index, OUTSIDE_USE.format(node=node))
         square, self._square_outputs = self._square_outputs, {}
-        if square:
-            self._judged_square.update(id(m) for m, _ in square.values())
-            shapes = {m: shape for m, shape in square.values()}
-            found, unjudged = broadcast_outputs(loss, square)
-            if unjudged:
-                names = sorted({self._module_names[id(m)] for m in unjudged})
-                self.notes.append(UNJUDGED.format(layers=", ".join(repr(n) for n in names)))
-            for module, node_name in found.items():
-                self._broadcast_modules.add(id(module))  # positions shared by every example
-                shape, name, kind = shapes[module], self._module_names[id(module)], type(module).__name__
-                reason = POSITIONS.format(name=name, kind=kind, shape=shape, examples=shape[0], node=node_name)
-                for _, i in self._module_params.get(id(module), []):
-                    self.exclude(i, reason)
+        if square and loss.grad_fn is not None:
+            self._judge_square([loss.grad_fn], square)
+
+    def _judge_square(self, roots: list[Any], square: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> None:
+        """Leave out the layers whose ``(B, B, ...)`` outputs the graph below ``roots`` broadcasts over the batch."""
+        self._judged_square.update(id(m) for m, _ in square.values())
+        shapes = {m: shape for m, shape in square.values()}
+        found, unjudged = broadcast_outputs(roots, square)
+        if unjudged:
+            names = sorted({self._module_names[id(m)] for m in unjudged})
+            self.notes.append(UNJUDGED.format(layers=", ".join(repr(n) for n in names)))
+        for module, node_name in found.items():
+            self._broadcast_modules.add(id(module))  # positions shared by every example
+            shape, name, kind = shapes[module], self._module_names[id(module)], type(module).__name__
+            reason = POSITIONS.format(name=name, kind=kind, shape=shape, examples=shape[0], node=node_name)
+            for _, i in self._module_params.get(id(module), []):
+                self.exclude(i, reason)
+
+    def _judge_recomputed(self) -> None:
+        """Judge the ``(B, B, ...)`` outputs of layers first run in a reentrant checkpoint's recomputation (inside
+        the backward, after before_backward) by the graph of the layers recomputed with them, before the first
+        of their gradients is used."""
+        square, self._recomputed_square = self._recomputed_square, {}
+        self._judge_square(self._recomputed_outputs, square)
 
     def end_record(self) -> None:
         self._use_check = None  # no loss came (the tracker used without before_backward): no check
+        self._clear_graph_records()
+
+    def _clear_graph_records(self) -> None:
+        """Forget the graph nodes kept for one micro-batch (after its backward, they only hold memory)."""
         self._rows.clear()
         self._square_outputs = {}
+        self._recomputed_square = {}
+        self._recomputed_outputs = []
 
     def _note_square(self, module: nn.Module, output: Tensor) -> None:
         """Keep an output of a layer not judged yet whose first dimension may be positions as many as the examples,
@@ -452,7 +472,16 @@ class PerExampleSource(GradNormSource):
         if expected not in output.shape[1:] and not (isinstance(module, nn.Embedding) and output.dim() == 2):
             return
         if id(module) not in self._judged_square and output.grad_fn is not None:
-            self._square_outputs[output.grad_fn] = (module, tuple(output.shape))
+            inside_backward = torch._C._current_graph_task_id() != -1
+            square = self._recomputed_square if inside_backward else self._square_outputs
+            square[output.grad_fn] = (module, tuple(output.shape))
+
+    def _note_recomputed(self, output: Any) -> None:
+        """Keep the grad_fn of a hooked layer's output made inside the backward (a checkpoint's recomputation)."""
+        if torch._C._current_graph_task_id() != -1:
+            self._recomputed_outputs.extend(
+                t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.grad_fn is not None
+            )
 
     def _record_call(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self._use_check is not None and torch._C._current_graph_task_id() == -1:
@@ -483,6 +512,8 @@ class PerExampleSource(GradNormSource):
 
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._record_call(module, args, output)
+        if self.recording:
+            self._note_recomputed(output)
         if output is self.fused_output and output is not None:  # counted, and measured in its own backward
             use, self.fused_output, self.fused_use = self.fused_use, None, None
             if use is not None and use.examples is not None and not use.grouped:
@@ -547,6 +578,7 @@ class PerExampleSource(GradNormSource):
         self._record_call(module, (args, kwargs), output)
         if not self.recording:
             return
+        self._note_recomputed(output)
         expected = self.expected_examples
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, Tensor) and expected is not None and tensor.dim() > 0 and tensor.shape[0] == expected:
@@ -588,6 +620,8 @@ class PerExampleSource(GradNormSource):
             self._failed = _TWICE
             return
         fired[0] = True
+        if self._recomputed_square:
+            self._judge_recomputed()
         module = replay.module
         try:
             if replays_rnn(module):
@@ -677,6 +711,8 @@ class PerExampleSource(GradNormSource):
             self._failed = _TWICE
             return
         use.fired = True
+        if self._recomputed_square:
+            self._judge_recomputed()
         try:
             for param_name, index in use.params:
                 value = weight if param_name == "weight" else bias
@@ -762,6 +798,8 @@ class PerExampleSource(GradNormSource):
             self._failed = _TWICE
             return
         fired[0] = True
+        if self._recomputed_square:
+            self._judge_recomputed()
         grad_out = grad_out.detach()
         if split is not None:  # flattened rows (B*k, ...), regrouped per example as the input was
             grad_out = grad_out.reshape(*split, *grad_out.shape[1:])
@@ -800,8 +838,7 @@ class PerExampleSource(GradNormSource):
         self._finished.clear()
         self._forward_calls.clear()
         self._replayed_calls.clear()
-        self._rows.clear()
-        self._square_outputs = {}
+        self._clear_graph_records()
         self.fused_output = self.fused_use = None
         if not sq_norms and failed is None:
             return None
@@ -820,8 +857,7 @@ class PerExampleSource(GradNormSource):
 
     def detach(self) -> None:
         self._use_check = None
-        self._rows.clear()
-        self._square_outputs = {}
+        self._clear_graph_records()
         self._judged_square = set()
         self._broadcast_modules = set()
         self._checked_1d_modules = set()

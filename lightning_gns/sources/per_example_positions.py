@@ -7,7 +7,9 @@ that of a batch, and splitting it per example would be silently wrong. What the 
 tells: such a tensor is broadcast over the batch (T5: ``values.permute(2, 0, 1).unsqueeze(0)`` added to scores of
 shape ``(B, H, T, T)``), which a batch never is.
 
-:func:`broadcast_outputs` reads the autograd graph of a micro-batch's loss before its backward pass. For each
+:func:`broadcast_outputs` reads the autograd graph of a micro-batch's loss before its backward pass (or, for a
+layer first run in a reentrant checkpoint's recomputation inside the backward, the graph of the recomputed
+layers' outputs, before the layer's gradient arrives). For each
 suspect output it follows the operations that consume it (elementwise ones, permutes, transposes, unsqueezes),
 tracking where the suspect's first dimension goes (each node's output shape is in its metadata), and reports
 those that an elementwise operation broadcasts along a leading dimension of ``B`` while their own first
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from typing import Any
-
-from torch import Tensor
 
 from lightning_gns.sources.per_example_rows import ORDER_KEEPING
 
@@ -66,16 +66,16 @@ def _follow(node: Node, step: Step, examples: int) -> tuple[bool, Step | None]:
 
 
 def broadcast_outputs(
-    loss: Tensor, suspects: dict[Node, tuple[Any, tuple[int, ...]]]
+    roots: list[Node], suspects: dict[Node, tuple[Any, tuple[int, ...]]]
 ) -> tuple[dict[Any, str], list[Any]]:
-    """``{key: the op}`` for the suspect outputs (grad_fn -> (key, output shape)) that the graph of ``loss``
-    broadcasts over the batch, and the keys of those consumed by a compiled region (``torch.compile``), whose
-    operations the graph does not show: those cannot be judged."""
-    if loss.grad_fn is None or not suspects:
+    """``{key: the op}`` for the suspect outputs (grad_fn -> (key, output shape)) that the graph below ``roots``
+    (the loss's grad_fn) broadcasts over the batch, and the keys of those consumed by a compiled region
+    (``torch.compile``), whose operations the graph does not show: those cannot be judged."""
+    if not roots or not suspects:
         return {}, []
     consumers: dict[Node, list[Node]] = defaultdict(list)
     seen: set[Node] = set()
-    stack = [loss.grad_fn]
+    stack = list(roots)
     while stack:
         node = stack.pop()
         if node in seen:
