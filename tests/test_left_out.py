@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
 from lightning_gns.sources.left_out import NOT_IN_MODEL, unwatched_reasons
+from lightning_gns.sources.per_example_fused import LinearWithPerExampleGrads
 from lightning_gns.sources.per_example_uses import UseCheck
 from support.multiprocess import run_worker
 from support.syncs import SyncWatcher
@@ -231,6 +233,38 @@ def tracked_steps(model: nn.Module, check: bool, steps: int = 2) -> GradientNois
         tracker.end_micro_batch()
         tracker.measure_step()
     return tracker
+
+
+def test_a_left_out_fused_layer_runs_plain_from_the_next_micro_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its per-example gradients would be thrown away: from the micro-batch after it is left out, no fused call."""
+    fused_calls: list[int] = []
+    step = [0]
+    original = LinearWithPerExampleGrads.apply
+
+    def counted(*args: Any) -> Any:
+        fused_calls.append(step[0])
+        return original(*args)
+
+    monkeypatch.setattr(LinearWithPerExampleGrads, "apply", staticmethod(counted))
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"embed": nn.Embedding(11, 8), "mid": nn.Linear(8, 8), "out": nn.Linear(8, 11)})
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    tokens = torch.randint(0, 11, (4, 6))
+    for step[0] in range(3):
+        tracker.start_micro_batch(units=4)
+        mid = model["mid"]
+        logits = model["out"](torch.tanh(mid(model["embed"](tokens))))
+        penalty = mid.weight.square().sum() + mid.bias.square().sum()
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), tokens) + 1e-3 * penalty
+        tracker.before_backward(loss)
+        model.zero_grad()
+        loss.backward()
+        tracker.end_micro_batch()
+        tracker.measure_step()
+    assert set(tracker.left_out) == {"mid.weight", "mid.bias"}  # the penalty
+    assert fused_calls == [0, 0, 1, 2]  # mid and out in the first micro-batch, then out alone
+    assert int(tracker.metric.measured_steps) == 3
 
 
 def test_a_parameter_used_outside_its_layers_is_found_in_the_first_graph_and_left_out() -> None:

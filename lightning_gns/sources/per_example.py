@@ -353,6 +353,7 @@ class PerExampleSource(GradNormSource):
         self._fused_modules: list[nn.Module] = []
         self.fused_output: Tensor | None = None
         self.fused_use: _FusedUse | None = None
+        self._excluded_at_start: frozenset[int] = frozenset()
         # Calls counted per module before backward, and calls seen during backward: a non-reentrant activation
         # checkpoint replays a counted forward there, which must not count again.
         self._forward_calls: dict[int, int] = defaultdict(int)
@@ -416,6 +417,9 @@ class PerExampleSource(GradNormSource):
 
     def begin_record(self) -> None:
         self._clear_graph_records()
+        # Layers left out before this micro-batch run plain (nothing fused). Fixed for the micro-batch, so that a
+        # checkpoint's recomputation decides as the forward did.
+        self._excluded_at_start = frozenset(self.excluded)
         if self._uses_to_check:
             self._uses_to_check = False  # one micro-batch; its loss arrives in before_backward
             self._use_check = UseCheck(dict(self._index))
@@ -697,6 +701,8 @@ class PerExampleSource(GradNormSource):
         params = self._module_params.get(id(module))
         if not params:  # a copy of a watched layer (deepcopy of the model) is not watched
             return None
+        if all(i in self._excluded_at_start for _, i in params):
+            return None  # left out: its per-example gradients would be thrown away
         use = _FusedUse(self, module, params, examples)
         self._new_use(module, params)  # a replayed call still runs fused: the checkpoint expects its tensors
         if examples is not None:
@@ -858,6 +864,7 @@ class PerExampleSource(GradNormSource):
     def detach(self) -> None:
         self._use_check = None
         self._clear_graph_records()
+        self._excluded_at_start = frozenset()
         self._judged_square = set()
         self._broadcast_modules = set()
         self._checked_1d_modules = set()
