@@ -13,7 +13,14 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from lightning_gns.sources.per_example import NORM_LAYERS, SUPPORTED_LAYERS, Layers, is_supported, runs_own_forward
+from lightning_gns.sources.per_example import (
+    NORM_LAYERS,
+    SUPPORTED_LAYERS,
+    Layers,
+    is_supported,
+    runs_own_forward,
+    unsupported_embedding_options,
+)
 
 NOT_IN_MODEL = "not a parameter of the model (the optimizer steps a tensor no module of the model owns)"
 
@@ -67,12 +74,8 @@ def _reason(owner: tuple[str, nn.Module] | None, layers: Layers) -> str:
 def _unsupported_options(module: nn.Module) -> str:
     options: dict[str, bool] = {}
     if isinstance(module, nn.Embedding):
-        options = {
-            "sparse=True": module.sparse,
-            "max_norm": module.max_norm is not None,
-            "scale_grad_by_freq=True": module.scale_grad_by_freq,
-        }
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return ", ".join(unsupported_embedding_options(module)) or "its configuration"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         options = {
             "groups > 1": module.groups != 1,
             f"padding_mode={module.padding_mode!r}": module.padding_mode != "zeros",

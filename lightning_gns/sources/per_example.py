@@ -79,6 +79,17 @@ def runs_own_forward(module: nn.Module) -> bool:
     return runs_class_forward(module, SUPPORTED_LAYERS)
 
 
+def unsupported_embedding_options(module: nn.Embedding) -> list[str]:
+    """An embedding's options with no per-example gradient that sums to its gradient (max_norm renormalises rows
+    in place, scale_grad_by_freq divides by the batch's counts, sparse gradients are not replayed)."""
+    options = {
+        "sparse=True": module.sparse,
+        "max_norm": module.max_norm is not None,
+        "scale_grad_by_freq=True": module.scale_grad_by_freq,
+    }
+    return [name for name, present in options.items() if present]
+
+
 def is_supported(module: nn.Module, layers: Layers = "all") -> bool:
     """Whether the per-example source has a dedicated path for this module's parameters."""
     if not runs_own_forward(module):
@@ -86,7 +97,7 @@ def is_supported(module: nn.Module, layers: Layers = "all") -> bool:
     if layers == "norm":
         return isinstance(module, NORM_LAYERS)
     if isinstance(module, nn.Embedding):
-        return not (module.sparse or module.max_norm is not None or module.scale_grad_by_freq)
+        return not unsupported_embedding_options(module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.groups == 1 and module.padding_mode == "zeros" and _conv_padding(module) is not None
     return True
@@ -184,11 +195,12 @@ def _generic_attach_problem(
         )
     if isinstance(module, BATCH_COUPLED_LAYERS):
         return f"layer {label!r} ({kind}) couples the examples of a batch"
-    if isinstance(module, nn.Embedding) and (module.sparse or module.max_norm is not None or module.scale_grad_by_freq):
-        option = "sparse=True" if module.sparse else "max_norm" if module.max_norm is not None else "scale_grad_by_freq"
+    options = unsupported_embedding_options(module) if isinstance(module, nn.Embedding) else []
+    if options:
         return (
-            f"layer {label!r} (Embedding with {option}) has no per-example gradient that sums to its gradient"
-            " (max_norm renormalises rows in place, scale_grad_by_freq divides by batch counts; sparse is not replayed)"
+            f"layer {label!r} (Embedding with {', '.join(options)}) has no per-example gradient that sums to its"
+            " gradient (max_norm renormalises rows in place, scale_grad_by_freq divides by batch counts; sparse is not"
+            " replayed)"
         )
     return generic.attach_problem(module, params)
 
@@ -480,12 +492,24 @@ class PerExampleSource(GradNormSource):
             square = self._recomputed_square if inside_backward else self._square_outputs
             square[output.grad_fn] = (module, tuple(output.shape))
 
-    def _note_recomputed(self, output: Any) -> None:
-        """Keep the grad_fn of a hooked layer's output made inside the backward (a checkpoint's recomputation)."""
-        if torch._C._current_graph_task_id() != -1:
+    def _note_recomputed(self, module: nn.Module, output: Any) -> None:
+        """Keep the grad_fn of a hooked layer's output made inside the backward by a reentrant checkpoint's
+        recomputation (a layer not counted in this micro-batch's forward; a non-reentrant replay repeats one that
+        was, whose outputs before_backward judged)."""
+        if torch._C._current_graph_task_id() != -1 and not self._forward_calls.get(id(module)):
             self._recomputed_outputs.extend(
                 t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, Tensor) and t.grad_fn is not None
             )
+
+    def _note_batch_first(self, module: nn.Module, output: Any) -> None:
+        """Note the outputs whose leading dimension is the batch (FlattenedRows), unless the layer was found to
+        take positions shared by the examples."""
+        expected = self.expected_examples
+        if expected is None or id(module) in self._broadcast_modules:
+            return
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, Tensor) and tensor.dim() > 0 and tensor.shape[0] == expected:
+                self._rows.note_output(tensor)
 
     def _record_call(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self._use_check is not None and torch._C._current_graph_task_id() == -1:
@@ -517,7 +541,7 @@ class PerExampleSource(GradNormSource):
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._record_call(module, args, output)
         if self.recording:
-            self._note_recomputed(output)
+            self._note_recomputed(module, output)
         if output is self.fused_output and output is not None:  # counted, and measured in its own backward
             use, self.fused_output, self.fused_use = self.fused_use, None, None
             if use is not None and use.examples is not None and not use.grouped:
@@ -534,10 +558,7 @@ class PerExampleSource(GradNormSource):
         expected = self.expected_examples
         params = self._module_params.get(id(module), [])
         if not params or all(i in self.excluded for _, i in params):
-            # Left out, yet its output may still hold the examples in order (for a flatten further on).
-            leading = output.shape[0] if output.dim() > 0 else None
-            if expected is not None and leading == expected and id(module) not in self._broadcast_modules:
-                self._rows.note_output(output)
+            self._note_batch_first(module, output)  # left out, yet its output may anchor a flatten further on
             return
         problem = self._batch_dim_problem(module, inp, output)
         rows = None
@@ -582,11 +603,8 @@ class PerExampleSource(GradNormSource):
         self._record_call(module, (args, kwargs), output)
         if not self.recording:
             return
-        self._note_recomputed(output)
-        expected = self.expected_examples
-        for tensor in tree_flatten(output)[0]:
-            if isinstance(tensor, Tensor) and expected is not None and tensor.dim() > 0 and tensor.shape[0] == expected:
-                self._rows.note_output(tensor)
+        self._note_recomputed(module, output)
+        self._note_batch_first(module, output)
         params = self._module_params.get(id(module), [])
         if not params or all(i in self.excluded for _, i in params):
             return
