@@ -20,7 +20,7 @@ from lightning_gns._deprecation import warn_renamed
 from lightning_gns.announcements import Announcements
 from lightning_gns.estimators import StepSums, summary_from_counts
 from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, metric_states, validate_beta
-from lightning_gns.sources.base import BackwardNorms
+from lightning_gns.sources.base import BackwardNorms, GradNormSource
 from lightning_gns.sources.left_out import parameter_names
 from lightning_gns.sources.per_example import Layers
 from lightning_gns.sources.per_example_bookkeeping import PerExampleBookkeeping, attach_per_example
@@ -337,8 +337,10 @@ class GradientNoiseScaleTracker:
 
     def before_backward(self, loss: Tensor) -> None:
         """Optional, between a measured micro-batch's forward and its backward pass: ``loss`` is what backward
-        runs on. In ``per_example`` mode the first such loss's graph shows parameters used outside their layers
-        (a weight tied by a functional call, a penalty in the loss), which are then left out with the reason."""
+        runs on. In ``per_example`` mode its graph shows parameters used outside their layers (a weight tied by a
+        functional call, a penalty in the loss; read on the first such loss) and layer outputs that look like a
+        batch but are broadcast over it (positions as many as the examples, read once per layer): both are then
+        left out with the reason. Without it those are not found."""
         source = self._sources.active
         if source is None or not source.recording:
             return
@@ -346,9 +348,13 @@ class GradientNoiseScaleTracker:
             source.before_backward(loss)
         except Exception as error:  # a read of the graph that fails must not stop training; it is announced
             self._announce(
-                "GradientNoiseScale: the check for parameters used outside their layers could not read this"
-                f" step's autograd graph ({type(error).__name__}: {error}) and was skipped."
+                "GradientNoiseScale: the per_example checks of the autograd graph (parameters used outside their"
+                " layers, outputs broadcast over the batch) could not read this step's graph"
+                f" ({type(error).__name__}: {error}) and were skipped."
             )
+        self._say_notes(source)
+
+    def _say_notes(self, source: GradNormSource) -> None:
         while source.notes:
             self._announce(source.notes.pop(0))
 
@@ -356,6 +362,8 @@ class GradientNoiseScaleTracker:
         """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation)."""
         source = self._sources.active
         self._sources.stop()
+        if source is not None:
+            self._say_notes(source)  # found inside the backward (a checkpoint's recomputation)
         if not (self._in_micro_batch and self._measuring_step) or source is None:
             return
         self._in_micro_batch = False

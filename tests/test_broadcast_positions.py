@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_gns import GradientNoiseScale
+from lightning_gns.sources import per_example
 from support.reference_func import BatchRecorder, assert_histories_match, reference_history
 from support.trainers import fit64, make_trainer, param_names
 from support.zoo import AttentionModel, SequenceRegression, TinyGPT
@@ -107,8 +108,30 @@ def test_under_torch_compile_a_square_output_that_cannot_be_judged_is_said_once(
         warnings.simplefilter("always")
         compiled = torch.compile(RelativeBias(), backend="aot_eager")
         make_trainer([gns], max_steps=3).fit(compiled, RelativeBias.data(12, batch_size=3))
-    said = [str(w.message) for w in caught if "under torch.compile" in str(w.message)]
-    assert len(said) == 1 and "'bias'" in said[0] and "Use a batch size other than the sequence length" in said[0]
+    said = [str(w.message) for w in caught if "cannot tell whether the outputs" in str(w.message)]
+    assert len(said) == 1 and "'bias'" in said[0] and "torch.compile" in said[0]
+    assert "Use a batch size other than the sequence length" in said[0]
+
+
+@pytest.mark.parametrize("checkpointed", [None, "reentrant"])
+def test_a_graph_that_cannot_be_read_is_said_and_training_goes_on(
+    checkpointed: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broadcast check runs before the backward, or inside it (reentrant): a failure is said, never raised."""
+
+    def unreadable(*args: Any) -> Any:
+        raise RuntimeError("no metadata")
+
+    monkeypatch.setattr(per_example, "broadcast_outputs", unreadable)
+    torch.manual_seed(0)
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([gns], max_steps=3).fit(RelativeBias(checkpointed=checkpointed), RelativeBias.data(12, 3))
+    said = [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
+    assert any("reading the autograd graph failed (RuntimeError)" in m for m in said), said
+    assert any("cannot tell whether the outputs" in m and "'bias'" in m for m in said), said
+    assert gns.skipped_steps == 0
 
 
 class OffsetPositions(TinyGPT):

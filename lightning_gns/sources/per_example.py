@@ -53,11 +53,12 @@ POSITIONS = (
     " gradients)"
 )
 UNJUDGED = (
-    "GradientNoiseScale: under torch.compile the per-example source cannot tell whether the outputs of shape"
-    " (B, B, ...) of layers {layers} hold the batch or positions shared by it (as T5's relative attention bias"
-    " when the sequence is as long as the batch has examples): the compiled graph does not show what the model"
-    " does with them. If one holds positions, its norms are wrong. Use a batch size other than the sequence"
-    " length, run the model uncompiled, or accumulate gradients over 2 or more micro-batches (mode='microbatch')"
+    "GradientNoiseScale: the per-example source cannot tell whether the outputs of shape (B, B, ...) of layers"
+    " {layers} hold the batch or positions shared by it (as T5's relative attention bias when the sequence is as"
+    " long as the batch has examples): the graph does not show what the model does with them (a torch.compile'd"
+    " region, or a graph that could not be read). If one holds positions, its norms are wrong. Use a batch size"
+    " other than the sequence length, run the model uncompiled, or accumulate gradients over 2 or more"
+    " micro-batches (mode='microbatch')"
 )
 # Layers whose batch dimension is never in doubt: convolutions take (N, C, ...), recurrent and attention layers
 # read their own batch_first.
@@ -449,7 +450,11 @@ class PerExampleSource(GradNormSource):
         """Leave out the layers whose ``(B, B, ...)`` outputs the graph below ``roots`` broadcasts over the batch."""
         self._judged_square.update(id(m) for m, _ in square.values())
         shapes = {m: shape for m, shape in square.values()}
-        found, unjudged = broadcast_outputs(roots, square)
+        try:
+            found, unjudged = broadcast_outputs(roots, square)
+        except Exception as error:  # this may run inside the backward: a graph it cannot read must not stop it
+            found, unjudged = {}, [m for m, _ in square.values()]
+            self.notes.append(f"GradientNoiseScale: reading the autograd graph failed ({type(error).__name__})")
         if unjudged:
             names = sorted({self._module_names[id(m)] for m in unjudged})
             self.notes.append(UNJUDGED.format(layers=", ".join(repr(n) for n in names)))
