@@ -47,7 +47,7 @@ class Announcements:
             return
         self._nothing_measured_said = True  # once: the message's count would make every logging step new
         reasons = [] if failure is None else [failure]
-        if mode == "per_example" and world_size == 1 and accumulation == 1:
+        if failure is None and mode == "per_example" and world_size == 1 and accumulation == 1:
             reasons.append(
                 "a micro-batch of one example on one process has a single small batch (per_example needs at least"
                 " two examples per optimizer step)"

@@ -338,9 +338,10 @@ class GradientNoiseScaleTracker:
     def before_backward(self, loss: Tensor) -> None:
         """Optional, between a measured micro-batch's forward and its backward pass: ``loss`` is what backward
         runs on. In ``per_example`` mode its graph shows parameters used outside their layers (a weight tied by a
-        functional call, a penalty in the loss; read on the first such loss) and layer outputs that look like a
-        batch but are broadcast over it (positions as many as the examples, read once per layer): both are then
-        left out with the reason. Without it those are not found."""
+        functional call, a penalty in the loss), layers below a loss that compares examples with each other (the
+        in-batch negatives of a contrastive loss; both read on the first such loss) and layer outputs that look
+        like a batch but are broadcast over it (positions as many as the examples, read once per layer): all are
+        then left out with the reason. Without it those are not found."""
         source = self._sources.active
         if source is None or not source.recording:
             return
@@ -349,7 +350,8 @@ class GradientNoiseScaleTracker:
         except Exception as error:  # a read of the graph that fails must not stop training; it is announced
             self._announce(
                 "GradientNoiseScale: the per_example checks of the autograd graph (parameters used outside their"
-                " layers, outputs broadcast over the batch) could not read this step's graph"
+                " layers, a loss that compares examples, outputs broadcast over the batch) could not read this step's"
+                " graph"
                 f" ({type(error).__name__}: {error}) and were skipped."
             )
         self._say_notes(source)

@@ -194,6 +194,38 @@ class FunctionallyTied(nn.Module):
         return torch.tanh(self.mid(self.embed(tokens))) @ self.embed.weight.T
 
 
+class TwoHeads(nn.Module):
+    """A shared trunk under a classifier head and a projection head, two views of each example by dropout-free
+    noise: ``(class logits, first view's projection, second view's projection)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+        self.project = nn.Linear(16, 8)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.trunk(x)
+        other = self.trunk(x.flip(-1))
+        return self.head(h), F.normalize(self.project(h), dim=-1), F.normalize(self.project(other), dim=-1)
+
+
+def classification_and_in_batch_contrast(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Cross entropy of the classes, plus InfoNCE of each example's two views against the batch's other examples
+    (the (B, B) similarity of the views): the second term couples the examples."""
+    x, y = batch
+    logits, first, second = call(x)
+    similarity = first @ second.T / 0.5
+    return F.cross_entropy(logits, y) + F.cross_entropy(similarity, torch.arange(len(x)))
+
+
+def classification_and_paired_views(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Cross entropy of the classes, plus the cosine distance of each example's two views: one term per example."""
+    x, y = batch
+    logits, first, second = call(x)
+    return F.cross_entropy(logits, y) + (1 - (first * second).sum(dim=1)).mean()
+
+
 class Penalized(Wrapped):
     """The training step adds an L2 penalty on one layer's weight to the loss."""
 
@@ -373,6 +405,18 @@ CASES = {
         target=1.0,
     ),
     "weight-norm": Case(weight_normed, classification_loss, lambda: feature_data((6,)), lambda n: False, target=0.99),
+    # A loss that compares examples (in-batch negatives of InfoNCE, (B, B) similarity of the views): the trunk and
+    # the projection are below it and left out; the classifier head's gradient comes from the cross entropy alone,
+    # one term per example, and stays measured (exact against each example backpropagated alone).
+    "in-batch-contrast": Case(
+        TwoHeads,
+        classification_and_in_batch_contrast,
+        lambda: feature_data((6,)),
+        lambda n: not n.startswith("net.head."),
+        target=0.1,
+    ),
+    # The same model with each example's two views compared with each other only: nothing couples the examples.
+    "paired-views": Case(TwoHeads, classification_and_paired_views, lambda: feature_data((6,)), lambda n: False),
 }
 
 

@@ -44,6 +44,14 @@ OUTSIDE_USE = (
     " Share the weight through a module (an nn.Linear whose weight is the embedding's), or accumulate gradients"
     " over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
 )
+EVERYTHING_LEFT_OUT = "every parameter the per-example source watches is left out (the coverage message says why)"
+COUPLED = (
+    "below an operation that pairs the examples of the batch ({node} of two tensors that both hold examples: an"
+    " in-batch similarity or correlation, as contrastive losses with in-batch negatives compute): each example's"
+    " gradient depends on the others, so per-example gradients are no independent samples. Accumulate gradients"
+    " over 2 or more micro-batches (mode='microbatch' takes the micro-batches as the small batches) or train on"
+    " several processes (mode='ddp')"
+)
 POSITIONS = (
     "layer {name!r} ({kind}) gave an output of shape {shape}, which looks like a batch of {examples} examples, but"
     " the model broadcasts it over the batch ({node}): its first dimension holds positions shared by all"
@@ -435,13 +443,15 @@ class PerExampleSource(GradNormSource):
         self._excluded_at_start = frozenset(self.excluded)
         if self._uses_to_check:
             self._uses_to_check = False  # one micro-batch; its loss arrives in before_backward
-            self._use_check = UseCheck(dict(self._index))
+            self._use_check = UseCheck(dict(self._index), self.expected_examples)
 
     def before_backward(self, loss: Tensor) -> None:
         check, self._use_check = self._use_check, None
         if check is not None:
             for index, node in check.outside_uses(loss).items():
                 self.exclude(index, OUTSIDE_USE.format(node=node))
+            for index, node in check.coupled(loss).items():
+                self.exclude(index, COUPLED.format(node=node))
         square, self._square_outputs = self._square_outputs, {}
         if square and loss.grad_fn is not None:
             self._judge_square([loss.grad_fn], square)
@@ -870,6 +880,8 @@ class PerExampleSource(GradNormSource):
         self._clear_graph_records()
         self.fused_output = self.fused_use = None
         if not sq_norms and failed is None:
+            if self.params and len(self.excluded) == len(self.params):
+                return BackwardNorms(torch.zeros(0), (), True, EVERYTHING_LEFT_OUT)
             return None
         shapes = {t.shape for t in sq_norms.values()}
         if len(shapes) > 1 and failed is None:

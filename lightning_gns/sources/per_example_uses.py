@@ -21,23 +21,31 @@ from typing import Any
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
+from lightning_gns.sources.per_example_coupling import coupled_outputs
+
 Node = Any  # torch.autograd.graph.Node
 
 
 class UseCheck:
-    """One micro-batch's hooked layer calls, then the uses of watched parameters outside them.
+    """One micro-batch's hooked layer calls, then the uses of watched parameters outside them, and the layers below
+    a loss that pairs examples (:mod:`~lightning_gns.sources.per_example_coupling`).
 
     Args:
         param_index: ``id(parameter)`` -> its index among the watched parameters.
+        examples: the micro-batch's examples (the leading dimension of a batch-first output), if known.
     """
 
-    def __init__(self, param_index: dict[int, int]) -> None:
+    def __init__(self, param_index: dict[int, int], examples: int | None = None) -> None:
         self._param_index = param_index
+        self._examples = examples
         self._calls: list[tuple[list[Node], set[Node], list[int]]] = []
+        self._batch_first: set[Node] = set()  # grad_fns of hooked outputs whose leading dimension is the batch
 
     def record_call(self, outputs: Any, inputs: Any, indices: list[int]) -> None:
         """A hooked layer call: its outputs, its inputs (args and kwargs) and its watched parameters' indices."""
-        roots = [t.grad_fn for t in tree_flatten(outputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None]
+        tensors = [t for t in tree_flatten(outputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None]
+        roots = [t.grad_fn for t in tensors]
+        self._batch_first.update(t.grad_fn for t in tensors if t.dim() > 0 and t.shape[0] == self._examples)
         if roots and indices:
             stops = {t.grad_fn for t in tree_flatten(inputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None}
             self._calls.append((roots, stops, indices))
@@ -57,6 +65,21 @@ class UseCheck:
             if index >= 0 and (node, index) not in allowed:
                 outside.setdefault(index, node.name())
         return outside
+
+    def coupled(self, loss: Tensor) -> dict[int, str]:
+        """Watched parameter index -> the operation that pairs examples above its layer (e.g. ``MmBackward0``)."""
+        if loss.grad_fn is None or self._examples is None:
+            return {}
+        outputs = {r for roots, _, _ in self._calls for r in roots}
+        found, opaque_below = coupled_outputs(loss.grad_fn, outputs, self._batch_first, self._examples)
+        coupled: dict[int, str] = {}
+        for roots, _, indices in self._calls:
+            node = next((found[r] for r in roots if r in found), None)
+            if node is not None:
+                coupled.update((i, node) for i in indices)
+        if opaque_below is not None:  # a compiled or reentrant-checkpointed region below: any layer may be in it
+            coupled.update((i, opaque_below) for i in self._param_index.values() if i not in coupled)
+        return coupled
 
     def _param_edges(self, roots: Iterable[Node], stops: set[Node]) -> Iterator[tuple[Node, int]]:
         """(node, index) for every edge into a watched parameter from a node reachable from ``roots``, not

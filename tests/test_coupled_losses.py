@@ -1,0 +1,235 @@
+"""Losses that compare the examples of a batch: found in the first measured graph, their layers left out.
+
+CLIP's symmetric InfoNCE over a (B, B) similarity, the same through einsum, a triplet-style loss on
+``torch.cdist`` distances, Barlow Twins' (d, d) correlation over the batch and a similarity through ``F.linear``
+make each example's gradient depend on the others: per-example norms would be silently wrong. Negatives from a
+detached queue (MoCo) and a loss on each example's own pair are one term per example and stay measured.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
+from lightning_gns.sources.per_example import EVERYTHING_LEFT_OUT
+from support.trainers import make_trainer
+
+TOWERS = [
+    "image.0.weight", "image.0.bias", "image.2.weight", "image.2.bias",
+    "text.0.weight", "text.1.weight", "text.1.bias", "text.2.weight", "text.2.bias",
+]  # fmt: skip
+RAW_SCALE = "logit_scale"  # a raw parameter of the top module: left out as such in every case
+
+
+class TwoTowers(nn.Module):
+    """An image-like tower and a token tower whose embeddings the loss compares as ``pairing`` says."""
+
+    def __init__(self, pairing: str, reentrant_text: bool = False) -> None:
+        super().__init__()
+        self.pairing = pairing
+        self.reentrant_text = reentrant_text
+        self.image = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 5))
+        self.text = nn.Sequential(nn.Embedding(11, 8), nn.LayerNorm(8), nn.Linear(8, 5))
+        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        a = F.normalize(self.image(x), dim=-1)
+        if self.reentrant_text:
+            embedded = self.text[0](tokens)
+            rest = checkpoint(lambda h: self.text[2](self.text[1](h)), embedded, use_reentrant=True)
+            b = F.normalize(rest.mean(1), dim=-1)
+        else:
+            b = F.normalize(self.text(tokens).mean(1), dim=-1)
+        labels = torch.arange(len(a))
+        if self.pairing == "queue":  # MoCo: the negatives are a detached queue, the positive the example's own pair
+            queue = torch.randn(7, a.shape[1])
+            logits = torch.cat([(a * b).sum(1, keepdim=True), a @ queue.T], dim=1) * self.logit_scale.exp()
+            return F.cross_entropy(logits, torch.zeros_like(labels))
+        if self.pairing == "own pair":
+            return (1 - (a * b).sum(dim=1)).mean()
+        if self.pairing == "barlow":  # the (d, d) correlation of the two embeddings over the batch
+            correlation = a.T @ b / len(a)
+            return (correlation - torch.eye(len(correlation))).square().sum()
+        if self.pairing == "matmul":
+            logits = a @ b.T * self.logit_scale.exp()
+        elif self.pairing == "einsum":
+            logits = torch.einsum("id,jd->ij", a, b) * self.logit_scale.exp()
+        elif self.pairing == "cdist":
+            logits = -torch.cdist(a, b) * self.logit_scale.exp()
+        else:
+            assert self.pairing == "linear"
+            logits = F.linear(a, b) * self.logit_scale.exp()
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def tracked(model: TwoTowers, steps: int = 3, examples: int = 4) -> GradientNoiseScaleTracker:
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    for _ in range(steps):
+        tracker.start_micro_batch(units=examples)
+        loss = model(torch.randn(examples, 6), torch.randint(0, 11, (examples, 3)))
+        tracker.before_backward(loss)
+        model.zero_grad()
+        loss.backward()
+        tracker.end_micro_batch()
+        tracker.measure_step()
+    return tracker
+
+
+@pytest.mark.parametrize(
+    ("pairing", "node"),
+    [
+        ("matmul", "MmBackward0"),
+        ("einsum", "BmmBackward0"),
+        ("cdist", "CdistBackward0"),
+        ("barlow", "MmBackward0"),
+        ("linear", "MmBackward0"),
+    ],
+)
+def test_a_loss_that_pairs_examples_leaves_out_every_layer_below_it(pairing: str, node: str) -> None:
+    torch.manual_seed(0)
+    tracker = tracked(TwoTowers(pairing))
+    assert set(tracker.left_out) == {*TOWERS, RAW_SCALE}
+    for name in TOWERS:
+        reason = tracker.left_out[name]
+        assert reason.startswith(f"below an operation that pairs the examples of the batch ({node} of two tensors")
+        assert "mode='microbatch'" in reason and "mode='ddp'" in reason
+    # Left out from the first measured micro-batch on: no step enters the averages.
+    assert int(tracker.metric.measured_steps) == 0 and int(tracker.metric.skipped_steps) == 3
+
+
+@pytest.mark.parametrize("pairing", ["queue", "own pair"])
+def test_one_term_per_example_is_no_coupling(pairing: str) -> None:
+    torch.manual_seed(0)
+    tracker = tracked(TwoTowers(pairing))
+    assert list(tracker.left_out) == [RAW_SCALE]
+    assert int(tracker.metric.measured_steps) == 3 and int(tracker.metric.skipped_steps) == 0
+
+
+def test_a_single_example_pairs_with_nothing() -> None:
+    torch.manual_seed(0)
+    tracker = tracked(TwoTowers("matmul"), examples=1)
+    assert list(tracker.left_out) == [RAW_SCALE]
+
+
+def test_layers_recomputed_in_a_reentrant_checkpoint_below_the_pairing_are_left_out_too() -> None:
+    # The checkpointed layers run without a graph in the forward: no hook records them before the backward, yet
+    # their gradients come through the pairing.
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notice about use_reentrant
+        tracker = tracked(TwoTowers("matmul", reentrant_text=True))
+    assert set(tracker.left_out) == {*TOWERS, RAW_SCALE}
+    assert int(tracker.metric.measured_steps) == 0
+
+
+class Clip(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TwoTowers("matmul")
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.net(*batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_callback_says_why_nothing_is_measured_and_how_to_measure_it() -> None:
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 6), torch.randint(0, 11, (32, 3))), batch_size=8)
+    gns = GradientNoiseScale()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([gns], max_steps=4).fit(Clip(), data)
+    said = [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
+    left_out = [m for m in said if "Left out" in m]
+    assert len(left_out) == 1 and "pairs the examples of the batch (MmBackward0" in left_out[0]
+    assert all(f"net.{name}" in left_out[0] for name in TOWERS)
+    assert sum("NOT the model's noise scale" in m for m in said) == 1
+    nothing = [m for m in said if "no optimizer step could be measured" in m]
+    assert len(nothing) == 1 and EVERYTHING_LEFT_OUT in nothing[0] and "one example" not in nothing[0]
+    assert gns.covered_fraction == 0.0 and gns.skipped_steps == 4
+    # Accumulation measures it in microbatch mode, whose small batches (the micro-batches) are independent.
+    gns = GradientNoiseScale()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=4, accumulate_grad_batches=2).fit(Clip(), data)
+    assert gns.mode == "microbatch" and gns.skipped_steps == 0 and gns.left_out == {}
+
+
+def test_transformers_clip_with_its_own_loss_is_left_out_below_the_similarity() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    text = transformers.CLIPTextConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, projection_dim=8,
+    )  # fmt: skip
+    vision = transformers.CLIPVisionConfig(
+        image_size=8, patch_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        projection_dim=8,
+    )  # fmt: skip
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    tracker.start_micro_batch(units=4)
+    loss = model(input_ids=torch.randint(0, 50, (4, 6)), pixel_values=torch.randn(4, 3, 8, 8), return_loss=True).loss
+    tracker.before_backward(loss)
+    loss.backward()
+    tracker.end_micro_batch()
+    tracker.measure_step()
+    coupled = {n for n, reason in tracker.left_out.items() if reason.startswith("below an operation that pairs")}
+    layers = {n for n, _ in model.named_parameters() if n.startswith(("text_model.encoder.", "vision_model.encoder."))}
+    assert layers and layers <= coupled
+    assert {"text_projection.weight", "visual_projection.weight"} <= coupled
+    assert int(tracker.metric.measured_steps) == 0
+
+
+class PerExampleLoop(nn.Module):
+    """A Gram matrix per example, in a Python loop over the examples (``pair`` picks whose features meet)."""
+
+    def __init__(self, pair: str) -> None:
+        super().__init__()
+        self.pair = pair
+        self.features = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.features(x))  # (B, T, 4)
+        if self.pair == "own, indexed":
+            grams = [h[i] @ h[i].T for i in range(len(h))]
+        elif self.pair == "own, iterated":
+            grams = [hi @ hi.T for hi in h]
+        elif self.pair == "own, counted from the end":
+            grams = [h[i - len(h)] @ h[i].T for i in range(len(h))]
+        else:  # each example against the next one
+            grams = [h[i] @ h[(i + 1) % len(h)].T for i in range(len(h))]
+        return torch.stack(grams).square().mean()
+
+
+@pytest.mark.parametrize(
+    ("pair", "coupled"),
+    [("own, indexed", False), ("own, iterated", False), ("own, counted from the end", False), ("next", True)],
+)
+def test_slices_of_one_example_pair_nothing_and_of_two_examples_pair_them(pair: str, coupled: bool) -> None:
+    torch.manual_seed(0)
+    model = PerExampleLoop(pair)
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    for _ in range(2):
+        tracker.start_micro_batch(units=4)
+        loss = model(torch.randn(4, 3, 6))
+        tracker.before_backward(loss)
+        model.zero_grad()
+        loss.backward()
+        tracker.end_micro_batch()
+        tracker.measure_step()
+    assert set(tracker.left_out) == ({"features.weight", "features.bias"} if coupled else set())
+    assert int(tracker.metric.measured_steps) == (0 if coupled else 2)
