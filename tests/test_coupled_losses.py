@@ -1,9 +1,12 @@
-"""Losses that compare the examples of a batch: found in the first measured graph, their layers left out.
+"""Losses (and models) that compare the examples of a batch: found in the first measured graph, layers left out.
 
 CLIP's symmetric InfoNCE over a (B, B) similarity, the same through einsum, a triplet-style loss on
 ``torch.cdist`` distances, Barlow Twins' (d, d) correlation over the batch and a similarity through ``F.linear``
-make each example's gradient depend on the others: per-example norms would be silently wrong. Negatives from a
-detached queue (MoCo) and a loss on each example's own pair are one term per example and stay measured.
+make each example's gradient depend on the others, as do ``F.cosine_similarity`` and differences of views broadcast
+against the batch (``a.unsqueeze(1)``, ``b.unsqueeze(0)``): per-example norms would be silently wrong. Negatives from a
+detached queue (MoCo) and a loss on each example's own pair are one term per example and stay measured. A
+statistic over the batch broadcast back over it inside the model (centring on the batch mean) couples the layers
+before it (their gradients) and after it (their inputs).
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ class TwoTowers(nn.Module):
             logits = torch.einsum("id,jd->ij", a, b) * self.logit_scale.exp()
         elif self.pairing == "cdist":
             logits = -torch.cdist(a, b) * self.logit_scale.exp()
+        elif self.pairing == "cosine":  # SimCLR-style, by broadcasting
+            logits = F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1) * self.logit_scale.exp()
+        elif self.pairing == "differences":
+            logits = -(a[:, None] - b[None]).square().sum(-1) * self.logit_scale.exp()
         else:
             assert self.pairing == "linear"
             logits = F.linear(a, b) * self.logit_scale.exp()
@@ -92,6 +99,8 @@ def tracked(model: TwoTowers, steps: int = 3, examples: int = 4) -> GradientNois
         ("cdist", "CdistBackward0"),
         ("barlow", "MmBackward0"),
         ("linear", "MmBackward0"),
+        ("cosine", "ExpandBackward0"),
+        ("differences", "SubBackward0"),
     ],
 )
 def test_a_loss_that_pairs_examples_leaves_out_every_layer_below_it(pairing: str, node: str) -> None:
@@ -100,7 +109,8 @@ def test_a_loss_that_pairs_examples_leaves_out_every_layer_below_it(pairing: str
     assert set(tracker.left_out) == {*TOWERS, RAW_SCALE}
     for name in TOWERS:
         reason = tracker.left_out[name]
-        assert reason.startswith(f"below an operation that pairs the examples of the batch ({node} of two tensors")
+        assert reason.startswith("its gradient or its input depends on several examples through an operation that")
+        assert f"pairs the examples of the batch ({node}: an in-batch" in reason
         assert "mode='microbatch'" in reason and "mode='ddp'" in reason
     # Left out from the first measured micro-batch on: no step enters the averages.
     assert int(tracker.metric.measured_steps) == 0 and int(tracker.metric.skipped_steps) == 3
@@ -186,7 +196,7 @@ def test_transformers_clip_with_its_own_loss_is_left_out_below_the_similarity() 
     loss.backward()
     tracker.end_micro_batch()
     tracker.measure_step()
-    coupled = {n for n, reason in tracker.left_out.items() if reason.startswith("below an operation that pairs")}
+    coupled = {n for n, reason in tracker.left_out.items() if "pairs the examples of the batch" in reason}
     layers = {n for n, _ in model.named_parameters() if n.startswith(("text_model.encoder.", "vision_model.encoder."))}
     assert layers and layers <= coupled
     assert {"text_projection.weight", "visual_projection.weight"} <= coupled
@@ -233,3 +243,60 @@ def test_slices_of_one_example_pair_nothing_and_of_two_examples_pair_them(pair: 
         tracker.measure_step()
     assert set(tracker.left_out) == ({"features.weight", "features.bias"} if coupled else set())
     assert int(tracker.metric.measured_steps) == (0 if coupled else 2)
+
+
+class CenteredInBatch(nn.Module):
+    """Features centred on the batch mean inside the model, between two layers (as a BatchNorm without scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.second = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.first(x))
+        return self.second(h - h.mean(dim=0))
+
+
+class ThirdTowerInTheSimilarity(TwoTowers):
+    """CLIP's similarity plus a per-example bias from a third layer, inside the softmax: that layer's gradient
+    depends on the other examples through the softmax too, though it is no operand of the product."""
+
+    def __init__(self) -> None:
+        super().__init__("matmul")
+        self.bias = nn.Linear(6, 1)
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        a = F.normalize(self.image(x), dim=-1)
+        b = F.normalize(self.text(tokens).mean(1), dim=-1)
+        logits = a @ b.T + self.bias(x)
+        return F.cross_entropy(logits, torch.arange(len(a)))
+
+
+def test_a_statistic_over_the_batch_in_the_model_leaves_out_the_layers_before_and_after_it() -> None:
+    torch.manual_seed(0)
+    model = CenteredInBatch()
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    tracker.start_micro_batch(units=4)
+    loss = F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0]))
+    tracker.before_backward(loss)
+    loss.backward()
+    tracker.end_micro_batch()
+    tracker.measure_step()
+    assert set(tracker.left_out) == {"first.weight", "first.bias", "second.weight", "second.bias"}
+    assert all("(SubBackward0: an in-batch" in reason for reason in tracker.left_out.values())
+    assert int(tracker.metric.measured_steps) == 0
+
+
+def test_a_layer_that_joins_the_similarity_before_the_softmax_is_coupled_too() -> None:
+    torch.manual_seed(0)
+    model = ThirdTowerInTheSimilarity()
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    tracker.start_micro_batch(units=4)
+    loss = model(torch.randn(4, 6), torch.randint(0, 11, (4, 3)))
+    tracker.before_backward(loss)
+    loss.backward()
+    tracker.end_micro_batch()
+    assert set(tracker.left_out) == {*TOWERS, RAW_SCALE, "bias.weight", "bias.bias"}

@@ -46,11 +46,11 @@ OUTSIDE_USE = (
 )
 EVERYTHING_LEFT_OUT = "every parameter the per-example source watches is left out (the coverage message says why)"
 COUPLED = (
-    "below an operation that pairs the examples of the batch ({node} of two tensors that both hold examples: an"
-    " in-batch similarity or correlation, as contrastive losses with in-batch negatives compute): each example's"
-    " gradient depends on the others, so per-example gradients are no independent samples. Accumulate gradients"
-    " over 2 or more micro-batches (mode='microbatch' takes the micro-batches as the small batches) or train on"
-    " several processes (mode='ddp')"
+    "its gradient or its input depends on several examples through an operation that pairs the examples of the"
+    " batch ({node}: an in-batch similarity, distance or correlation, as contrastive losses with in-batch negatives"
+    " compute, or a statistic over the batch broadcast back over it), so per-example gradients are no independent"
+    " samples. Accumulate gradients over 2 or more micro-batches (mode='microbatch' takes the micro-batches as the"
+    " small batches) or train on several processes (mode='ddp')"
 )
 POSITIONS = (
     "layer {name!r} ({kind}) gave an output of shape {shape}, which looks like a batch of {examples} examples, but"
@@ -446,18 +446,23 @@ class PerExampleSource(GradNormSource):
             self._use_check = UseCheck(dict(self._index), self.expected_examples)
 
     def before_backward(self, loss: Tensor) -> None:
+        square, self._square_outputs = self._square_outputs, {}
+        unjudged: list[nn.Module] = []
+        if square and loss.grad_fn is not None:
+            unjudged = self._judge_square([loss.grad_fn], square)
         check, self._use_check = self._use_check, None
         if check is not None:
             for index, node in check.outside_uses(loss).items():
                 self.exclude(index, OUTSIDE_USE.format(node=node))
-            for index, node in check.coupled(loss).items():
+            # After the positions are judged: an output left out for holding positions, or not judged, is not
+            # taken to hold examples (its broadcast over the batch would look like a statistic of the batch).
+            doubtful = {node for node, (module, _) in square.items() if module in unjudged}
+            for index, node in check.coupled(loss, set(self.excluded), doubtful).items():
                 self.exclude(index, COUPLED.format(node=node))
-        square, self._square_outputs = self._square_outputs, {}
-        if square and loss.grad_fn is not None:
-            self._judge_square([loss.grad_fn], square)
 
-    def _judge_square(self, roots: list[Any], square: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> None:
-        """Leave out the layers whose ``(B, B, ...)`` outputs the graph below ``roots`` broadcasts over the batch."""
+    def _judge_square(self, roots: list[Any], square: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> list[nn.Module]:
+        """Leave out the layers whose ``(B, B, ...)`` outputs the graph below ``roots`` broadcasts over the batch;
+        the layers that could not be judged."""
         self._judged_square.update(id(m) for m, _ in square.values())
         shapes = {m: shape for m, shape in square.values()}
         try:
@@ -474,6 +479,7 @@ class PerExampleSource(GradNormSource):
             reason = POSITIONS.format(name=name, kind=kind, shape=shape, examples=shape[0], node=node_name)
             for _, i in self._module_params.get(id(module), []):
                 self.exclude(i, reason)
+        return unjudged
 
     def _judge_recomputed(self) -> None:
         """Judge the ``(B, B, ...)`` outputs of layers first run in a reentrant checkpoint's recomputation (inside

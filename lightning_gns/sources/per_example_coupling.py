@@ -1,4 +1,4 @@
-"""Losses that compare the examples of a batch with each other, found in the autograd graph.
+"""Losses (and models) that compare the examples of a batch with each other, found in the autograd graph.
 
 Per-example gradients are samples of the gradient noise only when the loss is a sum of one term per example.
 A contrastive loss with in-batch negatives is not: CLIP's and SimCLR's similarity matrix (``a @ b.T``), Barlow
@@ -8,20 +8,29 @@ per-example split is of no independent samples, and ``B_simple`` would be silent
 
 :func:`coupled_outputs` reads the graph of one micro-batch's loss before its backward pass. A matrix product
 (or distance) of two operands that both carry examples' data pairs examples: an operand carries them when the
-graph below it reaches a hooked layer's batch-first output or an input that needs a gradient (a parameter,
-or a tensor computed from parameters alone, does not). A batched matrix product whose batch holds the examples
-(attention's ``(B * heads, T, T)`` scores) pairs positions within each example and is no coupling. Every hooked
-layer output below a pairing product is reported: its layer's per-example gradients are not independent.
+graph below it reaches a hooked layer's batch-first output whose input is data or carries them, or an input that
+needs a gradient (a parameter, or a tensor computed from parameters alone, such as a positional table as long as
+the batch, does not). A batched matrix product whose batch holds the examples (attention's ``(B * heads, T, T)``
+scores) pairs positions within each example and is no coupling. Reported: every hooked layer output below a
+pairing operation, after it in the forward (its input depends on several examples), or on a branch that joins
+the path from it to the loss where the gradient depends on it (:func:`_coupled_branches`).
 Two operands that are slices of the same example (a loop over the examples, ``x[i] @ x[i].T``) pair nothing.
-Batch statistics computed without a matrix product (``z.std(dim=0)``, standardising over the batch) are not
-found.
+Examples are also coupled by broadcasting: an elementwise operation whose output leads with the batch and one
+of whose operands, computed from the examples, has no dimension of its own for them (leading size one, or
+fewer dimensions): a batch statistic (``z - z.mean(0)``, ``z / z.std(0)``, VICReg's variance term) or a view
+moved off the batch (``z[:, None] - z[None]``, ``F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1)``).
+A statistic over the batch that is not broadcast back over it (``z.std(dim=0).mean()`` added to the loss) is
+not found.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 from torch import nn
+
+from lightning_gns.sources.per_example_rows import ORDER_KEEPING
 
 Node = Any  # torch.autograd.graph.Node
 
@@ -35,6 +44,22 @@ _PAIRING = {
 }
 # Batched products: the output's leading dimension is the product's batch.
 _BATCHED = frozenset({"BmmBackward0", "BaddbmmBackward0"})
+_RESHAPES = {
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "SqueezeBackward2",
+}  # fmt: skip
+# Elementwise operations (they broadcast their operands) and expand.
+_BROADCASTING = (ORDER_KEEPING - _RESHAPES) | {"ExpandBackward0", "MaximumBackward0", "MinimumBackward0"}
+# Operations whose derivative does not depend on their inputs: sums, differences, reshapes, selections, and the
+# negative log-likelihood (a sum of chosen entries).
+_LINEAR = _RESHAPES | {
+    "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1", "NegBackward0",
+    "SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1", "MulBackward1", "DivBackward1",
+    "PermuteBackward0", "TransposeBackward0", "TBackward0", "ExpandBackward0", "CloneBackward0", "ToCopyBackward0",
+    "AliasBackward0", "SelectBackward0", "SliceBackward0", "IndexBackward0", "CatBackward0", "StackBackward0",
+    "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "NarrowBackward0", "NllLossBackward0",
+    "NllLoss2DBackward0",
+}  # fmt: skip
 # Operations that only change how one tensor is viewed or laid out.
 _VIEWS = frozenset(
     {
@@ -65,9 +90,14 @@ def _post_order(root: Node) -> list[Node]:
     return order
 
 
-def _carries_examples(node: Node, batch_first: set[Node], examples: int) -> bool:
-    if node in batch_first:
-        return True
+def _carries_examples(
+    node: Node, batch_first: dict[Node, frozenset[Node]], carries: dict[Node, bool], examples: int
+) -> bool:
+    inputs = batch_first.get(node)
+    if inputs is not None:
+        # A layer's batch-first output holds examples when its input is data (no graph below it) or holds them;
+        # one computed from parameters alone (a positional table as long as the batch) does not.
+        return not inputs or any(carries.get(i, False) for i in inputs)
     if _opaque(node):  # a compiled region: its outputs' shapes are all the graph shows
         return any(len(m.shape) > 0 and m.shape[0] == examples for m in node._input_metadata)
     variable = getattr(node, "variable", None)  # a gradient accumulator: a leaf tensor
@@ -121,36 +151,119 @@ def _one_example(edge: tuple[Node, int]) -> int | None:
     return None
 
 
+def _operand_shape(edge: tuple[Node, int]) -> tuple[int, ...] | None:
+    node, output = edge
+    variable = getattr(node, "variable", None)
+    if variable is not None:
+        return tuple(variable.shape)
+    metadata = node._input_metadata
+    return tuple(metadata[output].shape) if output < len(metadata) else None
+
+
+def _broadcasts_over_examples(node: Node, carries: dict[Node, bool], examples: int) -> bool:
+    """Whether an elementwise op (or expand) broadcasts a tensor computed from the examples, but without a
+    dimension of its own for them (a statistic over the batch, ``z.unsqueeze(0)``), over the batch."""
+    if node.name() not in _BROADCASTING:
+        return False
+    metadata = node._input_metadata
+    if len(metadata) != 1:
+        return False
+    out = tuple(metadata[0].shape)
+    if not out or out[0] != examples:
+        return False
+    for edge in node.next_functions:
+        if edge[0] is None or not carries.get(edge[0]):
+            continue
+        shape = _operand_shape(edge)
+        if shape is not None and len(shape) <= len(out) and ((1,) * (len(out) - len(shape)) + shape)[0] == 1:
+            return True
+    return False
+
+
+def _linear(node: Node, carries: dict[Node, bool]) -> bool:
+    """Whether ``node``'s derivative with respect to each input is the same whatever its other inputs hold."""
+    name = node.name()
+    if name in _LINEAR:
+        return True
+    if name in ("MulBackward0", "DivBackward0"):  # a product with a constant (no example's data in it)
+        return sum(1 for f, _ in node.next_functions if f is not None and carries.get(f)) <= 1
+    return False
+
+
+def _coupled_branches(
+    order: list[Node], pairing: list[Node], carries: dict[Node, bool]
+) -> tuple[list[Node], set[Node]]:
+    """The nodes whose whole subgraphs get a gradient that depends on several examples through ``pairing``, and
+    the operations above it (between it and the loss, whose inputs depend on several examples).
+
+    Below a pairing operation, everything. Above it, a branch that joins the path where the gradient already
+    depends on the pairing, or through an operation whose derivative depends on it (a product, a softmax), gets
+    such a gradient too; a branch added to the loss beside it (a classifier's cross entropy plus a contrastive
+    term) does not.
+    """
+    consumers: dict[Node, list[Node]] = defaultdict(list)
+    for node in order:
+        for following, _ in node.next_functions:
+            if following is not None:
+                consumers[following].append(node)
+    above: set[Node] = set()  # the pairing operations and every operation between them and the loss
+    stack = list(pairing)
+    while stack:
+        node = stack.pop()
+        if node not in above:
+            above.add(node)
+            stack.extend(consumers[node])
+    branches = list(pairing)
+    gradient_depends: dict[Node, bool] = {}
+    for node in reversed(order):  # each node after all its consumers
+        if node not in above:
+            continue
+        gradient_depends[node] = any(
+            gradient_depends[c] or not _linear(c, carries) for c in consumers[node] if c in above
+        )
+        if gradient_depends[node] or not _linear(node, carries):
+            branches.extend(f for f, _ in node.next_functions if f is not None and f not in above and carries.get(f))
+    return branches, above
+
+
 def coupled_outputs(
-    root: Node, outputs: set[Node], batch_first: set[Node], examples: int
+    root: Node, outputs: set[Node], batch_first: dict[Node, frozenset[Node]], examples: int
 ) -> tuple[dict[Node, str], str | None]:
-    """The hooked layer outputs (``outputs``: their grad_fns; ``batch_first``: those whose leading dimension is the
-    batch) below an operation that pairs the examples of the batch, each with that operation's name; and the
-    name of a pairing operation with a compiled or reentrant-checkpointed region below it (whose layers are none
-    of ``outputs``: any layer may be in it), or None."""
+    """The hooked layer outputs whose gradient or input an operation that pairs the examples of the batch makes
+    depend on several examples (a layer after a statistic over the batch in the model, as after a BatchNorm), each
+    with that operation's name; and the name of a pairing operation with a compiled or reentrant-checkpointed
+    region so coupled (whose layers are none of ``outputs``: any layer may be in it), or None.
+
+    ``outputs``: the grad_fns of the hooked layer calls' outputs; ``batch_first``: those whose leading dimension is
+    the batch, each with the grad_fns of its call's inputs.
+    """
     if examples < 2:
         return {}, None
     carries: dict[Node, bool] = {}
     pairing: list[Node] = []
-    for node in _post_order(root):
-        carries[node] = _carries_examples(node, batch_first, examples) or any(
+    order = _post_order(root)
+    for node in order:
+        carries[node] = _carries_examples(node, batch_first, carries, examples) or any(
             carries.get(f, False) for f, _ in node.next_functions if f is not None
         )
-        if _pairs_examples(node, carries, examples):
+        if _pairs_examples(node, carries, examples) or _broadcasts_over_examples(node, carries, examples):
             pairing.append(node)
+    if not pairing:
+        return {}, None
+    name = pairing[0].name()
     found: dict[Node, str] = {}
     opaque_below: str | None = None
     seen: set[Node] = set()
-    for pair in pairing:
-        stack = [pair]
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            if node in outputs:
-                found.setdefault(node, pair.name())
-            if opaque_below is None and _opaque(node):
-                opaque_below = pair.name()
-            stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
+    stack, above = _coupled_branches(order, pairing, carries)
+    found.update((node, name) for node in above if node in outputs)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in outputs:
+            found.setdefault(node, name)
+        if opaque_below is None and _opaque(node):
+            opaque_below = name
+        stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
     return found, opaque_below

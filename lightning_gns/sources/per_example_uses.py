@@ -39,15 +39,19 @@ class UseCheck:
         self._param_index = param_index
         self._examples = examples
         self._calls: list[tuple[list[Node], set[Node], list[int]]] = []
-        self._batch_first: set[Node] = set()  # grad_fns of hooked outputs whose leading dimension is the batch
+        # grad_fns of hooked outputs whose leading dimension is the batch -> the grad_fns of their call's inputs
+        self._batch_first: dict[Node, frozenset[Node]] = {}
 
     def record_call(self, outputs: Any, inputs: Any, indices: list[int]) -> None:
         """A hooked layer call: its outputs, its inputs (args and kwargs) and its watched parameters' indices."""
         tensors = [t for t in tree_flatten(outputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None]
         roots = [t.grad_fn for t in tensors]
-        self._batch_first.update(t.grad_fn for t in tensors if t.dim() > 0 and t.shape[0] == self._examples)
+        stops = {t.grad_fn for t in tree_flatten(inputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None}
+        input_nodes = frozenset(stops)
+        self._batch_first.update(
+            (t.grad_fn, input_nodes) for t in tensors if t.dim() > 0 and t.shape[0] == self._examples
+        )
         if roots and indices:
-            stops = {t.grad_fn for t in tree_flatten(inputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None}
             self._calls.append((roots, stops, indices))
 
     def outside_uses(self, loss: Tensor) -> dict[int, str]:
@@ -66,12 +70,20 @@ class UseCheck:
                 outside.setdefault(index, node.name())
         return outside
 
-    def coupled(self, loss: Tensor) -> dict[int, str]:
-        """Watched parameter index -> the operation that pairs examples above its layer (e.g. ``MmBackward0``)."""
+    def coupled(
+        self, loss: Tensor, excluded: set[int] | frozenset[int] = frozenset(), doubtful: set[Node] | None = None
+    ) -> dict[int, str]:
+        """Watched parameter index -> the operation that pairs examples and so couples its layer's gradient (e.g.
+        ``MmBackward0``). The outputs of layers all of whose parameters are in ``excluded`` (left out, e.g. for
+        holding positions as many as the examples) and the ``doubtful`` ones (grad_fns) are not taken to hold
+        examples."""
         if loss.grad_fn is None or self._examples is None:
             return {}
         outputs = {r for roots, _, _ in self._calls for r in roots}
-        found, opaque_below = coupled_outputs(loss.grad_fn, outputs, self._batch_first, self._examples)
+        not_examples = {r for roots, _, indices in self._calls if set(indices) <= excluded for r in roots}
+        not_examples |= doubtful or set()
+        batch_first = {node: inputs for node, inputs in self._batch_first.items() if node not in not_examples}
+        found, opaque_below = coupled_outputs(loss.grad_fn, outputs, batch_first, self._examples)
         coupled: dict[int, str] = {}
         for roots, _, indices in self._calls:
             node = next((found[r] for r in roots if r in found), None)
