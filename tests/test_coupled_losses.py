@@ -11,7 +11,9 @@ before it (their gradients) and after it (their inputs).
 
 from __future__ import annotations
 
+import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
 from lightning_gns.sources.per_example import EVERYTHING_LEFT_OUT
+from support.multiprocess import run_worker
 from support.trainers import make_trainer
 
 TOWERS = [
@@ -300,3 +303,20 @@ def test_a_layer_that_joins_the_similarity_before_the_softmax_is_coupled_too() -
     loss.backward()
     tracker.end_micro_batch()
     assert set(tracker.left_out) == {*TOWERS, RAW_SCALE, "bias.weight", "bias.bias"}
+
+
+WORKER = Path(__file__).parent / "support" / "coupled_ddp_worker.py"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_under_ddp_both_ranks_leave_out_the_coupled_layers_and_measure_the_head(tmp_path: Path) -> None:
+    run_worker(WORKER, "--out", str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    coupled = {"trunk.0.weight", "trunk.0.bias", "project.weight", "project.bias"}
+    assert set(rank0["left_out"]) == set(rank1["left_out"]) == coupled
+    assert all("pairs the examples of the batch (MmBackward0" in r for r in rank0["left_out"].values())
+    # The head: 16 * 3 + 3 of 6 * 16 + 16 + 51 + 16 * 8 + 8 elements.
+    assert rank0["covered_fraction"] == rank1["covered_fraction"] == pytest.approx(51 / 299)
+    assert rank0["measured_steps"] == rank1["measured_steps"] == 6
+    assert rank0["b_simple"] == rank1["b_simple"] and math.isfinite(rank0["b_simple"])
