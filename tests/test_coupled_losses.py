@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,18 +81,27 @@ class TwoTowers(nn.Module):
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def tracked(model: TwoTowers, steps: int = 3, examples: int = 4) -> GradientNoiseScaleTracker:
+def measured(
+    model: nn.Module, loss_of: Callable[[], Tensor], steps: int = 1, examples: int = 4
+) -> GradientNoiseScaleTracker:
+    """``steps`` measured steps of ``examples`` examples, each on the loss ``loss_of()`` computes."""
     tracker = GradientNoiseScaleTracker()
     tracker.attach(model.parameters(), mode="per_example", model=model)
     for _ in range(steps):
         tracker.start_micro_batch(units=examples)
-        loss = model(torch.randn(examples, 6), torch.randint(0, 11, (examples, 3)))
+        loss = loss_of()
         tracker.before_backward(loss)
         model.zero_grad()
         loss.backward()
         tracker.end_micro_batch()
         tracker.measure_step()
     return tracker
+
+
+def tracked(model: TwoTowers, steps: int = 3, examples: int = 4) -> GradientNoiseScaleTracker:
+    return measured(
+        model, lambda: model(torch.randn(examples, 6), torch.randint(0, 11, (examples, 3))), steps, examples
+    )
 
 
 @pytest.mark.parametrize(
@@ -191,14 +201,12 @@ def test_transformers_clip_with_its_own_loss_is_left_out_below_the_similarity() 
         projection_dim=8,
     )  # fmt: skip
     model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
-    tracker = GradientNoiseScaleTracker()
-    tracker.attach(model.parameters(), mode="per_example", model=model)
-    tracker.start_micro_batch(units=4)
-    loss = model(input_ids=torch.randint(0, 50, (4, 6)), pixel_values=torch.randn(4, 3, 8, 8), return_loss=True).loss
-    tracker.before_backward(loss)
-    loss.backward()
-    tracker.end_micro_batch()
-    tracker.measure_step()
+    tracker = measured(
+        model,
+        lambda: (
+            model(input_ids=torch.randint(0, 50, (4, 6)), pixel_values=torch.randn(4, 3, 8, 8), return_loss=True).loss
+        ),
+    )
     coupled = {n for n, reason in tracker.left_out.items() if "pairs the examples of the batch" in reason}
     layers = {n for n, _ in model.named_parameters() if n.startswith(("text_model.encoder.", "vision_model.encoder."))}
     assert layers and layers <= coupled
@@ -234,16 +242,7 @@ class PerExampleLoop(nn.Module):
 def test_slices_of_one_example_pair_nothing_and_of_two_examples_pair_them(pair: str, coupled: bool) -> None:
     torch.manual_seed(0)
     model = PerExampleLoop(pair)
-    tracker = GradientNoiseScaleTracker()
-    tracker.attach(model.parameters(), mode="per_example", model=model)
-    for _ in range(2):
-        tracker.start_micro_batch(units=4)
-        loss = model(torch.randn(4, 3, 6))
-        tracker.before_backward(loss)
-        model.zero_grad()
-        loss.backward()
-        tracker.end_micro_batch()
-        tracker.measure_step()
+    tracker = measured(model, lambda: model(torch.randn(4, 3, 6)), steps=2)
     assert set(tracker.left_out) == ({"features.weight", "features.bias"} if coupled else set())
     assert int(tracker.metric.measured_steps) == (0 if coupled else 2)
 
@@ -279,14 +278,7 @@ class ThirdTowerInTheSimilarity(TwoTowers):
 def test_a_statistic_over_the_batch_in_the_model_leaves_out_the_layers_before_and_after_it() -> None:
     torch.manual_seed(0)
     model = CenteredInBatch()
-    tracker = GradientNoiseScaleTracker()
-    tracker.attach(model.parameters(), mode="per_example", model=model)
-    tracker.start_micro_batch(units=4)
-    loss = F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0]))
-    tracker.before_backward(loss)
-    loss.backward()
-    tracker.end_micro_batch()
-    tracker.measure_step()
+    tracker = measured(model, lambda: F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])))
     assert set(tracker.left_out) == {"first.weight", "first.bias", "second.weight", "second.bias"}
     assert all("(SubBackward0: an in-batch" in reason for reason in tracker.left_out.values())
     assert int(tracker.metric.measured_steps) == 0
@@ -294,14 +286,7 @@ def test_a_statistic_over_the_batch_in_the_model_leaves_out_the_layers_before_an
 
 def test_a_layer_that_joins_the_similarity_before_the_softmax_is_coupled_too() -> None:
     torch.manual_seed(0)
-    model = ThirdTowerInTheSimilarity()
-    tracker = GradientNoiseScaleTracker()
-    tracker.attach(model.parameters(), mode="per_example", model=model)
-    tracker.start_micro_batch(units=4)
-    loss = model(torch.randn(4, 6), torch.randint(0, 11, (4, 3)))
-    tracker.before_backward(loss)
-    loss.backward()
-    tracker.end_micro_batch()
+    tracker = tracked(ThirdTowerInTheSimilarity(), steps=1)
     assert set(tracker.left_out) == {*TOWERS, RAW_SCALE, "bias.weight", "bias.bias"}
 
 
