@@ -323,8 +323,10 @@ class PerExampleSource(GradNormSource):
     (:attr:`expected_examples`), such as a positional embedding called on ``arange(T)`` and broadcast over
     the batch, or a Linear applied to tokens flattened to ``(B*T, d)`` whose rows the autograd graph does not
     show in batch order (:mod:`~lightning_gns.sources.per_example_rows`; where it does, as in OPT, the rows
-    are regrouped per example and measured). An output gradient that arrives twice
-    (a double backward, ``autograd.grad`` through the layers before ``backward``) makes the whole backward
+    are regrouped per example and measured). Layers whose gradient or input an operation pairing the examples makes
+    depend on several of them (the in-batch negatives of a contrastive loss, a statistic over the batch broadcast
+    back over it) are found in the first measured micro-batch's graph and excluded. An output gradient that arrives
+    twice (a double backward, ``autograd.grad`` through the layers before ``backward``) makes the whole backward
     unmeasurable (:attr:`BackwardNorms.failed`). A parameter whose layer never runs as a module (its
     weight used by a functional call) receives no per-example norm; the caller detects it from its gradient.
     """

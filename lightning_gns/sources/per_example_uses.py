@@ -27,8 +27,8 @@ Node = Any  # torch.autograd.graph.Node
 
 
 class UseCheck:
-    """One micro-batch's hooked layer calls, then the uses of watched parameters outside them, and the layers below
-    a loss that pairs examples (:mod:`~lightning_gns.sources.per_example_coupling`).
+    """One micro-batch's hooked layer calls, then the uses of watched parameters outside them, and the layers whose
+    gradients an operation that pairs examples couples (:mod:`~lightning_gns.sources.per_example_coupling`).
 
     Args:
         param_index: ``id(parameter)`` -> its index among the watched parameters.
