@@ -305,3 +305,37 @@ def test_under_ddp_both_ranks_leave_out_the_coupled_layers_and_measure_the_head(
     assert rank0["covered_fraction"] == rank1["covered_fraction"] == pytest.approx(51 / 299)
     assert rank0["measured_steps"] == rank1["measured_steps"] == 6
     assert rank0["b_simple"] == rank1["b_simple"] and math.isfinite(rank0["b_simple"])
+
+
+class TrunkAndHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.trunk(x)
+        return z, self.head(z)
+
+
+LABELS = torch.tensor([0, 1, 2, 0])
+STATISTIC_LOSSES: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], set[str]]] = {
+    # VICReg's variance term beside a classifier: the trunk's gradient depends on the batch's spread.
+    "variance term": (lambda z, y: F.cross_entropy(y, LABELS) + F.relu(1 - z.std(dim=0)).mean(), {"trunk.0"}),
+    "square of the batch mean": (lambda z, y: (z.mean(dim=0) ** 2).sum() + F.cross_entropy(y, LABELS), {"trunk.0"}),
+    "softmax over the batch": (lambda z, y: (torch.softmax(y, dim=0) * y).sum(), {"trunk.0", "head"}),
+    # Controls: a mean over the batch that reaches the loss linearly, and a function of the scalar loss (one factor
+    # shared by every example's gradient).
+    "per-feature mean, summed": (lambda z, y: ((y - 1) ** 2).mean(dim=0).sum(), set()),
+    "root of the mean square": (lambda z, y: ((y - 1) ** 2).mean().sqrt(), set()),
+}
+
+
+@pytest.mark.parametrize("name", list(STATISTIC_LOSSES))
+def test_a_statistic_over_the_batch_couples_only_through_an_operation_that_depends_on_it(name: str) -> None:
+    loss_of, coupled = STATISTIC_LOSSES[name]
+    torch.manual_seed(0)
+    model = TrunkAndHead()
+    tracker = measured(model, lambda: loss_of(*model(torch.randn(4, 6))))
+    assert set(tracker.left_out) == {f"{layer}.{p}" for layer in coupled for p in ("weight", "bias")}
+    assert int(tracker.metric.measured_steps) == (0 if coupled == {"trunk.0", "head"} else 1)  # nothing left to measure

@@ -19,8 +19,11 @@ Examples are also coupled by broadcasting: an elementwise operation whose output
 of whose operands, computed from the examples, has no dimension of its own for them (leading size one, or
 fewer dimensions): a batch statistic (``z - z.mean(0)``, ``z / z.std(0)``, VICReg's variance term) or a view
 moved off the batch (``z[:, None] - z[None]``, ``F.cosine_similarity(a.unsqueeze(1), b.unsqueeze(0), dim=-1)``).
-A statistic over the batch that is not broadcast back over it (``z.std(dim=0).mean()`` added to the loss) is
-not found.
+A reduction along the batch dimension that leaves more than a scalar couples the examples too: a standard
+deviation, norm or softmax over the batch always (VICReg's variance term ``relu(1 - z.std(0))``), a sum or mean
+only where an operation whose derivative depends on its result follows (:func:`_reduces_over_examples`). A
+statistic of the whole batch reduced to a scalar first (``z.std()``) is not found; a function of the scalar loss
+(``sqrt(mse)``) scales every example's gradient alike and is no coupling.
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ _RESHAPES = {
 }  # fmt: skip
 # Elementwise operations (they broadcast their operands) and expand.
 _BROADCASTING = (ORDER_KEEPING - _RESHAPES) | {"ExpandBackward0", "MaximumBackward0", "MinimumBackward0"}
+# Reductions that take a dimension: over the batch's, a linear one (sum, mean) couples the examples only when an
+# operation whose derivative depends on its result follows; the others (a standard deviation, a softmax) always.
+_LINEAR_REDUCTIONS = frozenset({"SumBackward1", "MeanBackward1"})
+_REDUCTIONS = _LINEAR_REDUCTIONS | {
+    "StdBackward0", "VarBackward0", "StdMeanBackward0", "VarMeanBackward0", "LogsumexpBackward0", "SoftmaxBackward0",
+    "LogSoftmaxBackward0", "LinalgVectorNormBackward0", "NormBackward1", "AmaxBackward0", "AminBackward0",
+    "MaxBackward0", "MinBackward0", "CumsumBackward0", "CumprodBackward0",
+}  # fmt: skip
 # Operations whose derivative does not depend on their inputs: sums, differences, reshapes, selections, and the
 # negative log-likelihood (a sum of chosen entries).
 _LINEAR = _RESHAPES | {
@@ -180,6 +191,27 @@ def _broadcasts_over_examples(node: Node, carries: dict[Node, bool], examples: i
     return False
 
 
+def _reduces_over_examples(node: Node, carries: dict[Node, bool], examples: int) -> bool:
+    """Whether ``node`` reduces (or normalises, or accumulates) a batch-first tensor that holds examples along its
+    batch dimension, leaving a result that is not a scalar (a scalar is the loss's own mean: ``sqrt(mse)`` scales
+    every example's gradient alike)."""
+    if node.name() not in _REDUCTIONS or not node.next_functions:
+        return False
+    edge = node.next_functions[0]
+    if edge[0] is None or not carries.get(edge[0]):
+        return False
+    shape = _operand_shape(edge)
+    metadata = node._input_metadata
+    if shape is None or len(shape) < 2 or shape[0] != examples or not metadata or len(metadata[0].shape) == 0:
+        return False
+    dims = getattr(node, "_saved_dim", None)
+    if dims is None:
+        return False  # over every dimension: a scalar
+    rank = len(shape)
+    unsigned = dims if isinstance(dims, (tuple, list)) else (dims,)
+    return any((d - (1 << 64) if d >= 1 << 63 else d) % rank == 0 for d in unsigned)  # negative dims read as unsigned
+
+
 def _linear(node: Node, carries: dict[Node, bool]) -> bool:
     """Whether ``node``'s derivative with respect to each input is the same whatever its other inputs hold."""
     name = node.name()
@@ -191,15 +223,17 @@ def _linear(node: Node, carries: dict[Node, bool]) -> bool:
 
 
 def _coupled_branches(
-    order: list[Node], pairing: list[Node], carries: dict[Node, bool]
-) -> tuple[list[Node], set[Node]]:
-    """The nodes whose whole subgraphs get a gradient that depends on several examples through ``pairing``, and
-    the operations above it (between it and the loss, whose inputs depend on several examples).
+    order: list[Node], pairing: list[Node], carries: dict[Node, bool], conditional: set[Node]
+) -> tuple[list[Node], set[Node], list[Node]]:
+    """The nodes whose whole subgraphs get a gradient that depends on several examples through ``pairing``, the
+    operations above it (between it and the loss, whose inputs depend on several examples), and the pairing
+    operations that do couple.
 
     Below a pairing operation, everything. Above it, a branch that joins the path where the gradient already
     depends on the pairing, or through an operation whose derivative depends on it (a product, a softmax), gets
     such a gradient too; a branch added to the loss beside it (a classifier's cross entropy plus a contrastive
-    term) does not.
+    term) does not. A ``conditional`` pairing (a sum or mean over the batch) couples only where the gradient
+    reaching it depends on its result.
     """
     consumers: dict[Node, list[Node]] = defaultdict(list)
     for node in order:
@@ -213,7 +247,8 @@ def _coupled_branches(
         if node not in above:
             above.add(node)
             stack.extend(consumers[node])
-    branches = list(pairing)
+    branches = [p for p in pairing if p not in conditional]
+    couplers = list(branches)
     gradient_depends: dict[Node, bool] = {}
     for node in reversed(order):  # each node after all its consumers
         if node not in above:
@@ -221,9 +256,13 @@ def _coupled_branches(
         gradient_depends[node] = any(
             gradient_depends[c] or not _linear(c, carries) for c in consumers[node] if c in above
         )
-        if gradient_depends[node] or not _linear(node, carries):
+        if node in conditional:
+            if gradient_depends[node]:
+                branches.append(node)
+                couplers.append(node)
+        elif gradient_depends[node] or not _linear(node, carries):
             branches.extend(f for f, _ in node.next_functions if f is not None and f not in above and carries.get(f))
-    return branches, above
+    return branches, above, couplers
 
 
 def coupled_outputs(
@@ -241,6 +280,7 @@ def coupled_outputs(
         return {}, None
     carries: dict[Node, bool] = {}
     pairing: list[Node] = []
+    conditional: set[Node] = set()
     order = _post_order(root)
     for node in order:
         carries[node] = _carries_examples(node, batch_first, carries, examples) or any(
@@ -248,13 +288,19 @@ def coupled_outputs(
         )
         if _pairs_examples(node, carries, examples) or _broadcasts_over_examples(node, carries, examples):
             pairing.append(node)
+        elif _reduces_over_examples(node, carries, examples):
+            pairing.append(node)
+            if node.name() in _LINEAR_REDUCTIONS:
+                conditional.add(node)
     if not pairing:
         return {}, None
-    name = pairing[0].name()
     found: dict[Node, str] = {}
     opaque_below: str | None = None
     seen: set[Node] = set()
-    stack, above = _coupled_branches(order, pairing, carries)
+    stack, above, couplers = _coupled_branches(order, pairing, carries, conditional)
+    if not couplers:
+        return {}, None  # only sums over the batch that reach the loss linearly
+    name = couplers[0].name()
     found.update((node, name) for node in above if node in outputs)
     while stack:
         node = stack.pop()
