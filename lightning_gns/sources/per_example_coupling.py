@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_gns.sources.per_example_rows import ORDER_KEEPING
+from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES
 
 Node = Any  # torch.autograd.graph.Node
 
@@ -47,12 +47,8 @@ _PAIRING = {
 }
 # Batched products: the output's leading dimension is the product's batch.
 _BATCHED = frozenset({"BmmBackward0", "BaddbmmBackward0"})
-_RESHAPES = {
-    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
-    "SqueezeBackward1", "SqueezeBackward2",
-}  # fmt: skip
 # Elementwise operations (they broadcast their operands) and expand.
-_BROADCASTING = (ORDER_KEEPING - _RESHAPES) | {"ExpandBackward0", "MaximumBackward0", "MinimumBackward0"}
+_BROADCASTING = (ORDER_KEEPING - RESHAPES) | {"ExpandBackward0", "MaximumBackward0", "MinimumBackward0"}
 # Reductions that take a dimension: over the batch's, a linear one (sum, mean) couples the examples only when an
 # operation whose derivative depends on its result follows; the others (a standard deviation, a softmax) always.
 _LINEAR_REDUCTIONS = frozenset({"SumBackward1", "MeanBackward1"})
@@ -61,24 +57,19 @@ _REDUCTIONS = _LINEAR_REDUCTIONS | {
     "LogSoftmaxBackward0", "LinalgVectorNormBackward0", "NormBackward1", "AmaxBackward0", "AminBackward0",
     "MaxBackward0", "MinBackward0", "CumsumBackward0", "CumprodBackward0",
 }  # fmt: skip
-# Operations whose derivative does not depend on their inputs: sums, differences, reshapes, selections, and the
+# Operations that only change how one tensor is viewed or laid out.
+_VIEWS = RESHAPES | {
+    "PermuteBackward0", "TBackward0", "TransposeBackward0", "ExpandBackward0", "CloneBackward0", "AliasBackward0",
+    "ToCopyBackward0",
+}  # fmt: skip
+# Operations whose derivative does not depend on their inputs: views, sums, differences, selections, and the
 # negative log-likelihood (a sum of chosen entries).
-_LINEAR = _RESHAPES | {
+_LINEAR = _VIEWS | {
     "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1", "NegBackward0",
     "SumBackward0", "SumBackward1", "MeanBackward0", "MeanBackward1", "MulBackward1", "DivBackward1",
-    "PermuteBackward0", "TransposeBackward0", "TBackward0", "ExpandBackward0", "CloneBackward0", "ToCopyBackward0",
-    "AliasBackward0", "SelectBackward0", "SliceBackward0", "IndexBackward0", "CatBackward0", "StackBackward0",
-    "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "NarrowBackward0", "NllLossBackward0",
-    "NllLoss2DBackward0",
+    "SelectBackward0", "SliceBackward0", "IndexBackward0", "CatBackward0", "StackBackward0", "SplitBackward0",
+    "SplitWithSizesBackward0", "UnbindBackward0", "NarrowBackward0", "NllLossBackward0", "NllLoss2DBackward0",
 }  # fmt: skip
-# Operations that only change how one tensor is viewed or laid out.
-_VIEWS = frozenset(
-    {
-        "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "PermuteBackward0", "TBackward0",
-        "TransposeBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
-        "ExpandBackward0", "CloneBackward0", "AliasBackward0", "ToCopyBackward0",
-    }
-)  # fmt: skip
 # A reentrant checkpoint: the layers run inside it are recorded by no forward hook before the backward.
 _REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
 

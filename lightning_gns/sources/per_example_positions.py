@@ -24,15 +24,12 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from lightning_gns.sources.per_example_rows import ORDER_KEEPING
+from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES
 
 Node = Any  # torch.autograd.graph.Node
 
 # Elementwise ops the search follows (reshapes end it: their output shape is not in the graph).
-_ELEMENTWISE = ORDER_KEEPING - {
-    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
-    "SqueezeBackward1", "SqueezeBackward2",
-}  # fmt: skip
+_ELEMENTWISE = ORDER_KEEPING - RESHAPES
 
 
 Step = tuple[int, tuple[int, ...]]  # where the suspect's first dimension is, and the tensor's shape

@@ -24,13 +24,19 @@ from torch import Tensor, nn
 
 Node = Any  # torch.autograd.graph.Node
 
+# Backward nodes of reshapes: a tensor's elements in the same flat order, its shape changed (not in the graph).
+RESHAPES = frozenset(
+    {
+        "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+        "SqueezeBackward1", "SqueezeBackward2",
+    }
+)  # fmt: skip
 # Backward nodes of ops that keep every element at its flat (row-major) position: reshapes, and elementwise
 # ops (with a scalar, a parameter, or a tensor that needs no gradient, such as a dropout mask).
-ORDER_KEEPING = frozenset(
+ORDER_KEEPING = RESHAPES | frozenset(
     {
-        # reshapes and copies
-        "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0", "ToCopyBackward0",
-        "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "AliasBackward0",
+        # copies
+        "CloneBackward0", "ToCopyBackward0", "AliasBackward0",
         # elementwise arithmetic
         "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward0", "RsubBackward1",
         "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1", "DivBackward2", "NegBackward0",
