@@ -339,3 +339,22 @@ def test_a_statistic_over_the_batch_couples_only_through_an_operation_that_depen
     tracker = measured(model, lambda: loss_of(*model(torch.randn(4, 6))))
     assert set(tracker.left_out) == {f"{layer}.{p}" for layer in coupled for p in ("weight", "bias")}
     assert int(tracker.metric.measured_steps) == (0 if coupled == {"trunk.0", "head"} else 1)  # nothing left to measure
+
+
+class ScaledInputs(TwoTowers):
+    """CLIP's similarity with the image tower's input scaled by a learned raw parameter first: the data enters the
+    graph through the product, where only an empty edge shows it."""
+
+    def __init__(self) -> None:
+        super().__init__("matmul")
+        self.input_scale = nn.Parameter(torch.ones(6))
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        return super().forward(x * self.input_scale, tokens)
+
+
+def test_data_that_enters_through_a_product_with_a_parameter_still_holds_examples() -> None:
+    torch.manual_seed(0)
+    tracker = tracked(ScaledInputs(), steps=1)
+    assert set(tracker.left_out) == {*TOWERS, RAW_SCALE, "input_scale"}
+    assert all("pairs the examples" in tracker.left_out[name] for name in TOWERS if name.startswith("image."))

@@ -8,9 +8,10 @@ per-example split is of no independent samples, and ``B_simple`` would be silent
 
 :func:`coupled_outputs` reads the graph of one micro-batch's loss before its backward pass. A matrix product
 (or distance) of two operands that both carry examples' data pairs examples: an operand carries them when the
-graph below it reaches a hooked layer's batch-first output whose input is data or carries them, or an input that
-needs a gradient (a parameter, or a tensor computed from parameters alone, such as a positional table as long as
-the batch, does not). A batched matrix product whose batch holds the examples (attention's ``(B * heads, T, T)``
+graph below it reaches a hooked layer's batch-first output, or an input that needs a gradient (a parameter does
+not, nor a layer output whose input is provably computed from parameters alone, such as a positional table as long
+as the batch: data that needs no gradient leaves only an empty edge in the graph, so any empty edge below voids
+the proof). A batched matrix product whose batch holds the examples (attention's ``(B * heads, T, T)``
 scores) pairs positions within each example and is no coupling. Reported: every hooked layer output below a
 pairing operation, after it in the forward (its input depends on several examples), or on a branch that joins
 the path from it to the loss where the gradient depends on it (:func:`_coupled_branches`).
@@ -92,14 +93,28 @@ def _post_order(root: Node) -> list[Node]:
     return order
 
 
+def _parameters_only(node: Node, parameters_only: dict[Node, bool]) -> bool:
+    """Whether ``node`` computes from parameters alone. Data that needs no gradient leaves no node in the graph,
+    only an empty edge (``x * scale`` with ``x`` data): an empty edge anywhere below, and the answer is no."""
+    variable = getattr(node, "variable", None)  # a gradient accumulator: a leaf tensor
+    if variable is not None:
+        return isinstance(variable, nn.Parameter)
+    following = node.next_functions
+    return bool(following) and all(f is not None and parameters_only.get(f, False) for f, _ in following)
+
+
 def _carries_examples(
-    node: Node, batch_first: dict[Node, frozenset[Node]], carries: dict[Node, bool], examples: int
+    node: Node,
+    batch_first: dict[Node, frozenset[Node]],
+    carries: dict[Node, bool],
+    parameters_only: dict[Node, bool],
+    examples: int,
 ) -> bool:
     inputs = batch_first.get(node)
     if inputs is not None:
-        # A layer's batch-first output holds examples when its input is data (no graph below it) or holds them;
-        # one computed from parameters alone (a positional table as long as the batch) does not.
-        return not inputs or any(carries.get(i, False) for i in inputs)
+        # A layer's batch-first output holds examples unless its inputs were provably computed from parameters
+        # alone, holding none (a positional table as long as the batch is).
+        return not inputs or any(carries.get(i, False) or not parameters_only.get(i, False) for i in inputs)
     if _opaque(node):  # a compiled region: its outputs' shapes are all the graph shows
         return any(len(m.shape) > 0 and m.shape[0] == examples for m in node._input_metadata)
     variable = getattr(node, "variable", None)  # a gradient accumulator: a leaf tensor
@@ -270,11 +285,13 @@ def coupled_outputs(
     if examples < 2:
         return {}, None
     carries: dict[Node, bool] = {}
+    parameters_only: dict[Node, bool] = {}
     pairing: list[Node] = []
     conditional: set[Node] = set()
     order = _post_order(root)
     for node in order:
-        carries[node] = _carries_examples(node, batch_first, carries, examples) or any(
+        parameters_only[node] = _parameters_only(node, parameters_only)
+        carries[node] = _carries_examples(node, batch_first, carries, parameters_only, examples) or any(
             carries.get(f, False) for f, _ in node.next_functions if f is not None
         )
         if _pairs_examples(node, carries, examples) or _broadcasts_over_examples(node, carries, examples):
