@@ -16,7 +16,7 @@ structure. A graph with compiled regions (whose inner calls no hook sees) is not
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
@@ -24,6 +24,16 @@ from torch.utils._pytree import tree_flatten
 from lightning_gns.sources.per_example_coupling import coupled_outputs
 
 Node = Any  # torch.autograd.graph.Node
+
+
+class _Call(NamedTuple):
+    """A hooked layer call: the grad_fns of its outputs (those whose leading dimension is the batch apart), of its
+    inputs, and its watched parameters' indices."""
+
+    roots: list[Node]
+    stops: set[Node]
+    indices: list[int]
+    batch_first: list[Node]
 
 
 class UseCheck:
@@ -38,28 +48,22 @@ class UseCheck:
     def __init__(self, param_index: dict[int, int], examples: int | None = None) -> None:
         self._param_index = param_index
         self._examples = examples
-        self._calls: list[tuple[list[Node], set[Node], list[int]]] = []
-        # grad_fns of hooked outputs whose leading dimension is the batch -> the grad_fns of their call's inputs
-        self._batch_first: dict[Node, frozenset[Node]] = {}
+        self._calls: list[_Call] = []
 
     def record_call(self, outputs: Any, inputs: Any, indices: list[int]) -> None:
         """A hooked layer call: its outputs, its inputs (args and kwargs) and its watched parameters' indices."""
         tensors = [t for t in tree_flatten(outputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None]
-        roots = [t.grad_fn for t in tensors]
-        stops = {t.grad_fn for t in tree_flatten(inputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None}
-        input_nodes = frozenset(stops)
-        self._batch_first.update(
-            (t.grad_fn, input_nodes) for t in tensors if t.dim() > 0 and t.shape[0] == self._examples
-        )
-        if roots and indices:
-            self._calls.append((roots, stops, indices))
+        if tensors and indices:
+            stops = {t.grad_fn for t in tree_flatten(inputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None}
+            batch_first = [t.grad_fn for t in tensors if t.dim() > 0 and t.shape[0] == self._examples]
+            self._calls.append(_Call([t.grad_fn for t in tensors], stops, indices, batch_first))
 
     def outside_uses(self, loss: Tensor) -> dict[int, str]:
         """Watched parameter index -> the kind of graph node that uses it outside its layers (e.g. ``MmBackward0``)."""
         if loss.grad_fn is None:
             return {}
         allowed: set[tuple[Node, int]] = set()
-        for roots, stops, indices in self._calls:
+        for roots, stops, indices, _ in self._calls:
             wanted = set(indices)
             allowed.update((node, i) for node, i in self._param_edges(roots, stops) if i in wanted)
         outside: dict[int, str] = {}
@@ -79,13 +83,18 @@ class UseCheck:
         examples."""
         if loss.grad_fn is None or self._examples is None:
             return {}
-        outputs = {r for roots, _, _ in self._calls for r in roots}
-        not_examples = {r for roots, _, indices in self._calls if set(indices) <= excluded for r in roots}
-        not_examples |= doubtful or set()
-        batch_first = {node: inputs for node, inputs in self._batch_first.items() if node not in not_examples}
+        outputs = {r for call in self._calls for r in call.roots}
+        doubtful = doubtful or set()
+        batch_first = {
+            node: frozenset(call.stops)
+            for call in self._calls
+            if not set(call.indices) <= excluded  # left out, e.g. for holding positions
+            for node in call.batch_first
+            if node not in doubtful
+        }
         found, opaque_below = coupled_outputs(loss.grad_fn, outputs, batch_first, self._examples)
         coupled: dict[int, str] = {}
-        for roots, _, indices in self._calls:
+        for roots, _, indices, _ in self._calls:
             node = next((found[r] for r in roots if r in found), None)
             if node is not None:
                 coupled.update((i, node) for i in indices)
