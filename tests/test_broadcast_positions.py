@@ -135,11 +135,15 @@ def test_a_graph_that_cannot_be_read_is_said_and_training_goes_on(
 
 
 class OffsetPositions(TinyGPT):
-    """nanoGPT with positions counted from 1: ``wpe(arange(1, T + 1))`` is no ``arange(T)``, yet shared."""
+    """nanoGPT with positions counted from 1: ``wpe(arange(1, T + 1))`` is no ``arange(T)``, yet shared; with
+    ``stride`` 2, ``wpe(arange(1, 2 T + 1, 2))``: no consecutive index either, found by the broadcast alone."""
+
+    stride = 1
 
     def forward(self, idx: Tensor) -> Tensor:
         b, t = idx.shape
-        x = self.wte(idx) + self.wpe(torch.arange(1, t + 1, device=idx.device))
+        positions = torch.arange(1, self.stride * t + 1, self.stride, device=idx.device)
+        x = self.wte(idx) + self.wpe(positions)
         for block in self.blocks:
             h = block["ln_1"](x)
             q, k, v = block["c_attn"](h).split(x.shape[-1], dim=2)
@@ -150,14 +154,19 @@ class OffsetPositions(TinyGPT):
         return self.lm_head(self.ln_f(x))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("batch_size", [4, 8], ids=["T!=B", "T==B"])
-def test_positions_with_an_offset_broadcast_over_the_batch_are_left_out(batch_size: int) -> None:
+def test_positions_with_an_offset_broadcast_over_the_batch_are_left_out(batch_size: int, stride: int) -> None:
     model = OffsetPositions(width=12)  # no dimension of wpe's (T, 12) output equals the batch but T
+    model.stride = stride
     gns = GradientNoiseScale(beta=0.8, mode="per_example")
     recorder = BatchRecorder(gns)
     fit64([gns, recorder], model, TinyGPT.data(batch_size * 4, batch_size=batch_size))
     assert list(gns.left_out) == ["wpe.weight"] and gns.skipped_steps == 0
-    want_reason = "broadcasts it over the batch" if batch_size == 8 else "leading dimension is not"
+    # T == B: found by its index, consecutive positions (per_example_tables), before the broadcast is judged
+    want_reason = "leading dimension is not"
+    if batch_size == 8:
+        want_reason = "holds no examples" if stride == 1 else "broadcasts it over the batch"
     assert want_reason in gns.left_out["wpe.weight"]
     kept = param_names(model, ("wpe",))
     want = reference_history(

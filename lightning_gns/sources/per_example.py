@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, Literal
 
@@ -33,6 +35,7 @@ from lightning_gns.sources.per_example_positions import broadcast_outputs
 from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
 from lightning_gns.sources.per_example_rows import FlattenedRows
+from lightning_gns.sources.per_example_tables import ExampleFreeInputs
 from lightning_gns.sources.per_example_uses import UseCheck
 
 Layers = Literal["all", "norm"]
@@ -58,6 +61,14 @@ POSITIONS = (
     " examples, as many as the examples (a positional table such as wpe(arange(1, T + 1)), or T5's relative"
     " attention bias of a (T, T) bucket matrix, when the sequence is as long as the batch), so its gradient has no"
     " per-example split. Accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole"
+    " gradients)"
+)
+TABLE = (
+    "layer {name!r} ({kind}) was called on a tensor that holds no examples, computed from the model's parameters,"
+    " buffers or consecutive position indices alone (a positional table as long as the batch, such as"
+    " pos_proj(wpe(arange(T))) or a layer on a learned (T, d) table at T == B): its output of shape {shape} has as"
+    " many rows as the micro-batch has examples, but they are positions shared by every example, so its gradient"
+    " has no per-example split. Accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole"
     " gradients)"
 )
 UNJUDGED = (
@@ -353,7 +364,10 @@ class PerExampleSource(GradNormSource):
         # over the batch (per_example_positions)
         self._broadcast_modules: set[int] = set()
         self._sequence_first_layer: str | None = None  # a layer with batch_first=False, if the model has one
-        self._checked_1d_modules: set[int] = set()
+        # Layers judged for inputs that hold no examples (per_example_tables), and the proofs of one micro-batch.
+        self._judged_tables: set[int] = set()
+        self._tables = ExampleFreeInputs()
+        self._model: Callable[[], nn.Module | None] = lambda: None
         self._rows = FlattenedRows()  # per micro-batch: which tensors hold the examples' rows in order
         # Outputs of shape (B, B, ...) this micro-batch (grad_fn -> layer), read in before_backward
         # (per_example_positions); each layer is judged once.
@@ -387,6 +401,7 @@ class PerExampleSource(GradNormSource):
 
     def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:
         self.detach()
+        self._model = weakref.ref(model)
         wanted = {id(p) for p in params}
         # nn.DataParallel's replicas copy a module's attributes, a replaced forward included, which would run
         # the original layer's weights on every replica: no fused path there.
@@ -497,6 +512,7 @@ class PerExampleSource(GradNormSource):
     def _clear_graph_records(self) -> None:
         """Forget the graph nodes kept for one micro-batch (after its backward, they only hold memory)."""
         self._rows.clear()
+        self._tables.clear()
         self._square_outputs = {}
         self._recomputed_square = {}
         self._recomputed_outputs = []
@@ -570,6 +586,14 @@ class PerExampleSource(GradNormSource):
             if use is not None and use.examples is not None and not use.grouped:
                 for _, i in use.params:
                     self.exclude(i, self._leading_dim_problem(module, args[0], use.examples))
+            elif (
+                use is not None
+                and use.examples is None
+                and id(module) not in self._judged_tables
+                and (table := self._table_problem(module, [args[0]], output))
+            ):
+                for _, i in use.params:
+                    self.exclude(i, table)
             elif isinstance(output, Tensor):
                 self._rows.note_output(output)  # batch-first, or rows that hold the examples in order
                 if use is not None and use.examples is None:
@@ -646,6 +670,14 @@ class PerExampleSource(GradNormSource):
             return
         if captured is None:
             return
+        if id(module) not in self._judged_tables:
+            first = next((t for t in tree_flatten(output)[0] if isinstance(t, Tensor)), None)
+            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+            table = None if first is None else self._table_problem(module, inputs, first)
+            if table is not None:
+                for _, i in params:
+                    self.exclude(i, table)
+                return
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, Tensor):
                 self._note_square(module, tensor)
@@ -806,19 +838,26 @@ class PerExampleSource(GradNormSource):
         leading = output.shape[0] if output.dim() > 0 else None
         if leading != expected:
             return self._leading_dim_problem(module, inp, expected)
-        if isinstance(module, nn.Embedding) and inp.dim() == 1:
-            # A 1-D index of length B is either one row per example (a class embedding) or, when T == B by
-            # chance, positions shared by every example. Telling them apart reads the index once per layer.
-            if id(module) not in self._checked_1d_modules:
-                self._checked_1d_modules.add(id(module))
-                if torch.equal(inp, torch.arange(inp.shape[0], device=inp.device, dtype=inp.dtype)):
-                    self._broadcast_modules.add(id(module))
-            if id(module) in self._broadcast_modules:
-                return (
-                    f"layer {name!r} (Embedding) was called on arange({inp.shape[0]}): positions shared by every"
-                    " example are broadcast over the batch, so the layer cannot split its gradient per example"
-                )
-        return None
+        return None if id(module) in self._judged_tables else self._table_problem(module, [inp], output)
+
+    def _table_problem(self, module: nn.Module, inputs: list[Tensor], output: Tensor) -> str | None:
+        """Why a call whose output leads with as many rows as the batch has examples is no batch: its inputs hold
+        none, computed from the model's parameters, buffers or consecutive positions alone (per_example_tables).
+        Judged at the layer's first such call outside the backward (a reentrant checkpoint's recomputation sees
+        detached inputs)."""
+        expected = self.expected_examples
+        if expected is None or id(module) in self._judged_tables or output.dim() == 0 or output.shape[0] != expected:
+            return None
+        if torch._C._current_graph_task_id() != -1:
+            return None
+        self._judged_tables.add(id(module))
+        model = self._model()
+        state = () if model is None else itertools.chain(model.parameters(), model.buffers())
+        if not self._tables.hold_none(inputs, state):
+            return None
+        self._broadcast_modules.add(id(module))
+        name, kind = self._module_names[id(module)], type(module).__name__
+        return TABLE.format(name=name, kind=kind, shape=tuple(output.shape), examples=expected)
 
     def _leading_dim_problem(self, module: nn.Module, inp: Tensor, expected: int) -> str:
         name = self._module_names[id(module)]
@@ -910,7 +949,8 @@ class PerExampleSource(GradNormSource):
         self._excluded_at_start = frozenset()
         self._judged_square = set()
         self._broadcast_modules = set()
-        self._checked_1d_modules = set()
+        self._judged_tables = set()
+        self._model = lambda: None
         for module in self._fused_modules:
             if isinstance(vars(module).get("forward"), FusableForward):
                 del module.forward
