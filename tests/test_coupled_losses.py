@@ -358,3 +358,55 @@ def test_data_that_enters_through_a_product_with_a_parameter_still_holds_example
     tracker = tracked(ScaledInputs(), steps=1)
     assert set(tracker.left_out) == {*TOWERS, RAW_SCALE, "input_scale"}
     assert all("pairs the examples" in tracker.left_out[name] for name in TOWERS if name.startswith("image."))
+
+
+class RawEmbeddingTower(TwoTowers):
+    """CLIP's similarity with the token tower's embedding a raw parameter looked up in the model's own forward
+    (``F.embedding(tokens, self.token_table)``): the tokens, an integer index, hide in ``EmbeddingBackward0``, so
+    the layers above look computed from parameters alone."""
+
+    def __init__(self) -> None:
+        super().__init__("matmul")
+        self.token_table = nn.Parameter(torch.randn(11, 8))
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        a = F.normalize(self.image(x), dim=-1)
+        b = F.normalize(self.text[2](self.text[1](F.embedding(tokens, self.token_table))).mean(1), dim=-1)
+        logits = a @ b.T * self.logit_scale.exp()
+        labels = torch.arange(len(a))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def test_layers_on_a_lookup_of_data_in_a_raw_parameter_still_hold_examples() -> None:
+    torch.manual_seed(0)
+    tracker = tracked(RawEmbeddingTower(), steps=1)
+    towers = [name for name in TOWERS if not name.startswith("text.0.")]  # text[0] is unused here
+    assert set(tracker.left_out) == {*towers, RAW_SCALE, "token_table"}
+    assert all("pairs the examples" in tracker.left_out[name] for name in towers), tracker.left_out
+
+
+class RawLookupTower(TwoTowers):
+    """CLIP's similarity against a token tower that is only a lookup in a raw parameter (``table[tokens]`` or
+    ``F.embedding``), no hooked layer above it: the tokens enter the graph as the index the lookup saved."""
+
+    def __init__(self, lookup: str) -> None:
+        super().__init__("matmul")
+        self.lookup = lookup
+        self.token_table = nn.Parameter(torch.randn(11, 5))
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        a = F.normalize(self.image(x), dim=-1)
+        rows = F.embedding(tokens, self.token_table) if self.lookup == "embedding" else self.token_table[tokens]
+        b = F.normalize(rows.mean(1), dim=-1)
+        logits = a @ b.T * self.logit_scale.exp()
+        labels = torch.arange(len(a))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+@pytest.mark.parametrize("lookup", ["embedding", "index"])
+def test_a_lookup_of_tokens_in_a_raw_parameter_holds_examples(lookup: str) -> None:
+    torch.manual_seed(0)
+    tracker = tracked(RawLookupTower(lookup), steps=1)
+    image = [name for name in TOWERS if name.startswith("image.")]
+    assert set(tracker.left_out) == {*image, RAW_SCALE, "token_table"}
+    assert all("pairs the examples" in tracker.left_out[name] for name in image), tracker.left_out

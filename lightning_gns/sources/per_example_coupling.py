@@ -8,10 +8,10 @@ per-example split is of no independent samples, and ``B_simple`` would be silent
 
 :func:`coupled_outputs` reads the graph of one micro-batch's loss before its backward pass. A matrix product
 (or distance) of two operands that both carry examples' data pairs examples: an operand carries them when the
-graph below it reaches a hooked layer's batch-first output, or an input that needs a gradient (a parameter does
-not, nor a layer output whose input is provably computed from parameters alone, such as a positional table as long
-as the batch: data that needs no gradient leaves only an empty edge in the graph, so any empty edge below voids
-the proof). A batched matrix product whose batch holds the examples (attention's ``(B * heads, T, T)``
+graph below it reaches a hooked layer's batch-first output, an input that needs a gradient, or a lookup of the
+examples' tokens or labels in a raw parameter (:func:`_looks_up_examples`); a parameter does not, nor a layer
+output whose input provably holds no examples, such as a positional table as long as the batch
+(per_example_tables). A batched matrix product whose batch holds the examples (attention's ``(B * heads, T, T)``
 scores) pairs positions within each example and is no coupling. Reported: every hooked layer output below a
 pairing operation, after it in the forward (its input depends on several examples), or on a branch that joins
 the path from it to the loss where the gradient depends on it (:func:`_coupled_branches`).
@@ -32,11 +32,17 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES
+from lightning_gns.sources.per_example_tables import ExampleFreeInputs, consecutive_positions
 
 Node = Any  # torch.autograd.graph.Node
+# Lookups and the saved index (or indices) each keeps: how data that needs no gradient (tokens, labels) shows.
+_LOOKUPS = {
+    "EmbeddingBackward0": "_saved_indices", "IndexBackward0": "_saved_indices",
+    "IndexSelectBackward0": "_saved_index", "GatherBackward0": "_saved_index",
+}  # fmt: skip
 
 # Backward node name -> the positions in next_functions of its two matrix operands.
 _PAIRING = {
@@ -93,34 +99,39 @@ def _post_order(root: Node) -> list[Node]:
     return order
 
 
-def _parameters_only(node: Node, parameters_only: dict[Node, bool]) -> bool:
-    """Whether ``node`` computes from parameters alone. Data that needs no gradient leaves no node in the graph,
-    only an empty edge (``x * scale`` with ``x`` data): an empty edge anywhere below, and the answer is no."""
-    variable = getattr(node, "variable", None)  # a gradient accumulator: a leaf tensor
-    if variable is not None:
-        return isinstance(variable, nn.Parameter)
-    following = node.next_functions
-    return bool(following) and all(f is not None and parameters_only.get(f, False) for f, _ in following)
-
-
 def _carries_examples(
     node: Node,
     batch_first: dict[Node, frozenset[Node]],
     carries: dict[Node, bool],
-    parameters_only: dict[Node, bool],
+    tables: ExampleFreeInputs,
+    outputs: set[Node],
     examples: int,
 ) -> bool:
     inputs = batch_first.get(node)
     if inputs is not None:
-        # A layer's batch-first output holds examples unless its inputs were provably computed from parameters
-        # alone, holding none (a positional table as long as the batch is).
-        return not inputs or any(carries.get(i, False) or not parameters_only.get(i, False) for i in inputs)
+        # A layer's batch-first output holds examples unless its inputs provably hold none (per_example_tables: a
+        # positional table as long as the batch is; a lookup of data in a raw parameter is no such table).
+        return not inputs or any(carries.get(i, False) or not tables.node_holds_none(i) for i in inputs)
     if _opaque(node):  # a compiled region: its outputs' shapes are all the graph shows
         return any(len(m.shape) > 0 and m.shape[0] == examples for m in node._input_metadata)
+    if node not in outputs and _looks_up_examples(node, examples):
+        return True
     variable = getattr(node, "variable", None)  # a gradient accumulator: a leaf tensor
     if variable is None or isinstance(variable, nn.Parameter):
         return False
     return variable.dim() > 0 and variable.shape[0] == examples  # an input that needs a gradient
+
+
+def _looks_up_examples(node: Node, examples: int) -> bool:
+    """A lookup outside the hooked layers (``F.embedding(tokens, table)``, ``table[labels]``) whose index leads with
+    the batch's size and is no run of consecutive positions: the examples' tokens or labels, which need no
+    gradient and so show in the graph only as the index the node saved."""
+    saved = getattr(node, _LOOKUPS.get(node.name(), ""), None)
+    indices = saved if isinstance(saved, tuple) else (saved,)
+    return any(
+        isinstance(i, Tensor) and i.dim() > 0 and i.shape[0] == examples and not consecutive_positions(i)
+        for i in indices
+    )
 
 
 def _opaque(node: Node) -> bool:
@@ -285,13 +296,12 @@ def coupled_outputs(
     if examples < 2:
         return {}, None
     carries: dict[Node, bool] = {}
-    parameters_only: dict[Node, bool] = {}
+    tables = ExampleFreeInputs()
     pairing: list[Node] = []
     conditional: set[Node] = set()
     order = _post_order(root)
     for node in order:
-        parameters_only[node] = _parameters_only(node, parameters_only)
-        carries[node] = _carries_examples(node, batch_first, carries, parameters_only, examples) or any(
+        carries[node] = _carries_examples(node, batch_first, carries, tables, outputs, examples) or any(
             carries.get(f, False) for f, _ in node.next_functions if f is not None
         )
         if _pairs_examples(node, carries, examples) or _broadcasts_over_examples(node, carries, examples):

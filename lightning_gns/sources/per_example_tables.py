@@ -78,7 +78,7 @@ class ExampleFreeInputs:
             return True
         node = tensor.grad_fn
         if node is not None:
-            return self._node_holds_none(node, model_state)
+            return self.node_holds_none(node, model_state)
         if tensor.requires_grad:
             return False  # a leaf that needs a gradient and is no parameter: an input of the model
         if not tensor.is_floating_point():
@@ -104,7 +104,8 @@ class ExampleFreeInputs:
                     return False
         return True
 
-    def _node_holds_none(self, root: Node, model_state: Iterable[Tensor]) -> bool:
+    def node_holds_none(self, root: Node, model_state: Iterable[Tensor] = ()) -> bool:
+        """Whether the output of graph node ``root`` provably holds no examples (``model_state``: see above)."""
         verdicts = self._verdicts
         stack: list[tuple[Node, bool]] = [(root, False)]
         visited = 0
