@@ -54,7 +54,12 @@ class Announcements:
             )
         if mode == "microbatch" and accumulation < 2:
             reasons.append("mode='microbatch' needs accumulate_grad_batches >= 2")
-        why = "; ".join(reasons) if reasons else "non-finite gradients or fewer than two small batches per step"
+        if failure is None:
+            reasons.append(
+                "non-finite gradients, batch_size_fn counts that are negative or all zero, or fewer than two small"
+                " batches per step"
+            )
+        why = "; or ".join(reasons)
         self(
             f"GradientNoiseScale: no optimizer step could be measured so far ({skipped} skipped): {why}."
             " B_simple stays NaN until a step can be measured."

@@ -120,6 +120,14 @@ def summary_from_counts(size_weighted_sq_norm_sum: Tensor, counts: Tensor) -> Sm
     return SmallBatchSummary(size_weighted_sq_norm_sum, *counts.unbind())
 
 
+def _unless_negative(term: Tensor, least_count: Tensor) -> Tensor:
+    """``term``, or NaN (the step is skipped as not finite) where a count from ``batch_size_fn`` is negative.
+
+    Decided on the device: reading the counts would synchronise with it on every step.
+    """
+    return torch.where(least_count < 0, torch.full_like(term, float("nan")), term)
+
+
 class StepSums:
     """Running sums of one optimizer step's small batches on this process: the :class:`SmallBatchSummary` fields.
 
@@ -200,7 +208,7 @@ class StepSums:
             units_sum = counts.sum()
             has_units = counts > 0
             weights = torch.where(has_units, units_sum.square() / counts.clamp(min=1), torch.zeros_like(counts))
-            term = sq @ weights
+            term = _unless_negative(sq @ weights, counts.amin())
             self.num_small_batches = self.num_small_batches + has_units.sum()
         else:
             # Equal shares 1 / S of u units: each term is (u / S) (S |raw_i|)^2 = u S |raw_i|^2 (u |raw|^2 for a
@@ -208,6 +216,8 @@ class StepSums:
             # An integer tensor of units would make 1 / u a float32 (torch's default dtype): sum in float64.
             units_sum = units.to(torch.float64).sum() if isinstance(units, Tensor) else units
             term = sq.sum(dim=1) * (units_sum * sq.shape[1])
+            if isinstance(units, Tensor):  # a 0-d count of zero already makes the step's sums infinite
+                term = _unless_negative(term, units.to(torch.float64).amin())
             self.num_small_batches = self.num_small_batches + sq.shape[1]
         self._add_sq_sum(term)
         if measured:

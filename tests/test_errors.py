@@ -63,11 +63,19 @@ def test_unknown_layers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "kwargs"), [("microbatch", {"layers": "norm"}), ("ddp", {"per_layer": True})], ids=["layers", "per_layer"]
+    ("mode", "kwargs", "said"),
+    [("microbatch", {"layers": "norm"}, "layers='norm'"), ("ddp", {"per_layer": True}, "per_layer=True")],
+    ids=["layers", "per_layer"],
 )
-def test_layer_options_need_per_example_mode(mode: str, kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match=r"need per-example gradients: use mode='per_example'"):
+def test_layer_options_need_per_example_mode(mode: str, kwargs: dict[str, Any], said: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{re.escape(said)} needs per-example gradients: use mode='per_example'"):
         GradientNoiseScale(mode=mode, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("flag", ["prog_bar", "per_layer"])
+def test_flags_must_be_booleans(flag: str) -> None:
+    with pytest.raises(ValueError, match=rf"{flag} must be True or False, got 'no'"):
+        GradientNoiseScale(**{flag: "no"})  # type: ignore[arg-type]
 
 
 def test_valid_arguments_construct() -> None:
@@ -299,3 +307,13 @@ def test_a_shape_that_does_not_split_per_example_skips_the_step(monkeypatch: pyt
     with pytest.warns(UserWarning, match=r"no optimizer step could be measured.*failed: shape '\[4, -1, 3\]'"):
         fit(gns)
     assert gns.skipped_steps == 2 and np.isnan(gns.b_simple)
+
+
+@pytest.mark.parametrize(
+    "counts", [lambda batch: torch.full((len(batch[0]),), -1), lambda batch: torch.tensor(-8)], ids=["1-D", "0-d"]
+)
+def test_batch_size_fn_tensors_of_negative_counts_skip_every_step_and_say_why(counts: Any) -> None:
+    gns = GradientNoiseScale(batch_size_fn=counts)
+    with pytest.warns(UserWarning, match="batch_size_fn counts that are negative or all zero"):
+        fit(gns, accumulate_grad_batches=2)
+    assert gns.skipped_steps > 0 and not np.isfinite(gns.b_simple)

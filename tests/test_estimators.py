@@ -303,3 +303,21 @@ def test_integer_tensor_units_are_counted_in_float64(units: int, by_example: boo
         for sq in norms:
             as_tensor.add_backward(sq, units_tensor, by_example=by_example)
         assert torch.equal(as_tensor.summary().stack(), as_int.summary().stack()), units_tensor
+
+
+@pytest.mark.parametrize(
+    ("units", "by_example"),
+    [(torch.tensor([2, -1, 3]), True), (torch.tensor(-8), False), (torch.tensor([4, -4]), False)],
+    ids=["a negative per-example count", "a negative 0-d count", "counts summing to zero"],
+)
+def test_counts_that_are_negative_make_the_step_not_finite(units: Tensor, by_example: bool) -> None:
+    """batch_size_fn's tensors are not read on the host (a sync per step): a negative count (or a micro-batch of no
+    units) turns the step's sums into NaN or infinity, so the step is skipped rather than averaged."""
+    sums = StepSums()
+    columns = 3 if by_example else 1
+    sums.add_backward(torch.ones(2, columns, dtype=F64), units, by_example=by_example)
+    summary = sums.summary()
+    assert not all(math.isfinite(float(v)) for v in summary.stack())
+    padded = StepSums()  # an example of padding alone (count 0) is no small batch, and the step stays finite
+    padded.add_backward(torch.ones(2, 3, dtype=F64), torch.tensor([2, 0, 3]), by_example=True)
+    assert all(math.isfinite(float(v)) for v in padded.summary().stack())

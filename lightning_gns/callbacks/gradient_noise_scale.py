@@ -93,10 +93,16 @@ class GradientNoiseScaleBase(LightningNamespace):
             raise ValueError(f"Unknown mode {mode!r}. Choose one of {', '.join(repr(m) for m in MODES)}.")
         if layers not in LAYERS:
             raise ValueError(f"Unknown layers {layers!r}. Choose 'all' (every supported layer) or 'norm'.")
+        for flag, value in (("prog_bar", prog_bar), ("per_layer", per_layer)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}.")
         if (layers != "all" or per_layer) and mode not in ("auto", "per_example"):
+            wanted = " and ".join(
+                f for f, on in ((f"layers={layers!r}", layers != "all"), ("per_layer=True", per_layer)) if on
+            )
             raise ValueError(
-                f"layers={layers!r} and per_layer={per_layer} need per-example gradients: use mode='per_example'"
-                f" (got mode={mode!r})."
+                f"{wanted} needs per-example gradients: use mode='per_example' (or 'auto' on one device without"
+                f" accumulation), got mode={mode!r}."
             )
         every = checked_int("measure_every_n_steps", measure_every_n_steps, minimum=1)
         if kaplan_loss is not None and not (isinstance(kaplan_loss, str) and kaplan_loss):

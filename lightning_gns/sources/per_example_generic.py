@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,10 +131,13 @@ def capture(
     output: Any,
     param_names: list[str],
     expected: int | None,
+    holds_no_examples: Callable[[Tensor], bool] | None = None,
 ) -> tuple[Replay, list[Tensor]] | str | None:
     """The replay of this call and the output tensors to hook; why it cannot be split per example; or None.
 
-    None: no output needs a gradient (nothing to measure in this call).
+    None: no output needs a gradient (nothing to measure in this call). An input that would broadcast over a wider
+    one (``(T, d)`` beside ``(B, T, d)`` at ``T == B``) is not split where ``holds_no_examples`` proves it a table
+    shared by the examples; otherwise the call is refused as ambiguous.
     """
     out_leaves = tree_flatten(output)[0]
     selected = [i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and t.requires_grad]
@@ -161,6 +164,7 @@ def capture(
     leaves, spec = tree_flatten((args, kwargs))
     positions: list[tuple[int | str, Any]] = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
     batched: list[tuple[int, int]] = []
+    originals: dict[int, Tensor] = {}
     at = 0
     for position, value in positions:
         count = len(tree_flatten(value)[0])
@@ -171,7 +175,20 @@ def capture(
                 leaves[k] = leaf.detach()
                 if dim is not None and leaf.dim() > dim and leaf.shape[dim] == batch:
                     batched.append((k, dim))
+                    originals[k] = leaf
         at += count
+    shared = _broadcast_inputs(batched, originals)
+    if shared:
+        undecided = [k for k in shared if holds_no_examples is None or not holds_no_examples(originals[k])]
+        if undecided:
+            shape, widest = tuple(originals[undecided[0]].shape), tuple(originals[shared[undecided[0]]].shape)
+            return (
+                f"layer {name!r} ({type(module).__name__}) was called with an input of shape {shape} beside one of"
+                f" shape {widest}: it may be one row per example or a table broadcast over them (positions as many"
+                " as the examples), which the shapes cannot tell. Use a batch size other than the sequence length, or"
+                " accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
+            )
+        batched = [(k, d) for k, d in batched if k not in shared]  # a table shared by the examples: not split
     if not batched:
         return (
             f"layer {name!r} ({type(module).__name__}) was called without an input whose batch dimension holds the"
@@ -199,6 +216,21 @@ def capture(
         autocast,
     )
     return replay, tensors
+
+
+def _broadcast_inputs(batched: list[tuple[int, int]], originals: dict[int, Tensor]) -> dict[int, int]:
+    """The inputs split along their first dimension that would broadcast, aligned from the right, over a wider input
+    split there too: ``(T, d)`` beside ``(B, T, d)`` at ``T == B``; each with the wider one's leaf index."""
+    leading = [k for k, d in batched if d == 0]
+    if len(leading) < 2:
+        return {}
+    widest = max(leading, key=lambda k: originals[k].dim())
+    wide_shape = tuple(originals[widest].shape)
+    return {
+        k: widest
+        for k in leading
+        if originals[k].dim() < len(wide_shape) and tuple(originals[k].shape) == wide_shape[-originals[k].dim() :]
+    }
 
 
 def _with_initial_state(
