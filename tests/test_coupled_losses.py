@@ -410,3 +410,40 @@ def test_a_lookup_of_tokens_in_a_raw_parameter_holds_examples(lookup: str) -> No
     image = [name for name in TOWERS if name.startswith("image.")]
     assert set(tracker.left_out) == {*image, RAW_SCALE, "token_table"}
     assert all("pairs the examples" in tracker.left_out[name] for name in image), tracker.left_out
+
+
+class MixedRows(nn.Module):
+    """Manifold mixup inside the model: a hidden layer's rows mixed with other examples' (``roll``, ``flip``, a
+    permutation), or, as a control, only reordered and put back (a sort for packing pairs nothing)."""
+
+    def __init__(self, mixing: str) -> None:
+        super().__init__()
+        self.mixing = mixing
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        order = torch.tensor([2, 0, 3, 1])
+        if self.mixing == "roll":
+            h = 0.7 * h + 0.3 * h.roll(1, 0)
+        elif self.mixing == "flip":
+            h = 0.7 * h + 0.3 * h.flip(0)
+        elif self.mixing == "permutation":
+            h = 0.7 * h + 0.3 * h[order]
+        elif self.mixing == "index_select":
+            h = 0.7 * h + 0.3 * h.index_select(0, order)
+        else:  # reordered, transformed row by row, and put back in place
+            h = torch.tanh(h[order])[torch.argsort(order)]
+        return self.b(h).square().mean()
+
+
+@pytest.mark.parametrize("mixing", ["roll", "flip", "permutation", "index_select", "reorder"])
+def test_rows_mixed_with_other_examples_couple_them(mixing: str) -> None:
+    torch.manual_seed(0)
+    model = MixedRows(mixing)
+    tracker = measured(model, lambda: model(torch.randn(4, 6)))
+    if mixing == "reorder":
+        assert tracker.left_out == {} and int(tracker.metric.measured_steps) == 1
+    else:
+        assert set(tracker.left_out) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+        assert all("pairs the examples" in reason for reason in tracker.left_out.values())

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES
@@ -159,6 +160,42 @@ def _pairs_examples(node: Node, carries: dict[Node, bool], examples: int) -> boo
         if shape and shape[0] % examples == 0:
             return False  # the batch of the product holds the examples (B, or B * heads): within each example
     return True
+
+
+def _moves_examples(node: Node, carries: dict[Node, bool], uses: dict[Node, int], examples: int) -> bool:
+    """Whether ``node`` moves the rows of a tensor computed from the examples to other examples' places (``roll``
+    or ``flip`` along the batch, ``h[perm]``) while the tensor is also used where it was: manifold mixup's
+    ``0.7 * h + 0.3 * h.roll(1, 0)`` mixes two examples in each row. A reordering alone (a sort for packing) keeps
+    each row one example's and pairs nothing."""
+    moved = _MOVES.get(node.name())
+    if moved is None or not node.next_functions:
+        return False
+    source = node.next_functions[0][0]
+    if source is None or not carries.get(source) or uses.get(source, 0) < 2:
+        return False
+    metadata = node._input_metadata
+    if len(metadata) != 1 or len(metadata[0].shape) == 0 or metadata[0].shape[0] != examples:
+        return False
+    return moved(node)
+
+
+def _moves_rows(index: Any, node: Node) -> bool:
+    """Whether an index along the batch sends rows elsewhere (``h[torch.arange(B), last]``'s does not; nor a mask;
+    nor one that picks rows of a tensor whose rows are not the examples, as tokens routed to an expert)."""
+    if not isinstance(index, Tensor) or index.dtype == torch.bool:
+        return False
+    if int(node._saved_self_sym_sizes[0]) != index.shape[0]:
+        return False  # rows picked from more (or fewer) rows than it gives: no reordering of the batch
+    rows = torch.arange(index.shape[0], device=index.device) if index.dim() == 1 else None
+    return rows is None or not torch.equal(index, rows.to(index.dtype))
+
+
+_MOVES = {
+    "RollBackward0": lambda node: not node._saved_dims or 0 in node._saved_dims,
+    "FlipBackward0": lambda node: 0 in node._saved_dims,
+    "IndexBackward0": lambda node: bool(node._saved_indices) and _moves_rows(node._saved_indices[0], node),
+    "IndexSelectBackward0": lambda node: node._saved_dim == 0 and _moves_rows(node._saved_index, node),
+}
 
 
 def _one_example(edge: tuple[Node, int]) -> int | None:
@@ -300,11 +337,20 @@ def coupled_outputs(
     pairing: list[Node] = []
     conditional: set[Node] = set()
     order = _post_order(root)
+    uses: dict[Node, int] = defaultdict(int)  # how many operations take each node's output
+    for node in order:
+        for following, _ in node.next_functions:
+            if following is not None:
+                uses[following] += 1
     for node in order:
         carries[node] = _carries_examples(node, batch_first, carries, tables, outputs, examples) or any(
             carries.get(f, False) for f, _ in node.next_functions if f is not None
         )
-        if _pairs_examples(node, carries, examples) or _broadcasts_over_examples(node, carries, examples):
+        if (
+            _pairs_examples(node, carries, examples)
+            or _broadcasts_over_examples(node, carries, examples)
+            or _moves_examples(node, carries, uses, examples)
+        ):
             pairing.append(node)
         elif _reduces_over_examples(node, carries, examples):
             pairing.append(node)
