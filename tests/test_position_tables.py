@@ -23,7 +23,7 @@ from support.zoo import SequenceRegression
 
 TABLES = (
     "embedding-then-linear", "raw-table", "frozen-table", "buffer", "norm-of-table", "embedding-expanded",
-    "custom-layer",
+    "custom-layer", "shared-layer",
 )  # fmt: skip
 
 
@@ -51,7 +51,7 @@ class PositionTable(SequenceRegression):
         self.cls_proj = nn.Linear(4, 4)  # on the class token expanded over the batch: one copy per example
         if table in ("embedding-then-linear", "embedding-expanded"):
             self.wpe = nn.Embedding(6, 4)
-        if table in ("raw-table", "frozen-table", "norm-of-table", "custom-layer"):
+        if table in ("raw-table", "frozen-table", "norm-of-table", "custom-layer", "shared-layer"):
             self.pos_table = nn.Parameter(torch.randn(5, 4), requires_grad=table != "frozen-table")
         if table == "buffer":
             self.register_buffer("sinusoid", torch.sin(torch.arange(20.0).reshape(5, 4)))
@@ -59,7 +59,7 @@ class PositionTable(SequenceRegression):
             self.pos_norm = nn.LayerNorm(4)
         if table == "custom-layer":
             self.pos_scale = Scale(4)
-        if table != "embedding-expanded":
+        if table not in ("embedding-expanded", "shared-layer"):
             self.pos_proj = nn.Linear(4, 4)
 
     def positions(self, b: int, t: int) -> Tensor:
@@ -71,6 +71,8 @@ class PositionTable(SequenceRegression):
             return self.pos_proj(self.pos_norm(self.pos_table[:t] * 2.0))
         if self.table == "custom-layer":
             return self.pos_proj(self.pos_scale(self.pos_table[:t]))
+        if self.table == "shared-layer":  # the examples' layer, called a second time on the table
+            return self.proj(self.pos_table[:t])
         source = self.sinusoid if self.table == "buffer" else self.pos_table
         return self.pos_proj(source[:t])
 
@@ -91,6 +93,7 @@ def left_out_layers(table: str) -> tuple[str, ...]:
         "norm-of-table": ("pos_table", "pos_norm", "pos_proj"),
         "embedding-expanded": ("wpe",),
         "custom-layer": ("pos_table", "pos_scale", "pos_proj"),
+        "shared-layer": ("pos_table", "proj"),
     }[table]
 
 
@@ -146,6 +149,119 @@ def test_an_embedding_of_one_label_per_example_and_a_layer_on_it_stay_measured()
     assert gns.left_out == {} and gns.skipped_steps == 0
     want = reference_history(
         model, recorder.micro_batches, LabelEmbedding.example_loss, lambda step: param_names(model),
+        lambda batch: torch.ones(len(batch[0])), beta=0.8,
+    )  # fmt: skip
+    assert_histories_match(recorder.history, want)
+
+
+class AddScale(nn.Module):
+    """A user-written layer (generic path) with a second input: ``(x + extra) * weight``; ``per_example``: ``extra``
+    is one (B, d) vector per example, broadcast over the sequence here (FiLM-style)."""
+
+    def __init__(self, width: int, per_example: bool = False) -> None:
+        super().__init__()
+        self.per_example = per_example
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: Tensor, extra: Tensor) -> Tensor:
+        return (x + (extra[:, None] if self.per_example else extra)) * self.weight
+
+
+class SecondInput(SequenceRegression):
+    """``mix(proj(x), extra)`` with ``extra`` a (T, 4) table from a buffer or a parameter, one computed in the
+    forward (no proof it holds no examples), or a (B, 4) vector per example broadcast inside the layer."""
+
+    def __init__(self, extra: str, lr: float = 0.0) -> None:
+        super().__init__(lr)
+        torch.manual_seed(9)
+        self.extra = extra
+        self.proj = nn.Linear(4, 4)
+        self.mix = AddScale(4, per_example=extra == "per-example")
+        self.head = nn.Linear(4, 1)
+        self.register_buffer("sinusoid", torch.sin(torch.arange(20.0).reshape(5, 4)))
+        self.pos_table = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        if self.extra == "buffer":
+            extra = self.sinusoid[:t]
+        elif self.extra == "parameter":
+            extra = self.pos_table[:t]
+        elif self.extra == "computed":
+            extra = torch.arange(t, dtype=x.dtype)[:, None].expand(t, 4) * 0.3
+        else:  # one vector per example, broadcast over the sequence inside the layer: (B, 4) beside (B, T, 4)
+            extra = x.mean(dim=1)
+        mixed = self.mix(self.proj(x), extra)
+        return self.head(torch.tanh(mixed)).mean(dim=(1, 2)) + 0.0 * self.pos_table.sum()
+
+
+@pytest.mark.parametrize("extra", ["buffer", "parameter", "computed", "per-example"])
+@pytest.mark.parametrize("batch_size", [4, 3], ids=["T!=B", "T==B"])
+def test_a_table_beside_the_examples_in_a_user_layer_is_not_split_per_example(extra: str, batch_size: int) -> None:
+    """The generic path splits each input whose first dimension is the batch's; a (T, 4) table at T == B is
+    broadcast, not split, where it provably holds no examples, and the call is refused as ambiguous where not."""
+    model = SecondInput(extra)
+    gns = GradientNoiseScale(beta=0.8, mode="per_example")
+    recorder = BatchRecorder(gns)
+    fit64([gns, recorder], model, SecondInput.data(batch_size * 5, batch_size=batch_size))
+    left_out = ("pos_table",)  # a raw parameter of the model's own forward
+    if extra in ("computed", "per-example") and batch_size == 3:  # the shapes alone cannot tell them apart
+        left_out += ("mix",)
+        assert "may be one row per example or a table broadcast over them" in gns.left_out["mix.weight"]
+    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out))
+    kept = param_names(model, left_out)
+    want = reference_history(
+        model, recorder.micro_batches, SecondInput.example_loss, lambda step: kept,
+        lambda batch: torch.ones(len(batch[0])), beta=0.8,
+    )  # fmt: skip
+    assert_histories_match(recorder.history, want)
+
+
+class PickedRows(SequenceRegression):
+    """A layer on rows picked from the (B*T, 4) tokens that number as many as the examples: an expert given one
+    token per example by a fixed rule (``flat[arange(0, B*T, T)]``), a head on the tokens a (B, T) mask picks
+    (masked-LM style); as a control, a head on one token per example picked as ``h[arange(B), t - 1]``."""
+
+    def __init__(self, picking: str, lr: float = 0.0) -> None:
+        super().__init__(lr)
+        torch.manual_seed(10)
+        self.picking = picking
+        self.proj = nn.Linear(4, 4)
+        self.picked = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = torch.tanh(self.proj(x))
+        if self.picking == "expert":
+            flat = h.reshape(b * t, d)
+            chosen = torch.arange(0, b * t, t)
+            routed = flat.index_add(0, chosen, torch.tanh(self.picked(flat[chosen])))
+            return self.head(routed.reshape(b, t, d)).mean(dim=(1, 2))
+        if self.picking == "mask":
+            mask = torch.zeros(b, t, dtype=torch.bool)
+            mask[:, -1] = True  # one masked token per example: as many rows as examples
+            masked = torch.zeros_like(h).masked_scatter(mask[..., None], torch.tanh(self.picked(h[mask])))
+            return self.head(h + masked).mean(dim=(1, 2))
+        last = torch.tanh(self.picked(h[torch.arange(b), t - 1]))  # (B, 4): one row per example, in order
+        return self.head(h + last[:, None]).mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("picking", ["expert", "mask", "pooled"])
+@pytest.mark.parametrize("batch_size", [4, 3], ids=["B=4", "B=3"])
+def test_a_layer_on_as_many_picked_tokens_as_examples_is_left_out(picking: str, batch_size: int) -> None:
+    model = PickedRows(picking)
+    gns = GradientNoiseScale(beta=0.8, mode="per_example")
+    recorder = BatchRecorder(gns)
+    fit64([gns, recorder], model, PickedRows.data(batch_size * 5, batch_size=batch_size))
+    left_out = () if picking == "pooled" else ("picked",)
+    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out))
+    if left_out:
+        source = f"({batch_size * 3}, 4)" if picking == "expert" else f"({batch_size}, 3, 4)"
+        assert f"picked from a tensor of shape {source}" in gns.left_out["picked.weight"]
+    kept = param_names(model, left_out)
+    want = reference_history(
+        model, recorder.micro_batches, PickedRows.example_loss, lambda step: kept,
         lambda batch: torch.ones(len(batch[0])), beta=0.8,
     )  # fmt: skip
     assert_histories_match(recorder.history, want)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from functools import partial
 from typing import Any, Literal
 
@@ -34,7 +33,7 @@ from lightning_gns.sources.per_example_fused import (
 from lightning_gns.sources.per_example_positions import broadcast_outputs
 from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
-from lightning_gns.sources.per_example_rows import FlattenedRows
+from lightning_gns.sources.per_example_rows import FlattenedRows, rows_selected_from
 from lightning_gns.sources.per_example_tables import ExampleFreeInputs
 from lightning_gns.sources.per_example_uses import UseCheck
 
@@ -70,6 +69,13 @@ TABLE = (
     " many rows as the micro-batch has examples, but they are positions shared by every example, so its gradient"
     " has no per-example split. Accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole"
     " gradients)"
+)
+SELECTED = (
+    "layer {name!r} ({kind}) was called on rows picked from a tensor of shape {source} (tokens routed to an expert of"
+    " a mixture of experts, a selection by a token mask): its output of shape {shape} has as many rows as the"
+    " micro-batch has examples only by chance, and its rows are not the examples, so its gradient has no"
+    " per-example split. Accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole"
+    " gradients); to pick one token per example, index as h[torch.arange(B), positions], which keeps the examples"
 )
 UNJUDGED = (
     "GradientNoiseScale: the per-example source cannot tell whether the outputs of shape (B, B, ...) of layers"
@@ -366,8 +372,9 @@ class PerExampleSource(GradNormSource):
         self._sequence_first_layer: str | None = None  # a layer with batch_first=False, if the model has one
         # Layers judged for inputs that hold no examples (per_example_tables), and the proofs of one micro-batch.
         self._judged_tables: set[int] = set()
+        self._tables_judged_now: set[int] = set()
         self._tables = ExampleFreeInputs()
-        self._model: Callable[[], nn.Module | None] = lambda: None
+        self._model: nn.Module | None = None  # the attached model: its parameters and buffers are no examples
         self._rows = FlattenedRows()  # per micro-batch: which tensors hold the examples' rows in order
         # Outputs of shape (B, B, ...) this micro-batch (grad_fn -> layer), read in before_backward
         # (per_example_positions); each layer is judged once.
@@ -401,7 +408,7 @@ class PerExampleSource(GradNormSource):
 
     def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:
         self.detach()
-        self._model = weakref.ref(model)
+        self._model = model
         wanted = {id(p) for p in params}
         # nn.DataParallel's replicas copy a module's attributes, a replaced forward included, which would run
         # the original layer's weights on every replica: no fused path there.
@@ -513,6 +520,8 @@ class PerExampleSource(GradNormSource):
         """Forget the graph nodes kept for one micro-batch (after its backward, they only hold memory)."""
         self._rows.clear()
         self._tables.clear()
+        self._judged_tables |= self._tables_judged_now
+        self._tables_judged_now = set()
         self._square_outputs = {}
         self._recomputed_square = {}
         self._recomputed_outputs = []
@@ -663,7 +672,9 @@ class PerExampleSource(GradNormSource):
                 for _, i in params:
                     self.exclude(i, ambiguous)
                 return
-        captured = generic.capture(module, name, args, kwargs, output, [n for n, _ in params], self.expected_examples)
+        captured = generic.capture(
+            module, name, args, kwargs, output, [n for n, _ in params], self.expected_examples, self._holds_no_examples
+        )
         if isinstance(captured, str):
             for _, i in params:
                 self.exclude(i, captured)
@@ -840,23 +851,31 @@ class PerExampleSource(GradNormSource):
             return self._leading_dim_problem(module, inp, expected)
         return None if id(module) in self._judged_tables else self._table_problem(module, [inp], output)
 
+    def _model_state(self) -> Iterable[Tensor]:
+        model = self._model
+        return () if model is None else itertools.chain(model.parameters(), model.buffers())
+
+    def _holds_no_examples(self, tensor: Tensor) -> bool:
+        return self._tables.hold_none([tensor], self._model_state())
+
     def _table_problem(self, module: nn.Module, inputs: list[Tensor], output: Tensor) -> str | None:
         """Why a call whose output leads with as many rows as the batch has examples is no batch: its inputs hold
         none, computed from the model's parameters, buffers or consecutive positions alone (per_example_tables).
-        Judged at the layer's first such call outside the backward (a reentrant checkpoint's recomputation sees
-        detached inputs)."""
+        Judged at every such call outside the backward (a reentrant checkpoint's recomputation sees detached
+        inputs) in the first micro-batch that has one: a layer may be called on the examples and on a table."""
         expected = self.expected_examples
         if expected is None or id(module) in self._judged_tables or output.dim() == 0 or output.shape[0] != expected:
             return None
         if torch._C._current_graph_task_id() != -1:
             return None
-        self._judged_tables.add(id(module))
-        model = self._model()
-        state = () if model is None else itertools.chain(model.parameters(), model.buffers())
-        if not self._tables.hold_none(inputs, state):
-            return None
-        self._broadcast_modules.add(id(module))
+        self._tables_judged_now.add(id(module))  # every call of this micro-batch is judged: a layer may take both
         name, kind = self._module_names[id(module)], type(module).__name__
+        if not self._tables.hold_none(inputs, self._model_state()):
+            source = next((s for t in inputs if (s := rows_selected_from(t, expected)) is not None), None)
+            if source is None:
+                return None
+            return SELECTED.format(name=name, kind=kind, shape=tuple(output.shape), examples=expected, source=source)
+        self._broadcast_modules.add(id(module))
         return TABLE.format(name=name, kind=kind, shape=tuple(output.shape), examples=expected)
 
     def _leading_dim_problem(self, module: nn.Module, inp: Tensor, expected: int) -> str:
@@ -949,8 +968,8 @@ class PerExampleSource(GradNormSource):
         self._excluded_at_start = frozenset()
         self._judged_square = set()
         self._broadcast_modules = set()
-        self._judged_tables = set()
-        self._model = lambda: None
+        self._judged_tables, self._tables_judged_now = set(), set()
+        self._model = None
         for module in self._fused_modules:
             if isinstance(vars(module).get("forward"), FusableForward):
                 del module.forward

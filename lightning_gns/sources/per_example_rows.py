@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 Node = Any  # torch.autograd.graph.Node
@@ -133,3 +134,51 @@ class FlattenedRows:
 
 
 _GROUPED, _CONSTANT, _FAILS = 1, 2, 3
+
+
+def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
+    """The shape of the tensor whose rows ``inp`` picked, if its ``examples`` rows are a selection from one whose
+    leading dimension is not the batch's (tokens routed to a mixture-of-experts expert, ``flat[sel]`` of the
+    ``B*T`` tokens; ``h[mask]`` of a ``(B, T)`` token mask), found through reshapes and elementwise ops; else None.
+
+    As many rows as examples there is a coincidence: the rows are tokens (or table rows), not the examples. Pooling
+    one row per example (``h[torch.arange(B), last]``) picks from a batch-first tensor and is no such selection.
+    """
+    start = inp.grad_fn
+    stack: list[Node] = [start] if start is not None else []
+    seen: set[Node] = set()
+    while stack and len(seen) < _MAX_SELECTION_WALK:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        source = _selected_source(node)
+        if source is not None and (not source or source[0] != examples or _token_mask(node)):
+            return source
+        if node.name() in ORDER_KEEPING:
+            stack.extend(f for f, _ in node.next_functions if f is not None)
+    return None
+
+
+_MAX_SELECTION_WALK = 64  # a layer's input is a few reshapes and elementwise ops from a selection, if any
+
+
+def _selected_source(node: Node) -> tuple[int, ...] | None:
+    """The shape a row-picking op (along the first dimension) picked from, or None for any other op."""
+    name = node.name()
+    if name == "IndexBackward0":
+        indices = node._saved_indices
+        return tuple(node._saved_self_sym_sizes) if indices and isinstance(indices[0], Tensor) else None
+    if name == "IndexSelectBackward0" and node._saved_dim == 0:
+        return tuple(node._saved_self_sym_sizes)
+    if name == "GatherBackward0" and node._saved_dim == 0:
+        return tuple(node._saved_self.shape)
+    return None
+
+
+def _token_mask(node: Node) -> bool:
+    """A boolean mask over more than the batch dimension (``h[mask]`` with ``mask`` of shape ``(B, T)``)."""
+    if node.name() != "IndexBackward0":
+        return False
+    first = node._saved_indices[0]
+    return first.dtype == torch.bool and first.dim() > 1

@@ -87,8 +87,8 @@ class ExampleFreeInputs:
 
     def _is_model_state(self, tensor: Tensor, model_state: Iterable[Tensor]) -> bool:
         if self._storages is None:
-            self._storages = {t.untyped_storage().data_ptr() for t in model_state}
-        return tensor.untyped_storage().data_ptr() in self._storages
+            self._storages = {p for p in map(_storage, model_state) if p is not None}
+        return _storage(tensor) in self._storages
 
     def _hidden_operands_hold_none(self, node: Node, model_state: Iterable[Tensor]) -> bool:
         """For a node with empty edges: whether what enters through them holds no examples (as far as it shows)."""
@@ -131,6 +131,14 @@ class ExampleFreeInputs:
                 stack.append((node, True))
                 stack.extend((f, False) for f in below if f is not None and f not in verdicts)
         return verdicts[root]
+
+
+def _storage(tensor: Tensor) -> int | None:
+    """Where ``tensor``'s storage starts, or None where it has none to read (a sharded DTensor, a fake tensor)."""
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _leaf_verdict(node: Node) -> bool | None:
