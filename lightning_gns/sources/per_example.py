@@ -366,8 +366,9 @@ class PerExampleSource(GradNormSource):
         # parameters for unsharded tensors during forward, and the sharded ones are what .grad lives on.
         self._module_params: dict[int, list[tuple[str, int]]] = {}
         self._module_names: dict[int, str] = {}
-        # Layers found called on positions shared by every example: an embedding of arange(B), an output broadcast
-        # over the batch (per_example_positions)
+        # Layers whose leading dimension was found to hold no examples: positions shared by every example (an output
+        # broadcast over the batch, per_example_positions; an input computed from the model's state alone,
+        # per_example_tables), or tokens picked from a tensor whose rows are not the examples
         self._broadcast_modules: set[int] = set()
         self._sequence_first_layer: str | None = None  # a layer with batch_first=False, if the model has one
         # Layers judged for inputs that hold no examples (per_example_tables), and the proofs of one micro-batch.
@@ -874,6 +875,7 @@ class PerExampleSource(GradNormSource):
             source = next((s for t in inputs if (s := rows_selected_from(t, expected)) is not None), None)
             if source is None:
                 return None
+            self._broadcast_modules.add(id(module))  # its outputs anchor no flatten: their rows are no examples
             return SELECTED.format(name=name, kind=kind, shape=tuple(output.shape), examples=expected, source=source)
         self._broadcast_modules.add(id(module))
         return TABLE.format(name=name, kind=kind, shape=tuple(output.shape), examples=expected)
