@@ -7,6 +7,7 @@ exception type reaches the caller of ``Trainer.fit``.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -317,3 +318,27 @@ def test_batch_size_fn_tensors_of_negative_counts_skip_every_step_and_say_why(co
     with pytest.warns(UserWarning, match="batch_size_fn counts that are negative or all zero"):
         fit(gns, accumulate_grad_batches=2)
     assert gns.skipped_steps > 0 and not np.isfinite(gns.b_simple)
+
+
+def test_a_second_fit_with_the_same_callback_says_the_averages_continue(tmp_path: Any) -> None:
+    gns = GradientNoiseScale()
+    fit(gns, accumulate_grad_batches=2)
+    with pytest.warns(UserWarning, match=r"holds the averages of 2 measured steps from before this fit"):
+        fit(gns, accumulate_grad_batches=2)
+    # A resume restores the checkpoint's averages after setup: nothing to say.
+    first = make_trainer([GradientNoiseScale()], max_steps=2, accumulate_grad_batches=2)
+    first.fit(LinearRegression(PROBLEM), loader(*PROBLEM.sample(32, seed=1), batch_size=4))
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = GradientNoiseScale()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*from before this fit.*")
+        trainer = make_trainer([resumed], max_steps=4, accumulate_grad_batches=2)
+        data = loader(*PROBLEM.sample(32, seed=1), batch_size=4)
+        trainer.fit(LinearRegression(PROBLEM), data, ckpt_path=tmp_path / "last.ckpt")
+    assert int(resumed.metric.measured_steps) == 4
+
+
+def test_counts_of_another_length_than_the_batch_are_said_once() -> None:
+    gns = GradientNoiseScale(batch_size_fn=lambda batch: torch.ones(len(batch[0]) + 1, dtype=torch.long))
+    with pytest.warns(UserWarning, match=r"batch_size_fn returned 5 per-example counts for a batch whose tensors lead"):
+        fit(gns, accumulate_grad_batches=2)

@@ -107,3 +107,17 @@ def test_base_batch_survives_resume() -> None:
 def test_kaplan_loss_must_name_a_metric() -> None:
     with pytest.raises(ValueError, match="kaplan_loss must be the name of a logged loss metric"):
         GradientNoiseScale(kaplan_loss="")
+
+
+def test_a_kaplan_loss_that_is_never_logged_is_said_once(tmp_path: Path) -> None:
+    problem = LinearProblem(dim=6, noise_std=0.5, seed=21)
+    x, y = problem.sample(8 * 2 * 6, seed=22)
+    gns = GradientNoiseScale(beta=0.9, kaplan_loss="trian_loss")
+    trainer = make_trainer(
+        [gns], accumulate_grad_batches=2, log_every_n_steps=1, logger=TensorBoardLogger(tmp_path, name="run")
+    )
+    with pytest.warns(UserWarning, match=r"kaplan_loss='trian_loss'\): no logged metric") as caught:
+        trainer.fit(LossLoggingRegression(problem, lr=0.05), loader(x, y, 8))
+    said = [str(w.message) for w in caught if "kaplan_loss='trian_loss'" in str(w.message)]
+    assert len(said) == 1 and "(logged: 'train_loss'" in said[0] and "self.log('trian_loss', loss)" in said[0]
+    assert "gns/kaplan_b_crit_tokens" not in gns.compute()

@@ -127,6 +127,8 @@ class GradientNoiseScaleBase(LightningNamespace):
         # the TensorBoard layout includes its charts.
         self.adaptive_batch_size_attached = False
         self._kaplan_loss_value: torch.Tensor | None = None
+        self._kaplan_misses = 0  # logging steps on which kaplan_loss was not among the logged metrics
+        self._warned_count_length = False
         # strategy="ddp_spawn"/"ddp_notebook": rank 0 leaves its final readouts here for the main process.
         self._spawned = SpawnedResult()
         self._set_up_here = False  # a fit ran its hooks in this process
@@ -287,10 +289,24 @@ class GradientNoiseScaleBase(LightningNamespace):
             return
         self._check_fit(trainer, pl_module, "GradientNoiseScale", "supports automatic optimization only")
         self._set_up_here, self._spawned_readouts = True, None
+        self._say_carried_over(trainer)
         self.mode = self._resolve_mode(trainer, pl_module)
         self.tracker.own_states()  # ddp_spawn pickled the states into memory shared with the other processes
         self.tracker.to(trainer.strategy.root_device)
         self._refuse_fullgraph_compile(pl_module)
+
+    def _say_carried_over(self, trainer: Trainer) -> None:
+        """Say once per fit that averages from before it continue (a second fit with this callback, or states
+        loaded by hand); a resume from a checkpoint restores its own after this hook, and is not meant."""
+        if trainer.ckpt_path is not None:
+            return
+        measured = int(self.metric.measured_steps)  # a host read, once per fit
+        if measured:
+            self._lightning("utilities.rank_zero").rank_zero_warn(
+                f"GradientNoiseScale holds the averages of {measured} measured steps from before this fit (an earlier"
+                " fit with this callback, or load_state_dict): they continue, and B_simple mixes the two runs until"
+                " the old steps decay. For another model or task, pass a new GradientNoiseScale() to the Trainer."
+            )
 
     def _refuse_fullgraph_compile(self, pl_module: LightningModule) -> None:
         if self.mode != "per_example":
@@ -443,6 +459,16 @@ class GradientNoiseScaleBase(LightningNamespace):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracker.check()  # say once if no step could be measured, or what was left out
+        if self.kaplan_loss is not None and self._kaplan_loss_value is None and self._kaplan_misses < 2:
+            self._say_kaplan_loss_missing(trainer)
+
+    def _say_kaplan_loss_missing(self, trainer: Trainer) -> None:
+        logged = ", ".join(repr(k) for k in sorted(trainer.callback_metrics) if not k.startswith("gns/")) or "none"
+        self._lightning("utilities.rank_zero").rank_zero_warn(
+            f"GradientNoiseScale(kaplan_loss={self.kaplan_loss!r}): no logged metric of that name holds one number"
+            f" (logged: {logged}), so gns/kaplan_b_crit_tokens is not logged. Log the training loss with"
+            f" self.log({self.kaplan_loss!r}, loss) in training_step, or name a logged metric."
+        )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracker.detach()
@@ -478,6 +504,17 @@ class GradientNoiseScaleBase(LightningNamespace):
                     " instead, e.g. batch_size_fn=lambda batch: batch['attention_mask'].sum(dim=1), or B_simple"
                     " comes out biased."
                 )
+        elif isinstance(units, torch.Tensor) and units.dim() == 1 and not self._warned_count_length:
+            rows = _leading_dim_or_none(batch)
+            if rows is not None and rows != units.shape[0]:
+                self._warned_count_length = True
+                self._lightning("utilities.rank_zero").rank_zero_warn(
+                    f"GradientNoiseScale: batch_size_fn returned {units.shape[0]} per-example counts for a batch"
+                    f" whose tensors lead with {rows} rows. One count per example is expected (e.g."
+                    " batch['attention_mask'].sum(dim=1)); with another number the examples are miscounted"
+                    " (per_example mode: every layer looks called on the wrong batch). Return an int for the whole"
+                    " micro-batch, or one count per example."
+                )
         self.tracker.start_micro_batch(units, trainer.accumulate_grad_batches, measure=True, examples=examples)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -503,6 +540,10 @@ class GradientNoiseScaleBase(LightningNamespace):
             loss = trainer.callback_metrics.get(self.kaplan_loss)
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 self._kaplan_loss_value = loss.detach().reshape(())
+            else:
+                self._kaplan_misses += 1
+                if self._kaplan_misses == 2:  # the first logging step may come before the loss is logged
+                    self._say_kaplan_loss_missing(trainer)
         values = self.tracker.compute(self._kaplan_loss_value)
         log_scalars(pl_module, values, prog_bar=scalars.B_SIMPLE if self.prog_bar else None)
 
