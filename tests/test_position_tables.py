@@ -220,7 +220,8 @@ def test_a_table_beside_the_examples_in_a_user_layer_is_not_split_per_example(ex
 class PickedRows(SequenceRegression):
     """A layer on rows picked from the (B*T, 4) tokens that number as many as the examples: an expert given one
     token per example by a fixed rule (``flat[arange(0, B*T, T)]``), a head on the tokens a (B, T) mask picks
-    (masked-LM style); as a control, a head on one token per example picked as ``h[arange(B), t - 1]``."""
+    (masked-LM style); as controls, a head on one token per example picked as ``h[arange(B), t - 1]``, and a layer
+    on the tokens plus positions looked up in a table (``table[arange(T)]``, broadcast over the batch)."""
 
     def __init__(self, picking: str, lr: float = 0.0) -> None:
         super().__init__(lr)
@@ -229,6 +230,7 @@ class PickedRows(SequenceRegression):
         self.proj = nn.Linear(4, 4)
         self.picked = nn.Linear(4, 4)
         self.head = nn.Linear(4, 1)
+        self.pos_table = nn.Parameter(torch.randn(6, 4))
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
@@ -243,20 +245,23 @@ class PickedRows(SequenceRegression):
             mask[:, -1] = True  # one masked token per example: as many rows as examples
             masked = torch.zeros_like(h).masked_scatter(mask[..., None], torch.tanh(self.picked(h[mask])))
             return self.head(h + masked).mean(dim=(1, 2))
+        if self.picking == "indexed-positions":  # Whisper's decoder: weight[position_ids] added to the tokens
+            return self.head(torch.tanh(self.picked(h + self.pos_table[torch.arange(t)]))).mean(dim=(1, 2))
         last = torch.tanh(self.picked(h[torch.arange(b), t - 1]))  # (B, 4): one row per example, in order
         return self.head(h + last[:, None]).mean(dim=(1, 2))
 
 
-@pytest.mark.parametrize("picking", ["expert", "mask", "pooled"])
+@pytest.mark.parametrize("picking", ["expert", "mask", "pooled", "indexed-positions"])
 @pytest.mark.parametrize("batch_size", [4, 3], ids=["B=4", "B=3"])
 def test_a_layer_on_as_many_picked_tokens_as_examples_is_left_out(picking: str, batch_size: int) -> None:
     model = PickedRows(picking)
     gns = GradientNoiseScale(beta=0.8, mode="per_example")
     recorder = BatchRecorder(gns)
     fit64([gns, recorder], model, PickedRows.data(batch_size * 5, batch_size=batch_size))
-    left_out = () if picking == "pooled" else ("picked",)
+    # pos_table: a raw parameter of the model's forward, left out as such (used only by indexed-positions)
+    left_out = ("pos_table",) if picking in ("pooled", "indexed-positions") else ("pos_table", "picked")
     assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out))
-    if left_out:
+    if "picked" in left_out:
         source = f"({batch_size * 3}, 4)" if picking == "expert" else f"({batch_size}, 3, 4)"
         assert f"picked from a tensor of shape {source}" in gns.left_out["picked.weight"]
     kept = param_names(model, left_out)

@@ -153,7 +153,7 @@ def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
             continue
         seen.add(node)
         source = _selected_source(node)
-        if source is not None and (not source or source[0] != examples or _token_mask(node)):
+        if source is not None and _gives_the_rows(node, inp) and (source[:1] != (examples,) or _token_mask(node)):
             return source
         if node.name() in ORDER_KEEPING:
             stack.extend(f for f, _ in node.next_functions if f is not None)
@@ -174,6 +174,13 @@ def _selected_source(node: Node) -> tuple[int, ...] | None:
     if name == "GatherBackward0" and node._saved_dim == 0:
         return tuple(node._saved_self.shape)
     return None
+
+
+def _gives_the_rows(node: Node, inp: Tensor) -> bool:
+    """Whether the picked rows are the input's rows: as many dimensions, so no broadcast put them elsewhere (a
+    positional table ``weight[position_ids]`` added to the tokens' embeddings gives no row of its own)."""
+    metadata = node._input_metadata
+    return len(metadata) == 1 and len(metadata[0].shape) == inp.dim()
 
 
 def _token_mask(node: Node) -> bool:
