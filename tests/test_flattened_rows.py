@@ -153,10 +153,18 @@ def grouped(make: Any) -> int | None:
         (lambda h, w: h.mean(dim=1, keepdim=True).expand(B, T, D).reshape(B * T, D), None),
         (lambda h, w: nn.Parameter(torch.randn(B * T, D)) * 2, None),  # parameters only: no example's data
         (lambda h, w: torch.randn(B * T, D), None),  # needs no gradient: cannot be traced
+        # Swin's window partition: a permutation that leaves the batch first moves elements within each example
+        (lambda h, w: h.reshape(B, T, 2, D // 2).permute(0, 2, 1, 3).reshape(B * T, D), T),
+        (lambda h, w: h.roll(1, 1).transpose(1, 2).reshape(B * T, D), T),
+        (lambda h, w: h.permute(1, 0, 2).reshape(B * T, D), None),  # the batch moved off the first place
+        (lambda h, w: h.roll(1, 0).reshape(B * T, D), None),  # rows moved across examples
+        (lambda h, w: F.pad(h, (0, 0, 0, 0)).reshape(B * T, D), T),  # Swin's pad to whole windows, of nothing
+        (lambda h, w: F.pad(h, (0, 0, 0, 1))[:, 1:].reshape(B * T, D), None),  # a real pad
     ],
     ids=[
         "reshape", "elementwise", "parameter-broadcast", "two-paths", "finer-rows", "transposed", "flipped",
-        "one-operand-moved", "broadcast-leading", "reduction", "parameters-only", "no-grad",
+        "one-operand-moved", "broadcast-leading", "reduction", "parameters-only", "no-grad", "windows",
+        "within-example", "permuted-batch", "rolled-batch", "empty-pad", "pad",
     ],
 )  # fmt: skip
 def test_the_walk_accepts_order_keeping_graphs_only(make: Any, want: int | None) -> None:

@@ -4,9 +4,10 @@ A layer called on ``h.reshape(-1, d)`` (OPT's decoder layers do this before ``fc
 ``final_layer_norm``) sees ``B*T`` rows, not ``B`` examples. Its gradient splits per example only if rows
 ``b*T ... (b+1)*T - 1`` all come from example ``b``. That holds when the tensor was reshaped, in row-major
 order, from one whose leading dimension is the batch, and nothing on the way moved data across that order:
-a reshape keeps the flat order, an elementwise op keeps every element where it was. It fails for a flatten of
-a sequence-first tensor (``h.transpose(0, 1).reshape(-1, d)``), whose rows are grouped by position, and the
-shape alone cannot tell the two apart (at ``T == B`` not even the sizes differ).
+a reshape keeps the flat order, an elementwise op keeps every element where it was, and a permutation that
+leaves the batch dimension first (Swin's window partition) moves elements only within each example's block.
+It fails for a flatten of a sequence-first tensor (``h.transpose(0, 1).reshape(-1, d)``), whose rows are
+grouped by position, and the shape alone cannot tell the two apart (at ``T == B`` not even the sizes differ).
 
 :class:`FlattenedRows` therefore walks back from the layer's input through the autograd graph: every path must
 pass only through reshapes and elementwise ops and end at an output of a hooked layer that had the batch
@@ -130,10 +131,32 @@ class FlattenedRows:
             # An input that needs a gradient: batch-first, as every layer input is taken to be.
             batch_first = variable.dim() > 0 and variable.shape[0] == examples and variable.numel() == count
             return _GROUPED if batch_first else _FAILS
-        return None if name in ORDER_KEEPING else _FAILS
+        return None if name in ORDER_KEEPING or _keeps_examples_apart(node) else _FAILS
 
 
 _GROUPED, _CONSTANT, _FAILS = 1, 2, 3
+
+
+def _keeps_examples_apart(node: Node) -> bool:
+    """A permutation that leaves the first dimension first (Swin's window partition, ``x.view(B, h, w, W, w, C)
+    .permute(0, 1, 3, 2, 4, 5)``; a ``transpose`` or ``roll`` of other dimensions): it moves elements within each
+    example's block of the flat order, never across blocks, so rows flattened afterwards stay grouped by example.
+    Also a pad of nothing (a copy)."""
+    name = node.name()
+    if name == "ConstantPadNdBackward0":  # Swin pads to whole windows; a pad of nothing is a copy
+        return not any(int(p) for p in node._saved_pad)
+    if name not in ("PermuteBackward0", "TransposeBackward0", "RollBackward0"):
+        return False
+    metadata = node._input_metadata
+    rank = len(metadata[0].shape) if len(metadata) == 1 else 0
+    if rank == 0:
+        return False
+    if name == "PermuteBackward0":
+        return int(node._saved_dims[0]) % rank == 0
+    if name == "TransposeBackward0":
+        return int(node._saved_dim0) % rank != 0 and int(node._saved_dim1) % rank != 0
+    dims = node._saved_dims
+    return bool(dims) and all(int(d) % rank != 0 for d in dims)
 
 
 def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
