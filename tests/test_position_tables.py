@@ -21,6 +21,24 @@ from support.reference_func import BatchRecorder, assert_histories_match, refere
 from support.trainers import fit64, param_names
 from support.zoo import SequenceRegression
 
+
+def fit_and_check(model: SequenceRegression, batch_size: int, left_out: tuple[str, ...]) -> GradientNoiseScale:
+    """Fit in float64 with ``batch_size`` and check that exactly the parameters under ``left_out`` are left out,
+    no step is skipped, and the rest matches the float64 recomputation."""
+    gns = GradientNoiseScale(beta=0.8, mode="per_example")
+    recorder = BatchRecorder(gns)
+    fit64([gns, recorder], model, type(model).data(batch_size * 5, batch_size=batch_size))
+    assert gns.skipped_steps == 0
+    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out)), gns.left_out
+    kept = param_names(model, left_out)
+    want = reference_history(
+        model, recorder.micro_batches, type(model).example_loss, lambda step: kept,
+        lambda batch: torch.ones(len(batch[0])), beta=0.8,
+    )  # fmt: skip
+    assert_histories_match(recorder.history, want)
+    return gns
+
+
 TABLES = (
     "embedding-then-linear", "raw-table", "frozen-table", "buffer", "norm-of-table", "embedding-expanded",
     "custom-layer", "shared-layer",
@@ -101,23 +119,13 @@ def left_out_layers(table: str) -> tuple[str, ...]:
 @pytest.mark.parametrize("batch_size", [4, 3], ids=["T!=B", "T==B"])
 def test_layers_on_a_table_of_positions_are_left_out_and_the_rest_is_exact(table: str, batch_size: int) -> None:
     model = PositionTable(table)
-    gns = GradientNoiseScale(beta=0.8, mode="per_example")
-    recorder = BatchRecorder(gns)
-    fit64([gns, recorder], model, PositionTable.data(batch_size * 5, batch_size=batch_size))
-    assert gns.skipped_steps == 0
     left_out = left_out_layers(table)
-    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out))
+    gns = fit_and_check(model, batch_size, left_out)
     if batch_size == 3:  # T == B: found by the input, which holds no examples
         for layer in set(left_out) - {"class_token", "pos_table"}:
             assert "holds no examples" in gns.left_out[f"{layer}.weight"], gns.left_out[f"{layer}.weight"]
-    kept = param_names(model, left_out)
-    assert "cls_proj.weight" in kept  # a parameter expanded over the batch holds one copy per example
+    assert "cls_proj.weight" not in gns.left_out  # a parameter expanded over the batch holds one copy per example
     assert "raw" in gns.left_out["class_token"] or "parent" in gns.left_out["class_token"], gns.left_out["class_token"]
-    want = reference_history(
-        model, recorder.micro_batches, PositionTable.example_loss, lambda step: kept,
-        lambda batch: torch.ones(len(batch[0])), beta=0.8,
-    )  # fmt: skip
-    assert_histories_match(recorder.history, want)
 
 
 class LabelEmbedding(SequenceRegression):
@@ -138,20 +146,10 @@ class LabelEmbedding(SequenceRegression):
 
 
 def test_an_embedding_of_one_label_per_example_and_a_layer_on_it_stay_measured() -> None:
-    model = LabelEmbedding()
-    data = LabelEmbedding.data(15, batch_size=3)
-    batches = [batch[0] for batch in data]
+    batches = [batch[0] for batch in LabelEmbedding.data(15, batch_size=3)]
     labels = [(x[:, 0, 0] > 0).long() + 2 * (x[:, 1, 0] > 0).long() for x in batches]
     assert not any(bool(torch.all(index.diff() == 1)) for index in labels)  # no batch of consecutive labels
-    gns = GradientNoiseScale(beta=0.8, mode="per_example")
-    recorder = BatchRecorder(gns)
-    fit64([gns, recorder], model, data)
-    assert gns.left_out == {} and gns.skipped_steps == 0
-    want = reference_history(
-        model, recorder.micro_batches, LabelEmbedding.example_loss, lambda step: param_names(model),
-        lambda batch: torch.ones(len(batch[0])), beta=0.8,
-    )  # fmt: skip
-    assert_histories_match(recorder.history, want)
+    fit_and_check(LabelEmbedding(), 3, ())
 
 
 class AddScale(nn.Module):
@@ -200,21 +198,11 @@ class SecondInput(SequenceRegression):
 def test_a_table_beside_the_examples_in_a_user_layer_is_not_split_per_example(extra: str, batch_size: int) -> None:
     """The generic path splits each input whose first dimension is the batch's; a (T, 4) table at T == B is
     broadcast, not split, where it provably holds no examples, and the call is refused as ambiguous where not."""
-    model = SecondInput(extra)
-    gns = GradientNoiseScale(beta=0.8, mode="per_example")
-    recorder = BatchRecorder(gns)
-    fit64([gns, recorder], model, SecondInput.data(batch_size * 5, batch_size=batch_size))
-    left_out = ("pos_table",)  # a raw parameter of the model's own forward
-    if extra in ("computed", "per-example") and batch_size == 3:  # the shapes alone cannot tell them apart
-        left_out += ("mix",)
+    ambiguous = extra in ("computed", "per-example") and batch_size == 3  # the shapes alone cannot tell them apart
+    left_out = ("pos_table", "mix") if ambiguous else ("pos_table",)  # pos_table: a raw parameter of the forward
+    gns = fit_and_check(SecondInput(extra), batch_size, left_out)
+    if ambiguous:
         assert "may be one row per example or a table broadcast over them" in gns.left_out["mix.weight"]
-    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out))
-    kept = param_names(model, left_out)
-    want = reference_history(
-        model, recorder.micro_batches, SecondInput.example_loss, lambda step: kept,
-        lambda batch: torch.ones(len(batch[0])), beta=0.8,
-    )  # fmt: skip
-    assert_histories_match(recorder.history, want)
 
 
 class PickedRows(SequenceRegression):
@@ -254,19 +242,9 @@ class PickedRows(SequenceRegression):
 @pytest.mark.parametrize("picking", ["expert", "mask", "pooled", "indexed-positions"])
 @pytest.mark.parametrize("batch_size", [4, 3], ids=["B=4", "B=3"])
 def test_a_layer_on_as_many_picked_tokens_as_examples_is_left_out(picking: str, batch_size: int) -> None:
-    model = PickedRows(picking)
-    gns = GradientNoiseScale(beta=0.8, mode="per_example")
-    recorder = BatchRecorder(gns)
-    fit64([gns, recorder], model, PickedRows.data(batch_size * 5, batch_size=batch_size))
     # pos_table: a raw parameter of the model's forward, left out as such (used only by indexed-positions)
     left_out = ("pos_table",) if picking in ("pooled", "indexed-positions") else ("pos_table", "picked")
-    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out))
+    gns = fit_and_check(PickedRows(picking), batch_size, left_out)
     if "picked" in left_out:
         source = f"({batch_size * 3}, 4)" if picking == "expert" else f"({batch_size}, 3, 4)"
         assert f"picked from a tensor of shape {source}" in gns.left_out["picked.weight"]
-    kept = param_names(model, left_out)
-    want = reference_history(
-        model, recorder.micro_batches, PickedRows.example_loss, lambda step: kept,
-        lambda batch: torch.ones(len(batch[0])), beta=0.8,
-    )  # fmt: skip
-    assert_histories_match(recorder.history, want)
