@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.sources import per_example
+from support.per_example_check import fit_and_check
 from support.reference_func import BatchRecorder, assert_histories_match, reference_history
 from support.trainers import fit64, make_trainer, param_names
 from support.zoo import AttentionModel, SequenceRegression, TinyGPT
@@ -57,22 +58,6 @@ class RelativeBias(SequenceRegression):
         else:
             mixed = torch.softmax(h @ h.transpose(1, 2) + relative.permute(2, 0, 1), dim=-1) @ h
         return self.head(torch.tanh(mixed)).mean(dim=(1, 2))
-
-
-def fit_and_check(model: Any, batch_size: int, left_out: tuple[str, ...]) -> GradientNoiseScale:
-    gns = GradientNoiseScale(beta=0.8, mode="per_example")
-    recorder = BatchRecorder(gns)
-    fit64([gns, recorder], model, type(model).data(batch_size * 5, batch_size=batch_size))
-    assert gns.skipped_steps == 0
-    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out))
-    model.checkpointed = None  # torch.func (the reference) refuses checkpoints; the arithmetic is the same
-    kept = param_names(model, left_out)
-    want = reference_history(
-        model, recorder.micro_batches, type(model).example_loss, lambda step: kept,
-        lambda batch: torch.ones(len(batch[0])), beta=0.8,
-    )  # fmt: skip
-    assert_histories_match(recorder.history, want)
-    return gns
 
 
 @pytest.mark.parametrize("unsqueeze", [True, False], ids=["permute-unsqueeze", "permute"])

@@ -16,28 +16,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_gns import GradientNoiseScale
-from support.reference_func import BatchRecorder, assert_histories_match, reference_history
-from support.trainers import fit64, param_names
+from support.per_example_check import fit_and_check
 from support.zoo import SequenceRegression
-
-
-def fit_and_check(model: SequenceRegression, batch_size: int, left_out: tuple[str, ...]) -> GradientNoiseScale:
-    """Fit in float64 with ``batch_size`` and check that exactly the parameters under ``left_out`` are left out,
-    no step is skipped, and the rest matches the float64 recomputation."""
-    gns = GradientNoiseScale(beta=0.8, mode="per_example")
-    recorder = BatchRecorder(gns)
-    fit64([gns, recorder], model, type(model).data(batch_size * 5, batch_size=batch_size))
-    assert gns.skipped_steps == 0
-    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out)), gns.left_out
-    kept = param_names(model, left_out)
-    want = reference_history(
-        model, recorder.micro_batches, type(model).example_loss, lambda step: kept,
-        lambda batch: torch.ones(len(batch[0])), beta=0.8,
-    )  # fmt: skip
-    assert_histories_match(recorder.history, want)
-    return gns
-
 
 TABLES = (
     "embedding-then-linear", "raw-table", "frozen-table", "buffer", "norm-of-table", "embedding-expanded",

@@ -600,7 +600,7 @@ class PerExampleSource(GradNormSource):
                 use is not None
                 and use.examples is None
                 and id(module) not in self._judged_tables
-                and (table := self._table_problem(module, [args[0]], output))
+                and (table := self._leading_rows_problem(module, [args[0]], output))
             ):
                 for _, i in use.params:
                     self.exclude(i, table)
@@ -685,7 +685,7 @@ class PerExampleSource(GradNormSource):
         if id(module) not in self._judged_tables:
             first = next((t for t in tree_flatten(output)[0] if isinstance(t, Tensor)), None)
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-            table = None if first is None else self._table_problem(module, inputs, first)
+            table = None if first is None else self._leading_rows_problem(module, inputs, first)
             if table is not None:
                 for _, i in params:
                     self.exclude(i, table)
@@ -850,7 +850,7 @@ class PerExampleSource(GradNormSource):
         leading = output.shape[0] if output.dim() > 0 else None
         if leading != expected:
             return self._leading_dim_problem(module, inp, expected)
-        return None if id(module) in self._judged_tables else self._table_problem(module, [inp], output)
+        return None if id(module) in self._judged_tables else self._leading_rows_problem(module, [inp], output)
 
     def _model_state(self) -> Iterable[Tensor]:
         model = self._model
@@ -859,9 +859,10 @@ class PerExampleSource(GradNormSource):
     def _holds_no_examples(self, tensor: Tensor) -> bool:
         return self._tables.hold_none([tensor], self._model_state())
 
-    def _table_problem(self, module: nn.Module, inputs: list[Tensor], output: Tensor) -> str | None:
+    def _leading_rows_problem(self, module: nn.Module, inputs: list[Tensor], output: Tensor) -> str | None:
         """Why a call whose output leads with as many rows as the batch has examples is no batch: its inputs hold
-        none, computed from the model's parameters, buffers or consecutive positions alone (per_example_tables).
+        none, computed from the model's parameters, buffers or consecutive positions alone (per_example_tables), or
+        its rows were picked from a tensor whose rows are not the examples (per_example_rows.rows_selected_from).
         Judged at every such call outside the backward (a reentrant checkpoint's recomputation sees detached
         inputs) in the first micro-batch that has one: a layer may be called on the examples and on a table."""
         expected = self.expected_examples

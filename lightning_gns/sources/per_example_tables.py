@@ -57,7 +57,9 @@ def consecutive_positions(index: Tensor) -> bool:
 class ExampleFreeInputs:
     """One micro-batch's proofs that layer inputs hold no examples (a verdict per graph node, shared by its layers).
 
-    ``model_state`` returns the model's parameters and buffers (storage is compared, not values).
+    The methods' ``model_state`` is the model's parameters and buffers (storage is compared, not values), read at
+    the first tensor that needs it in a micro-batch: a set kept longer could hold addresses freed and reused by data
+    (FSDP2 allocates unsharded parameters afresh each forward).
     """
 
     def __init__(self) -> None:
