@@ -360,8 +360,11 @@ class GradientNoiseScaleTracker:
         while source.notes:
             self._announce(source.notes.pop(0))
 
-    def end_micro_batch(self) -> None:
-        """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation)."""
+    def end_micro_batch(self, failed: str | None = None) -> None:
+        """Call after a micro-batch's backward pass (and before any other backward, e.g. in validation).
+
+        ``failed``: why this micro-batch cannot be measured though its norms were taken (its step is skipped).
+        """
         source = self._sources.active
         self._sources.stop()
         if source is not None:
@@ -370,6 +373,8 @@ class GradientNoiseScaleTracker:
             return
         self._in_micro_batch = False
         backward = source.pop_backward()
+        if failed is not None:
+            backward = BackwardNorms(torch.zeros(0), (), failed=failed)
         if backward is None:
             if source.nothing_recorded is None:
                 return

@@ -21,6 +21,7 @@ from lightning_gns.callbacks._spawn import SpawnedResult
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
 from lightning_gns.sources.per_example import Layers, batch_coupled_layers
 from lightning_gns.tensorboard_layout import write_layout
+from lightning_gns.time_major import TimeMajorCheck
 from lightning_gns.tracker import GradientNoiseScaleTracker
 
 if TYPE_CHECKING:
@@ -129,6 +130,8 @@ class GradientNoiseScaleBase(LightningNamespace):
         self._kaplan_loss_value: torch.Tensor | None = None
         self._kaplan_misses = 0  # logging steps on which kaplan_loss was not among the logged metrics
         self._warned_count_length = False
+        self._time_major: TimeMajorCheck | None = None  # watches sequence-first layers while the batch is counted
+        self._warned_time_major = False
         # strategy="ddp_spawn"/"ddp_notebook": rank 0 leaves its final readouts here for the main process.
         self._spawned = SpawnedResult()
         self._set_up_here = False  # a fit ran its hooks in this process
@@ -436,6 +439,7 @@ class GradientNoiseScaleBase(LightningNamespace):
         except ValueError as error:
             raise self._misconfiguration(f"GradientNoiseScale: {error}") from None
         self._comm_hook_pending = self.mode == "ddp"
+        self._watch_time_major(pl_module)
         for logger in trainer.loggers:
             write_layout(
                 logger,
@@ -472,15 +476,19 @@ class GradientNoiseScaleBase(LightningNamespace):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracker.detach()
+        self._watch_time_major(None)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.tracker.detach()
+        self._watch_time_major(None)
         if stage == "fit":
             self._leave_spawned_result(trainer)
 
     # ------------------------------------------------------------------ per micro-batch and step
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         measure = trainer.global_step % self.measure_every_n_steps == 0
+        if self._time_major is not None:
+            self._time_major.expect(None)
         if not measure:
             self.tracker.start_micro_batch(0, trainer.accumulate_grad_batches, measure=False)
             return
@@ -515,18 +523,53 @@ class GradientNoiseScaleBase(LightningNamespace):
                     " (per_example mode: every layer looks called on the wrong batch). Return an int for the whole"
                     " micro-batch, or one count per example."
                 )
+        if self._time_major is not None:
+            # The examples the estimates take the leading dimension for: per_example's split, or the default count.
+            counted = units if self.batch_size_fn is leading_dim_batch_size else None
+            self._time_major.expect(examples if examples is not None else counted if isinstance(counted, int) else None)
         self.tracker.start_micro_batch(units, trainer.accumulate_grad_batches, measure=True, examples=examples)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self.tracker.before_backward(loss)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.tracker.end_micro_batch()
+        problem = None if self._time_major is None else self._time_major.problem
+        if problem is not None:
+            problem = self._say_time_major(problem)
+        self.tracker.end_micro_batch(failed=problem)
+
+    def _watch_time_major(self, pl_module: LightningModule | None) -> None:
+        """Watch the model's sequence-first layers for a time-major batch counted by its leading dimension (or
+        stop watching, with None)."""
+        if self._time_major is not None:
+            self._time_major.detach()
+            self._time_major = None
+        if pl_module is not None:
+            check = TimeMajorCheck(pl_module)
+            self._time_major = check if check.watching else None
+
+    def _say_time_major(self, problem: str) -> str:
+        """The reason a time-major micro-batch is skipped, with the fix for this mode; warned once per fit."""
+        if self.mode == "per_example":
+            fix = (
+                "make the batches (B, T) and the layers batch_first=True (per_example mode splits each layer's"
+                " gradient along its leading dimension), or accumulate gradients over 2 or more micro-batches"
+                " (mode='microbatch') with batch_size_fn=lambda batch: batch[0].shape[1]"
+            )
+        else:
+            fix = "pass batch_size_fn returning the examples, e.g. batch_size_fn=lambda batch: batch[0].shape[1]"
+        reason = f"{problem}. To measure, {fix}"
+        if not self._warned_time_major:
+            self._warned_time_major = True
+            self._warn(f"GradientNoiseScale: {reason}. Until then every measured step is skipped.")
+        return reason
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.tracker.stop_recording()  # a training_step that returned None had no backward
+        if self._time_major is not None:
+            self._time_major.expect(None)  # validation's forward passes are not checked
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         # Gradients here are accumulated, all-reduced and unscaled, and not yet clipped.

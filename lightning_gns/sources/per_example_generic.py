@@ -33,6 +33,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_gns.sources import per_example_rnn
+from lightning_gns.time_major import OBSERVES_ONLY
 
 # Modules with children whose parameters only the parent's forward uses (functionally): replayed whole.
 COMPOSITE_LAYERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase)
@@ -87,7 +88,11 @@ def forward_problem(module: nn.Module, name: str, args: tuple[Any, ...], kwargs:
     kind = type(module).__name__
     if any(isinstance(v, PackedSequence) for v in (*args, *kwargs.values())):
         return f"layer {name!r} ({kind}) was called on a PackedSequence, which has no per-example batch dimension"
-    unknown = [h for h in module._forward_pre_hooks.values() if not isinstance(h, _KNOWN_PRE_HOOKS)]
+    unknown = [
+        h
+        for h in module._forward_pre_hooks.values()
+        if not isinstance(h, _KNOWN_PRE_HOOKS) and not getattr(h, OBSERVES_ONLY, False)
+    ]
     if unknown:
         return (
             f"layer {name!r} ({kind}) has a forward pre-hook ({type(unknown[0]).__name__}) whose effect a per-example"

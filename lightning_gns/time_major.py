@@ -1,0 +1,78 @@
+"""A time-major batch counted by its leading dimension.
+
+A language model in the style of PyTorch's ``word_language_model`` example takes ``(T, B)`` batches and feeds
+``batch_first=False`` layers (``nn.LSTM``, ``nn.GRU``, ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``).
+Counted by their leading dimension, such batches hold ``T`` "examples": every estimate then takes positions for
+examples (``B_simple`` off by ``T / B``), and ``per_example`` mode splits each layer's gradient along the sequence.
+The shape of the batch cannot tell; the sequence-first layers can: their input's sequence dimension is the count
+and their batch dimension is not. :class:`TimeMajorCheck` watches those layers' calls on measured micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+# Set on this module's pre-hooks: they only read shapes, so per_example's replay of a layer may ignore them.
+OBSERVES_ONLY = "_lightning_gns_observes_only"
+# The first input of a sequence-first layer, by keyword (nn.RNNBase, MultiheadAttention, Transformer*Layer).
+_FIRST_INPUT = ("input", "query", "src", "tgt")
+
+
+class TimeMajorCheck:
+    """Watches a model's ``batch_first=False`` layers for inputs whose sequence dimension is the counted examples.
+
+    Example:
+        >>> import torch
+        >>> check = TimeMajorCheck(torch.nn.LSTM(3, 4))  # batch_first=False: input (T, B, 3)
+        >>> check.expect(6)  # the batch's leading dimension, counted as its examples
+        >>> _ = check.model(torch.zeros(6, 2, 3))  # T = 6, B = 2
+        >>> check.problem is not None
+        True
+        >>> check.detach()
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.problem: str | None = None  # why the current micro-batch's count is the sequence, if it is
+        self._examples: int | None = None
+        self._handles: list[RemovableHandle] = [
+            module.register_forward_pre_hook(self._hook(name, module), with_kwargs=True)
+            for name, module in model.named_modules()
+            if getattr(module, "batch_first", None) is False
+        ]
+
+    @property
+    def watching(self) -> bool:
+        """Whether the model has sequence-first layers to watch."""
+        return bool(self._handles)
+
+    def expect(self, examples: int | None) -> None:
+        """Start a micro-batch counted as ``examples`` by its leading dimension (None: not checked)."""
+        self._examples, self.problem = examples, None
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str, module: nn.Module) -> Any:
+        def check(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            examples = self._examples
+            if examples is None or self.problem is not None or torch._C._current_graph_task_id() != -1:
+                return  # inside the backward: a checkpoint's or per_example's replay, on other shapes
+            first = args[0] if args else next((kwargs[k] for k in _FIRST_INPUT if k in kwargs), None)
+            # (T, B, ...) batched input; a 2-D input is one unbatched sequence, a PackedSequence has no layout.
+            if isinstance(first, Tensor) and first.dim() >= 3 and first.shape[0] == examples != first.shape[1]:
+                self.problem = (
+                    f"the batch looks time-major: its leading dimension ({examples}), counted as its examples, is"
+                    f" the sequence dimension of layer {name or type(module).__name__!r} ({type(module).__name__},"
+                    f" batch_first=False), whose batch dimension holds {first.shape[1]}; counting positions as"
+                    " examples would make B_simple silently wrong"
+                )
+
+        setattr(check, OBSERVES_ONLY, True)
+        return check

@@ -1,0 +1,139 @@
+"""Time-major batches, as PyTorch's ``word_language_model`` example feeds its LSTM: ``(T, B)`` token batches.
+
+Counted by their leading dimension such batches hold ``T`` "examples": ``B_simple`` came out in positions
+(``T / B`` times too large), and ``per_example`` mode split the embedding's and the decoder's gradients along
+the sequence while leaving the LSTM out, silently. The ``batch_first=False`` layers show it (their sequence
+dimension is the count, their batch dimension is not): every such step is skipped and the fix named once
+(lightning_gns/time_major.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_gns import GradientNoiseScale
+from support.reference_func import BatchRecorder, assert_histories_match
+from support.reference_loop import loop_reference_history
+from support.trainers import fit64, param_names
+from support.zoo import ZooModule
+
+VOCAB, WIDTH, B = 11, 6, 4
+
+
+class WordLanguageModel(ZooModule):
+    """Embedding, a sequence-first ``layer`` (LSTM or a transformer encoder layer), decoder; on ``(T, B)`` tokens.
+    ``batches`` says how the loader hands them: ``"time-major"`` as they are, ``"batch-first"`` as ``(B, T)``,
+    transposed in ``training_step``."""
+
+    def __init__(self, layer: str = "lstm", batches: str = "time-major") -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.batches = batches
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        if layer == "lstm":
+            self.layer: nn.Module = nn.LSTM(WIDTH, WIDTH)
+        else:
+            self.layer = nn.TransformerEncoderLayer(WIDTH, 2, dim_feedforward=8, dropout=0.0)
+        self.decoder = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:  # (T, B) -> (T, B, VOCAB)
+        return self.decoder(self.sequence_first(self.embed(tokens)))
+
+    def sequence_first(self, h: Tensor) -> Tensor:
+        out = self.layer(h)
+        return out[0] if isinstance(out, tuple) else out
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        tokens, targets = (t.t() for t in batch) if self.batches == "batch-first" else batch
+        return F.cross_entropy(self(tokens).reshape(-1, VOCAB), targets.reshape(-1))
+
+
+class BatchFirstOutside(WordLanguageModel):
+    """The same layers called from a batch-first forward (``(B, T)`` in and out), as most ports write it."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.decoder(self.sequence_first(self.embed(tokens).transpose(0, 1)).transpose(0, 1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.example_loss(self, batch)
+
+    @staticmethod
+    def example_loss(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+        tokens, targets = batch
+        return F.cross_entropy(call(tokens).reshape(-1, VOCAB), targets.reshape(-1))
+
+
+def token_batches(length: int, steps: int, time_major: bool) -> DataLoader:
+    """``steps`` batches of B sequences of ``length`` tokens and their next tokens, ``(T, B)`` if ``time_major``."""
+    ids = torch.randint(0, VOCAB, (B * steps, length + 1), generator=torch.Generator().manual_seed(1))
+    batches = []
+    for i in range(steps):
+        rows = ids[i * B : (i + 1) * B]
+        x, y = rows[:, :-1], rows[:, 1:]
+        batches.append((x.t().contiguous(), y.t().contiguous()) if time_major else (x, y))
+    return DataLoader(batches, batch_size=None)
+
+
+@pytest.mark.parametrize(
+    ("layer", "mode"),
+    [("lstm", "per_example"), ("encoder", "per_example"), ("lstm", "microbatch")],
+)
+def test_a_time_major_batch_counted_by_its_leading_dimension_is_skipped_and_named(layer: str, mode: str) -> None:
+    gns = GradientNoiseScale(mode=mode, beta=0.8)
+    accumulation = 2 if mode == "microbatch" else 1
+    said = fit64(
+        [gns], WordLanguageModel(layer), token_batches(6, 4 * accumulation, True), accumulate_grad_batches=accumulation
+    )
+    named = [m for m in said if "looks time-major" in m and "no optimizer step" not in m]
+    assert len(named) == 1, said
+    assert "leading dimension (6)" in named[0] and "batch dimension holds 4" in named[0]
+    assert "batch_size_fn=lambda batch: batch[0].shape[1]" in named[0]
+    assert gns.skipped_steps == 4
+    assert math.isnan(gns.b_simple)
+
+
+@pytest.mark.parametrize("layer", ["lstm", "encoder"])
+def test_time_major_batches_with_their_examples_counted_measure_as_batch_first_ones(layer: str) -> None:
+    # microbatch mode: the same data and loss, handed over time-major (counted by batch_size_fn) and batch-first
+    # (counted by default), give the same estimates; the time-major run counted by default would be skipped.
+    model = WordLanguageModel(layer)
+    runs = {}
+    for batches in ("time-major", "batch-first"):
+        gns = GradientNoiseScale(
+            mode="microbatch", beta=0.8, batch_size_fn=(lambda b: b[0].shape[1]) if batches == "time-major" else None
+        )
+        twin = copy.deepcopy(model)
+        twin.batches, twin.lr = batches, 0.1
+        said = fit64([gns], twin, token_batches(6, 8, batches == "time-major"), accumulate_grad_batches=2)
+        assert not [m for m in said if "time-major" in m] and gns.skipped_steps == 0
+        runs[batches] = gns.compute()
+    for key in ("gns/b_simple", "gns/grad_sq_norm", "gns/trace_cov", "gns/b_small", "gns/b_big"):
+        assert runs["time-major"][key] == pytest.approx(runs["batch-first"][key], rel=1e-12), key
+    assert runs["time-major"]["gns/b_small"] == 4
+
+
+@pytest.mark.parametrize("length", [6, 4])
+def test_sequence_first_layers_fed_batch_first_batches_are_measured_exactly(length: int) -> None:
+    # The check watches the LSTM with a pre-hook of its own: per_example's replay of the LSTM takes it for what it
+    # is (a reader of shapes), and at T == B (nothing to tell) the batch is not called time-major.
+    model = BatchFirstOutside("lstm").double()
+    gns = GradientNoiseScale(mode="per_example", beta=0.8)
+    recorder = BatchRecorder(gns)
+    said = fit64([gns, recorder], model, token_batches(length, 5, False))
+    assert not [m for m in said if "time-major" in m] and gns.skipped_steps == 0
+    left_out = () if length != B else ("embed.", "decoder.")  # (B, B, d) beside a batch_first=False layer
+    assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out)), gns.left_out
+    kept = param_names(model, left_out)
+    want = loop_reference_history(
+        model, recorder.micro_batches, BatchFirstOutside.example_loss, kept, lambda b: torch.ones(len(b[0])), beta=0.8
+    )
+    assert_histories_match(recorder.history, want)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the check's hooks end with the fit
