@@ -47,9 +47,15 @@ def leading_dim_batch_size(batch: Any) -> int:
 
 def _leading_dims(obj: Any, path: str) -> Iterator[tuple[str, int]]:
     """(path, leading dimension) of every tensor in ``obj`` with at least one dimension, depth first."""
+    for tensor_path, tensor in batch_tensors(obj, path):
+        if tensor.dim() > 0:
+            yield tensor_path, int(tensor.shape[0])
+
+
+def batch_tensors(obj: Any, path: str = "batch") -> Iterator[tuple[str, Tensor]]:
+    """(path, tensor) of every tensor in ``obj`` (nested lists, tuples, dicts, objects' attributes), depth first."""
     if isinstance(obj, Tensor):
-        if obj.dim() > 0:
-            yield path, int(obj.shape[0])
+        yield path, obj
         return
     if isinstance(obj, Mapping):
         children: Any = ((f"{path}[{key!r}]", value) for key, value in obj.items())
@@ -60,7 +66,7 @@ def _leading_dims(obj: Any, path: str) -> Iterator[tuple[str, int]]:
     else:
         return
     for child_path, child in children:
-        yield from _leading_dims(child, child_path)
+        yield from batch_tensors(child, child_path)
 
 
 def checked_batch_size(batch_size_fn: BatchSizeFn, batch: Any) -> int | Tensor:

@@ -5,7 +5,9 @@ A language model in the style of PyTorch's ``word_language_model`` example takes
 Counted by their leading dimension, such batches hold ``T`` "examples": every estimate then takes positions for
 examples (``B_simple`` off by ``T / B``), and ``per_example`` mode splits each layer's gradient along the sequence.
 The shape of the batch cannot tell; the sequence-first layers can: their input's sequence dimension is the count
-and their batch dimension is not. :class:`TimeMajorCheck` watches those layers' calls on measured micro-batches.
+and their batch dimension is the batch's second one. :class:`TimeMajorCheck` watches those layers' calls on
+measured micro-batches. (A layer that attends across the examples, as BatchFormer's encoder over ``x[:, None]``,
+sees ``(B, 1, d)``: a batch dimension of one is no time-major batch.)
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from lightning_gns.batch_size import batch_tensors
 
 # Set on this module's pre-hooks: they only read shapes, so per_example's replay of a layer may ignore them.
 OBSERVES_ONLY = "_lightning_gns_observes_only"
@@ -28,8 +32,9 @@ class TimeMajorCheck:
     Example:
         >>> import torch
         >>> check = TimeMajorCheck(torch.nn.LSTM(3, 4))  # batch_first=False: input (T, B, 3)
-        >>> check.expect(6)  # the batch's leading dimension, counted as its examples
-        >>> _ = check.model(torch.zeros(6, 2, 3))  # T = 6, B = 2
+        >>> tokens = torch.zeros(6, 2, dtype=torch.long)  # a (T, B) batch: T = 6, B = 2
+        >>> check.expect(6, tokens)  # its leading dimension, counted as its examples
+        >>> _ = check.model(torch.zeros(6, 2, 3))
         >>> check.problem is not None
         True
         >>> check.detach()
@@ -39,6 +44,7 @@ class TimeMajorCheck:
         self.model = model
         self.problem: str | None = None  # why the current micro-batch's count is the sequence, if it is
         self._examples: int | None = None
+        self._second_dims: set[int] = set()  # the batch's second dimensions (B, if it is time-major)
         self._handles: list[RemovableHandle] = [
             module.register_forward_pre_hook(self._hook(name, module), with_kwargs=True)
             for name, module in model.named_modules()
@@ -50,9 +56,12 @@ class TimeMajorCheck:
         """Whether the model has sequence-first layers to watch."""
         return bool(self._handles)
 
-    def expect(self, examples: int | None) -> None:
-        """Start a micro-batch counted as ``examples`` by its leading dimension (None: not checked)."""
+    def expect(self, examples: int | None, batch: Any = None) -> None:
+        """Start a micro-batch ``batch`` counted as ``examples`` by its leading dimension (None: not checked)."""
         self._examples, self.problem = examples, None
+        self._second_dims = {
+            int(t.shape[1]) for _, t in batch_tensors(batch) if t.dim() > 1 and t.shape[0] == examples != t.shape[1]
+        }
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -66,7 +75,9 @@ class TimeMajorCheck:
                 return  # inside the backward: a checkpoint's or per_example's replay, on other shapes
             first = args[0] if args else next((kwargs[k] for k in _FIRST_INPUT if k in kwargs), None)
             # (T, B, ...) batched input; a 2-D input is one unbatched sequence, a PackedSequence has no layout.
-            if isinstance(first, Tensor) and first.dim() >= 3 and first.shape[0] == examples != first.shape[1]:
+            if not (isinstance(first, Tensor) and first.dim() >= 3 and first.shape[0] == examples):
+                return
+            if first.shape[1] in self._second_dims and first.shape[1] > 1:
                 self.problem = (
                     f"the batch looks time-major: its leading dimension ({examples}), counted as its examples, is"
                     f" the sequence dimension of layer {name or type(module).__name__!r} ({type(module).__name__},"

@@ -137,3 +137,28 @@ def test_sequence_first_layers_fed_batch_first_batches_are_measured_exactly(leng
     )
     assert_histories_match(recorder.history, want)
     assert not any(m._forward_pre_hooks for m in model.modules())  # the check's hooks end with the fit
+
+
+class AcrossTheBatch(ZooModule):
+    """BatchFormer's idea: a batch_first=False encoder layer over ``h[:, None]`` attends across the examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.proj = nn.Linear(5, WIDTH)
+        self.layer = nn.TransformerEncoderLayer(WIDTH, 2, dim_feedforward=8, dropout=0.0)
+        self.head = nn.Linear(WIDTH, 1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch  # x: (B, 5), a second dimension that a (B, 1, d) call does not have
+        h = self.layer(self.proj(x)[:, None]).squeeze(1)
+        return F.mse_loss(self.head(h).squeeze(1), y)
+
+
+def test_a_layer_attending_across_the_examples_is_no_time_major_batch() -> None:
+    gns = GradientNoiseScale(mode="microbatch", beta=0.8)
+    x = torch.randn(4 * B * 2, 5, generator=torch.Generator().manual_seed(2))
+    data = DataLoader(torch.utils.data.TensorDataset(x, x.sum(dim=1)), batch_size=B)
+    said = fit64([gns], AcrossTheBatch(), data, accumulate_grad_batches=2)
+    assert not [m for m in said if "time-major" in m] and gns.skipped_steps == 0
+    assert gns.compute()["gns/b_small"] == B and math.isfinite(gns.b_simple)

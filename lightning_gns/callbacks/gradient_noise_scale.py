@@ -526,7 +526,9 @@ class GradientNoiseScaleBase(LightningNamespace):
         if self._time_major is not None:
             # The examples the estimates take the leading dimension for: per_example's split, or the default count.
             counted = units if self.batch_size_fn is leading_dim_batch_size else None
-            self._time_major.expect(examples if examples is not None else counted if isinstance(counted, int) else None)
+            self._time_major.expect(
+                examples if examples is not None else counted if isinstance(counted, int) else None, batch
+            )
         self.tracker.start_micro_batch(units, trainer.accumulate_grad_batches, measure=True, examples=examples)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
@@ -557,7 +559,11 @@ class GradientNoiseScaleBase(LightningNamespace):
                 " (mode='microbatch') with batch_size_fn=lambda batch: batch[0].shape[1]"
             )
         else:
-            fix = "pass batch_size_fn returning the examples, e.g. batch_size_fn=lambda batch: batch[0].shape[1]"
+            fix = (
+                "pass batch_size_fn returning the examples, e.g. batch_size_fn=lambda batch: batch[0].shape[1] (or,"
+                " if the leading dimension does hold them and the layer attends across the examples,"
+                " batch_size_fn=lambda batch: len(batch[0]) to say so)"
+            )
         reason = f"{problem}. To measure, {fix}"
         if not self._warned_time_major:
             self._warned_time_major = True
