@@ -87,6 +87,7 @@ def test_batch_first_outputs_transposed_inside_attention_stay_measured_at_t_equa
 @pytest.mark.slow
 def test_under_torch_compile_a_square_output_that_cannot_be_judged_is_said_once() -> None:
     """A compiled region hides what the model does with the bias: not judged, and said (once)."""
+    torch._dynamo.reset()  # a model compiled by an earlier test can leave this one's forward running eagerly
     torch.manual_seed(0)
     gns = GradientNoiseScale(mode="per_example")
     with warnings.catch_warnings(record=True) as caught:

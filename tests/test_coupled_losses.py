@@ -6,7 +6,7 @@ make each example's gradient depend on the others, as do ``F.cosine_similarity``
 against the batch (``a.unsqueeze(1)``, ``b.unsqueeze(0)``): per-example norms would be silently wrong. Negatives from a
 detached queue (MoCo) and a loss on each example's own pair are one term per example and stay measured. A
 statistic over the batch broadcast back over it inside the model (centring on the batch mean) couples the layers
-before it (their gradients) and after it (their inputs).
+before it (their gradients) and after it (their inputs). So does a recurrence over the examples' slices.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
 from lightning_gns.sources.per_example import EVERYTHING_LEFT_OUT
 from support.multiprocess import run_worker
-from support.trainers import make_trainer
+from support.per_example_check import fit_and_check
+from support.trainers import fit64, make_trainer
+from support.zoo import SequenceRegression
 
 TOWERS = [
     "image.0.weight", "image.0.bias", "image.2.weight", "image.2.bias",
@@ -447,3 +449,44 @@ def test_rows_mixed_with_other_examples_couple_them(mixing: str) -> None:
     else:
         assert set(tracker.left_out) == {"a.weight", "a.bias", "b.weight", "b.bias"}
         assert all("pairs the examples" in reason for reason in tracker.left_out.values())
+
+
+class SlicesCombined(SequenceRegression):
+    """One prediction per example from a Python loop over the examples' slices ``x[i]``: kept apart (stacked,
+    written in place, per-example losses summed as scalars) or carried from one example to the next (a
+    recurrence over the batch, as an ``nn.LSTMCell`` loop over a time-major batch counted by its first dimension
+    does)."""
+
+    def __init__(self, combine: str) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.combine = combine
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)  # (B, 3, 4): measured per example unless a pairing is found above it
+        if self.combine == "in place":
+            out = torch.zeros_like(h)
+            for i in range(len(h)):
+                out[i] = torch.tanh(h[i])
+        else:
+            carried, rows = torch.zeros_like(h[0]), []
+            for hi in h:
+                carried = torch.tanh(hi + (0.5 * carried if self.combine == "recurrence" else 0.0))
+                rows.append(carried)
+            out = torch.stack(rows)
+        return self.head(out).mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("combine", ["stacked", "in place", "recurrence"])
+def test_slices_of_examples_combined_pair_them_and_put_side_by_side_pair_nothing(combine: str) -> None:
+    # The recurrence was measured: each h[i] depends on examples 0..i, and the norms came out silently wrong.
+    model = SlicesCombined(combine).double()
+    if combine != "recurrence":
+        fit_and_check(model, 4, ())
+        return
+    gns = GradientNoiseScale(beta=0.8, mode="per_example")
+    fit64([gns], model, SlicesCombined.data(8, batch_size=4))
+    assert set(gns.left_out) == {"a.weight", "a.bias", "head.weight", "head.bias"}
+    assert all("AddBackward0" in reason and "pairs the examples" in reason for reason in gns.left_out.values())
+    assert gns.skipped_steps == 2

@@ -710,3 +710,33 @@ def test_fit_with_attention_or_lstm_is_covered_and_matches_float64(model_class: 
         lambda batch: torch.ones(len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)), beta=0.8,
     )  # fmt: skip
     assert_histories_match(recorder.history, want)
+
+
+class GatedPair(nn.Module):
+    """A user-written layer whose second output is computed from its first (as ``nn.LSTMCell``'s ``h`` from ``c``)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.gate = nn.Parameter(torch.linspace(-1.0, 1.0, width))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        state = x * self.scale
+        return state, torch.tanh(state) * self.gate
+
+
+class UsesBothOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.pair, self.head = nn.Linear(5, 4), GatedPair(4), nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        state, out = self.pair(self.proj(x))
+        return self.head(out) + state.square().sum(dim=-1, keepdim=True)
+
+
+def test_a_layer_output_that_the_layer_also_used_is_measured_by_its_later_uses_alone() -> None:
+    # The hook on `state` received its whole gradient, the part through `out` included, and the replay counted
+    # that part twice: the layer's norms were silently wrong (nn.LSTMCell's c as well, tests/test_time_major.py).
+    torch.manual_seed(19)
+    assert_exact(UsesBothOutputs().double(), regression_loss, torch.randn(4, 3, 5, dtype=torch.float64))

@@ -162,3 +162,54 @@ def test_a_layer_attending_across_the_examples_is_no_time_major_batch() -> None:
     said = fit64([gns], AcrossTheBatch(), data, accumulate_grad_batches=2)
     assert not [m for m in said if "time-major" in m] and gns.skipped_steps == 0
     assert gns.compute()["gns/b_small"] == B and math.isfinite(gns.b_simple)
+
+
+class CellLoop(ZooModule):
+    """An ``nn.LSTMCell`` stepped over the positions (no batch_first=False layer to tell the layout): over ``h[t]``
+    of time-major batches, or over ``h[:, t]`` of batch-first ones."""
+
+    def __init__(self, batches: str) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.batches = batches
+        self.embed, self.cell = nn.Embedding(VOCAB, WIDTH), nn.LSTMCell(WIDTH, WIDTH)
+        self.decoder = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        steps = h.unbind(0) if self.batches == "time-major" else h.unbind(1)
+        state = (h.new_zeros(steps[0].shape), h.new_zeros(steps[0].shape))
+        outs = []
+        for x in steps:
+            state = self.cell(x, state)
+            outs.append(state[0])
+        return self.decoder(torch.stack(outs, dim=0 if self.batches == "time-major" else 1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.example_loss(self, batch)
+
+    @staticmethod
+    def example_loss(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+        tokens, targets = batch
+        return F.cross_entropy(call(tokens).reshape(-1, VOCAB), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("batches", ["time-major", "batch-first"])
+def test_a_cell_stepped_over_a_time_major_batch_couples_its_positions(batches: str) -> None:
+    # Counted by its leading dimension, a time-major batch makes positions of the examples, and the recurrence
+    # carries each "example" into the next: per_example measured the embedding and decoder, silently wrong. The
+    # recurrence shows as a pairing of examples; batch-first, the same loop is measured exactly.
+    model = CellLoop(batches).double()
+    gns = GradientNoiseScale(mode="per_example", beta=0.8)
+    recorder = BatchRecorder(gns)
+    fit64([gns, recorder], model, token_batches(6, 4, batches == "time-major"))
+    if batches == "time-major":
+        assert set(gns.left_out) == set(param_names(model))
+        assert all("pairs the examples" in gns.left_out[n] for n in param_names(model, ("cell.",)))
+        assert gns.skipped_steps == 4
+        return
+    assert gns.left_out == {} and gns.skipped_steps == 0
+    want = loop_reference_history(
+        model, recorder.micro_batches, CellLoop.example_loss, param_names(model), lambda b: torch.ones(len(b[0])), 0.8
+    )
+    assert_histories_match(recorder.history, want)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_gns.sources import per_example_generic as generic
 from lightning_gns.sources.base import BackwardNorms, GradNormSource, reduction_dtype, upcast_half
@@ -50,7 +50,8 @@ EVERYTHING_LEFT_OUT = "every parameter the per-example source watches is left ou
 COUPLED = (
     "its gradient or its input depends on several examples through an operation that pairs the examples of the"
     " batch ({node}: an in-batch similarity, distance or correlation, as contrastive losses with in-batch negatives"
-    " compute, or a statistic over the batch broadcast back over it), so per-example gradients are no independent"
+    " compute, a statistic over the batch broadcast back over it, or slices of two examples combined, as a"
+    " recurrence over h[t] of a time-major batch does), so per-example gradients are no independent"
     " samples. Accumulate gradients over 2 or more micro-batches (mode='microbatch' takes the micro-batches as the"
     " small batches) or train on several processes (mode='ddp')"
 )
@@ -654,9 +655,7 @@ class PerExampleSource(GradNormSource):
             return None
         return self._rows.rows_per_example(inp, self.expected_examples)
 
-    def _on_generic_forward(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> None:
+    def _on_generic_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         self._record_call(module, (args, kwargs), output)
         if not self.recording:
             return
@@ -696,9 +695,15 @@ class PerExampleSource(GradNormSource):
         if not self._new_use(module, params):
             return
         replay, outputs = captured
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        aliases = {id(outputs[j]): outputs[j].view_as(outputs[j]) for j in generic.outputs_used_inside(outputs, inputs)}
         fired = [False]
         hook = partial(self._on_generic_grad, replay, params, fired)
-        _when_all_grads(outputs, hook)
+        _when_all_grads([aliases.get(id(t), t) for t in outputs], hook)
+        if aliases:  # the model goes on with the aliases: their gradients are its later uses' alone
+            leaves, spec = tree_flatten(output)
+            return tree_unflatten([aliases.get(id(t), t) for t in leaves], spec)
+        return None
 
     def _on_generic_grad(
         self, replay: generic.Replay, params: list[tuple[str, int]], fired: list[bool], grads: Any

@@ -15,7 +15,10 @@ output whose input provably holds no examples, such as a positional table as lon
 scores) pairs positions within each example and is no coupling. Reported: every hooked layer output below a
 pairing operation, after it in the forward (its input depends on several examples), or on a branch that joins
 the path from it to the loss where the gradient depends on it (:func:`_coupled_branches`).
-Two operands that are slices of the same example (a loop over the examples, ``x[i] @ x[i].T``) pair nothing.
+Two operands that are slices of the same example (a loop over the examples, ``x[i] @ x[i].T``) pair nothing;
+slices of two examples combined by any operation pair them (:func:`_slice_tags`): a recurrence over ``x[t]``
+(an ``nn.LSTMCell`` loop over a time-major batch counted by its first dimension), unless the result is a
+scalar or the operation only puts the slices back together (``torch.stack``, ``out[i] = ...``).
 Examples are also coupled by broadcasting: an elementwise operation whose output leads with the batch and one
 of whose operands, computed from the examples, has no dimension of its own for them (leading size one, or
 fewer dimensions): a batch statistic (``z - z.mean(0)``, ``z / z.std(0)``, VICReg's variance term) or a view
@@ -29,13 +32,14 @@ statistic of the whole batch reduced to a scalar first (``z.std()``) is not foun
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES
+from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES, keeps_examples_apart
 from lightning_gns.sources.per_example_tables import ExampleFreeInputs, consecutive_positions
 
 Node = Any  # torch.autograd.graph.Node
@@ -78,6 +82,9 @@ _LINEAR = _VIEWS | {
     "SelectBackward0", "SliceBackward0", "IndexBackward0", "CatBackward0", "StackBackward0", "SplitBackward0",
     "SplitWithSizesBackward0", "UnbindBackward0", "NarrowBackward0", "NllLossBackward0", "NllLoss2DBackward0",
 }  # fmt: skip
+# Operations that put examples' slices back side by side (a stack of per-example results, ``out[i] = f(x[i])``).
+_REASSEMBLY = frozenset({"StackBackward0", "CatBackward0", "torch::autograd::CopySlices", "IndexPutBackward0"})
+_MAX_WALK = 256  # nodes a walk back to the batch visits before it gives up (no batch found)
 # A reentrant checkpoint: the layers run inside it are recorded by no forward hook before the backward.
 _REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
 
@@ -216,6 +223,75 @@ def _one_example(edge: tuple[Node, int]) -> int | None:
     return None
 
 
+def _slice_of(
+    edge: tuple[Node, int], carries: dict[Node, bool], batch_first: dict[Node, frozenset[Node]], examples: int
+) -> int | None:
+    """The example whose slice along the batch an edge's tensor is (``h[i]``, or the ``i``-th of ``h.unbind(0)``)
+    of a batch-first tensor that holds examples, else None."""
+    node, output = edge
+    name = node.name()
+    if name not in ("SelectBackward0", "UnbindBackward0") or node._saved_dim != 0 or not node.next_functions:
+        return None
+    source = node.next_functions[0][0]
+    if source is None or not carries.get(source) or not _batch_leads(source, batch_first, examples):
+        return None
+    if name == "UnbindBackward0":
+        return int(output) if len(node._input_metadata) == examples else None
+    if int(node._saved_self_sym_sizes[0]) != examples:
+        return None
+    index = int(node._saved_index)
+    index = index - (1 << 64) if index >= 1 << 63 else index  # a negative index reads as unsigned
+    return index % examples
+
+
+def _batch_leads(node: Node, batch_first: dict[Node, frozenset[Node]], examples: int) -> bool:
+    """Whether ``node``'s output leads with the batch: it is a hooked layer's batch-first output or an input that
+    needs a gradient, or is computed from one through operations that keep the first dimension where it is
+    (elementwise ops, reshapes and permutations that leave it first). A leading dimension as long as the batch by
+    chance (``nn.MultiheadAttention``'s stacked q, k, v at a batch of 3) is no batch."""
+    stack, seen = [node], set[Node]()
+    while stack and len(seen) < _MAX_WALK:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in batch_first:
+            return True
+        variable = getattr(current, "variable", None)
+        if variable is not None:
+            if not isinstance(variable, nn.Parameter) and variable.dim() > 0 and variable.shape[0] == examples:
+                return True
+            continue
+        if current.name() in ORDER_KEEPING or keeps_examples_apart(current):
+            for edge in current.next_functions:
+                shape = None if edge[0] is None else _operand_shape(edge)
+                if shape and shape[0] == examples:
+                    stack.append(edge[0])
+    return False
+
+
+def _slice_tags(
+    node: Node,
+    tags: dict[Node, int | None],
+    carries: dict[Node, bool],
+    batch_first: dict[Node, frozenset[Node]],
+    examples: int,
+) -> tuple[int | None, bool]:
+    """The example ``node``'s output is computed from alone, if it is one example's slice's (None otherwise), and
+    whether ``node`` combines slices of two examples into a result that is no scalar (a pairing)."""
+    found: set[int | None] = set()
+    for edge in node.next_functions:
+        if edge[0] is not None and carries.get(edge[0]):
+            one = _slice_of(edge, carries, batch_first, examples)
+            found.add(one if one is not None else tags.get(edge[0]))
+    if len(found) == 1:
+        return found.pop(), False
+    if not found or None in found or node.name() in _REASSEMBLY:
+        return None, False
+    metadata = node._input_metadata
+    return None, bool(metadata) and math.prod(metadata[0].shape) > 1
+
+
 def _operand_shape(edge: tuple[Node, int]) -> tuple[int, ...] | None:
     node, output = edge
     variable = getattr(node, "variable", None)
@@ -342,11 +418,17 @@ def coupled_outputs(
         for following, _ in node.next_functions:
             if following is not None:
                 uses[following] += 1
+    tags: dict[Node, int | None] = {}  # the one example a node's output is computed from, where it is a slice's
     for node in order:
         carries[node] = _carries_examples(node, batch_first, carries, tables, outputs, examples) or any(
             carries.get(f, False) for f, _ in node.next_functions if f is not None
         )
-        if (
+        tags[node], combines = _slice_tags(node, tags, carries, batch_first, examples)
+        if combines:
+            pairing.append(node)
+            if _linear(node, carries):  # a sum of two examples' slices couples only where a nonlinearity follows
+                conditional.add(node)
+        elif (
             _pairs_examples(node, carries, examples)
             or _broadcasts_over_examples(node, carries, examples)
             or _moves_examples(node, carries, uses, examples)

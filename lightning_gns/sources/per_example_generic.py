@@ -223,6 +223,36 @@ def capture(
     return replay, tensors
 
 
+def outputs_used_inside(outputs: list[Tensor], inputs: list[Tensor]) -> list[int]:
+    """The positions of the ``outputs`` that the call itself used to compute another of them (``nn.LSTMCell``'s
+    ``c``, from which it computes ``h = o * tanh(c)``).
+
+    A hook on such a tensor receives its whole gradient, the part that flows back through the other output
+    included, and the replay, given that output's gradient too, would count that part twice: silently wrong
+    norms. The caller hooks an alias of it instead, which only the model's later uses reach. Found by walking
+    the graph from each other output down to the call's inputs.
+    """
+    if len(outputs) < 2:
+        return []
+    nodes = [t.grad_fn for t in outputs]
+    stops = {t.grad_fn for t in inputs if t.grad_fn is not None}
+    used = []
+    for j, target in enumerate(nodes):
+        if target is None or target in stops:
+            continue
+        starts = [n for i, n in enumerate(nodes) if i != j and n is not None and n is not target]
+        seen: set[Any] = set()
+        while starts and target not in seen:
+            node = starts.pop()
+            if node in seen or node in stops:
+                continue
+            seen.add(node)
+            starts.extend(f for f, _ in node.next_functions if f is not None)
+        if target in seen:
+            used.append(j)
+    return used
+
+
 def _broadcast_inputs(batched: list[tuple[int, int]], originals: dict[int, Tensor]) -> dict[int, int]:
     """The inputs split along their first dimension that would broadcast, aligned from the right, over a wider input
     split there too: ``(T, d)`` beside ``(B, T, d)`` at ``T == B``; each with the wider one's leaf index."""

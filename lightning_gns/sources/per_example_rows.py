@@ -131,13 +131,13 @@ class FlattenedRows:
             # An input that needs a gradient: batch-first, as every layer input is taken to be.
             batch_first = variable.dim() > 0 and variable.shape[0] == examples and variable.numel() == count
             return _GROUPED if batch_first else _FAILS
-        return None if name in ORDER_KEEPING or _keeps_examples_apart(node) else _FAILS
+        return None if name in ORDER_KEEPING or keeps_examples_apart(node) else _FAILS
 
 
 _GROUPED, _CONSTANT, _FAILS = 1, 2, 3
 
 
-def _keeps_examples_apart(node: Node) -> bool:
+def keeps_examples_apart(node: Node) -> bool:
     """A permutation that leaves the first dimension first (Swin's window partition, ``x.view(B, h, w, W, w, C)
     .permute(0, 1, 3, 2, 4, 5)``; a ``transpose`` or ``roll`` of other dimensions): it moves elements within each
     example's block of the flat order, never across blocks, so rows flattened afterwards stay grouped by example.
