@@ -37,7 +37,8 @@ def leading_dim_batch_size(batch: Any) -> int:
         raise ValueError(
             f"GradientNoiseScale cannot count the examples of this batch: its tensors disagree on the leading"
             f" dimension ({shown}{', ...' if len(sizes) > 6 else ''}), as when several train dataloaders are combined"
-            " into one batch. Pass batch_size_fn returning the micro-batch's total (e.g. lambda batch:"
+            " into one batch, or time-major (T, B) tensors sit beside (B, ...) ones (then count B, e.g. lambda"
+            " batch: batch[0].shape[1]). Pass batch_size_fn returning the micro-batch's total (e.g. lambda batch:"
             " sum(len(x) for x, y in batch.values()), when the loss is the mean over all of them), or a 1-D integer"
             " tensor with one count per example in the order the model sees them (e.g. torch.ones(total, dtype=int))."
             " mode='per_example' needs the model to run once on all the examples (their concatenation)."

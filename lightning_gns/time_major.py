@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gns.batch_size import batch_tensors
@@ -74,14 +75,17 @@ class TimeMajorCheck:
             if examples is None or self.problem is not None or torch._C._current_graph_task_id() != -1:
                 return  # inside the backward: a checkpoint's or per_example's replay, on other shapes
             first = args[0] if args else next((kwargs[k] for k in _FIRST_INPUT if k in kwargs), None)
-            # (T, B, ...) batched input; a 2-D input is one unbatched sequence, a PackedSequence has no layout.
-            if not (isinstance(first, Tensor) and first.dim() >= 3 and first.shape[0] == examples):
+            if isinstance(first, PackedSequence):  # its batch sizes per step: as many steps, as many sequences
+                steps, sequences = len(first.batch_sizes), int(first.batch_sizes[0])
+            elif isinstance(first, Tensor) and first.dim() >= 3:  # (T, B, ...); 2-D is one unbatched sequence
+                steps, sequences = int(first.shape[0]), int(first.shape[1])
+            else:
                 return
-            if first.shape[1] in self._second_dims and first.shape[1] > 1:
+            if steps == examples and sequences in self._second_dims and sequences > 1:
                 self.problem = (
                     f"the batch looks time-major: its leading dimension ({examples}), counted as its examples, is"
                     f" the sequence dimension of layer {name or type(module).__name__!r} ({type(module).__name__},"
-                    f" batch_first=False), whose batch dimension holds {first.shape[1]}; counting positions as"
+                    f" batch_first=False), whose batch dimension holds {sequences}; counting positions as"
                     " examples would make B_simple silently wrong"
                 )
 

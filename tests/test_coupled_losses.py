@@ -434,12 +434,24 @@ class MixedRows(nn.Module):
             h = 0.7 * h + 0.3 * h[order]
         elif self.mixing == "index_select":
             h = 0.7 * h + 0.3 * h.index_select(0, order)
+        elif self.mixing == "roll, dimension from the end":  # -3 of (B, 2, 4): the batch
+            h3 = h.view(4, 2, 4)
+            h = (0.7 * h3 + 0.3 * h3.roll(1, -3)).view(4, 8)
+        elif self.mixing == "index_select, dimension from the end":
+            h3 = h.view(4, 2, 4)
+            h = (0.7 * h3 + 0.3 * h3.index_select(-3, order)).view(4, 8)
         else:  # reordered, transformed row by row, and put back in place
             h = torch.tanh(h[order])[torch.argsort(order)]
         return self.b(h).square().mean()
 
 
-@pytest.mark.parametrize("mixing", ["roll", "flip", "permutation", "index_select", "reorder"])
+@pytest.mark.parametrize(
+    "mixing",
+    [
+        "roll", "flip", "permutation", "index_select", "reorder", "roll, dimension from the end",
+        "index_select, dimension from the end",
+    ],
+)  # fmt: skip
 def test_rows_mixed_with_other_examples_couple_them(mixing: str) -> None:
     torch.manual_seed(0)
     model = MixedRows(mixing)

@@ -160,11 +160,17 @@ def grouped(make: Any) -> int | None:
         (lambda h, w: h.roll(1, 0).reshape(B * T, D), None),  # rows moved across examples
         (lambda h, w: F.pad(h, (0, 0, 0, 0)).reshape(B * T, D), T),  # Swin's pad to whole windows, of nothing
         (lambda h, w: F.pad(h, (0, 0, 0, 1))[:, 1:].reshape(B * T, D), None),  # a real pad
+        # dimensions counted from the end (saved unsigned in the graph: -3 % 3 read as 1 took them for others)
+        (lambda h, w: h.transpose(-3, -2).reshape(T * B, D), None),
+        (lambda h, w: h.permute(-3, -1, -2).reshape(B * T, D), T),
+        (lambda h, w: h.roll(1, -3).reshape(B * T, D), None),
+        (lambda h, w: h.transpose(-1, -2).reshape(B * T, D), T),
     ],
     ids=[
         "reshape", "elementwise", "parameter-broadcast", "two-paths", "finer-rows", "transposed", "flipped",
         "one-operand-moved", "broadcast-leading", "reduction", "parameters-only", "no-grad", "windows",
-        "within-example", "permuted-batch", "rolled-batch", "empty-pad", "pad",
+        "within-example", "permuted-batch", "rolled-batch", "empty-pad", "pad", "transposed-from-end",
+        "permuted-from-end", "rolled-batch-from-end", "transposed-last-two",
     ],
 )  # fmt: skip
 def test_the_walk_accepts_order_keeping_graphs_only(make: Any, want: int | None) -> None:

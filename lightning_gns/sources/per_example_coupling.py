@@ -16,9 +16,11 @@ scores) pairs positions within each example and is no coupling. Reported: every 
 pairing operation, after it in the forward (its input depends on several examples), or on a branch that joins
 the path from it to the loss where the gradient depends on it (:func:`_coupled_branches`).
 Two operands that are slices of the same example (a loop over the examples, ``x[i] @ x[i].T``) pair nothing;
-slices of two examples combined by any operation pair them (:func:`_slice_tags`): a recurrence over ``x[t]``
-(an ``nn.LSTMCell`` loop over a time-major batch counted by its first dimension), unless the result is a
-scalar or the operation only puts the slices back together (``torch.stack``, ``out[i] = ...``).
+one example's slice combined by any operation with another example's, or with a tensor computed from the
+examples that is no one example's slice, pairs them (:func:`_slice_tags`): a recurrence over ``x[t]`` (an
+``nn.LSTMCell`` loop, or the char-RNN tutorial's ``cat([x_t, h], 1)``, over a time-major batch counted by its
+first dimension), unless the result is a scalar or the operation only puts the slices back together along the
+batch (``torch.stack``, ``out[i] = ...``).
 Examples are also coupled by broadcasting: an elementwise operation whose output leads with the batch and one
 of whose operands, computed from the examples, has no dimension of its own for them (leading size one, or
 fewer dimensions): a batch statistic (``z - z.mean(0)``, ``z / z.std(0)``, VICReg's variance term) or a view
@@ -39,7 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES, keeps_examples_apart
+from lightning_gns.sources.per_example_axes import example_axis, moves_examples_off_the_batch
+from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES, dim_index, keeps_examples_apart
 from lightning_gns.sources.per_example_tables import ExampleFreeInputs, consecutive_positions
 
 Node = Any  # torch.autograd.graph.Node
@@ -82,8 +85,8 @@ _LINEAR = _VIEWS | {
     "SelectBackward0", "SliceBackward0", "IndexBackward0", "CatBackward0", "StackBackward0", "SplitBackward0",
     "SplitWithSizesBackward0", "UnbindBackward0", "NarrowBackward0", "NllLossBackward0", "NllLoss2DBackward0",
 }  # fmt: skip
-# Operations that put examples' slices back side by side (a stack of per-example results, ``out[i] = f(x[i])``).
-_REASSEMBLY = frozenset({"StackBackward0", "CatBackward0", "torch::autograd::CopySlices", "IndexPutBackward0"})
+# Operations that put examples' slices back side by side (``out[i] = f(x[i])``; a stack or cat along the batch).
+_REASSEMBLY = frozenset({"torch::autograd::CopySlices", "IndexPutBackward0"})
 _MAX_WALK = 256  # nodes a walk back to the batch visits before it gives up (no batch found)
 # A reentrant checkpoint: the layers run inside it are recorded by no forward hook before the backward.
 _REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
@@ -148,7 +151,7 @@ def _opaque(node: Node) -> bool:
     return "CompiledFunction" in name or name == _REENTRANT_CHECKPOINT
 
 
-def _pairs_examples(node: Node, carries: dict[Node, bool], examples: int) -> bool:
+def _pairs_examples(node: Node, carries: dict[Node, bool], axes: dict[Node, int | None], examples: int) -> bool:
     operands = _PAIRING.get(node.name())
     if operands is None:
         return False
@@ -162,6 +165,9 @@ def _pairs_examples(node: Node, carries: dict[Node, bool], examples: int) -> boo
     if one is not None and one == _one_example(following[operands[1]]):
         return False  # both operands are the same example's (a loop over the examples): within that example
     if node.name() in _BATCHED:
+        moved = moves_examples_off_the_batch(node, axes, carries)
+        if moved is not None:
+            return moved  # followed: in the product's batch (within each example), or in its rows or columns
         metadata = node._input_metadata
         shape = tuple(metadata[0].shape) if metadata else ()
         if shape and shape[0] % examples == 0:
@@ -197,11 +203,18 @@ def _moves_rows(index: Any, node: Node) -> bool:
     return rows is None or not torch.equal(index, rows.to(index.dtype))
 
 
+def _along_batch(node: Node, dims: Any) -> bool:
+    """Whether the dimensions an op saved include the first one of its output (its rank read from the graph)."""
+    rank = len(node._input_metadata[0].shape) if node._input_metadata else 0
+    saved = dims if isinstance(dims, (tuple, list)) else (dims,)
+    return rank > 0 and any(dim_index(d, rank) == 0 for d in saved)
+
+
 _MOVES = {
-    "RollBackward0": lambda node: not node._saved_dims or 0 in node._saved_dims,
-    "FlipBackward0": lambda node: 0 in node._saved_dims,
+    "RollBackward0": lambda node: not node._saved_dims or _along_batch(node, node._saved_dims),
+    "FlipBackward0": lambda node: _along_batch(node, node._saved_dims),
     "IndexBackward0": lambda node: bool(node._saved_indices) and _moves_rows(node._saved_indices[0], node),
-    "IndexSelectBackward0": lambda node: node._saved_dim == 0 and _moves_rows(node._saved_index, node),
+    "IndexSelectBackward0": lambda node: _along_batch(node, node._saved_dim) and _moves_rows(node._saved_index, node),
 }
 
 
@@ -214,13 +227,19 @@ def _one_example(edge: tuple[Node, int]) -> int | None:
     if node is None:
         return None
     name = node.name()
-    if name == "SelectBackward0" and node._saved_dim == 0:
+    if name == "SelectBackward0" and dim_index(node._saved_dim, len(node._saved_self_sym_sizes)) == 0:
         index = int(node._saved_index)
         index = index - (1 << 64) if index >= 1 << 63 else index  # a negative index reads as unsigned
         return index % int(node._saved_self_sym_sizes[0])
-    if name == "UnbindBackward0" and node._saved_dim == 0:
+    if name == "UnbindBackward0" and _unbinds_batch(node):
         return int(output)
     return None
+
+
+def _unbinds_batch(node: Node) -> bool:
+    """Whether an unbind splits its input along the first dimension (its input has one more than its outputs)."""
+    rank = len(node._input_metadata[0].shape) + 1 if node._input_metadata else 0
+    return rank > 0 and dim_index(node._saved_dim, rank) == 0
 
 
 def _slice_of(
@@ -230,7 +249,11 @@ def _slice_of(
     of a batch-first tensor that holds examples, else None."""
     node, output = edge
     name = node.name()
-    if name not in ("SelectBackward0", "UnbindBackward0") or node._saved_dim != 0 or not node.next_functions:
+    if name not in ("SelectBackward0", "UnbindBackward0") or not node.next_functions:
+        return None
+    if name == "SelectBackward0" and dim_index(node._saved_dim, len(node._saved_self_sym_sizes)) != 0:
+        return None
+    if name == "UnbindBackward0" and not _unbinds_batch(node):
         return None
     source = node.next_functions[0][0]
     if source is None or not carries.get(source) or not _batch_leads(source, batch_first, examples):
@@ -279,17 +302,30 @@ def _slice_tags(
 ) -> tuple[int | None, bool]:
     """The example ``node``'s output is computed from alone, if it is one example's slice's (None otherwise), and
     whether ``node`` combines slices of two examples into a result that is no scalar (a pairing)."""
-    found: set[int | None] = set()
+    found: set[int | None] = set()  # None: a tensor computed from the examples that is no one example's slice
     for edge in node.next_functions:
         if edge[0] is not None and carries.get(edge[0]):
             one = _slice_of(edge, carries, batch_first, examples)
             found.add(one if one is not None else tags.get(edge[0]))
     if len(found) == 1:
         return found.pop(), False
-    if not found or None in found or node.name() in _REASSEMBLY:
+    if found == {None} or not found or _reassembles(node):
         return None, False
     metadata = node._input_metadata
     return None, bool(metadata) and math.prod(metadata[0].shape) > 1
+
+
+def _reassembles(node: Node) -> bool:
+    """Whether ``node`` puts examples' slices back side by side along the batch (a stack or cat along the first
+    dimension, ``out[i] = f(x[i])``); a cat along another (``cat([x_t, h], 1)``) combines them."""
+    name = node.name()
+    if name in _REASSEMBLY:
+        return True
+    if name not in ("StackBackward0", "CatBackward0"):
+        return False
+    metadata = node._input_metadata
+    rank = len(metadata[0].shape) if metadata else 0
+    return rank > 0 and dim_index(node._saved_dim, rank) == 0
 
 
 def _operand_shape(edge: tuple[Node, int]) -> tuple[int, ...] | None:
@@ -339,7 +375,7 @@ def _reduces_over_examples(node: Node, carries: dict[Node, bool], examples: int)
         return False  # over every dimension: a scalar
     rank = len(shape)
     unsigned = dims if isinstance(dims, (tuple, list)) else (dims,)
-    return any((d - (1 << 64) if d >= 1 << 63 else d) % rank == 0 for d in unsigned)  # negative dims read as unsigned
+    return any(dim_index(d, rank) == 0 for d in unsigned)
 
 
 def _linear(node: Node, carries: dict[Node, bool]) -> bool:
@@ -419,17 +455,20 @@ def coupled_outputs(
             if following is not None:
                 uses[following] += 1
     tags: dict[Node, int | None] = {}  # the one example a node's output is computed from, where it is a slice's
+    axes: dict[Node, int | None] = {}  # the dimension of a node's output that holds the examples (per_example_axes)
+    roots = set(batch_first)
     for node in order:
         carries[node] = _carries_examples(node, batch_first, carries, tables, outputs, examples) or any(
             carries.get(f, False) for f, _ in node.next_functions if f is not None
         )
         tags[node], combines = _slice_tags(node, tags, carries, batch_first, examples)
+        axes[node] = example_axis(node, roots, axes, carries, examples)
         if combines:
             pairing.append(node)
             if _linear(node, carries):  # a sum of two examples' slices couples only where a nonlinearity follows
                 conditional.add(node)
         elif (
-            _pairs_examples(node, carries, examples)
+            _pairs_examples(node, carries, axes, examples)
             or _broadcasts_over_examples(node, carries, examples)
             or _moves_examples(node, carries, uses, examples)
         ):
@@ -447,6 +486,12 @@ def coupled_outputs(
     if not couplers:
         return {}, None  # only sums over the batch that reach the loss linearly
     name = couplers[0].name()
+    if name in _BATCHED and moves_examples_off_the_batch(couplers[0], axes, carries):
+        name += (
+            " along the first dimension of a layer's output, moved off the product's batch: attention over the"
+            " positions of a model that is time-major inside (T, B, ...) at T == B, whose first dimension is the"
+            " sequence (use a batch size other than the sequence length), or"
+        )
     found.update((node, name) for node in above if node in outputs)
     while stack:
         node = stack.pop()

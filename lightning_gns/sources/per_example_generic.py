@@ -145,7 +145,13 @@ def capture(
     shared by the examples; otherwise the call is refused as ambiguous.
     """
     out_leaves = tree_flatten(output)[0]
-    selected = [i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and t.requires_grad]
+    # One tensor returned twice (``return h, h``) is hooked once: its gradient already sums both uses, and the
+    # replay, given it for each place, would count it twice.
+    firsts: dict[int, int] = {}
+    for i, t in enumerate(out_leaves):
+        if isinstance(t, Tensor) and t.requires_grad:
+            firsts.setdefault(id(t), i)
+    selected = sorted(firsts.values())
     if not selected:
         return None
     problem = forward_problem(module, name, args, kwargs)
@@ -166,6 +172,8 @@ def capture(
             )
     if isinstance(module, nn.RNNBase) and per_example_rnn.replays(module):
         args, kwargs = _with_initial_state(module, args, kwargs, batch)
+    if isinstance(module, nn.RNNCellBase):
+        args, kwargs = _with_initial_cell_state(module, args, kwargs)
     leaves, spec = tree_flatten((args, kwargs))
     positions: list[tuple[int | str, Any]] = [(i, a) for i, a in enumerate(args)] + list(kwargs.items())
     batched: list[tuple[int, int]] = []
@@ -266,6 +274,23 @@ def _broadcast_inputs(batched: list[tuple[int, int]], originals: dict[int, Tenso
         for k in leading
         if originals[k].dim() < len(wide_shape) and tuple(originals[k].shape) == wide_shape[-originals[k].dim() :]
     }
+
+
+def _with_initial_cell_state(
+    module: nn.RNNCellBase, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A cell's call with its default zero state made explicit, one per example (``cell(x)``, the first step of a
+    loop): the zeros the cell makes itself have no batch dimension under vmap, and the replay failed."""
+    if (len(args) > 1 and args[1] is not None) or kwargs.get("hx") is not None:
+        return args, kwargs
+    x = args[0] if args else kwargs["input"]
+    if x.dim() != 2:
+        return args, kwargs
+    h = x.new_zeros(x.shape[0], module.hidden_size)
+    hx: Any = (h, h) if isinstance(module, nn.LSTMCell) else h
+    if args:
+        return (x, hx, *args[2:]), {k: v for k, v in kwargs.items() if k != "hx"}
+    return args, {**kwargs, "hx": hx}
 
 
 def _with_initial_state(

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES
+from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES, dim_index
 
 Node = Any  # torch.autograd.graph.Node
 
@@ -52,13 +52,13 @@ def _follow(node: Node, step: Step, examples: int) -> tuple[bool, Step | None]:
         return broadcast, (pos + offset, out)
     rank = len(out)
     if name == "PermuteBackward0":
-        dims = [d % rank for d in node._saved_dims]
+        dims = [dim_index(d, rank) for d in node._saved_dims]
         return False, (dims.index(pos), out)
     if name == "TransposeBackward0":
-        first, second = node._saved_dim0 % rank, node._saved_dim1 % rank
+        first, second = dim_index(node._saved_dim0, rank), dim_index(node._saved_dim1, rank)
         return False, ((second if pos == first else first if pos == second else pos), out)
     if name == "UnsqueezeBackward0":
-        return False, ((pos + 1 if node._saved_dim % rank <= pos else pos), out)
+        return False, ((pos + 1 if dim_index(node._saved_dim, rank) <= pos else pos), out)
     return False, None
 
 

@@ -51,6 +51,15 @@ ORDER_KEEPING = RESHAPES | frozenset(
     }
 )  # fmt: skip
 _ACCUMULATOR = "torch::autograd::AccumulateGrad"
+
+
+def dim_index(saved: Any, rank: int) -> int:
+    """A dimension an autograd node saved (``_saved_dim``, ``_saved_dims``), in ``range(rank)``: a negative one
+    (``transpose(-1, -2)``) reads as unsigned 64-bit, which ``% rank`` alone would map to a wrong dimension."""
+    value = int(saved)
+    return (value - (1 << 64) if value >= 1 << 63 else value) % rank
+
+
 _MAX_NODES = 4096  # a walk this long is given up (the layer is left out): no model path needs it
 
 
@@ -152,11 +161,11 @@ def keeps_examples_apart(node: Node) -> bool:
     if rank == 0:
         return False
     if name == "PermuteBackward0":
-        return int(node._saved_dims[0]) % rank == 0
+        return dim_index(node._saved_dims[0], rank) == 0
     if name == "TransposeBackward0":
-        return int(node._saved_dim0) % rank != 0 and int(node._saved_dim1) % rank != 0
+        return dim_index(node._saved_dim0, rank) != 0 and dim_index(node._saved_dim1, rank) != 0
     dims = node._saved_dims
-    return bool(dims) and all(int(d) % rank != 0 for d in dims)
+    return bool(dims) and all(dim_index(d, rank) != 0 for d in dims)
 
 
 def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
@@ -192,9 +201,9 @@ def _selected_source(node: Node) -> tuple[int, ...] | None:
     if name == "IndexBackward0":
         indices = node._saved_indices
         return tuple(node._saved_self_sym_sizes) if indices and isinstance(indices[0], Tensor) else None
-    if name == "IndexSelectBackward0" and node._saved_dim == 0:
+    if name == "IndexSelectBackward0" and dim_index(node._saved_dim, len(node._saved_self_sym_sizes)) == 0:
         return tuple(node._saved_self_sym_sizes)
-    if name == "GatherBackward0" and node._saved_dim == 0:
+    if name == "GatherBackward0" and dim_index(node._saved_dim, node._saved_self.dim()) == 0:
         return tuple(node._saved_self.shape)
     return None
 
