@@ -231,6 +231,9 @@ def capture(
     return replay, tensors
 
 
+_MAX_INSIDE_WALK = 2000  # nodes of one call's graph; a cell's is a few dozen
+
+
 def outputs_used_inside(outputs: list[Tensor], inputs: list[Tensor]) -> list[int]:
     """The positions of the ``outputs`` that the call itself used to compute another of them (``nn.LSTMCell``'s
     ``c``, from which it computes ``h = o * tanh(c)``).
@@ -238,7 +241,8 @@ def outputs_used_inside(outputs: list[Tensor], inputs: list[Tensor]) -> list[int
     A hook on such a tensor receives its whole gradient, the part that flows back through the other output
     included, and the replay, given that output's gradient too, would count that part twice: silently wrong
     norms. The caller hooks an alias of it instead, which only the model's later uses reach. Found by walking
-    the graph from each other output down to the call's inputs.
+    the graph from each other output down to the call's inputs; a walk that runs long (a layer that reads tensors
+    from outside its inputs) counts as finding it: an alias is exact either way.
     """
     if len(outputs) < 2:
         return []
@@ -251,6 +255,9 @@ def outputs_used_inside(outputs: list[Tensor], inputs: list[Tensor]) -> list[int
         starts = [n for i, n in enumerate(nodes) if i != j and n is not None and n is not target]
         seen: set[Any] = set()
         while starts and target not in seen:
+            if len(seen) > _MAX_INSIDE_WALK:
+                seen.add(target)
+                break
             node = starts.pop()
             if node in seen or node in stops:
                 continue
