@@ -32,10 +32,12 @@ class RelativeBias(SequenceRegression):
     size-one leading dimension (``(T, T, 1) -> (1, T, T)``) that broadcasting expands.
     """
 
-    def __init__(self, unsqueeze: bool = True, checkpointed: str | None = None, lr: float = 0.0) -> None:
+    def __init__(
+        self, unsqueeze: bool = True, checkpointed: str | None = None, lr: float = 0.0, repeat: bool = False
+    ) -> None:
         super().__init__(lr)
         torch.manual_seed(6)
-        self.unsqueeze, self.checkpointed = unsqueeze, checkpointed
+        self.unsqueeze, self.checkpointed, self.repeat = unsqueeze, checkpointed, repeat
         self.proj = nn.Linear(4, 4)
         self.bias = nn.Embedding(5, 2 if unsqueeze else 1)
         self.head = nn.Linear(4, 1)
@@ -53,20 +55,28 @@ class RelativeBias(SequenceRegression):
         relative = self.bias(buckets)  # (T, T, heads)
         if self.unsqueeze:
             scores = h @ h.transpose(1, 2) / 2  # (B, T, T)
-            scores = scores.unsqueeze(1) + relative.permute(2, 0, 1).unsqueeze(0)  # (B, 2, T, T)
+            shared = relative.permute(2, 0, 1).unsqueeze(0)  # (1, 2, T, T)
+            if self.repeat:  # WavLM's form: repeated over the batch rather than broadcast
+                shared = shared.repeat(len(h), 1, 1, 1)
+            scores = scores.unsqueeze(1) + shared  # (B, 2, T, T)
             mixed = torch.softmax(scores, dim=-1).mean(dim=1) @ h
         else:
             mixed = torch.softmax(h @ h.transpose(1, 2) + relative.permute(2, 0, 1), dim=-1) @ h
         return self.head(torch.tanh(mixed)).mean(dim=(1, 2))
 
 
-@pytest.mark.parametrize("unsqueeze", [True, False], ids=["permute-unsqueeze", "permute"])
+@pytest.mark.parametrize(
+    ("unsqueeze", "repeat"),
+    [(True, False), (False, False), (True, True)],
+    ids=["permute-unsqueeze", "permute", "repeat"],
+)
 @pytest.mark.parametrize("batch_size", [4, 3], ids=["T!=B", "T==B"])
-def test_a_relative_position_bias_is_left_out_at_any_batch_size(batch_size: int, unsqueeze: bool) -> None:
-    gns = fit_and_check(RelativeBias(unsqueeze), batch_size, ("bias",))
+def test_a_relative_position_bias_is_left_out_at_any_batch_size(batch_size: int, unsqueeze: bool, repeat: bool) -> None:
+    gns = fit_and_check(RelativeBias(unsqueeze, repeat=repeat), batch_size, ("bias",))
     reason = gns.left_out["bias.weight"]
     if batch_size == 3:  # T == B: found by the broadcast
-        assert "broadcasts it over the batch (AddBackward0)" in reason and "(3, 3, " in reason
+        op = "RepeatBackward0" if repeat else "AddBackward0"
+        assert f"broadcasts it over the batch ({op})" in reason and "(3, 3, " in reason
     else:
         assert "leading dimension is not" in reason
 

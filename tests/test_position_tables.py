@@ -203,10 +203,12 @@ class PickedRows(SequenceRegression):
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         h = torch.tanh(self.proj(x))
-        if self.picking == "expert":
+        if self.picking in ("expert", "expert, new axis"):
             flat = h.reshape(b * t, d)
             chosen = torch.arange(0, b * t, t)
-            routed = flat.index_add(0, chosen, torch.tanh(self.picked(flat[chosen])))
+            # Switch Transformers routes with flat[None, idx] (torch unsqueezes, then indexes past the new axis)
+            tokens = flat[chosen] if self.picking == "expert" else flat[None, chosen].reshape(-1, d)
+            routed = flat.index_add(0, chosen, torch.tanh(self.picked(tokens)))
             return self.head(routed.reshape(b, t, d)).mean(dim=(1, 2))
         if self.picking == "mask":
             mask = torch.zeros(b, t, dtype=torch.bool)
@@ -219,12 +221,12 @@ class PickedRows(SequenceRegression):
         return self.head(h + last[:, None]).mean(dim=(1, 2))
 
 
-@pytest.mark.parametrize("picking", ["expert", "mask", "pooled", "indexed-positions"])
+@pytest.mark.parametrize("picking", ["expert", "expert, new axis", "mask", "pooled", "indexed-positions"])
 @pytest.mark.parametrize("batch_size", [4, 3], ids=["B=4", "B=3"])
 def test_a_layer_on_as_many_picked_tokens_as_examples_is_left_out(picking: str, batch_size: int) -> None:
     # pos_table: a raw parameter of the model's forward, left out as such (used only by indexed-positions)
     left_out = ("pos_table",) if picking in ("pooled", "indexed-positions") else ("pos_table", "picked")
     gns = fit_and_check(PickedRows(picking), batch_size, left_out)
     if "picked" in left_out:
-        source = f"({batch_size * 3}, 4)" if picking == "expert" else f"({batch_size}, 3, 4)"
+        source = f"({batch_size * 3}, 4)" if picking.startswith("expert") else f"({batch_size}, 3, 4)"
         assert f"picked from a tensor of shape {source}" in gns.left_out["picked.weight"]

@@ -323,8 +323,9 @@ def test_a_model_time_major_inside_is_left_out_where_its_positions_look_like_exa
 ) -> None:
     # At T == B its (T, B, d) layers have the shape of a batch: split along the sequence, they were silently wrong
     # (FSMT and XLNet covered 30-100% of their parameters). Their attention multiplies along that dimension,
-    # followed from the layers' outputs through views and transposes into the rows of a batched product: every
-    # layer is left out, the reason names the layout. At T != B the shapes decide, and the rest is exact.
+    # followed from the layers' outputs through views and transposes into the rows of a batched product, and the
+    # layers right after their transpose take inputs whose examples are second: every layer is left out, the
+    # reasons name the layout. At T != B the shapes decide, and the rest is exact.
     float64_fsmt_masks(monkeypatch)
     model = (FairseqAttention() if name == "hand-written" else Transformers(name)).double()
     if length == B and name == "hand-written":  # control: the same attention batch-first is measured, exactly
@@ -336,13 +337,14 @@ def test_a_model_time_major_inside_is_left_out_where_its_positions_look_like_exa
     if length == B:
         assert set(gns.left_out) == set(param_names(model)) and gns.skipped_steps == 3
         time_major = {n for n, reason in gns.left_out.items() if "time-major inside" in reason}
+        moved = {n for n, reason in gns.left_out.items() if "another dimension than the first" in reason}
         raw = {n for n, reason in gns.left_out.items() if reason.startswith("raw parameter")}  # XLNet's attention
-        assert time_major and time_major | raw == set(gns.left_out) and (name == "xlnet" or not raw)
+        assert time_major and moved and time_major | moved | raw == set(gns.left_out) and (name == "xlnet" or not raw)
         return
     fit_and_check_loop(model, token_batches(length, 3, False), tuple(gns.left_out))
 
 
-def fit_and_check_loop(model: ZooModule, data: DataLoader, left_out: tuple[str, ...]) -> None:
+def fit_and_check_loop(model: ZooModule, data: DataLoader, left_out: tuple[str, ...]) -> GradientNoiseScale:
     """Fit in per_example mode: exactly ``left_out`` left out, the rest equal to the float64 loop reference."""
     gns = GradientNoiseScale(mode="per_example", beta=0.8)
     recorder = BatchRecorder(gns)
@@ -353,6 +355,7 @@ def fit_and_check_loop(model: ZooModule, data: DataLoader, left_out: tuple[str, 
         model, recorder.micro_batches, FairseqAttention.example_loss, kept, lambda b: torch.ones(len(b[0])), 0.8
     )
     assert_histories_match(recorder.history, want)
+    return gns
 
 
 class CharRNN(ZooModule):
@@ -396,3 +399,32 @@ def test_a_hand_written_recurrence_over_a_time_major_batch_couples_its_positions
     assert gns.skipped_steps == 3 and "embed.weight" in gns.left_out
     assert "pairs the examples" in gns.left_out["embed.weight"]
     fit_and_check_loop(CharRNN("batch-first", form).double(), token_batches(length, 3, False), ())
+
+
+class TransposedProjection(ZooModule):
+    """Longformer's and LED's attention input: the batch-first hidden states transposed to ``(T, B, d)`` before a
+    projection, transposed back after it; nothing multiplies along the positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(12)
+        self.embed, self.proj = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.decoder = nn.Linear(WIDTH, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        return self.decoder(h + torch.tanh(self.proj(h.transpose(0, 1))).transpose(0, 1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return FairseqAttention.example_loss(self, batch)
+
+
+@pytest.mark.parametrize("length", [6, B])
+def test_a_layer_on_examples_moved_off_the_first_dimension_is_left_out(length: int) -> None:
+    # At T == B the projection's (T, B, d) input and output have the shape of a batch: it was measured along the
+    # positions (transformers' Longformer and LED, silently wrong). Its input is followed back to the embedding's
+    # batch-first output through the transpose: the examples are in its second dimension.
+    model = TransposedProjection().double()
+    gns = fit_and_check_loop(model, token_batches(length, 3, False), ("proj.weight", "proj.bias"))
+    reason = gns.left_out["proj.weight"]
+    assert ("another dimension than the first" in reason) == (length == B), reason

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_gns.sources import per_example_generic as generic
 from lightning_gns.sources.base import BackwardNorms, GradNormSource, reduction_dtype, upcast_half
+from lightning_gns.sources.per_example_coupling import MOVED_INPUT
 from lightning_gns.sources.per_example_factors import (
     Dense,
     Factor,
@@ -54,6 +55,13 @@ COUPLED = (
     " recurrence over h[t] of a time-major batch does), so per-example gradients are no independent"
     " samples. Accumulate gradients over 2 or more micro-batches (mode='microbatch' takes the micro-batches as the"
     " small batches) or train on several processes (mode='ddp')"
+)
+MOVED = (
+    "its input holds the examples in another dimension than the first (a transpose such as"
+    " hidden_states.transpose(0, 1) moved them there, as transformers' Longformer and LED do before their"
+    " attention's projections): its first dimension, as long as the batch here, is the sequence, and a split along it"
+    " is no per-example split. Use a batch size other than the sequence length, or accumulate gradients over 2 or"
+    " more micro-batches (mode='microbatch' norms whole gradients)"
 )
 POSITIONS = (
     "layer {name!r} ({kind}) gave an output of shape {shape}, which looks like a batch of {examples} examples, but"
@@ -484,7 +492,7 @@ class PerExampleSource(GradNormSource):
             # taken to hold examples (its broadcast over the batch would look like a statistic of the batch).
             doubtful = {node for node, (module, _) in square.items() if module in unjudged}
             for index, node in check.coupled(loss, set(self.excluded), doubtful).items():
-                self.exclude(index, COUPLED.format(node=node))
+                self.exclude(index, MOVED if node == MOVED_INPUT else COUPLED.format(node=node))
 
     def _judge_square(self, roots: list[Any], square: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> list[nn.Module]:
         """Leave out the layers whose ``(B, B, ...)`` outputs the graph below ``roots`` broadcasts over the batch;
@@ -563,7 +571,8 @@ class PerExampleSource(GradNormSource):
 
     def _record_call(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self._use_check is not None and torch._C._current_graph_task_id() == -1:
-            self._use_check.record_call(output, inputs, [i for _, i in self._module_params.get(id(module), [])])
+            indices = [i for _, i in self._module_params.get(id(module), [])]
+            self._use_check.record_call(output, inputs, indices, reads_layout=hasattr(module, "batch_first"))
 
     def _watch_dedicated(self, module: nn.Module, label: str, own: list[tuple[str, nn.Parameter]], fused: bool) -> None:
         indices = self._watch(module, label, own)

@@ -88,6 +88,8 @@ _LINEAR = _VIEWS | {
 # Operations that put examples' slices back side by side (``out[i] = f(x[i])``; a stack or cat along the batch).
 _REASSEMBLY = frozenset({"torch::autograd::CopySlices", "IndexPutBackward0"})
 _MAX_WALK = 256  # nodes a walk back to the batch visits before it gives up (no batch found)
+# What coupled_outputs names for a layer whose input holds the examples in a dimension other than the first.
+MOVED_INPUT = "examples moved off the first dimension of the input"
 # A reentrant checkpoint: the layers run inside it are recorded by no forward hook before the backward.
 _REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
 
@@ -432,7 +434,11 @@ def _coupled_branches(
 
 
 def coupled_outputs(
-    root: Node, outputs: set[Node], batch_first: dict[Node, frozenset[Node]], examples: int
+    root: Node,
+    outputs: set[Node],
+    batch_first: dict[Node, frozenset[Node]],
+    examples: int,
+    leading: dict[Node, frozenset[Node]] | None = None,
 ) -> tuple[dict[Node, str], str | None]:
     """The hooked layer outputs whose gradient or input an operation that pairs the examples of the batch makes
     depend on several examples (a layer after a statistic over the batch in the model, as after a BatchNorm), each
@@ -440,7 +446,9 @@ def coupled_outputs(
     region so coupled (whose layers are none of ``outputs``: any layer may be in it), or None.
 
     ``outputs``: the grad_fns of the hooked layer calls' outputs; ``batch_first``: those whose leading dimension is
-    the batch, each with the grad_fns of its call's inputs.
+    the batch, each with the grad_fns of its call's inputs; ``leading``: those of layers that take every input
+    batch-first (not an RNN's ``hx``, not ``batch_first=False``), named :data:`MOVED_INPUT` where an input's examples
+    are followed to another dimension.
     """
     if examples < 2:
         return {}, None
@@ -477,14 +485,19 @@ def coupled_outputs(
             pairing.append(node)
             if node.name() in _LINEAR_REDUCTIONS:
                 conditional.add(node)
+    # A layer whose input holds the examples in another dimension (``h.transpose(0, 1)`` of a batch-first ``h``, as
+    # Longformer's attention takes it) has the sequence first: at T == B its output looks batch-first.
+    moved = {
+        r: MOVED_INPUT for r, inputs in (leading or {}).items() if any(axes.get(i) not in (None, 0) for i in inputs)
+    }
     if not pairing:
-        return {}, None
+        return moved, None
     found: dict[Node, str] = {}
     opaque_below: str | None = None
     seen: set[Node] = set()
     stack, above, couplers = _coupled_branches(order, pairing, carries, conditional)
     if not couplers:
-        return {}, None  # only sums over the batch that reach the loss linearly
+        return moved, None  # only sums over the batch that reach the loss linearly
     name = couplers[0].name()
     if name in _BATCHED and moves_examples_off_the_batch(couplers[0], axes, carries):
         name += (
@@ -503,4 +516,5 @@ def coupled_outputs(
         if opaque_below is None and _opaque(node):
             opaque_below = name
         stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
+    found.update(moved)
     return found, opaque_below

@@ -10,7 +10,8 @@ shape ``(B, H, T, T)``), which a batch never is.
 :func:`broadcast_outputs` reads the autograd graph of a micro-batch's loss before its backward pass (or, for a
 layer first run in a reentrant checkpoint's recomputation inside the backward, the graph of the recomputed
 layers' outputs, before the layer's gradient arrives). For each
-suspect output it follows the operations that consume it (elementwise ones, permutes, transposes, unsqueezes),
+suspect output it follows the operations that consume it (elementwise ones, permutes, transposes, unsqueezes,
+``repeat``),
 tracking where the suspect's first dimension goes (each node's output shape is in its metadata), and reports
 those that an elementwise operation broadcasts along a leading dimension of ``B`` while their own first
 dimension sits elsewhere. Any other operation ends the search without a verdict: an output is left out only on
@@ -43,7 +44,7 @@ def _follow(node: Node, step: Step, examples: int) -> tuple[bool, Step | None]:
     pos, shape = step
     out = tuple(metadata[0].shape)
     name = node.name()
-    if name in _ELEMENTWISE:
+    if name in _ELEMENTWISE or name == "RepeatBackward0":  # repeat over a new leading batch: WavLM's bias
         offset = len(out) - len(shape)
         if offset < 0:
             return False, None

@@ -199,8 +199,9 @@ def _selected_source(node: Node) -> tuple[int, ...] | None:
     """The shape a row-picking op (along the first dimension) picked from, or None for any other op."""
     name = node.name()
     if name == "IndexBackward0":
-        indices = node._saved_indices
-        return tuple(node._saved_self_sym_sizes) if indices and isinstance(indices[0], Tensor) else None
+        indices, skipped = node._saved_indices, _new_axes(node)
+        picked = skipped < len(indices) and isinstance(indices[skipped], Tensor)
+        return tuple(node._saved_self_sym_sizes)[skipped:] if picked else None
     if name == "IndexSelectBackward0" and dim_index(node._saved_dim, len(node._saved_self_sym_sizes)) == 0:
         return tuple(node._saved_self_sym_sizes)
     if name == "GatherBackward0" and dim_index(node._saved_dim, node._saved_self.dim()) == 0:
@@ -212,12 +213,26 @@ def _gives_the_rows(node: Node, inp: Tensor) -> bool:
     """Whether the picked rows are the input's rows: as many dimensions, so no broadcast put them elsewhere (a
     positional table ``weight[position_ids]`` added to the tokens' embeddings gives no row of its own)."""
     metadata = node._input_metadata
-    return len(metadata) == 1 and len(metadata[0].shape) == inp.dim()
+    return len(metadata) == 1 and len(metadata[0].shape) - _new_axes(node) == inp.dim()
+
+
+def _new_axes(node: Node) -> int:
+    """How many leading axes of size one an index added before the one that picks (``flat[None, idx]``, as
+    transformers' Switch Transformers routes tokens to an expert: torch unsqueezes, then indexes past them)."""
+    if node.name() != "IndexBackward0":
+        return 0
+    sizes, count = tuple(node._saved_self_sym_sizes), 0
+    for index in node._saved_indices:
+        if index is not None or count >= len(sizes) or sizes[count] != 1:
+            break
+        count += 1
+    return count
 
 
 def _token_mask(node: Node) -> bool:
     """A boolean mask over more than the batch dimension (``h[mask]`` with ``mask`` of shape ``(B, T)``)."""
     if node.name() != "IndexBackward0":
         return False
-    first = node._saved_indices[0]
-    return first.dtype == torch.bool and first.dim() > 1
+    indices, skipped = node._saved_indices, _new_axes(node)
+    first = indices[skipped] if skipped < len(indices) else None
+    return isinstance(first, Tensor) and first.dtype == torch.bool and first.dim() > 1

@@ -34,6 +34,7 @@ class _Call(NamedTuple):
     stops: set[Node]
     indices: list[int]
     batch_first: list[Node]
+    reads_layout: bool  # the layer finds the batch in its inputs itself (batch_first=False, an RNN's hx)
 
 
 class UseCheck:
@@ -50,20 +51,21 @@ class UseCheck:
         self._examples = examples
         self._calls: list[_Call] = []
 
-    def record_call(self, outputs: Any, inputs: Any, indices: list[int]) -> None:
-        """A hooked layer call: its outputs, its inputs (args and kwargs) and its watched parameters' indices."""
+    def record_call(self, outputs: Any, inputs: Any, indices: list[int], reads_layout: bool = False) -> None:
+        """A hooked layer call: its outputs, its inputs (args and kwargs), its watched parameters' indices, and
+        whether it reads where the batch is in its inputs itself (else every input leads with the batch)."""
         tensors = [t for t in tree_flatten(outputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None]
         if tensors and indices:
             stops = {t.grad_fn for t in tree_flatten(inputs)[0] if isinstance(t, Tensor) and t.grad_fn is not None}
             batch_first = [t.grad_fn for t in tensors if t.dim() > 0 and t.shape[0] == self._examples]
-            self._calls.append(_Call([t.grad_fn for t in tensors], stops, indices, batch_first))
+            self._calls.append(_Call([t.grad_fn for t in tensors], stops, indices, batch_first, reads_layout))
 
     def outside_uses(self, loss: Tensor) -> dict[int, str]:
         """Watched parameter index -> the kind of graph node that uses it outside its layers (e.g. ``MmBackward0``)."""
         if loss.grad_fn is None:
             return {}
         allowed: set[tuple[Node, int]] = set()
-        for roots, stops, indices, _ in self._calls:
+        for roots, stops, indices, _, _ in self._calls:
             wanted = set(indices)
             allowed.update((node, i) for node, i in self._param_edges(roots, stops) if i in wanted)
         outside: dict[int, str] = {}
@@ -92,9 +94,16 @@ class UseCheck:
             for node in call.batch_first
             if node not in doubtful
         }
-        found, opaque_below = coupled_outputs(loss.grad_fn, outputs, batch_first, self._examples)
+        leading = {
+            node: batch_first[node]
+            for call in self._calls
+            if not call.reads_layout
+            for node in call.batch_first
+            if node in batch_first
+        }
+        found, opaque_below = coupled_outputs(loss.grad_fn, outputs, batch_first, self._examples, leading)
         coupled: dict[int, str] = {}
-        for roots, _, indices, _ in self._calls:
+        for roots, _, indices, _, _ in self._calls:
             node = next((found[r] for r in roots if r in found), None)
             if node is not None:
                 coupled.update((i, node) for i in indices)
