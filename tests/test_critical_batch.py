@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -152,6 +153,7 @@ def test_tiny_sweep_command_on_digits(tmp_path: Path, capsys: pytest.CaptureFixt
     from lightning_gns.tools.cli import main
 
     out = tmp_path / "sweep"
+    logging.getLogger("lightning.pytorch").setLevel(logging.INFO)
     code = main(
         [
             "sweep",
@@ -187,6 +189,7 @@ def test_tiny_sweep_command_on_digits(tmp_path: Path, capsys: pytest.CaptureFixt
     )
     printed = capsys.readouterr().out
     assert code == 0, printed
+    assert logging.getLogger("lightning.pytorch").level == logging.INFO  # quieted for the sweep only
     summary = json.loads((out / "fit.json").read_text())
     assert summary["fit_error"] is None
     assert summary["s_min"] >= 0 and summary["e_min"] >= 0

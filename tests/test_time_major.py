@@ -29,6 +29,19 @@ from support.zoo import ZooModule
 VOCAB, WIDTH, B = 11, 6, 4
 
 
+class TokenModel(ZooModule):
+    """A model of batch-first ``(B, T)`` tokens trained on next-token cross entropy (``example_loss`` is the loss of
+    any batch, one example's included, for the float64 reference)."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.example_loss(self, batch)
+
+    @staticmethod
+    def example_loss(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
+        tokens, targets = batch
+        return F.cross_entropy(call(tokens).reshape(-1, VOCAB), targets.reshape(-1))
+
+
 class WordLanguageModel(ZooModule):
     """Embedding, a sequence-first ``layer`` (LSTM or a transformer encoder layer), decoder; on ``(T, B)`` tokens.
     ``batches`` says how the loader hands them: ``"time-major"`` as they are, ``"batch-first"`` as ``(B, T)``,
@@ -63,19 +76,11 @@ class WordLanguageModel(ZooModule):
         return F.cross_entropy(self(tokens).reshape(-1, VOCAB), targets.reshape(-1))
 
 
-class BatchFirstOutside(WordLanguageModel):
+class BatchFirstOutside(TokenModel, WordLanguageModel):
     """The same layers called from a batch-first forward (``(B, T)`` in and out), as most ports write it."""
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.decoder(self.sequence_first(self.embed(tokens).transpose(0, 1)).transpose(0, 1))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self.example_loss(self, batch)
-
-    @staticmethod
-    def example_loss(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
-        tokens, targets = batch
-        return F.cross_entropy(call(tokens).reshape(-1, VOCAB), targets.reshape(-1))
 
 
 def token_batches(length: int, steps: int, time_major: bool) -> DataLoader:
@@ -140,7 +145,7 @@ def test_sequence_first_layers_fed_batch_first_batches_are_measured_exactly(leng
     assert set(gns.left_out) == set(param_names(model)) - set(param_names(model, left_out)), gns.left_out
     kept = param_names(model, left_out)
     want = loop_reference_history(
-        model, recorder.micro_batches, BatchFirstOutside.example_loss, kept, lambda b: torch.ones(len(b[0])), beta=0.8
+        model, recorder.micro_batches, TokenModel.example_loss, kept, lambda b: torch.ones(len(b[0])), beta=0.8
     )
     assert_histories_match(recorder.history, want)
     assert not any(m._forward_pre_hooks for m in model.modules())  # the check's hooks end with the fit
@@ -171,7 +176,7 @@ def test_a_layer_attending_across_the_examples_is_no_time_major_batch() -> None:
     assert gns.compute()["gns/b_small"] == B and math.isfinite(gns.b_simple)
 
 
-class CellLoop(ZooModule):
+class CellLoop(TokenModel):
     """An ``nn.LSTMCell`` stepped over the positions (no batch_first=False layer to tell the layout): over ``h[t]``
     of time-major batches, or over ``h[:, t]`` of batch-first ones."""
 
@@ -192,14 +197,6 @@ class CellLoop(ZooModule):
             outs.append(state[0])
         return self.decoder(torch.stack(outs, dim=0 if self.batches == "time-major" else 1))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self.example_loss(self, batch)
-
-    @staticmethod
-    def example_loss(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
-        tokens, targets = batch
-        return F.cross_entropy(call(tokens).reshape(-1, VOCAB), targets.reshape(-1))
-
 
 @pytest.mark.parametrize("batches", ["time-major", "batch-first"])
 def test_a_cell_stepped_over_a_time_major_batch_couples_its_positions(batches: str) -> None:
@@ -217,12 +214,12 @@ def test_a_cell_stepped_over_a_time_major_batch_couples_its_positions(batches: s
         return
     assert gns.left_out == {} and gns.skipped_steps == 0
     want = loop_reference_history(
-        model, recorder.micro_batches, CellLoop.example_loss, param_names(model), lambda b: torch.ones(len(b[0])), 0.8
+        model, recorder.micro_batches, TokenModel.example_loss, param_names(model), lambda b: torch.ones(len(b[0])), 0.8
     )
     assert_histories_match(recorder.history, want)
 
 
-class FairseqAttention(ZooModule):
+class FairseqAttention(TokenModel):
     """A model that is time-major inside, as fairseq's (and transformers' FSMT's) attention is written: batch-first
     tokens, ``(T, B, d)`` projections, ``view(T, B * heads, d).transpose(0, 1)``, a batched product per head."""
 
@@ -258,14 +255,6 @@ class FairseqAttention(ZooModule):
         y = x + self.out(mixed.transpose(0, 1).contiguous().view(t, b, d))
         return self.decoder(y.transpose(0, 1))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self.example_loss(self, batch)
-
-    @staticmethod
-    def example_loss(call: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
-        tokens, targets = batch
-        return F.cross_entropy(call(tokens).reshape(-1, VOCAB), targets.reshape(-1))
-
 
 def fsmt() -> nn.Module:
     from transformers import FSMTConfig, FSMTForConditionalGeneration
@@ -290,7 +279,7 @@ def xlnet() -> nn.Module:
     return XLNetLMHeadModel(config)
 
 
-class Transformers(ZooModule):
+class Transformers(TokenModel):
     """transformers' FSMT (``input_ids`` and ``decoder_input_ids``: the batch's tokens twice) or XLNet."""
 
     def __init__(self, name: str) -> None:
@@ -303,9 +292,6 @@ class Transformers(ZooModule):
         if self.name == "fsmt":
             return self.net(input_ids=tokens, decoder_input_ids=tokens).logits
         return self.net(input_ids=tokens).logits
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return FairseqAttention.example_loss(self, batch)
 
 
 def float64_fsmt_masks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -352,13 +338,13 @@ def fit_and_check_loop(model: ZooModule, data: DataLoader, left_out: tuple[str, 
     assert set(gns.left_out) == set(left_out) and gns.skipped_steps == 0
     kept = [n for n in param_names(model) if n not in gns.left_out]
     want = loop_reference_history(
-        model, recorder.micro_batches, FairseqAttention.example_loss, kept, lambda b: torch.ones(len(b[0])), 0.8
+        model, recorder.micro_batches, TokenModel.example_loss, kept, lambda b: torch.ones(len(b[0])), 0.8
     )
     assert_histories_match(recorder.history, want)
     return gns
 
 
-class CharRNN(ZooModule):
+class CharRNN(TokenModel):
     """PyTorch's char-RNN tutorial cell, ``h = tanh(i2h(cat([x_t, h], 1)))``, stepped over the positions of ``(T, B)``
     or ``(B, T)`` tokens (no batch_first=False layer), or its additive form ``tanh(w(x_t) + u(h))``."""
 
@@ -383,9 +369,6 @@ class CharRNN(ZooModule):
             outs.append(h)
         return self.decoder(torch.stack(outs, 0 if self.batches == "time-major" else 1))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return FairseqAttention.example_loss(self, batch)
-
 
 @pytest.mark.parametrize("form", ["cat", "add"])
 @pytest.mark.parametrize("length", [6, B])
@@ -401,7 +384,7 @@ def test_a_hand_written_recurrence_over_a_time_major_batch_couples_its_positions
     fit_and_check_loop(CharRNN("batch-first", form).double(), token_batches(length, 3, False), ())
 
 
-class TransposedProjection(ZooModule):
+class TransposedProjection(TokenModel):
     """Longformer's and LED's attention input: the batch-first hidden states transposed to ``(T, B, d)`` before a
     projection, transposed back after it; nothing multiplies along the positions."""
 
@@ -414,9 +397,6 @@ class TransposedProjection(ZooModule):
     def forward(self, tokens: Tensor) -> Tensor:
         h = self.embed(tokens)
         return self.decoder(h + torch.tanh(self.proj(h.transpose(0, 1))).transpose(0, 1))
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return FairseqAttention.example_loss(self, batch)
 
 
 @pytest.mark.parametrize("length", [6, B])

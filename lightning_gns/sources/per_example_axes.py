@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES, dim_index
+from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES, dim_index, operand_shape
 
 Node = Any  # torch.autograd.graph.Node
 
@@ -51,7 +51,7 @@ def example_axis(
         axis = _product_axis(node, axes, carries)
     else:
         carrying = [e for e in node.next_functions if e[0] is not None and carries.get(e[0])]
-        found = {_moved(node, name, axes.get(e[0]), _shape(e), out, examples) for e in carrying}
+        found = {_moved(node, name, axes.get(e[0]), operand_shape(e), out, examples) for e in carrying}
         axis = found.pop() if len(found) == 1 else None
     return axis if axis is not None and axis < len(out) and out[axis] % examples == 0 else None
 
@@ -112,15 +112,6 @@ def _product_axis(node: Node, axes: dict[Node, int | None], carries: dict[Node, 
     if batched and left_axis == right_axis == 0:
         return 0
     return None
-
-
-def _shape(edge: tuple[Node, int]) -> tuple[int, ...] | None:
-    node, output = edge
-    variable = getattr(node, "variable", None)
-    if variable is not None:
-        return tuple(variable.shape)
-    metadata = node._input_metadata
-    return tuple(metadata[output].shape) if output < len(metadata) else None
 
 
 def moves_examples_off_the_batch(node: Node, axes: dict[Node, int | None], carries: dict[Node, bool]) -> bool | None:

@@ -42,7 +42,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gns.sources.per_example_axes import example_axis, moves_examples_off_the_batch
-from lightning_gns.sources.per_example_rows import ORDER_KEEPING, RESHAPES, dim_index, keeps_examples_apart
+from lightning_gns.sources.per_example_rows import (
+    ORDER_KEEPING,
+    RESHAPES,
+    dim_index,
+    keeps_examples_apart,
+    operand_shape,
+)
 from lightning_gns.sources.per_example_tables import ExampleFreeInputs, consecutive_positions
 
 Node = Any  # torch.autograd.graph.Node
@@ -289,7 +295,7 @@ def _batch_leads(node: Node, batch_first: dict[Node, frozenset[Node]], examples:
             continue
         if current.name() in ORDER_KEEPING or keeps_examples_apart(current):
             for edge in current.next_functions:
-                shape = None if edge[0] is None else _operand_shape(edge)
+                shape = None if edge[0] is None else operand_shape(edge)
                 if shape and shape[0] == examples:
                     stack.append(edge[0])
     return False
@@ -330,15 +336,6 @@ def _reassembles(node: Node) -> bool:
     return rank > 0 and dim_index(node._saved_dim, rank) == 0
 
 
-def _operand_shape(edge: tuple[Node, int]) -> tuple[int, ...] | None:
-    node, output = edge
-    variable = getattr(node, "variable", None)
-    if variable is not None:
-        return tuple(variable.shape)
-    metadata = node._input_metadata
-    return tuple(metadata[output].shape) if output < len(metadata) else None
-
-
 def _broadcasts_over_examples(node: Node, carries: dict[Node, bool], examples: int) -> bool:
     """Whether an elementwise op (or expand) broadcasts a tensor computed from the examples, but without a
     dimension of its own for them (a statistic over the batch, ``z.unsqueeze(0)``), over the batch."""
@@ -353,7 +350,7 @@ def _broadcasts_over_examples(node: Node, carries: dict[Node, bool], examples: i
     for edge in node.next_functions:
         if edge[0] is None or not carries.get(edge[0]):
             continue
-        shape = _operand_shape(edge)
+        shape = operand_shape(edge)
         if shape is not None and len(shape) <= len(out) and ((1,) * (len(out) - len(shape)) + shape)[0] == 1:
             return True
     return False
@@ -368,7 +365,7 @@ def _reduces_over_examples(node: Node, carries: dict[Node, bool], examples: int)
     edge = node.next_functions[0]
     if edge[0] is None or not carries.get(edge[0]):
         return False
-    shape = _operand_shape(edge)
+    shape = operand_shape(edge)
     metadata = node._input_metadata
     if shape is None or len(shape) < 2 or shape[0] != examples or not metadata or len(metadata[0].shape) == 0:
         return False

@@ -53,6 +53,16 @@ ORDER_KEEPING = RESHAPES | frozenset(
 _ACCUMULATOR = "torch::autograd::AccumulateGrad"
 
 
+def operand_shape(edge: tuple[Node, int]) -> tuple[int, ...] | None:
+    """The shape of the tensor an edge of the graph carries (a leaf's, or the output's its node records)."""
+    node, output = edge
+    variable = getattr(node, "variable", None)
+    if variable is not None:
+        return tuple(variable.shape)
+    metadata = node._input_metadata
+    return tuple(metadata[output].shape) if output < len(metadata) else None
+
+
 def dim_index(saved: Any, rank: int) -> int:
     """A dimension an autograd node saved (``_saved_dim``, ``_saved_dims``), in ``range(rank)``: a negative one
     (``transpose(-1, -2)``) reads as unsigned 64-bit, which ``% rank`` alone would map to a wrong dimension."""

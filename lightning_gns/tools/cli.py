@@ -106,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
+
+
 def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+    """Silence Lightning's per-fit info lines for the many fits of a sweep (``main`` puts the levels back)."""
+    for name in _LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -221,11 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-gns`` console script; returns the exit status (2 for a usage error)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     commands = {"report": run_report_command, "sweep": run_sweep_command, "branch": run_branch_command}
+    levels = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
     try:
         return commands[args.command](args)
     except (CriticalBatchError, report.ReportError) as error:
         print(f"lightning-gns {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    finally:  # called from Python (a notebook), the caller's logging stays as it was
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 if __name__ == "__main__":
