@@ -474,9 +474,12 @@ class SlicesCombined(SequenceRegression):
         torch.manual_seed(8)
         self.combine = combine
         self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.mid = nn.Linear(4, 4)  # called on each example's (3, 4) slice by "layer on each slice"
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.a(x)  # (B, 3, 4): measured per example unless a pairing is found above it
+        if self.combine == "layer on each slice":
+            return self.head(torch.stack([torch.tanh(self.mid(hi)) for hi in h])).mean(dim=(1, 2))
         if self.combine == "in place":
             out = torch.zeros_like(h)
             for i in range(len(h)):
@@ -502,3 +505,10 @@ def test_slices_of_examples_combined_pair_them_and_put_side_by_side_pair_nothing
     assert set(gns.left_out) == {"a.weight", "a.bias", "head.weight", "head.bias"}
     assert all("AddBackward0" in reason and "pairs the examples" in reason for reason in gns.left_out.values())
     assert gns.skipped_steps == 2
+
+
+@pytest.mark.parametrize("batch_size", [4, 3], ids=["T!=B", "T==B"])
+def test_a_layer_called_on_one_examples_slice_is_left_out(batch_size: int) -> None:
+    # mid(h[i]) sees (T, d): at T == B its rows, that example's positions, were taken for the batch (silently wrong).
+    gns = fit_and_check(SlicesCombined("layer on each slice").double(), batch_size, ("mid",))
+    assert ("one example's slice" in gns.left_out["mid.weight"]) == (batch_size == 3)

@@ -197,18 +197,22 @@ class PickedRows(SequenceRegression):
         self.picking = picking
         self.proj = nn.Linear(4, 4)
         self.picked = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)  # the expert's second layer, on the first one's output
         self.head = nn.Linear(4, 1)
         self.pos_table = nn.Parameter(torch.randn(6, 4))
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         h = torch.tanh(self.proj(x))
-        if self.picking in ("expert", "expert, new axis"):
+        if self.picking.startswith("expert"):
             flat = h.reshape(b * t, d)
             chosen = torch.arange(0, b * t, t)
             # Switch Transformers routes with flat[None, idx] (torch unsqueezes, then indexes past the new axis)
-            tokens = flat[chosen] if self.picking == "expert" else flat[None, chosen].reshape(-1, d)
-            routed = flat.index_add(0, chosen, torch.tanh(self.picked(tokens)))
+            tokens = flat[None, chosen].reshape(-1, d) if self.picking == "expert, new axis" else flat[chosen]
+            expert = torch.tanh(self.picked(tokens))
+            if self.picking == "expert, two layers":
+                expert = self.second(expert)
+            routed = flat.index_add(0, chosen, expert)
             return self.head(routed.reshape(b, t, d)).mean(dim=(1, 2))
         if self.picking == "mask":
             mask = torch.zeros(b, t, dtype=torch.bool)
@@ -221,12 +225,18 @@ class PickedRows(SequenceRegression):
         return self.head(h + last[:, None]).mean(dim=(1, 2))
 
 
-@pytest.mark.parametrize("picking", ["expert", "expert, new axis", "mask", "pooled", "indexed-positions"])
+@pytest.mark.parametrize(
+    "picking", ["expert", "expert, new axis", "expert, two layers", "mask", "pooled", "indexed-positions"]
+)
 @pytest.mark.parametrize("batch_size", [4, 3], ids=["B=4", "B=3"])
 def test_a_layer_on_as_many_picked_tokens_as_examples_is_left_out(picking: str, batch_size: int) -> None:
-    # pos_table: a raw parameter of the model's forward, left out as such (used only by indexed-positions)
+    # pos_table: a raw parameter of the model's forward, left out as such (used only by indexed-positions);
+    # second: the two-layer expert's second layer, on the first one's output (it was measured)
     left_out = ("pos_table",) if picking in ("pooled", "indexed-positions") else ("pos_table", "picked")
+    left_out += ("second",) if picking == "expert, two layers" else ()
     gns = fit_and_check(PickedRows(picking), batch_size, left_out)
+    if picking == "expert, two layers":
+        assert "come from the output of layer 'picked'" in gns.left_out["second.weight"]
     if "picked" in left_out:
         source = f"({batch_size * 3}, 4)" if picking.startswith("expert") else f"({batch_size}, 3, 4)"
         assert f"picked from a tensor of shape {source}" in gns.left_out["picked.weight"]

@@ -34,7 +34,7 @@ from lightning_gns.sources.per_example_fused import (
 from lightning_gns.sources.per_example_positions import broadcast_outputs
 from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
-from lightning_gns.sources.per_example_rows import FlattenedRows, rows_selected_from
+from lightning_gns.sources.per_example_rows import FlattenedRows, rows_reached, rows_selected_from
 from lightning_gns.sources.per_example_tables import ExampleFreeInputs
 from lightning_gns.sources.per_example_uses import UseCheck
 
@@ -85,6 +85,13 @@ SELECTED = (
     " micro-batch has examples only by chance, and its rows are not the examples, so its gradient has no"
     " per-example split. Accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole"
     " gradients); to pick one token per example, index as h[torch.arange(B), positions], which keeps the examples"
+)
+NO_EXAMPLE_ROWS = (
+    "layer {name!r} ({kind}) was called on rows that come from {source} (a layer called on h[i] in a loop over the"
+    " examples, whose rows are that example's positions; the second layer of an expert given picked tokens): its"
+    " output of shape {shape} has as many rows as the micro-batch has examples, but they are not the examples, so"
+    " its gradient has no per-example split. Use a batch size other than the sequence length, or accumulate"
+    " gradients over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
 )
 UNJUDGED = (
     "GradientNoiseScale: the per-example source cannot tell whether the outputs of shape (B, B, ...) of layers"
@@ -379,6 +386,9 @@ class PerExampleSource(GradNormSource):
         # broadcast over the batch, per_example_positions; an input computed from the model's state alone,
         # per_example_tables), or tokens picked from a tensor whose rows are not the examples
         self._broadcast_modules: set[int] = set()
+        # Outputs (grad_fns) of this micro-batch's calls judged to have rows that are no examples, with the layer's
+        # name: a layer fed by one (through elementwise ops) has no examples in its rows either.
+        self._rowless_outputs: dict[Any, str] = {}
         self._sequence_first_layer: str | None = None  # a layer with batch_first=False, if the model has one
         # Layers judged for inputs that hold no examples (per_example_tables), and the proofs of one micro-batch.
         self._judged_tables: set[int] = set()
@@ -535,6 +545,7 @@ class PerExampleSource(GradNormSource):
         self._square_outputs = {}
         self._recomputed_square = {}
         self._recomputed_outputs = []
+        self._rowless_outputs = {}
 
     def _note_square(self, module: nn.Module, output: Tensor) -> None:
         """Keep an output of a layer not judged yet whose first dimension may be positions as many as the examples,
@@ -885,15 +896,19 @@ class PerExampleSource(GradNormSource):
         if torch._C._current_graph_task_id() != -1:
             return None
         self._tables_judged_now.add(id(module))  # every call of this micro-batch is judged: a layer may take both
-        name, kind = self._module_names[id(module)], type(module).__name__
-        if not self._tables.hold_none(inputs, self._model_state()):
-            source = next((s for t in inputs if (s := rows_selected_from(t, expected)) is not None), None)
-            if source is None:
-                return None
-            self._broadcast_modules.add(id(module))  # its outputs anchor no flatten: their rows are no examples
-            return SELECTED.format(name=name, kind=kind, shape=tuple(output.shape), examples=expected, source=source)
-        self._broadcast_modules.add(id(module))
-        return TABLE.format(name=name, kind=kind, shape=tuple(output.shape), examples=expected)
+        name, kind, shape = self._module_names[id(module)], type(module).__name__, tuple(output.shape)
+        if self._tables.hold_none(inputs, self._model_state()):
+            reason = TABLE.format(name=name, kind=kind, shape=shape, examples=expected)
+        elif source := next((s for t in inputs if (s := rows_selected_from(t, expected)) is not None), None):
+            reason = SELECTED.format(name=name, kind=kind, shape=shape, examples=expected, source=source)
+        elif reached := next((r for t in inputs if (r := rows_reached(t, expected, self._rowless_outputs))), None):
+            reason = NO_EXAMPLE_ROWS.format(name=name, kind=kind, shape=shape, source=reached)
+        else:
+            return None
+        self._broadcast_modules.add(id(module))  # its outputs anchor no flatten: their rows are no examples
+        if output.grad_fn is not None:
+            self._rowless_outputs[output.grad_fn] = f"the output of layer {name!r}"
+        return reason
 
     def _leading_dim_problem(self, module: nn.Module, inp: Tensor, expected: int) -> str:
         name = self._module_names[id(module)]

@@ -205,6 +205,44 @@ def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
 _MAX_SELECTION_WALK = 64  # a layer's input is a few reshapes and elementwise ops from a selection, if any
 
 
+def rows_reached(inp: Tensor, examples: int, rowless: dict[Node, str]) -> str | None:
+    """Where ``inp``'s rows come from, if not from the examples, found through reshapes and elementwise ops: from
+    one example's slice (``f(h[i])`` in a loop over the examples, whose rows are that example's positions, as many
+    as the examples at ``T == B``; ``h.unbind(0)``) of a tensor led by them: ``"one example's slice"``; from the
+    output of a layer whose rows are no examples (a second layer of an expert given picked tokens): the reason
+    ``rowless`` keeps for that output's node; else None."""
+    start = inp.grad_fn
+    stack: list[Node] = [start] if start is not None else []
+    seen: set[Node] = set()
+    while stack and len(seen) < _MAX_SELECTION_WALK:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        # As many dimensions as the input: the rows themselves, not a table or a slice broadcast over them.
+        same_rank = bool(node._input_metadata) and len(node._input_metadata[0].shape) == inp.dim()
+        if node in rowless and same_rank:
+            return rowless[node]
+        if same_rank and _one_example_slice(node, examples):
+            return "one example's slice"
+        if node.name() in ORDER_KEEPING:
+            stack.extend(f for f, _ in node.next_functions if f is not None)
+    return None
+
+
+def _one_example_slice(node: Node, examples: int) -> bool:
+    """A ``select`` or ``unbind`` along the first dimension of a tensor with as many rows as examples."""
+    name = node.name()
+    if name == "SelectBackward0":
+        sizes = tuple(node._saved_self_sym_sizes)
+        return len(sizes) > 1 and sizes[0] == examples and dim_index(node._saved_dim, len(sizes)) == 0
+    if name == "UnbindBackward0":
+        metadata = node._input_metadata
+        rank = len(metadata[0].shape) + 1 if metadata else 0
+        return len(metadata) == examples and rank > 1 and dim_index(node._saved_dim, rank) == 0
+    return False
+
+
 def _selected_source(node: Node) -> tuple[int, ...] | None:
     """The shape a row-picking op (along the first dimension) picked from, or None for any other op."""
     name = node.name()
