@@ -159,7 +159,9 @@ def _opaque(node: Node) -> bool:
     return "CompiledFunction" in name or name == _REENTRANT_CHECKPOINT
 
 
-def _pairs_examples(node: Node, carries: dict[Node, bool], axes: dict[Node, int | None], examples: int) -> bool:
+def _pairs_examples(
+    node: Node, carries: dict[Node, bool], axes: dict[Node, int | None], tags: dict[Node, int | None], examples: int
+) -> bool:
     operands = _PAIRING.get(node.name())
     if operands is None:
         return False
@@ -169,9 +171,13 @@ def _pairs_examples(node: Node, carries: dict[Node, bool], axes: dict[Node, int 
     first, second = following[operands[0]][0], following[operands[1]][0]
     if first is None or second is None or not (carries.get(first) and carries.get(second)):
         return False
-    one = _one_example(following[operands[0]])
-    if one is not None and one == _one_example(following[operands[1]]):
-        return False  # both operands are the same example's (a loop over the examples): within that example
+    # Both operands one example's slice, or computed from it alone (x[i] @ x[i].T, or q and k of x[i], in a loop
+    # over the examples): within that example.
+    one, other = (_one_example(e) for e in (following[operands[0]], following[operands[1]]))
+    one = tags.get(first) if one is None else one
+    other = tags.get(second) if other is None else other
+    if one is not None and one == other:
+        return False
     if node.name() in _BATCHED:
         moved = moves_examples_off_the_batch(node, axes, carries)
         if moved is not None:
@@ -473,7 +479,7 @@ def coupled_outputs(
             if _linear(node, carries):  # a sum of two examples' slices couples only where a nonlinearity follows
                 conditional.add(node)
         elif (
-            _pairs_examples(node, carries, axes, examples)
+            _pairs_examples(node, carries, axes, tags, examples)
             or _broadcasts_over_examples(node, carries, examples)
             or _moves_examples(node, carries, uses, examples)
         ):
