@@ -19,6 +19,7 @@ leaves the layer out, as before.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -186,6 +187,19 @@ def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
     As many rows as examples there is a coincidence: the rows are tokens (or table rows), not the examples. Pooling
     one row per example (``h[torch.arange(B), last]``) picks from a batch-first tensor and is no such selection.
     """
+    for node in _walk_back(inp):
+        source = _selected_source(node)
+        if source is not None and _gives_the_rows(node, inp) and (source[:1] != (examples,) or _token_mask(node)):
+            return source
+    return None
+
+
+_MAX_SELECTION_WALK = 64  # a layer's input is a few reshapes and elementwise ops from a selection, if any
+
+
+def _walk_back(inp: Tensor) -> Iterator[Node]:
+    """The nodes ``inp`` is computed from through reshapes and elementwise ops, each once (and the first other op
+    on each path), up to a bounded number."""
     start = inp.grad_fn
     stack: list[Node] = [start] if start is not None else []
     seen: set[Node] = set()
@@ -194,15 +208,9 @@ def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
         if node in seen:
             continue
         seen.add(node)
-        source = _selected_source(node)
-        if source is not None and _gives_the_rows(node, inp) and (source[:1] != (examples,) or _token_mask(node)):
-            return source
+        yield node
         if node.name() in ORDER_KEEPING:
             stack.extend(f for f, _ in node.next_functions if f is not None)
-    return None
-
-
-_MAX_SELECTION_WALK = 64  # a layer's input is a few reshapes and elementwise ops from a selection, if any
 
 
 def rows_reached(inp: Tensor, examples: int, rowless: dict[Node, str]) -> str | None:
@@ -211,22 +219,13 @@ def rows_reached(inp: Tensor, examples: int, rowless: dict[Node, str]) -> str | 
     as the examples at ``T == B``; ``h.unbind(0)``) of a tensor led by them: ``"one example's slice"``; from the
     output of a layer whose rows are no examples (a second layer of an expert given picked tokens): the reason
     ``rowless`` keeps for that output's node; else None."""
-    start = inp.grad_fn
-    stack: list[Node] = [start] if start is not None else []
-    seen: set[Node] = set()
-    while stack and len(seen) < _MAX_SELECTION_WALK:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+    for node in _walk_back(inp):
         # As many dimensions as the input: the rows themselves, not a table or a slice broadcast over them.
         same_rank = bool(node._input_metadata) and len(node._input_metadata[0].shape) == inp.dim()
         if node in rowless and same_rank:
             return rowless[node]
         if same_rank and _one_example_slice(node, examples):
             return "one example's slice"
-        if node.name() in ORDER_KEEPING:
-            stack.extend(f for f, _ in node.next_functions if f is not None)
     return None
 
 
