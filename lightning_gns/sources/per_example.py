@@ -421,6 +421,7 @@ class PerExampleSource(GradNormSource):
         # Calls counted per module before backward, and calls seen during backward: a non-reentrant activation
         # checkpoint replays a counted forward there, which must not count again.
         self._forward_calls: dict[int, int] = defaultdict(int)
+        self._outputs_used_inside: dict[tuple[int, int], list[int]] = {}  # (layer, outputs) -> aliased positions
         self._replayed_calls: dict[int, int] = defaultdict(int)
         # The one-micro-batch check for parameters used outside their layers (per_example_uses).
         self._uses_to_check = False
@@ -716,7 +717,12 @@ class PerExampleSource(GradNormSource):
             return
         replay, outputs = captured
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        aliases = {id(outputs[j]): outputs[j].view_as(outputs[j]) for j in generic.outputs_used_inside(outputs, inputs)}
+        # Which outputs the layer itself uses is its structure: walked on its first call, not on every step.
+        key = (id(module), len(outputs))
+        used = self._outputs_used_inside.get(key)
+        if used is None:
+            used = self._outputs_used_inside[key] = generic.outputs_used_inside(outputs, inputs)
+        aliases = {id(outputs[j]): outputs[j].view_as(outputs[j]) for j in used}
         fired = [False]
         hook = partial(self._on_generic_grad, replay, params, fired)
         _when_all_grads([aliases.get(id(t), t) for t in outputs], hook)
@@ -1001,6 +1007,7 @@ class PerExampleSource(GradNormSource):
         self._judged_square = set()
         self._broadcast_modules = set()
         self._judged_tables, self._tables_judged_now = set(), set()
+        self._outputs_used_inside = {}
         self._model = None
         for module in self._fused_modules:
             if isinstance(vars(module).get("forward"), FusableForward):
