@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing import event_accumulator
 from torch import Tensor
@@ -66,14 +68,23 @@ class LossLoggingRegression(LinearRegression):
         return loss
 
 
-def test_callback_logs_forecasts_and_the_tensorboard_layout(tmp_path: Path) -> None:
+def loss_logging_fit(
+    tmp_path: Path, kaplan_loss: str, steps: int
+) -> tuple[GradientNoiseScale, Trainer, Callable[[], None]]:
+    """A GradientNoiseScale reading ``kaplan_loss``, its Trainer (accumulation 2, TensorBoard, logging every step),
+    and the fit of ``steps`` optimizer steps of a regression that logs ``train_loss``, to run when the test wants."""
     problem = LinearProblem(dim=6, noise_std=0.5, seed=21)
-    x, y = problem.sample(8 * 2 * 12, seed=22)
-    gns = GradientNoiseScale(beta=0.9, kaplan_loss="train_loss")
+    x, y = problem.sample(8 * 2 * steps, seed=22)
+    gns = GradientNoiseScale(beta=0.9, kaplan_loss=kaplan_loss)
     trainer = make_trainer(
         [gns], accumulate_grad_batches=2, log_every_n_steps=1, logger=TensorBoardLogger(tmp_path, name="run")
     )
-    trainer.fit(LossLoggingRegression(problem, lr=0.05), loader(x, y, 8))
+    return gns, trainer, lambda: trainer.fit(LossLoggingRegression(problem, lr=0.05), loader(x, y, 8))
+
+
+def test_callback_logs_forecasts_and_the_tensorboard_layout(tmp_path: Path) -> None:
+    gns, trainer, fit = loss_logging_fit(tmp_path, "train_loss", steps=12)
+    fit()
 
     b_big = 16.0
     readouts = gns.compute()
@@ -110,14 +121,9 @@ def test_kaplan_loss_must_name_a_metric() -> None:
 
 
 def test_a_kaplan_loss_that_is_never_logged_is_said_once(tmp_path: Path) -> None:
-    problem = LinearProblem(dim=6, noise_std=0.5, seed=21)
-    x, y = problem.sample(8 * 2 * 6, seed=22)
-    gns = GradientNoiseScale(beta=0.9, kaplan_loss="trian_loss")
-    trainer = make_trainer(
-        [gns], accumulate_grad_batches=2, log_every_n_steps=1, logger=TensorBoardLogger(tmp_path, name="run")
-    )
+    gns, _, fit = loss_logging_fit(tmp_path, "trian_loss", steps=6)
     with pytest.warns(UserWarning, match=r"kaplan_loss='trian_loss'\): no logged metric") as caught:
-        trainer.fit(LossLoggingRegression(problem, lr=0.05), loader(x, y, 8))
+        fit()
     said = [str(w.message) for w in caught if "kaplan_loss='trian_loss'" in str(w.message)]
     assert len(said) == 1 and "(logged: 'train_loss'" in said[0] and "self.log('trian_loss', loss)" in said[0]
     assert "gns/kaplan_b_crit_tokens" not in gns.compute()
