@@ -198,6 +198,24 @@ class GradientNoiseScaleMetric(Metric):
         self.last_b_small.copy_(torch.where(valid, summary.size_sum / summary.num_small_batches, self.last_b_small))
         self._computed = None  # torchmetrics caches compute(); a fold outside update() must clear it too
 
+    def restart(self, where: Tensor | bool = True) -> None:
+        """Forget the averages (not the step counts) if ``where`` (a 0-d bool tensor: no host sync) is true.
+
+        For when what the estimates describe changes, as when parameters measured so far are left out: the
+        averages start again from the next folded step instead of mixing the two.
+
+        Example:
+            >>> metric = GradientNoiseScaleMetric(beta=0.5)
+            >>> metric.update(torch.tensor([4.0, 6.0]), torch.tensor([1.0, 1.0]), torch.tensor(3.0))
+            >>> metric.restart(torch.tensor(True))
+            >>> bool(torch.isnan(metric.b_simple)), int(metric.measured_steps)
+            (True, 1)
+        """
+        where = torch.as_tensor(where, device=self.ema_weight.device)
+        for state in (self.grad_sq_norm_ema, self.trace_cov_ema, self.ema_weight, self.estimate_moments):
+            state.copy_(torch.where(where, torch.zeros_like(state), state))
+        self._computed = None
+
     @property
     def grad_sq_norm(self) -> Tensor:
         """Bias-corrected average of the ``|G|^2`` estimates (NaN before the first measured step)."""

@@ -98,6 +98,10 @@ class GradientNoiseScaleTracker:
         self._base_settled = False  # the host has seen base_batch_size hold a batch size
         self._sums = StepSums()  # running sums of the current optimizer step on this rank
         self._step_failure_seen: str | None = None  # the last reason a step could not be measured
+        # Restarts of the averages because parameters measured before were left out (device counter), and how many
+        # the host has announced.
+        self._restarts: Tensor | None = None
+        self._restarts_said = 0
 
     # ------------------------------------------------------------------ wiring
     def attach(
@@ -299,6 +303,14 @@ class GradientNoiseScaleTracker:
         if left_out:
             numels = {self._param_names[id(p)]: p.numel() for p in self._params}
             self._announce.left_out(left_out, numels, all_layers=self.layers == "all")
+        restarts = 0 if self._restarts is None else int(self._restarts)
+        if restarts > self._restarts_said:
+            self._restarts_said = restarts
+            self._announce(
+                "GradientNoiseScale: parameters measured in earlier steps were found unmeasurable and left out (see"
+                f" the left-out message); the averages restarted then ({restarts} time(s) so far), so gns/b_simple"
+                " describes the covered parameters only, averaged over the steps since."
+            )
         skipped = int(self.metric.skipped_steps) if int(self.metric.measured_steps) == 0 else 0
         if skipped >= 1:
             self._announce.nothing_measured(
@@ -432,11 +444,19 @@ class GradientNoiseScaleTracker:
             dist.all_reduce(packed, group=self._process_group)
         sq_sum, big = book.unpack(packed[: book.size])
         counts = summary_from_counts(sq_sum, packed[book.size :])
+        # Parameters measured in earlier steps and left out from this one on: the averages so far describe
+        # another set of parameters, and start again (every rank alike: the flags come from the all-reduce).
+        shrank = book.coverage_shrank()
+        if shrank is not None:
+            self.metric.restart(shrank)
+            self._restarts = shrank.long() if self._restarts is None else self._restarts + shrank.long()
         self.metric.fold(counts, big * big_factor)
         if self.per_layer:
-            for name, layer_sq_sum, layer_big in book.layer_sums():
+            for name, layer_sq_sum, layer_big, layer_shrank in book.layer_sums():
                 layer_counts = counts._replace(size_weighted_sq_norm_sum=layer_sq_sum)
-                self.layer_metric(name).fold(layer_counts, layer_big * big_factor)
+                metric = self.layer_metric(name)
+                metric.restart(layer_shrank)
+                metric.fold(layer_counts, layer_big * big_factor)
         base = self.base_batch_size
         if base is None:
             self.base_batch_size = self.metric.last_b_big.clone()

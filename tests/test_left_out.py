@@ -6,18 +6,23 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gns import GradientNoiseScale, GradientNoiseScaleTracker
+from lightning_gns import GradientNoiseScale, GradientNoiseScaleMetric, GradientNoiseScaleTracker
 from lightning_gns.sources.left_out import NOT_IN_MODEL, unwatched_reasons
 from lightning_gns.sources.per_example_fused import LinearWithPerExampleGrads
-from lightning_gns.sources.per_example_uses import UseCheck
+from lightning_gns.sources.per_example_uses import UseCheck, graph_signature
 from support.multiprocess import run_worker
+from support.reference import ema_history
 from support.syncs import SyncWatcher
-from support.trainers import make_trainer
+from support.trainers import fit64, make_trainer
 from support.zoo import SequenceRegression, TinyGPT
 
 RAW_TOP = (
@@ -303,3 +308,95 @@ def test_a_graph_the_check_cannot_read_is_announced_and_training_goes_on(monkeyp
         said = [str(w.message) for w in caught if "could not read" in str(w.message)]
     assert len(said) == 1 and "RuntimeError: no graph" in said[0]
     assert tracker.left_out == {} and int(tracker.metric.skipped_steps) == 0 and int(tracker.metric.measured_steps) == 2
+
+
+class LatePenalty(LightningModule):
+    """Linear regression (learning rate 0) whose loss gains a penalty on the weight from step ``late`` on."""
+
+    def __init__(self, late: int) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.late = late
+        self.lin = nn.Linear(8, 1)
+        self.batches: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        self.batches[self.global_step] = (x.detach().clone(), y.detach().clone())
+        loss = F.mse_loss(self.lin(x).squeeze(-1), y)
+        if self.global_step >= self.late:  # switched on after a warm-up: absent from the first loss graphs
+            loss = loss + 0.5 * self.lin.weight.pow(2).sum()
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    @staticmethod
+    def data() -> DataLoader:
+        generator = torch.Generator().manual_seed(5)
+        x = torch.randn(320, 8, generator=generator, dtype=torch.float64)
+        y = x @ torch.randn(8, generator=generator, dtype=torch.float64) + torch.randn(320, generator=generator)
+        return DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def bias_only_history(model: LatePenalty, steps: list[int], beta: float) -> list[dict[str, float]]:
+    """The averages over ``steps`` of the bias's per-example estimates, recomputed in float64 numpy."""
+    w = model.lin.weight.detach().double().numpy().ravel()
+    b = float(model.lin.bias.detach())
+    estimates = []
+    for step in steps:
+        x, y = (t.double().numpy() for t in model.batches[step])
+        g = 2 * (x @ w + b - y)  # each example's own loss's gradient for the bias
+        n = len(g)
+        # E[sum_i g_i^2] = n |G|^2 + n tr(Sigma);  E[mean(g)^2] = |G|^2 + tr(Sigma) / n
+        grad_sq_norm, trace_cov = np.linalg.solve(np.array([[n, n], [1.0, 1.0 / n]]), [g @ g, g.mean() ** 2])
+        estimates.append((step, grad_sq_norm, trace_cov))
+    return ema_history(estimates, beta)
+
+
+def test_a_penalty_added_after_the_first_steps_is_found_and_the_averages_restart() -> None:
+    """A use outside the layers that appears later (here a penalty switched on at step 4) is found on its first
+    micro-batch, like one present from the start: the weight is left out, and the averages restart from that step
+    on the bias alone, instead of mixing four steps of the whole model into them."""
+    beta = 0.5
+    model = LatePenalty(late=4)
+    gns = GradientNoiseScale(beta=beta, mode="per_example")
+    said = fit64([gns], model, LatePenalty.data(), max_steps=10, log_every_n_steps=1)
+    assert list(gns.left_out) == ["lin.weight"] and "used outside the layers that own it" in gns.left_out["lin.weight"]
+    assert gns.covered_fraction == pytest.approx(1 / 9, rel=1e-12)
+    assert sum("the averages restarted then (1 time(s) so far)" in m for m in said) == 1, said
+    want = bias_only_history(model, list(range(4, 10)), beta)[-1]
+    for name in ("grad_sq_norm", "trace_cov", "b_simple"):
+        assert getattr(gns, name) == pytest.approx(want[name], rel=1e-9), name
+    # Control: without the penalty nothing is left out or restarted, and the whole model is measured.
+    control = GradientNoiseScale(beta=beta, mode="per_example")
+    said = fit64([control], LatePenalty(late=100), LatePenalty.data(), max_steps=10, log_every_n_steps=1)
+    assert control.left_out == {} and not any("restarted" in m for m in said)
+
+
+def test_restart_forgets_the_averages_where_the_flag_is_set_and_keeps_the_counts() -> None:
+    metric = GradientNoiseScaleMetric(beta=0.5)
+    metric.update(torch.tensor([4.0, 6.0]), torch.tensor([1.0, 1.0]), torch.tensor(3.0))
+    before = {name: getattr(metric, name).clone() for name in ("grad_sq_norm_ema", "trace_cov_ema", "ema_weight")}
+    metric.restart(torch.tensor(False))
+    assert all(torch.equal(getattr(metric, name), value) for name, value in before.items())
+    metric.restart(torch.tensor(True))
+    assert float(metric.ema_weight) == 0.0 and not metric.estimate_moments.any() and int(metric.measured_steps) == 1
+    metric.update(torch.tensor([5.0, 7.0]), torch.tensor([1.0, 1.0]), torch.tensor(4.0))
+    fresh = GradientNoiseScaleMetric(beta=0.5)
+    fresh.update(torch.tensor([5.0, 7.0]), torch.tensor([1.0, 1.0]), torch.tensor(4.0))
+    assert float(metric.b_simple) == float(fresh.b_simple)
+
+
+def test_the_graph_signature_sees_a_new_use_of_a_parameter_and_ignores_the_batch_size() -> None:
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    index = {id(p): i for i, p in enumerate([*first.parameters(), *second.parameters()])}
+
+    def signature(batch: int, penalty: nn.Linear | None = None) -> int:
+        loss = second(first(torch.randn(batch, 3))).sum()
+        if penalty is not None:
+            loss = loss + penalty.weight.pow(2).sum()
+        return graph_signature(loss.grad_fn, index)
+
+    assert signature(4) == signature(7)
+    assert len({signature(4), signature(4, first), signature(4, second)}) == 3

@@ -36,7 +36,7 @@ from lightning_gns.sources.per_example_rnn import replays as replays_rnn
 from lightning_gns.sources.per_example_rnn import rnn_factors
 from lightning_gns.sources.per_example_rows import FlattenedRows, rows_reached, rows_selected_from
 from lightning_gns.sources.per_example_tables import ExampleFreeInputs
-from lightning_gns.sources.per_example_uses import UseCheck
+from lightning_gns.sources.per_example_uses import UseCheck, graph_signature
 
 Layers = Literal["all", "norm"]
 NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
@@ -100,6 +100,17 @@ UNJUDGED = (
     " region, or a graph that could not be read). If one holds positions, its norms are wrong. Use a batch size"
     " other than the sequence length, run the model uncompiled, or accumulate gradients over 2 or more"
     " micro-batches (mode='microbatch')"
+)
+# The graph checks (parameters used outside their layers, losses that pair examples) run on every loss graph of a
+# structure not checked before, up to this many structures; a model whose graph keeps changing (layer drop,
+# experts picked per batch) is checked on every RECHECK_EVERY-th measured micro-batch after that.
+MAX_CHECKED_GRAPHS = 32
+RECHECK_EVERY = 50
+GRAPHS_KEEP_CHANGING = (
+    "GradientNoiseScale: the autograd graph of the loss has taken {count} different structures (layer drop, experts"
+    " picked per batch, a changing loss): the per_example checks for parameters used outside their layers and for"
+    " losses that pair examples now run on every {every}th measured micro-batch only. A use that appears in"
+    " between is found at the next check, which leaves the parameter out and restarts the averages"
 )
 # Layers whose batch dimension is never in doubt: convolutions take (N, C, ...), recurrent and attention layers
 # read their own batch_first.
@@ -423,8 +434,11 @@ class PerExampleSource(GradNormSource):
         self._forward_calls: dict[int, int] = defaultdict(int)
         self._outputs_used_inside: dict[tuple[int, int], list[int]] = {}  # (layer, outputs) -> aliased positions
         self._replayed_calls: dict[int, int] = defaultdict(int)
-        # The one-micro-batch check for parameters used outside their layers (per_example_uses).
-        self._uses_to_check = False
+        # The checks for parameters used outside their layers and losses that pair examples (per_example_uses), run
+        # on each loss graph of a structure (graph_signature) not checked before.
+        self._checks_uses = False
+        self._checked_graphs: set[int] = set()
+        self._records = 0  # measured micro-batches recorded so far
         self._use_check: UseCheck | None = None
 
     def attach(self, model: nn.Module, params: Iterable[nn.Parameter]) -> None:
@@ -441,7 +455,8 @@ class PerExampleSource(GradNormSource):
             None,
         )
         # nn.DataParallel's replicas hold copies of the parameters: their uses are no layer call's.
-        self._uses_to_check = not any(isinstance(m, nn.DataParallel) for m in model.modules())
+        self._checks_uses = not any(isinstance(m, nn.DataParallel) for m in model.modules())
+        self._checked_graphs, self._records = set(), 0
         whole: list[str] = []  # modules the generic path replays with all their children
         for module_name, module in model.named_modules():
             if any(module_name.startswith(f"{w}.") or not w for w in whole):
@@ -486,9 +501,11 @@ class PerExampleSource(GradNormSource):
         # Layers left out before this micro-batch run plain (nothing fused). Fixed for the micro-batch, so that a
         # checkpoint's recomputation decides as the forward did.
         self._excluded_at_start = frozenset(self.excluded)
-        if self._uses_to_check:
-            self._uses_to_check = False  # one micro-batch; its loss arrives in before_backward
-            self._use_check = UseCheck(dict(self._index), self.expected_examples)
+        self._records += 1
+        # Every micro-batch records its layer calls (a few microseconds each) until the graphs' structures are
+        # many; its loss, in before_backward, says whether its structure needs checking.
+        if self._checks_uses and (len(self._checked_graphs) < MAX_CHECKED_GRAPHS or self._records % RECHECK_EVERY == 0):
+            self._use_check = UseCheck(self._index, self.expected_examples)
 
     def before_backward(self, loss: Tensor) -> None:
         square, self._square_outputs = self._square_outputs, {}
@@ -496,6 +513,14 @@ class PerExampleSource(GradNormSource):
         if square and loss.grad_fn is not None:
             unjudged = self._judge_square([loss.grad_fn], square)
         check, self._use_check = self._use_check, None
+        if check is not None and loss.grad_fn is not None and len(self._checked_graphs) < MAX_CHECKED_GRAPHS:
+            signature = graph_signature(loss.grad_fn, self._index)
+            if signature in self._checked_graphs:
+                check = None  # this structure was checked: nothing new can be found in it
+            else:
+                self._checked_graphs.add(signature)
+                if len(self._checked_graphs) == MAX_CHECKED_GRAPHS:
+                    self.notes.append(GRAPHS_KEEP_CHANGING.format(count=MAX_CHECKED_GRAPHS, every=RECHECK_EVERY))
         if check is not None:
             for index, node in check.outside_uses(loss).items():
                 self.exclude(index, OUTSIDE_USE.format(node=node))

@@ -88,6 +88,10 @@ class PerExampleBookkeeping(StepBookkeeping):
         self._flag_tensors: dict[tuple[bool, ...], Tensor] = {}
         self._bad_flags: tuple[int, Tensor] | None = None  # (len(source.excluded) it was built for, flags)
         self._last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # A, big, measured, keep of the last step
+        # Parameters whose norms entered a step so far, and those of them the last step left out: the averages
+        # so far include them, and restart (coverage_shrank).
+        self._contributed = torch.zeros(n_params, dtype=torch.bool, device=device)
+        self._lost = torch.zeros(n_params, dtype=torch.bool, device=device)
 
     def _parts(self, out: Tensor) -> tuple[Tensor, ...]:
         n_params = len(self.source.params)
@@ -116,23 +120,30 @@ class PerExampleBookkeeping(StepBookkeeping):
         a_part, big_part, measured_part, bad_part = self._parts(out)
         # A parameter that some rank found unmeasurable, or that has a gradient nobody measured per example
         # (its layer never ran as a module), is left out of both norms from now on, on every rank alike.
-        self._excluded |= (bad_part > 0) | ((measured_part == 0) & (big_part > 0))
-        keep = (~self._excluded).to(torch.float64)
+        excluded = self._excluded | (bad_part > 0) | ((measured_part == 0) & (big_part > 0))
+        self._lost = excluded & ~self._excluded & self._contributed
+        self._excluded = excluded
+        self._contributed |= ~excluded & (measured_part > 0) & torch.isfinite(a_part)
+        keep = (~excluded).to(torch.float64)
         a_kept, big_kept = a_part * keep, big_part * keep
         self._last = (a_kept, big_kept, measured_part, keep)
         return a_kept.sum(), big_kept.sum()
 
-    def layer_sums(self) -> list[tuple[str, Tensor, Tensor]]:
+    def coverage_shrank(self) -> Tensor:
+        return self._lost.any()
+
+    def layer_sums(self) -> list[tuple[str, Tensor, Tensor, Tensor]]:
         assert self._last is not None
         a_kept, big_kept, measured_part, keep = self._last
         n_layers = len(self._layer_names)
-        by_layer = torch.zeros(3, n_layers + 1, dtype=torch.float64, device=a_kept.device)
-        for row, values in enumerate((a_kept, big_kept, measured_part * keep)):
+        by_layer = torch.zeros(4, n_layers + 1, dtype=torch.float64, device=a_kept.device)
+        for row, values in enumerate((a_kept, big_kept, measured_part * keep, self._lost.to(torch.float64))):
             by_layer[row].index_add_(0, self._layer_index, values)
         # A layer that nothing measured in this step (unused everywhere, or excluded) skips it.
         a_layer = torch.where(by_layer[2] > 0, by_layer[0], torch.full_like(by_layer[0], float("nan")))
+        lost = by_layer[3] > 0
         return [
-            (name, a_layer[i], by_layer[1, i])
+            (name, a_layer[i], by_layer[1, i], lost[i])
             for i, name in enumerate(self._layer_names)
             if name not in self.source.left_out_layers()  # nothing in it can ever be measured: no metric
         ]
@@ -184,6 +195,7 @@ class PerExampleBookkeeping(StepBookkeeping):
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         super().to(device, dtype)
         self._excluded = self._excluded.to(device)
+        self._contributed, self._lost = self._contributed.to(device), self._lost.to(device)
         self._numels = self._numels.to(device=device, dtype=dtype)
         self._share_index = self._share_index.to(device)
         self._layer_index = self._layer_index.to(device)

@@ -53,9 +53,15 @@ class StepBookkeeping:
         """``A`` and ``|G_big|^2`` of the covered parameters from :meth:`pack`'s ``out`` summed over processes."""
         return out[0], out[1]
 
-    def layer_sums(self) -> list[tuple[str, Tensor, Tensor]]:
-        """Per measured layer: ``A`` and ``|G_big|^2`` of the last unpacked step."""
+    def layer_sums(self) -> list[tuple[str, Tensor, Tensor, Tensor]]:
+        """Per measured layer: ``A`` and ``|G_big|^2`` of the last unpacked step, and whether its averages must
+        restart (:meth:`coverage_shrank`, for that layer's parameters)."""
         return []
+
+    def coverage_shrank(self) -> Tensor | None:
+        """Whether the last unpacked step left out a parameter that earlier folded steps measured (a 0-d bool
+        tensor, the same on every rank), or None where the coverage never changes."""
+        return None
 
     def covered_fraction(self, total: float) -> Tensor | None:
         """Covered share of ``total`` elements as a device tensor (no sync), or None when everything is covered."""
