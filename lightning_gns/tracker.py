@@ -406,12 +406,14 @@ class GradientNoiseScaleTracker:
             self._sources.drop()
 
     # ------------------------------------------------------------------ per optimizer step
-    def measure_step(self, loss_scale: Tensor | float | None = None) -> bool:
+    def measure_step(self, loss_scale: Tensor | float | None = None, grads_scaled: bool = False) -> bool:
         """Fold the optimizer step whose micro-batches were recorded; call before ``optimizer.step()``.
 
         Call it where ``.grad`` holds the accumulated (and, under DDP, all-reduced) gradient with the AMP
         loss scale removed (after ``scaler.unscale_(optimizer)``) and before gradient clipping. ``loss_scale``
         is the scale the backward passes used (``scaler.get_scale()``, or its tensor to avoid a host sync).
+        ``grads_scaled``: ``.grad`` still carries ``loss_scale`` (not unscaled yet, as before a fused optimizer's
+        step, which unscales inside it); its norm is unscaled here.
         In a distributed run, call it on every process: it performs one small all-reduce.
 
         No host synchronisation happens here (in per_example mode with per-example counts, none either: the
@@ -433,7 +435,9 @@ class GradientNoiseScaleTracker:
         # .grad = sum over (rank, backward, small batch) of share * g / (world_size * k): the share-weighted
         # mean over the step's small batches is .grad * k / (backward passes per rank), which is also right
         # for a short last window of the epoch.
-        big_factor = (k / max(m, 1)) ** 2
+        big_factor: Tensor | float = (k / max(m, 1)) ** 2
+        if grads_scaled and loss_scale is not None:
+            big_factor = big_factor / torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64).square()
         # One all-reduce: what the source's bookkeeping packs (A and this rank's share of |G_big|^2, per part),
         # then the step's counts.
         book = self._book

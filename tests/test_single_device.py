@@ -190,3 +190,29 @@ def test_logs_gns_scalars_on_logging_steps(tmp_path: Path) -> None:
     csv_text = next(tmp_path.rglob("metrics.csv")).read_text()
     rows = [line for line in csv_text.splitlines()[1:] if line.strip()]
     assert len(rows) == 20 // 5  # one row per logging step
+
+
+class FusedAdamRegression(LinearRegression):
+    """The same model under a fused Adam (learning rate 0), which Lightning leaves to unscale ``.grad`` itself."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.0, fused=True)
+
+
+@pytest.mark.parametrize("mode", ["microbatch", "per_example"])
+def test_fp16_grad_scaler_with_a_fused_optimizer_matches_fp32(mode: str) -> None:
+    """Before a fused optimizer's step Lightning does not unscale ``.grad``: the big batch's norm still carries the
+    loss scale, which the callback must take out as it does for the small batches (it read B_simple 0 before)."""
+    problem = LinearProblem(dim=8, noise_std=1.0, seed=12)
+    x, y = problem.sample(16 * 2 * 40, seed=13)
+    values = {}
+    for name, plugins in (("fp32", None), ("fp16", [_fp16_plugin(2.0**10)])):
+        gns = GradientNoiseScale(beta=0.9, mode=mode)
+        make_trainer([gns], accumulate_grad_batches=2, plugins=plugins).fit(
+            FusedAdamRegression(problem), loader(x, y, 16)
+        )
+        values[name] = gns
+    fp16, fp32 = values["fp16"], values["fp32"]
+    assert fp16.skipped_steps == fp32.skipped_steps == 0
+    for readout in ("b_simple", "grad_sq_norm", "trace_cov"):
+        assert getattr(fp16, readout) == pytest.approx(getattr(fp32, readout), rel=0.01), readout

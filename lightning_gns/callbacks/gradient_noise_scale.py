@@ -578,8 +578,11 @@ class GradientNoiseScaleBase(LightningNamespace):
             self._time_major.expect(None)  # validation's forward passes are not checked
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        # Gradients here are accumulated, all-reduced and unscaled, and not yet clipped.
-        self.tracker.measure_step(loss_scale=_amp_loss_scale(trainer))
+        # Gradients here are accumulated, all-reduced and not yet clipped; unscaled, except where Lightning leaves
+        # that to the optimizer (a fused optimizer, or a last micro-batch whose training_step returned None).
+        self.tracker.measure_step(
+            loss_scale=_amp_loss_scale(trainer), grads_scaled=_amp_grads_still_scaled(trainer, optimizer)
+        )
         if (trainer.loggers or self.prog_bar) and trainer._logger_connector.should_update_logs:
             self.tracker.check()
             self._log(trainer, pl_module)
@@ -633,6 +636,18 @@ def _leading_dim_or_none(batch: Any) -> int | None:
         return leading_dim_batch_size(batch)
     except ValueError:
         return None
+
+
+def _amp_grads_still_scaled(trainer: Trainer, optimizer: Optimizer) -> bool:
+    """Whether ``.grad`` still carries the GradScaler's scale here: Lightning unscales before this hook unless
+    the optimizer unscales inside its own step (fused Adam/AdamW/SGD) or the last closure returned None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return False
+    from torch.amp.grad_scaler import OptState
+
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
+    return state is None or state.get("stage") is not OptState.UNSCALED
 
 
 def _amp_loss_scale(trainer: Trainer) -> torch.Tensor | None:
