@@ -213,7 +213,7 @@ class GradientNoiseScaleMetric(Metric):
         """
         where = torch.as_tensor(where, device=self.ema_weight.device)
         for state in (self.grad_sq_norm_ema, self.trace_cov_ema, self.ema_weight, self.estimate_moments):
-            state.copy_(torch.where(where, torch.zeros_like(state), state))
+            state.masked_fill_(where, 0.0)
         self._computed = None
 
     @property

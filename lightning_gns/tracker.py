@@ -351,9 +351,9 @@ class GradientNoiseScaleTracker:
         """Optional, between a measured micro-batch's forward and its backward pass: ``loss`` is what backward
         runs on. In ``per_example`` mode its graph shows parameters used outside their layers (a weight tied by a
         functional call, a penalty in the loss), layers below a loss that compares examples with each other (the
-        in-batch negatives of a contrastive loss; both read on the first such loss) and layer outputs that look
-        like a batch but are broadcast over it (positions as many as the examples, read once per layer): all are
-        then left out with the reason. Without it those are not found."""
+        in-batch negatives of a contrastive loss; both read on each loss graph of a new structure) and layer
+        outputs that look like a batch but are broadcast over it (positions as many as the examples, read once per
+        layer): all are then left out with the reason. Without it those are not found."""
         source = self._sources.active
         if source is None or not source.recording:
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
+from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from lightning_gns import scalars
@@ -644,8 +645,6 @@ def _amp_grads_still_scaled(trainer: Trainer, optimizer: Optimizer) -> bool:
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None or not scaler.is_enabled():
         return False
-    from torch.amp.grad_scaler import OptState
-
     state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer))
     return state is None or state.get("stage") is not OptState.UNSCALED
 

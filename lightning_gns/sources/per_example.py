@@ -369,7 +369,8 @@ class PerExampleSource(GradNormSource):
     show in batch order (:mod:`~lightning_gns.sources.per_example_rows`; where it does, as in OPT, the rows
     are regrouped per example and measured). Layers whose gradient or input an operation pairing the examples makes
     depend on several of them (the in-batch negatives of a contrastive loss, a statistic over the batch broadcast
-    back over it) are found in the first measured micro-batch's graph and excluded. An output gradient that arrives
+    back over it) are found in the graph of each measured micro-batch whose structure was not checked before, and
+    excluded; one measured in earlier steps restarts the tracker's averages. An output gradient that arrives
     twice (a double backward, ``autograd.grad`` through the layers before ``backward``) makes the whole backward
     unmeasurable (:attr:`BackwardNorms.failed`). A parameter whose layer never runs as a module (its
     weight used by a functional call) receives no per-example norm; the caller detects it from its gradient.
