@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gns import GradientNoiseScale
 from lightning_gns.metric import metric_states
@@ -216,3 +221,45 @@ def test_fp16_grad_scaler_with_a_fused_optimizer_matches_fp32(mode: str) -> None
     assert fp16.skipped_steps == fp32.skipped_steps == 0
     for readout in ("b_simple", "grad_sq_norm", "trace_cov"):
         assert getattr(fp16, readout) == pytest.approx(getattr(fp32, readout), rel=0.01), readout
+
+
+class BagOfIds(LightningModule):
+    """An embedding bag with a linear head; ``sparse`` embeddings give sparse (uncoalesced) COO gradients."""
+
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 4, sparse=sparse)
+        self.head = nn.Linear(4, 1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        ids, y = batch
+        return F.mse_loss(self.head(self.emb(ids).mean(1)).squeeze(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)  # plain SGD takes sparse gradients
+
+    @staticmethod
+    def data() -> DataLoader:
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 20, (16 * 2 * 10, 3), generator=generator)  # ids repeat within a micro-batch
+        y = ids.float().mean(1) / 10 + torch.randn(len(ids), generator=generator)
+        return DataLoader(TensorDataset(ids, y), batch_size=16)
+
+
+def test_sparse_embedding_gradients_are_measured_as_their_dense_equivalent() -> None:
+    """nn.Embedding(sparse=True) gives sparse .grad (duplicates per repeated id): it crashed every mode's norms.
+    Microbatch mode measures it as the same model with a dense embedding; per_example leaves it out, named."""
+    readouts = {}
+    for sparse in (True, False):
+        gns = GradientNoiseScale(beta=0.5, mode="microbatch")
+        make_trainer([gns], accumulate_grad_batches=2).fit(BagOfIds(sparse), BagOfIds.data())
+        readouts[sparse] = (gns.b_simple, gns.grad_sq_norm, gns.trace_cov, gns.skipped_steps)
+    assert readouts[True][3] == readouts[False][3] == 0
+    assert readouts[True][:3] == pytest.approx(readouts[False][:3], rel=1e-5)
+    gns = GradientNoiseScale(beta=0.5, mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns]).fit(BagOfIds(True), BagOfIds.data())
+    assert list(gns.left_out) == ["emb.weight"] and "sparse" in gns.left_out["emb.weight"]
+    assert gns.skipped_steps == 0 and int(gns.metric.measured_steps) == 20  # every step measured, the head only

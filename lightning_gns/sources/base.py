@@ -28,9 +28,15 @@ def upcast_half(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.dtype in HALF_PRECISION else tensor
 
 
+def norm_values(tensor: Tensor) -> Tensor:
+    """What a norm of ``tensor`` reads: a sparse gradient's coalesced values (``nn.Embedding(sparse=True)``, whose
+    repeated ids leave duplicate entries that must be summed first), else ``tensor`` itself."""
+    return tensor.coalesce().values() if tensor.is_sparse else tensor
+
+
 def fp32_norm(tensor: Tensor) -> Tensor:
-    """L2 norm accumulated in at least float32 (half-precision gradients would lose the sum)."""
-    return torch.linalg.vector_norm(tensor, dtype=reduction_dtype(tensor.dtype))
+    """L2 norm accumulated in at least float32 (half-precision gradients would lose the sum); sparse tensors too."""
+    return torch.linalg.vector_norm(norm_values(tensor), dtype=reduction_dtype(tensor.dtype))
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_gns.sources.base import reduction_dtype
+from lightning_gns.sources.base import norm_values, reduction_dtype
 
 try:  # public since torch 2.5; FSDP2's parameters and gradients are DTensors
     from torch.distributed.tensor import DTensor as _DTensor
@@ -50,6 +50,7 @@ def param_sq_norms(params: list[nn.Parameter], device: torch.device, sharded: bo
 
 def fused_norms(grads: list[Tensor]) -> list[Tensor]:
     """Each gradient's norm, one fused pass per dtype they are accumulated in (:func:`reduction_dtype`)."""
+    grads = [norm_values(g) for g in grads]
     dtypes = [reduction_dtype(g.dtype) or g.dtype for g in grads]
     if len(set(dtypes)) == 1:
         return list(torch._foreach_norm(grads, 2, dtype=dtypes[0]))
