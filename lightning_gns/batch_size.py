@@ -24,6 +24,17 @@ def leading_dim_batch_size(batch: Any) -> int:
         32
     """
     sizes = dict(_leading_dims(batch, "batch"))
+    samples = _sample_list_length(batch)
+    if samples is not None and set(sizes.values()) != {samples}:
+        # Each sample's own tensors lead with a feature or sequence dimension: counting them would give every
+        # estimate a wrong unit, silently (a list of 16 pairs (x of shape (8,), y) would count 8 examples).
+        raise ValueError(
+            f"GradientNoiseScale cannot count the examples of this batch: it is a {type(batch).__name__} of"
+            f" {samples} items of one structure, as a collate_fn that returns the samples as they are"
+            f" (collate_fn=list) makes, and their tensors lead with {sorted(set(sizes.values()))[:4]}, not"
+            f" {samples}. If each item is one example, pass batch_size_fn=len (or count the tokens the loss averages"
+            " over); otherwise pass batch_size_fn returning the number of examples."
+        )
     if not sizes:
         raise ValueError(
             f"GradientNoiseScale could not find the batch size: no tensor with a leading dimension in a batch of"
@@ -44,6 +55,26 @@ def leading_dim_batch_size(batch: Any) -> int:
             " mode='per_example' needs the model to run once on all the examples (their concatenation)."
         )
     return next(iter(sizes.values()))
+
+
+def _sample_list_length(batch: Any) -> int | None:
+    """The length of a list or tuple of 4 or more containers of one structure (the samples of a batch left
+    uncollated: tuples of the same length, or mappings with the same keys), else None. Fewer items, or items that
+    are tensors, are taken as the batch's fields."""
+    if not isinstance(batch, (list, tuple)) or len(batch) < 4:
+        return None
+    first = _structure(batch[0])
+    if first is None or any(_structure(item) != first for item in batch[1:]):
+        return None
+    return len(batch)
+
+
+def _structure(item: Any) -> tuple[Any, ...] | None:
+    if isinstance(item, Mapping):
+        return ("mapping", tuple(item.keys()))
+    if isinstance(item, (list, tuple)):
+        return ("sequence", len(item), tuple(isinstance(value, Tensor) for value in item))
+    return None
 
 
 def _leading_dims(obj: Any, path: str) -> Iterator[tuple[str, int]]:

@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.callbacks._spawn import SpawnedResult
@@ -258,3 +259,32 @@ def test_before_the_first_measured_step_what_the_readme_says_is_nan() -> None:
             "gns/lr_factor",
         }
     assert gns.skipped_steps == 3 and gns.covered_fraction == 1.0
+
+
+class SampleListRegression(LinearRegression):
+    """The linear regression fed uncollated batches: a list of (x_i, y_i) samples (DataLoader(collate_fn=list))."""
+
+    def training_step(self, batch: list[tuple[Tensor, Tensor]], batch_idx: int) -> Tensor:
+        x, y = (torch.stack(column) for column in zip(*batch, strict=True))
+        return super().training_step((x, y), batch_idx)
+
+
+def test_a_list_of_samples_is_refused_unless_batch_size_fn_counts_them() -> None:
+    """Each sample's x leads with its 5 features: counted as the batch size, every estimate would be in the wrong
+    unit (tr(Sigma) 16/5 too small here). Refused, naming batch_size_fn=len, which then gives the collated run's
+    numbers."""
+    x, y = PROBLEM.sample(16 * 2 * 6, seed=35)
+    samples = DataLoader(list(zip(x, y, strict=True)), batch_size=16, collate_fn=list)
+    with pytest.raises(ValueError, match=r"list of 16 items of one structure.*batch_size_fn=len"):
+        make_trainer([GradientNoiseScale(beta=0.9)], accumulate_grad_batches=2).fit(
+            SampleListRegression(PROBLEM), samples
+        )
+    readouts = []
+    for model, data, fn in (
+        (SampleListRegression(PROBLEM), samples, len),
+        (LinearRegression(PROBLEM), loader(x, y, 16), None),
+    ):
+        gns = GradientNoiseScale(beta=0.9, batch_size_fn=fn)
+        make_trainer([gns], accumulate_grad_batches=2).fit(model, data)
+        readouts.append((gns.b_simple, gns.trace_cov, float(gns.metric.last_b_big)))
+    assert readouts[0] == pytest.approx(readouts[1], rel=1e-9) and readouts[1][2] == 32.0
