@@ -342,3 +342,43 @@ def test_counts_of_another_length_than_the_batch_are_said_once() -> None:
     gns = GradientNoiseScale(batch_size_fn=lambda batch: torch.ones(len(batch[0]) + 1, dtype=torch.long))
     with pytest.warns(UserWarning, match=r"batch_size_fn returned 5 per-example counts for a batch whose tensors lead"):
         fit(gns, accumulate_grad_batches=2)
+
+
+@pytest.fixture
+def one_process_group() -> Any:
+    """A gloo process group of one process (DDP's hooks need one; the hooks' choice does not need two ranks)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_lossy_ddp_comm_hook_is_refused_and_others_are_named(one_process_group: Any) -> None:
+    """PowerSGD leaves a low-rank approximation in .grad (B_simple about half the truth in a 2-process probe):
+    refused, naming the fix; a hook the callback does not know is named, without a promise of the same numbers."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_gns.sources.ddp_comm_hook import register_comm_hook
+
+    said: list[str] = []
+    powersgd = DistributedDataParallel(torch.nn.Linear(4, 4))
+    powersgd.register_comm_hook(powerSGD_hook.PowerSGDState(process_group=None), powerSGD_hook.powerSGD_hook)
+    with pytest.raises(ValueError, match=r"powerSGD_hook.*not the mean of the ranks' gradients.*without that hook"):
+        register_comm_hook(powersgd, said.append)
+    for hook, promise in (
+        (default_hooks.allreduce_hook, "same numbers"),
+        (default_hooks.fp16_compress_hook, "rounded to 16 bits"),
+        (lambda state, bucket: default_hooks.allreduce_hook(state, bucket), "a hook that compresses them"),
+    ):
+        said.clear()
+        model = DistributedDataParallel(torch.nn.Linear(4, 4))
+        model.register_comm_hook(None, hook)
+        assert register_comm_hook(model, said.append) is None
+        assert len(said) == 1 and promise in said[0] and "param_hooks" in said[0], said

@@ -44,15 +44,54 @@ def _record_then_allreduce(source: "DDPCommHookSource", bucket: dist.GradBucket)
     return allreduce_hook(source.process_group, bucket)  # type: ignore[arg-type]
 
 
+# torch's comm hooks whose all-reduced gradient is not the mean of the ranks' gradients: a low-rank approximation
+# with error feedback (PowerSGD), quantised values, or no all-reduce on most steps (local SGD).
+LOSSY_HOOK_MODULES = ("powerSGD_hook", "quantization_hooks", "post_localSGD_hook")
+# torch's hooks that all-reduce the gradients rounded to 16 bits: the mean to about 1e-3.
+ROUNDING_HOOKS = ("fp16_compress_hook", "bf16_compress_hook", "fp16_compress_wrapper", "bf16_compress_wrapper")
+
+
+def _hook_function(hook: object) -> object:
+    while hasattr(hook, "func"):  # functools.partial
+        hook = hook.func
+    return hook
+
+
 def register_comm_hook(
     ddp_model: DistributedDataParallel, announce: Callable[[str], None]
 ) -> "DDPCommHookSource | None":
-    """A source recording from a comm hook on ``ddp_model``; None, announced, where DDP keeps its own or refuses."""
-    if getattr(ddp_model, "_comm_hooks", None):
+    """A source recording from a comm hook on ``ddp_model``; None, announced, where DDP keeps its own or refuses.
+
+    Raises:
+        ValueError: the model's hook is one of torch's lossy ones (PowerSGD, quantisation, local SGD): the
+            all-reduced gradient, the big batch, is then not the mean of the ranks' gradients.
+    """
+    hooks = getattr(ddp_model, "_comm_hooks", None)
+    if hooks:
+        functions = [_hook_function(hook) for hook, _ in hooks]
+        names = [f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}" for f in functions]
+        lossy = [n for n in names if any(f".{module}." in f".{n}" for module in LOSSY_HOOK_MODULES)]
+        if lossy:
+            raise ValueError(
+                f"GradientNoiseScale cannot measure with the DDP communication hook {lossy[0]}: the gradient it"
+                " leaves in .grad (the big batch) is a compressed or local approximation, not the mean of the"
+                " ranks' gradients, and B_simple would be wrong (about half the truth with PowerSGD). Measure in a"
+                " run without that hook (the default all-reduce or fp16_compress_hook), or remove the callback."
+            )
+        rounding = any(any(r in n for r in ROUNDING_HOOKS) for n in names)
+        known = all(n.endswith("default_hooks.allreduce_hook") for n in names)
+        what = (
+            "same numbers"
+            if known
+            else "the gradients rounded to 16 bits by it move the numbers by about 1e-3"
+            if rounding
+            else "right if the hook leaves the mean of the ranks' gradients in .grad, as DDP's all-reduce does; a"
+            " hook that compresses them (low-rank, quantised) makes B_simple wrong"
+        )
         announce(
-            "GradientNoiseScale: the DDP model already has a communication hook (yours, or DDP mixed"
-            " precision's), and DDP allows only one, so per-rank gradient norms come from parameter hooks"
-            " (source 'param_hooks'): same numbers, one norm per parameter instead of per bucket."
+            f"GradientNoiseScale: the DDP model already has a communication hook ({', '.join(names)}: yours, or DDP"
+            " mixed precision's), and DDP allows only one, so per-rank gradient norms come from parameter hooks"
+            f" (source 'param_hooks'), one norm per parameter instead of per bucket: {what}."
         )
         return None
     source = DDPCommHookSource()
