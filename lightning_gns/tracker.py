@@ -81,6 +81,7 @@ class GradientNoiseScaleTracker:
         self._announce = Announcements(warn)
         self._sources = SourceSet(self._announce)
         self._params: list[nn.Parameter] = []
+        self._elements = 0  # of the optimized trainable parameters, counted at attach
         self._param_names: dict[int, str] = {}  # parameter id -> its name in the model
         self._model: nn.Module | None = None
         self._ddp_model: nn.parallel.DistributedDataParallel | None = None
@@ -133,6 +134,7 @@ class GradientNoiseScaleTracker:
         self._sources.per_example = None
         self.mode = mode
         self._params = _unique_trainable(params)
+        self._elements = sum(p.numel() for p in self._params)
         self._model, self._ddp_model, self._process_group = model, ddp_model, process_group
         distributed = dist.is_available() and dist.is_initialized()
         self._world_size = dist.get_world_size(process_group) if distributed else 1
@@ -440,6 +442,11 @@ class GradientNoiseScaleTracker:
             big_factor = big_factor / torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64).square()
         # One all-reduce: what the source's bookkeeping packs (A and this rank's share of |G_big|^2, per part),
         # then the step's counts.
+        comm_hook = self._sources.comm_hook
+        unaveraged = None if comm_hook is None else comm_hook.unaveraged(self._elements)
+        if unaveraged is not None:
+            self._announce(unaveraged)
+            self._sums.failed = unaveraged
         book = self._book
         packed = book.buffer(device)
         book.pack(packed[: book.size], self._sums, unscale_sq)

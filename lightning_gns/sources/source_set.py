@@ -65,6 +65,8 @@ class SourceSet:
             candidate.recording = measure and candidate is source
         source.expected_examples = examples
         self.active = source
+        if self.comm_hook is not None:
+            self.comm_hook.bucket_elements = 0  # what this micro-batch's backward all-reduces, if it synchronises
         if measure:
             source.begin_record()
 
