@@ -60,9 +60,10 @@ class DDPCommHookSource(GradNormSource):
 
 
 def _record_then_allreduce(source: "DDPCommHookSource", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    source.bucket_elements += bucket.buffer().numel()  # counted on every synchronising backward (see unaveraged)
+    buffer = bucket.buffer()
+    source.bucket_elements += buffer.numel()  # counted on every synchronising backward (see unaveraged)
     # The norm must be taken before allreduce_hook divides the buffer in place and sends it.
-    source.record(fp32_norm(bucket.buffer()))
+    source.record(fp32_norm(buffer))
     return allreduce_hook(source.process_group, bucket)  # type: ignore[arg-type]
 
 
