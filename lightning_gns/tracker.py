@@ -21,6 +21,7 @@ from lightning_gns.announcements import Announcements
 from lightning_gns.estimators import StepSums, summary_from_counts
 from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, metric_states, validate_beta
 from lightning_gns.sources.base import BackwardNorms, GradNormSource
+from lightning_gns.sources.ddp_averaged import DDPAveraged
 from lightning_gns.sources.left_out import parameter_names
 from lightning_gns.sources.per_example import Layers
 from lightning_gns.sources.per_example_bookkeeping import PerExampleBookkeeping, attach_per_example
@@ -81,7 +82,11 @@ class GradientNoiseScaleTracker:
         self._announce = Announcements(warn)
         self._sources = SourceSet(self._announce)
         self._params: list[nn.Parameter] = []
-        self._elements = 0  # of the optimized trainable parameters, counted at attach
+        # What the DDP wrapper averages (read when it is first seen), and why the measured parameters are not all
+        # among it (checked at attach, which a change of the optimized parameters repeats).
+        self._ddp_averaged: DDPAveraged | None = None
+        self._not_averaged: str | None = None
+        self._restored_contributed: list[str] | None = None  # from a checkpoint, until the next attach takes it
         self._param_names: dict[int, str] = {}  # parameter id -> its name in the model
         self._model: nn.Module | None = None
         self._ddp_model: nn.parallel.DistributedDataParallel | None = None
@@ -134,8 +139,9 @@ class GradientNoiseScaleTracker:
         self._sources.per_example = None
         self.mode = mode
         self._params = _unique_trainable(params)
-        self._elements = sum(p.numel() for p in self._params)
         self._model, self._ddp_model, self._process_group = model, ddp_model, process_group
+        if ddp_model is not None and self._ddp_averaged is None:
+            self._ddp_averaged = DDPAveraged.of(ddp_model)
         distributed = dist.is_available() and dist.is_initialized()
         self._world_size = dist.get_world_size(process_group) if distributed else 1
         self._rank = dist.get_rank(process_group) if distributed else 0
@@ -158,7 +164,21 @@ class GradientNoiseScaleTracker:
             if mode == "ddp" and ddp_model is not None:
                 self.use_comm_hook(ddp_model)
         self._param_names = parameter_names(module, self._params)
+        averaged = self._ddp_averaged
+        self._not_averaged = None if averaged is None else averaged.not_averaged(self._params, self._param_names)
+        self._restore_contributed()
+        self._restored_contributed = None
         self._book.buffer(device)  # allocated at setup, not on the first measured step
+
+    def watch_ddp(self, ddp_model: nn.parallel.DistributedDataParallel | None) -> None:
+        """Read which parameters ``ddp_model`` averages, before its first training backward (Lightning: at
+        ``on_fit_start``; None: no DDP wrapper). Steps whose optimized parameters it does not all average
+        (unfrozen after DDP wrapped the model) are then skipped with the reason, in every mode. :meth:`attach`
+        with ``ddp_model`` does this."""
+        averaged = self._ddp_averaged = None if ddp_model is None else DDPAveraged.of(ddp_model)
+        self._not_averaged = None
+        if averaged is not None and self.mode is not None:
+            self._not_averaged = averaged.not_averaged(self._params, self._param_names)
 
     def use_comm_hook(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
         """``ddp`` mode: take per-rank norms from a comm hook on ``ddp_model`` (parameter hooks, announced, if
@@ -442,11 +462,9 @@ class GradientNoiseScaleTracker:
             big_factor = big_factor / torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64).square()
         # One all-reduce: what the source's bookkeeping packs (A and this rank's share of |G_big|^2, per part),
         # then the step's counts.
-        comm_hook = self._sources.comm_hook
-        unaveraged = None if comm_hook is None else comm_hook.unaveraged(self._elements)
-        if unaveraged is not None:
-            self._announce(unaveraged)
-            self._sums.failed = unaveraged
+        if self._not_averaged is not None:
+            self._announce(self._not_averaged)
+            self._sums.failed = self._not_averaged
         book = self._book
         packed = book.buffer(device)
         book.pack(packed[: book.size], self._sums, unscale_sq)
@@ -493,7 +511,25 @@ class GradientNoiseScaleTracker:
             "layer_metrics": {name: metric_states(m) for name, m in self.layer_metrics.items()},
             # NaN before the first measured step: nothing to keep (a resumed run takes its first measured step).
             "base_batch_size": None if base is None or not bool(torch.isfinite(base)) else base.detach().cpu().clone(),
+            # per_example: the parameters the averages hold, so that leaving one out after a resume restarts them.
+            "contributed": self._contributed_names(),
         }
+
+    def _contributed_names(self) -> list[str] | None:
+        positions = self._book.contributed() if self.mode is not None else None
+        names = None if positions is None else [self._param_names.get(id(self._book.params[i]), "?") for i in positions]
+        if self._restored_contributed is None:
+            return names
+        return sorted(set(self._restored_contributed) | set(names or ()))  # loaded, not attached since
+
+    def _restore_contributed(self) -> None:
+        names = self._restored_contributed
+        if names is None or self.mode is None:
+            return
+        wanted = set(names)
+        self._book.restore_contributed(
+            [i for i, p in enumerate(self._book.params) if self._param_names.get(id(p)) in wanted]
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # copy_ keeps each state on the metric's device, whether this runs before or after .to(device).
@@ -503,6 +539,8 @@ class GradientNoiseScaleTracker:
         base = state_dict.get("base_batch_size")
         self.base_batch_size = None if base is None else base.to(self.metric.last_b_big.device)
         self._base_settled = base is not None
+        self._restored_contributed = state_dict.get("contributed")
+        self._restore_contributed()  # loaded after attach (plain PyTorch); Lightning loads before: attach does it
 
 
 def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -382,3 +382,48 @@ def test_a_lossy_ddp_comm_hook_is_refused_and_others_are_named(one_process_group
         model.register_comm_hook(None, hook)
         assert register_comm_hook(model, said.append) is None
         assert len(said) == 1 and promise in said[0] and "param_hooks" in said[0], said
+
+
+def test_parameters_ddp_does_not_average_are_named_by_why(one_process_group: Any) -> None:
+    """Which parameters DDP all-reduces is read off the wrapper before the first backward: unfrozen after the wrap,
+    ignored, or all-reduced late (delay_all_reduce_named_params) each name the parameters; a change of
+    requires_grad between the wrap and the reading falls back to DDP's own byte count (a size, said as one)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightning_gns.sources.ddp_averaged import DDPAveraged
+
+    def two_layers() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+    def names(model: torch.nn.Module) -> dict[int, str]:
+        return {id(p): n for n, p in model.named_parameters()}
+
+    model = two_layers()
+    assert DDPAveraged.of(DistributedDataParallel(model)).not_averaged(list(model.parameters()), names(model)) is None
+
+    model = two_layers()  # frozen when wrapped, unfrozen since (BackboneFinetuning)
+    model[0].requires_grad_(False)
+    averaged = DDPAveraged.of(DistributedDataParallel(model))
+    model[0].requires_grad_(True)
+    said = averaged.not_averaged(list(model.parameters()), names(model))
+    assert said is not None and "does not average 15 elements (0.weight, 0.bias) of the 23 optimized" in said
+
+    model = two_layers()
+    model._ddp_params_and_buffers_to_ignore = ["1.bias"]  # type: ignore[assignment]
+    said = DDPAveraged.of(DistributedDataParallel(model)).not_averaged(list(model.parameters()), names(model))
+    assert said is not None and "does not average 2 elements (1.bias)" in said
+
+    model = two_layers()
+    delayed = DistributedDataParallel(
+        model, delay_all_reduce_named_params=[("1.weight", model[1].weight)], param_to_hook_all_reduce=model[0].weight
+    )
+    said = DDPAveraged.of(delayed).not_averaged(list(model.parameters()), names(model))
+    assert said is not None and "all-reduces 6 elements (1.weight) after the backward" in said
+
+    model = two_layers()
+    model[0].requires_grad_(False)
+    wrapper = DistributedDataParallel(model)
+    model[0].requires_grad_(True)  # before the reading: only DDP's count knows
+    said = DDPAveraged.of(wrapper).not_averaged(list(model.parameters()), names(model))
+    assert said is not None and "does not average 60 of the 92 bytes of optimized parameters" in said

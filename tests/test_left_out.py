@@ -374,6 +374,31 @@ def test_a_penalty_added_after_the_first_steps_is_found_and_the_averages_restart
     assert control.left_out == {} and not any("restarted" in m for m in said)
 
 
+def test_a_parameter_left_out_first_after_a_resume_restarts_the_averages_as_without_the_resume(
+    tmp_path: Path,
+) -> None:
+    """Which parameters the averages hold is saved with the checkpoint: the penalty appearing at the very first
+    step after a resume restarts them as in the uninterrupted run (without it the resumed run kept four steps of
+    the weight in the averages). The bias-only float64 recomputation of the steps since is the reference."""
+    beta = 0.5
+    first = GradientNoiseScale(beta=beta, mode="per_example")
+    trainer = make_trainer([first], precision="64-true", max_steps=4)
+    trainer.fit(LatePenalty(late=4), LatePenalty.data())
+    trainer.save_checkpoint(tmp_path / "step4.ckpt")
+    model = LatePenalty(late=4)
+    resumed = GradientNoiseScale(beta=beta, mode="per_example")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([resumed], precision="64-true", max_steps=10).fit(
+            model, LatePenalty.data(), ckpt_path=tmp_path / "step4.ckpt"
+        )
+    said = [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
+    assert sum("the averages restarted then (1 time(s) so far)" in m for m in said) == 1, said
+    want = bias_only_history(model, list(range(4, 10)), beta)[-1]
+    for name in ("grad_sq_norm", "trace_cov", "b_simple"):
+        assert getattr(resumed, name) == pytest.approx(want[name], rel=1e-9), name
+
+
 def test_restart_forgets_the_averages_where_the_flag_is_set_and_keeps_the_counts() -> None:
     metric = GradientNoiseScaleMetric(beta=0.5)
     metric.update(torch.tensor([4.0, 6.0]), torch.tensor([1.0, 1.0]), torch.tensor(3.0))

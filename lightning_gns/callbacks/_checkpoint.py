@@ -18,7 +18,7 @@ import torch
 # Optional keys are those the loaders have always defaulted (to none / empty), so that checkpoints of earlier
 # versions still load; lr_scaling is saved since the check of a changed rule.
 GNS_KEYS = frozenset({"metric", "beta"})
-GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "base_batch_size"})
+GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "base_batch_size", "contributed"})
 ADAPTIVE_KEYS = frozenset({"accumulation", "base_accumulation", "lr_factor"})
 # Keys saved under another name by earlier versions: old -> new.
 GNS_RENAMED_KEYS = {"reference_batch_size": "base_batch_size"}
@@ -141,6 +141,11 @@ def validate_gns_state(
         value = float(base)
         if not (math.isfinite(value) and value > 0):
             raise _fail(callback, "base_batch_size", f"is {value}, must be a positive finite batch size")
+    contributed = state.get("contributed")
+    if contributed is not None and (
+        not isinstance(contributed, list) or not all(isinstance(name, str) for name in contributed)
+    ):
+        raise _fail(callback, "contributed", f"must be None or a list of parameter names, got {contributed!r}")
 
 
 def _check_accumulation(callback: str, key: str, value: Any) -> None:

@@ -435,6 +435,8 @@ class GradientNoiseScaleBase(LightningNamespace):
         # register theirs.
         assert self.mode is not None
         self._refuse_batch_coupling(trainer, pl_module)  # configure_model may have built the layers only now
+        wrapper = trainer.strategy.model
+        self.tracker.watch_ddp(wrapper if isinstance(wrapper, torch.nn.parallel.DistributedDataParallel) else None)
         try:
             self.tracker.attach(self._optimized_params(trainer), self.mode, model=pl_module)  # type: ignore[arg-type]
         except ValueError as error:

@@ -32,36 +32,14 @@ class DDPCommHookSource(GradNormSource):
         # False when DDP's buckets hold other parameters than the measured ones: the hook keeps all-reducing,
         # and the caller takes per-rank norms from parameter hooks instead.
         self.usable = True
-        # Elements DDP's buckets passed in the last synchronising backward, recording or not (a host-side count):
-        # DDP buckets only the parameters that needed a gradient when it wrapped the model (see unaveraged).
-        self.bucket_elements = 0
 
     def attach(self, ddp_model: DistributedDataParallel) -> None:
         self.process_group = ddp_model.process_group
         ddp_model.register_comm_hook(state=self, hook=_record_then_allreduce)
 
-    def unaveraged(self, measured_elements: int) -> Optional[str]:  # noqa: UP045
-        """Why the last synchronising backward left measured parameters out of DDP's all-reduce, or None.
-
-        DDP buckets the parameters that needed a gradient when it wrapped the model: one unfrozen since
-        (BackboneFinetuning, a manual unfreeze) trains on each rank's own gradient, never averaged, and the
-        ranks' copies drift apart (in torch itself). The all-reduced ``.grad`` is then no big batch.
-        """
-        if not self.bucket_elements or self.bucket_elements >= measured_elements:
-            return None
-        return (
-            f"GradientNoiseScale: DDP's gradient buckets all-reduced {self.bucket_elements:,} elements in a step whose"
-            f" optimized parameters have {measured_elements:,}: DDP averages only the parameters that needed a"
-            " gradient when it wrapped the model, so parameters unfrozen since (BackboneFinetuning, a manual"
-            " unfreeze) train on each process's own gradient and their copies drift apart (in torch itself). There"
-            " is no big batch to measure: these steps are skipped. Unfreeze those parameters before Trainer.fit"
-            " wraps the model (and freeze them by their learning rate instead), or train them on one process."
-        )
-
 
 def _record_then_allreduce(source: "DDPCommHookSource", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
-    source.bucket_elements += buffer.numel()  # counted on every synchronising backward (see unaveraged)
     # The norm must be taken before allreduce_hook divides the buffer in place and sends it.
     source.record(fp32_norm(buffer))
     return allreduce_hook(source.process_group, bucket)  # type: ignore[arg-type]

@@ -132,6 +132,13 @@ class PerExampleBookkeeping(StepBookkeeping):
     def coverage_shrank(self) -> Tensor:
         return self._lost.any()
 
+    def contributed(self) -> list[int] | None:
+        return self._contributed.nonzero().flatten().tolist()
+
+    def restore_contributed(self, positions: list[int]) -> None:
+        self._contributed.zero_()
+        self._contributed[torch.tensor(positions, dtype=torch.long, device=self._contributed.device)] = True
+
     def layer_sums(self) -> list[tuple[str, Tensor, Tensor, Tensor]]:
         assert self._last is not None
         a_kept, big_kept, measured_part, keep = self._last

@@ -36,7 +36,10 @@ class SourceSet:
             self._comm_hook_model = ddp_model
             self.comm_hook = register_comm_hook(ddp_model, self._announce)
         if self.comm_hook is not None:
-            ddp_params = {id(p) for p in ddp_model.parameters() if p.requires_grad}
+            # Ignored parameters (delay_all_reduce_named_params among them) are all-reduced outside the buckets,
+            # if at all: the hook would not see their per-rank gradients.
+            ignored = set(getattr(ddp_model, "parameters_to_ignore", ()))
+            ddp_params = {id(p) for n, p in ddp_model.module.named_parameters() if p.requires_grad and n not in ignored}
             self.comm_hook.usable = ddp_params == {id(p) for p in params}
             if not self.comm_hook.usable:
                 self._announce(
@@ -65,8 +68,6 @@ class SourceSet:
             candidate.recording = measure and candidate is source
         source.expected_examples = examples
         self.active = source
-        if self.comm_hook is not None:
-            self.comm_hook.bucket_elements = 0  # what this micro-batch's backward all-reduces, if it synchronises
         if measure:
             source.begin_record()
 

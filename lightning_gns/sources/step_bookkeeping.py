@@ -63,6 +63,14 @@ class StepBookkeeping:
         tensor, the same on every rank), or None where the coverage never changes."""
         return None
 
+    def contributed(self) -> list[int] | None:
+        """Positions (in ``params``) of the parameters whose norms entered the averages so far, for a checkpoint
+        (reads the device); None where every step covers every parameter."""
+        return None
+
+    def restore_contributed(self, positions: list[int]) -> None:
+        """Take :meth:`contributed` from a checkpoint: leaving one of those out later restarts the averages."""
+
     def covered_fraction(self, total: float) -> Tensor | None:
         """Covered share of ``total`` elements as a device tensor (no sync), or None when everything is covered."""
         return None
