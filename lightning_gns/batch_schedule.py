@@ -34,7 +34,7 @@ class NoiseScaleStatistics:
         trace_cov: averaged ``tr(Sigma)`` estimate (per unit: per example or per token).
         effective_batch_size: units per optimizer step now (micro-batch x accumulation x ranks).
         accumulation: current ``accumulate_grad_batches``.
-        micro_batch_size: units in one micro-batch of one rank.
+        micro_batch_size: units in one micro-batch of one rank (the mean of the micro-batches read this epoch).
         world_size: number of ranks.
         step: optimizer steps taken so far (``trainer.global_step``).
         calibration: the ``B_crit / B_simple`` ratio the callback was given (:attr:`b_crit` applies it).

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelChec
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gns import AdaptiveBatchSize
+from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import (
     NoiseScaleStatistics,
     adascale_gain,
@@ -30,6 +30,8 @@ from support.adaptive_support import (
     MICRO,
     PROBLEM,
     RecordingRegression,
+    X,
+    Y,
     adaptive,
     check_windows,
     fit,
@@ -38,9 +40,9 @@ from support.adaptive_support import (
     scheduled_target,
     window_mean_grad,
 )
-from support.models import LinearProblem, LinearRegression, ManualRegression
+from support.models import LinearProblem, LinearRegression, ManualRegression, loader
 from support.multiprocess import run_worker
-from support.trainers import MemoryLogger
+from support.trainers import MemoryLogger, make_trainer
 
 
 def without_b_simple(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -205,6 +207,40 @@ def test_statistics_reach_the_target_function() -> None:
         assert at_high.b_simple == at_estimate.b_simple_high == decision["b_simple_high"]
         assert at_estimate.b_simple == decision["b_simple"] and not math.isnan(at_estimate.b_simple)
         assert at_low.b_simple <= at_estimate.b_simple <= at_high.b_simple
+
+
+class BatchHalvedAfterTheFirstEpoch(RecordingRegression):
+    def train_dataloader(self) -> Any:
+        return loader(X, Y, 8 if self.trainer.current_epoch == 0 else 4)
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["reloaded-loader", "resumed"])
+def test_the_micro_batch_follows_a_loader_that_batches_differently(tmp_path: Path, resume: bool) -> None:
+    """The schedule's micro-batch is the mean of the epoch's reads: after the loader halves its batch (reloaded
+    each epoch, or a resume with a smaller batch) every decision sees the new size (the largest size ever seen,
+    as before, kept the effective batch at twice the truth and the decisions on it)."""
+    seen: list[tuple[int, int]] = []
+
+    def target(stats: NoiseScaleStatistics) -> float:
+        seen.append((stats.step, stats.micro_batch_size))
+        return stats.effective_batch_size
+
+    def callbacks() -> list[Callback]:
+        return [GradientNoiseScale(beta=0.9), adaptive(target=target, warmup_steps=0)]
+
+    model = BatchHalvedAfterTheFirstEpoch(DIM, LR, PROBLEM.w)
+    if resume:
+        first = make_trainer(callbacks(), max_epochs=1)
+        first.fit(model)
+        first.save_checkpoint(tmp_path / "epoch0.ckpt")
+        make_trainer(callbacks(), max_epochs=2).fit(model, ckpt_path=tmp_path / "epoch0.ckpt")
+    else:
+        make_trainer(callbacks(), max_epochs=2, reload_dataloaders_every_n_epochs=1).fit(model)
+    epoch_steps = math.ceil(len(X) / 8)  # 13 steps of 8 (the last one of 4), then 25 of 4
+    # A decision reads global_step after its optimizer step: 1 to 13 in the first epoch.
+    assert {size for step, size in seen if step <= epoch_steps} == {8}
+    assert {size for step, size in seen if step > epoch_steps} == {4}
+    assert max(step for step, _ in seen) == epoch_steps + len(X) // 4
 
 
 # ---------------------------------------------------------------- pure functions

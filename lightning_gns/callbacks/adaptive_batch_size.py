@@ -7,6 +7,7 @@ The hooks live in :class:`AdaptiveBatchSizeBase`, which imports no Lightning nam
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,9 @@ from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleBase
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
+
+# Micro-batch sizes read (on logging and deciding steps) whose mean is the micro-batch the schedule works with.
+RECENT_READS = 16
 
 
 def _same_number(a: Any, b: Any) -> bool:
@@ -167,12 +171,16 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self.lr_factor = 1.0
         self.pending: tuple[int, float] | None = None
         self.last_change_step: int | None = None
-        self.micro_batch_size: int | None = None
+        self.micro_batch_size: int | None = None  # the mean of the recent reads below, rounded
         self.history: list[dict[str, Any]] = []
         self.decisions: list[dict[str, Any]] = []
         self.pending_record: dict[str, Any] | None = None
 
         self._restored = False
+        # Units of the micro-batches read on logging and deciding steps since the epoch started: their mean follows
+        # token counts that vary from batch to batch, and a loader whose batch changes (reload_dataloaders_every_n_
+        # epochs, a resume) from its first step (the largest ever seen, as before, inflated both).
+        self._recent_units: deque[int] = deque(maxlen=RECENT_READS)
         # What load_state_dict needs beyond the callback's own state, gathered by on_load_checkpoint.
         self._resume_context: dict[str, Any] = {}
         self._gns: GradientNoiseScaleBase | None = None
@@ -339,6 +347,9 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         )
 
     # ------------------------------------------------------------------ per step
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._recent_units.clear()  # a reloaded loader may batch differently: its first step reads anew
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -354,9 +365,9 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             and (self.last_change_step is None or step - self.last_change_step >= self.min_steps_between_changes)
             and step % self.check_every_n_steps == 0
         )
-        if logging or deciding or self.micro_batch_size is None:
-            units = units_as_int(checked_batch_size(self.gns.batch_size_fn, batch))
-            self.micro_batch_size = max(units, self.micro_batch_size or 0)
+        if logging or deciding or not self._recent_units:
+            self._recent_units.append(units_as_int(checked_batch_size(self.gns.batch_size_fn, batch)))
+            self.micro_batch_size = max(1, round(sum(self._recent_units) / len(self._recent_units)))
         if logging:
             self._log(pl_module, trainer.world_size)
         if deciding:
@@ -554,6 +565,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self.last_change_step = None if last is None else int(last)
         micro = state_dict.get("micro_batch_size")
         self.micro_batch_size = None if micro is None else int(micro)
+        self._recent_units = deque(maxlen=RECENT_READS)  # the saved size holds until the first step reads one
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
         self.decisions = [dict(entry) for entry in state_dict.get("decisions", [])]
         record = state_dict.get("pending_record")
