@@ -167,7 +167,10 @@ def test_saved_state_loads_after_the_checks(gns_checkpoint: dict[str, Any], tmp_
 
 @pytest.mark.parametrize(
     ("kwargs", "settings"),
-    [({"beta": 0.99}, "mode='auto', beta=0.99"), ({"beta": 0.9, "mode": "microbatch"}, "mode='microbatch', beta=0.9")],
+    [
+        ({"beta": 0.99}, "mode='auto', beta=0.99"),
+        ({"beta": 0.9, "mode": "microbatch"}, "mode='microbatch', beta=0.9"),
+    ],
 )
 def test_resume_with_other_settings_warns_that_the_averages_restart(
     gns_checkpoint: dict[str, Any], tmp_path: Path, kwargs: dict[str, Any], settings: str
@@ -198,6 +201,36 @@ def test_resume_with_the_same_settings_does_not_warn(gns_checkpoint: dict[str, A
         fit_gns(gns, ckpt_path=str(path), max_epochs=2)
     assert not [w for w in record if "restart from zero" in str(w.message)]
     assert int(gns.metric.measured_steps) == 2 * int(gns_checkpoint["callbacks"][GNS_KEY]["metric"]["measured_steps"])
+
+
+def test_layers_other_than_the_default_key_the_state() -> None:
+    """Another set of layers is another estimate (a probe's resume mixed layers='all' averages into 'norm' ones:
+    B_simple 42.7 against 68.5): Lightning loads the state only into the same layers, and says so otherwise (the
+    warning above). The default is not keyed, so checkpoints of earlier versions keep loading."""
+    from lightning_gns.callbacks._checkpoint import foreign_states, parse_state_key
+
+    default, norm = GradientNoiseScale(beta=0.9), GradientNoiseScale(beta=0.9, layers="norm")
+    assert default.state_key == GNS_KEY
+    assert parse_state_key(norm.state_key, "GradientNoiseScale") == {"mode": "auto", "beta": 0.9, "layers": "norm"}
+    callbacks: dict[str, Any] = {GNS_KEY: {}}
+    assert foreign_states(callbacks, "GradientNoiseScale", norm.state_key, [norm.state_key]) == [
+        {"mode": "auto", "beta": 0.9}
+    ]
+
+
+def test_resume_with_another_batch_size_fn_says_the_units_may_mix(
+    gns_checkpoint: dict[str, Any], tmp_path: Path
+) -> None:
+    path = tmp_path / "saved.ckpt"
+    torch.save(gns_checkpoint, path)
+    assert gns_checkpoint["callbacks"][GNS_KEY]["batch_size_fn"] == "lightning_gns.batch_size.leading_dim_batch_size"
+    gns = GradientNoiseScale(beta=0.9, batch_size_fn=lambda batch: 10 * len(batch[0]))
+    with pytest.warns(
+        UserWarning,
+        match=r"counted by batch_size_fn=lightning_gns\.batch_size\.leading_dim_batch_size,"
+        r" this callback counts by .*<lambda>.* mix them",
+    ):
+        fit_gns(gns, ckpt_path=str(path), max_epochs=2)
 
 
 # ---------------------------------------------------------------- AdaptiveBatchSize

@@ -18,7 +18,7 @@ import torch
 # Optional keys are those the loaders have always defaulted (to none / empty), so that checkpoints of earlier
 # versions still load; lr_scaling is saved since the check of a changed rule.
 GNS_KEYS = frozenset({"metric", "beta"})
-GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "base_batch_size", "contributed"})
+GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "base_batch_size", "contributed", "batch_size_fn"})
 ADAPTIVE_KEYS = frozenset({"accumulation", "base_accumulation", "lr_factor"})
 # Keys saved under another name by earlier versions: old -> new.
 GNS_RENAMED_KEYS = {"reference_batch_size": "base_batch_size"}
@@ -141,6 +141,8 @@ def validate_gns_state(
         value = float(base)
         if not (math.isfinite(value) and value > 0):
             raise _fail(callback, "base_batch_size", f"is {value}, must be a positive finite batch size")
+    if not isinstance(state.get("batch_size_fn", ""), str):
+        raise _fail(callback, "batch_size_fn", f"must be the counting function's name, got {state['batch_size_fn']!r}")
     contributed = state.get("contributed")
     if contributed is not None and (
         not isinstance(contributed, list) or not all(isinstance(name, str) for name in contributed)

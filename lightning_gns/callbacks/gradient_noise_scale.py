@@ -154,7 +154,15 @@ class GradientNoiseScaleBase(LightningNamespace):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.requested_mode, beta=self.beta)  # type: ignore[attr-defined]
+        return self._generate_state_key(**self._keyed_settings())  # type: ignore[attr-defined]
+
+    def _keyed_settings(self) -> dict[str, Any]:
+        # The settings whose change makes other averages: Lightning loads a state only into the same ones. layers is
+        # keyed only where it is not the default, so that checkpoints of versions without it keep loading.
+        settings: dict[str, Any] = {"mode": self.requested_mode, "beta": self.beta}
+        if self.layers != "all":
+            settings["layers"] = self.layers
+        return settings
 
     @property
     def metric(self) -> GradientNoiseScaleMetric:
@@ -604,7 +612,7 @@ class GradientNoiseScaleBase(LightningNamespace):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {**self.tracker.state_dict(), "beta": self.beta}
+        return {**self.tracker.state_dict(), "beta": self.beta, "batch_size_fn": _function_name(self.batch_size_fn)}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning loads only the state saved under this callback's state_key, which holds mode and beta: a
@@ -615,7 +623,8 @@ class GradientNoiseScaleBase(LightningNamespace):
             settings = ", ".join(f"{name}={value!r}" for name, value in saved.items())
             self._lightning("utilities.rank_zero").rank_zero_warn(
                 f"The checkpoint holds {qualname} state saved with {settings}, but this {qualname} has"
-                f" mode={self.requested_mode!r}, beta={self.beta!r}: its averages (and the statistical-efficiency"
+                f" {', '.join(f'{k}={v!r}' for k, v in self._keyed_settings().items())}: its averages (and the"
+                " statistical-efficiency"
                 f" base batch) restart from zero instead of continuing. To continue them, resume with"
                 f" {qualname}({settings})."
             )
@@ -629,9 +638,24 @@ class GradientNoiseScaleBase(LightningNamespace):
         """
         state_dict = renamed_keys(state_dict, GNS_RENAMED_KEYS)
         validate_gns_state(state_dict, self.metric._defaults, self.beta)
+        saved_fn, own_fn = state_dict.get("batch_size_fn"), _function_name(self.batch_size_fn)
+        if saved_fn is not None and saved_fn != own_fn:
+            self._lightning("utilities.rank_zero").rank_zero_warn(
+                f"GradientNoiseScale: the checkpoint's averages were counted by batch_size_fn={saved_fn}, this"
+                f" callback counts by {own_fn}. If the two count other units (examples and tokens), the averages"
+                " now mix them and B_simple is in neither: resume with the same batch_size_fn, or start the averages"
+                " afresh by deleting this callback's entry of checkpoint['callbacks']."
+            )
+        state_dict = {k: v for k, v in state_dict.items() if k != "batch_size_fn"}
         if not self.per_layer and state_dict.get("layer_metrics"):
             state_dict = {**state_dict, "layer_metrics": {}}
         self.tracker.load_state_dict(state_dict)
+
+
+def _function_name(function: Any) -> str:
+    function = getattr(function, "func", function)  # functools.partial
+    name = getattr(function, "__qualname__", type(function).__qualname__)
+    return f"{getattr(function, '__module__', '?')}.{name}"
 
 
 def _leading_dim_or_none(batch: Any) -> int | None:
