@@ -289,10 +289,14 @@ def test_a_compiled_model_is_not_judged_by_its_graph() -> None:
     torch.manual_seed(0)
     model = TinyGPT()
     gns = GradientNoiseScale(mode="per_example")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         make_trainer([gns], max_steps=2).fit(torch.compile(model, backend="aot_eager"), TinyGPT.data(8))
     assert set(gns.left_out) == {"wpe.weight"} and gns.skipped_steps == 0
+    # ... and it says that the checks could not look inside (a probe centred h over the batch inside a compiled
+    # block: everything measured, nothing said).
+    said = [str(w.message) for w in caught if "torch.compile'd regions" in str(w.message)]
+    assert len(said) == 1 and "cannot see inside them" in said[0] and "mode='microbatch'" in said[0], said
 
 
 def test_a_graph_the_check_cannot_read_is_announced_and_training_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,6 +101,13 @@ UNJUDGED = (
     " other than the sequence length, run the model uncompiled, or accumulate gradients over 2 or more"
     " micro-batches (mode='microbatch')"
 )
+COMPILED_UNCHECKED = (
+    "GradientNoiseScale: the loss's autograd graph has torch.compile'd regions ({node}), and the per_example checks"
+    " for parameters used outside their layers and for operations that pair the examples (a statistic over the"
+    " batch, mixup, h - h.mean(0)) cannot see inside them. The layers are measured; if compiled code between"
+    " them does either, B_simple is wrong without a word. Run a few steps uncompiled once to have the checks read"
+    " the model, or accumulate gradients over 2 or more micro-batches (mode='microbatch', which needs no check)"
+)
 # The graph checks (parameters used outside their layers, losses that pair examples) run on every loss graph of a
 # structure not checked before, up to this many structures; a model whose graph keeps changing (layer drop,
 # experts picked per batch) is checked on every RECHECK_EVERY-th measured micro-batch after that.
@@ -525,6 +532,8 @@ class PerExampleSource(GradNormSource):
         if check is not None:
             for index, node in check.outside_uses(loss).items():
                 self.exclude(index, OUTSIDE_USE.format(node=node))
+            if check.compiled_region is not None:
+                self.notes.append(COMPILED_UNCHECKED.format(node=check.compiled_region))
             # After the positions are judged: an output left out for holding positions, or not judged, is not
             # taken to hold examples (its broadcast over the batch would look like a statistic of the batch).
             doubtful = {node for node, (module, _) in square.items() if module in unjudged}

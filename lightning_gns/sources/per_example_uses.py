@@ -81,6 +81,7 @@ class UseCheck:
         self._param_index = param_index
         self._examples = examples
         self._calls: list[_Call] = []
+        self.compiled_region: str | None = None  # the name of a compiled region outside_uses met: it saw no further
 
     def record_call(self, outputs: Any, inputs: Any, indices: list[int], reads_layout: bool = False) -> None:
         """A hooked layer call: its outputs, its inputs (args and kwargs), its watched parameters' indices, and
@@ -102,6 +103,7 @@ class UseCheck:
         outside: dict[int, str] = {}
         for node, index in self._param_edges([loss.grad_fn], set()):
             if "CompiledFunction" in node.name():
+                self.compiled_region = node.name()
                 return {}  # compiled regions call layers no hook sees: no judgement
             if index >= 0 and (node, index) not in allowed:
                 outside.setdefault(index, node.name())
