@@ -147,6 +147,26 @@ def test_batch_of_two_dataloaders_is_refused_once_naming_batch_size_fn() -> None
     assert not [w for w in caught if "GradientNoiseScale" in str(w.message)]  # the error is the one message
 
 
+def test_two_dataloaders_of_one_batch_size_are_said_to_be_counted_once() -> None:
+    """Batches of 8 from each of two loaders share their leading dimension: the default count takes 8 where the
+    loss averages 16 (a probe's B_simple read half the truth, silently). Said at the start; a batch_size_fn
+    silences it."""
+    xa, ya = PROBLEM.sample(64, seed=33)
+    xb, yb = PROBLEM.sample(64, seed=34)
+
+    def said(batch_size_fn: Any) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer([GradientNoiseScale(beta=0.9, batch_size_fn=batch_size_fn)], accumulate_grad_batches=2).fit(
+                ConcatenatedLoaders(PROBLEM), {"a": loader(xa, ya, 8), "b": loader(xb, yb, 8)}
+            )
+        return [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
+
+    default = [m for m in said(None) if "dataloaders at a time" in m]
+    assert len(default) == 1 and "each of 2 dataloaders" in default[0] and "pass batch_size_fn" in default[0]
+    assert not [m for m in said(total) if "dataloaders at a time" in m]
+
+
 @pytest.mark.parametrize(
     "batch_size_fn",
     [total, lambda batch: torch.ones(total(batch), dtype=torch.long)],

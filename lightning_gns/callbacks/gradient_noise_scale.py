@@ -472,6 +472,25 @@ class GradientNoiseScaleBase(LightningNamespace):
     def _optimized_params(trainer: Trainer) -> list[torch.nn.Parameter]:
         return [p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]]
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Several training loaders (a dict or list, combined by Lightning) give one batch from each. Batches of
+        # unequal sizes are refused when counted; equal ones share a leading dimension, counted once.
+        loaders = trainer.train_dataloader
+        if self.batch_size_fn is not leading_dim_batch_size or not isinstance(loaders, (dict, list, tuple)):
+            return
+        sizes = {
+            getattr(loader, "batch_size", None)
+            for loader in (loaders.values() if isinstance(loaders, dict) else loaders)
+        }
+        if len(loaders) > 1 and (len(sizes) == 1 or None in sizes):  # sizes known to differ: the count refuses them
+            self._lightning("utilities.rank_zero").rank_zero_warn(
+                f"GradientNoiseScale: training draws one batch from each of {len(loaders)} dataloaders at a time, and"
+                " the default count takes their shared leading dimension: one loader's batch. If the loss averages"
+                " over the examples of all of them, B_simple comes out in the wrong unit (half the truth for two):"
+                " pass batch_size_fn, e.g. lambda batch: sum(len(b[0]) for b in batch.values()) for a dict of"
+                " (x, y) batches."
+            )
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracker.check()  # say once if no step could be measured, or what was left out
         if self.kaplan_loss is not None and self._kaplan_loss_value is None and self._kaplan_misses < 2:
