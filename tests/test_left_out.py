@@ -429,3 +429,82 @@ def test_the_graph_signature_sees_a_new_use_of_a_parameter_and_ignores_the_batch
 
     assert signature(4) == signature(7)
     assert len({signature(4), signature(4, first), signature(4, second)}) == 3
+
+
+class CentredByADetachedMean(nn.Module):
+    """A user layer whose output for one example depends on the batch without a gradient."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(width, width) * 0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh((x - x.detach().mean(0)) @ self.w)
+
+
+class MaskedMixing(nn.Module):
+    """A user layer taking a (T, T) causal mask built by its parent."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(width, width) * 0.2)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        scores = (x @ self.w @ x.transpose(-1, -2)).masked_fill(mask, float("-inf"))
+        return scores.softmax(-1) @ x
+
+
+class UserLayerModel(LightningModule):
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 16)
+        self.layer = layer
+        self.user = CentredByADetachedMean(16) if layer == "centred" else MaskedMixing(16)
+        self.out = nn.Linear(16, 3)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        h = torch.tanh(self.inp(x))
+        if self.layer == "centred":
+            h = self.user(h)
+        else:
+            length = x.shape[1]
+            h = self.user(h, torch.ones(length, length, dtype=torch.bool).triu(1))
+        return F.cross_entropy(self.out(h.mean(1)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def user_layer_fit(layer: str, length: int) -> GradientNoiseScale:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(24, length, 8, generator=generator)
+    y = torch.randint(0, 3, (24,), generator=generator)
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=3).fit(UserLayerModel(layer), DataLoader(TensorDataset(x, y), batch_size=6))
+    return gns
+
+
+def test_a_layer_whose_replay_is_not_its_forward_is_left_out() -> None:
+    """x.detach().mean(0) inside a replayed layer: one example at a time it is another function (a probe measured
+    it with every step wrong and nothing said). The first replays are compared with the forward's outputs."""
+    gns = user_layer_fit("centred", 5)
+    assert list(gns.left_out) == ["user.w"] and "does not reproduce its forward" in gns.left_out["user.w"]
+    assert gns.skipped_steps == 0
+
+
+@pytest.mark.parametrize("length", [5, 6])
+def test_a_square_mask_beside_the_batch_is_ambiguous_where_the_sequence_is_as_long_as_the_batch(length: int) -> None:
+    """A (T, T) causal mask beside (B, T, d) at T == B could be one padding row per example: the layer is left out
+    (a probe's replay split the mask by rows, every step wrong, nothing said); at T != B it is measured."""
+    gns = user_layer_fit("mask", length)
+    if length == 6:
+        assert (
+            set(gns.left_out) == {"user.w"}
+            and "input of shape (6, 6) beside one of shape (6, 6, 16)" in (gns.left_out["user.w"])
+        )
+    else:
+        assert gns.left_out == {} and gns.covered_fraction == 1.0

@@ -112,6 +112,8 @@ COMPILED_UNCHECKED = (
 # structure not checked before, up to this many structures; a model whose graph keeps changing (layer drop,
 # experts picked per batch) is checked on every RECHECK_EVERY-th measured micro-batch after that.
 MAX_CHECKED_GRAPHS = 32
+# The first replays of each replayed layer are compared with its forward's outputs (one host sync each).
+REPLAY_CHECKS = 2
 RECHECK_EVERY = 50
 GRAPHS_KEEP_CHANGING = (
     "GradientNoiseScale: the autograd graph of the loss has taken {count} different structures (layer drop, experts"
@@ -440,6 +442,7 @@ class PerExampleSource(GradNormSource):
         # Calls counted per module before backward, and calls seen during backward: a non-reentrant activation
         # checkpoint replays a counted forward there, which must not count again.
         self._forward_calls: dict[int, int] = defaultdict(int)
+        self._replays_checked: dict[int, int] = defaultdict(int)  # module id -> replays compared with the forward
         self._outputs_used_inside: dict[tuple[int, int], list[int]] = {}  # (layer, outputs) -> aliased positions
         self._replayed_calls: dict[int, int] = defaultdict(int)
         # The checks for parameters used outside their layers and losses that pair examples (per_example_uses), run
@@ -751,6 +754,9 @@ class PerExampleSource(GradNormSource):
         if not self._new_use(module, params):
             return
         replay, outputs = captured
+        if self._replays_checked[id(module)] < REPLAY_CHECKS and not replays_rnn(module):
+            self._replays_checked[id(module)] += 1
+            replay.expected = [t.detach() for t in outputs]
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         # Which outputs the layer itself uses is its structure: walked on its first call, not on every step.
         key = (id(module), len(outputs))

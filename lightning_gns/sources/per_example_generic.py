@@ -126,6 +126,14 @@ class Replay:
     output_dims: list[int]
     output_like: list[tuple[torch.Size, torch.dtype, torch.device]]
     autocast: tuple[str, torch.dtype] | None
+    # The call's own outputs (detached), set on the calls whose replay is compared with them (per_example.py): a
+    # layer whose output for one example depends on the others without a gradient (``x.detach().mean(0)``) replays
+    # another function, which no graph check can see.
+    expected: list[Tensor] | None = None
+
+
+class ReplayMismatch(RuntimeError):
+    """The replay of a call, one example at a time, did not compute the call's outputs."""
 
 
 def capture(
@@ -269,18 +277,25 @@ def outputs_used_inside(outputs: list[Tensor], inputs: list[Tensor]) -> list[int
 
 
 def _broadcast_inputs(batched: list[tuple[int, int]], originals: dict[int, Tensor]) -> dict[int, int]:
-    """The inputs split along their first dimension that would broadcast, aligned from the right, over a wider input
-    split there too: ``(T, d)`` beside ``(B, T, d)`` at ``T == B``; each with the wider one's leaf index."""
+    """The inputs split along their first dimension that may be tables over positions instead of one row per example,
+    beside a wider input split there too: ``(T, d)`` or ``(T, T)`` beside ``(B, T, d)`` at ``T == B``; each with the
+    wider one's leaf index."""
     leading = [k for k, d in batched if d == 0]
     if len(leading) < 2:
         return {}
     widest = max(leading, key=lambda k: originals[k].dim())
     wide_shape = tuple(originals[widest].shape)
-    return {
-        k: widest
-        for k in leading
-        if originals[k].dim() < len(wide_shape) and tuple(originals[k].shape) == wide_shape[-originals[k].dim() :]
-    }
+
+    def ambiguous(shape: tuple[int, ...]) -> bool:
+        if len(shape) >= len(wide_shape):
+            return False
+        # (T, d) beside (B, T, d): a table aligned from the right; (T, T) beside (B, T, d) at T == B: a mask over
+        # positions (causal) or one row per example (padding), which the shapes cannot tell either.
+        return shape == wide_shape[-len(shape) :] or (
+            len(shape) >= 2 and len(wide_shape) >= 2 and shape[0] == shape[1] == wide_shape[1]
+        )
+
+    return {k: widest for k in leading if ambiguous(tuple(originals[k].shape))}
 
 
 def _with_initial_cell_state(
@@ -374,7 +389,7 @@ def per_example_grads(replay: Replay, grads: list[Tensor | None]) -> dict[str, T
     runner = _Runner(replay.module)
     fixed = {f"inner.{n}": t for n, t in replay.fixed.items()}
 
-    def one(example_inputs: list[Tensor], example_cotangents: list[Tensor]) -> dict[str, Tensor]:
+    def one(example_inputs: list[Tensor], example_cotangents: list[Tensor]) -> dict[str, Any]:
         leaves = list(replay.leaves)
         for (k, dim), value in zip(replay.batched, example_inputs, strict=True):
             leaves[k] = value.unsqueeze(dim)
@@ -385,9 +400,12 @@ def per_example_grads(replay: Replay, grads: list[Tensor | None]) -> dict[str, T
             out = tree_flatten(functional_call(runner, params, args, kwargs))[0]
             return tuple(out[i] for i in replay.outputs)
 
-        pull = vjp(outputs, replay.wanted)[1]
+        pulled = vjp(outputs, replay.wanted)
+        replayed, pull = pulled[0], pulled[1]
         unsqueezed = tuple(c.unsqueeze(d) for c, d in zip(example_cotangents, replay.output_dims, strict=True))
-        grads: dict[str, Tensor] = pull(unsqueezed)[0]
+        grads: dict[str, Any] = pull(unsqueezed)[0]
+        if replay.expected is not None:
+            grads = {**grads, _REPLAYED: [o.squeeze(d) for o, d in zip(replayed, replay.output_dims, strict=True)]}
         return grads
 
     inputs = [replay.leaves[k] for k, _ in replay.batched]
@@ -399,12 +417,38 @@ def per_example_grads(replay: Replay, grads: list[Tensor | None]) -> dict[str, T
     )
     with warnings.catch_warnings(), _replay_state(replay.module), autocast, torch.enable_grad():
         warnings.filterwarnings("ignore", message=_BATCHING_RULE_WARNING, category=UserWarning)
-        return vmap(one, in_dims=in_dims, randomness="error")(inputs, cotangents)
+        per_example: dict[str, Any] = vmap(one, in_dims=in_dims, randomness="error")(inputs, cotangents)
+    if replay.expected is not None:
+        _check_replayed(per_example.pop(_REPLAYED), replay)
+    return per_example
+
+
+_REPLAYED = "\0replayed outputs"  # no parameter's name
+
+
+def _check_replayed(replayed: list[Tensor], replay: Replay) -> None:
+    """Raise :class:`ReplayMismatch` where the replayed outputs (examples first) are not the call's (a host sync:
+    on a call's first replays only)."""
+    assert replay.expected is not None
+    for got, want, dim in zip(replayed, replay.expected, replay.output_dims, strict=True):
+        want = want.movedim(dim, 0).to(got.dtype)
+        # vmap's kernels differ from the batched ones by rounding; a batch statistic replayed per example by O(1).
+        tolerance = (1e-2 if got.dtype in (torch.float16, torch.bfloat16) or replay.autocast else 1e-4) * float(
+            want.abs().max().clamp_min(1e-12)
+        )
+        if got.shape != want.shape or not bool(((got - want).abs() <= tolerance).all()):
+            raise ReplayMismatch(
+                "its output for an example depends on the other examples of the batch through something without a"
+                " gradient (a statistic over the batch such as x.detach().mean(0), or state the call changed): the"
+                " per-example replay computes another function"
+            )
 
 
 def replay_failure(name: str, module: nn.Module, error: Exception) -> str:
     """The reason a failed replay leaves the module's parameters out."""
     kind = type(module).__name__
+    if isinstance(error, ReplayMismatch):
+        return f"the per-example replay of {name!r} ({kind}) does not reproduce its forward: {error}"
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "random" in text and "vmap" in text:
         return (
