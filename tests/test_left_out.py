@@ -508,3 +508,36 @@ def test_a_square_mask_beside_the_batch_is_ambiguous_where_the_sequence_is_as_lo
         )
     else:
         assert gns.left_out == {} and gns.covered_fraction == 1.0
+
+
+class AdversarialTraining(LightningModule):
+    """FGSM inside training_step: an input-gradient pass, then the loss on the perturbed input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        attacked = x.clone().requires_grad_(True)
+        (direction,) = torch.autograd.grad(F.cross_entropy(self.net(attacked), y), attacked)
+        return F.cross_entropy(self.net((x + 0.3 * direction.sign()).detach()), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_forward_after_an_input_gradient_pass_is_named_as_such() -> None:
+    """Adversarial training's second forward comes after a backward pass finished the parameters' gradients: left
+    out with that reason and the fix (the message used to blame a reentrant checkpoint the model does not have)."""
+    generator = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(24, 8, generator=generator), torch.randint(0, 3, (24,), generator=generator))
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=2).fit(AdversarialTraining(), DataLoader(data, batch_size=8))
+    assert len(gns.left_out) == 4
+    for reason in gns.left_out.values():
+        assert "after a backward pass of the same micro-batch" in reason and "FGSM" in reason
+        assert "reentrant" not in reason and "mode='microbatch'" in reason

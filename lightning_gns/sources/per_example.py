@@ -310,6 +310,14 @@ LATE_USE = (
     " cross terms between the segments cannot be formed; checkpoint with use_reentrant=False to measure it exactly"
 )
 
+# Why a parameter used in a forward after a backward pass of the same micro-batch completed its gradient.
+LATE_FORWARD = (
+    "used in a forward after a backward pass of the same micro-batch had completed its gradient (torch.autograd.grad"
+    " or backward inside training_step, as adversarial training such as FGSM or PGD does): the per-example norms"
+    " would mix the two passes. Accumulate gradients over 2 or more micro-batches (mode='microbatch' reads only the"
+    " gradients the optimizer steps on)"
+)
+
 
 def batch_coupled_layers(model: nn.Module) -> list[str]:
     """Names of the layers that couple the examples of a batch (BatchNorm and SyncBatchNorm in any form).
@@ -816,9 +824,10 @@ class PerExampleSource(GradNormSource):
             self._replayed_calls[key] += 1
             if self._replayed_calls[key] <= self._forward_calls[key]:
                 return False
+        late = LATE_USE if torch._C._current_graph_task_id() != -1 else LATE_FORWARD
         for _, i in params:
             if i in self._finished:
-                self.exclude(i, LATE_USE)
+                self.exclude(i, late)
             self._pending_uses[i] += 1
         return True
 
