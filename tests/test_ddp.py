@@ -157,11 +157,13 @@ def test_ddp_spawn_gives_the_same_numbers_as_ddp(tmp_path: Path) -> None:
 def test_main_process_reads_rank_zero_readouts_after_ddp_spawn(tmp_path: Path) -> None:
     """The main process of a ddp_spawn fit ran no hook: after fit it reads what rank 0 had at its end."""
     args = ["--examples", "203", "--lr", "0.3", "--beta", "0.9", "--mode", "per_example", "--per-layer"]
-    rank0 = run_ddp(tmp_path, *args, "--strategy", "ddp_spawn")[0]
+    rank0 = run_ddp(tmp_path, *args, "--strategy", "ddp_spawn", "--model", "raw-offset")[0]
     main = torch.load(tmp_path / "main.pt", weights_only=False)
     assert math.isfinite(rank0["b_simple"]) and rank0["layer_b_simple"] and rank0["skipped_steps"] == 0
+    assert list(rank0["left_out"]) == ["offset"] and rank0["covered_fraction"] < 1  # the main process read {}
     for key in ("mode", "source", "b_simple", "grad_sq_norm", "trace_cov", "layer_b_simple", "covered_fraction"):
         assert main[key] == rank0[key], key
+    assert main["left_out"] == rank0["left_out"]
     assert main["compute"] == rank0["compute"] and "gns/layer/linear/b_simple" in main["compute"]
     assert main["skipped_steps"] == 0
 

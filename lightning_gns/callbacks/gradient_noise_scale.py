@@ -240,6 +240,9 @@ class GradientNoiseScaleBase(LightningNamespace):
         Empty when everything is covered, and in the other modes. See
         :attr:`GradientNoiseScaleTracker.left_out <lightning_gns.GradientNoiseScaleTracker.left_out>`.
         """
+        self._take_spawned_result()
+        if self._spawned_readouts is not None:
+            return dict(self._spawned_readouts["left_out"])
         return self.tracker.left_out
 
     # ------------------------------------------------------------------ fits in spawned processes
@@ -261,6 +264,7 @@ class GradientNoiseScaleBase(LightningNamespace):
             "mode": self.mode,
             "source": self.tracker.source,
             "covered_fraction": self.tracker.covered_fraction,
+            "left_out": self.tracker.left_out,
         }
         if not self._spawned.write(payload):
             self._warn(

@@ -69,6 +69,18 @@ class UnusedBranches(LinearRegression):
         return 0.5 * (self(x, flag) - y).square().mean()
 
 
+class WithRawOffset(LinearRegression):
+    """The linear model plus a raw parameter added in the forward: per_example leaves it out, by name."""
+
+    def __init__(self, problem: LinearProblem, lr: float = 0.0) -> None:
+        super().__init__(problem, lr)
+        self.offset = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return 0.5 * (self.linear(x).squeeze(-1) + self.offset - y).square().mean()
+
+
 class ReplayedLayers(LinearRegression):
     """The linear model's input read as 3 steps of 2 features through a GRU, attention and a user-written norm.
 
@@ -127,6 +139,7 @@ def readouts(gns: GradientNoiseScale) -> dict[str, Any]:
         "trace_cov": gns.trace_cov,
         "layer_b_simple": gns.layer_b_simple,
         "covered_fraction": gns.covered_fraction,
+        "left_out": gns.left_out,
         "compute": gns.compute(),
         "skipped_steps": gns.skipped_steps,
     }
@@ -210,7 +223,9 @@ def main() -> None:
     parser.add_argument("--mode", default="auto")
     parser.add_argument("--strategy", choices=["ddp", "ddp_spawn", "fsdp2"], default="ddp")
     parser.add_argument(
-        "--model", choices=["linear", "mlp", "module-comm-hook", "unused-branches", "replayed"], default="linear"
+        "--model",
+        choices=["linear", "mlp", "module-comm-hook", "unused-branches", "replayed", "raw-offset"],
+        default="linear",
     )
     parser.add_argument("--per-layer", action="store_true")
     args = parser.parse_args()
@@ -228,6 +243,7 @@ def main() -> None:
         "module-comm-hook": ModuleCommHook,
         "unused-branches": UnusedBranches,
         "replayed": ReplayedLayers,
+        "raw-offset": WithRawOffset,
     }
     model_class = models[args.model]
     data: Any = loader(x, y, args.batch_size)
