@@ -231,3 +231,42 @@ def test_data_parallel_model_is_not_fused() -> None:
     source = PerExampleSource()
     source.attach(nn.DataParallel(model), model.parameters())
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+class InPlaceBlock(nn.Module):
+    """An MLP block on (B, T, d) that modifies the Linear outputs in place (or, for the control, out of place)."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.up, self.down, self.in_place = nn.Linear(16, 64), nn.Linear(64, 16), in_place
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_place:
+            h = torch.relu_(self.up(x))  # nn.ReLU(inplace=True)
+            out = self.down(h)
+            out += x  # a residual added in place
+            return out
+        return self.down(torch.relu(self.up(x))) + x
+
+
+def test_in_place_ops_on_fused_linear_outputs_train_and_measure_alike() -> None:
+    """A fused Linear's output was a view made inside a custom Function, and autograd refused in-place ops on it:
+    training crashed at the first batch (found by a helper). Now the in-place model measures exactly what the
+    out-of-place one does."""
+    x = torch.randn(8, 32, 16, generator=torch.Generator().manual_seed(5))
+    results = {}
+    for in_place in (False, True):
+        model = InPlaceBlock(in_place)
+        fused = fused_layer_names(model)
+        tracker = GradientNoiseScaleTracker(beta=0.5)
+        tracker.attach(model.parameters(), "per_example", model=model)
+        tracker.start_micro_batch(8, 1)
+        out = model(x)
+        tracker.before_backward(out.square().mean())
+        out.square().mean().backward()
+        tracker.end_micro_batch()
+        tracker.measure_step()
+        assert fused == {"up", "down"}
+        results[in_place] = (float(tracker.metric.grad_sq_norm), float(tracker.metric.trace_cov))
+    assert results[True] == pytest.approx(results[False], rel=1e-6)

@@ -310,6 +310,11 @@ LATE_USE = (
     " cross terms between the segments cannot be formed; checkpoint with use_reentrant=False to measure it exactly"
 )
 
+PRE_HOOK = (
+    "layer {name!r} ({kind}) has a forward pre-hook ({hook}: torch.nn.utils.prune or ModelPruning, a hook of yours)"
+    " that may change the weights or inputs it computes with, so its parameters' per-example gradients cannot be"
+    " formed from its inputs and output gradient"
+)
 # Why a parameter used in a forward after a backward pass of the same micro-batch completed its gradient.
 LATE_FORWARD = (
     "used in a forward after a backward pass of the same micro-batch had completed its gradient (torch.autograd.grad"
@@ -634,7 +639,8 @@ class PerExampleSource(GradNormSource):
 
     def _watch_dedicated(self, module: nn.Module, label: str, own: list[tuple[str, nn.Parameter]], fused: bool) -> None:
         indices = self._watch(module, label, own)
-        self._handles.append(module.register_forward_hook(self._on_forward, prepend=True))  # as for the generic path
+        # As for the generic path; with the keywords, for a call that passes the input as one (lin(input=x)).
+        self._handles.append(module.register_forward_hook(self._on_forward, prepend=True, with_kwargs=True))
         measures_weight = any(n == "weight" for n, _ in indices)
         if fused and can_fuse(module) and (measures_weight or isinstance(module, nn.LayerNorm)):
             module.forward = FusableForward(module, self)
@@ -655,7 +661,9 @@ class PerExampleSource(GradNormSource):
         """Leave a watched parameter out from now on (both batch sizes' norms), for ``reason``."""
         self.excluded.setdefault(index, reason)
 
-    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not args and len(kwargs) == 1:  # these layers take one input
+            args = tuple(kwargs.values())
         self._record_call(module, args, output)
         if self.recording:
             self._note_recomputed(module, output)
@@ -684,6 +692,14 @@ class PerExampleSource(GradNormSource):
         params = self._module_params.get(id(module), [])
         if not params or all(i in self.excluded for _, i in params):
             self._note_batch_first(module, output)  # left out, yet its output may anchor a flatten further on
+            return
+        hooks = generic.unknown_pre_hooks(module)
+        if hooks:  # the weights or inputs it computes with are not its parameters or its inputs (pruning's masks)
+            reason = PRE_HOOK.format(
+                name=self._module_names[id(module)], kind=type(module).__name__, hook=type(hooks[0]).__name__
+            )
+            for _, i in params:
+                self.exclude(i, reason)
             return
         problem = self._batch_dim_problem(module, inp, output)
         rows = None
@@ -839,7 +855,7 @@ class PerExampleSource(GradNormSource):
         :func:`fused_pays`; for a LayerNorm, autocast off (its casting rules differ by device). The decision
         depends on nothing a checkpoint's recomputation could see differently.
         """
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or generic.unknown_pre_hooks(module):
             return None
         if torch._C._functorch.peek_interpreter_stack() is not None:  # inside torch.func (vmap, grad): plain
             return None

@@ -23,7 +23,6 @@ import weakref
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_gns.sources.base import HALF_PRECISION
@@ -72,11 +71,19 @@ class LinearWithPerExampleGrads(torch.autograd.Function):
         ctx.call = call
         ctx.has_bias = bias is not None
         ctx.in_out = in_out
-        if in_out:  # HF Conv1D's own arithmetic (weight (in, out)), so outputs are bit-identical to its forward
-            flat = x.view(-1, x.shape[-1])
-            out = torch.addmm(bias, flat, weight) if bias is not None else flat.mm(weight)
-            return out.view(*x.shape[:-1], weight.shape[1])
-        return F.linear(x, weight, bias)
+        # The arithmetic of F.linear on a contiguous input (addmm on the flattened rows) and of HF Conv1D's forward
+        # (weight (in, out)), so outputs are bit-identical to theirs. Written into a tensor of the output's shape:
+        # returned as a reshaped view of the 2-D product it would be a view made inside a custom Function, which
+        # autograd forbids modifying in place (nn.ReLU(inplace=True) after the layer, h += x).
+        features = weight.shape[1] if in_out else weight.shape[0]
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_empty(*x.shape[:-1], features)
+        matrix = weight if in_out else weight.t()
+        if bias is not None:
+            torch.addmm(bias, flat, matrix, out=out.view(-1, features))
+        else:
+            torch.mm(flat, matrix, out=out.view(-1, features))
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
@@ -219,7 +226,10 @@ class FusableForward:
         self._owner = weakref.ref(owner)
         self._plain = functools.partial(type(module).forward, module)
 
-    def __call__(self, input: Tensor) -> Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        if len(args) + len(kwargs) != 1:
+            return self._plain(*args, **kwargs)  # not the one-input call these layers take: torch says what is wrong
+        input = args[0] if args else next(iter(kwargs.values()))  # lin(input=x), Conv1D's conv(x=h)
         module = self.module
         owner = self._owner()
         if owner is not None and owner.recording:

@@ -83,16 +83,30 @@ def _output_dims(module: nn.Module, count: int) -> list[int]:
     return [0] * count
 
 
+def unknown_pre_hooks(module: nn.Module) -> list[Any]:
+    """The forward pre-hooks of ``module`` that may change what its forward computes (torch.nn.utils.prune's masks,
+    a user's hook), less the weight and spectral norms the replay knows and hooks that only observe."""
+    if not module._forward_pre_hooks:
+        return []
+    return [
+        h
+        for h in module._forward_pre_hooks.values()
+        if not isinstance(h, _KNOWN_PRE_HOOKS) and not getattr(h, OBSERVES_ONLY, False) and not _gathers_shards(h)
+    ]
+
+
+def _gathers_shards(hook: Any) -> bool:
+    """FSDP2's pre-forward (``fully_shard``): it gathers the parameters' shards, the layer computes with them."""
+    owner = getattr(hook, "__self__", None) or getattr(getattr(hook, "func", None), "__self__", None)
+    return owner is not None and type(owner).__module__.startswith("torch.distributed.fsdp.")
+
+
 def forward_problem(module: nn.Module, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """Why this call of ``module`` cannot be replayed per example (before looking at shapes), or None."""
     kind = type(module).__name__
     if any(isinstance(v, PackedSequence) for v in (*args, *kwargs.values())):
         return f"layer {name!r} ({kind}) was called on a PackedSequence, which has no per-example batch dimension"
-    unknown = [
-        h
-        for h in module._forward_pre_hooks.values()
-        if not isinstance(h, _KNOWN_PRE_HOOKS) and not getattr(h, OBSERVES_ONLY, False)
-    ]
+    unknown = unknown_pre_hooks(module)
     if unknown:
         return (
             f"layer {name!r} ({kind}) has a forward pre-hook ({type(unknown[0]).__name__}) whose effect a per-example"
