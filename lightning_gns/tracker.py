@@ -86,6 +86,7 @@ class GradientNoiseScaleTracker:
         # among it (checked at attach, which a change of the optimized parameters repeats).
         self._ddp_averaged: DDPAveraged | None = None
         self._not_averaged: str | None = None
+        self._silent_layers: set[str] = set()  # per_layer: layers left out whole, whose metrics were restarted
         self._restored_contributed: list[str] | None = None  # from a checkpoint, until the next attach takes it
         self._param_names: dict[int, str] = {}  # parameter id -> its name in the model
         self._model: nn.Module | None = None
@@ -486,6 +487,11 @@ class GradientNoiseScaleTracker:
                 metric = self.layer_metric(name)
                 metric.restart(layer_shrank)
                 metric.fold(layer_counts, layer_big * big_factor)
+            source = self._sources.per_example
+            for name in set() if source is None else source.left_out_layers() - self._silent_layers:
+                self._silent_layers.add(name)
+                if name in self.layer_metrics:  # measured before, left out whole since: NaN, not its last value
+                    self.layer_metrics[name].restart()
         base = self.base_batch_size
         if base is None:
             self.base_batch_size = self.metric.last_b_big.clone()

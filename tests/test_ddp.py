@@ -168,6 +168,18 @@ def test_main_process_reads_rank_zero_readouts_after_ddp_spawn(tmp_path: Path) -
     assert main["skipped_steps"] == 0
 
 
+def test_a_second_ddp_spawn_fit_continues_the_first_without_a_read_in_between(tmp_path: Path) -> None:
+    """The main process takes rank 0's result when the callback is pickled into the next spawned fit: without a
+    readout read in between, the second fit started from before the first (a probe: 10 measured steps, not 20)."""
+    args = ["--examples", "203", "--lr", "0.3", "--beta", "0.9", "--strategy", "ddp_spawn"]
+    (tmp_path / "once").mkdir()
+    (tmp_path / "twice").mkdir()
+    once = run_ddp(tmp_path / "once", *args)[0]["measured_steps"]
+    twice = run_ddp(tmp_path / "twice", *args, "--fits", "2")[0]["measured_steps"]
+    main = torch.load(tmp_path / "twice" / "main.pt", weights_only=False)["measured_steps"]
+    assert once > 0 and twice == main == 2 * once
+
+
 def test_user_comm_hook_in_module_on_fit_start_falls_back_and_says_so(tmp_path: Path) -> None:
     """A comm hook the LightningModule registers in on_fit_start (after every callback's) keeps working."""
     results = run_ddp(tmp_path, "--model", "module-comm-hook", "--examples", "203", "--lr", "0.3", "--beta", "0.9")

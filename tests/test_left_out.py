@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -592,3 +592,141 @@ def test_a_pruned_layer_is_left_out_naming_its_pre_hook() -> None:
     assert set(gns.left_out) == {"up.bias", "up.weight_orig"}
     assert all("forward pre-hook (L1Unstructured" in reason for reason in gns.left_out.values())
     assert 0 < gns.covered_fraction < 1 and gns.skipped_steps == 0
+
+
+class MaskedRows(LightningModule):
+    """Regression whose first layer trains only its first rows, by a gradient hook registered at ``hook_from``."""
+
+    def __init__(self, hook_from: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.hook_from = hook_from
+        if hook_from == 0:
+            self.net[0].weight.register_hook(self.mask)
+
+    @staticmethod
+    def mask(grad: Tensor) -> Tensor:
+        return grad * (torch.arange(16) < 6).to(grad.dtype).unsqueeze(1)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.hook_from and batch_idx > 0:  # after the callback's own hooks
+            self.net[0].weight.register_hook(self.mask)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return F.mse_loss(self.net(batch[0]).squeeze(-1), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class StepEstimates(Callback):
+    """Each measured step's own |G|^2 estimate, recovered from the averages."""
+
+    def __init__(self, gns: GradientNoiseScale) -> None:
+        self.gns, self.previous, self.steps = gns, 0.0, []
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.steps.append(None)  # filled after the callback folded this step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.steps and self.steps[-1] is None:
+            beta, average = self.gns.beta, float(self.gns.metric.grad_sq_norm_ema)
+            self.steps[-1] = (average - beta * self.previous) / (1 - beta)
+            self.previous = average
+
+
+def test_a_gradient_hook_registered_after_the_callbacks_is_read_after_in_microbatch_mode() -> None:
+    """Tensor hooks run in registration order: the callback's hook read the gradient before a mask the user added
+    later, while .grad had it (a probe: B_simple 180.7 against 19.5). Now its hook moves behind: from the step the
+    mask arrives, every step equals that of a run masked from the start."""
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(1))
+    data = DataLoader(TensorDataset(x, x.sum(1)), batch_size=8)
+    runs = {}
+    for hook_from in (0, 4):
+        gns = GradientNoiseScale(beta=0.5, mode="microbatch")
+        estimates = StepEstimates(gns)
+        make_trainer([gns, estimates], accumulate_grad_batches=2, max_epochs=1).fit(MaskedRows(hook_from), data)
+        runs[hook_from] = estimates.steps
+    assert len(runs[0]) == 6
+    assert runs[4][2:] == pytest.approx(runs[0][2:], rel=1e-9)  # the mask arrives with micro-batch 4: step 2
+
+
+def test_a_gradient_hook_on_a_parameter_leaves_it_out_in_per_example_mode() -> None:
+    x = torch.randn(48, 8, generator=torch.Generator().manual_seed(1))
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=3).fit(MaskedRows(0), DataLoader(TensorDataset(x, x.sum(1)), batch_size=8))
+    assert list(gns.left_out) == ["net.0.weight"] and "a gradient hook on the parameter" in gns.left_out["net.0.weight"]
+
+
+class BatchAttentionPooling(LightningModule):
+    """Each example weighted by a softmax over the batch of a per-example score (multiple-instance attention), or
+    by a per-example sigmoid (the control: nothing pairs the examples)."""
+
+    def __init__(self, over_batch: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head, self.over_batch = nn.Linear(8, 16), nn.Linear(16, 1), over_batch
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        h = torch.tanh(self.lin(x))
+        scores = h.sum(1)  # (B,)
+        weights = torch.softmax(scores, 0) * len(x) if self.over_batch else torch.sigmoid(scores)
+        return F.mse_loss(self.head(h * weights[:, None]).squeeze(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("over_batch", [True, False])
+def test_a_softmax_over_the_batch_of_one_number_per_example_pairs_the_examples(over_batch: bool) -> None:
+    """softmax(scores, 0) of a (B,) tensor was not taken for a statistic of the batch (only 2-D ones were): every
+    layer below it measured, silently (found by a helper)."""
+    x = torch.randn(48, 8, generator=torch.Generator().manual_seed(1))
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=2).fit(
+            BatchAttentionPooling(over_batch), DataLoader(TensorDataset(x, x.sum(1)), batch_size=8)
+        )
+    if over_batch:
+        assert set(gns.left_out) == {"lin.weight", "lin.bias", "head.weight", "head.bias"}
+        assert all("pairs the examples" in reason for reason in gns.left_out.values())
+    else:
+        assert gns.left_out == {}
+
+
+class LayerOnPositionsLater(LightningModule):
+    """Layer ``extra`` runs on the examples in epoch 0 and on a broadcast (1, d) buffer from epoch 1 (left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.extra, self.head = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 1)
+        self.register_buffer("position", torch.randn(1, 16))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        h = torch.tanh(self.body(batch[0]))
+        extra = self.extra(h if self.current_epoch == 0 else self.position).mean(-1, keepdim=True)
+        return F.mse_loss((self.head(h) + extra).squeeze(-1), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_layer_left_out_mid_run_reads_nan_in_its_per_layer_scalar() -> None:
+    """Its per-layer average stopped where it was left out and kept being logged as if current (found by a
+    helper); it now reads NaN, the layers still measured go on."""
+    x = torch.randn(80, 8, generator=torch.Generator().manual_seed(1))
+    gns = GradientNoiseScale(beta=0.8, mode="per_example", per_layer=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_epochs=2).fit(
+            LayerOnPositionsLater(), DataLoader(TensorDataset(x, x.sum(1)), batch_size=8)
+        )
+    assert set(gns.left_out) == {"extra.weight", "extra.bias"}
+    layers = gns.layer_b_simple
+    assert np.isnan(layers["extra"]) and np.isfinite(layers["body"]) and np.isfinite(layers["head"])

@@ -274,6 +274,12 @@ class GradientNoiseScaleBase(LightningNamespace):
                 " gns/ scalars."
             )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into the processes of the next spawned fit: what the last one left must go along, or that fit
+        # would start from the averages before it (taken otherwise only when a readout is read in between).
+        self._take_spawned_result()
+        return self.__dict__.copy()
+
     def _take_spawned_result(self) -> None:
         """In the process that built the callback, after a spawned fit: take over what rank 0 had at its end."""
         if self._set_up_here or self._spawned.in_child:

@@ -36,6 +36,7 @@ class ParamHookSource(GradNormSource):
         super().__init__()
         self._seen: set[int] = set()
         self._names: list[str] = []
+        self._hooked: list[tuple[int, nn.Parameter]] = []
         self.failed: str | None = None
 
     def attach(self, params: Iterable[nn.Parameter], names: Mapping[int, str] | None = None) -> None:
@@ -43,7 +44,25 @@ class ParamHookSource(GradNormSource):
         params = list(params)
         names = names or {}
         self._names = [names.get(id(p), f"<parameter {i}, shape {tuple(p.shape)}>") for i, p in enumerate(params)]
-        self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(params) if p.requires_grad]
+        self._hooked = [(i, p) for i, p in enumerate(params) if p.requires_grad]
+        self._handles = [p.register_hook(partial(self._on_grad, i)) for i, p in self._hooked]
+
+    def begin_record(self) -> None:
+        self._hooks_last()
+
+    def before_backward(self, loss: Tensor) -> None:
+        self._hooks_last()  # a hook registered in training_step, or in a LightningModule hook after the callbacks'
+
+    def _hooks_last(self) -> None:
+        # Tensor hooks run in the order they were registered: a hook of the user's registered after ours (a gradient
+        # mask, a rescaling) would change the gradient after we read it, while .grad, the big batch, has the change.
+        # Ours is moved behind it (a dict lookup per parameter, on measured micro-batches).
+        for position, (i, p) in enumerate(self._hooked):
+            handle = self._handles[position]
+            hooks = p._backward_hooks
+            if hooks and next(reversed(hooks)) != handle.id:
+                handle.remove()
+                self._handles[position] = p.register_hook(partial(self._on_grad, i))
 
     def _on_grad(self, index: int, grad: Tensor) -> None:
         if not self.recording:
@@ -72,4 +91,5 @@ class ParamHookSource(GradNormSource):
     def detach(self) -> None:
         self._seen.clear()
         self.failed = None
+        self._hooked = []
         super().detach()

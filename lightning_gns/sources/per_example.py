@@ -310,6 +310,11 @@ LATE_USE = (
     " cross terms between the segments cannot be formed; checkpoint with use_reentrant=False to measure it exactly"
 )
 
+GRADIENT_HOOK = (
+    "a gradient hook on the parameter ({hook}, Tensor.register_hook) may change its gradient, and the per-example"
+    " gradients formed from its layer's inputs never pass through it while .grad, the big batch, does. Accumulate"
+    " gradients over 2 or more micro-batches (mode='microbatch' reads each micro-batch's gradient after the hooks)"
+)
 PRE_HOOK = (
     "layer {name!r} ({kind}) has a forward pre-hook ({hook}: torch.nn.utils.prune or ModelPruning, a hook of yours)"
     " that may change the weights or inputs it computes with, so its parameters' per-example gradients cannot be"
@@ -526,12 +531,20 @@ class PerExampleSource(GradNormSource):
         # checkpoint's recomputation decides as the forward did.
         self._excluded_at_start = frozenset(self.excluded)
         self._records += 1
+        self._exclude_hooked_params()
         # Every micro-batch records its layer calls (a few microseconds each) until the graphs' structures are
         # many; its loss, in before_backward, says whether its structure needs checking.
         if self._checks_uses and (len(self._checked_graphs) < MAX_CHECKED_GRAPHS or self._records % RECHECK_EVERY == 0):
             self._use_check = UseCheck(self._index, self.expected_examples)
 
+    def _exclude_hooked_params(self) -> None:
+        for i, p in enumerate(self.params):
+            if p._backward_hooks and i not in self.excluded:
+                hook = next(iter(p._backward_hooks.values()))
+                self.exclude(i, GRADIENT_HOOK.format(hook=getattr(hook, "__name__", type(hook).__name__)))
+
     def before_backward(self, loss: Tensor) -> None:
+        self._exclude_hooked_params()  # a hook registered in training_step
         square, self._square_outputs = self._square_outputs, {}
         unjudged: list[nn.Module] = []
         if square and loss.grad_fn is not None:

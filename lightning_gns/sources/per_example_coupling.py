@@ -373,7 +373,7 @@ def _reduces_over_examples(node: Node, carries: dict[Node, bool], examples: int)
         return False
     shape = operand_shape(edge)
     metadata = node._input_metadata
-    if shape is None or len(shape) < 2 or shape[0] != examples or not metadata or len(metadata[0].shape) == 0:
+    if shape is None or len(shape) < 1 or shape[0] != examples or not metadata or len(metadata[0].shape) == 0:
         return False
     dims = getattr(node, "_saved_dim", None)
     if dims is None:

@@ -142,6 +142,7 @@ def readouts(gns: GradientNoiseScale) -> dict[str, Any]:
         "left_out": gns.left_out,
         "compute": gns.compute(),
         "skipped_steps": gns.skipped_steps,
+        "measured_steps": int(gns.metric.measured_steps),
     }
 
 
@@ -228,6 +229,7 @@ def main() -> None:
         default="linear",
     )
     parser.add_argument("--per-layer", action="store_true")
+    parser.add_argument("--fits", type=int, default=1, help="ddp_spawn: fits in a row with the same callback")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -268,6 +270,14 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model_class(problem, lr=args.lr), data)
+        for _ in range(args.fits - 1):  # the same callback, nothing read in between
+            trainer = make_trainer(
+                [*callbacks, gns, recorder, SaveResults(args.out, gns, recorder, problem)],
+                devices=2,
+                strategy=strategy,
+                accumulate_grad_batches=args.accumulate,
+            )
+            trainer.fit(model_class(problem, lr=args.lr), data)
     if args.strategy == "ddp_spawn":  # the main process, which ran no hook: what it reads after fit
         torch.save(readouts(gns), args.out / "main.pt")
     if trainer.global_rank == 0 and args.strategy != "ddp_spawn":
