@@ -201,7 +201,7 @@ class GradientNoiseScaleTracker:
         before = sum(p.numel() for p in self._params)
         self.attach(current, self.mode, self._model, self._ddp_model, self._process_group)  # type: ignore[arg-type]
         after = sum(p.numel() for p in self._params)
-        self._announce.warn(
+        self._announce(  # once per change of set: a set toggled every step is said twice, not every step
             f"GradientNoiseScale: the optimized trainable parameters changed ({before:,} -> {after:,} elements);"
             " the gradient norms now cover the new set. The averages continue, so the noise scale moves to the new"
             f" parameters' value over about 1 / (1 - beta) = {1 / (1 - self.metric.beta):.0f} measured steps."
