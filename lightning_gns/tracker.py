@@ -169,6 +169,7 @@ class GradientNoiseScaleTracker:
         self._not_averaged = None if averaged is None else averaged.not_averaged(self._params, self._param_names)
         self._restore_contributed()
         self._restored_contributed = None
+        self._silent_layers = set()  # a new per-example source: its exclusions start again
         self._book.buffer(device)  # allocated at setup, not on the first measured step
 
     def watch_ddp(self, ddp_model: nn.parallel.DistributedDataParallel | None) -> None:
