@@ -95,10 +95,12 @@ def apply(name: str) -> None:
         on_forward = source._on_forward
         skip_all = name == "hooks"
 
-        def _on_forward(self: Any, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        def _on_forward(
+            self: Any, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
             if skip_all or isinstance(module, nn.Embedding):
                 return
-            on_forward(self, module, args, output)
+            on_forward(self, module, args, kwargs, output)
 
         source._on_forward = _on_forward  # type: ignore[method-assign]
     if name == "hooks":
