@@ -311,7 +311,8 @@ LATE_USE = (
 )
 
 GRADIENT_HOOK = (
-    "a gradient hook on the parameter ({hook}, Tensor.register_hook) may change its gradient, and the per-example"
+    "a gradient hook on the parameter ({hook}, Tensor.register_hook or register_post_accumulate_grad_hook) may"
+    " change its gradient, and the per-example"
     " gradients formed from its layer's inputs never pass through it while .grad, the big batch, does. Accumulate"
     " gradients over 2 or more micro-batches (mode='microbatch' reads each micro-batch's gradient after the hooks)"
 )
@@ -539,8 +540,9 @@ class PerExampleSource(GradNormSource):
 
     def _exclude_hooked_params(self) -> None:
         for i, p in enumerate(self.params):
-            if p._backward_hooks and i not in self.excluded:
-                hook = next(iter(p._backward_hooks.values()))
+            hooks = p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
+            if hooks and i not in self.excluded:
+                hook = next(iter(hooks.values()))
                 self.exclude(i, GRADIENT_HOOK.format(hook=getattr(hook, "__name__", type(hook).__name__)))
 
     def before_backward(self, loss: Tensor) -> None:
