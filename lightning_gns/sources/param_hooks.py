@@ -58,6 +58,13 @@ class ParamHookSource(GradNormSource):
         # mask, a rescaling) would change the gradient after we read it, while .grad, the big batch, has the change.
         # Ours is moved behind it (a dict lookup per parameter, on measured micro-batches).
         for position, (i, p) in enumerate(self._hooked):
+            if getattr(p, "_post_accumulate_grad_hooks", None) and self.failed is None:
+                self.failed = (
+                    f"parameter {self._names[i]!r} has a post-accumulate gradient hook"
+                    " (register_post_accumulate_grad_hook), which may edit .grad, the big batch, after the"
+                    " micro-batch gradients were read: the step is skipped. Move what the hook does to the gradient"
+                    " into a Tensor.register_hook hook (read after it), or remove the callback"
+                )
             handle = self._handles[position]
             hooks = p._backward_hooks
             if hooks and next(reversed(hooks)) != handle.id:
