@@ -36,6 +36,13 @@ def rnn_factors(module: nn.RNNBase, x: Tensor, hx: Any, grads: list[Tensor | Non
     directions = 2 if module.bidirectional else 1
     layout = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))
     h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
+    # Under autocast the input may come in half precision (another layer's output) beside float32 weights: the
+    # replay, outside autocast, runs in the weights' dtype.
+    first_weight = module.weight_ih_l0
+    assert isinstance(first_weight, Tensor)
+    dtype = first_weight.dtype
+    x, h0 = x.to(dtype), h0.to(dtype)
+    c0 = None if c0 is None else c0.to(dtype)
     probes: dict[str, Any] = {}  # name -> tensors whose gradients make the factors
     saved: dict[str, Any] = {}  # name -> the other side of each outer product
     finals_h, finals_c = [], []
