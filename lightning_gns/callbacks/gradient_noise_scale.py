@@ -20,6 +20,7 @@ from lightning_gns.callbacks._logging import log_scalars
 from lightning_gns.callbacks._namespace import LightningNamespace
 from lightning_gns.callbacks._spawn import SpawnedResult
 from lightning_gns.metric import GradientNoiseScaleMetric, validate_beta
+from lightning_gns.sources.left_out import callable_name
 from lightning_gns.sources.per_example import Layers, batch_coupled_layers
 from lightning_gns.tensorboard_layout import write_layout
 from lightning_gns.time_major import TimeMajorCheck
@@ -641,7 +642,7 @@ class GradientNoiseScaleBase(LightningNamespace):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {**self.tracker.state_dict(), "beta": self.beta, "batch_size_fn": _function_name(self.batch_size_fn)}
+        return {**self.tracker.state_dict(), "beta": self.beta, "batch_size_fn": callable_name(self.batch_size_fn)}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning loads only the state saved under this callback's state_key, which holds mode and beta: a
@@ -667,7 +668,7 @@ class GradientNoiseScaleBase(LightningNamespace):
         """
         state_dict = renamed_keys(state_dict, GNS_RENAMED_KEYS)
         validate_gns_state(state_dict, self.metric._defaults, self.beta)
-        saved_fn, own_fn = state_dict.get("batch_size_fn"), _function_name(self.batch_size_fn)
+        saved_fn, own_fn = state_dict.get("batch_size_fn"), callable_name(self.batch_size_fn)
         if saved_fn is not None and saved_fn != own_fn:
             self._lightning("utilities.rank_zero").rank_zero_warn(
                 f"GradientNoiseScale: the checkpoint's averages were counted by batch_size_fn={saved_fn}, this"
@@ -679,12 +680,6 @@ class GradientNoiseScaleBase(LightningNamespace):
         if not self.per_layer and state_dict.get("layer_metrics"):
             state_dict = {**state_dict, "layer_metrics": {}}
         self.tracker.load_state_dict(state_dict)
-
-
-def _function_name(function: Any) -> str:
-    function = getattr(function, "func", function)  # functools.partial
-    name = getattr(function, "__qualname__", type(function).__qualname__)
-    return f"{getattr(function, '__module__', '?')}.{name}"
 
 
 def _leading_dim_or_none(batch: Any) -> int | None:

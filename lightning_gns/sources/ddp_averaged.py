@@ -15,6 +15,13 @@ from dataclasses import dataclass
 from torch import nn
 
 
+def bucketed_params(ddp_model: nn.parallel.DistributedDataParallel) -> set[int]:
+    """Ids of the parameters ``ddp_model``'s gradient buckets would hold if it wrapped the model now: those that need
+    a gradient, less the ignored ones (``delay_all_reduce_named_params`` among them)."""
+    ignored = set(getattr(ddp_model, "parameters_to_ignore", ()))
+    return {id(p) for n, p in ddp_model.module.named_parameters() if p.requires_grad and n not in ignored}
+
+
 def _bytes(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
@@ -41,9 +48,8 @@ class DDPAveraged:
 
     @classmethod
     def of(cls, ddp_model: nn.parallel.DistributedDataParallel) -> DDPAveraged:
-        ignored = set(getattr(ddp_model, "parameters_to_ignore", ()))
         named = list(ddp_model.module.named_parameters())
-        bucketed = frozenset(id(p) for n, p in named if p.requires_grad and n not in ignored)
+        bucketed = frozenset(bucketed_params(ddp_model))
         delayed = frozenset(id(p) for p in getattr(ddp_model, "_delay_all_reduce_params", ()))
         reducer_bytes: int | None
         try:  # a private method, in torch since 1.9: confirmation only

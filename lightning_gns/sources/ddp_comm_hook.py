@@ -10,6 +10,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_gns.sources.base import GradNormSource, fp32_norm
+from lightning_gns.sources.left_out import callable_name
 
 
 class DDPCommHookSource(GradNormSource):
@@ -39,9 +40,8 @@ class DDPCommHookSource(GradNormSource):
 
 
 def _record_then_allreduce(source: "DDPCommHookSource", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    buffer = bucket.buffer()
     # The norm must be taken before allreduce_hook divides the buffer in place and sends it.
-    source.record(fp32_norm(buffer))
+    source.record(fp32_norm(bucket.buffer()))
     return allreduce_hook(source.process_group, bucket)  # type: ignore[arg-type]
 
 
@@ -50,12 +50,6 @@ def _record_then_allreduce(source: "DDPCommHookSource", bucket: dist.GradBucket)
 LOSSY_HOOK_MODULES = ("powerSGD_hook", "quantization_hooks", "post_localSGD_hook")
 # torch's hooks that all-reduce the gradients rounded to 16 bits: the mean to about 1e-3.
 ROUNDING_HOOKS = ("fp16_compress_hook", "bf16_compress_hook", "fp16_compress_wrapper", "bf16_compress_wrapper")
-
-
-def _hook_function(hook: object) -> object:
-    while hasattr(hook, "func"):  # functools.partial
-        hook = hook.func
-    return hook
 
 
 def register_comm_hook(
@@ -69,8 +63,7 @@ def register_comm_hook(
     """
     hooks = getattr(ddp_model, "_comm_hooks", None)
     if hooks:
-        functions = [_hook_function(hook) for hook, _ in hooks]
-        names = [f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}" for f in functions]
+        names = [callable_name(hook) for hook, _ in hooks]
         lossy = [n for n in names if any(f".{module}." in f".{n}" for module in LOSSY_HOOK_MODULES)]
         if lossy:
             raise ValueError(

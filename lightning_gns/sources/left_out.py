@@ -25,6 +25,13 @@ from lightning_gns.sources.per_example import (
 NOT_IN_MODEL = "not a parameter of the model (the optimizer steps a tensor no module of the model owns)"
 
 
+def callable_name(function: object) -> str:
+    """``module.qualname`` of a function as messages name it, through ``functools.partial`` wrappers."""
+    while hasattr(function, "func"):  # functools.partial
+        function = function.func
+    return f"{getattr(function, '__module__', '?')}.{getattr(function, '__qualname__', type(function).__qualname__)}"
+
+
 def parameter_names(model: nn.Module | None, params: Iterable[nn.Parameter]) -> dict[int, str]:
     """Parameter id -> its name in ``model.named_parameters()`` (the first name of a tied one).
 

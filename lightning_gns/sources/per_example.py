@@ -112,9 +112,9 @@ COMPILED_UNCHECKED = (
 # structure not checked before, up to this many structures; a model whose graph keeps changing (layer drop,
 # experts picked per batch) is checked on every RECHECK_EVERY-th measured micro-batch after that.
 MAX_CHECKED_GRAPHS = 32
+RECHECK_EVERY = 50
 # The first replays of each replayed layer are compared with its forward's outputs (one host sync each).
 REPLAY_CHECKS = 2
-RECHECK_EVERY = 50
 GRAPHS_KEEP_CHANGING = (
     "GradientNoiseScale: the autograd graph of the loss has taken {count} different structures (layer drop, experts"
     " picked per batch, a changing loss): the per_example checks for parameters used outside their layers and for"
@@ -312,9 +312,9 @@ LATE_USE = (
 
 GRADIENT_HOOK = (
     "a gradient hook on the parameter ({hook}, Tensor.register_hook or register_post_accumulate_grad_hook) may"
-    " change its gradient, and the per-example"
-    " gradients formed from its layer's inputs never pass through it while .grad, the big batch, does. Accumulate"
-    " gradients over 2 or more micro-batches (mode='microbatch' reads each micro-batch's gradient after the hooks)"
+    " change its gradient, and the per-example gradients formed from its layer's inputs never pass through it while"
+    " .grad, the big batch, does. Accumulate gradients over 2 or more micro-batches (mode='microbatch' reads each"
+    " micro-batch's gradient after Tensor.register_hook hooks)"
 )
 PRE_HOOK = (
     "layer {name!r} ({kind}) has a forward pre-hook ({hook}: torch.nn.utils.prune or ModelPruning, a hook of yours)"

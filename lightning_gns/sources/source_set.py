@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from torch import nn
 
 from lightning_gns.sources.base import GradNormSource
+from lightning_gns.sources.ddp_averaged import bucketed_params
 from lightning_gns.sources.ddp_comm_hook import DDPCommHookSource, register_comm_hook
 from lightning_gns.sources.param_hooks import ParamHookSource
 from lightning_gns.sources.per_example import PerExampleSource
@@ -38,9 +39,7 @@ class SourceSet:
         if self.comm_hook is not None:
             # Ignored parameters (delay_all_reduce_named_params among them) are all-reduced outside the buckets,
             # if at all: the hook would not see their per-rank gradients.
-            ignored = set(getattr(ddp_model, "parameters_to_ignore", ()))
-            ddp_params = {id(p) for n, p in ddp_model.module.named_parameters() if p.requires_grad and n not in ignored}
-            self.comm_hook.usable = ddp_params == {id(p) for p in params}
+            self.comm_hook.usable = bucketed_params(ddp_model) == {id(p) for p in params}
             if not self.comm_hook.usable:
                 self._announce(
                     "GradientNoiseScale: DDP's gradient buckets hold other parameters than the optimizer steps"
