@@ -34,7 +34,8 @@ class NoiseScaleStatistics:
         trace_cov: averaged ``tr(Sigma)`` estimate (per unit: per example or per token).
         effective_batch_size: units per optimizer step now (micro-batch x accumulation x ranks).
         accumulation: current ``accumulate_grad_batches``.
-        micro_batch_size: units in one micro-batch of one rank (the mean of the micro-batches read this epoch).
+        micro_batch_size: units in one micro-batch of one rank: the mean over the epoch's micro-batches so far
+            (a float: token counts vary, and an epoch's last micro-batch may be short).
         world_size: number of ranks.
         step: optimizer steps taken so far (``trainer.global_step``).
         calibration: the ``B_crit / B_simple`` ratio the callback was given (:attr:`b_crit` applies it).
@@ -51,7 +52,7 @@ class NoiseScaleStatistics:
     trace_cov: float
     effective_batch_size: float
     accumulation: int
-    micro_batch_size: int
+    micro_batch_size: float
     world_size: int
     step: int
     calibration: float = 1.0

@@ -142,8 +142,3 @@ def checked_batch_size(batch_size_fn: BatchSizeFn, batch: Any) -> int | Tensor:
             " An empty batch cannot be measured: filter empty batches out of the dataloader."
         )
     return size
-
-
-def units_as_int(units: int | Tensor) -> int:
-    """The micro-batch's total units as an int (reads a tensor: call it on steps that synchronise anyway)."""
-    return int(units.sum()) if isinstance(units, Tensor) else units

@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.batch_schedule import (
@@ -216,10 +217,10 @@ class BatchHalvedAfterTheFirstEpoch(RecordingRegression):
 
 @pytest.mark.parametrize("resume", [False, True], ids=["reloaded-loader", "resumed"])
 def test_the_micro_batch_follows_a_loader_that_batches_differently(tmp_path: Path, resume: bool) -> None:
-    """The schedule's micro-batch is the mean of the epoch's reads: after the loader halves its batch (reloaded
-    each epoch, or a resume with a smaller batch) every decision sees the new size (the largest size ever seen,
-    as before, kept the effective batch at twice the truth and the decisions on it)."""
-    seen: list[tuple[int, int]] = []
+    """The schedule's micro-batch is the mean of the epoch's micro-batches: after the loader halves its batch
+    (reloaded each epoch, or a resume with a smaller batch) every decision sees the new size (the largest size
+    ever seen, as before, kept the effective batch at twice the truth and the decisions on it)."""
+    seen: list[tuple[int, float]] = []
 
     def target(stats: NoiseScaleStatistics) -> float:
         seen.append((stats.step, stats.micro_batch_size))
@@ -237,10 +238,96 @@ def test_the_micro_batch_follows_a_loader_that_batches_differently(tmp_path: Pat
     else:
         make_trainer(callbacks(), max_epochs=2, reload_dataloaders_every_n_epochs=1).fit(model)
     epoch_steps = math.ceil(len(X) / 8)  # 13 steps of 8 (the last one of 4), then 25 of 4
-    # A decision reads global_step after its optimizer step: 1 to 13 in the first epoch.
-    assert {size for step, size in seen if step <= epoch_steps} == {8}
+    # A decision reads global_step after its optimizer step: 1 to 13 in the first epoch, the 13th after the short
+    # micro-batch, which makes the epoch's mean 100 / 13.
+    assert {size for step, size in seen if step < epoch_steps} == {8}
+    assert {size for step, size in seen if step == epoch_steps} == {len(X) / epoch_steps}
     assert {size for step, size in seen if step > epoch_steps} == {4}
     assert max(step for step, _ in seen) == epoch_steps + len(X) // 4
+
+
+class SeventyThreeExamples(RecordingRegression):
+    def train_dataloader(self) -> Any:
+        return loader(X[:73], Y[:73], 8)  # nine micro-batches of 8, then one of 1
+
+
+def test_the_micro_batch_is_the_mean_of_every_micro_batch_of_the_epoch() -> None:
+    """With 5 micro-batches per step, an epoch of 8 x 9 + 1 examples takes two steps: after the second the
+    mean micro-batch is 73 / 10. Read on the optimizer steps' micro-batches only, it was (8 + 1) / 2 = 4.5,
+    rounded to 4: an effective batch of 20 for windows of 40 and 33 examples, and decisions on it."""
+    seen: list[tuple[int, float]] = []
+
+    def target(stats: NoiseScaleStatistics) -> float:
+        seen.append((stats.step, stats.micro_batch_size))
+        return stats.effective_batch_size
+
+    logger = MemoryLogger()
+    callback = adaptive(target=target, warmup_steps=0, min_accumulation=5, max_accumulation=5)
+    trainer = make_trainer([GradientNoiseScale(beta=0.9), callback], max_epochs=2, logger=logger, log_every_n_steps=1)
+    trainer.fit(SeventyThreeExamples(DIM, LR, PROBLEM.w))
+    assert sorted(set(seen)) == [(1, 8.0), (2, 7.3), (3, 8.0), (4, 7.3)]
+    logged = {step: m["gns/effective_batch_size"] for step, m in logger.logged if "gns/effective_batch_size" in m}
+    assert logged == {0: 40.0, 1: 5 * 7.3, 2: 40.0, 3: 5 * 7.3}
+
+
+class TokenBatches:
+    """A resumable loader (Lightning saves and restores its position) of micro-batches of 4 examples with 1 to 8
+    tokens each: every micro-batch holds a different number of units."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(5)
+        self.tokens = torch.randint(1, 9, (MICRO_BATCHES_PER_EPOCH, MICRO), generator=generator)
+        self.position = self.start = 0
+
+    def __len__(self) -> int:
+        return MICRO_BATCHES_PER_EPOCH
+
+    def __iter__(self) -> Any:
+        self.position, self.start = self.start, 0
+        while self.position < len(self):
+            j = self.position
+            self.position += 1
+            yield (*micro_batch(j), self.tokens[j])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.start = state["position"]
+
+
+class TokenRegression(RecordingRegression):
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return super().training_step(batch[:2], batch_idx)
+
+
+MICRO_BATCHES_PER_EPOCH = 25
+
+
+def test_resume_mid_epoch_keeps_the_mean_micro_batch(tmp_path: Path) -> None:
+    """The micro-batches' units of the epoch so far are checkpointed: a run resumed in the middle of an epoch sees
+    the mean micro-batch, and so the effective batch and the decisions, of the uninterrupted run (it was the mean
+    of the reads after the resume only)."""
+
+    def run(ckpt_path: Path | None) -> list[tuple[int, float]]:
+        seen: list[tuple[int, float]] = []
+
+        def target(stats: NoiseScaleStatistics) -> float:
+            seen.append((stats.step, stats.micro_batch_size))
+            return scheduled_target({2: 3, 5: 2})(stats)
+
+        every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, save_last=False)
+        gns = GradientNoiseScale(beta=0.9, batch_size_fn=lambda batch: batch[2].sum())
+        callback = adaptive(target=target)
+        callbacks = [gns, callback] + ([every] if ckpt_path is None else [])
+        trainer = make_trainer(callbacks, max_epochs=2, enable_checkpointing=ckpt_path is None)
+        trainer.fit(TokenRegression(DIM, LR, PROBLEM.w), TokenBatches(), ckpt_path=ckpt_path)
+        return seen
+
+    full = run(None)
+    resumed = run(tmp_path / "epoch=0-step=4.ckpt")
+    assert resumed and resumed == [(step, size) for step, size in full if step > 4]
+    assert len({size for _, size in full}) > 4  # the units differ from micro-batch to micro-batch
 
 
 # ---------------------------------------------------------------- pure functions

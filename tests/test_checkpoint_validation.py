@@ -251,7 +251,11 @@ def test_resume_with_another_batch_size_fn_says_the_units_may_mix(
         (set_key("pending", (2, math.nan)), r"'pending\[1\]' is nan"),
         (set_key("pending", 3), r"'pending' is 3, must be None or \(accumulation, lr_factor\)"),
         (set_key("last_change_step", -1), r"'last_change_step' is -1, must be None or an optimizer step >= 0"),
-        (set_key("micro_batch_size", 0), r"'micro_batch_size' is 0, must be None or an int >= 1"),
+        (set_key("micro_batch_size", 0), r"'micro_batch_size' is 0, must be None or a finite number >= 1"),
+        (set_key("micro_batch_size", math.inf), r"'micro_batch_size' is inf, must be None or a finite number >= 1"),
+        (set_key("epoch_units", -3), r"'epoch_units' is -3, must be a finite number >= 0"),
+        (set_key("epoch_micro_batches", 2.5), r"'epoch_micro_batches' is 2\.5, must be an int >= 0"),
+        (set_key("units_epoch", -1), r"'units_epoch' is -1, must be an int >= 0"),
         (set_key("history", [{"step": 0}]), r"'history\[0\]' is \{'step': 0\}, must be a dict with step"),
         (set_key("lr_scaling", "cubic"), r"'lr_scaling' is 'cubic', not one of"),
         (lambda state: state.pop("lr_factor"), r"'lr_factor' is missing"),
@@ -358,7 +362,16 @@ def test_states_of_earlier_versions_without_optional_keys_load(adaptive_checkpoi
     checkpoint = torch.load(adaptive_checkpoint, weights_only=False)
 
     def strip_adaptive(state: dict[str, Any]) -> None:
-        for key in ("pending", "last_change_step", "micro_batch_size", "history", "lr_scaling"):
+        for key in (
+            "pending",
+            "last_change_step",
+            "micro_batch_size",
+            "history",
+            "lr_scaling",
+            "epoch_units",
+            "epoch_micro_batches",
+            "units_epoch",
+        ):
             state.pop(key)
         saved_before_the_rename(state["base_accumulation"])(state)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_gns import GradientNoiseScale
+from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from support.models import LinearProblem, LinearRegression, loader
 from support.syncs import SyncWatcher, record_package_syncs
 from support.trainers import make_trainer
@@ -32,6 +32,22 @@ def test_no_host_sync_on_steps_that_do_not_log(mode: str, accumulate: int, per_l
     )
     assert watcher.context is not None
     assert int(gns.metric.measured_steps) == 12
+    assert dict(watcher.calls) == {}
+
+
+def test_adaptive_batch_size_reads_no_count_on_steps_that_neither_log_nor_decide() -> None:
+    """AdaptiveBatchSize adds every micro-batch's units (here a tensor, as attention_mask.sum() gives) on the device;
+    it reads their mean on logging and deciding steps only (none here: no logger, no decision in the run)."""
+    problem = LinearProblem(dim=4, seed=62)
+    x, y = problem.sample(8 * 2 * 12, seed=63)
+    gns = GradientNoiseScale(beta=0.9, batch_size_fn=lambda batch: torch.ones(len(batch[0]), dtype=torch.long))
+    adaptive = AdaptiveBatchSize(warmup_steps=1000)
+    watcher = SyncWatcher()
+    make_trainer([watcher, gns, adaptive], accumulate_grad_batches=2).fit(
+        LinearRegression(problem, lr=0.1), loader(x, y, 8)
+    )
+    assert watcher.context is not None
+    assert int(gns.metric.measured_steps) == 12 and adaptive.micro_batch_size == 8.0
     assert dict(watcher.calls) == {}
 
 

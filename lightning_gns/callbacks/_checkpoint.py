@@ -28,6 +28,9 @@ ADAPTIVE_OPTIONAL_KEYS = frozenset(
         "pending",
         "last_change_step",
         "micro_batch_size",
+        "epoch_units",
+        "epoch_micro_batches",
+        "units_epoch",
         "history",
         "lr_scaling",
         "decisions",
@@ -204,8 +207,15 @@ def validate_adaptive_state(state: Any, lr_scalings: Iterable[str], callback: st
     if last is not None and (not _is_int(last) or last < 0):
         raise _fail(callback, "last_change_step", f"is {last!r}, must be None or an optimizer step >= 0")
     micro = state.get("micro_batch_size")
-    if micro is not None and (not _is_int(micro) or micro < 1):
-        raise _fail(callback, "micro_batch_size", f"is {micro!r}, must be None or an int >= 1")
+    if micro is not None and not (_is_number(micro) and math.isfinite(micro) and micro >= 1):
+        raise _fail(callback, "micro_batch_size", f"is {micro!r}, must be None or a finite number >= 1")
+    units = state.get("epoch_units", 0)
+    if not (_is_number(units) and math.isfinite(units) and units >= 0):
+        raise _fail(callback, "epoch_units", f"is {units!r}, must be a finite number >= 0")
+    for key in ("epoch_micro_batches", "units_epoch"):
+        value = state.get(key)
+        if value is not None and (not _is_int(value) or value < 0):
+            raise _fail(callback, key, f"is {value!r}, must be an int >= 0")
     history = state.get("history", [])
     if not isinstance(history, list):
         raise _fail(callback, "history", f"must be a list of changes, got {type(history).__name__}")

@@ -7,11 +7,11 @@ The hooks live in :class:`AdaptiveBatchSizeBase`, which imports no Lightning nam
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
@@ -29,7 +29,7 @@ from lightning_gns.batch_schedule import (
     lr_factor,
     sqrt_schedule,
 )
-from lightning_gns.batch_size import checked_batch_size, units_as_int
+from lightning_gns.batch_size import checked_batch_size
 from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._checkpoint import ADAPTIVE_RENAMED_KEYS, renamed_keys, validate_adaptive_state
 from lightning_gns.callbacks._logging import log_scalars
@@ -38,9 +38,6 @@ from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleBase
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
-
-# Micro-batch sizes read (on logging and deciding steps) whose mean is the micro-batch the schedule works with.
-RECENT_READS = 16
 
 
 def _same_number(a: Any, b: Any) -> bool:
@@ -171,16 +168,21 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self.lr_factor = 1.0
         self.pending: tuple[int, float] | None = None
         self.last_change_step: int | None = None
-        self.micro_batch_size: int | None = None  # the mean of the recent reads below, rounded
         self.history: list[dict[str, Any]] = []
         self.decisions: list[dict[str, Any]] = []
         self.pending_record: dict[str, Any] | None = None
 
         self._restored = False
-        # Units of the micro-batches read on logging and deciding steps since the epoch started: their mean follows
-        # token counts that vary from batch to batch, and a loader whose batch changes (reload_dataloaders_every_n_
-        # epochs, a resume) from its first step (the largest ever seen, as before, inflated both).
-        self._recent_units: deque[int] = deque(maxlen=RECENT_READS)
+        # Units of every micro-batch of the epoch so far, and how many: their mean is the schedule's micro-batch. It
+        # follows token counts that vary from batch to batch and a loader whose batch changes (reload_dataloaders_
+        # every_n_epochs, a resume). Read on every micro-batch, not only on the optimizer steps': those would weigh
+        # the epoch's short last micro-batch as one of len/k reads instead of one of len. A count that is a tensor
+        # is added on its device, and read on logging and deciding steps only.
+        self._epoch_units: int | Tensor = 0
+        self._epoch_micro_batches = 0
+        self._units_epoch: int | None = None  # the epoch the sums above belong to (checkpointed with them)
+        # The sums of the epoch before (or the checkpoint's mean), for readouts before this epoch's first micro-batch.
+        self._earlier_units: tuple[int | float | Tensor, int] | None = None
         # What load_state_dict needs beyond the callback's own state, gathered by on_load_checkpoint.
         self._resume_context: dict[str, Any] = {}
         self._gns: GradientNoiseScaleBase | None = None
@@ -203,11 +205,26 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             raise RuntimeError("AdaptiveBatchSize finds its GradientNoiseScale callback in Trainer.fit(); none yet.")
         return self._gns
 
+    @property
+    def micro_batch_size(self) -> float | None:
+        """The mean micro-batch of the epoch so far, in the noise scale's units (None before the first one).
+
+        Reads a count the ``batch_size_fn`` may keep on the device: the callback reads it on logging and
+        deciding steps only.
+        """
+        units, count = (
+            (self._epoch_units, self._epoch_micro_batches)
+            if self._epoch_micro_batches
+            else (self._earlier_units or (0, 0))
+        )
+        return max(1.0, float(units) / count) if count else None
+
     def effective_batch_size(self, world_size: int = 1) -> float:
-        """Micro-batch x accumulation x ``world_size`` in the noise scale's units (NaN before the first step)."""
-        if self.micro_batch_size is None or self.accumulation is None:
+        """Mean micro-batch x accumulation x ``world_size`` in the noise scale's units (NaN before the first step)."""
+        micro = self.micro_batch_size
+        if micro is None or self.accumulation is None:
             return math.nan
-        return float(self.micro_batch_size * self.accumulation * world_size)
+        return float(micro * self.accumulation * world_size)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -348,11 +365,19 @@ class AdaptiveBatchSizeBase(LightningNamespace):
 
     # ------------------------------------------------------------------ per step
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._recent_units.clear()  # a reloaded loader may batch differently: its first step reads anew
+        # A new epoch's loader may batch differently; an epoch resumed in its middle goes on with the saved sums.
+        if trainer.current_epoch != self._units_epoch:
+            if self._epoch_micro_batches:
+                self._earlier_units = (self._epoch_units, self._epoch_micro_batches)
+            self._epoch_units, self._epoch_micro_batches = 0, 0
+            self._units_epoch = trainer.current_epoch
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        units = checked_batch_size(self.gns.batch_size_fn, batch)
+        self._epoch_units = self._epoch_units + (units.sum() if isinstance(units, Tensor) else units)
+        self._epoch_micro_batches += 1
         fit_loop = trainer.fit_loop
         if fit_loop._should_accumulate():
             return  # no optimizer step on this micro-batch: nothing to log, decide or switch
@@ -365,9 +390,6 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             and (self.last_change_step is None or step - self.last_change_step >= self.min_steps_between_changes)
             and step % self.check_every_n_steps == 0
         )
-        if logging or deciding or not self._recent_units:
-            self._recent_units.append(units_as_int(checked_batch_size(self.gns.batch_size_fn, batch)))
-            self.micro_batch_size = max(1, round(sum(self._recent_units) / len(self._recent_units)))
         if logging:
             self._log(pl_module, trainer.world_size)
         if deciding:
@@ -402,10 +424,11 @@ class AdaptiveBatchSizeBase(LightningNamespace):
 
     def _decision(self, trainer: Trainer, step: int) -> tuple[int | None, float, dict[str, Any]]:
         assert self.accumulation is not None and self.base_accumulation is not None
-        assert self.micro_batch_size is not None
+        micro = self.micro_batch_size
+        assert micro is not None
         metric = self.gns.metric
         world_size = trainer.world_size
-        units_per_accumulation = float(self.micro_batch_size * world_size)
+        units_per_accumulation = float(micro * world_size)
         low, high = metric.confidence_interval(self.z)
         spread = metric.spread()
         # One read to the host for everything the decision needs.
@@ -418,7 +441,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             trace_cov=trace_cov,
             effective_batch_size=self.accumulation * units_per_accumulation,
             accumulation=self.accumulation,
-            micro_batch_size=self.micro_batch_size,
+            micro_batch_size=micro,
             world_size=world_size,
             step=step,
             calibration=self.calibration,
@@ -514,6 +537,9 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             "pending": self.pending,
             "last_change_step": self.last_change_step,
             "micro_batch_size": self.micro_batch_size,
+            "epoch_units": float(self._epoch_units),
+            "epoch_micro_batches": self._epoch_micro_batches,
+            "units_epoch": self._units_epoch,
             "history": [dict(entry) for entry in self.history],
             "lr_scaling": self.lr_scaling,
             "decisions": [dict(entry) for entry in self.decisions],
@@ -564,8 +590,12 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         last = state_dict.get("last_change_step")
         self.last_change_step = None if last is None else int(last)
         micro = state_dict.get("micro_batch_size")
-        self.micro_batch_size = None if micro is None else int(micro)
-        self._recent_units = deque(maxlen=RECENT_READS)  # the saved size holds until the first step reads one
+        self._earlier_units = None if micro is None else (float(micro), 1)
+        # Saved before the sums were (a run resumed from such a checkpoint averages the reads after the resume).
+        self._epoch_units = round(float(state_dict.get("epoch_units", 0)))  # counts of whole units
+        self._epoch_micro_batches = int(state_dict.get("epoch_micro_batches", 0))
+        units_epoch = state_dict.get("units_epoch")
+        self._units_epoch = None if units_epoch is None else int(units_epoch)
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
         self.decisions = [dict(entry) for entry in state_dict.get("decisions", [])]
         record = state_dict.get("pending_record")
