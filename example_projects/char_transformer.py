@@ -249,9 +249,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--adaptive-accumulation",
         action="store_true",
-        help="let lightning_gns.AdaptiveBatchSize grow the accumulation (target 0.5 x B_simple, at most doubling per"
-        " change; AdamW learning rate x sqrt(batch ratio): the setting of benchmarks/adaptive_lm.py); logs"
-        " gns/effective_batch_size, gns/accumulation, gns/lr_factor",
+        help="let lightning_gns.AdaptiveBatchSize grow the accumulation with its defaults (target 0.25 x B_simple at"
+        " the estimate's lower confidence bound, at most doubling per change; AdamW learning rate x sqrt(batch"
+        " ratio): the defaults chosen with benchmarks/adaptive_lm.py); logs gns/effective_batch_size,"
+        " gns/accumulation, gns/lr_factor",
     )
     parser.add_argument("--max-accumulation", type=int, default=16, help="upper bound for --adaptive-accumulation")
     parser.add_argument("--logdir", default="lightning_logs", help="TensorBoard log directory")

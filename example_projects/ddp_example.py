@@ -34,7 +34,8 @@ EXAMPLES = ("digits", "char")
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description="Run example_projects/digits_classifier.py or char_transformer.py on several CPU processes"
-        " with DDP; unrecognised options are passed to that script (e.g. --max-steps, --logdir, --accumulate).",
+        " with DDP; unrecognised options are passed to that script (e.g. --logdir, --accumulate, and --max-epochs"
+        " for digits or --max-steps for char).",
         epilog="The other options: python example_projects/digits_classifier.py --help, or"
         " python example_projects/char_transformer.py --help.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -139,7 +139,8 @@ def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> 
     """
 
     def field(point: Any, name: str) -> Any:
-        return point[name] if isinstance(point, Mapping) else getattr(point, name)
+        value = point[name] if isinstance(point, Mapping) else getattr(point, name)
+        return math.nan if value is None else value  # branch.json writes a non-finite number as null
 
     ratios = [
         calibration_from_branch(float(field(p, "local_critical_batch")), float(field(p, "b_simple")))

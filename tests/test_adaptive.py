@@ -177,10 +177,13 @@ def test_sqrt_target_with_r() -> None:
     assert callback.effective_batch_size() == 4 * callback.accumulation
 
 
-def test_start_is_clamped_into_the_bounds() -> None:
+@pytest.mark.parametrize(("start", "settled"), [(1, 3), (8, 4)])
+def test_start_is_clamped_into_the_bounds_and_said(start: int, settled: int) -> None:
     callback = AdaptiveBatchSize(min_accumulation=3, max_accumulation=4, warmup_steps=1000)
-    trainer, _ = fit(callback, LinearRegression(PROBLEM), max_epochs=1)
-    assert trainer.accumulate_grad_batches == 3 and callback.base_accumulation == 3
+    message = rf"accumulate_grad_batches={start}\) lies outside \[min_accumulation=3, max_accumulation=4\]"
+    with pytest.warns(UserWarning, match=message + rf": training starts at {settled} micro-batches per step"):
+        trainer, _ = fit(callback, LinearRegression(PROBLEM), max_epochs=1, accumulate_grad_batches=start)
+    assert trainer.accumulate_grad_batches == settled and callback.base_accumulation == settled
 
 
 def test_monotonic_ignores_a_smaller_target() -> None:

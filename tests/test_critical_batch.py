@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lightning_gns.batch_schedule import calibration_from_branch_points
 from lightning_gns.tools.critical_batch import (
     CriticalBatchError,
     bootstrap_fit,
@@ -220,10 +221,18 @@ def test_tiny_branch_on_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     argv += ["--lr", "0.05", "--at-steps", "4", "--branch-examples", "128", "--multipliers", "1", "2"]
     argv += ["--seeds", "0", "--accelerator", "cpu", "-o", str(out)]
     assert main(argv) == 0
-    (point,) = json.loads((out / "branch.json").read_text())
+    text = (out / "branch.json").read_text()
+    (point,) = json.loads(text, parse_constant=lambda name: pytest.fail(f"branch.json holds {name}: not strict JSON"))
     assert point["step"] == 4 and point["examples"] == 64
+    assert point["loss_stds"] == [None, None]  # one seed: no spread, written as null (NaN is not JSON)
     assert point["local_critical_batch"] in (16, 32)
-    assert all(math.isfinite(x) for x in point["losses"]) and point["b_simple"] > 0
+    assert all(math.isfinite(x) for x in point["losses"])
+    # Four steps in, |G|^2 is still within its noise: B_simple is inf, written as null, and read back as NaN.
+    if point["b_simple"] is None:
+        with pytest.raises(ValueError, match="b_simple must be a positive finite batch size, got nan"):
+            calibration_from_branch_points([point])
+    else:
+        assert point["b_simple"] > 0 and calibration_from_branch_points([point]) > 0
     # The base run, the validation at the branch point, and per multiplier one branch and its validation.
     assert len(built) == 2 + 2 * 2
     assert [kwargs.get("accelerator") for kwargs in built] == ["cpu"] * len(built)

@@ -300,6 +300,14 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         if not self._restored or self.accumulation is None:
             start = trainer.accumulate_grad_batches
             self.accumulation = min(max(start, self.min_accumulation), self.max_accumulation)
+            if self.accumulation != start:
+                # The batch the learning rate was tuned for changes: say so rather than train another run quietly.
+                self._lightning("utilities.rank_zero").rank_zero_warn(
+                    f"AdaptiveBatchSize: Trainer(accumulate_grad_batches={start}) lies outside [min_accumulation="
+                    f"{self.min_accumulation}, max_accumulation={self.max_accumulation}]: training starts at"
+                    f" {self.accumulation} micro-batches per step, and lr_scaling takes the learning rate to be tuned"
+                    f" for that. Set accumulate_grad_batches within the bounds, or widen them, to start where meant."
+                )
             self.base_accumulation = self.accumulation
             self.lr_factor = 1.0
             self.pending = None

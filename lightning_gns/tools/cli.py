@@ -14,10 +14,11 @@ import argparse
 import csv
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning_gns.batch_schedule import FIXED_LR_SCALINGS
 from lightning_gns.tools import report
@@ -109,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
 
+def _json_text(value: Any) -> str:
+    """Strict JSON (what parsers other than Python's read): a non-finite number (an undefined spread, a B_simple
+    while |G|^2 is not positive) is written as null."""
+
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        return item
+
+    return json.dumps(finite(value), indent=2, allow_nan=False) + "\n"
+
+
 def _quiet_lightning() -> None:
     """Silence Lightning's per-fit info lines for the many fits of a sweep (``main`` puts the levels back)."""
     for name in _LIGHTNING_LOGGERS:
@@ -175,7 +192,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             rel_rms=fit.rel_rms,
         )
     summary["b_simple_median"] = result.b_simple_median()
-    (out / "fit.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "fit.json").write_text(_json_text(summary))
     written = [out / "sweep.md", out / "runs.csv", out / "fit.json"]
     # Log axes need at least one run that reached the target.
     if any(r.reached for r in result.runs):
@@ -211,7 +228,7 @@ def run_branch_command(args: argparse.Namespace) -> int:
     table = format_branch_table(points, args.batch_size)
     print(table)
     (out / "branch.md").write_text(table + "\n")
-    (out / "branch.json").write_text(json.dumps([asdict(p) for p in points], indent=2) + "\n")
+    (out / "branch.json").write_text(_json_text([asdict(p) for p in points]))
     print(f"\nwrote {out / 'branch.md'}, {out / 'branch.json'}")
     return 0
 
