@@ -23,7 +23,7 @@ from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, m
 from lightning_gns.sources.base import BackwardNorms, GradNormSource
 from lightning_gns.sources.ddp_averaged import DDPAveraged
 from lightning_gns.sources.left_out import parameter_names
-from lightning_gns.sources.per_example import Layers
+from lightning_gns.sources.per_example import REORDERED_COUNTS, Layers, PerExampleSource
 from lightning_gns.sources.per_example_bookkeeping import PerExampleBookkeeping, attach_per_example
 from lightning_gns.sources.sharded import is_dtensor
 from lightning_gns.sources.source_set import SourceSet
@@ -415,6 +415,10 @@ class GradientNoiseScaleTracker:
             if source.nothing_recorded is None:
                 return
             backward = BackwardNorms(torch.zeros(0), (), failed=source.nothing_recorded)
+        units = self._micro_batch_units
+        reordered = source.examples_reordered if isinstance(source, PerExampleSource) else None
+        if reordered is not None and backward.by_example and isinstance(units, Tensor) and units.dim() == 1:
+            backward = BackwardNorms(torch.zeros(0), (), failed=REORDERED_COUNTS.format(node=reordered))
         if backward.failed is not None:
             self._sums.add_failed_backward(backward.failed)
         else:

@@ -63,6 +63,19 @@ MOVED = (
     " is no per-example split. Use a batch size other than the sequence length, or accumulate gradients over 2 or"
     " more micro-batches (mode='microbatch' norms whole gradients)"
 )
+REORDERED_TIED = (
+    "used by more than one layer call in a model that puts the examples of the batch in another order ({node}, e.g."
+    " h[order] of a sort by length): the calls may hold the examples in different orders, and the cross terms"
+    " between them would pair different examples. Keep the examples in their order through the model, or"
+    " accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
+)
+REORDERED_COUNTS = (
+    "the model puts the examples of the batch in another order ({node}, e.g. h[order] of a sort by length), and"
+    " batch_size_fn gives one count per example: the layers before and after it hold the examples in different"
+    " orders, so their per-example norms cannot be matched to the counts, and every measured step is skipped. Keep"
+    " the examples in their order through the model, have batch_size_fn return the micro-batch's total (each"
+    " example then weighs alike), or accumulate gradients over 2 or more micro-batches (mode='microbatch')"
+)
 POSITIONS = (
     "layer {name!r} ({kind}) gave an output of shape {shape}, which looks like a batch of {examples} examples, but"
     " the model broadcasts it over the batch ({node}): its first dimension holds positions shared by all"
@@ -430,6 +443,9 @@ class PerExampleSource(GradNormSource):
         # name: a layer fed by one (through elementwise ops) has no examples in its rows either.
         self._rowless_outputs: dict[Any, str] = {}
         self._sequence_first_layer: str | None = None  # a layer with batch_first=False, if the model has one
+        # An operation found to put the examples in another order (the graph checks): per-example counts cannot be
+        # matched to the norms then (the tracker skips such steps).
+        self.examples_reordered: str | None = None
         # Layers judged for inputs that hold no examples (per_example_tables), and the proofs of one micro-batch.
         self._judged_tables: set[int] = set()
         self._tables_judged_now: set[int] = set()
@@ -570,6 +586,10 @@ class PerExampleSource(GradNormSource):
             doubtful = {node for node, (module, _) in square.items() if module in unjudged}
             for index, node in check.coupled(loss, set(self.excluded), doubtful).items():
                 self.exclude(index, MOVED if node == MOVED_INPUT else COUPLED.format(node=node))
+            if check.reordered is not None:
+                self.examples_reordered = check.reordered
+                for index in check.used_more_than_once():
+                    self.exclude(index, REORDERED_TIED.format(node=check.reordered))
 
     def _judge_square(self, roots: list[Any], square: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> list[nn.Module]:
         """Leave out the layers whose ``(B, B, ...)`` outputs the graph below ``roots`` broadcasts over the batch;
@@ -1083,6 +1103,7 @@ class PerExampleSource(GradNormSource):
 
     def detach(self) -> None:
         self._use_check = None
+        self.examples_reordered = None
         self._clear_graph_records()
         self._excluded_at_start = frozenset()
         self._judged_square = set()

@@ -193,12 +193,21 @@ def _moves_examples(node: Node, carries: dict[Node, bool], uses: dict[Node, int]
     """Whether ``node`` moves the rows of a tensor computed from the examples to other examples' places (``roll``
     or ``flip`` along the batch, ``h[perm]``) while the tensor is also used where it was: manifold mixup's
     ``0.7 * h + 0.3 * h.roll(1, 0)`` mixes two examples in each row. A reordering alone (a sort for packing) keeps
-    each row one example's and pairs nothing."""
+    each row one example's and pairs nothing (but see :func:`_reorders_examples`)."""
+    source = node.next_functions[0][0] if node.next_functions else None
+    return uses.get(source, 0) >= 2 and _reorders_examples(node, carries, examples)
+
+
+def _reorders_examples(node: Node, carries: dict[Node, bool], examples: int) -> bool:
+    """Whether ``node`` puts the rows of a tensor computed from the examples in another order (``h[order]`` of a
+    sort by length, ``roll`` or ``flip`` along the batch). The layers before and after it then hold the examples
+    in different orders: each layer's per-example norms are still exact, but matching them to the examples (their
+    own token counts, the other uses of a tied weight) is not."""
     moved = _MOVES.get(node.name())
     if moved is None or not node.next_functions:
         return False
     source = node.next_functions[0][0]
-    if source is None or not carries.get(source) or uses.get(source, 0) < 2:
+    if source is None or not carries.get(source):
         return False
     metadata = node._input_metadata
     if len(metadata) != 1 or len(metadata[0].shape) == 0 or metadata[0].shape[0] != examples:
@@ -206,15 +215,20 @@ def _moves_examples(node: Node, carries: dict[Node, bool], uses: dict[Node, int]
     return moved(node)
 
 
-def _moves_rows(index: Any, node: Node) -> bool:
+def _moves_rows(index: Any, node: Node, alone: bool = True) -> bool:
     """Whether an index along the batch sends rows elsewhere (``h[torch.arange(B), last]``'s does not; nor a mask;
-    nor one that picks rows of a tensor whose rows are not the examples, as tokens routed to an expert)."""
+    nor one that picks rows of a tensor whose rows are not the examples, as tokens routed to an expert).
+
+    ``alone``: the only index (``h[order]``, ``index_select``). Such an index is taken to reorder even where it is
+    ``arange(B)`` in this batch: a sort's order is, for a batch already in order, and the graph is judged once.
+    """
     if not isinstance(index, Tensor) or index.dtype == torch.bool:
         return False
     if int(node._saved_self_sym_sizes[0]) != index.shape[0]:
         return False  # rows picked from more (or fewer) rows than it gives: no reordering of the batch
-    rows = torch.arange(index.shape[0], device=index.device) if index.dim() == 1 else None
-    return rows is None or not torch.equal(index, rows.to(index.dtype))
+    if alone or index.dim() != 1:
+        return True
+    return not torch.equal(index, torch.arange(index.shape[0], device=index.device, dtype=index.dtype))
 
 
 def _along_batch(node: Node, dims: Any) -> bool:
@@ -227,7 +241,10 @@ def _along_batch(node: Node, dims: Any) -> bool:
 _MOVES = {
     "RollBackward0": lambda node: not node._saved_dims or _along_batch(node, node._saved_dims),
     "FlipBackward0": lambda node: _along_batch(node, node._saved_dims),
-    "IndexBackward0": lambda node: bool(node._saved_indices) and _moves_rows(node._saved_indices[0], node),
+    "IndexBackward0": lambda node: (
+        bool(node._saved_indices)
+        and _moves_rows(node._saved_indices[0], node, alone=sum(i is not None for i in node._saved_indices) == 1)
+    ),
     "IndexSelectBackward0": lambda node: _along_batch(node, node._saved_dim) and _moves_rows(node._saved_index, node),
 }
 
@@ -442,11 +459,12 @@ def coupled_outputs(
     batch_first: dict[Node, frozenset[Node]],
     examples: int,
     leading: dict[Node, frozenset[Node]] | None = None,
-) -> tuple[dict[Node, str], str | None]:
+) -> tuple[dict[Node, str], str | None, str | None]:
     """The hooked layer outputs whose gradient or input an operation that pairs the examples of the batch makes
     depend on several examples (a layer after a statistic over the batch in the model, as after a BatchNorm), each
-    with that operation's name; and the name of a pairing operation with a compiled or reentrant-checkpointed
-    region so coupled (whose layers are none of ``outputs``: any layer may be in it), or None.
+    with that operation's name; the name of a pairing operation with a compiled or reentrant-checkpointed
+    region so coupled (whose layers are none of ``outputs``: any layer may be in it), or None; and the name of an
+    operation that puts the examples in another order (:func:`_reorders_examples`), or None.
 
     ``outputs``: the grad_fns of the hooked layer calls' outputs; ``batch_first``: those whose leading dimension is
     the batch, each with the grad_fns of its call's inputs; ``leading``: those of layers that take every input
@@ -454,7 +472,7 @@ def coupled_outputs(
     are followed to another dimension.
     """
     if examples < 2:
-        return {}, None
+        return {}, None, None
     carries: dict[Node, bool] = {}
     tables = ExampleFreeInputs()
     pairing: list[Node] = []
@@ -468,12 +486,15 @@ def coupled_outputs(
     tags: dict[Node, int | None] = {}  # the one example a node's output is computed from, where it is a slice's
     axes: dict[Node, int | None] = {}  # the dimension of a node's output that holds the examples (per_example_axes)
     roots = set(batch_first)
+    reorder: str | None = None
     for node in order:
         carries[node] = _carries_examples(node, batch_first, carries, tables, outputs, examples) or any(
             carries.get(f, False) for f, _ in node.next_functions if f is not None
         )
         tags[node], combines = _slice_tags(node, tags, carries, batch_first, examples)
         axes[node] = example_axis(node, roots, axes, carries, examples)
+        if reorder is None and _reorders_examples(node, carries, examples):
+            reorder = node.name()
         if combines:
             pairing.append(node)
             if _linear(node, carries):  # a sum of two examples' slices couples only where a nonlinearity follows
@@ -494,13 +515,13 @@ def coupled_outputs(
         r: MOVED_INPUT for r, inputs in (leading or {}).items() if any(axes.get(i) not in (None, 0) for i in inputs)
     }
     if not pairing:
-        return moved, None
+        return moved, None, reorder
     found: dict[Node, str] = {}
     opaque_below: str | None = None
     seen: set[Node] = set()
     stack, above, couplers = _coupled_branches(order, pairing, carries, conditional)
     if not couplers:
-        return moved, None  # only sums over the batch that reach the loss linearly
+        return moved, None, reorder  # only sums over the batch that reach the loss linearly
     name = couplers[0].name()
     if name in _BATCHED and moves_examples_off_the_batch(couplers[0], axes, carries):
         name += (
@@ -520,4 +541,4 @@ def coupled_outputs(
             opaque_below = name
         stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
     found.update(moved)
-    return found, opaque_below
+    return found, opaque_below, reorder

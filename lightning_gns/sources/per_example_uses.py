@@ -17,6 +17,7 @@ functionally, is found on the first micro-batch it appears in.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -82,6 +83,7 @@ class UseCheck:
         self._examples = examples
         self._calls: list[_Call] = []
         self.compiled_region: str | None = None  # the name of a compiled region outside_uses met: it saw no further
+        self.reordered: str | None = None  # the name of an operation coupled() found reordering the examples
 
     def record_call(self, outputs: Any, inputs: Any, indices: list[int], reads_layout: bool = False) -> None:
         """A hooked layer call: its outputs, its inputs (args and kwargs), its watched parameters' indices, and
@@ -134,7 +136,9 @@ class UseCheck:
             for node in call.batch_first
             if node in batch_first
         }
-        found, opaque_below = coupled_outputs(loss.grad_fn, outputs, batch_first, self._examples, leading)
+        found, opaque_below, self.reordered = coupled_outputs(
+            loss.grad_fn, outputs, batch_first, self._examples, leading
+        )
         coupled: dict[int, str] = {}
         for roots, _, indices, _, _ in self._calls:
             node = next((found[r] for r in roots if r in found), None)
@@ -143,6 +147,12 @@ class UseCheck:
         if opaque_below is not None:  # a compiled or reentrant-checkpointed region below: any layer may be in it
             coupled.update((i, opaque_below) for i in self._param_index.values() if i not in coupled)
         return coupled
+
+    def used_more_than_once(self) -> set[int]:
+        """Indices of the watched parameters that more than one recorded layer call uses (a tied weight, a layer
+        called twice)."""
+        calls = Counter(i for call in self._calls for i in set(call.indices))
+        return {i for i, count in calls.items() if count > 1}
 
     def _param_edges(self, roots: Iterable[Node], stops: set[Node]) -> Iterator[tuple[Node, int]]:
         """(node, index) for every edge into a watched parameter from a node reachable from ``roots``, not
