@@ -189,7 +189,8 @@ class PickedRows(SequenceRegression):
     """A layer on rows picked from the (B*T, 4) tokens that number as many as the examples: an expert given one
     token per example by a fixed rule (``flat[arange(0, B*T, T)]``), a head on the tokens a (B, T) mask picks
     (masked-LM style); as controls, a head on one token per example picked as ``h[arange(B), t - 1]``, and a layer
-    on the tokens plus positions looked up in a table (``table[arange(T)]``, broadcast over the batch)."""
+    on the tokens plus positions looked up in a table (``table[ids]`` with ids of shape (T,) or (1, T), broadcast
+    over the batch, or (B, T), repeated for each example as Whisper's decoder does)."""
 
     def __init__(self, picking: str, lr: float = 0.0) -> None:
         super().__init__(lr)
@@ -219,20 +220,28 @@ class PickedRows(SequenceRegression):
             mask[:, -1] = True  # one masked token per example: as many rows as examples
             masked = torch.zeros_like(h).masked_scatter(mask[..., None], torch.tanh(self.picked(h[mask])))
             return self.head(h + masked).mean(dim=(1, 2))
-        if self.picking == "indexed-positions":  # Whisper's decoder: weight[position_ids] added to the tokens
-            return self.head(torch.tanh(self.picked(h + self.pos_table[torch.arange(t)]))).mean(dim=(1, 2))
+        if self.picking.startswith("indexed-positions"):  # Whisper's decoder: weight[position_ids] plus the tokens
+            ids = {"(T,)": torch.arange(t), "(1, T)": torch.arange(t)[None], "(B, T)": torch.arange(t).repeat(b, 1)}
+            positions = self.pos_table[ids[self.picking.split(" ", 1)[1]]]
+            return self.head(torch.tanh(self.picked(h + positions))).mean(dim=(1, 2))
         last = torch.tanh(self.picked(h[torch.arange(b), t - 1]))  # (B, 4): one row per example, in order
         return self.head(h + last[:, None]).mean(dim=(1, 2))
 
 
 @pytest.mark.parametrize(
-    "picking", ["expert", "expert, new axis", "expert, two layers", "mask", "pooled", "indexed-positions"]
-)
+    "picking",
+    [
+        "expert", "expert, new axis", "expert, two layers", "mask", "pooled", "indexed-positions (T,)",
+        "indexed-positions (1, T)", "indexed-positions (B, T)",
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("batch_size", [4, 3], ids=["B=4", "B=3"])
 def test_a_layer_on_as_many_picked_tokens_as_examples_is_left_out(picking: str, batch_size: int) -> None:
     # pos_table: a raw parameter of the model's forward, left out as such (used only by indexed-positions);
     # second: the two-layer expert's second layer, on the first one's output (it was measured)
-    left_out = ("pos_table",) if picking in ("pooled", "indexed-positions") else ("pos_table", "picked")
+    # The positions' ids of shape (1, T) (broadcast) or (B, T) (repeated, as Whisper's are) look rows up in a
+    # parameter: the rows the layer gets are the examples' (both were left out as picked tokens).
+    left_out = ("pos_table",) if picking == "pooled" or picking.startswith("indexed") else ("pos_table", "picked")
     left_out += ("second",) if picking == "expert, two layers" else ()
     gns = fit_and_check(PickedRows(picking), batch_size, left_out)
     if picking == "expert, two layers":

@@ -189,9 +189,21 @@ def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
     """
     for node in _walk_back(inp):
         source = _selected_source(node)
-        if source is not None and _gives_the_rows(node, inp) and (source[:1] != (examples,) or _token_mask(node)):
+        if source is None or _looks_up_a_table(node) or not _gives_the_rows(node, inp):
+            continue
+        if source[:1] != (examples,) or _token_mask(node):
             return source
     return None
+
+
+def _looks_up_a_table(node: Node) -> bool:
+    """Whether a pick reads rows of a parameter (through casts): a lookup (``weight[position_ids]`` with ids of shape
+    ``(B, T)``, as transformers' Whisper repeats them; ``table[labels]``), whose rows follow its index, one row of
+    ids per example, rather than tokens picked from the examples' hidden states."""
+    following = node.next_functions[0][0] if node.next_functions else None
+    while following is not None and following.name() == "ToCopyBackward0":
+        following = following.next_functions[0][0]
+    return following is not None and hasattr(following, "variable")
 
 
 _MAX_SELECTION_WALK = 64  # a layer's input is a few reshapes and elementwise ops from a selection, if any
@@ -257,10 +269,14 @@ def _selected_source(node: Node) -> tuple[int, ...] | None:
 
 
 def _gives_the_rows(node: Node, inp: Tensor) -> bool:
-    """Whether the picked rows are the input's rows: as many dimensions, so no broadcast put them elsewhere (a
-    positional table ``weight[position_ids]`` added to the tokens' embeddings gives no row of its own)."""
+    """Whether the picked rows are the input's rows: as many dimensions and as many rows, so no broadcast put them
+    elsewhere (a positional table ``weight[position_ids]`` added to the tokens' embeddings, with position ids of
+    shape ``(T,)`` or ``(1, T)``, as transformers' Whisper passes them, gives no row of its own)."""
     metadata = node._input_metadata
-    return len(metadata) == 1 and len(metadata[0].shape) - _new_axes(node) == inp.dim()
+    if len(metadata) != 1:
+        return False
+    shape, skipped = tuple(metadata[0].shape), _new_axes(node)
+    return len(shape) - skipped == inp.dim() and inp.dim() > 0 and shape[skipped] == inp.shape[0]
 
 
 def _new_axes(node: Node) -> int:
