@@ -442,6 +442,17 @@ class CentredByADetachedMean(nn.Module):
         return torch.tanh((x - x.detach().mean(0)) @ self.w)
 
 
+class Scale(nn.Module):
+    """A user layer (the generic replay path): ``x * w``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.w
+
+
 class MaskedMixing(nn.Module):
     """A user layer taking a (T, T) causal mask built by its parent."""
 
@@ -460,7 +471,8 @@ class UserLayerModel(LightningModule):
         torch.manual_seed(0)
         self.inp = nn.Linear(8, 16)
         self.layer = layer
-        self.user = CentredByADetachedMean(16) if layer == "centred" else MaskedMixing(16)
+        users = {"centred": CentredByADetachedMean, "mask": MaskedMixing, "in place": Scale, "out of place": Scale}
+        self.user = users[layer](16)
         self.out = nn.Linear(16, 3)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -468,6 +480,12 @@ class UserLayerModel(LightningModule):
         h = torch.tanh(self.inp(x))
         if self.layer == "centred":
             h = self.user(h)
+        elif self.layer == "in place":  # transformers' Falcon adds the attention to the MLP's output so
+            out = self.user(h)
+            out += h
+            h = out
+        elif self.layer == "out of place":
+            h = self.user(h) + h
         else:
             length = x.shape[1]
             h = self.user(h, torch.ones(length, length, dtype=torch.bool).triu(1))
@@ -494,6 +512,15 @@ def test_a_layer_whose_replay_is_not_its_forward_is_left_out() -> None:
     gns = user_layer_fit("centred", 5)
     assert list(gns.left_out) == ["user.w"] and "does not reproduce its forward" in gns.left_out["user.w"]
     assert gns.skipped_steps == 0
+
+
+def test_a_replayed_layer_whose_output_the_model_changes_in_place_is_measured() -> None:
+    """y = layer(x); y += x: the replay is compared with the call's output as the call gave it (it was compared with
+    the changed output, and the layer left out as if it depended on the other examples; found in Falcon)."""
+    in_place, out_of_place = user_layer_fit("in place", 5), user_layer_fit("out of place", 5)
+    assert in_place.left_out == {} and in_place.skipped_steps == 0 and int(in_place.metric.measured_steps) == 3
+    same = [float(m.trace_cov) for m in (in_place.metric, out_of_place.metric)]
+    assert same[0] == same[1] > 0 and float(in_place.metric.grad_sq_norm) == float(out_of_place.metric.grad_sq_norm)
 
 
 @pytest.mark.parametrize("length", [5, 6])

@@ -815,7 +815,9 @@ class PerExampleSource(GradNormSource):
         replay, outputs = captured
         if self._replays_checked[id(module)] < REPLAY_CHECKS and not replays_rnn(module):
             self._replays_checked[id(module)] += 1
-            replay.expected = [t.detach() for t in outputs]
+            # A copy: the model may change the output in place after the call (y = layer(x); y += x, as transformers'
+            # Falcon does with parallel attention), and the replay reproduces the call, not what came after it.
+            replay.expected = [t.detach().clone() for t in outputs]
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         # Which outputs the layer itself uses is its structure: walked on its first call, not on every step.
         key = (id(module), len(outputs))
