@@ -109,6 +109,8 @@ class GradientNoiseScaleTracker:
         # the host has announced.
         self._restarts: Tensor | None = None
         self._restarts_said = 0
+        # Accumulation windows whose micro-batches were recorded but no measure_step followed (no optimizer step).
+        self.unstepped_windows = 0
 
     # ------------------------------------------------------------------ wiring
     def attach(
@@ -187,6 +189,20 @@ class GradientNoiseScaleTracker:
         DDP already has one). :meth:`attach` with ``ddp_model`` does this at once."""
         self._ddp_model = ddp_model
         self._sources.use_comm_hook(ddp_model, self._params)
+
+    def discard_unstepped(self) -> bool:
+        """Drop what the micro-batches recorded since the last :meth:`measure_step` hold, where no optimizer step
+        followed them; True if there was any (counted in :attr:`unstepped_windows`).
+
+        Call it where a new accumulation window starts (before ``zero_grad``): a window that ended without
+        ``optimizer.step()`` (an ``optimizer_step`` that skips it, an epoch stopped in the middle of a window)
+        would otherwise add its micro-batches to the next window's, whose ``.grad`` holds that window alone.
+        """
+        if self._sums.backward_passes == 0 and self._sums.failed is None:
+            return False
+        self._sums.clear()
+        self.unstepped_windows += 1
+        return True
 
     @property
     def step_is_empty(self) -> bool:

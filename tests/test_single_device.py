@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
@@ -263,3 +263,69 @@ def test_sparse_embedding_gradients_are_measured_as_their_dense_equivalent() -> 
         make_trainer([gns]).fit(BagOfIds(True), BagOfIds.data())
     assert list(gns.left_out) == ["emb.weight"] and "sparse" in gns.left_out["emb.weight"]
     assert gns.skipped_steps == 0 and int(gns.metric.measured_steps) == 20  # every step measured, the head only
+
+
+class SkipsEveryOtherWindow(LinearRegression):
+    """Runs the closure of every accumulation window, and optimizer.step() on every other one only (Lightning
+    supports skipping steps so)."""
+
+    windows = 0
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        self.windows += 1
+        if self.windows % 2:
+            optimizer.step(closure=optimizer_closure)
+        else:
+            optimizer_closure()
+
+
+@pytest.mark.parametrize("accumulate", [2, 1], ids=["microbatch", "per_example"])
+def test_a_window_without_an_optimizer_step_is_dropped_not_added_to_the_next(accumulate: int) -> None:
+    """With lr 0 the gradients do not depend on the steps: skipping every other window must measure what a run on
+    the stepped windows' batches alone measures. The skipped window's norms were added to the next window's, whose
+    .grad holds that window alone: |G|^2 negative and B_simple inf where the truth is 7.3 (found by a helper)."""
+    problem = LinearProblem(dim=4, noise_std=1.0, offset_norm=1.0, seed=70)
+    windows = 24
+    x, y = problem.sample(8 * accumulate * windows, seed=71)
+    skipping = GradientNoiseScale(beta=0.9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([skipping], accumulate_grad_batches=accumulate).fit(
+            SkipsEveryOtherWindow(problem), loader(x, y, 8)
+        )
+    said = [str(w.message) for w in caught if "ended without an optimizer step" in str(w.message)]
+    assert len(said) == 1 and skipping.tracker.unstepped_windows == windows // 2
+    # The stepped windows' batches alone: windows 0, 2, 4, ... of accumulate micro-batches of 8 examples.
+    rows = torch.arange(len(x)).reshape(windows, -1)[0::2].reshape(-1)
+    alone = GradientNoiseScale(beta=0.9)
+    stepped = loader(x[rows], y[rows], 8)
+    make_trainer([alone], accumulate_grad_batches=accumulate).fit(LinearRegression(problem), stepped)
+    assert int(skipping.metric.measured_steps) == int(alone.metric.measured_steps) == windows // 2
+    assert skipping.skipped_steps == alone.skipped_steps == 0
+    for name in ("grad_sq_norm_ema", "trace_cov_ema", "last_b_big"):
+        torch.testing.assert_close(getattr(skipping.metric, name), getattr(alone.metric, name), rtol=1e-12, atol=0)
+
+
+class StopsTheFirstEpochMidWindow(LinearRegression):
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if self.current_epoch == 0 and batch_idx == 5 else None  # window (4, 5): one micro-batch run
+
+
+def test_an_epoch_stopped_in_the_middle_of_a_window_drops_that_window() -> None:
+    """on_train_batch_start returning -1 ends the epoch with a window of one micro-batch never stepped; its norms
+    were added to the next epoch's first window (b_big 24 for a window of 16 examples, B_simple 8.2 against 2.3)."""
+    problem = LinearProblem(dim=4, noise_std=1.0, offset_norm=1.0, seed=72)
+    x, y = problem.sample(8 * 10, seed=73)
+    gns = GradientNoiseScale(beta=0.9)
+    big: list[float] = []
+
+    class ReadsTheBigBatch(Callback):
+        def on_before_optimizer_step(self, *args: Any) -> None:
+            big.append(float(gns.metric.last_b_big))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns, ReadsTheBigBatch()], accumulate_grad_batches=2, max_epochs=2).fit(
+            StopsTheFirstEpochMidWindow(problem), loader(x, y, 8)
+        )
+    assert gns.tracker.unstepped_windows == 1 and big == [16.0] * (2 + 5)

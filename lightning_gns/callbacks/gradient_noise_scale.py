@@ -134,6 +134,7 @@ class GradientNoiseScaleBase(LightningNamespace):
         self._warned_count_length = False
         self._time_major: TimeMajorCheck | None = None  # watches sequence-first layers while the batch is counted
         self._warned_time_major = False
+        self._warned_unstepped = False
         # strategy="ddp_spawn"/"ddp_notebook": rank 0 leaves its final readouts here for the main process.
         self._spawned = SpawnedResult()
         self._set_up_here = False  # a fit ran its hooks in this process
@@ -503,6 +504,7 @@ class GradientNoiseScaleBase(LightningNamespace):
             )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._drop_unstepped()  # the last window, if it took no optimizer step
         self.tracker.check()  # say once if no step could be measured, or what was left out
         if self.kaplan_loss is not None and self._kaplan_loss_value is None and self._kaplan_misses < 2:
             self._say_kaplan_loss_missing(trainer)
@@ -571,6 +573,20 @@ class GradientNoiseScaleBase(LightningNamespace):
                 examples if examples is not None else counted if isinstance(counted, int) else None, batch
             )
         self.tracker.start_micro_batch(units, trainer.accumulate_grad_batches, measure=True, examples=examples)
+
+    def on_before_zero_grad(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        # Lightning zeroes the gradients where an accumulation window starts; a window before it that took no
+        # optimizer step left its micro-batches' norms behind, which must not join this window's.
+        self._drop_unstepped()
+
+    def _drop_unstepped(self) -> None:
+        if self.tracker.discard_unstepped() and not self._warned_unstepped:
+            self._warned_unstepped = True
+            self._warn(
+                "GradientNoiseScale: an accumulation window ended without an optimizer step (an optimizer_step that"
+                " does not call optimizer.step(), or on_train_batch_start returning -1 in the middle of a window):"
+                " its micro-batches are not measured. Windows dropped so far: tracker.unstepped_windows."
+            )
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self.tracker.before_backward(loss)
