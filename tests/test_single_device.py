@@ -17,7 +17,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gns import GradientNoiseScale
+from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
 from lightning_gns.metric import metric_states
 from support.models import LinearProblem, LinearRegression, loader
 from support.recording import Recorder, assert_matches_reference
@@ -329,3 +329,39 @@ def test_an_epoch_stopped_in_the_middle_of_a_window_drops_that_window() -> None:
             StopsTheFirstEpochMidWindow(problem), loader(x, y, 8)
         )
     assert gns.tracker.unstepped_windows == 1 and big == [16.0] * (2 + 5)
+
+
+class Evaluated(LinearRegression):
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", self.training_step(batch, batch_idx))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_an_evaluation_from_a_checkpoint_after_fit_keeps_the_fits_averages(tmp_path: Path, stage: str) -> None:
+    """trainer.test(ckpt_path="best") restores the callbacks' states too: the averages went back to the best
+    checkpoint's (8 of 24 steps, B_simple 56 for 186, without a word; found by a helper), and a fit after it
+    continued from them. An evaluation now leaves the callbacks' states alone."""
+    problem = LinearProblem(dim=4, noise_std=1.0, offset_norm=1.0, seed=74)
+    data = loader(*problem.sample(8 * 2 * 6, seed=75), 8)
+    gns = GradientNoiseScale(beta=0.9)
+    adaptive = AdaptiveBatchSize(warmup_steps=2, min_samples=0, max_accumulation=4)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", mode="max", save_top_k=1)  # the first epoch's
+    trainer = make_trainer(
+        [gns, adaptive, best], accumulate_grad_batches=2, max_epochs=3, enable_checkpointing=True, logger=False
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Evaluated(problem, lr=0.05), data, data)
+    assert best.best_model_path.endswith(".ckpt") and "epoch=0" in best.best_model_path
+    after_fit = {name: tensor.clone() for name, tensor in metric_states(gns.metric).items()}
+    schedule = (adaptive.accumulation, adaptive.lr_factor, list(adaptive.history), list(adaptive.decisions))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        getattr(trainer, stage)(Evaluated(problem), data, ckpt_path="best")
+    assert int(gns.metric.measured_steps) > 0
+    for name, tensor in metric_states(gns.metric).items():
+        torch.testing.assert_close(tensor, after_fit[name], rtol=0, atol=0)
+    assert (adaptive.accumulation, adaptive.lr_factor, adaptive.history, adaptive.decisions) == schedule

@@ -173,6 +173,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self.pending_record: dict[str, Any] | None = None
 
         self._restored = False
+        self._skip_next_load = False  # the state Lightning restores for validate/test/predict(ckpt_path=...)
         # Units of every micro-batch of the epoch so far, and how many: their mean is the schedule's micro-batch. It
         # follows token counts that vary from batch to batch and a loader whose batch changes (reload_dataloaders_
         # every_n_epochs, a resume). Read on every micro-batch, not only on the optimizer steps': those would weigh
@@ -555,6 +556,10 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         }
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        fn = trainer.state.fn
+        self._skip_next_load = getattr(fn, "value", fn) != "fit"
+        if self._skip_next_load:
+            return  # validate/test/predict(ckpt_path=...): the fit's schedule stays
         # Runs for every callback before any load_state_dict: the noise-scale averages are read from the
         # checkpoint itself, whether or not the GradientNoiseScale callback has loaded them yet.
         gns_state = (checkpoint.get("callbacks") or {}).get(self.gns.state_key)
@@ -584,8 +589,12 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         checkpoint saved with another ``lr_scaling`` keeps its accumulation, and its learning-rate factor is
         recomputed with this callback's rule (a warning gives the old and new factor): the new rule is
         taken to be what is wanted from now on. Checkpoints saved before ``lr_scaling`` was recorded are
-        taken to have used this callback's rule.
+        taken to have used this callback's rule. The state Lightning restores for
+        ``trainer.validate/test/predict(ckpt_path=...)`` is not loaded: the fit's schedule stays.
         """
+        if self._skip_next_load:
+            self._skip_next_load = False
+            return
         state_dict = renamed_keys(state_dict, ADAPTIVE_RENAMED_KEYS)
         validate_adaptive_state(state_dict, LR_SCALINGS)
         accumulation = state_dict["accumulation"]

@@ -135,6 +135,10 @@ class GradientNoiseScaleBase(LightningNamespace):
         self._time_major: TimeMajorCheck | None = None  # watches sequence-first layers while the batch is counted
         self._warned_time_major = False
         self._warned_unstepped = False
+        # Lightning restores callback states for validate/test/predict(ckpt_path=...) too: such a load is skipped
+        # (an evaluation must not roll the fit's averages back); and whether this fit resumed from a checkpoint.
+        self._skip_next_load = False
+        self._loaded_for_fit = False
         # strategy="ddp_spawn"/"ddp_notebook": rank 0 leaves its final readouts here for the main process.
         self._spawned = SpawnedResult()
         self._set_up_here = False  # a fit ran its hooks in this process
@@ -313,16 +317,16 @@ class GradientNoiseScaleBase(LightningNamespace):
             return
         self._check_fit(trainer, pl_module, "GradientNoiseScale", "supports automatic optimization only")
         self._set_up_here, self._spawned_readouts = True, None
-        self._say_carried_over(trainer)
+        self._loaded_for_fit = False
         self.mode = self._resolve_mode(trainer, pl_module)
         self.tracker.own_states()  # ddp_spawn pickled the states into memory shared with the other processes
         self.tracker.to(trainer.strategy.root_device)
         self._refuse_fullgraph_compile(pl_module)
 
-    def _say_carried_over(self, trainer: Trainer) -> None:
+    def _say_carried_over(self) -> None:
         """Say once per fit that averages from before it continue (a second fit with this callback, or states
-        loaded by hand); a resume from a checkpoint restores its own after this hook, and is not meant."""
-        if trainer.ckpt_path is not None:
+        loaded by hand); a resume from a checkpoint restored its own, and is not meant."""
+        if self._loaded_for_fit:
             return
         measured = int(self.metric.measured_steps)  # a host read, once per fit
         if measured:
@@ -485,6 +489,7 @@ class GradientNoiseScaleBase(LightningNamespace):
         return [p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._say_carried_over()  # here, after any checkpoint was restored (before or after the strategy's setup)
         # Several training loaders (a dict or list, combined by Lightning) give one batch from each. Batches of
         # unequal sizes are refused when counted; equal ones share a leading dimension, counted once.
         loaders = trainer.train_dataloader
@@ -661,6 +666,9 @@ class GradientNoiseScaleBase(LightningNamespace):
         return {**self.tracker.state_dict(), "beta": self.beta, "batch_size_fn": callable_name(self.batch_size_fn)}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._skip_next_load = not _fitting(trainer)
+        if self._skip_next_load:
+            return
         # Lightning loads only the state saved under this callback's state_key, which holds mode and beta: a
         # resume with other settings would restart the averages without a word.
         current = [callback.state_key for callback in trainer.callbacks]  # type: ignore[attr-defined]
@@ -680,8 +688,12 @@ class GradientNoiseScaleBase(LightningNamespace):
 
         Non-finite averages, counts below zero, tensors of the wrong shape, missing or unknown keys are
         refused. Saved per-layer averages are dropped when this callback has ``per_layer=False``. States of
-        earlier versions, which saved the base batch as ``reference_batch_size``, load.
+        earlier versions, which saved the base batch as ``reference_batch_size``, load. The state Lightning restores
+        for ``trainer.validate/test/predict(ckpt_path=...)`` is not loaded: the fit's averages stay.
         """
+        if self._skip_next_load:  # trainer.validate/test/predict(ckpt_path=...): the fit's averages stay
+            self._skip_next_load = False
+            return
         state_dict = renamed_keys(state_dict, GNS_RENAMED_KEYS)
         validate_gns_state(state_dict, self.metric._defaults, self.beta)
         saved_fn, own_fn = state_dict.get("batch_size_fn"), callable_name(self.batch_size_fn)
@@ -696,6 +708,13 @@ class GradientNoiseScaleBase(LightningNamespace):
         if not self.per_layer and state_dict.get("layer_metrics"):
             state_dict = {**state_dict, "layer_metrics": {}}
         self.tracker.load_state_dict(state_dict)
+        self._loaded_for_fit = True
+
+
+def _fitting(trainer: Trainer) -> bool:
+    """Whether the trainer runs ``fit`` (not ``validate``, ``test`` or ``predict``)."""
+    fn = trainer.state.fn
+    return getattr(fn, "value", fn) == "fit"
 
 
 def _leading_dim_or_none(batch: Any) -> int | None:
