@@ -190,6 +190,12 @@ class GradientNoiseScaleTracker:
         self._ddp_model = ddp_model
         self._sources.use_comm_hook(ddp_model, self._params)
 
+    def skip_step(self, reason: str) -> None:
+        """Skip the optimizer step in progress (counted, with ``reason``), e.g. when ``.grad`` got a gradient that
+        no recorded micro-batch holds."""
+        if self._measuring_step:
+            self._sums.failed = reason
+
     def discard_unstepped(self) -> bool:
         """Drop what the micro-batches recorded since the last :meth:`measure_step` hold, where no optimizer step
         followed them; True if there was any (counted in :attr:`unstepped_windows`).

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from lightning_gns import GradientNoiseScale
 from support.models import LinearProblem, LinearRegression, ManualRegression, loader
-from support.trainers import make_trainer
+from support.trainers import MemoryLogger, make_trainer
 
 PROBLEM = LinearProblem(dim=4, seed=0)
 
@@ -427,3 +427,20 @@ def test_parameters_ddp_does_not_average_are_named_by_why(one_process_group: Any
     model[0].requires_grad_(True)  # before the reading: only DDP's count knows
     said = DDPAveraged.of(wrapper).not_averaged(list(model.parameters()), names(model))
     assert said is not None and "does not average 60 of the 92 bytes of optimized parameters" in said
+
+
+def test_two_callbacks_that_log_the_same_names_are_said_and_both_measure() -> None:
+    """Two instances log the same gns/... names: a logger keeps one value per name and step (the last instance's,
+    or a blend of both; found by a helper), so the Trainer says so once. A per_example instance beside a microbatch
+    one measures: the other's parameter hooks only read the gradients (it left every parameter out for them)."""
+    every_example = GradientNoiseScale(beta=0.9, mode="per_example")
+    windows = GradientNoiseScale(beta=0.8, mode="microbatch")
+    trainer = make_trainer([every_example, windows], max_steps=4, accumulate_grad_batches=2, logger=MemoryLogger())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(LinearRegression(PROBLEM), loader(*PROBLEM.sample(64, seed=1), batch_size=4))
+    said = [str(w.message) for w in caught if "GradientNoiseScale callbacks" in str(w.message)]
+    assert len(said) == 1 and "The Trainer has 2 GradientNoiseScale callbacks" in said[0]
+    assert every_example.left_out == {} and every_example.covered_fraction == 1.0
+    assert every_example.skipped_steps == windows.skipped_steps == 0
+    assert int(every_example.metric.measured_steps) == int(windows.metric.measured_steps) == 4

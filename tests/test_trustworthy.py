@@ -99,6 +99,27 @@ def test_validation_gradients_do_not_leak_into_training_steps(mode: str) -> None
     assert_matches_reference(recorder, world_size=1, beta=0.9, per_example=mode == "per_example")
 
 
+@pytest.mark.parametrize("mode", ["per_example", "microbatch"])
+def test_a_validation_backward_inside_an_accumulation_window_skips_that_step(mode: str) -> None:
+    """Validation after micro-batch 3 of windows of 2 runs inside the window (batches 2 and 3): its backward adds to
+    .grad, the window's big batch, a gradient no micro-batch holds (B_simple 0.0 against 12.7 in a probe, nothing
+    said). Those steps are skipped with the reason; the others match the float64 recomputation."""
+    problem = LinearProblem(dim=5, noise_std=0.5, seed=42)
+    x, y = problem.sample(8 * 24, seed=43)
+    gns = GradientNoiseScale(beta=0.9, mode=mode)
+    recorder = Recorder(gns)
+    trainer = make_trainer(
+        [gns, recorder], accumulate_grad_batches=2, inference_mode=False, val_check_interval=3,
+        limit_val_batches=2, num_sanity_val_steps=1,
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ValidationWithGradients(problem, lr=0.3), loader(x, y, 8), loader(x[:16], y[:16], 8))
+    # Validation after micro-batches 3, 9, 15, 21: the first of windows (2, 3), (8, 9), ...: 4 of 12 steps.
+    assert gns.skipped_steps == 4 and int(gns.metric.measured_steps) == 8
+    assert any("a backward pass during validation" in str(w.message) for w in caught)
+
+
 class InputGradientPenalty(LinearRegression):
     """training_step with a double backward: the loss penalises the gradient with respect to the input."""
 

@@ -139,6 +139,9 @@ class GradientNoiseScaleBase(LightningNamespace):
         # (an evaluation must not roll the fit's averages back); and whether this fit resumed from a checkpoint.
         self._skip_next_load = False
         self._loaded_for_fit = False
+        # Each optimized parameter's .grad (identity and version) when a validation starts inside a window.
+        self._grads_before_validation: list[tuple[int, int]] | None = None
+        self._warned_validation_backward = False
         # strategy="ddp_spawn"/"ddp_notebook": rank 0 leaves its final readouts here for the main process.
         self._spawned = SpawnedResult()
         self._set_up_here = False  # a fit ran its hooks in this process
@@ -318,10 +321,21 @@ class GradientNoiseScaleBase(LightningNamespace):
         self._check_fit(trainer, pl_module, "GradientNoiseScale", "supports automatic optimization only")
         self._set_up_here, self._spawned_readouts = True, None
         self._loaded_for_fit = False
+        self._say_shared_names(trainer)
         self.mode = self._resolve_mode(trainer, pl_module)
         self.tracker.own_states()  # ddp_spawn pickled the states into memory shared with the other processes
         self.tracker.to(trainer.strategy.root_device)
         self._refuse_fullgraph_compile(pl_module)
+
+    def _say_shared_names(self, trainer: Trainer) -> None:
+        """Several instances log the same gns/... names: a logger keeps one value per name and step (once per fit)."""
+        instances = [c for c in trainer.callbacks if isinstance(c, GradientNoiseScaleBase)]  # type: ignore[attr-defined]
+        if len(instances) > 1 and instances[0] is self and (trainer.loggers or any(c.prog_bar for c in instances)):
+            self._warn(
+                f"The Trainer has {len(instances)} GradientNoiseScale callbacks. They log under the same gns/... names,"
+                " so each logged step keeps one of their values (the last to log) and mixes their scalars. Keep one"
+                " callback in the Trainer, or read the others from their attributes (b_simple, metric, compute())."
+            )
 
     def _say_carried_over(self) -> None:
         """Say once per fit that averages from before it continue (a second fit with this callback, or states
@@ -579,6 +593,30 @@ class GradientNoiseScaleBase(LightningNamespace):
             )
         self.tracker.start_micro_batch(units, trainer.accumulate_grad_batches, measure=True, examples=examples)
 
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Validation inside an accumulation window (val_check_interval not a multiple of accumulate_grad_batches):
+        # a validation_step that calls backward (Trainer(inference_mode=False)) adds to .grad, the window's big
+        # batch, a gradient none of its recorded micro-batches holds. Seen by .grad's identity and version counter.
+        fitting = _fitting(trainer) and not trainer.sanity_checking
+        in_window = fitting and not self.tracker.step_is_empty
+        self._grads_before_validation = _grad_versions(self._optimized_params(trainer)) if in_window else None
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        before, self._grads_before_validation = self._grads_before_validation, None
+        if before is None or _grad_versions(self._optimized_params(trainer)) == before:
+            return
+        reason = (
+            "a backward pass during validation, in the middle of an accumulation window (a validation_step that calls"
+            " backward under Trainer(inference_mode=False)), added to .grad, the big batch, a gradient that none of"
+            " the window's micro-batches holds: the step is skipped. Validate at multiples of"
+            " accumulate_grad_batches (val_check_interval), or take validation gradients with torch.autograd.grad,"
+            " which leaves .grad alone"
+        )
+        self.tracker.skip_step(reason)
+        if not self._warned_validation_backward:
+            self._warned_validation_backward = True
+            self._warn(f"GradientNoiseScale: {reason} (said once; gns/skipped_steps counts them).")
+
     def on_before_zero_grad(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         # Lightning zeroes the gradients where an accumulation window starts; a window before it that took no
         # optimizer step left its micro-batches' norms behind, which must not join this window's.
@@ -709,6 +747,12 @@ class GradientNoiseScaleBase(LightningNamespace):
             state_dict = {**state_dict, "layer_metrics": {}}
         self.tracker.load_state_dict(state_dict)
         self._loaded_for_fit = True
+
+
+def _grad_versions(params: list[torch.nn.Parameter]) -> list[tuple[int, int]]:
+    """Each parameter's ``.grad`` as (identity, version counter): what an in-place accumulation or a new gradient
+    changes (host-side integers, no device read)."""
+    return [(0, 0) if p.grad is None else (id(p.grad), p.grad._version) for p in params]
 
 
 def _fitting(trainer: Trainer) -> bool:

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_gns.sources import per_example_generic as generic
 from lightning_gns.sources.base import BackwardNorms, GradNormSource, reduction_dtype, upcast_half
+from lightning_gns.sources.param_hooks import ParamHookSource
 from lightning_gns.sources.per_example_coupling import MOVED_INPUT
 from lightning_gns.sources.per_example_factors import (
     Dense,
@@ -358,6 +359,12 @@ _TWICE = (
 )
 
 
+def _reads_only(hook: Any) -> bool:
+    """Whether a parameter's gradient hook is a ParamHookSource's, which reads the gradient and changes nothing."""
+    func = getattr(hook, "func", None)
+    return isinstance(getattr(func, "__self__", None), ParamHookSource)
+
+
 class _FusedUse:
     """One fused call of a watched Linear or LayerNorm: where its backward delivers the per-example gradients."""
 
@@ -556,9 +563,13 @@ class PerExampleSource(GradNormSource):
 
     def _exclude_hooked_params(self) -> None:
         for i, p in enumerate(self.params):
-            hooks = p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
-            if hooks and i not in self.excluded:
-                hook = next(iter(hooks.values()))
+            if i in self.excluded:
+                continue
+            post = getattr(p, "_post_accumulate_grad_hooks", None) or {}
+            hooks = [*(p._backward_hooks or {}).values(), *post.values()]
+            # Another tracker's microbatch hooks (a second GradientNoiseScale) only read the gradient.
+            hook = next((h for h in hooks if not _reads_only(h)), None)
+            if hook is not None:
                 self.exclude(i, GRADIENT_HOOK.format(hook=getattr(hook, "__name__", type(hook).__name__)))
 
     def before_backward(self, loss: Tensor) -> None:
