@@ -365,3 +365,21 @@ def test_an_evaluation_from_a_checkpoint_after_fit_keeps_the_fits_averages(tmp_p
     for name, tensor in metric_states(gns.metric).items():
         torch.testing.assert_close(tensor, after_fit[name], rtol=0, atol=0)
     assert (adaptive.accumulation, adaptive.lr_factor, adaptive.history, adaptive.decisions) == schedule
+
+
+def test_an_evaluation_from_a_checkpoint_without_the_callbacks_state_leaves_the_next_load_alone(tmp_path: Path) -> None:
+    """Lightning calls load_state_dict only where the checkpoint holds the callback's state: a validation from a
+    checkpoint without it left the skip armed, and the next load by hand was dropped without a word."""
+    problem = LinearProblem(dim=4, noise_std=1.0, offset_norm=1.0, seed=76)
+    data = loader(*problem.sample(32, seed=77), 8)
+    plain = make_trainer([], max_steps=2)
+    plain.fit(Evaluated(problem), data)
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    source = GradientNoiseScale()
+    make_trainer([source], max_steps=3, accumulate_grad_batches=2).fit(Evaluated(problem), data)
+    gns = GradientNoiseScale()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns]).validate(Evaluated(problem), data, ckpt_path=tmp_path / "plain.ckpt")
+    gns.load_state_dict(source.state_dict())
+    assert int(gns.metric.measured_steps) == int(source.metric.measured_steps) == 3

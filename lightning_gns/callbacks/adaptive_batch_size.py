@@ -557,8 +557,11 @@ class AdaptiveBatchSizeBase(LightningNamespace):
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         fn = trainer.state.fn
-        self._skip_next_load = getattr(fn, "value", fn) != "fit"
-        if self._skip_next_load:
+        fitting = getattr(fn, "value", fn) == "fit"
+        # Lightning calls load_state_dict only where the checkpoint holds this callback's state.
+        key = getattr(self, "state_key", type(self).__qualname__)  # Lightning's Callback gives it
+        self._skip_next_load = not fitting and key in (checkpoint.get("callbacks") or {})
+        if not fitting:
             return  # validate/test/predict(ckpt_path=...): the fit's schedule stays
         # Runs for every callback before any load_state_dict: the noise-scale averages are read from the
         # checkpoint itself, whether or not the GradientNoiseScale callback has loaded them yet.

@@ -704,8 +704,10 @@ class GradientNoiseScaleBase(LightningNamespace):
         return {**self.tracker.state_dict(), "beta": self.beta, "batch_size_fn": callable_name(self.batch_size_fn)}
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        self._skip_next_load = not _fitting(trainer)
-        if self._skip_next_load:
+        # Lightning calls load_state_dict only where the checkpoint holds this callback's state.
+        holds_ours = self.state_key in (checkpoint.get("callbacks") or {})
+        self._skip_next_load = holds_ours and not _fitting(trainer)
+        if not _fitting(trainer):
             return
         # Lightning loads only the state saved under this callback's state_key, which holds mode and beta: a
         # resume with other settings would restart the averages without a word.

@@ -197,13 +197,32 @@ def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
 
 
 def _looks_up_a_table(node: Node) -> bool:
-    """Whether a pick reads rows of a parameter (through casts): a lookup (``weight[position_ids]`` with ids of shape
-    ``(B, T)``, as transformers' Whisper repeats them; ``table[labels]``), whose rows follow its index, one row of
-    ids per example, rather than tokens picked from the examples' hidden states."""
+    """Whether a pick reads rows of a parameter (through casts) with ids that are the same in every row: positions
+    repeated for each example (``weight[position_ids]`` with ids of shape ``(B, T)``, as transformers' Whisper
+    repeats them), which give every example the same rows, as a broadcast would. Ids that differ from row to row
+    may be tokens picked for an expert (expert-choice routing with as many experts as examples): their rows are
+    no examples, and the pick still counts as a selection. Reads the ids (judged once per layer)."""
     following = node.next_functions[0][0] if node.next_functions else None
     while following is not None and following.name() == "ToCopyBackward0":
         following = following.next_functions[0][0]
-    return following is not None and hasattr(following, "variable")
+    if following is None or not hasattr(following, "variable"):
+        return False
+    ids = _picking_index(node)
+    return ids is not None and ids.dim() > 1 and bool((ids == ids[:1]).all())
+
+
+def _picking_index(node: Node) -> Tensor | None:
+    """The index a row pick (IndexBackward0, IndexSelectBackward0, GatherBackward0) used along its first dimension."""
+    name = node.name()
+    if name == "IndexBackward0":
+        indices, skipped = node._saved_indices, _new_axes(node)
+        index = indices[skipped] if skipped < len(indices) else None
+        return index if isinstance(index, Tensor) else None
+    if name == "IndexSelectBackward0":
+        return node._saved_index
+    if name == "GatherBackward0":
+        return node._saved_index
+    return None
 
 
 _MAX_SELECTION_WALK = 64  # a layer's input is a few reshapes and elementwise ops from a selection, if any
