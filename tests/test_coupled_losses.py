@@ -465,13 +465,15 @@ def test_rows_mixed_with_other_examples_couple_them(mixing: str) -> None:
 
 class SortedByLength(LightningModule):
     """A token model that sorts its examples by length before a layer and puts them back after it, as packing
-    does; ``tied``: the output layer shares the embedding's weight, and the embedding is applied to the sorted
-    tokens (a reordering the graph does not show: the tokens need no gradient)."""
+    does. ``sorting``: "hidden" sorts the embedding's output (``emb(t)[order]``); "tokens" sorts the tokens before
+    the embedding (a reordering the graph does not show: the tokens need no gradient); "none" keeps every example
+    in its place through the same operation (``h[keep]`` of a filter that keeps them all). ``tied``: the output
+    layer shares the embedding's weight."""
 
-    def __init__(self, tied: bool) -> None:
+    def __init__(self, tied: bool, sorting: str = "hidden") -> None:
         super().__init__()
         torch.manual_seed(3)
-        self.tied = tied
+        self.sorting = sorting
         self.emb, self.mid, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11, bias=False)
         if tied:
             self.head.weight = self.emb.weight
@@ -479,7 +481,9 @@ class SortedByLength(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         tokens, mask = batch
         order = torch.argsort(mask.sum(1), descending=True, stable=True)
-        h = self.emb(tokens[order]) if self.tied else self.emb(tokens)[order]
+        if self.sorting == "none":
+            order = torch.nonzero(mask.sum(1) > 0).squeeze(1)  # every example has a token: all kept, in order
+        h = self.emb(tokens[order]) if self.sorting == "tokens" else self.emb(tokens)[order]
         logits = self.head(torch.tanh(self.mid(h))[torch.argsort(order)])
         per_token = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none") * mask
         return per_token.sum() / mask.sum()
@@ -501,7 +505,7 @@ def test_examples_reordered_in_the_model_with_per_example_counts_skip_the_steps_
     gns = GradientNoiseScale(batch_size_fn=lambda batch: batch[1].sum(dim=1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer([gns], max_steps=4).fit(SortedByLength(tied=False), SortedByLength.data())
+        make_trainer([gns], max_steps=4).fit(SortedByLength(tied=True), SortedByLength.data())
     said = " ".join(str(w.message) for w in caught)
     assert gns.skipped_steps == 4 and "puts the examples of the batch in another order (IndexBackward0" in said
     assert "batch_size_fn gives one count per example" in said and gns.left_out == {}
@@ -516,9 +520,26 @@ def test_a_tied_weight_in_a_model_that_reorders_its_examples_is_left_out() -> No
     gns = GradientNoiseScale()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        make_trainer([gns], max_steps=4).fit(SortedByLength(tied=True), SortedByLength.data())
+        make_trainer([gns], max_steps=4).fit(SortedByLength(tied=True, sorting="tokens"), SortedByLength.data())
     assert set(gns.left_out) == {"emb.weight"} and gns.skipped_steps == 0
-    assert "used by more than one layer call in a model that puts the examples" in gns.left_out["emb.weight"]
+    assert "used by layer calls that see the examples of the batch in different orders" in gns.left_out["emb.weight"]
+
+
+@pytest.mark.parametrize("counts", ["per example", "per micro-batch"])
+def test_layers_that_see_the_batchs_order_stay_measured_beside_a_reordering(counts: str) -> None:
+    """Only the layers that see another order matter: a filter that keeps every example in its place is no
+    reordering (per-example counts measured), and a tied embedding and output layer on either side of a sort and
+    its inverse both see the batch's order (measured: only the layer between them sees the sorted order, which
+    per-example counts cannot weight). A sort of an already sorted batch is judged again on the next batch."""
+    fn = (lambda batch: batch[1].sum(dim=1)) if counts == "per example" else (lambda batch: batch[1].sum())
+    kept, sorted_between = GradientNoiseScale(batch_size_fn=fn), GradientNoiseScale(batch_size_fn=fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([kept], max_steps=4).fit(SortedByLength(tied=True, sorting="none"), SortedByLength.data())
+        make_trainer([sorted_between], max_steps=4).fit(SortedByLength(tied=True), SortedByLength.data())
+    assert kept.left_out == {} and kept.skipped_steps == 0
+    assert sorted_between.left_out == {}
+    assert sorted_between.skipped_steps == (4 if counts == "per example" else 0)
 
 
 class SlicesCombined(SequenceRegression):
@@ -574,3 +595,16 @@ def test_a_layer_called_on_one_examples_slice_is_left_out(batch_size: int) -> No
     # mid(h[i]) sees (T, d): at T == B its rows, that example's positions, were taken for the batch (silently wrong).
     gns = fit_and_check(SlicesCombined("layer on each slice").double(), batch_size, ("mid",))
     assert ("one example's slice" in gns.left_out["mid.weight"]) == (batch_size == 3)
+
+
+def test_a_sort_judged_on_a_batch_already_in_order_is_judged_again() -> None:
+    """The first batch is sorted by length already, so its sort is the batch's order: the graph is judged again
+    on the next batch (judged once, the later reorderings went unseen), and per-example counts skip from there."""
+    lengths = torch.tensor([6, 5, 4, 3] + [2, 6, 3, 4] * 3)
+    mask = (torch.arange(6)[None] < lengths[:, None]).long()
+    data = DataLoader(TensorDataset(torch.randint(1, 11, (16, 6)) * mask, mask), batch_size=4)
+    gns = GradientNoiseScale(batch_size_fn=lambda batch: batch[1].sum(dim=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=4).fit(SortedByLength(tied=False), data)
+    assert int(gns.metric.measured_steps) == 1 and gns.skipped_steps == 3

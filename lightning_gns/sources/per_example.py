@@ -65,15 +65,15 @@ MOVED = (
     " more micro-batches (mode='microbatch' norms whole gradients)"
 )
 REORDERED_TIED = (
-    "used by more than one layer call in a model that puts the examples of the batch in another order ({node}, e.g."
-    " h[order] of a sort by length): the calls may hold the examples in different orders, and the cross terms"
-    " between them would pair different examples. Keep the examples in their order through the model, or"
-    " accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
+    "used by layer calls that see the examples of the batch in different orders (the model reorders them: {node},"
+    " e.g. h[order] of a sort by length): the cross terms between the calls would pair different examples. Keep"
+    " the examples in their order through the model, or accumulate gradients over 2 or more micro-batches"
+    " (mode='microbatch' norms whole gradients)"
 )
 REORDERED_COUNTS = (
     "the model puts the examples of the batch in another order ({node}, e.g. h[order] of a sort by length), and"
-    " batch_size_fn gives one count per example: the layers before and after it hold the examples in different"
-    " orders, so their per-example norms cannot be matched to the counts, and every measured step is skipped. Keep"
+    " batch_size_fn gives one count per example: some layers see the examples in another order than the batch's,"
+    " so their per-example norms cannot be matched to the counts, and every measured step is skipped. Keep"
     " the examples in their order through the model, have batch_size_fn return the micro-batch's total (each"
     " example then weighs alike), or accumulate gradients over 2 or more micro-batches (mode='microbatch')"
 )
@@ -579,6 +579,7 @@ class PerExampleSource(GradNormSource):
         if square and loss.grad_fn is not None:
             unjudged = self._judge_square([loss.grad_fn], square)
         check, self._use_check = self._use_check, None
+        signature = None
         if check is not None and loss.grad_fn is not None and len(self._checked_graphs) < MAX_CHECKED_GRAPHS:
             signature = graph_signature(loss.grad_fn, self._index)
             if signature in self._checked_graphs:
@@ -599,8 +600,10 @@ class PerExampleSource(GradNormSource):
                 self.exclude(index, MOVED if node == MOVED_INPUT else COUPLED.format(node=node))
             if check.reordered is not None:
                 self.examples_reordered = check.reordered
-                for index in check.used_more_than_once():
-                    self.exclude(index, REORDERED_TIED.format(node=check.reordered))
+            for index in check.misaligned_params:
+                self.exclude(index, REORDERED_TIED.format(node=check.reordered or "a reordering"))
+            if check.reorder_uncertain and signature is not None:
+                self._checked_graphs.discard(signature)  # a sort of an already sorted batch: judge the next one too
 
     def _judge_square(self, roots: list[Any], square: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> list[nn.Module]:
         """Leave out the layers whose ``(B, B, ...)`` outputs the graph below ``roots`` broadcasts over the batch;

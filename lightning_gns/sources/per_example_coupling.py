@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gns.sources.per_example_axes import example_axis, moves_examples_off_the_batch
+from lightning_gns.sources.per_example_order import Order, agree, is_batch_order, reordered, row_index
 from lightning_gns.sources.per_example_rows import (
     ORDER_KEEPING,
     RESHAPES,
@@ -196,6 +198,32 @@ def _moves_examples(node: Node, carries: dict[Node, bool], uses: dict[Node, int]
     each row one example's and pairs nothing (but see :func:`_reorders_examples`)."""
     source = node.next_functions[0][0] if node.next_functions else None
     return uses.get(source, 0) >= 2 and _reorders_examples(node, carries, examples)
+
+
+class RowOrders:
+    """The order of the examples in the rows of each node's output that carries examples (per_example_order), the
+    name of the first node that reorders them, and whether one of those orders was the batch's own in the judged
+    micro-batch (a sort of a batch already sorted: another batch may be reordered)."""
+
+    def __init__(self) -> None:
+        self.orders: dict[Node, Order] = {}
+        self.first_reorder: str | None = None
+        self.uncertain = False
+
+    def follow(self, node: Node, carries: dict[Node, bool], reorders: bool, examples: int) -> None:
+        if not carries.get(node):
+            return
+        inputs = agree(self.orders.get(f) for f, _ in node.next_functions if f is not None and carries.get(f))
+        if reorders:
+            self.first_reorder = self.first_reorder or node.name()
+            index = row_index(node, examples)
+            self.uncertain = self.uncertain or (index is not None and is_batch_order(index))
+            inputs = reordered(node, inputs, examples)
+        self.orders[node] = inputs
+
+    def of_inputs(self, inputs: Iterable[Node]) -> Order:
+        """The order of the examples in a layer call's input rows (its inputs' grad_fns)."""
+        return agree(self.orders.get(i) for i in inputs)
 
 
 def _reorders_examples(node: Node, carries: dict[Node, bool], examples: int) -> bool:
@@ -459,20 +487,21 @@ def coupled_outputs(
     batch_first: dict[Node, frozenset[Node]],
     examples: int,
     leading: dict[Node, frozenset[Node]] | None = None,
-) -> tuple[dict[Node, str], str | None, str | None]:
+) -> tuple[dict[Node, str], str | None, RowOrders]:
     """The hooked layer outputs whose gradient or input an operation that pairs the examples of the batch makes
     depend on several examples (a layer after a statistic over the batch in the model, as after a BatchNorm), each
     with that operation's name; the name of a pairing operation with a compiled or reentrant-checkpointed
-    region so coupled (whose layers are none of ``outputs``: any layer may be in it), or None; and the name of an
-    operation that puts the examples in another order (:func:`_reorders_examples`), or None.
+    region so coupled (whose layers are none of ``outputs``: any layer may be in it), or None; and the order of the
+    examples in every node's rows (:mod:`~lightning_gns.sources.per_example_order`).
 
     ``outputs``: the grad_fns of the hooked layer calls' outputs; ``batch_first``: those whose leading dimension is
     the batch, each with the grad_fns of its call's inputs; ``leading``: those of layers that take every input
     batch-first (not an RNN's ``hx``, not ``batch_first=False``), named :data:`MOVED_INPUT` where an input's examples
     are followed to another dimension.
     """
+    rows = RowOrders()
     if examples < 2:
-        return {}, None, None
+        return {}, None, rows
     carries: dict[Node, bool] = {}
     tables = ExampleFreeInputs()
     pairing: list[Node] = []
@@ -486,15 +515,13 @@ def coupled_outputs(
     tags: dict[Node, int | None] = {}  # the one example a node's output is computed from, where it is a slice's
     axes: dict[Node, int | None] = {}  # the dimension of a node's output that holds the examples (per_example_axes)
     roots = set(batch_first)
-    reorder: str | None = None
     for node in order:
         carries[node] = _carries_examples(node, batch_first, carries, tables, outputs, examples) or any(
             carries.get(f, False) for f, _ in node.next_functions if f is not None
         )
         tags[node], combines = _slice_tags(node, tags, carries, batch_first, examples)
         axes[node] = example_axis(node, roots, axes, carries, examples)
-        if reorder is None and _reorders_examples(node, carries, examples):
-            reorder = node.name()
+        rows.follow(node, carries, _reorders_examples(node, carries, examples), examples)
         if combines:
             pairing.append(node)
             if _linear(node, carries):  # a sum of two examples' slices couples only where a nonlinearity follows
@@ -515,13 +542,13 @@ def coupled_outputs(
         r: MOVED_INPUT for r, inputs in (leading or {}).items() if any(axes.get(i) not in (None, 0) for i in inputs)
     }
     if not pairing:
-        return moved, None, reorder
+        return moved, None, rows
     found: dict[Node, str] = {}
     opaque_below: str | None = None
     seen: set[Node] = set()
     stack, above, couplers = _coupled_branches(order, pairing, carries, conditional)
     if not couplers:
-        return moved, None, reorder  # only sums over the batch that reach the loss linearly
+        return moved, None, rows  # only sums over the batch that reach the loss linearly
     name = couplers[0].name()
     if name in _BATCHED and moves_examples_off_the_batch(couplers[0], axes, carries):
         name += (
@@ -541,4 +568,4 @@ def coupled_outputs(
             opaque_below = name
         stack.extend(f for f, _ in node.next_functions if f is not None and f not in seen)
     found.update(moved)
-    return found, opaque_below, reorder
+    return found, opaque_below, rows

@@ -17,14 +17,15 @@ functionally, is found on the first micro-batch it appears in.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from lightning_gns.sources.per_example_coupling import coupled_outputs
+from lightning_gns.sources.per_example_coupling import RowOrders, coupled_outputs
+from lightning_gns.sources.per_example_order import Order, agree, is_batch_order
 
 Node = Any  # torch.autograd.graph.Node
 
@@ -83,7 +84,13 @@ class UseCheck:
         self._examples = examples
         self._calls: list[_Call] = []
         self.compiled_region: str | None = None  # the name of a compiled region outside_uses met: it saw no further
-        self.reordered: str | None = None  # the name of an operation coupled() found reordering the examples
+        # Set by coupled(): the name of an operation that reorders the examples where some layer call sees them in
+        # another order than the batch's (None if every call sees the batch's order), whether the judged micro-batch
+        # may hide a reordering (a sort of a batch already in order), and the parameters whose calls see the
+        # examples in different orders.
+        self.reordered: str | None = None
+        self.reorder_uncertain = False
+        self.misaligned_params: set[int] = set()
 
     def record_call(self, outputs: Any, inputs: Any, indices: list[int], reads_layout: bool = False) -> None:
         """A hooked layer call: its outputs, its inputs (args and kwargs), its watched parameters' indices, and
@@ -136,9 +143,8 @@ class UseCheck:
             for node in call.batch_first
             if node in batch_first
         }
-        found, opaque_below, self.reordered = coupled_outputs(
-            loss.grad_fn, outputs, batch_first, self._examples, leading
-        )
+        found, opaque_below, rows = coupled_outputs(loss.grad_fn, outputs, batch_first, self._examples, leading)
+        self._judge_orders(rows, excluded)
         coupled: dict[int, str] = {}
         for roots, _, indices, _, _ in self._calls:
             node = next((found[r] for r in roots if r in found), None)
@@ -148,11 +154,22 @@ class UseCheck:
             coupled.update((i, opaque_below) for i in self._param_index.values() if i not in coupled)
         return coupled
 
-    def used_more_than_once(self) -> set[int]:
-        """Indices of the watched parameters that more than one recorded layer call uses (a tied weight, a layer
-        called twice)."""
-        calls = Counter(i for call in self._calls for i in set(call.indices))
-        return {i for i, count in calls.items() if count > 1}
+    def _judge_orders(self, rows: RowOrders, excluded: set[int] | frozenset[int]) -> None:
+        self.reorder_uncertain = rows.uncertain
+        if rows.first_reorder is None:
+            return
+        orders_by_param: dict[int, list[Order]] = defaultdict(list)
+        for call in self._calls:
+            if set(call.indices) <= excluded:
+                continue  # a layer left out (an LSTM on a sorted PackedSequence) measures nothing
+            order = rows.of_inputs(call.stops)
+            if not is_batch_order(order):
+                self.reordered = rows.first_reorder
+            for i in set(call.indices):
+                orders_by_param[i].append(order)
+        self.misaligned_params = {
+            i for i, orders in orders_by_param.items() if len(orders) > 1 and isinstance(agree(orders), str)
+        }
 
     def _param_edges(self, roots: Iterable[Node], stops: set[Node]) -> Iterator[tuple[Node, int]]:
         """(node, index) for every edge into a watched parameter from a node reachable from ``roots``, not
