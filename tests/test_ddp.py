@@ -57,6 +57,23 @@ def test_ddp_matches_float64_recomputation(tmp_path: Path, accumulate: int, user
     assert_matches_reference(merged_recorder(results), world_size=2, beta=0.9)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["comm-hook", "accumulation"])
+def test_ddp_windows_without_an_optimizer_step_are_dropped_on_both_ranks(tmp_path: Path, accumulate: int) -> None:
+    """An optimizer_step that skips every third window on both ranks: those windows are dropped (they were added to
+    the next window's norms, whose .grad holds that window alone), the other steps match the float64
+    recomputation, and no rank waits for the other."""
+    args = ["--accumulate", str(accumulate), "--examples", "192", "--lr", "0.3", "--model", "skips-windows"]
+    results = run_ddp(tmp_path, *args)
+    check_ranks_agree(results)
+    windows = 192 // 2 // 8 // accumulate
+    assert [r["unstepped_windows"] for r in results] == [windows // 3] * 2
+    for r in results:
+        kept = set(range(len(r["micro_batches"]))) - set(r["dropped"])
+        r["micro_batches"] = [mb for i, mb in enumerate(r["micro_batches"]) if i in kept]
+    assert results[0]["measured_steps"] == windows - windows // 3 and results[0]["skipped_steps"] == 0
+    assert_matches_reference(merged_recorder(results), world_size=2, beta=0.9)
+
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_per_example_matches_float64_recomputation(tmp_path: Path, strategy: str, accumulate: int) -> None:

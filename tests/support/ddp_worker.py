@@ -81,6 +81,28 @@ class WithRawOffset(LinearRegression):
         return 0.5 * (self.linear(x).squeeze(-1) + self.offset - y).square().mean()
 
 
+class SkipsEveryThirdWindow(LinearRegression):
+    """Runs the closure of every accumulation window and optimizer.step() on two of three only, alike on both
+    ranks; ``dropped`` holds the micro-batches (in the order they came) of the windows that took no step."""
+
+    def __init__(self, problem: LinearProblem, lr: float = 0.0) -> None:
+        super().__init__(problem, lr)
+        self.windows = self.micro_batches = 0
+        self.dropped: list[int] = []
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.micro_batches += 1
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        self.windows += 1
+        if self.windows % 3:
+            optimizer.step(closure=optimizer_closure)
+            return
+        optimizer_closure()
+        window = self.trainer.accumulate_grad_batches
+        self.dropped.extend(range(self.micro_batches - window, self.micro_batches))
+
+
 class ReplayedLayers(LinearRegression):
     """The linear model's input read as 3 steps of 2 features through a GRU, attention and a user-written norm.
 
@@ -163,6 +185,8 @@ class SaveResults(Callback):
             "closed_form_trace_cov": problem.trace_cov,
             "closed_form_grad_sq_norm": problem.grad_sq_norm,
         }
+        if isinstance(pl_module, SkipsEveryThirdWindow):
+            result["dropped"], result["unstepped_windows"] = pl_module.dropped, gns.tracker.unstepped_windows
         if isinstance(pl_module, (UnusedBranches, ReplayedLayers)):
             result["final_params"] = {n: p.detach().double().clone() for n, p in pl_module.named_parameters()}
         self.out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +249,7 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["ddp", "ddp_spawn", "fsdp2"], default="ddp")
     parser.add_argument(
         "--model",
-        choices=["linear", "mlp", "module-comm-hook", "unused-branches", "replayed", "raw-offset"],
+        choices=["linear", "mlp", "module-comm-hook", "unused-branches", "replayed", "raw-offset", "skips-windows"],
         default="linear",
     )
     parser.add_argument("--per-layer", action="store_true")
@@ -246,6 +270,7 @@ def main() -> None:
         "unused-branches": UnusedBranches,
         "replayed": ReplayedLayers,
         "raw-offset": WithRawOffset,
+        "skips-windows": SkipsEveryThirdWindow,
     }
     model_class = models[args.model]
     data: Any = loader(x, y, args.batch_size)
