@@ -43,9 +43,10 @@ Weighting the small batches by ``b_i`` in ``A`` is inverse-variance weighting (e
 sum of squares of a one-way ANOVA. With equal sizes and ``w_i = b_i`` the weighted form reduces to the
 paper's form with ``b_small = b`` and ``b_big = n b``.
 
-``D > 0`` exactly when the big-batch gradient is less noisy than the small batches (``Q < n / B``).
-A single small batch gives ``D = 0``: the step carries no information about the noise, and the
-estimators return NaN so that callers can skip it like any other unmeasurable step.
+``D > 0`` exactly when the big-batch gradient is less noisy than the small batches (``Q < n / B``); ``D < 0``
+(equal weights on sizes far apart) is solved all the same, unbiased. A single small batch gives ``D = 0``: the
+step carries no information about the noise, and the estimators return NaN so that callers can skip it like
+any other unmeasurable step.
 
 All the sums are additive over processes, so a distributed run sums a :class:`SmallBatchSummary`
 with one all-reduce.
@@ -316,7 +317,9 @@ def unbiased_estimates(summary: SmallBatchSummary, big_sq_norm: Tensor) -> tuple
     big = big_sq_norm.to(device=a.device, dtype=torch.float64)
     big_noise_coef = w2_over_b / w.square()
     determinant = n - big_noise_coef * b
-    degenerate = determinant <= _DEGENERATE_TOLERANCE * n
+    # Zero for a single small batch (nothing to tell noise from signal). Negative is no problem: with equal weights
+    # and sizes far apart (21 and 324 tokens) the system is still well posed and the estimates unbiased.
+    degenerate = determinant.abs() <= _DEGENERATE_TOLERANCE * n
     determinant = torch.where(degenerate, torch.full_like(determinant, float("nan")), determinant)
     grad_sq_norm = (n * big - big_noise_coef * a) / determinant
     trace_cov = (a - b * big) / determinant

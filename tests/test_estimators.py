@@ -46,7 +46,8 @@ def test_exactly_unbiased_for_any_sizes_and_weights(g2: float, tr: float, data: 
     sizes = data.draw(sizes_st)
     weights = data.draw(st.lists(weight_st, min_size=len(sizes), max_size=len(sizes)))
     small, big, determinant = expected_norms(g2, tr, sizes, weights)
-    assume(determinant > 1e-3 * len(sizes))
+    # Negative too: equal weights with sizes far apart (21 and 324 tokens); such steps were skipped without a word.
+    assume(abs(determinant) > 1e-3 * len(sizes))
     g2_hat, tr_hat = unbiased_estimates(summarize_small_batches(t(small), t(sizes), t(weights)), t(big))
     # Relative to the larger unknown: the estimators subtract terms of that size (float cancellation).
     assert float(g2_hat) == pytest.approx(g2, rel=1e-9, abs=1e-9 * max(g2, tr))
@@ -62,6 +63,15 @@ def test_exactly_unbiased_with_default_weights(g2: float, tr: float, sizes: list
     # Relative to the larger unknown: the estimators subtract terms of that size (float cancellation).
     assert float(g2_hat) == pytest.approx(g2, rel=1e-9, abs=1e-9 * max(g2, tr))
     assert float(tr_hat) == pytest.approx(tr, rel=1e-9, abs=1e-9 * max(g2, tr))
+
+
+def test_equal_weights_on_sizes_far_apart_are_estimated() -> None:
+    """Two micro-batches of 21 and 324 tokens, weighted alike (Lightning's accumulation): the determinant is
+    negative (-2.37), not zero, and the estimates are exact on expected norms (the step was skipped as degenerate)."""
+    small, big, determinant = expected_norms(2.0, 30.0, [21, 324], [1.0, 1.0])
+    assert determinant == pytest.approx(-2.37, abs=0.01)
+    g2_hat, tr_hat = unbiased_estimates(summarize_small_batches(t(small), t([21, 324]), t([1.0, 1.0])), t(big))
+    assert float(g2_hat) == pytest.approx(2.0, rel=1e-12) and float(tr_hat) == pytest.approx(30.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("equal_weights", [True, False], ids=["w=1", "w=b"])
@@ -166,7 +176,8 @@ def test_summary_fields_by_hand() -> None:
         ([3.0], [8], [2.5]),
         ([], [], None),  # nothing at all
         ([], [], []),
-        ([2.0, 3.0], [1, 1000], [1000.0, 1.0]),  # weights make the big batch noisier: D < 0
+        # D = n - B sum(w^2/b) / W^2 = 2 - 4 (1 + w^2/3) / (1 + w)^2 = 0 at w = 2 sqrt(3) - 3: singular (D < 0 is not)
+        ([2.0, 3.0], [1, 3], [1.0, 2 * math.sqrt(3) - 3]),
         ([2.0, 3.0], [4, 4], [1.0, 0.0]),  # big batch is the first small batch: D = 0
     ],
 )

@@ -40,7 +40,7 @@ class Step:
         a = math.fsum(b * s for b, s in zip(self.sizes, self.small, strict=True))
         q = math.fsum(w * w / b for w, b in zip(weights, self.sizes, strict=True)) / math.fsum(weights) ** 2
         det = n - q * sum(self.sizes)
-        if n < 2 or det <= 1e-9 * n or not all(map(math.isfinite, [*self.small, self.big])):
+        if n < 2 or abs(det) <= 1e-9 * n or not all(map(math.isfinite, [*self.small, self.big])):
             return None
         return (n * self.big - q * a) / det, (a - sum(self.sizes) * self.big) / det
 
