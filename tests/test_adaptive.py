@@ -529,6 +529,18 @@ def test_ddp_ranks_switch_together(tmp_path: Path) -> None:
     assert any(math.isfinite(high) for _, high, _ in ranks[0]["intervals"])
 
 
+def test_ddp_micro_batch_is_the_mean_over_the_ranks(tmp_path: Path) -> None:
+    """Rank 0 counts 1 unit per example, rank 1 two: 4 and 8 units per micro-batch. The schedule's micro-batch is the
+    ranks' mean, 6 (rank 0's alone, 4, put the effective batch a third low; a probe's skewed token counts, 70%)."""
+    worker = Path(__file__).parent / "support" / "adaptive_ddp_worker.py"
+    run_worker(worker, "--out", str(tmp_path), "--rank-units")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["history"] == ranks[1]["history"]
+    assert [(h["step"], h["accumulation"]) for h in ranks[0]["history"]] == [(0, 1), (3, 3), (6, 2), (9, 4)]
+    assert ranks[0]["micro_batch_sizes"] and set(ranks[0]["micro_batch_sizes"]) == {6.0}
+    assert ranks[0]["last_micro_batch_size"] == ranks[1]["last_micro_batch_size"] == 6.0
+
+
 # ---------------------------------------------------------------- namespaces and LightningCLI
 
 

@@ -254,7 +254,7 @@ def test_resume_with_another_batch_size_fn_says_the_units_may_mix(
         (set_key("micro_batch_size", 0), r"'micro_batch_size' is 0, must be None or a finite number >= 1"),
         (set_key("micro_batch_size", math.inf), r"'micro_batch_size' is inf, must be None or a finite number >= 1"),
         (set_key("epoch_units", -3), r"'epoch_units' is -3, must be a finite number >= 0"),
-        (set_key("epoch_micro_batches", 2.5), r"'epoch_micro_batches' is 2\.5, must be an int >= 0"),
+        (set_key("epoch_micro_batches", -1), r"'epoch_micro_batches' is -1, must be a finite number >= 0"),
         (set_key("units_epoch", -1), r"'units_epoch' is -1, must be an int >= 0"),
         (set_key("history", [{"step": 0}]), r"'history\[0\]' is \{'step': 0\}, must be a dict with step"),
         (set_key("lr_scaling", "cubic"), r"'lr_scaling' is 'cubic', not one of"),

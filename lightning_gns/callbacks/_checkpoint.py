@@ -209,13 +209,13 @@ def validate_adaptive_state(state: Any, lr_scalings: Iterable[str], callback: st
     micro = state.get("micro_batch_size")
     if micro is not None and not (_is_number(micro) and math.isfinite(micro) and micro >= 1):
         raise _fail(callback, "micro_batch_size", f"is {micro!r}, must be None or a finite number >= 1")
-    units = state.get("epoch_units", 0)
-    if not (_is_number(units) and math.isfinite(units) and units >= 0):
-        raise _fail(callback, "epoch_units", f"is {units!r}, must be a finite number >= 0")
-    for key in ("epoch_micro_batches", "units_epoch"):
-        value = state.get(key)
-        if value is not None and (not _is_int(value) or value < 0):
-            raise _fail(callback, key, f"is {value!r}, must be an int >= 0")
+    for key in ("epoch_units", "epoch_micro_batches"):  # under DDP the ranks' means: not whole numbers
+        value = state.get(key, 0)
+        if not (_is_number(value) and math.isfinite(value) and value >= 0):
+            raise _fail(callback, key, f"is {value!r}, must be a finite number >= 0")
+    units_epoch = state.get("units_epoch")
+    if units_epoch is not None and (not _is_int(units_epoch) or units_epoch < 0):
+        raise _fail(callback, "units_epoch", f"is {units_epoch!r}, must be an int >= 0")
     history = state.get("history", [])
     if not isinstance(history, list):
         raise _fail(callback, "history", f"must be a list of changes, got {type(history).__name__}")

@@ -179,11 +179,11 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         # every_n_epochs, a resume). Read on every micro-batch, not only on the optimizer steps': those would weigh
         # the epoch's short last micro-batch as one of len/k reads instead of one of len. A count that is a tensor
         # is added on its device, and read on logging and deciding steps only.
-        self._epoch_units: int | Tensor = 0
-        self._epoch_micro_batches = 0
+        self._epoch_units: int | float | Tensor = 0
+        self._epoch_micro_batches: int | float = 0
         self._units_epoch: int | None = None  # the epoch the sums above belong to (checkpointed with them)
         # The sums of the epoch before (or the checkpoint's mean), for readouts before this epoch's first micro-batch.
-        self._earlier_units: tuple[int | float | Tensor, int] | None = None
+        self._earlier_units: tuple[int | float | Tensor, int | float] | None = None
         # What load_state_dict needs beyond the callback's own state, gathered by on_load_checkpoint.
         self._resume_context: dict[str, Any] = {}
         self._gns: GradientNoiseScaleBase | None = None
@@ -399,6 +399,8 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             and (self.last_change_step is None or step - self.last_change_step >= self.min_steps_between_changes)
             and step % self.check_every_n_steps == 0
         )
+        if (logging or deciding) and trainer.world_size > 1:
+            self._share_units(trainer)
         if logging:
             self._log(pl_module, trainer.world_size)
         if deciding:
@@ -407,6 +409,21 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             epoch_ended = fit_loop.epoch_loop._num_ready_batches_reached()
             if is_safe_boundary(batch_idx + 1, self.pending[0], epoch_ended):
                 self._switch(trainer, step)
+
+    def _share_units(self, trainer: Trainer) -> None:
+        """Replace each rank's sums by the mean over the ranks (one small all-reduce, on logging and deciding steps,
+        which every rank takes alike): the micro-batch is then the ranks' mean, not rank 0's (ranks whose token
+        counts differ logged an effective batch 70% low in a probe). Added to on every rank from here, the sums
+        stay the ranks' total divided by their number, as rank 0's checkpoint saves them."""
+        device = trainer.strategy.root_device
+        sums = torch.stack(
+            [
+                torch.as_tensor(self._epoch_units, dtype=torch.float64, device=device),
+                torch.tensor(float(self._epoch_micro_batches), dtype=torch.float64, device=device),
+            ]
+        )
+        shared = trainer.strategy.reduce(sums, reduce_op="sum") / trainer.world_size
+        self._epoch_units, self._epoch_micro_batches = shared[0], float(shared[1])
 
     # ------------------------------------------------------------------ decisions
     def _decide(self, trainer: Trainer, step: int) -> tuple[int, float] | None:
@@ -612,8 +629,8 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         micro = state_dict.get("micro_batch_size")
         self._earlier_units = None if micro is None else (float(micro), 1)
         # Saved before the sums were (a run resumed from such a checkpoint averages the reads after the resume).
-        self._epoch_units = round(float(state_dict.get("epoch_units", 0)))  # counts of whole units
-        self._epoch_micro_batches = int(state_dict.get("epoch_micro_batches", 0))
+        self._epoch_units = float(state_dict.get("epoch_units", 0))  # under DDP the ranks' mean: not whole
+        self._epoch_micro_batches = float(state_dict.get("epoch_micro_batches", 0))
         units_epoch = state_dict.get("units_epoch")
         self._units_epoch = None if units_epoch is None else int(units_epoch)
         self.history = [dict(entry) for entry in state_dict.get("history", [])]
