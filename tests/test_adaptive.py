@@ -529,6 +529,8 @@ def test_ddp_ranks_switch_together(tmp_path: Path) -> None:
     assert any(math.isfinite(high) for _, high, _ in ranks[0]["intervals"])
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ddp_micro_batch_is_the_mean_over_the_ranks(tmp_path: Path) -> None:
     """Rank 0 counts 1 unit per example, rank 1 two: 4 and 8 units per micro-batch. The schedule's micro-batch is the
     ranks' mean, 6 (rank 0's alone, 4, put the effective batch a third low; a probe's skewed token counts, 70%)."""
