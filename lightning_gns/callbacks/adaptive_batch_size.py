@@ -34,7 +34,7 @@ from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._checkpoint import ADAPTIVE_RENAMED_KEYS, renamed_keys, validate_adaptive_state
 from lightning_gns.callbacks._logging import log_scalars
 from lightning_gns.callbacks._namespace import LightningNamespace
-from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleBase
+from lightning_gns.callbacks.gradient_noise_scale import GradientNoiseScaleBase, is_fitting
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer
@@ -573,8 +573,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         }
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        fn = trainer.state.fn
-        fitting = getattr(fn, "value", fn) == "fit"
+        fitting = is_fitting(trainer)
         # Lightning calls load_state_dict only where the checkpoint holds this callback's state.
         key = getattr(self, "state_key", type(self).__qualname__)  # Lightning's Callback gives it
         self._skip_next_load = not fitting and key in (checkpoint.get("callbacks") or {})

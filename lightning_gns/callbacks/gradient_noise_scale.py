@@ -597,7 +597,7 @@ class GradientNoiseScaleBase(LightningNamespace):
         # Validation inside an accumulation window (val_check_interval not a multiple of accumulate_grad_batches):
         # a validation_step that calls backward (Trainer(inference_mode=False)) adds to .grad, the window's big
         # batch, a gradient none of its recorded micro-batches holds. Seen by .grad's identity and version counter.
-        fitting = _fitting(trainer) and not trainer.sanity_checking
+        fitting = is_fitting(trainer) and not trainer.sanity_checking
         in_window = fitting and not self.tracker.step_is_empty
         self._grads_before_validation = _grad_versions(self._optimized_params(trainer)) if in_window else None
 
@@ -706,8 +706,8 @@ class GradientNoiseScaleBase(LightningNamespace):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning calls load_state_dict only where the checkpoint holds this callback's state.
         holds_ours = self.state_key in (checkpoint.get("callbacks") or {})
-        self._skip_next_load = holds_ours and not _fitting(trainer)
-        if not _fitting(trainer):
+        self._skip_next_load = holds_ours and not is_fitting(trainer)
+        if not is_fitting(trainer):
             return
         # Lightning loads only the state saved under this callback's state_key, which holds mode and beta: a
         # resume with other settings would restart the averages without a word.
@@ -757,7 +757,7 @@ def _grad_versions(params: list[torch.nn.Parameter]) -> list[tuple[int, int]]:
     return [(0, 0) if p.grad is None else (id(p.grad), p.grad._version) for p in params]
 
 
-def _fitting(trainer: Trainer) -> bool:
+def is_fitting(trainer: Trainer) -> bool:
     """Whether the trainer runs ``fit`` (not ``validate``, ``test`` or ``predict``)."""
     fn = trainer.state.fn
     return getattr(fn, "value", fn) == "fit"
