@@ -440,6 +440,9 @@ class MixedRows(nn.Module):
         elif self.mixing == "index_select, dimension from the end":
             h3 = h.view(4, 2, 4)
             h = (0.7 * h3 + 0.3 * h3.index_select(-3, order)).view(4, 8)
+        elif self.mixing == "filter keeping every example":  # h[keep] beside h itself, keep == arange(4)
+            keep = torch.nonzero(h.detach().abs().sum(1) >= 0).squeeze(1)
+            h = h + torch.tanh(h[keep])
         else:  # reordered, transformed row by row, and put back in place
             h = torch.tanh(h[order])[torch.argsort(order)]
         return self.b(h).square().mean()
@@ -449,14 +452,14 @@ class MixedRows(nn.Module):
     "mixing",
     [
         "roll", "flip", "permutation", "index_select", "reorder", "roll, dimension from the end",
-        "index_select, dimension from the end",
+        "index_select, dimension from the end", "filter keeping every example",
     ],
 )  # fmt: skip
 def test_rows_mixed_with_other_examples_couple_them(mixing: str) -> None:
     torch.manual_seed(0)
     model = MixedRows(mixing)
     tracker = measured(model, lambda: model(torch.randn(4, 6)))
-    if mixing == "reorder":
+    if mixing in ("reorder", "filter keeping every example"):
         assert tracker.left_out == {} and int(tracker.metric.measured_steps) == 1
     else:
         assert set(tracker.left_out) == {"a.weight", "a.bias", "b.weight", "b.bias"}

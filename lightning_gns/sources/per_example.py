@@ -126,6 +126,9 @@ COMPILED_UNCHECKED = (
 # structure not checked before, up to this many structures; a model whose graph keeps changing (layer drop,
 # experts picked per batch) is checked on every RECHECK_EVERY-th measured micro-batch after that.
 MAX_CHECKED_GRAPHS = 32
+# A graph whose reorderings kept the batch's order is judged again on this many more micro-batches at most: a sort
+# by length is the identity on a batch already in order (1 in B! batches), a filter that keeps every example always.
+MAX_REJUDGED = 8
 RECHECK_EVERY = 50
 # The first replays of each replayed layer are compared with its forward's outputs (one host sync each).
 REPLAY_CHECKS = 2
@@ -491,6 +494,7 @@ class PerExampleSource(GradNormSource):
         # on each loss graph of a structure (graph_signature) not checked before.
         self._checks_uses = False
         self._checked_graphs: set[int] = set()
+        self._rejudged: dict[int, int] = defaultdict(int)  # signature -> times judged again (MAX_REJUDGED)
         self._records = 0  # measured micro-batches recorded so far
         self._use_check: UseCheck | None = None
 
@@ -510,6 +514,7 @@ class PerExampleSource(GradNormSource):
         # nn.DataParallel's replicas hold copies of the parameters: their uses are no layer call's.
         self._checks_uses = not any(isinstance(m, nn.DataParallel) for m in model.modules())
         self._checked_graphs, self._records = set(), 0
+        self._rejudged.clear()
         whole: list[str] = []  # modules the generic path replays with all their children
         for module_name, module in model.named_modules():
             if any(module_name.startswith(f"{w}.") or not w for w in whole):
@@ -602,8 +607,10 @@ class PerExampleSource(GradNormSource):
                 self.examples_reordered = check.reordered
             for index in check.misaligned_params:
                 self.exclude(index, REORDERED_TIED.format(node=check.reordered or "a reordering"))
-            if check.reorder_uncertain and signature is not None:
-                self._checked_graphs.discard(signature)  # a sort of an already sorted batch: judge the next one too
+            if check.reorder_uncertain and signature is not None and self._rejudged[signature] < MAX_REJUDGED:
+                # A sort of an already sorted batch, or a filter that kept every example: judge the next one too.
+                self._rejudged[signature] += 1
+                self._checked_graphs.discard(signature)
 
     def _judge_square(self, roots: list[Any], square: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> list[nn.Module]:
         """Leave out the layers whose ``(B, B, ...)`` outputs the graph below ``roots`` broadcasts over the batch;

@@ -197,7 +197,12 @@ def _moves_examples(node: Node, carries: dict[Node, bool], uses: dict[Node, int]
     ``0.7 * h + 0.3 * h.roll(1, 0)`` mixes two examples in each row. A reordering alone (a sort for packing) keeps
     each row one example's and pairs nothing (but see :func:`_reorders_examples`)."""
     source = node.next_functions[0][0] if node.next_functions else None
-    return uses.get(source, 0) >= 2 and _reorders_examples(node, carries, examples)
+    if uses.get(source, 0) < 2 or not _reorders_examples(node, carries, examples):
+        return False
+    # A filter that keeps every example in its place (h[keep] with keep == arange here) mixes nothing in this batch;
+    # the graph is judged again on later ones (RowOrders.uncertain).
+    index = row_index(node, examples)
+    return index is None or not is_batch_order(index)
 
 
 class RowOrders:

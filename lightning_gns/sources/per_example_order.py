@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_gns.sources.per_example_rows import dim_index
+
 Node = Any  # torch.autograd.graph.Node
 UNKNOWN = "unknown order"
 Order = Tensor | str | None
@@ -71,10 +73,16 @@ def row_index(node: Node, examples: int) -> Tensor | None:
     elif name == "FlipBackward0":
         index = torch.arange(examples - 1, -1, -1)
     elif name == "RollBackward0" and node._saved_dims:
-        dims = [int(d) for d in node._saved_dims]
         rank = len(node._input_metadata[0].shape)
-        shift = next((int(s) for d, s in zip(dims, node._saved_shifts, strict=False) if d % rank == 0), 0)
+        dims = [dim_index(d, rank) for d in node._saved_dims]  # a negative dim is saved as unsigned 64-bit
+        shift = next((_signed(s) for d, s in zip(dims, node._saved_shifts, strict=False) if d == 0), 0)
         index = (torch.arange(examples) - shift) % examples
     if not isinstance(index, Tensor) or index.dim() != 1 or index.numel() != examples or index.is_floating_point():
         return None
     return index.long()
+
+
+def _signed(saved: Any) -> int:
+    """A saved integer argument as signed (negative values read as unsigned 64-bit)."""
+    value = int(saved)
+    return value - (1 << 64) if value >= 1 << 63 else value
