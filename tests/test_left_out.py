@@ -23,7 +23,7 @@ from support.multiprocess import run_worker
 from support.reference import ema_history
 from support.syncs import SyncWatcher
 from support.trainers import fit64, make_trainer
-from support.zoo import SequenceRegression, TinyGPT
+from support.zoo import Scale, SequenceRegression, TinyGPT
 
 RAW_TOP = (
     "raw parameter used in the forward of the top module (Structure), outside any layer the per-example source hooks"
@@ -440,17 +440,6 @@ class CentredByADetachedMean(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.tanh((x - x.detach().mean(0)) @ self.w)
-
-
-class Scale(nn.Module):
-    """A user layer (the generic replay path): ``x * w``."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.linspace(0.5, 1.5, width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.w
 
 
 class MaskedMixing(nn.Module):

@@ -23,23 +23,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gns import GradientNoiseScale
 from support.per_example_check import fit_and_check
 from support.trainers import fit64
-from support.zoo import SequenceRegression, ZooModule
+from support.zoo import Scale, SequenceRegression, ZooModule
 
 TABLES = (
     "embedding-then-linear", "raw-table", "frozen-table", "buffer", "norm-of-table", "embedding-expanded",
     "custom-layer", "shared-layer",
 )  # fmt: skip
-
-
-class Scale(nn.Module):
-    """A user-written layer (the generic per-example path): ``x * weight``."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.weight
 
 
 class PositionTable(SequenceRegression):

@@ -15,6 +15,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+class Scale(nn.Module):
+    """A user-written layer (the generic per-example path): ``x * weight``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
 class ZooModule(LightningModule):
     def __init__(self, lr: float = 0.0) -> None:
         super().__init__()
