@@ -39,15 +39,23 @@ class Announcements:
             self(low_coverage_message(covered))
 
     def nothing_measured(
-        self, skipped: int, failure: str | None, mode: str | None, world_size: int, accumulation: int
+        self,
+        skipped: int,
+        failure: str | None,
+        mode: str | None,
+        world_size: int,
+        accumulation: int,
+        one_example: bool | None = None,
     ) -> None:
         """Once: no optimizer step could be measured so far (``skipped`` of them), with what may be the cause:
-        the last ``failure`` of a step, or a setup without two small batches per step."""
+        the last ``failure`` of a step, or a setup without two small batches per step (``one_example``: whether
+        the measured micro-batches held one example each; None if not known)."""
         if self._nothing_measured_said:
             return
         self._nothing_measured_said = True  # once: the message's count would make every logging step new
         reasons = [] if failure is None else [failure]
-        if failure is None and mode == "per_example" and world_size == 1 and accumulation == 1:
+        single = one_example is not False and mode == "per_example" and world_size == 1 and accumulation == 1
+        if failure is None and single:
             reasons.append(
                 "a micro-batch of one example on one process has a single small batch (per_example needs at least"
                 " two examples per optimizer step)"

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 BatchSizeFn = Callable[[Any], "int | Tensor"]
 
@@ -28,13 +29,7 @@ def leading_dim_batch_size(batch: Any) -> int:
     if samples is not None and set(sizes.values()) != {samples}:
         # Each sample's own tensors lead with a feature or sequence dimension: counting them would give every
         # estimate a wrong unit, silently (a list of 16 pairs (x of shape (8,), y) would count 8 examples).
-        raise ValueError(
-            f"GradientNoiseScale cannot count the examples of this batch: it is a {type(batch).__name__} of"
-            f" {samples} items of one structure, as a collate_fn that returns the samples as they are"
-            f" (collate_fn=list) makes, and their tensors lead with {sorted(set(sizes.values()))[:4]}, not"
-            f" {samples}. If each item is one example, pass batch_size_fn=len (or count the tokens the loss averages"
-            " over); otherwise pass batch_size_fn returning the number of examples."
-        )
+        raise _uncollated_error(batch, samples, set(sizes.values()))
     if not sizes:
         raise ValueError(
             f"GradientNoiseScale could not find the batch size: no tensor with a leading dimension in a batch of"
@@ -69,6 +64,36 @@ def _sample_list_length(batch: Any) -> int | None:
     return len(batch)
 
 
+def refuse_uncollated_samples(batch: Any, loader_batch_size: int, counted: int | Tensor) -> None:
+    """Refuse a batch that is a list or tuple of ``loader_batch_size`` samples left uncollated, where the default
+    count took the samples' own leading dimension.
+
+    :func:`leading_dim_batch_size` alone cannot tell 2-3 samples, or single-tensor samples of one shape (a list of
+    ``(T,)`` sequences, as ``collate_fn=list`` gives), from a batch's fields; the dataloader's batch size can.
+    """
+    if not isinstance(batch, (list, tuple)) or len(batch) != loader_batch_size or not isinstance(counted, int):
+        return
+    if counted == loader_batch_size:
+        return
+    first = batch[0]
+    if isinstance(first, Tensor):
+        if first.dim() == 0 or any(not isinstance(item, Tensor) or item.shape != first.shape for item in batch):
+            return
+    elif _structure(first) is None or any(_structure(item) != _structure(first) for item in batch[1:]):
+        return
+    raise _uncollated_error(batch, len(batch), {counted})
+
+
+def _uncollated_error(batch: Any, samples: int, leading: set[int]) -> ValueError:
+    return ValueError(
+        f"GradientNoiseScale cannot count the examples of this batch: it is a {type(batch).__name__} of"
+        f" {samples} items of one structure, as a collate_fn that returns the samples as they are"
+        f" (collate_fn=list) makes, and their tensors lead with {sorted(leading)[:4]}, not"
+        f" {samples}. If each item is one example, pass batch_size_fn=len (or count the tokens the loss averages"
+        " over); otherwise pass batch_size_fn returning the number of examples."
+    )
+
+
 def _structure(item: Any) -> tuple[Any, ...] | None:
     if isinstance(item, Mapping):
         return ("mapping", tuple(item.keys()))
@@ -78,27 +103,43 @@ def _structure(item: Any) -> tuple[Any, ...] | None:
 
 
 def _leading_dims(obj: Any, path: str) -> Iterator[tuple[str, int]]:
-    """(path, leading dimension) of every tensor in ``obj`` with at least one dimension, depth first."""
-    for tensor_path, tensor in batch_tensors(obj, path):
-        if tensor.dim() > 0:
+    """(path, leading dimension) of every tensor in ``obj`` with at least one dimension, depth first; a
+    ``PackedSequence`` counts its sequences (its data leads with their total length)."""
+    for tensor_path, tensor in batch_tensors(obj, path, packed_as_one=True):
+        if isinstance(tensor, PackedSequence):
+            yield tensor_path, int(tensor.batch_sizes[0])  # batch_sizes lives on the CPU: no device sync
+        elif tensor.dim() > 0:
             yield tensor_path, int(tensor.shape[0])
 
 
-def batch_tensors(obj: Any, path: str = "batch") -> Iterator[tuple[str, Tensor]]:
-    """(path, tensor) of every tensor in ``obj`` (nested lists, tuples, dicts, objects' attributes), depth first."""
-    if isinstance(obj, Tensor):
+def batch_tensors(
+    obj: Any, path: str = "batch", packed_as_one: bool = False, _seen: set[int] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """(path, tensor) of every tensor in ``obj`` (nested lists, tuples, dicts, objects' attributes), depth first.
+
+    Each container is visited once (a batch object may refer back to itself, or to a shared one), and modules
+    are not entered (a batch that holds the model, or a tokenizer, holds no examples there). With
+    ``packed_as_one`` a ``PackedSequence`` is yielded whole instead of its tensors.
+    """
+    if isinstance(obj, Tensor) or (packed_as_one and isinstance(obj, PackedSequence)):
         yield path, obj
+        return
+    if isinstance(obj, (str, bytes, type, torch.nn.Module)):
+        return
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
         return
     if isinstance(obj, Mapping):
         children: Any = ((f"{path}[{key!r}]", value) for key, value in obj.items())
     elif isinstance(obj, (list, tuple)):
         children = ((f"{path}[{i}]", value) for i, value in enumerate(obj))
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+    elif hasattr(obj, "__dict__"):
         children = ((f"{path}.{name}", value) for name, value in vars(obj).items())
     else:
         return
+    seen.add(id(obj))
     for child_path, child in children:
-        yield from batch_tensors(child, child_path)
+        yield from batch_tensors(child, child_path, packed_as_one, seen)
 
 
 def checked_batch_size(batch_size_fn: BatchSizeFn, batch: Any) -> int | Tensor:
@@ -136,9 +177,8 @@ def checked_batch_size(batch_size_fn: BatchSizeFn, batch: Any) -> int | Tensor:
             f" counts, got {value!r} of type {type(value).__name__}. Return e.g. int(mask.sum()) for a token count,"
             " or mask.sum(dim=1) for one count per example."
         ) from None
-    if size <= 0:
-        raise ValueError(
-            f"batch_size_fn must return a positive int (examples or tokens in the batch), got {size}."
-            " An empty batch cannot be measured: filter empty batches out of the dataloader."
-        )
+    if size < 0:
+        raise ValueError(f"batch_size_fn must return a positive int (examples or tokens in the batch), got {size}.")
+    # 0: an empty micro-batch (a collate that filtered every sample out); training_step usually returns None for
+    # it. Its window is then measured without it or skipped and counted, as for a 0-d tensor count.
     return size

@@ -54,6 +54,7 @@ with one all-reduce.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -234,7 +235,10 @@ class StepSums:
     def _add_backward_counts(self, units_sum: int | Tensor) -> None:
         # W: 1 per backward pass; sum w^2/b: the shares' sum_i s_i^2 / c_i = 1 / u per backward pass.
         self.size_sum = self.size_sum + units_sum
-        inverse = 1.0 / (units_sum.to(torch.float64) if isinstance(units_sum, Tensor) else units_sum)
+        if isinstance(units_sum, Tensor):
+            inverse: float | Tensor = 1.0 / units_sum.to(torch.float64)
+        else:  # a count of zero (an empty micro-batch with a backward) makes the step's sums infinite: skipped
+            inverse = 1.0 / units_sum if units_sum else math.inf
         self.weight_sq_over_size_sum = self.weight_sq_over_size_sum + inverse
         self.weight_sum = self.weight_sum + 1.0
         self.backward_passes += 1

@@ -105,6 +105,7 @@ class GradientNoiseScaleTracker:
         self._base_settled = False  # the host has seen base_batch_size hold a batch size
         self._sums = StepSums()  # running sums of the current optimizer step on this rank
         self._step_failure_seen: str | None = None  # the last reason a step could not be measured
+        self._most_examples = 0  # the most examples a measured micro-batch held (0: none counted on the host)
         # Restarts of the averages because parameters measured before were left out (device counter), and how many
         # the host has announced.
         self._restarts: Tensor | None = None
@@ -360,7 +361,12 @@ class GradientNoiseScaleTracker:
         skipped = int(self.metric.skipped_steps) if int(self.metric.measured_steps) == 0 else 0
         if skipped >= 1:
             self._announce.nothing_measured(
-                skipped, self._step_failure_seen, self.mode, self._world_size, self._accumulation
+                skipped,
+                self._step_failure_seen,
+                self.mode,
+                self._world_size,
+                self._accumulation,
+                one_example=None if self._most_examples == 0 else self._most_examples == 1,
             )
         return self._announce.said[before:]
 
@@ -387,6 +393,8 @@ class GradientNoiseScaleTracker:
                 examples = units
             elif units.dim() == 1:
                 examples = units.numel()
+        if measure and examples is not None:
+            self._most_examples = max(self._most_examples, examples)
         source = self._sources.pick(self._params, accumulation, self._param_names)
         if self._in_micro_batch:
             self.stop_recording()  # the last micro-batch had no backward (training_step returned None)

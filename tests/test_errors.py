@@ -193,10 +193,21 @@ def test_ddp_one_device_with_accumulation_runs() -> None:
 # ---------------------------------------------------------------- fit time: batch sizes
 
 
-@pytest.mark.parametrize("value", [0, -3, 2.5, "8", True], ids=repr)
+@pytest.mark.parametrize("value", [-3, 2.5, "8", True], ids=repr)
 def test_batch_size_fn_must_return_positive_int(value: Any) -> None:
     with pytest.raises(ValueError, match=r"batch_size_fn must return a positive int \(examples or tokens"):
         fit(GradientNoiseScale(batch_size_fn=lambda batch: value), accumulate_grad_batches=2)
+
+
+def test_batch_size_fn_counting_zero_skips_the_steps_and_says_so() -> None:
+    """0 is an empty micro-batch's count (a collate that filtered every sample out), not an error; where every
+    count is 0, no step is measured and the one message names the counts."""
+    gns = GradientNoiseScale(batch_size_fn=lambda batch: 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(gns, accumulate_grad_batches=2)
+    said = [str(w.message) for w in caught if "no optimizer step could be measured" in str(w.message)]
+    assert len(said) == 1 and "all zero" in said[0] and int(gns.metric.measured_steps) == 0 and gns.skipped_steps > 0
 
 
 @pytest.mark.parametrize("value", [4.0, torch.tensor(4)], ids=["float", "tensor"])

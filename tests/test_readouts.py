@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_gns import AdaptiveBatchSize, GradientNoiseScale
+from lightning_gns.batch_size import leading_dim_batch_size
 from lightning_gns.callbacks._spawn import SpawnedResult
 from support.models import LinearProblem, LinearRegression, loader
 from support.trainers import MemoryLogger, make_trainer
@@ -122,59 +123,62 @@ class SeparateForwards(LinearRegression):
         return sum(0.5 * (self.linear(x).squeeze(-1) - y).square().sum() for x, y in batch.values()) / total
 
 
-def two_loaders() -> tuple[dict[str, Any], Any]:
-    """Batches of 8 and 4 examples, and a loader of their concatenations (12 per batch, the same order)."""
+def two_loaders(second_batch: int = 4) -> tuple[dict[str, Any], Any]:
+    """Batches of 8 and ``second_batch`` examples, and a loader of their concatenations (the same order)."""
     xa, ya = PROBLEM.sample(64, seed=33)
-    xb, yb = PROBLEM.sample(32, seed=34)
-    x = torch.cat([torch.cat([xa[8 * i : 8 * i + 8], xb[4 * i : 4 * i + 4]]) for i in range(8)])
-    y = torch.cat([torch.cat([ya[8 * i : 8 * i + 8], yb[4 * i : 4 * i + 4]]) for i in range(8)])
-    return {"a": loader(xa, ya, 8), "b": loader(xb, yb, 4)}, loader(x, y, 12)
+    xb, yb = PROBLEM.sample(8 * second_batch, seed=34)
+    n = second_batch
+    x = torch.cat([torch.cat([xa[8 * i : 8 * i + 8], xb[n * i : n * i + n]]) for i in range(8)])
+    y = torch.cat([torch.cat([ya[8 * i : 8 * i + 8], yb[n * i : n * i + n]]) for i in range(8)])
+    return {"a": loader(xa, ya, 8), "b": loader(xb, yb, n)}, loader(x, y, 8 + n)
 
 
 def total(batch: dict[str, tuple[Tensor, Tensor]]) -> int:
     return sum(len(y) for _, y in batch.values())
 
 
-def test_batch_of_two_dataloaders_is_refused_once_naming_batch_size_fn() -> None:
-    combined, _ = two_loaders()
+@pytest.mark.parametrize("second_batch", [4, 8], ids=["sizes-8-4", "sizes-8-8"])
+def test_two_dataloaders_are_refused_at_the_start_naming_batch_size_fn(second_batch: int) -> None:
+    """Batches of 8 from each of two loaders share their leading dimension: the default count took 8 where the
+    loss averages 16 (a probe's B_simple read half the truth), and a short last batch of one loader stopped the
+    fit mid-epoch (as batches of 8 and 4 did at the first step). Refused before the first step, with the one
+    message; a batch_size_fn measures it."""
+    xa, ya = PROBLEM.sample(60, seed=33)  # 7 full batches and a short one of 4
+    xb, yb = PROBLEM.sample(8 * second_batch, seed=34)
+    loaders = {"a": loader(xa, ya, 8), "b": loader(xb, yb, second_batch)}
+    steps = Steps()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(ValueError, match=r"disagree on the leading dimension") as info:
-            make_trainer([GradientNoiseScale(beta=0.9)]).fit(ConcatenatedLoaders(PROBLEM), combined)
-    message = str(info.value)
-    assert "batch['a'][0]: 8" in message and "batch['b'][0]: 4" in message
-    assert "batch_size_fn returning the micro-batch's total" in message and "1-D integer tensor" in message
-    assert not [w for w in caught if "GradientNoiseScale" in str(w.message)]  # the error is the one message
-
-
-def test_two_dataloaders_of_one_batch_size_are_said_to_be_counted_once() -> None:
-    """Batches of 8 from each of two loaders share their leading dimension: the default count takes 8 where the
-    loss averages 16 (a probe's B_simple read half the truth, silently). Said at the start; a batch_size_fn
-    silences it."""
-    xa, ya = PROBLEM.sample(64, seed=33)
-    xb, yb = PROBLEM.sample(64, seed=34)
-
-    def said(batch_size_fn: Any) -> list[str]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            make_trainer([GradientNoiseScale(beta=0.9, batch_size_fn=batch_size_fn)], accumulate_grad_batches=2).fit(
-                ConcatenatedLoaders(PROBLEM), {"a": loader(xa, ya, 8), "b": loader(xb, yb, 8)}
+        with pytest.raises(ValueError, match=r"each of 2 dataloaders at a time.*Pass batch_size_fn") as info:
+            make_trainer([GradientNoiseScale(beta=0.9), steps], accumulate_grad_batches=2).fit(
+                ConcatenatedLoaders(PROBLEM), loaders
             )
-        return [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]
+    assert not [w for w in caught if "GradientNoiseScale" in str(w.message)]
+    assert "1-D integer tensor" in str(info.value) and steps.batches == 0
+    gns = GradientNoiseScale(beta=0.9, batch_size_fn=total)
+    make_trainer([gns], accumulate_grad_batches=2).fit(ConcatenatedLoaders(PROBLEM), loaders)
+    assert gns.skipped_steps == 0 and int(gns.metric.measured_steps) == 4
 
-    default = [m for m in said(None) if "dataloaders at a time" in m]
-    assert len(default) == 1 and "each of 2 dataloaders" in default[0] and "pass batch_size_fn" in default[0]
-    assert not [m for m in said(total) if "dataloaders at a time" in m]
+
+class Steps(Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.batches += 1
 
 
+@pytest.mark.parametrize("second_batch", [4, 8], ids=["sizes-8-4", "sizes-8-8"])
 @pytest.mark.parametrize(
     "batch_size_fn",
     [total, lambda batch: torch.ones(total(batch), dtype=torch.long)],
     ids=["total", "per-example-counts"],
 )
-def test_batch_size_fn_measures_a_batch_of_two_dataloaders(batch_size_fn: Any) -> None:
-    """Counted by the user, the combined batch measures what the same examples in one dataloader measure."""
-    combined, concatenated = two_loaders()
+def test_batch_size_fn_measures_a_batch_of_two_dataloaders(batch_size_fn: Any, second_batch: int) -> None:
+    """Counted by the user, the combined batch measures what the same examples in one dataloader measure. With
+    loaders of one batch size, per_example once took their shared leading dimension (8) for the rows the model
+    sees (16) and left every layer out: 0% covered, every step skipped."""
+    combined, concatenated = two_loaders(second_batch)
     results = []
     for model, data, fn in (
         (ConcatenatedLoaders(PROBLEM), combined, batch_size_fn),
@@ -187,7 +191,8 @@ def test_batch_size_fn_measures_a_batch_of_two_dataloaders(batch_size_fn: Any) -
         assert not [w for w in caught if "GradientNoiseScale" in str(w.message)]
         results.append(gns.compute())
     got, want = results
-    assert got.keys() == want.keys() and got["gns/b_big"] == 12.0 and got["gns/skipped_steps"] == 0.0
+    assert got.keys() == want.keys() and got["gns/b_big"] == 8 + second_batch and got["gns/skipped_steps"] == 0.0
+    assert got["gns/covered_fraction"] == 1.0
     for name, value in want.items():
         assert got[name] == pytest.approx(value, rel=1e-12), name
 
@@ -279,6 +284,108 @@ def test_before_the_first_measured_step_what_the_readme_says_is_nan() -> None:
             "gns/lr_factor",
         }
     assert gns.skipped_steps == 3 and gns.covered_fraction == 1.0
+
+
+class SequenceListRegression(LinearRegression):
+    """Each sample one tensor: the features, then the target (DataLoader(collate_fn=list) over them)."""
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        rows = torch.stack(batch)
+        return super().training_step((rows[:, :-1].contiguous(), rows[:, -1]), batch_idx)  # the collated layout
+
+
+@pytest.mark.parametrize("batch_size", [3, 4, 5])
+def test_a_list_of_single_tensor_samples_is_refused_unless_batch_size_fn_counts_them(batch_size: int) -> None:
+    """A list of ``batch_size`` samples of shape (6,) was counted as 6 examples, silently (a probe: tr(Sigma) 1.75x
+    too large at 4). The dataloader's batch size tells samples from fields; batch_size_fn=len then measures what
+    the collated loader does."""
+    x, y = PROBLEM.sample(batch_size * 2 * 4, seed=36)
+    rows = list(torch.cat([x, y.unsqueeze(1)], dim=1))
+    samples = DataLoader(rows, batch_size=batch_size, collate_fn=list)
+    refused = rf"list of {batch_size} items of one structure.*lead with \[6\].*batch_size_fn=len"
+    with pytest.raises(ValueError, match=refused):
+        make_trainer([GradientNoiseScale(beta=0.9)], accumulate_grad_batches=2).fit(
+            SequenceListRegression(PROBLEM), samples
+        )
+    readouts = []
+    for model, data, fn in (
+        (SequenceListRegression(PROBLEM), samples, len),
+        (LinearRegression(PROBLEM), loader(x, y, batch_size), None),
+    ):
+        gns = GradientNoiseScale(beta=0.9, batch_size_fn=fn)
+        make_trainer([gns], accumulate_grad_batches=2).fit(model, data)
+        readouts.append((gns.b_simple, gns.trace_cov, float(gns.metric.last_b_big)))
+    assert readouts[0] == pytest.approx(readouts[1], rel=1e-9) and readouts[1][2] == 2 * batch_size
+
+
+def test_a_list_of_two_or_three_samples_is_refused_too() -> None:
+    """Lists of 4+ samples were refused by their shape alone; 2 or 3 (x, y) samples were taken for a batch's fields
+    and counted as x's 5 features. The dataloader's batch size tells them apart."""
+    x, y = PROBLEM.sample(3 * 2 * 4, seed=37)
+    samples = DataLoader(list(zip(x, y, strict=True)), batch_size=3, collate_fn=list)
+    with pytest.raises(ValueError, match=r"list of 3 items of one structure.*batch_size_fn=len"):
+        make_trainer([GradientNoiseScale(beta=0.9)], accumulate_grad_batches=2).fit(
+            SampleListRegression(PROBLEM), samples
+        )
+
+
+def test_fields_of_one_shape_in_a_short_last_batch_are_not_taken_for_samples() -> None:
+    """(x, target) of one shape, 2 per batch, 5 examples: the last batch (1 example) is a list of two (1, 5)
+    tensors, as long as a batch of samples would be. Only the fit's first (full) batch is judged."""
+
+    class Autoencoder(LinearRegression):
+        def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+            x, target = batch
+            return super().training_step((x, target[:, 0]), batch_idx)
+
+    x, _ = PROBLEM.sample(5, seed=38)
+    data = DataLoader(torch.utils.data.TensorDataset(x, x.clone()), batch_size=2)
+    gns = GradientNoiseScale(beta=0.9)
+    make_trainer([gns], accumulate_grad_batches=1, max_epochs=2).fit(Autoencoder(PROBLEM), data)
+    assert int(gns.metric.measured_steps) + gns.skipped_steps == 6
+
+
+class SkipsEmptyBatches(LinearRegression):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        return None if len(batch[1]) == 0 else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("mode, accumulation", [("microbatch", 2), ("per_example", 1)])
+def test_an_empty_micro_batch_counted_as_zero_is_no_crash(mode: str, accumulation: int) -> None:
+    """A collate that filters bad samples can leave a micro-batch empty, and training_step returns None for it. Its
+    count of 0 stopped the fit with an error, while a 0-d tensor count of 0 went through: both now measure alike."""
+    x, y = PROBLEM.sample(24, seed=39)
+
+    def drop_samples_8_to_11(items: list[tuple[int, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        kept = [(xi, yi) for i, xi, yi in items if not 8 <= i < 12]
+        if not kept:
+            return torch.zeros(0, PROBLEM.dim), torch.zeros(0)
+        return torch.stack([xi for xi, _ in kept]), torch.stack([yi for _, yi in kept])
+
+    data = DataLoader(list(zip(range(24), x, y, strict=True)), batch_size=4, collate_fn=drop_samples_8_to_11)
+    readouts = []
+    for fn in (None, lambda batch: torch.tensor(len(batch[1]))):
+        gns = GradientNoiseScale(beta=0.9, mode=mode, batch_size_fn=fn)  # type: ignore[arg-type]
+        make_trainer([gns], accumulate_grad_batches=accumulation).fit(SkipsEmptyBatches(PROBLEM), data)
+        readouts.append(gns.compute())
+    assert readouts[0] == readouts[1] and readouts[0]["gns/skipped_steps"] <= 1
+
+
+def test_the_default_count_reads_packed_sequences_and_survives_cycles() -> None:
+    """A PackedSequence counts its sequences (its data leads with their total length: it was refused as two
+    dataloaders); a batch object that refers to itself, or holds a module, is walked once and not into the module."""
+    packed = nn.utils.rnn.pack_sequence([torch.zeros(5, 3), torch.zeros(4, 3), torch.zeros(2, 3)])
+    assert leading_dim_batch_size(packed) == 3 and leading_dim_batch_size((packed, torch.zeros(3))) == 3
+    with pytest.raises(ValueError, match=r"disagree on the leading dimension \(batch\[0\]: 3, batch\[1\]: 4"):
+        leading_dim_batch_size((packed, torch.zeros(4)))
+
+    class Batch:
+        def __init__(self) -> None:
+            self.x = torch.zeros(6, 2)
+            self.itself = self
+            self.encoder = nn.Linear(3, 4)  # its weight leads with 4
+
+    assert leading_dim_batch_size(Batch()) == 6
 
 
 class SampleListRegression(LinearRegression):

@@ -308,13 +308,39 @@ def test_one_example_per_step_on_one_process_warns_once() -> None:
     assert gns.skipped_steps == 6
 
 
+def test_steps_that_all_overflow_are_not_blamed_on_one_example_micro_batches() -> None:
+    """Every step overflowing under an fp16 GradScaler, with 8 examples per micro-batch: the message named "a
+    micro-batch of one example" first, which cannot apply."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    problem = LinearProblem(dim=3, seed=46)
+    x, y = problem.sample(32, seed=47)
+    gns = GradientNoiseScale(mode="per_example")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1000)  # inf in every fp16 gradient
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([gns], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(
+            LinearRegression(problem), loader(x, y, 8)
+        )
+    messages = [str(w.message) for w in caught if "no optimizer step could be measured" in str(w.message)]
+    assert len(messages) == 1 and "non-finite gradients" in messages[0] and "one example" not in messages[0]
+    assert gns.skipped_steps == 4
+
+
 # ---------------------------------------------------------------- 13. torch.compile(fullgraph=True)
-def test_fullgraph_compile_with_per_example_is_refused() -> None:
+@pytest.mark.parametrize("form", ["torch.compile", "in-place", "in-place submodule"])
+def test_fullgraph_compile_with_per_example_is_refused(form: str) -> None:
+    """Module.compile() keeps its context in the compiled call's closure: that form crashed inside dynamo at the
+    first forward (the hooks cannot be traced) instead of being refused."""
     problem = LinearProblem(dim=3, seed=48)
     x, y = problem.sample(16, seed=49)
-    compiled = torch.compile(LinearRegression(problem), fullgraph=True)
+    model = LinearRegression(problem)
+    if form == "torch.compile":
+        model = torch.compile(model, fullgraph=True)
+    else:
+        (model if form == "in-place" else model.linear).compile(fullgraph=True, backend="eager")
     with pytest.raises(MisconfigurationException, match=r"fullgraph=True.*Compile without fullgraph"):
-        make_trainer([GradientNoiseScale(mode="per_example")]).fit(compiled, loader(x, y, 8))
+        make_trainer([GradientNoiseScale(mode="per_example")]).fit(model, loader(x, y, 8))
 
 
 class _Unused(Callback):

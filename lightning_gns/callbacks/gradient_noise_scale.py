@@ -6,6 +6,7 @@ The hooks live in :class:`GradientNoiseScaleBase`, which imports no Lightning na
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -13,7 +14,12 @@ from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
 from lightning_gns import scalars
-from lightning_gns.batch_size import BatchSizeFn, checked_batch_size, leading_dim_batch_size
+from lightning_gns.batch_size import (
+    BatchSizeFn,
+    checked_batch_size,
+    leading_dim_batch_size,
+    refuse_uncollated_samples,
+)
 from lightning_gns.callbacks._arguments import checked_int
 from lightning_gns.callbacks._checkpoint import GNS_RENAMED_KEYS, foreign_states, renamed_keys, validate_gns_state
 from lightning_gns.callbacks._logging import log_scalars
@@ -132,6 +138,10 @@ class GradientNoiseScaleBase(LightningNamespace):
         self._kaplan_loss_value: torch.Tensor | None = None
         self._kaplan_misses = 0  # logging steps on which kaplan_loss was not among the logged metrics
         self._warned_count_length = False
+        # Read from the train dataloader at the start of each fit: several loaders combined into one batch (their
+        # leading dimension is then no count of the rows the model sees), and one loader's fixed batch size.
+        self._combined_loaders = False
+        self._loader_batch_size_to_check: int | None = None
         self._time_major: TimeMajorCheck | None = None  # watches sequence-first layers while the batch is counted
         self._warned_time_major = False
         self._warned_unstepped = False
@@ -355,7 +365,10 @@ class GradientNoiseScaleBase(LightningNamespace):
             return
         contexts = [(getattr(pl_module, "_compiler_ctx", None) or {}).get("dynamo_ctx")]
         contexts += [getattr(m, "dynamo_ctx", None) for m in pl_module.modules()]
-        if any(getattr(ctx, "fullgraph", False) for ctx in contexts):
+        # module.compile() compiles in place: its context sits in the closure of the compiled call.
+        compiled_calls = [getattr(m, "_compiled_call_impl", None) for m in pl_module.modules()]
+        contexts += [value for call in compiled_calls for value in _closure_values(call)]
+        if any(getattr(ctx, "fullgraph", False) is True for ctx in contexts):
             raise self._misconfiguration(
                 "GradientNoiseScale(mode='per_example') hooks every supported layer's forward and output gradient,"
                 " which torch.compile(fullgraph=True) cannot trace. Compile without fullgraph (graph breaks at the"
@@ -504,22 +517,24 @@ class GradientNoiseScaleBase(LightningNamespace):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._say_carried_over()  # here, after any checkpoint was restored (before or after the strategy's setup)
-        # Several training loaders (a dict or list, combined by Lightning) give one batch from each. Batches of
-        # unequal sizes are refused when counted; equal ones share a leading dimension, counted once.
         loaders = trainer.train_dataloader
-        if self.batch_size_fn is not leading_dim_batch_size or not isinstance(loaders, (dict, list, tuple)):
-            return
-        sizes = {
-            getattr(loader, "batch_size", None)
-            for loader in (loaders.values() if isinstance(loaders, dict) else loaders)
-        }
-        if len(loaders) > 1 and (len(sizes) == 1 or None in sizes):  # sizes known to differ: the count refuses them
-            self._lightning("utilities.rank_zero").rank_zero_warn(
-                f"GradientNoiseScale: training draws one batch from each of {len(loaders)} dataloaders at a time, and"
-                " the default count takes their shared leading dimension: one loader's batch. If the loss averages"
-                " over the examples of all of them, B_simple comes out in the wrong unit (half the truth for two):"
-                " pass batch_size_fn, e.g. lambda batch: sum(len(b[0]) for b in batch.values()) for a dict of"
-                " (x, y) batches."
+        many = isinstance(loaders, (dict, list, tuple))
+        count = len(loaders) if isinstance(loaders, (dict, list, tuple)) else 1
+        self._combined_loaders = count > 1
+        batch_size = getattr(loaders, "batch_size", None) if not many else None
+        self._loader_batch_size_to_check = batch_size if isinstance(batch_size, int) and batch_size >= 2 else None
+        if self._combined_loaders and self.batch_size_fn is leading_dim_batch_size:
+            # Several training loaders (a dict or list, combined by Lightning) give one batch from each. Their
+            # shared leading dimension, when they share one, is one loader's batch: half the truth for two when
+            # the loss averages over all of them, and a short last batch of one of them would stop the count
+            # mid-training. Only the user knows what the loss averages over.
+            raise ValueError(
+                f"GradientNoiseScale: training draws one batch from each of {count} dataloaders at a time, and"
+                " the default count cannot tell how many examples the loss averages over. Pass batch_size_fn"
+                " returning the micro-batch's total, e.g. lambda batch: sum(len(y) for x, y in batch.values()) for a"
+                " dict of (x, y) batches whose loss is the mean over all of them, or a 1-D integer tensor with one"
+                " count per example in the order the model sees them (mode='per_example' needs one forward on their"
+                " concatenation)."
             )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -562,8 +577,15 @@ class GradientNoiseScaleBase(LightningNamespace):
         if self.tracker.step_is_empty:
             self.tracker.sync_params(self._optimized_params(trainer))  # a backbone unfrozen, a group added
         units = checked_batch_size(self.batch_size_fn, batch)
+        if self._loader_batch_size_to_check is not None and self.batch_size_fn is leading_dim_batch_size:
+            # The fit's first batch only: it is full, while a short last batch of (x, y) fields of one shape
+            # would look like samples left uncollated.
+            refuse_uncollated_samples(batch, self._loader_batch_size_to_check, units)
+            self._loader_batch_size_to_check = None
         examples = None
-        if self.mode == "per_example" and not isinstance(units, torch.Tensor):
+        if self._combined_loaders:
+            pass  # the model sees the loaders' examples together: the rows are the count (or one per count)
+        elif self.mode == "per_example" and not isinstance(units, torch.Tensor):
             examples = _leading_dim_or_none(batch)
             if examples is not None and examples != units and not self._warned_token_units:
                 self._warned_token_units = True
@@ -761,6 +783,14 @@ def is_fitting(trainer: Trainer) -> bool:
     """Whether the trainer runs ``fit`` (not ``validate``, ``test`` or ``predict``)."""
     fn = trainer.state.fn
     return getattr(fn, "value", fn) == "fit"
+
+
+def _closure_values(function: Any) -> list[Any]:
+    values = []
+    for cell in getattr(function, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            values.append(cell.cell_contents)
+    return values
 
 
 def _leading_dim_or_none(batch: Any) -> int | None:
