@@ -325,7 +325,8 @@ def verdict(runs: list[Run], adaptive: str = "adaptive default") -> str:
         key=lambda r: statistics.mean(x.final_val_loss for x in runs if x.name == r.name),
     ).name
     return (
-        f"{adaptive}: vs fixed small {delta:+.4f} ± {se:.4f} ({'no worse' if ok_small else 'WORSE'} within one se),"
+        f"{adaptive}: vs fixed small {delta:+.4f} ± {se:.4f}"
+        f" ({'no worse, within one se' if ok_small else 'WORSE by more than one se'}),"
         f" {saved:.0%} fewer steps ({'>=' if saved >= 0.4 else '<'} 40%); mean loss {loss:.4f} at {steps:.0f} steps;"
         f" best fixed batch overall: {best_rival}; fixed batches at <= its steps: {'; '.join(rivals) or 'none'}"
     )

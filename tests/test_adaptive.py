@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -414,6 +415,81 @@ def test_resume_at_epoch_end_continues_exactly(tmp_path: Path) -> None:
     for step, reference in zip(model.steps, full_steps, strict=True):  # type: ignore[attr-defined]
         assert step["accumulation"] == reference["accumulation"]
         assert torch.equal(step["after"], reference["after"])
+
+
+class RaisesInsideStep12(RecordingRegression):
+    """An error inside optimizer.step() (the closure of a window's last micro-batch, or Ctrl-C there) at step 12."""
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if self.trainer.global_step == 12:
+
+            def boom() -> None:
+                raise RuntimeError("boom inside the step")
+
+            optimizer.step(closure=boom)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+
+def test_an_error_inside_the_step_saves_and_keeps_the_unscaled_learning_rate(tmp_path: Path) -> None:
+    """The scaled learning rate is put back by the step's post-hook, which an error inside the step skips: the
+    optimizer kept LR x 4 and OnExceptionCheckpoint saved it, to be scaled by 4 again after the resume (16x)."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    callback = adaptive()
+    model = RaisesInsideStep12(DIM, LR, PROBLEM.w)
+    saver = OnExceptionCheckpoint(dirpath=tmp_path, filename="on_exception")
+    with pytest.raises(RuntimeError, match="boom inside the step"):
+        fit(callback, model, extra_callbacks=(saver,), enable_checkpointing=True)
+    assert callback.lr_factor == 4.0
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == LR
+    checkpoint = torch.load(tmp_path / "on_exception.ckpt", weights_only=False)
+    assert [group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]] == [LR]
+
+    resumed = adaptive()
+    _, resumed_model = fit(resumed, ckpt_path=str(tmp_path / "on_exception.ckpt"))
+    first = resumed_model.steps[0]  # type: ignore[attr-defined]
+    assert first["scheduler_lr"] == LR and first["accumulation"] == 4
+    # linear: lr x k / k, so the update is -LR times the window's summed micro-batch gradients
+    expected = first["before"].double() - LR * window_mean_grad(first["before"], first["window"])
+    torch.testing.assert_close(first["after"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_fit_of_the_same_trainer_continues_the_schedule() -> None:
+    """trainer.fit() again (more epochs) restarted the schedule at the grown accumulation with lr_factor 1: the
+    steps ran at the accumulation of 4 with the learning rate of 1, silently."""
+    full = adaptive()
+    _, full_model = fit(full)
+    callback = adaptive()
+    trainer, model = fit(callback, max_epochs=1)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, loader(X, Y, MICRO))
+    assert callback.history == full.history and callback.lr_factor == full.lr_factor
+    for step, reference in zip(model.steps, full_model.steps, strict=True):  # type: ignore[attr-defined]
+        assert step["accumulation"] == reference["accumulation"]
+        torch.testing.assert_close(step["after"], reference["after"], rtol=0, atol=0)
+
+
+class SavesAt(Callback):
+    def __init__(self, batch_idx: int, path: Path) -> None:
+        self.batch_idx, self.path = batch_idx, path
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.batch_idx:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("batch_idx, inside", [(4, True), (5, False)])
+def test_a_checkpoint_saved_inside_a_window_is_said(tmp_path: Path, batch_idx: int, inside: bool) -> None:
+    """Lightning keeps no window's gradient in a checkpoint: one saved after micro-batch 5 of a window of 3
+    (batches 3-5) resumes on part of a window. A val_check_interval counts micro-batches, which this callback
+    makes uneven, so it is said; a window's end (batch 5) is not."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(adaptive(), extra_callbacks=(SavesAt(batch_idx, tmp_path / "x.ckpt"),), max_epochs=1)
+    said = [str(w.message) for w in caught if "middle of an accumulation window" in str(w.message)]
+    assert len(said) == (1 if inside else 0)
+    if inside:
+        assert "after micro-batch 5 of the epoch, at 3 per step" in said[0] and "every_n_train_steps" in said[0]
 
 
 def test_resume_mid_epoch_with_a_pending_change(tmp_path: Path) -> None:

@@ -247,3 +247,23 @@ def test_sweep_reports_an_unreachable_target(tmp_path: Path, capsys: pytest.Capt
     assert main(argv) == 1
     assert "never reached the target" in capsys.readouterr().out
     assert "never reached" in json.loads((tmp_path / "fit.json").read_text())["fit_error"]
+
+
+def test_a_module_that_cannot_be_imported_names_the_file_form() -> None:
+    """MODULE:NAME is imported from sys.path, which a console script does not start in the current folder: the
+    error names the FILE.py:NAME form (it was a ModuleNotFoundError traceback)."""
+    from lightning_gns.tools.sweep import load_factory
+
+    with pytest.raises(CriticalBatchError, match=r"Cannot import 'digits_swep'.*\(digits_swep\.py:model\)"):
+        load_factory("digits_swep:model")
+
+
+@pytest.mark.parametrize("at_steps", [[0], [-1], [5, 0]])
+def test_branch_points_below_step_one_are_refused(at_steps: list[int]) -> None:
+    """--at-steps -1 trained forever (max_steps=-1), 0 printed "(no branch points)" with exit status 0."""
+    from lightning_gns.tools.sweep import branched_critical_batch
+
+    with pytest.raises(CriticalBatchError, match=r"at_steps must be optimizer steps of 1 or more"):
+        branched_critical_batch(
+            lambda **kw: None, lambda **kw: None, batch_size=8, lr=0.1, at_steps=at_steps, branch_examples=64
+        )

@@ -174,6 +174,23 @@ def test_bad_output_is_a_usage_error_before_any_work(
         run_report(tmp_path / "no_logs", target)
 
 
+def test_without_matplotlib_the_table_is_still_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary table needs only tensorboard: without matplotlib it was refused before anything was read."""
+    import sys
+
+    write_run(tmp_path / "logs", "run", [10.0, 11.0, 12.0])
+    for module in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, module, None)  # an import of it now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(tmp_path / "logs"), "-o", str(tmp_path / "x.png")]) == 2
+    captured = capsys.readouterr()
+    assert "run" in captured.out and "12" in captured.out  # the table
+    assert "No picture: the report picture needs matplotlib: pip install 'lightning-gns[report]'" in captured.err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_output_suffix_case_and_other_formats_are_accepted(tmp_path: Path) -> None:
     write_run(tmp_path / "logs", "run", [10.0, 11.0, 12.0])
     for name in ("report.PNG", "report.pdf", "report.svg"):
@@ -285,3 +302,10 @@ def test_report_runs_from_another_working_directory(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     assert main(["report", "logs", "-o", "report.png"]) == 0
     assert os.path.getsize(tmp_path / "report.png") > 1000
+
+
+def test_csv_logs_are_said_not_to_be_read(tmp_path: Path) -> None:
+    (tmp_path / "csv" / "version_0").mkdir(parents=True)
+    (tmp_path / "csv" / "version_0" / "metrics.csv").write_text("step,gns/b_simple\n0,3.0\n")
+    with pytest.raises(ReportError, match=r"No TensorBoard event files.*CSV logs \(.*metrics\.csv\) are not read"):
+        read_logdir(tmp_path)

@@ -190,6 +190,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self._handles: list[RemovableHandle] = []
         # Optimizer id -> (each group's learning rate before the step, the scaled one set for the step).
         self._unscaled_lrs: dict[int, tuple[list[Any], list[Any]]] = {}
+        self._mid_window_said = False
         self._lr_overwrite_said = False
 
     # ------------------------------------------------------------------ readouts
@@ -298,7 +299,12 @@ class AdaptiveBatchSizeBase(LightningNamespace):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Applied here rather than in load_state_dict: depending on the strategy, the checkpoint's callback
         # state arrives before or after on_fit_start, but always before the first training batch.
-        if not self._restored or self.accumulation is None:
+        continued = (
+            self.accumulation is not None
+            and trainer.global_step > 0
+            and trainer.accumulate_grad_batches == self.accumulation
+        )  # a second fit() of the same Trainer, which still holds the accumulation this callback set
+        if not continued and (not self._restored or self.accumulation is None):
             start = trainer.accumulate_grad_batches
             self.accumulation = min(max(start, self.min_accumulation), self.max_accumulation)
             if self.accumulation != start:
@@ -316,6 +322,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             self.history = [{"step": trainer.global_step, "accumulation": self.accumulation, "lr_factor": 1.0}]
             self.decisions = []
             self.pending_record = None
+        assert self.accumulation is not None
         trainer.accumulate_grad_batches = self.accumulation
         self._remove_hooks()
         for optimizer in trainer.optimizers:
@@ -324,6 +331,33 @@ class AdaptiveBatchSizeBase(LightningNamespace):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # An error (or Ctrl-C) inside optimizer.step() skips the post-hook: the optimizer would keep, and a
+        # checkpoint written on the exception save, the scaled learning rate, to be scaled again on resume.
+        for optimizer in trainer.optimizers:
+            self._unscale_lr(optimizer, (), {})
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written inside optimizer.step() (trainer.save_checkpoint in the closure) holds the scaled
+        # learning rate: store the unscaled one, which the factor is applied to after a resume.
+        states = checkpoint.get("optimizer_states")
+        if self._unscaled_lrs and isinstance(states, list) and len(states) == len(trainer.optimizers):
+            for optimizer, state in zip(trainer.optimizers, states, strict=True):
+                saved = self._unscaled_lrs.get(id(optimizer))
+                if saved is not None:
+                    for group, unscaled in zip(state["param_groups"], saved[0], strict=True):
+                        group["lr"] = unscaled
+        if is_fitting(trainer) and _inside_a_window(trainer) and not self._mid_window_said:
+            self._mid_window_said = True
+            self._lightning("utilities.rank_zero").rank_zero_warn(
+                f"AdaptiveBatchSize: a checkpoint is saved in the middle of an accumulation window (after"
+                f" micro-batch {trainer.fit_loop.epoch_loop.batch_progress.current.ready} of the epoch, at"
+                f" {trainer.accumulate_grad_batches} per step). Lightning does not save the window's gradient, so"
+                " a run resumed from it takes its first step on part of a window and differs from the uninterrupted"
+                " one from there (a val_check_interval counts micro-batches, and this callback changes how many"
+                " make a step). Save with ModelCheckpoint(every_n_train_steps=...) or at epoch ends for exact resumes."
+            )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -684,6 +718,14 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             grad_sq_norm=context.get("grad_sq_norm", math.nan) if known else math.nan,
             base_batch=float(self.base_accumulation * (micro or 1) * context.get("world_size", 1)),
         )
+
+
+def _inside_a_window(trainer: Trainer) -> bool:
+    """Whether the micro-batches run so far in this epoch end inside an accumulation window (Lightning steps the
+    optimizer after every accumulate_grad_batches-th micro-batch of an epoch, and after its last)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    done = epoch_loop.batch_progress.current.ready  # counted at a batch's start: the same in its end hooks
+    return done % trainer.accumulate_grad_batches != 0 and not epoch_loop.batch_progress.is_last_batch
 
 
 def _positive(name: str, value: Any, example: str, minimum: float = 0.0, infinite: bool = False) -> float:

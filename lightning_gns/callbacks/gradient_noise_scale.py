@@ -7,6 +7,7 @@ The hooks live in :class:`GradientNoiseScaleBase`, which imports no Lightning na
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -141,6 +142,7 @@ class GradientNoiseScaleBase(LightningNamespace):
         # Read from the train dataloader at the start of each fit: several loaders combined into one batch (their
         # leading dimension is then no count of the rows the model sees), and one loader's fixed batch size.
         self._combined_loaders = False
+        self._last_fit_trainer: weakref.ref[Trainer] | None = None
         self._loader_batch_size_to_check: int | None = None
         self._time_major: TimeMajorCheck | None = None  # watches sequence-first layers while the batch is counted
         self._warned_time_major = False
@@ -297,7 +299,9 @@ class GradientNoiseScaleBase(LightningNamespace):
         # Pickled into the processes of the next spawned fit: what the last one left must go along, or that fit
         # would start from the averages before it (taken otherwise only when a readout is read in between).
         self._take_spawned_result()
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        state["_last_fit_trainer"] = None  # a weak reference does not pickle; a spawned process has its own Trainer
+        return state
 
     def _take_spawned_result(self) -> None:
         """In the process that built the callback, after a spawned fit: take over what rank 0 had at its end."""
@@ -332,10 +336,19 @@ class GradientNoiseScaleBase(LightningNamespace):
         self._set_up_here, self._spawned_readouts = True, None
         self._loaded_for_fit = False
         self._say_shared_names(trainer)
-        self.mode = self._resolve_mode(trainer, pl_module)
+        mode = self._resolve_mode(trainer, pl_module)
+        if self.requested_mode == "auto" and self.mode is not None and self._fitted_before(trainer):
+            # A second fit() of the same Trainer continues the averages, and the accumulation it starts at may be
+            # one AdaptiveBatchSize grew: the mode the first fit chose goes on measuring.
+            mode = self.mode
+        self.mode = mode
+        self._last_fit_trainer = weakref.ref(trainer)
         self.tracker.own_states()  # ddp_spawn pickled the states into memory shared with the other processes
         self.tracker.to(trainer.strategy.root_device)
         self._refuse_fullgraph_compile(pl_module)
+
+    def _fitted_before(self, trainer: Trainer) -> bool:
+        return self._last_fit_trainer is not None and self._last_fit_trainer() is trainer
 
     def _say_shared_names(self, trainer: Trainer) -> None:
         """Several instances log the same gns/... names: a logger keeps one value per name and step (once per fit)."""

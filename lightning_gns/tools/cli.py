@@ -196,7 +196,10 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     written = [out / "sweep.md", out / "runs.csv", out / "fit.json"]
     # Log axes need at least one run that reached the target.
     if any(r.reached for r in result.runs):
-        written.append(plot_sweep(result, out / "sweep.png"))
+        try:
+            written.append(plot_sweep(result, out / "sweep.png"))
+        except ImportError as error:  # the table and the fit are written; the plot needs the [report] extra
+            print(f"no plot ({error}): pip install 'lightning-gns[report]' for sweep.png", file=sys.stderr)
     print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0 if result.bootstrap is not None else 1
 

@@ -168,10 +168,12 @@ def read_logdir(logdir: str | os.PathLike[str]) -> LogDir:
     multiplexer.Reload()
     run_tags: dict[str, dict[str, Any]] = multiplexer.Runs()
     if not run_tags:
+        csv_logs = next(root.rglob("metrics.csv"), None)
         raise ReportError(
             f"No TensorBoard event files (events.out.tfevents.*) under {str(root)!r}. Pass the directory a"
             " TensorBoardLogger wrote to (Trainer(logger=TensorBoardLogger('lightning_logs')) writes"
             " lightning_logs/<name>/version_N/events.out.tfevents.*)."
+            + (f" CSV logs ({csv_logs}) are not read: log with a TensorBoardLogger too." if csv_logs else "")
         )
     run_paths: dict[str, str] = multiplexer.RunPaths()
     runs: dict[str, Scalars] = {}
@@ -448,6 +450,11 @@ def format_table(summaries: Sequence[RunSummary]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- picture
+MATPLOTLIB_MISSING = (
+    "the report picture needs matplotlib: pip install 'lightning-gns[report]' (or pip install matplotlib)"
+)
+
+
 def output_problem(output: str | os.PathLike[str]) -> str | None:
     """Why the report picture cannot be written to ``output``, or None when it can (nothing is written).
 
@@ -457,7 +464,7 @@ def output_problem(output: str | os.PathLike[str]) -> str | None:
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
-        return "the report picture needs matplotlib: pip install 'lightning-gns[report]' (or pip install matplotlib)"
+        return MATPLOTLIB_MISSING
     formats = FigureCanvasBase.get_supported_filetypes()
     known = ", ".join(f".{name}" for name in sorted(formats))
     if path.is_dir():
@@ -715,7 +722,7 @@ def _widen_step_axis(ax: Axes) -> None:
 def _output_argument(value: str) -> str:
     """argparse ``type`` of ``-o``: a bad picture path is a usage error before any event file is read."""
     problem = output_problem(value)
-    if problem is not None:
+    if problem is not None and problem != MATPLOTLIB_MISSING:  # without matplotlib the table is still printed
         raise argparse.ArgumentTypeError(problem)
     return value
 
@@ -769,12 +776,13 @@ def run_report(
     on stderr naming it and why; the others are reported.
 
     Raises:
-        ReportError: ``output`` cannot be written (checked first), or no run is left to report.
+        ReportError: ``output`` cannot be written (checked first), or no run is left to report; without
+            matplotlib, after the table is printed.
     """
     if not 0.0 <= smoothing < 1.0:
         raise ReportError(f"--smoothing must be in [0, 1), got {smoothing}.")
     problem = output_problem(output)
-    if problem is not None:
+    if problem is not None and problem != MATPLOTLIB_MISSING:
         raise ReportError(problem[0].upper() + problem[1:] + ".")
     logs = read_logdir(logdir)
     skipped = {run: f"run {run!r}: {why}." for run, why in logs.unreadable.items()}
@@ -806,6 +814,8 @@ def run_report(
     without = sorted(set(readable) - set(runs))
     if without:
         print(f"Runs without {names.B_SIMPLE} (left out): {', '.join(without)}")
+    if problem == MATPLOTLIB_MISSING:
+        raise ReportError(f"No picture: {problem} (the table above needs only tensorboard).")
     reported = {s.run: runs[s.run] for s in summaries}
     path = plot_report(reported, loss_tags, output, smoothing=smoothing, dpi=dpi, units=units)
     print(f"Wrote {path}")

@@ -78,7 +78,13 @@ def load_factory(spec: str) -> Callable[..., Any]:
         sys.modules[name] = module
         module_spec.loader.exec_module(module)
     else:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            raise CriticalBatchError(
+                f"Cannot import {module_name!r} (from {spec!r}): {error}. Name the file instead"
+                f" ({module_name.replace('.', '/')}.py:{attr}), or add its folder to PYTHONPATH."
+            ) from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -122,9 +128,11 @@ class SweepResult:
         """Runs at each batch size's chosen learning rate: the ones the fit uses."""
         return [r for r in self.runs if self.chosen_lr.get(r.batch_size) == r.lr]
 
-    def b_simple_median(self) -> float:
-        """Median over the selected runs that reached the target of the run-averaged B_simple."""
-        values = [r.b_simple_mean for r in self.selected_runs() if r.reached and math.isfinite(r.b_simple_mean)]
+    def b_simple_median(self, at_target: bool = False) -> float:
+        """Median over the selected runs that reached the target of the run-averaged B_simple (``at_target``: of
+        B_simple at the step the run reached the target)."""
+        values = [r.b_simple_at_target if at_target else r.b_simple_mean for r in self.selected_runs() if r.reached]
+        values = [v for v in values if math.isfinite(v)]
         return float(np.median(values)) if values else math.nan
 
 
@@ -331,8 +339,9 @@ def format_sweep_table(result: SweepResult) -> str:
     lines = [
         f"target {result.monitor} <= {result.target_loss:g}",
         "",
-        "| batch size | lr | runs reached | steps S | examples E | fitted S | run-avg B_simple |",
-        "|---|---|---|---|---|---|---|",
+        "| batch size | lr | runs reached | steps S | examples E | fitted S | run-avg B_simple"
+        " | B_simple at the target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     fit = result.bootstrap.fit if result.bootstrap else None
     for batch_size, lr in sorted(result.chosen_lr.items()):
@@ -340,10 +349,11 @@ def format_sweep_table(result: SweepResult) -> str:
         reached = [r for r in group if r.reached]
         steps = np.array([r.steps for r in reached])
         gns = np.array([r.b_simple_mean for r in reached if math.isfinite(r.b_simple_mean)])
+        at_target = np.array([r.b_simple_at_target for r in reached if math.isfinite(r.b_simple_at_target)])
         fitted = f"{float(fit.steps(batch_size)):.1f}" if fit else "-"
         lines.append(
             f"| {batch_size} | {lr:.4g} | {len(reached)}/{len(group)} | {_mean_std(steps)} |"
-            f" {_mean_std(steps * batch_size)} | {fitted} | {_mean_std(gns)} |"
+            f" {_mean_std(steps * batch_size)} | {fitted} | {_mean_std(gns)} | {_mean_std(at_target)} |"
         )
     lines.append("")
     if result.bootstrap is None:
@@ -355,7 +365,8 @@ def format_sweep_table(result: SweepResult) -> str:
         f"S_min  = {fit.s_min:.1f} steps   ({pct}% bootstrap over seeds: {_interval(boot.s_min_interval)})",  # type: ignore[union-attr]
         f"E_min  = {fit.e_min:.0f} examples   ({_interval(boot.e_min_interval)})",  # type: ignore[union-attr]
         f"B_crit = E_min / S_min = {fit.b_crit:.1f}   ({_interval(boot.b_crit_interval)})",  # type: ignore[union-attr]
-        f"B_simple (median of run averages) = {result.b_simple_median():.1f}",
+        f"B_simple (median of the run averages) = {result.b_simple_median():.1f};"
+        f"  median of B_simple when the target is reached = {result.b_simple_median(at_target=True):.1f}",
         f"relative rms residual of the fit = {fit.rel_rms:.3f}",  # type: ignore[union-attr]
     ]
     return "\n".join(lines)
@@ -520,6 +531,8 @@ def branched_critical_batch(
     """
     if not at_steps:
         raise CriticalBatchError("at_steps must name at least one optimizer step to branch from.")
+    if min(at_steps) < 1:
+        raise CriticalBatchError(f"at_steps must be optimizer steps of 1 or more, got {sorted(at_steps)}.")
     steps_needed = [branch_examples // (k * batch_size) for k in multipliers]
     if min(steps_needed) < 1:
         raise CriticalBatchError(
