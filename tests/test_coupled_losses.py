@@ -286,6 +286,39 @@ def test_a_statistic_over_the_batch_in_the_model_leaves_out_the_layers_before_an
     assert int(tracker.metric.measured_steps) == 0
 
 
+class FunctionalBatchNorm(nn.Module):
+    """A batch norm of one's own: ``F.batch_norm(training=True)`` (no BatchNorm module for the setup to see),
+    before a per-channel scale and shift that the norm of the next layer's input cancels, and a head."""
+
+    def __init__(self, training: bool) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.second = nn.Linear(8, 3)
+        self.training_statistics = training
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.first(x)
+        mean, var = (None, None) if self.training_statistics else (torch.zeros(8), torch.ones(8))
+        h = F.batch_norm(h, mean, var, training=self.training_statistics)
+        return self.second(torch.tanh(h))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch-statistics", "running-statistics"])
+def test_a_functional_batch_norm_leaves_out_the_layers_it_couples(training: bool) -> None:
+    """F.batch_norm over the batch was measured at full coverage: the layer below it got per-example
+    "gradients" whose spread is no noise (a probe: tr(Sigma) ~1 where the true batch gradient was ~5e-6, B_simple
+    inf). With running statistics it is an elementwise affine map, and every layer is measured."""
+    torch.manual_seed(0)
+    model = FunctionalBatchNorm(training)
+    tracker = measured(model, lambda: F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])))
+    if training:
+        assert set(tracker.left_out) == {"first.weight", "first.bias", "second.weight", "second.bias"}
+        assert all("NativeBatchNormBackward0" in reason for reason in tracker.left_out.values())
+        assert int(tracker.metric.measured_steps) == 0
+    else:
+        assert tracker.left_out == {} and int(tracker.metric.measured_steps) > 0
+
+
 def test_a_layer_that_joins_the_similarity_before_the_softmax_is_coupled_too() -> None:
     torch.manual_seed(0)
     tracker = tracked(ThirdTowerInTheSimilarity(), steps=1)

@@ -80,7 +80,7 @@ def _reason(owner: tuple[str, nn.Module] | None, layers: Layers) -> str:
 
 def _unsupported_options(module: nn.Module) -> str:
     options: dict[str, bool] = {}
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return ", ".join(unsupported_embedding_options(module)) or "its configuration"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         options = {

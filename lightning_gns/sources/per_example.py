@@ -158,13 +158,16 @@ def runs_own_forward(module: nn.Module) -> bool:
     return runs_class_forward(module, SUPPORTED_LAYERS)
 
 
-def unsupported_embedding_options(module: nn.Embedding) -> list[str]:
-    """An embedding's options with no per-example gradient that sums to its gradient (max_norm renormalises rows
-    in place, scale_grad_by_freq divides by the batch's counts, sparse gradients are not replayed)."""
+def unsupported_embedding_options(module: nn.Embedding | nn.EmbeddingBag) -> list[str]:
+    """An embedding's options per-example norms do not support: scale_grad_by_freq divides each row's gradient by
+    its count in the whole batch (no per-example gradient sums to it), sparse gradients are not replayed, and an
+    EmbeddingBag's max_norm would renormalise rows in place again when replayed. (An nn.Embedding's max_norm
+    renormalises the rows it looks up, without gradient, before the lookup: the lookup's per-example gradients
+    stay exact.)"""
     options = {
         "sparse=True": module.sparse,
-        "max_norm": module.max_norm is not None,
         "scale_grad_by_freq=True": module.scale_grad_by_freq,
+        "max_norm": isinstance(module, nn.EmbeddingBag) and module.max_norm is not None,
     }
     return [name for name, present in options.items() if present]
 
@@ -274,12 +277,13 @@ def _generic_attach_problem(
         )
     if isinstance(module, BATCH_COUPLED_LAYERS):
         return f"layer {label!r} ({kind}) couples the examples of a batch"
-    options = unsupported_embedding_options(module) if isinstance(module, nn.Embedding) else []
+    embedding = isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+    options = unsupported_embedding_options(module) if embedding else []  # type: ignore[arg-type]
     if options:
         return (
-            f"layer {label!r} (Embedding with {', '.join(options)}) has no per-example gradient that sums to its"
-            " gradient (max_norm renormalises rows in place, scale_grad_by_freq divides by batch counts; sparse is not"
-            " replayed)"
+            f"layer {label!r} ({kind} with {', '.join(options)}): scale_grad_by_freq divides by counts over the"
+            " whole batch, so no per-example gradient sums to its gradient; sparse gradients and an EmbeddingBag's"
+            " max_norm (rows renormalised in place) are not replayed"
         )
     return generic.attach_problem(module, params)
 

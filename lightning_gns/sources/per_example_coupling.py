@@ -80,6 +80,9 @@ _REDUCTIONS = _LINEAR_REDUCTIONS | {
     "LogSoftmaxBackward0", "LinalgVectorNormBackward0", "NormBackward1", "AmaxBackward0", "AminBackward0",
     "MaxBackward0", "MinBackward0", "CumsumBackward0", "CumprodBackward0",
 }  # fmt: skip
+# Batch normalisation in training mode normalises with statistics over the batch dimension (instance norm runs it
+# on a (1, B * C, ...) view: its leading size is no batch of examples).
+_BATCH_NORMS = frozenset({"NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"})
 # Operations that only change how one tensor is viewed or laid out.
 _VIEWS = RESHAPES | {
     "PermuteBackward0", "TBackward0", "TransposeBackward0", "ExpandBackward0", "CloneBackward0", "AliasBackward0",
@@ -416,7 +419,9 @@ def _reduces_over_examples(node: Node, carries: dict[Node, bool], examples: int)
     """Whether ``node`` reduces (or normalises, or accumulates) a batch-first tensor that holds examples along its
     batch dimension, leaving a result that is not a scalar (a scalar is the loss's own mean: ``sqrt(mse)`` scales
     every example's gradient alike)."""
-    if node.name() not in _REDUCTIONS or not node.next_functions:
+    name = node.name()
+    batch_norm = name in _BATCH_NORMS and getattr(node, "_saved_training", False) is True
+    if (name not in _REDUCTIONS and not batch_norm) or not node.next_functions:
         return False
     edge = node.next_functions[0]
     if edge[0] is None or not carries.get(edge[0]):
@@ -425,6 +430,8 @@ def _reduces_over_examples(node: Node, carries: dict[Node, bool], examples: int)
     metadata = node._input_metadata
     if shape is None or len(shape) < 1 or shape[0] != examples or not metadata or len(metadata[0].shape) == 0:
         return False
+    if batch_norm:
+        return True  # statistics over the batch dimension (F.batch_norm(training=True), in a layer of one's own)
     dims = getattr(node, "_saved_dim", None)
     if dims is None:
         return False  # over every dimension: a scalar
