@@ -454,6 +454,24 @@ def test_an_error_inside_the_step_saves_and_keeps_the_unscaled_learning_rate(tmp
     torch.testing.assert_close(first["after"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+class SavesInsideStep12(Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: Any) -> None:
+        if trainer.global_step == 12:  # inside optimizer.step(), through the closure: the scaled rate is set
+            self.scaled = optimizer.param_groups[0]["lr"]
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_saved_inside_the_step_stores_the_unscaled_learning_rate(tmp_path: Path) -> None:
+    saver = SavesInsideStep12(tmp_path / "inside.ckpt")
+    fit(adaptive(), extra_callbacks=(saver,))
+    checkpoint = torch.load(tmp_path / "inside.ckpt", weights_only=False)
+    assert saver.scaled == 4 * LR
+    assert [group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]] == [LR]
+
+
 def test_a_second_fit_of_the_same_trainer_continues_the_schedule() -> None:
     """trainer.fit() again (more epochs) restarted the schedule at the grown accumulation with lr_factor 1: the
     steps ran at the accumulation of 4 with the learning rate of 1, silently."""
