@@ -490,12 +490,6 @@ class GradientNoiseScaleTracker:
         unscale_sq: Tensor | float = float(k * k)
         if loss_scale is not None:
             unscale_sq = k * k / torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64).square()
-        # .grad = sum over (rank, backward, small batch) of share * g / (world_size * k): the share-weighted
-        # mean over the step's small batches is .grad * k / (backward passes per rank), which is also right
-        # for a short last window of the epoch.
-        big_factor: Tensor | float = (k / max(m, 1)) ** 2
-        if grads_scaled and loss_scale is not None:
-            big_factor = big_factor / torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64).square()
         # One all-reduce: what the source's bookkeeping packs (A and this rank's share of |G_big|^2, per part),
         # then the step's counts.
         if self._not_averaged is not None:
@@ -509,6 +503,15 @@ class GradientNoiseScaleTracker:
             dist.all_reduce(packed, group=self._process_group)
         sq_sum, big = book.unpack(packed[: book.size])
         counts = summary_from_counts(sq_sum, packed[book.size :])
+        # .grad = sum over (rank, backward, small batch) of share * g / (world_size * k): the share-weighted
+        # mean over the step's small batches is .grad * k * world_size / (backward passes on all ranks), also
+        # for a short last window of the epoch, and for ranks whose last windows differ in length (the count
+        # comes from the all-reduce: one per backward pass on each rank).
+        big_factor: Tensor | float = (k / max(m, 1)) ** 2
+        if self._world_size > 1:
+            big_factor = (k * self._world_size / counts.weight_sum.clamp(min=1.0)).square()
+        if grads_scaled and loss_scale is not None:
+            big_factor = big_factor / torch.as_tensor(loss_scale).to(device=device, dtype=torch.float64).square()
         # Parameters measured in earlier steps and left out from this one on: the averages so far describe
         # another set of parameters, and start again (every rank alike: the flags come from the all-reduce).
         shrank = book.coverage_shrank()

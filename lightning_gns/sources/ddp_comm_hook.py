@@ -77,7 +77,7 @@ def register_comm_hook(
         what = (
             "same numbers"
             if known
-            else "the gradients rounded to 16 bits by it move the numbers by about 1e-3"
+            else "the gradients rounded to 16 bits by it move .grad by about 1e-3 and a step's tr(Sigma) by up to ~1%"
             if rounding
             else "right if the hook leaves the mean of the ranks' gradients in .grad, as DDP's all-reduce does; a"
             " hook that compresses them (low-rank, quantised) makes B_simple wrong"

@@ -1,6 +1,7 @@
 """Plain torch.distributed DDP (no Lightning) with GradientNoiseScaleTracker on 2 gloo processes.
 
-Launched by tests/test_integrations.py: ``python tests/support/ddp_plain_worker.py OUT_DIR ACCUMULATION``.
+Launched by tests/test_integrations.py: ``python tests/support/ddp_plain_worker.py OUT_DIR ACCUMULATION [uneven]``;
+``uneven``: rank 0 lacks the last micro-batch, so its last window is one shorter than rank 1's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from support.multiprocess import end_process
 from support.reference import MicroBatch
 
 
-def run(rank: int, out: Path, accumulation: int) -> None:
+def run(rank: int, out: Path, accumulation: int, uneven: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=2)
     problem = LinearProblem(dim=5, seed=50)
@@ -35,6 +36,8 @@ def run(rank: int, out: Path, accumulation: int) -> None:
     tracker = GradientNoiseScaleTracker(beta=0.9)
     tracker.attach(model.parameters(), mode="ddp", ddp_model=ddp_model)
     batches = list(loader(x, y, 8))[rank::2]  # each rank its own half of the data
+    if uneven and rank == 0:
+        batches = batches[:-1]  # shards of unequal length
     seen: list[MicroBatch] = []
     for step, start in enumerate(range(0, len(batches), accumulation)):
         window = batches[start : start + accumulation]
@@ -59,5 +62,5 @@ def run(rank: int, out: Path, accumulation: int) -> None:
 
 if __name__ == "__main__":
     out_dir, accumulation = Path(sys.argv[1]), int(sys.argv[2])
-    mp.spawn(run, args=(out_dir, accumulation), nprocs=2)
+    mp.spawn(run, args=(out_dir, accumulation, sys.argv[3:] == ["uneven"]), nprocs=2)
     end_process()
