@@ -103,8 +103,15 @@ class GradientNoiseScaleMetric(Metric):
     estimate_moments: Tensor
 
     def __init__(self, beta: float = 0.99, all_reduce: bool = True, **kwargs: Any) -> None:
-        # States already agree across processes after update's all-reduce: nothing to sync at compute.
-        kwargs.setdefault("sync_on_compute", False)
+        # States already agree across processes after update's all-reduce: nothing to sync at compute, and
+        # torchmetrics' own sync would stack every rank's copy of them (compute() gave one value per rank).
+        for option in ("sync_on_compute", "dist_sync_on_step"):
+            if kwargs.get(option):
+                raise ValueError(
+                    f"GradientNoiseScaleMetric({option}=True): update() already all-reduces each step's sums, so"
+                    " every process holds the same states; leave it False (all_reduce=False for per-process values)."
+                )
+        kwargs["sync_on_compute"] = False
         super().__init__(**kwargs)
         self.beta = validate_beta(beta)
         self.all_reduce = all_reduce

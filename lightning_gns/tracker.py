@@ -29,6 +29,13 @@ from lightning_gns.sources.sharded import is_dtensor
 from lightning_gns.sources.source_set import SourceSet
 from lightning_gns.sources.step_bookkeeping import StepBookkeeping
 
+# Why a step is skipped when a micro-batch's backward ran without end_micro_batch() after it: its norms are lost,
+# while .grad holds its gradient.
+NO_END_MICRO_BATCH = (
+    "GradientNoiseScaleTracker: a micro-batch's backward ran without end_micro_batch() after it, so the window's"
+    " norms lack it while .grad holds it; call end_micro_batch() after every backward. The step is skipped"
+)
+
 SourceMode = Literal["ddp", "microbatch", "per_example"]
 SOURCE_MODES: tuple[str, ...] = ("ddp", "microbatch", "per_example")
 
@@ -143,6 +150,7 @@ class GradientNoiseScaleTracker:
         self._sources.per_example = None
         self.mode = mode
         self._params = _unique_trainable(params)
+        ddp_model = _unwrapped_ddp(ddp_model)
         self._model, self._ddp_model, self._process_group = model, ddp_model, process_group
         if ddp_model is not None and self._ddp_averaged is None:
             self._ddp_averaged = DDPAveraged.of(ddp_model)
@@ -397,6 +405,9 @@ class GradientNoiseScaleTracker:
             self._most_examples = max(self._most_examples, examples)
         source = self._sources.pick(self._params, accumulation, self._param_names)
         if self._in_micro_batch:
+            if self._backward_without_end():
+                self._sums.add_failed_backward(NO_END_MICRO_BATCH)  # a backward ran; its norms are lost
+                self._fail_step(NO_END_MICRO_BATCH)
             self.stop_recording()  # the last micro-batch had no backward (training_step returned None)
         self._sources.start(source, measure, examples)
         self._in_micro_batch = measure
@@ -456,6 +467,20 @@ class GradientNoiseScaleTracker:
         if self._sums.failed is not None:
             self._step_failure_seen = self._sums.failed
 
+    def _fail_step(self, reason: str) -> None:
+        """A misuse of the calls: the step in progress is skipped, and the reason said once."""
+        self._sums.failed = self._step_failure_seen = reason
+        self._announce(reason + ".")
+
+    def _backward_without_end(self) -> bool:
+        """Whether the micro-batch in progress had a backward pass that end_micro_batch() did not take (what it
+        recorded is dropped)."""
+        source = self._sources.active
+        if source is None:
+            return False
+        self._sources.stop()
+        return source.pop_backward() is not None
+
     def stop_recording(self) -> None:
         """Stop a micro-batch that had no backward pass, dropping whatever its forward left in the sources."""
         self._sources.stop()
@@ -484,8 +509,20 @@ class GradientNoiseScaleTracker:
         if not self._measuring_step:
             self._sums.clear()
             return False
+        if self._in_micro_batch and self._backward_without_end():
+            self._in_micro_batch = False
+            self._sums.add_failed_backward(NO_END_MICRO_BATCH)
+            self._fail_step(NO_END_MICRO_BATCH)
         device = self.metric.grad_sq_norm_ema.device
         k, m = self._accumulation, self._sums.backward_passes
+        if m > k:
+            # .grad holds one window of at most k backward passes: more were recorded since the last
+            # measure_step when a window ended without one, or without discard_unstepped().
+            self._fail_step(
+                "GradientNoiseScaleTracker: more backward passes were recorded since the last measure_step() than"
+                " the accumulation passed to start_micro_batch(): call measure_step() once per optimizer step, and"
+                " discard_unstepped() where a window ends without one. Such steps are skipped"
+            )
         # Undo the loss factor k / scale of every recorded norm (squared).
         unscale_sq: Tensor | float = float(k * k)
         if loss_scale is not None:
@@ -585,6 +622,19 @@ class GradientNoiseScaleTracker:
         self._base_settled = base is not None
         self._restored_contributed = state_dict.get("contributed")
         self._restore_contributed()  # loaded after attach (plain PyTorch); Lightning loads before: attach does it
+
+
+def _unwrapped_ddp(ddp_model: Any) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel module itself, also where a wrapper holds it (Lightning Fabric's model)."""
+    if ddp_model is None or isinstance(ddp_model, nn.parallel.DistributedDataParallel):
+        return ddp_model
+    inner = getattr(ddp_model, "_forward_module", None)  # fabric.setup()'s _FabricModule
+    if isinstance(inner, nn.parallel.DistributedDataParallel):
+        return inner
+    raise TypeError(
+        f"ddp_model must be the torch.nn.parallel.DistributedDataParallel wrapper, got {type(ddp_model).__name__}."
+        " Pass the model DDP wraps as model= and leave ddp_model out to measure with parameter hooks."
+    )
 
 
 def _unique_trainable(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -455,3 +455,67 @@ def test_two_callbacks_that_log_the_same_names_are_said_and_both_measure() -> No
     assert every_example.left_out == {} and every_example.covered_fraction == 1.0
     assert every_example.skipped_steps == windows.skipped_steps == 0
     assert int(every_example.metric.measured_steps) == int(windows.metric.measured_steps) == 4
+
+
+# ---------------------------------------------------------------- the tracker and the metric used by hand
+
+
+def plain_loop(mode: str, accumulation: int, skip: Callable[[int, int], str]) -> tuple[Any, list[str]]:
+    """The README's plain-PyTorch loop on the linear regression, 4 windows, with one call left out where ``skip``
+    says (``"end"``: end_micro_batch after that micro-batch, ``"measure"``: measure_step of that window)."""
+    from lightning_gns import GradientNoiseScaleTracker
+
+    problem = LinearProblem(dim=4, seed=60)
+    x, y = problem.sample(8 * accumulation * 4, seed=61)
+    model = LinearRegression(problem).linear
+    tracker = GradientNoiseScaleTracker(beta=0.9)
+    tracker.attach(model.parameters(), mode=mode, model=model)  # type: ignore[arg-type]
+    batches = list(loader(x, y, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            for i, (xb, yb) in enumerate(batches[step * accumulation : (step + 1) * accumulation]):
+                tracker.start_micro_batch(units=len(xb), accumulation=accumulation)
+                (0.5 * (model(xb).squeeze(-1) - yb).square().mean() / accumulation).backward()
+                if skip(step, i) != "end":
+                    tracker.end_micro_batch()
+            if skip(step, accumulation - 1) != "measure":
+                tracker.measure_step()
+                model.zero_grad()
+        tracker.check()
+    return tracker, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("mode", ["microbatch", "per_example"])
+def test_a_backward_without_end_micro_batch_skips_its_step_and_says_so(mode: str) -> None:
+    """The unended micro-batch's norms were dropped while .grad held its gradient: B_simple 0.0 for 8.1 (probe)."""
+    tracker, said = plain_loop(mode, 2, lambda step, i: "end" if (step, i) == (1, 1) else "")
+    assert int(tracker.metric.skipped_steps) == 1 and int(tracker.metric.measured_steps) == 3
+    assert any("ran without end_micro_batch() after it" in m for m in said)
+
+
+@pytest.mark.parametrize("mode", ["microbatch", "per_example"])
+def test_a_window_without_measure_step_skips_the_next_and_says_so(mode: str) -> None:
+    """Window 1's micro-batches joined window 2's (4 backward passes at an accumulation of 2), measured against a
+    .grad that, zeroed in between or not, is no mean of them: |G|^2 2.3 for 9.6 (probe). Skipped, and said."""
+    tracker, said = plain_loop(mode, 2, lambda step, i: "measure" if step == 1 else "")
+    assert int(tracker.metric.skipped_steps) == 1 and int(tracker.metric.measured_steps) == 2
+    assert any("more backward passes were recorded since the last measure_step()" in m for m in said)
+
+
+def test_ddp_model_that_is_no_ddp_wrapper_is_refused() -> None:
+    from lightning_gns import GradientNoiseScaleTracker
+
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(TypeError, match=r"ddp_model must be the torch.nn.parallel.DistributedDataParallel wrapper"):
+        GradientNoiseScaleTracker().attach(model.parameters(), mode="ddp", ddp_model=model)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("option", ["dist_sync_on_step", "sync_on_compute"])
+def test_metric_sync_options_are_refused(option: str) -> None:
+    """torchmetrics' sync stacked every rank's copy of states the update had already all-reduced: compute() gave
+    one value per rank."""
+    from lightning_gns import GradientNoiseScaleMetric
+
+    with pytest.raises(ValueError, match=rf"GradientNoiseScaleMetric\({option}=True\): update\(\) already all-reduces"):
+        GradientNoiseScaleMetric(**{option: True})
