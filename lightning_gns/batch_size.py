@@ -64,24 +64,38 @@ def _sample_list_length(batch: Any) -> int | None:
     return len(batch)
 
 
-def refuse_uncollated_samples(batch: Any, loader_batch_size: int, counted: int | Tensor) -> None:
+def refuse_uncollated_samples(batch: Any, loader_batch_size: int, counted: int | Tensor, sample: Any) -> None:
     """Refuse a batch that is a list or tuple of ``loader_batch_size`` samples left uncollated, where the default
     count took the samples' own leading dimension.
 
     :func:`leading_dim_batch_size` alone cannot tell 2-3 samples, or single-tensor samples of one shape (a list of
-    ``(T,)`` sequences, as ``collate_fn=list`` gives), from a batch's fields; the dataloader's batch size can.
+    ``(T,)`` sequences, as ``collate_fn=list`` gives), from a batch's fields; the dataloader's batch size and one
+    ``sample`` of its dataset can: every item is then laid out as that sample is (a collate that packs documents
+    into rows of another shape gives fields that are not).
     """
     if not isinstance(batch, (list, tuple)) or len(batch) != loader_batch_size or not isinstance(counted, int):
         return
     if counted == loader_batch_size:
         return
-    first = batch[0]
-    if isinstance(first, Tensor):
-        if first.dim() == 0 or any(not isinstance(item, Tensor) or item.shape != first.shape for item in batch):
-            return
-    elif _structure(first) is None or any(_structure(item) != _structure(first) for item in batch[1:]):
+    layout = _layout(sample)
+    if layout is None or any(_layout(item) != layout for item in batch):
         return
     raise _uncollated_error(batch, len(batch), {counted})
+
+
+def _layout(item: Any, depth: int = 0) -> tuple[Any, ...] | None:
+    """A tensor's shape, or a tuple's, list's or mapping's layout of them; None for anything else."""
+    if isinstance(item, Tensor):
+        return ("tensor", tuple(item.shape))
+    if depth > 2:
+        return None
+    if isinstance(item, Mapping):
+        values = tuple(_layout(value, depth + 1) for value in item.values())
+        return None if all(v is None for v in values) else ("mapping", tuple(item.keys()), values)
+    if isinstance(item, (list, tuple)):
+        values = tuple(_layout(value, depth + 1) for value in item)
+        return None if all(v is None for v in values) else ("sequence", values)
+    return None
 
 
 def _uncollated_error(batch: Any, samples: int, leading: set[int]) -> ValueError:
@@ -113,7 +127,7 @@ def _leading_dims(obj: Any, path: str) -> Iterator[tuple[str, int]]:
 
 
 def batch_tensors(
-    obj: Any, path: str = "batch", packed_as_one: bool = False, _seen: set[int] | None = None
+    obj: Any, path: str = "batch", packed_as_one: bool = False, _seen: dict[int, Any] | None = None
 ) -> Iterator[tuple[str, Any]]:
     """(path, tensor) of every tensor in ``obj`` (nested lists, tuples, dicts, objects' attributes), depth first.
 
@@ -126,7 +140,7 @@ def batch_tensors(
         return
     if isinstance(obj, (str, bytes, type, torch.nn.Module)):
         return
-    seen = set() if _seen is None else _seen
+    seen = {} if _seen is None else _seen
     if id(obj) in seen:
         return
     if isinstance(obj, Mapping):
@@ -137,7 +151,7 @@ def batch_tensors(
         children = ((f"{path}.{name}", value) for name, value in vars(obj).items())
     else:
         return
-    seen.add(id(obj))
+    seen[id(obj)] = obj  # held, so that its id is not reused by an object made later in the walk
     for child_path, child in children:
         yield from batch_tensors(child, child_path, packed_as_one, seen)
 

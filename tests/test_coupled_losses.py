@@ -290,28 +290,41 @@ class FunctionalBatchNorm(nn.Module):
     """A batch norm of one's own: ``F.batch_norm(training=True)`` (no BatchNorm module for the setup to see),
     before a per-channel scale and shift that the norm of the next layer's input cancels, and a head."""
 
-    def __init__(self, training: bool) -> None:
+    def __init__(self, form: str) -> None:
         super().__init__()
         self.first = nn.Linear(6, 8)
         self.second = nn.Linear(8, 3)
-        self.training_statistics = training
+        self.form = form
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.first(x)
-        mean, var = (None, None) if self.training_statistics else (torch.zeros(8), torch.ones(8))
-        h = F.batch_norm(h, mean, var, training=self.training_statistics)
-        return self.second(torch.tanh(h))
+        h = self.first(x)  # (B, T, 8)
+        if self.form == "running-statistics":
+            h = F.batch_norm(h.transpose(1, 2), torch.zeros(8), torch.ones(8), training=False).transpose(1, 2)
+        elif self.form == "batch-statistics":
+            h = F.batch_norm(h.transpose(1, 2), None, None, training=True).transpose(1, 2)
+        elif self.form == "flattened-rows":  # (B * T, 8)
+            h = F.batch_norm(h.reshape(-1, 8), None, None, training=True).reshape(h.shape)
+        elif self.form == "ghost-batches":  # chunks of 2 examples
+            h = torch.cat([F.batch_norm(c.transpose(1, 2), None, None, training=True) for c in h.split(2)])
+            h = h.transpose(1, 2)
+        elif self.form == "instance-norm":  # batch_norm on a (1, B * C, T) view: each example on its own
+            h = F.instance_norm(h.transpose(1, 2)).transpose(1, 2)
+        return self.second(torch.tanh(h)).mean(1)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["batch-statistics", "running-statistics"])
-def test_a_functional_batch_norm_leaves_out_the_layers_it_couples(training: bool) -> None:
+FORMS = ["batch-statistics", "flattened-rows", "ghost-batches", "running-statistics", "instance-norm"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_functional_batch_norm_leaves_out_the_layers_it_couples(form: str) -> None:
     """F.batch_norm over the batch was measured at full coverage: the layer below it got per-example
     "gradients" whose spread is no noise (a probe: tr(Sigma) ~1 where the true batch gradient was ~5e-6, B_simple
-    inf). With running statistics it is an elementwise affine map, and every layer is measured."""
+    inf), also over flattened rows or a ghost batch's chunks. With running statistics it is an elementwise affine
+    map, and instance norm normalises each example alone: every layer is measured."""
     torch.manual_seed(0)
-    model = FunctionalBatchNorm(training)
-    tracker = measured(model, lambda: F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])))
-    if training:
+    model = FunctionalBatchNorm(form)
+    tracker = measured(model, lambda: F.cross_entropy(model(torch.randn(4, 5, 6)), torch.tensor([0, 1, 2, 0])))
+    if form in ("batch-statistics", "flattened-rows", "ghost-batches"):
         assert set(tracker.left_out) == {"first.weight", "first.bias", "second.weight", "second.bias"}
         assert all("NativeBatchNormBackward0" in reason for reason in tracker.left_out.values())
         assert int(tracker.metric.measured_steps) == 0

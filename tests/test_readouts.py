@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -386,6 +387,55 @@ def test_the_default_count_reads_packed_sequences_and_survives_cycles() -> None:
             self.encoder = nn.Linear(3, 4)  # its weight leads with 4
 
     assert leading_dim_batch_size(Batch()) == 6
+
+    class Columns(Mapping):  # builds a new tuple at each access: ids of freed ones are reused
+        def __init__(self, store: dict[str, list[Tensor]]) -> None:
+            self.store = store
+
+        def __getitem__(self, key: str) -> tuple[Tensor, ...]:
+            return tuple(self.store[key])
+
+        def __iter__(self) -> Any:
+            return iter(self.store)
+
+        def __len__(self) -> int:
+            return len(self.store)
+
+    columns = Columns({k: [torch.zeros(n, 2), torch.zeros(n)] for k, n in (("a", 8), ("b", 8), ("c", 5), ("d", 8))})
+    with pytest.raises(ValueError, match=r"disagree on the leading dimension"):
+        leading_dim_batch_size(columns)  # every column is walked: "c" holds 5
+
+
+def test_a_collate_that_packs_rows_is_no_list_of_samples() -> None:
+    """(inputs, targets) of R rows each from 2 samples a batch (a collate that packs documents into rows): as long
+    as the loader's batch size, but not laid out as a sample, so counted as R rows, as before."""
+    x, y = PROBLEM.sample(2 * 3 * 4, seed=41)
+    documents = [(x[3 * i : 3 * i + 3], y[3 * i : 3 * i + 3]) for i in range(8)]  # a sample: 3 rows
+
+    def pack(samples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        return torch.cat([d for d, _ in samples]), torch.cat([t for _, t in samples])
+
+    data = DataLoader(documents, batch_size=2, collate_fn=pack)
+    readouts = []
+    for loader_ in (data, loader(x, y, 6)):
+        gns = GradientNoiseScale(beta=0.9)
+        make_trainer([gns], accumulate_grad_batches=2).fit(LinearRegression(PROBLEM), loader_)
+        readouts.append((gns.b_simple, gns.trace_cov, float(gns.metric.last_b_big)))
+    assert readouts[0] == pytest.approx(readouts[1], rel=1e-9) and readouts[0][2] == 12.0
+
+
+def test_a_second_fit_at_a_lower_accumulation_measures() -> None:
+    """A first fit at accumulation 2 measures in microbatch mode; a second fit of the same Trainer at 1 kept that
+    mode for a while (skipping every step, B_simple frozen): auto chooses again, per_example."""
+    x, y = PROBLEM.sample(8 * 8, seed=42)
+    gns = GradientNoiseScale(beta=0.9)
+    trainer = make_trainer([gns], accumulate_grad_batches=2, max_epochs=1)
+    trainer.fit(LinearRegression(PROBLEM), loader(x, y, 8))
+    assert gns.mode == "microbatch" and int(gns.metric.measured_steps) == 4
+    trainer.accumulate_grad_batches = 1
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(trainer.lightning_module, loader(x, y, 8))
+    assert gns.mode == "per_example" and int(gns.metric.measured_steps) == 12 and gns.skipped_steps == 0
 
 
 class SampleListRegression(LinearRegression):

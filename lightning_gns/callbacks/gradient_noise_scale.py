@@ -337,10 +337,12 @@ class GradientNoiseScaleBase(LightningNamespace):
         self._loaded_for_fit = False
         self._say_shared_names(trainer)
         mode = self._resolve_mode(trainer, pl_module)
-        if self.requested_mode == "auto" and self.mode is not None and self._fitted_before(trainer):
+        continued = self.requested_mode == "auto" and self.mode == "per_example" and self._fitted_before(trainer)
+        if continued and mode == "microbatch":
             # A second fit() of the same Trainer continues the averages, and the accumulation it starts at may be
-            # one AdaptiveBatchSize grew: the mode the first fit chose goes on measuring.
-            mode = self.mode
+            # one AdaptiveBatchSize grew (and may lower again to 1, where microbatch measures nothing):
+            # per_example, which the first fit chose, measures at any accumulation.
+            mode = "per_example"
         self.mode = mode
         self._last_fit_trainer = weakref.ref(trainer)
         self.tracker.own_states()  # ddp_spawn pickled the states into memory shared with the other processes
@@ -593,7 +595,7 @@ class GradientNoiseScaleBase(LightningNamespace):
         if self._loader_batch_size_to_check is not None and self.batch_size_fn is leading_dim_batch_size:
             # The fit's first batch only: it is full, while a short last batch of (x, y) fields of one shape
             # would look like samples left uncollated.
-            refuse_uncollated_samples(batch, self._loader_batch_size_to_check, units)
+            refuse_uncollated_samples(batch, self._loader_batch_size_to_check, units, _first_sample(trainer))
             self._loader_batch_size_to_check = None
         examples = None
         if self._combined_loaders:
@@ -796,6 +798,17 @@ def is_fitting(trainer: Trainer) -> bool:
     """Whether the trainer runs ``fit`` (not ``validate``, ``test`` or ``predict``)."""
     fn = trainer.state.fn
     return getattr(fn, "value", fn) == "fit"
+
+
+def _first_sample(trainer: Trainer) -> Any:
+    """The train dataloader's dataset's first sample (a map-style dataset), or None."""
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__"):
+        return None
+    try:
+        return dataset[0]
+    except Exception:  # a dataset that cannot be indexed so: nothing to compare with
+        return None
 
 
 def _closure_values(function: Any) -> list[Any]:

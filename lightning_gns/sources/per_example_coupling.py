@@ -419,9 +419,7 @@ def _reduces_over_examples(node: Node, carries: dict[Node, bool], examples: int)
     """Whether ``node`` reduces (or normalises, or accumulates) a batch-first tensor that holds examples along its
     batch dimension, leaving a result that is not a scalar (a scalar is the loss's own mean: ``sqrt(mse)`` scales
     every example's gradient alike)."""
-    name = node.name()
-    batch_norm = name in _BATCH_NORMS and getattr(node, "_saved_training", False) is True
-    if (name not in _REDUCTIONS and not batch_norm) or not node.next_functions:
+    if node.name() not in _REDUCTIONS or not node.next_functions:
         return False
     edge = node.next_functions[0]
     if edge[0] is None or not carries.get(edge[0]):
@@ -430,14 +428,28 @@ def _reduces_over_examples(node: Node, carries: dict[Node, bool], examples: int)
     metadata = node._input_metadata
     if shape is None or len(shape) < 1 or shape[0] != examples or not metadata or len(metadata[0].shape) == 0:
         return False
-    if batch_norm:
-        return True  # statistics over the batch dimension (F.batch_norm(training=True), in a layer of one's own)
     dims = getattr(node, "_saved_dim", None)
     if dims is None:
         return False  # over every dimension: a scalar
     rank = len(shape)
     unsigned = dims if isinstance(dims, (tuple, list)) else (dims,)
     return any(dim_index(d, rank) == 0 for d in unsigned)
+
+
+def _normalises_over_examples(
+    node: Node, carries: dict[Node, bool], axes: dict[Node, int | None], tags: dict[Node, int | None]
+) -> bool:
+    """A batch norm in training mode (``F.batch_norm(training=True)`` in a module of one's own; BatchNorm modules
+    are refused at setup) on a tensor that holds several examples anywhere but on its channel dimension: its
+    statistics run over dimension 0 and the positions, so over the examples, whatever the leading size is (B, or
+    B * T rows flattened, or a ghost batch's chunk). Instance norm runs it on a ``(1, B * C, ...)`` view."""
+    if node.name() not in _BATCH_NORMS or getattr(node, "_saved_training", False) is not True:
+        return False
+    edge = node.next_functions[0] if node.next_functions else (None, 0)
+    if edge[0] is None or not carries.get(edge[0]) or tags.get(edge[0]) is not None:
+        return False  # holds no examples, or one example's slice
+    shape = operand_shape(edge)
+    return shape is not None and len(shape) >= 2 and shape[0] > 1 and axes.get(edge[0]) != 1
 
 
 def _linear(node: Node, carries: dict[Node, bool]) -> bool:
@@ -548,6 +560,8 @@ def coupled_outputs(
             pairing.append(node)
             if node.name() in _LINEAR_REDUCTIONS:
                 conditional.add(node)
+        elif _normalises_over_examples(node, carries, axes, tags):
+            pairing.append(node)
     # A layer whose input holds the examples in another dimension (``h.transpose(0, 1)`` of a batch-first ``h``, as
     # Longformer's attention takes it) has the sequence first: at T == B its output looks batch-first.
     moved = {
