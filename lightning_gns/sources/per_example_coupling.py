@@ -194,6 +194,30 @@ def _pairs_examples(
     return True
 
 
+def _pairs_with_constant(node: Node, carries: dict[Node, bool], tags: dict[Node, int | None], examples: int) -> bool:
+    """A (B, B) product of the examples with a tensor outside the graph as long as the batch (MoCo v3's keys of
+    the same batch under no_grad, a frozen tower's embeddings: in-batch negatives whose other side needs no
+    gradient). The graph cannot show where that tensor comes from; one that is as long as the batch is taken to
+    hold its examples (a queue of another length, or a frozen parameter, is not)."""
+    if node.name() not in ("MmBackward0", "BmmBackward0") or len(node.next_functions) < 2 or examples < 2:
+        return False
+    metadata = node._input_metadata
+    shape = tuple(metadata[0].shape) if metadata else ()
+    if len(shape) < 2 or shape[-1] != examples or shape[-2] != examples:
+        return False
+    first, second = node.next_functions[0][0], node.next_functions[1][0]
+    graded = first if second is None else second if first is None else None
+    if graded is None or not carries.get(graded) or tags.get(graded) is not None:
+        return False
+    try:
+        constant = node._saved_mat2 if second is None else node._saved_self
+    except RuntimeError:  # freed with the graph
+        return False
+    if not isinstance(constant, Tensor):
+        return False
+    return not isinstance(constant, nn.Parameter) and not isinstance(constant._base, nn.Parameter)
+
+
 def _moves_examples(node: Node, carries: dict[Node, bool], uses: dict[Node, int], examples: int) -> bool:
     """Whether ``node`` moves the rows of a tensor computed from the examples to other examples' places (``roll``
     or ``flip`` along the batch, ``h[perm]``) while the tensor is also used where it was: manifold mixup's
@@ -552,6 +576,7 @@ def coupled_outputs(
                 conditional.add(node)
         elif (
             _pairs_examples(node, carries, axes, tags, examples)
+            or _pairs_with_constant(node, carries, tags, examples)
             or _broadcasts_over_examples(node, carries, examples)
             or _moves_examples(node, carries, uses, examples)
         ):
