@@ -17,11 +17,13 @@ What cannot be replayed is refused with a reason, never measured wrongly: random
 from __future__ import annotations
 
 import contextlib
+import random
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
@@ -429,7 +431,7 @@ def per_example_grads(replay: Replay, grads: list[Tensor | None]) -> dict[str, T
         if replay.autocast is not None
         else contextlib.nullcontext()
     )
-    with warnings.catch_warnings(), _replay_state(replay.module), autocast, torch.enable_grad():
+    with warnings.catch_warnings(), _replay_state(replay.module), autocast, torch.enable_grad(), _host_random_kept():
         warnings.filterwarnings("ignore", message=_BATCHING_RULE_WARNING, category=UserWarning)
         per_example: dict[str, Any] = vmap(one, in_dims=in_dims, randomness="error")(inputs, cotangents)
     if replay.expected is not None:
@@ -438,6 +440,31 @@ def per_example_grads(replay: Replay, grads: list[Tensor | None]) -> dict[str, T
 
 
 _REPLAYED = "\0replayed outputs"  # no parameter's name
+
+
+@contextlib.contextmanager
+def _host_random_kept() -> Iterator[None]:
+    """Raise :class:`ReplayMismatch` if the replay draws from Python's or NumPy's random generator (vmap's
+    ``randomness="error"`` sees torch's draws only: a LayerDrop-style ``random.random()`` in a forward draws anew
+    in the replay, unlike the forward's draw), and put both generators back as they were, so that the training's
+    own draws stay what they are without the callback."""
+    python_state = random.getstate()
+    numpy_state = numpy.random.get_state()
+    try:
+        yield
+    finally:
+        drew = random.getstate() != python_state
+        numpy_after: Any = numpy.random.get_state()
+        before: Any = numpy_state
+        drew = drew or numpy_after[2] != before[2] or not numpy.array_equal(numpy_after[1], before[1])
+        if drew:
+            random.setstate(python_state)
+            numpy.random.set_state(numpy_state)
+    if drew:
+        raise ReplayMismatch(
+            "its forward draws from Python's or NumPy's random generator (random.random(), as LayerDrop does), which"
+            " the replay cannot draw as the forward did"
+        )
 
 
 def _check_replayed(replayed: list[Tensor], replay: Replay) -> None:
