@@ -1,7 +1,7 @@
 # Entry points, each installs what it needs first:
 #   make demo      - example training run on CPU that logs gns/ scalars to TensorBoard
 #   make test      - the whole test suite (plus ruff and mypy): what CI runs
-#   make test-fast - ruff and the tests not marked slow (pyproject.toml says what slow means): under a minute
+#   make test-fast - ruff and the tests not marked slow (pyproject.toml says what slow means): about a minute
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
