@@ -613,6 +613,16 @@ class GradientNoiseScaleTracker:
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s averages; a damaged state (a missing key, a non-finite average, a negative
+        count, a wrong shape) is a ``ValueError`` that names the key."""
+        from lightning_gns.callbacks._checkpoint import validate_metric_states  # no Lightning import there
+
+        if not isinstance(state_dict, dict) or "metric" not in state_dict:
+            raise ValueError("GradientNoiseScaleTracker state: expected a dict with 'metric', as state_dict() makes.")
+        names = list(self.metric._defaults)
+        validate_metric_states("GradientNoiseScaleTracker", "metric.", state_dict["metric"], names)
+        for name, states in state_dict.get("layer_metrics", {}).items():
+            validate_metric_states("GradientNoiseScaleTracker", f"layer_metrics.{name}.", states, names)
         # copy_ keeps each state on the metric's device, whether this runs before or after .to(device).
         load_metric_states(self.metric, state_dict["metric"])
         for name, states in state_dict.get("layer_metrics", {}).items():

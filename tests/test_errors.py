@@ -519,3 +519,28 @@ def test_metric_sync_options_are_refused(option: str) -> None:
 
     with pytest.raises(ValueError, match=rf"GradientNoiseScaleMetric\({option}=True\): update\(\) already all-reduces"):
         GradientNoiseScaleMetric(**{option: True})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda s: s["metric"].__setitem__("grad_sq_norm_ema", torch.tensor(float("nan"), dtype=torch.float64)),
+            "is nan",
+        ),
+        (lambda s: s["metric"].pop("trace_cov_ema"), "'metric.trace_cov_ema' is missing"),
+        (lambda s: s["metric"].__setitem__("estimate_moments", torch.tensor(1.0, dtype=torch.float64)), "shape"),
+    ],
+    ids=["nan", "missing", "shape"],
+)
+def test_the_tracker_refuses_a_damaged_state(edit: Callable[[dict[str, Any]], Any], message: str) -> None:
+    """The callback's checks, for the tracker used by hand: a missing trace_cov_ema loaded as B_simple 0, a
+    scalar estimate_moments broadcast into an interval [1, 1]."""
+    tracker, _ = plain_loop("microbatch", 2, lambda step, i: "")
+    state = tracker.state_dict()
+    edit(state)
+    from lightning_gns import GradientNoiseScaleTracker
+
+    fresh = GradientNoiseScaleTracker(beta=0.9)
+    with pytest.raises(ValueError, match=rf"GradientNoiseScaleTracker: the checkpoint's .*{message}"):
+        fresh.load_state_dict(state)
