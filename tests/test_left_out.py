@@ -831,3 +831,34 @@ def test_a_layer_that_draws_from_pythons_random_is_left_out_and_the_draws_kept(d
     measured, left_out = run(True)
     assert measured == plain  # the training's next draw is the one it would be without the tracker
     assert set(left_out) == {"1.gamma"} and "random generator" in left_out["1.gamma"]
+
+
+class UserRMSNorm(nn.Module):
+    """A norm class of one's own: replayed per example."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_a_non_finite_first_call_does_not_leave_a_replayed_layer_out() -> None:
+    """An inf in one example of the first batch made the replay comparison NaN != NaN: the layer was left out for
+    the whole run with a false reason. That step is skipped as non-finite; the layer stays measured."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), UserRMSNorm(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    tracker = GradientNoiseScaleTracker(beta=0.5)
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    for step in range(4):
+        x = torch.randn(4, 6, dtype=torch.float64)
+        if step == 0:
+            x[1, 0] = float("inf")
+        tracker.start_micro_batch(units=4)
+        model.zero_grad()
+        F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+        tracker.end_micro_batch()
+        tracker.measure_step()
+    assert tracker.left_out == {} and tracker.covered_fraction == 1.0
+    assert int(tracker.metric.skipped_steps) == 1 and int(tracker.metric.measured_steps) == 3

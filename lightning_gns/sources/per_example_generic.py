@@ -473,11 +473,19 @@ def _check_replayed(replayed: list[Tensor], replay: Replay) -> None:
     assert replay.expected is not None
     for got, want, dim in zip(replayed, replay.expected, replay.output_dims, strict=True):
         want = want.movedim(dim, 0).to(got.dtype)
+        if got.shape != want.shape:
+            raise ReplayMismatch("its replayed output has another shape than its output")
+        # Where the forward's own output is not finite (an inf in one example's input, a model's NaN on padded
+        # rows) there is nothing to compare; the step is skipped as non-finite anyway. NaN != NaN would leave
+        # the layer out for the whole run.
+        finite = torch.isfinite(want)
+        # Detached: nothing here may be saved for a backward (an activation checkpoint counts what is saved).
+        want, got = torch.where(finite, want, 0.0), torch.where(finite, got.detach(), 0.0)
         # vmap's kernels differ from the batched ones by rounding; a batch statistic replayed per example by O(1).
         tolerance = (1e-2 if got.dtype in (torch.float16, torch.bfloat16) or replay.autocast else 1e-4) * float(
             want.abs().max().clamp_min(1e-12)
         )
-        if got.shape != want.shape or not bool(((got - want).abs() <= tolerance).all()):
+        if not bool(((got - want).abs() <= tolerance).all()):
             raise ReplayMismatch(
                 "its output for an example depends on the other examples of the batch through something without a"
                 " gradient (a statistic over the batch such as x.detach().mean(0), or state the call changed): the"
