@@ -535,6 +535,12 @@ class PerExampleSource(GradNormSource):
             if replays_whole:
                 whole.append(module_name)
                 own = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) in wanted]
+            else:
+                # A parameter registered on a child too (transformers' MLM heads: lm_head.bias is
+                # lm_head.decoder.bias) is the child's; a use by the parent's own forward as well is found in the
+                # graph (a parameter used outside its layer).
+                in_children = {id(p) for child in module.children() for p in child.parameters()}
+                own = [(n, p) for n, p in own if id(p) not in in_children]
             if not own:
                 continue
             indices = self._watch(module, label, own)
