@@ -339,7 +339,7 @@ class GradientNoiseScaleTracker:
             >>> tracker = GradientNoiseScaleTracker(layers="norm")
             >>> tracker.attach(model.parameters(), mode="per_example", model=model)
             >>> tracker.left_out["0.weight"]
-            "not a normalisation layer (layers='norm' measures LayerNorm and RMSNorm only)"
+            "not an nn.LayerNorm or nn.RMSNorm (layers='norm'; other norm classes are measured with layers='all')"
             >>> sorted(tracker.left_out), round(tracker.covered_fraction, 3)
             (['0.bias', '0.weight'], 0.333)
         """

@@ -108,7 +108,7 @@ def test_layers_norm_leaves_out_every_other_layer_by_name() -> None:
     left_out = tracker.left_out
     assert set(left_out) == names - {"norm.weight", "norm.bias"}
     assert {r for n, r in left_out.items() if ".parametrizations." not in n} == {
-        "not a normalisation layer (layers='norm' measures LayerNorm and RMSNorm only)"
+        "not an nn.LayerNorm or nn.RMSNorm (layers='norm'; other norm classes are measured with layers='all')"
     }
 
 

@@ -519,11 +519,16 @@ class GradientNoiseScaleBase(LightningNamespace):
             )
         if self.mode == "per_example" and not self.tracker.has_per_example_layers:
             raise self._misconfiguration(
-                f"GradientNoiseScale(mode='per_example') found no supported layer (nn.Linear, nn.Embedding,"
-                f" nn.Conv1d/2d, nn.LayerNorm, nn.RMSNorm{'' if self.layers == 'all' else ' with layers=norm'}) owning"
-                " the optimized parameters, so nothing can be measured. Build the model from these layers, or set"
-                " Trainer(accumulate_grad_batches=2) or more (mode='microbatch'), or use strategy='ddp' on several"
-                " devices (mode='ddp')."
+                "GradientNoiseScale(mode='per_example') found no supported layer"
+                + (
+                    " (nn.Linear, nn.Embedding, nn.Conv1d/2d, nn.LayerNorm, nn.RMSNorm)"
+                    if self.layers == "all"
+                    else " for layers='norm': no nn.LayerNorm or nn.RMSNorm (a norm class of its own, as transformers'"
+                    " LlamaRMSNorm or T5LayerNorm, is measured with layers='all')"
+                )
+                + " owning the optimized parameters, so nothing can be measured. Build the model from these layers,"
+                " or set Trainer(accumulate_grad_batches=2) or more (mode='microbatch'), or use strategy='ddp' on"
+                " several devices (mode='ddp')."
             )
 
     @staticmethod

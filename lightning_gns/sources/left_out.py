@@ -67,7 +67,7 @@ def _reason(owner: tuple[str, nn.Module] | None, layers: Layers) -> str:
             " reaches the original tensors, which no per-example path reads"
         )
     if layers == "norm" and not isinstance(module, NORM_LAYERS):
-        return "not a normalisation layer (layers='norm' measures LayerNorm and RMSNorm only)"
+        return "not an nn.LayerNorm or nn.RMSNorm (layers='norm'; other norm classes are measured with layers='all')"
     if layers == "norm" and not runs_own_forward(module):
         return f"{kind} has a forward of its own (layers='norm' measures LayerNorm and RMSNorm as torch defines them)"
     if isinstance(module, SUPPORTED_LAYERS) and not is_supported(module, "all"):
