@@ -64,20 +64,23 @@ def _sample_list_length(batch: Any) -> int | None:
     return len(batch)
 
 
-def refuse_uncollated_samples(batch: Any, loader_batch_size: int, counted: int | Tensor, sample: Any) -> None:
+def refuse_uncollated_samples(
+    batch: Any, loader_batch_size: int, counted: int | Tensor, sample: Callable[[], Any]
+) -> None:
     """Refuse a batch that is a list or tuple of ``loader_batch_size`` samples left uncollated, where the default
     count took the samples' own leading dimension.
 
     :func:`leading_dim_batch_size` alone cannot tell 2-3 samples, or single-tensor samples of one shape (a list of
     ``(T,)`` sequences, as ``collate_fn=list`` gives), from a batch's fields; the dataloader's batch size and one
-    ``sample`` of its dataset can: every item is then laid out as that sample is (a collate that packs documents
-    into rows of another shape gives fields that are not).
+    sample of its dataset (``sample()``, read only where the batch's length is the batch size) can: every item is
+    then laid out as that sample is (a collate that packs documents into rows of another shape gives fields that
+    are not).
     """
     if not isinstance(batch, (list, tuple)) or len(batch) != loader_batch_size or not isinstance(counted, int):
         return
     if counted == loader_batch_size:
         return
-    layout = _layout(sample)
+    layout = _layout(sample())
     if layout is None or any(_layout(item) != layout for item in batch):
         return
     raise _uncollated_error(batch, len(batch), {counted})

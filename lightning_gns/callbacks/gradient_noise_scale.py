@@ -600,7 +600,7 @@ class GradientNoiseScaleBase(LightningNamespace):
         if self._loader_batch_size_to_check is not None and self.batch_size_fn is leading_dim_batch_size:
             # The fit's first batch only: it is full, while a short last batch of (x, y) fields of one shape
             # would look like samples left uncollated.
-            refuse_uncollated_samples(batch, self._loader_batch_size_to_check, units, _first_sample(trainer))
+            refuse_uncollated_samples(batch, self._loader_batch_size_to_check, units, lambda: _first_sample(trainer))
             self._loader_batch_size_to_check = None
         examples = None
         if self._combined_loaders:
