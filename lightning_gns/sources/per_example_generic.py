@@ -146,6 +146,10 @@ class Replay:
     # layer whose output for one example depends on the others without a gradient (``x.detach().mean(0)``) replays
     # another function, which no graph check can see.
     expected: list[Tensor] | None = None
+    # Batched leaves whose per-example slice is passed as it is, not given a batch dimension of 1: an
+    # nn.MultiheadAttention mask of (B * heads, T, S) split into (B, heads, T, S), whose slice (heads, T, S) is the
+    # mask of a batch of one.
+    as_sliced: frozenset[int] = frozenset()
 
 
 class ReplayMismatch(RuntimeError):
@@ -226,6 +230,7 @@ def capture(
                 " accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
             )
         batched = [(k, d) for k, d in batched if k not in shared]  # a table shared by the examples: not split
+    as_sliced = _split_head_mask(module, positions, leaves, batched, batch)
     if not batched:
         return (
             f"layer {name!r} ({type(module).__name__}) was called without an input whose batch dimension holds the"
@@ -251,8 +256,35 @@ def capture(
         dims,
         [(t.shape, t.dtype, t.device) for t in tensors],
         autocast,
+        as_sliced=as_sliced,
     )
     return replay, tensors
+
+
+def _split_head_mask(
+    module: nn.Module,
+    positions: list[tuple[int | str, Any]],
+    leaves: list[Any],
+    batched: list[tuple[int, int]],
+    batch: int,
+) -> frozenset[int]:
+    """An nn.MultiheadAttention ``attn_mask`` of shape ``(B * heads, T, S)`` (one mask per sequence, a packed
+    batch's block-diagonal one): viewed as ``(B, heads, T, S)`` and split along the examples (in place in
+    ``leaves`` and ``batched``); the positions of such leaves."""
+    if not isinstance(module, nn.MultiheadAttention) or batch < 2:
+        return frozenset()
+    heads = module.num_heads
+    at = 0
+    for position, value in positions:
+        count = len(tree_flatten(value)[0])
+        if position in ("attn_mask", 5) and count == 1:
+            leaf = leaves[at]
+            if isinstance(leaf, Tensor) and leaf.dim() == 3 and leaf.shape[0] == batch * heads and heads > 1:
+                leaves[at] = leaf.reshape(batch, heads, *leaf.shape[1:])
+                batched.append((at, 0))
+                return frozenset({at})
+        at += count
+    return frozenset()
 
 
 _MAX_INSIDE_WALK = 2000  # nodes of one call's graph; a cell's is a few dozen
@@ -408,7 +440,7 @@ def per_example_grads(replay: Replay, grads: list[Tensor | None]) -> dict[str, T
     def one(example_inputs: list[Tensor], example_cotangents: list[Tensor]) -> dict[str, Any]:
         leaves = list(replay.leaves)
         for (k, dim), value in zip(replay.batched, example_inputs, strict=True):
-            leaves[k] = value.unsqueeze(dim)
+            leaves[k] = value if k in replay.as_sliced else value.unsqueeze(dim)
         args, kwargs = tree_unflatten(leaves, replay.spec)
 
         def outputs(wanted: dict[str, Tensor]) -> tuple[Tensor, ...]:
