@@ -180,7 +180,7 @@ def test_one_message_then_one_update_when_more_is_left_out(tmp_path: Path) -> No
     for layer in ("late.0", "late.2"):  # each layer's reason names its input shape: a group of its own
         share = sum(model.get_parameter(f"{layer}.{p}").numel() for p in ("weight", "bias")) / total
         assert f"({100 * share:.1f}%): {layer}.weight, {layer}.bias" in said[1]
-    assert f"covers {100 * kept / total:.1f}% of the {total:,} trainable" in said[1]
+    assert f"covers {100 * kept / total:.1f}% of the {total:,} optimized" in said[1]
     # Below one half only after the branch joined, and said once although every later step logs.
     low = [m for m in messages if "NOT the model's noise scale" in m]
     assert len(low) == 1 and "accumulate_grad_batches=2" in low[0] and "DDP" in low[0]

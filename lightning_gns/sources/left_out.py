@@ -103,7 +103,7 @@ def left_out_message(
         groups.setdefault(reason, []).append(name)
     missing = sum(numels[n] for n in left_out)
     lines = [
-        f"GradientNoiseScale(mode='per_example') covers {_share(total - missing, total)} of the {total:,} trainable"
+        f"GradientNoiseScale(mode='per_example') covers {_share(total - missing, total)} of the {total:,} optimized"
         f" parameter elements"
         + (f" (updated: {updated} more parameter(s) left out since the last message)" if updated else "")
         + f". Left out of both batch sizes' norms, {len(left_out)} parameter(s) ({_share(missing, total)}), so"
@@ -117,7 +117,7 @@ def left_out_message(
 
 def low_coverage_message(covered: float) -> str:
     return (
-        f"GradientNoiseScale(mode='per_example') covers only {covered:.1%} of the trainable parameter elements:"
+        f"GradientNoiseScale(mode='per_example') covers only {covered:.1%} of the optimized parameter elements:"
         " the logged gns/b_simple is the noise scale of that part, NOT the model's noise scale, and the two can"
         " differ by tens of percent. To measure every parameter, accumulate gradients over 2 or more"
         " micro-batches per optimizer step (Trainer(accumulate_grad_batches=2): mode='microbatch' measures every"
