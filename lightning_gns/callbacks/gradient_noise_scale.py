@@ -64,13 +64,15 @@ class GradientNoiseScaleBase(LightningNamespace):
         batch_size_fn: ``batch -> int | Tensor``, the examples (or tokens) in a micro-batch, or a 1-D integer
             tensor with one count per example (``attention_mask.sum(dim=1)``; it stays on the device). The
             training loss must be the mean over these units. Default: the leading dimension the batch's tensors
-            share. In ``per_example`` mode each example holds its own count (and that share of the loss);
+            share (several train dataloaders, and samples left uncollated, need a ``batch_size_fn``: refused
+            without one). In ``per_example`` mode each example holds its own count (and that share of the loss);
             with an int, each counts ``batch_size_fn(batch) / len(batch)`` units.
         prog_bar: show ``gns/b_simple`` in the progress bar.
         measure_every_n_steps: measure every n-th optimizer step (the EMA then spans about
             ``n / (1 - beta)`` steps). 1 measures every step.
-        layers: ``per_example`` only: ``"all"`` supported layers, or ``"norm"`` (LayerNorm/RMSNorm only,
-            nearly free; Gray et al. 2024 find it tracks the whole-model noise scale).
+        layers: ``per_example`` only: ``"all"`` supported layers, or ``"norm"`` (torch's ``nn.LayerNorm`` and
+            ``nn.RMSNorm`` only, nearly free; Gray et al. 2024 find it tracks the whole-model noise scale; other
+            norm classes, as transformers' ``LlamaRMSNorm``, are measured with ``"all"``).
         per_layer: ``per_example`` only: also log B_simple per layer.
         kaplan_loss: name of a logged metric (``self.log(name, ...)`` in the LightningModule) that holds a
             language-model cross-entropy in nats per token; when set, ``gns/kaplan_b_crit_tokens`` is
