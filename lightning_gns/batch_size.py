@@ -66,7 +66,7 @@ def _sample_list_length(batch: Any) -> int | None:
 
 def refuse_uncollated_samples(
     batch: Any, loader_batch_size: int, counted: int | Tensor, sample: Callable[[], Any]
-) -> None:
+) -> str | None:
     """Refuse a batch that is a list or tuple of ``loader_batch_size`` samples left uncollated, where the default
     count took the samples' own leading dimension.
 
@@ -74,16 +74,26 @@ def refuse_uncollated_samples(
     ``(T,)`` sequences, as ``collate_fn=list`` gives), from a batch's fields; the dataloader's batch size and one
     sample of its dataset (``sample()``, read only where the batch's length is the batch size) can: every item is
     then laid out as that sample is (a collate that packs documents into rows of another shape gives fields that
-    are not).
+    are not). Where no sample can be read (an iterable dataset) and the items are laid out alike, returns the
+    doubt to say instead.
     """
     if not isinstance(batch, (list, tuple)) or len(batch) != loader_batch_size or not isinstance(counted, int):
-        return
+        return None
     if counted == loader_batch_size:
-        return
-    layout = _layout(sample())
-    if layout is None or any(_layout(item) != layout for item in batch):
-        return
-    raise _uncollated_error(batch, len(batch), {counted})
+        return None
+    first = _layout(batch[0])
+    if first is None or any(_layout(item) != first for item in batch[1:]):
+        return None
+    example = sample()
+    if example is None:
+        return (
+            f"GradientNoiseScale counts {counted} examples in a batch that is a {type(batch).__name__} of"
+            f" {len(batch)} items laid out alike, as many as the dataloader's batch_size: if they are the samples"
+            " left uncollated (collate_fn=list), pass batch_size_fn=len, or every estimate is in the wrong unit"
+        )
+    if _layout(example) == first:
+        raise _uncollated_error(batch, len(batch), {counted})
+    return None
 
 
 def _layout(item: Any, depth: int = 0) -> tuple[Any, ...] | None:

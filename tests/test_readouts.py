@@ -319,6 +319,25 @@ def test_a_list_of_single_tensor_samples_is_refused_unless_batch_size_fn_counts_
     assert readouts[0] == pytest.approx(readouts[1], rel=1e-9) and readouts[1][2] == 2 * batch_size
 
 
+def test_uncollated_samples_of_an_iterable_dataset_are_said() -> None:
+    """An iterable dataset has no first sample to compare the batch's items with: a list of 4 tensors of shape (6,),
+    as many as the batch size, is counted as 6 examples, and said (refusing could stop a packed collate's rows)."""
+    x, y = PROBLEM.sample(4 * 2 * 3, seed=43)
+    rows = torch.cat([x, y.unsqueeze(1)], dim=1)
+
+    class Rows(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Any:
+            return iter(list(rows))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([GradientNoiseScale(beta=0.9)], accumulate_grad_batches=2).fit(
+            SequenceListRegression(PROBLEM), DataLoader(Rows(), batch_size=4, collate_fn=list)
+        )
+    said = [str(w.message) for w in caught if "laid out alike" in str(w.message)]
+    assert len(said) == 1 and "counts 6 examples" in said[0] and "batch_size_fn=len" in said[0]
+
+
 def test_a_list_of_two_or_three_samples_is_refused_too() -> None:
     """Lists of 4+ samples were refused by their shape alone; 2 or 3 (x, y) samples were taken for a batch's fields
     and counted as x's 5 features. The dataloader's batch size tells them apart."""

@@ -602,7 +602,11 @@ class GradientNoiseScaleBase(LightningNamespace):
         if self._loader_batch_size_to_check is not None and self.batch_size_fn is leading_dim_batch_size:
             # The fit's first batch only: it is full, while a short last batch of (x, y) fields of one shape
             # would look like samples left uncollated.
-            refuse_uncollated_samples(batch, self._loader_batch_size_to_check, units, lambda: _first_sample(trainer))
+            doubt = refuse_uncollated_samples(
+                batch, self._loader_batch_size_to_check, units, lambda: _first_sample(trainer)
+            )
+            if doubt is not None:
+                self._warn(doubt + " (said once).")
             self._loader_batch_size_to_check = None
         examples = None
         if self._combined_loaders:
