@@ -46,12 +46,12 @@ class Announcements:
         world_size: int,
         accumulation: int,
         one_example: bool | None = None,
-    ) -> None:
+    ) -> bool:
         """Once: no optimizer step could be measured so far (``skipped`` of them), with what may be the cause:
         the last ``failure`` of a step, or a setup without two small batches per step (``one_example``: whether
-        the measured micro-batches held one example each; None if not known)."""
+        the measured micro-batches held one example each; None if not known). True if said now."""
         if self._nothing_measured_said:
-            return
+            return False
         self._nothing_measured_said = True  # once: the message's count would make every logging step new
         reasons = [] if failure is None else [failure]
         single = one_example is not False and mode == "per_example" and world_size == 1 and accumulation == 1
@@ -72,6 +72,7 @@ class Announcements:
             f"GradientNoiseScale: no optimizer step could be measured so far ({skipped} skipped): {why}."
             " B_simple stays NaN until a step can be measured."
         )
+        return True
 
 
 def _python_warning(message: str) -> None:

@@ -85,7 +85,8 @@ def gns_custom_scalars_layout(
 ) -> layout_pb2.Layout:
     """The custom-scalars layout proto for the ``gns/`` scalars a run logs.
 
-    Two categories: the whole-model charts (open) and the per-layer noise scales (collapsed). The
+    Two categories: the whole-model charts (open) and the per-layer noise scales (marked ``closed`` in the
+    proto; :func:`write_layout` writes the dictionary form, which has no such flag, so TensorBoard opens it). The
     arguments say which optional scalars the run logs; a chart left without tags is left out, and so is
     a chart title's mention of them. The defaults list every chart.
 

@@ -40,6 +40,10 @@ SourceMode = Literal["ddp", "microbatch", "per_example"]
 SOURCE_MODES: tuple[str, ...] = ("ddp", "microbatch", "per_example")
 
 
+# Distinct reasons for skipped steps that check() says one by one; after them, one message says there are more.
+MAX_FAILURE_REASONS = 5
+
+
 class GradientNoiseScaleTracker:
     """Measure the gradient noise scale in any training loop.
 
@@ -112,6 +116,11 @@ class GradientNoiseScaleTracker:
         self._base_settled = False  # the host has seen base_batch_size hold a batch size
         self._sums = StepSums()  # running sums of the current optimizer step on this rank
         self._step_failure_seen: str | None = None  # the last reason a step could not be measured
+        # Every distinct reason a step could not be measured, in order, and how many check() has said: after the
+        # first measured step each new reason is said once (the averages go on without those steps).
+        self._step_failures: set[str] = set()
+        self._step_failures_to_say: list[str] = []
+        self._step_failures_said = 0
         self._most_examples = 0  # the most examples a measured micro-batch held (0: none counted on the host)
         # Restarts of the averages because parameters measured before were left out (device counter), and how many
         # the host has announced.
@@ -366,9 +375,10 @@ class GradientNoiseScaleTracker:
                 f" the left-out message); the averages restarted then ({restarts} time(s) so far), so gns/b_simple"
                 " describes the covered parameters only, averaged over the steps since."
             )
-        skipped = int(self.metric.skipped_steps) if int(self.metric.measured_steps) == 0 else 0
+        measured = int(self.metric.measured_steps)
+        skipped = int(self.metric.skipped_steps) if measured == 0 else 0
         if skipped >= 1:
-            self._announce.nothing_measured(
+            said_now = self._announce.nothing_measured(
                 skipped,
                 self._step_failure_seen,
                 self.mode,
@@ -376,6 +386,23 @@ class GradientNoiseScaleTracker:
                 self._accumulation,
                 one_example=None if self._most_examples == 0 else self._most_examples == 1,
             )
+            if said_now and self._step_failure_seen in self._step_failures_to_say:  # named by the message
+                self._step_failures_to_say.remove(self._step_failure_seen)
+        elif measured > 0:
+            to_say, self._step_failures_to_say = self._step_failures_to_say, []
+            for reason in to_say:
+                if self._step_failures_said == MAX_FAILURE_REASONS:
+                    self._announce(
+                        "GradientNoiseScale: more steps could not be measured, for other reasons than those said;"
+                        " gns/skipped_steps counts them."
+                    )
+                else:
+                    self._announce(
+                        f"GradientNoiseScale: an optimizer step could not be measured and was skipped: {reason}."
+                        " gns/skipped_steps counts the skipped steps; the averages hold the measured ones only"
+                        " (each reason is said once)."
+                    )
+                self._step_failures_said += 1
         return self._announce.said[before:]
 
     # ------------------------------------------------------------------ per micro-batch
@@ -391,7 +418,8 @@ class GradientNoiseScaleTracker:
             accumulation: micro-batches per optimizer step (the loss is divided by it).
             measure: whether this optimizer step is measured (the same for all its micro-batches).
             examples: ``per_example`` mode: the examples in the micro-batch, which every hooked layer's leading
-                dimension must match. Default: ``len(units)`` for a tensor, else ``units``.
+                dimension must match. Default: ``len(units)`` for a 1-D tensor, ``units`` for an int; required for
+                a 0-d tensor (its value is not read, which would synchronise with the device).
         """
         self._accumulation = accumulation
         self._measuring_step = measure
@@ -404,6 +432,12 @@ class GradientNoiseScaleTracker:
         if measure and examples is not None:
             self._most_examples = max(self._most_examples, examples)
         source = self._sources.pick(self._params, accumulation, self._param_names)
+        if examples is None and measure and isinstance(source, PerExampleSource) and isinstance(units, Tensor):
+            raise ValueError(
+                f"GradientNoiseScaleTracker.start_micro_batch: units is a {units.dim()}-d tensor, which does not say"
+                " how many examples the micro-batch holds (per_example mode checks every layer's leading dimension"
+                " against it): pass examples=len(batch), or units as one count per example (a 1-D tensor)."
+            )
         if self._in_micro_batch:
             if self._backward_without_end():
                 self._sums.add_failed_backward(NO_END_MICRO_BATCH)  # a backward ran; its norms are lost
@@ -465,11 +499,19 @@ class GradientNoiseScaleTracker:
         else:
             self._sums.add_backward(backward.sq_norms, self._micro_batch_units, backward.by_example, backward.measured)
         if self._sums.failed is not None:
-            self._step_failure_seen = self._sums.failed
+            self._note_failure(self._sums.failed, said=self._sums.failed == failed)  # the caller says its own
+
+    def _note_failure(self, reason: str, said: bool = False) -> None:
+        self._step_failure_seen = reason
+        if reason not in self._step_failures and len(self._step_failures) <= MAX_FAILURE_REASONS:
+            self._step_failures.add(reason)
+            if not said:
+                self._step_failures_to_say.append(reason)
 
     def _fail_step(self, reason: str) -> None:
         """A misuse of the calls: the step in progress is skipped, and the reason said once."""
-        self._sums.failed = self._step_failure_seen = reason
+        self._sums.failed = reason
+        self._note_failure(reason, said=True)
         self._announce(reason + ".")
 
     def _backward_without_end(self) -> bool:

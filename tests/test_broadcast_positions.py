@@ -170,3 +170,25 @@ def test_positions_with_an_offset_broadcast_over_the_batch_are_left_out(batch_si
         lambda batch: torch.ones(len(batch)), beta=0.8,
     )  # fmt: skip
     assert_histories_match(recorder.history, want)
+
+
+@pytest.mark.parametrize("count", ["int", "0-d tensor"])
+def test_a_token_count_for_the_whole_micro_batch_splits_per_example_by_its_rows(count: str) -> None:
+    """``batch_size_fn=lambda b: b[:, 1:].sum()``-style counts (one 0-d tensor for the micro-batch) take the
+    examples from the batch's rows, as an int count does. They were taken for no count at all: every check of a
+    layer's leading dimension was off, and at T == B nanoGPT's ``wpe(arange(T))`` was split per example, its 4
+    positions taken for the 4 examples (B_simple 1-3% off, no warning)."""
+    model = TinyGPT()
+    tokens_of: Any = (lambda b: b[:, 1:].numel()) if count == "int" else (lambda b: torch.tensor(b[:, 1:].numel()))
+    gns = GradientNoiseScale(beta=0.8, mode="per_example", batch_size_fn=tokens_of)
+    recorder = BatchRecorder(gns)
+    said = fit64([gns, recorder], model, TinyGPT.data(20, length=5, batch_size=4))  # T = 4 predicted positions = B
+    assert gns.skipped_steps == 0
+    assert list(gns.left_out) == ["wpe.weight"], gns.left_out
+    assert any("counts 16 units in a micro-batch of 4 examples" in m for m in said), said
+    kept = param_names(model, ("wpe",))
+    want = reference_history(
+        model, recorder.micro_batches, TinyGPT.example_loss, lambda step: kept,
+        lambda batch: torch.full((len(batch),), batch.shape[1] - 1), beta=0.8,
+    )  # fmt: skip
+    assert_histories_match(recorder.history, want)

@@ -492,6 +492,7 @@ def test_a_backward_without_end_micro_batch_skips_its_step_and_says_so(mode: str
     tracker, said = plain_loop(mode, 2, lambda step, i: "end" if (step, i) == (1, 1) else "")
     assert int(tracker.metric.skipped_steps) == 1 and int(tracker.metric.measured_steps) == 3
     assert any("ran without end_micro_batch() after it" in m for m in said)
+    assert not any("could not be measured and was skipped" in m for m in said), "said twice"
 
 
 @pytest.mark.parametrize("mode", ["microbatch", "per_example"])
@@ -501,6 +502,49 @@ def test_a_window_without_measure_step_skips_the_next_and_says_so(mode: str) -> 
     tracker, said = plain_loop(mode, 2, lambda step, i: "measure" if step == 1 else "")
     assert int(tracker.metric.skipped_steps) == 1 and int(tracker.metric.measured_steps) == 2
     assert any("more backward passes were recorded since the last measure_step()" in m for m in said)
+
+
+def test_a_0d_count_without_examples_is_refused_in_per_example_mode() -> None:
+    """A 0-d tensor of units (a token count, mask.sum()) does not say how many examples the layers must lead with."""
+    from lightning_gns import GradientNoiseScaleTracker
+
+    model = torch.nn.Linear(3, 1)
+    tracker = GradientNoiseScaleTracker()
+    tracker.attach(model.parameters(), mode="per_example", model=model)
+    with pytest.raises(ValueError, match=r"units is a 0-d tensor.*pass examples=len\(batch\)"):
+        tracker.start_micro_batch(units=torch.tensor(12))
+    tracker.start_micro_batch(units=torch.tensor(12), examples=4)  # told: measured
+    (model(torch.randn(4, 3)).square().mean()).backward()
+    tracker.end_micro_batch()
+    tracker.measure_step()
+    assert int(tracker.metric.measured_steps) == 1
+
+
+class PenaltyFromStep(LinearRegression):
+    """A gradient penalty through torch.autograd.grad on the parameters, switched on after a warm-up: from then on
+    each step's parameter gradient comes from two backward passes, which no norm of one pass measures."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step >= 3:
+            (grad,) = torch.autograd.grad(loss, self.linear.weight, create_graph=True)
+            loss = loss + 0.0 * grad.square().sum()
+        return loss
+
+
+def test_steps_that_cannot_be_measured_after_measured_ones_are_said_once_per_reason() -> None:
+    """Only gns/skipped_steps showed them (3 measured, 7 skipped, no warning), while B_simple stayed put."""
+    problem = LinearProblem(dim=4, seed=62)
+    x, y = problem.sample(8 * 2 * 10, seed=63)
+    gns = GradientNoiseScale(beta=0.9, mode="microbatch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer([gns], accumulate_grad_batches=2, log_every_n_steps=1)
+        trainer.fit(PenaltyFromStep(problem), loader(x, y, 8))
+    assert int(gns.metric.measured_steps) == 3 and int(gns.metric.skipped_steps) == 7
+    said = [str(w.message) for w in caught if "could not be measured and was skipped" in str(w.message)]
+    assert len(said) == 1, said
+    assert "received two gradients in one micro-batch" in said[0] and "gns/skipped_steps" in said[0]
 
 
 def test_ddp_model_that_is_no_ddp_wrapper_is_refused() -> None:

@@ -611,17 +611,23 @@ class GradientNoiseScaleBase(LightningNamespace):
         examples = None
         if self._combined_loaders:
             pass  # the model sees the loaders' examples together: the rows are the count (or one per count)
-        elif self.mode == "per_example" and not isinstance(units, torch.Tensor):
+        elif self.mode == "per_example" and (not isinstance(units, torch.Tensor) or units.dim() == 0):
+            # One count for the whole micro-batch (an int, or a 0-d tensor such as mask.sum()): the examples are
+            # the batch's rows, which every layer's leading dimension is checked against.
             examples = _leading_dim_or_none(batch)
-            if examples is not None and examples != units and not self._warned_token_units:
-                self._warned_token_units = True
-                self._lightning("utilities.rank_zero").rank_zero_warn(
-                    f"GradientNoiseScale(mode='per_example'): batch_size_fn counts {units} units in a micro-batch of"
-                    f" {examples} examples, so each example is taken to hold {units / examples:g} units and an equal"
-                    " share of the loss. If the examples' lengths differ (padding), return one count per example"
-                    " instead, e.g. batch_size_fn=lambda batch: batch['attention_mask'].sum(dim=1), or B_simple"
-                    " comes out biased."
-                )
+            if examples is not None and not self._warned_token_units:
+                # A 0-d tensor is read on the first measured micro-batch only (its value is a host sync).
+                self._warned_token_units = isinstance(units, torch.Tensor)
+                count = int(units)
+                if count != examples:
+                    self._warned_token_units = True
+                    self._lightning("utilities.rank_zero").rank_zero_warn(
+                        f"GradientNoiseScale(mode='per_example'): batch_size_fn counts {count} units in a micro-batch"
+                        f" of {examples} examples, so each example is taken to hold {count / examples:g} units and"
+                        " an equal share of the loss. If the examples' lengths differ (padding), return one count per"
+                        " example instead, e.g. batch_size_fn=lambda batch: batch['attention_mask'].sum(dim=1), or"
+                        " B_simple comes out biased."
+                    )
         elif isinstance(units, torch.Tensor) and units.dim() == 1 and not self._warned_count_length:
             rows = _leading_dim_or_none(batch)
             if rows is not None and rows != units.shape[0]:
@@ -633,6 +639,10 @@ class GradientNoiseScaleBase(LightningNamespace):
                     " (per_example mode: every layer looks called on the wrong batch). Return an int for the whole"
                     " micro-batch, or one count per example."
                 )
+        if examples is None and self.mode == "per_example" and isinstance(units, torch.Tensor) and units.dim() == 0:
+            # No rows to take the examples from (combined loaders, a batch without tensors): the count is the
+            # examples, as an int count would be. Read on every measured micro-batch: a host sync, in this case only.
+            examples = int(units)
         if self._time_major is not None:
             # The examples the estimates take the leading dimension for: per_example's split, or the default count.
             counted = units if self.batch_size_fn is leading_dim_batch_size else None

@@ -1057,7 +1057,9 @@ class PerExampleSource(GradNormSource):
             f" leading dimension is not the micro-batch's {expected} examples (a positional embedding of"
             " arange(T) broadcast over the batch, a sequence-first layout, or tokens flattened to (B*T, d) whose"
             " rows could not be traced back, through reshapes and elementwise operations, to a tensor with the batch"
-            " first; a flatten of data that needs no gradient cannot be traced)"
+            " first; a flatten of data that needs no gradient cannot be traced). If the micro-batch does not hold"
+            f" {expected} examples (a count of tokens given to GradientNoiseScaleTracker.start_micro_batch as units),"
+            " pass examples=len(batch) there"
         )
 
     def _on_output_grad(
@@ -1123,7 +1125,10 @@ class PerExampleSource(GradNormSource):
             return None
         shapes = {t.shape for t in sq_norms.values()}
         if len(shapes) > 1 and failed is None:
-            failed = f"layers disagree on the number of examples: {sorted(s[0] for s in shapes)}"
+            failed = (
+                f"layers disagree on the number of examples: {sorted(s[0] for s in shapes)} (tell the tracker the"
+                " micro-batch's examples: start_micro_batch(examples=len(batch)))"
+            )
         if failed is not None or not sq_norms:
             return BackwardNorms(torch.zeros(0), (), True, failed or "no per-example norm")
         any_norm = next(iter(sq_norms.values()))

@@ -103,8 +103,8 @@ class Point:
 class RunSummary:
     """What the summary table shows for one run.
 
-    ``start``, ``middle`` and ``end`` are the first finite ``B_simple``, the finite one whose step is
-    closest to the middle of the logged steps, and the last finite one. ``mean_b_simple`` averages the
+    ``start`` and ``end`` are the first and the last finite ``B_simple``, ``middle`` the finite one whose step
+    is closest to halfway between theirs. ``mean_b_simple`` averages the
     finite logged values (the run average of McCandlish et al.'s Table 1). ``infinite_points`` counts
     logged values that read as infinite: the averaged ``|G|^2`` estimate was not positive, which happens
     when the noise dominates whatever signal the estimate can resolve.
