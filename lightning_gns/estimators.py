@@ -63,6 +63,9 @@ from torch import Tensor
 # Relative tolerance below which D = n - Q B counts as zero (a single small batch, or weights that
 # make the big batch no less noisy than the small ones).
 _DEGENERATE_TOLERANCE = 1e-9
+# The least share of an equal-sized step's information (step_information) a step must hold to be averaged:
+# below it, its estimates are more than 4x as noisy as those of a step of as many small batches of equal size.
+MIN_STEP_INFORMATION = 0.25
 
 
 class SmallBatchSummary(NamedTuple):
@@ -322,12 +325,37 @@ def unbiased_estimates(summary: SmallBatchSummary, big_sq_norm: Tensor) -> tuple
     big_noise_coef = w2_over_b / w.square()
     determinant = n - big_noise_coef * b
     # Zero for a single small batch (nothing to tell noise from signal). Negative is no problem: with equal weights
-    # and sizes far apart (21 and 324 tokens) the system is still well posed and the estimates unbiased.
-    degenerate = determinant.abs() <= _DEGENERATE_TOLERANCE * n
+    # and sizes far apart (21 and 324 tokens) the system is still well posed and the estimates unbiased. Near zero
+    # (equal weights on sizes about 6x apart: a short last window) the estimates are unbiased but hundreds of times
+    # noisier than a normal step's, and one such step would swamp the averages for hundreds of steps.
+    degenerate = (determinant.abs() <= _DEGENERATE_TOLERANCE * n) | (step_information(summary) < MIN_STEP_INFORMATION)
     determinant = torch.where(degenerate, torch.full_like(determinant, float("nan")), determinant)
     grad_sq_norm = (n * big - big_noise_coef * a) / determinant
     trace_cov = (a - b * big) / determinant
     return grad_sq_norm, trace_cov
+
+
+def step_information(summary: SmallBatchSummary) -> Tensor:
+    """How much a step tells about ``tr(Sigma)``, as a share of what a step of as many small batches of equal size
+    tells: 1 for equal sizes, and for any sizes where ``w_i = b_i``; below 1 for equal weights on unequal sizes.
+
+    The ``tr(Sigma)`` estimate is ``z^T K z / D`` in the small batches' standardised noise ``z_i`` (covariance
+    ``Sigma``), with ``K = I - B v v^T``, ``v_i = w_i / (W sqrt(b_i))``, ``|v|^2 = Q`` and ``tr K = D``; for Gaussian
+    noise its variance is ``2 tr(K^2) tr(Sigma^2) / D^2`` with ``tr(K^2) = n - 2 B Q + (B Q)^2``, and ``n - 1`` for
+    equal sizes. The share is the ratio of the two inverse variances, ``D^2 / tr(K^2) / (n - 1)`` (NaN for one small
+    batch).
+
+    Example:
+        >>> import torch
+        >>> equal = summarize_small_batches(torch.tensor([5.0, 3.0]), torch.tensor([4.0, 4.0]), torch.ones(2))
+        >>> short_last = summarize_small_batches(torch.tensor([5.0, 3.0]), torch.tensor([35.0, 6.0]), torch.ones(2))
+        >>> round(float(step_information(equal)), 3), float(step_information(short_last)) < 1e-5
+        (1.0, True)
+    """
+    _, n, b, w, w2_over_b = (t.to(torch.float64) for t in summary)
+    bq = b * w2_over_b / w.square()
+    determinant = n - bq
+    return determinant.square() / (n - 2 * bq + bq.square()) / (n - 1)
 
 
 def weighted_estimates(

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_gns import scalars
 from lightning_gns._deprecation import warn_renamed
 from lightning_gns.announcements import Announcements
-from lightning_gns.estimators import StepSums, summary_from_counts
+from lightning_gns.estimators import MIN_STEP_INFORMATION, StepSums, step_information, summary_from_counts
 from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, metric_states, validate_beta
 from lightning_gns.sources.base import BackwardNorms, GradNormSource
 from lightning_gns.sources.ddp_averaged import DDPAveraged
@@ -126,6 +126,9 @@ class GradientNoiseScaleTracker:
         # the host has announced.
         self._restarts: Tensor | None = None
         self._restarts_said = 0
+        # Whether a step was skipped for micro-batches of sizes too unequal to measure (a device flag, read by check()).
+        self._unbalanced: Tensor | None = None
+        self._unbalanced_said = False
         # Accumulation windows whose micro-batches were recorded but no measure_step followed (no optimizer step).
         self.unstepped_windows = 0
 
@@ -375,6 +378,17 @@ class GradientNoiseScaleTracker:
                 f" the left-out message); the averages restarted then ({restarts} time(s) so far), so gns/b_simple"
                 " describes the covered parameters only, averaged over the steps since."
             )
+        if not self._unbalanced_said and self._unbalanced is not None and bool(self._unbalanced):
+            self._unbalanced_said = True
+            self._announce(
+                "GradientNoiseScale: a step whose micro-batches differ too much in size was skipped (gns/skipped_steps"
+                " counts it; said once). Lightning weights every micro-batch of a step equally, and with sizes"
+                " about 6x apart (an epoch's short last window, one sequence per micro-batch counted in tokens) the"
+                " step's estimates, though unbiased, are hundreds of times noisier than a normal step's and would"
+                " swamp the averages; steps more than 4x noisier than one of equal sizes are left out. Use"
+                " DataLoader(drop_last=True), micro-batches of similar size (several sequences each, or packed), or"
+                " more micro-batches per step."
+            )
         measured = int(self.metric.measured_steps)
         skipped = int(self.metric.skipped_steps) if measured == 0 else 0
         if skipped >= 1:
@@ -582,6 +596,8 @@ class GradientNoiseScaleTracker:
             dist.all_reduce(packed, group=self._process_group)
         sq_sum, big = book.unpack(packed[: book.size])
         counts = summary_from_counts(sq_sum, packed[book.size :])
+        unbalanced = (counts.num_small_batches >= 2) & (step_information(counts) < MIN_STEP_INFORMATION)
+        self._unbalanced = unbalanced if self._unbalanced is None else self._unbalanced | unbalanced
         # .grad = sum over (rank, backward, small batch) of share * g / (world_size * k): the share-weighted
         # mean over the step's small batches is .grad * k * world_size / (backward passes on all ranks), also
         # for a short last window of the epoch, and for ranks whose last windows differ in length (the count
@@ -634,12 +650,15 @@ class GradientNoiseScaleTracker:
             "layer_metrics": {name: metric_states(m) for name, m in self.layer_metrics.items()},
             # NaN before the first measured step: nothing to keep (a resumed run takes its first measured step).
             "base_batch_size": None if base is None or not bool(torch.isfinite(base)) else base.detach().cpu().clone(),
-            # per_example: the parameters the averages hold, so that leaving one out after a resume restarts them.
+            # The parameters the averages hold, so that a resume that measures another set (per_example leaving one
+            # out, or microbatch measuring one that per_example left out) restarts them.
             "contributed": self._contributed_names(),
         }
 
     def _contributed_names(self) -> list[str] | None:
         positions = self._book.contributed() if self.mode is not None else None
+        if positions is None and self.mode is not None:  # every step covers every parameter
+            positions = list(range(len(self._book.params))) if int(self.metric.measured_steps) > 0 else []
         names = None if positions is None else [self._param_names.get(id(self._book.params[i]), "?") for i in positions]
         if self._restored_contributed is None:
             return names
@@ -653,6 +672,22 @@ class GradientNoiseScaleTracker:
         self._book.restore_contributed(
             [i for i, p in enumerate(self._book.params) if self._param_names.get(id(p)) in wanted]
         )
+        if isinstance(self._book, PerExampleBookkeeping) or not wanted:
+            return  # per_example: a saved parameter it leaves out restarts the averages at the next step (lost)
+        # Every parameter is measured from here on: averages that hold fewer (a per_example run that left some
+        # out) would mix two sets.
+        missing = sorted(name for p in self._book.params if (name := self._param_names.get(id(p), "?")) not in wanted)
+        if missing and bool(self.metric.ema_weight > 0):
+            self.metric.restart()
+            for metric in self.layer_metrics.values():
+                metric.restart()
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            shown = ", ".join(repr(n) for n in missing[:5]) + more
+            self._announce(
+                f"GradientNoiseScale: the checkpoint's averages leave out {len(missing)} parameter(s) that"
+                f" mode={self.mode!r} measures ({shown}; left out where they were saved, in per_example mode): they"
+                " restart here, so that B_simple describes one set of parameters."
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s averages; a damaged state (a missing key, a non-finite average, a negative

@@ -39,8 +39,11 @@ class Step:
         n, weights = len(self.sizes), self.weights or [float(b) for b in self.sizes]
         a = math.fsum(b * s for b, s in zip(self.sizes, self.small, strict=True))
         q = math.fsum(w * w / b for w, b in zip(weights, self.sizes, strict=True)) / math.fsum(weights) ** 2
-        det = n - q * sum(self.sizes)
+        bq = q * sum(self.sizes)
+        det = n - bq
         if n < 2 or abs(det) <= 1e-9 * n or not all(map(math.isfinite, [*self.small, self.big])):
+            return None
+        if det * det / (n - 2 * bq + bq * bq) / (n - 1) < 0.25:  # nearly singular: 4x an equal step's variance
             return None
         return (n * self.big - q * a) / det, (a - sum(self.sizes) * self.big) / det
 
