@@ -216,6 +216,7 @@ class GradientNoiseScaleTracker:
         no recorded micro-batch holds."""
         if self._measuring_step:
             self._sums.failed = reason
+            self._note_failure(reason, said=True)  # the caller says it
 
     def discard_unstepped(self) -> bool:
         """Drop what the micro-batches recorded since the last :meth:`measure_step` hold, where no optimizer step
@@ -569,6 +570,16 @@ class GradientNoiseScaleTracker:
             self._in_micro_batch = False
             self._sums.add_failed_backward(NO_END_MICRO_BATCH)
             self._fail_step(NO_END_MICRO_BATCH)
+        frozen = [self._param_names.get(id(p), "?") for p in self._params if not p.requires_grad]
+        if frozen and self._sums.failed is None:
+            # Frozen after some micro-batch norms took them: those hold the parameters, .grad only part of them.
+            shown = ", ".join(repr(n) for n in frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
+            self._fail_step(
+                f"GradientNoiseScale: {len(frozen)} measured parameter(s) ({shown}) stopped requiring gradients"
+                " inside an optimizer step, after micro-batches whose norms hold them: the step is skipped. Change"
+                " requires_grad between optimizer steps (BaseFinetuning does, at epoch starts); in a plain loop, call"
+                " tracker.sync_params(...) after each change"
+            )
         device = self.metric.grad_sq_norm_ema.device
         k, m = self._accumulation, self._sums.backward_passes
         if m > k:

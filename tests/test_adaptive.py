@@ -661,3 +661,30 @@ def test_lightning_cli() -> None:
     (callback,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, AdaptiveBatchSize)]  # type: ignore[attr-defined]
     assert (callback.target, callback.max_accumulation, callback.lr_scaling) == ("sqrt", 4, "adascale")
     assert callback.accumulation == 2  # started from the CLI's accumulate_grad_batches=2
+
+
+@pytest.mark.parametrize("saved_on", [1, 2])
+def test_a_resume_on_another_number_of_processes_is_said(saved_on: int, tmp_path: Path) -> None:
+    """The accumulation and learning-rate factor were decided for the saved run's processes: resumed on another
+    count, the same accumulation makes another effective batch and the factor stayed as saved, without a word (a
+    helper's 2 -> 1 process probe: the rate stayed doubled at the batch it was tuned for). Said, naming the fix.
+    (The saved count is edited into a one-process checkpoint: the same state a 2-process run writes.)"""
+    model = RecordingRegression(DIM, LR, PROBLEM.w)
+    first = make_trainer([GradientNoiseScale(beta=0.9), adaptive()], max_epochs=1)
+    first.fit(model, loader(X, Y, MICRO))
+    ckpt = tmp_path / "saved.ckpt"
+    first.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in state["callbacks"] if k.startswith("AdaptiveBatchSize")]
+    assert state["callbacks"][key]["world_size"] == 1
+    state["callbacks"][key]["world_size"] = saved_on
+    torch.save(state, ckpt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([GradientNoiseScale(beta=0.9), adaptive()], max_epochs=2).fit(
+            model, loader(X, Y, MICRO), ckpt_path=ckpt
+        )
+    said = [str(w.message) for w in caught if "the checkpoint was saved on" in str(w.message)]
+    assert len(said) == (1 if saved_on == 2 else 0), said
+    if said:
+        assert "saved on 2 process(es) and this fit runs on 1" in said[0] and "0.5x as large" in said[0]

@@ -384,3 +384,48 @@ def test_states_of_earlier_versions_without_optional_keys_load(adaptive_checkpoi
         fit(resumed, ckpt_path=path)
     assert not [w for w in record if "AdaptiveBatchSize:" in str(w.message)]  # the rule is taken to be unchanged
     assert (resumed.accumulation, resumed.lr_factor, resumed.base_accumulation) == (4, 4.0, 1)
+
+
+class ShiftedRegression(LinearRegression):
+    """Linear regression plus a raw parameter added in the LightningModule's forward: per_example leaves it out
+    (no layer of its own), microbatch measures it."""
+
+    def __init__(self, problem: LinearProblem) -> None:
+        super().__init__(problem, lr=0.0)
+        self.shift = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return 0.5 * (self.linear(x).squeeze(-1) + 3.0 * self.shift - y - 1.0).square().mean()
+
+
+@pytest.mark.parametrize(("saved_k", "resumed_k"), [(2, 1), (1, 2)], ids=["microbatch-to-per_example", "reverse"])
+def test_a_resume_where_auto_picks_a_mode_that_measures_other_parameters_restarts_the_averages(
+    saved_k: int, resumed_k: int, tmp_path: Path
+) -> None:
+    """mode='auto' keys the state by 'auto': a resume at another accumulation picked the other mode and loaded
+    averages over another parameter set without a word (B_simple 0.43 for 1.77 after 12 steps, and +5% the other
+    way; a helper's probe). The averages restart, said, and equal those of a resume without the callback's state."""
+    problem = LinearProblem(dim=4, seed=66)
+    x, y = problem.sample(8 * 12, seed=67)
+    first = make_trainer([GradientNoiseScale(beta=0.8)], accumulate_grad_batches=saved_k)
+    first.fit(ShiftedRegression(problem), loader(x, y, 8))
+    ckpt = tmp_path / "saved.ckpt"
+    first.save_checkpoint(ckpt)
+    stripped = torch.load(ckpt, weights_only=False)
+    stripped["callbacks"] = {k: v for k, v in stripped["callbacks"].items() if not k.startswith("GradientNoiseScale")}
+    torch.save(stripped, tmp_path / "stripped.ckpt")
+    results = []
+    for path in (ckpt, tmp_path / "stripped.ckpt"):
+        gns = GradientNoiseScale(beta=0.8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = make_trainer([gns], accumulate_grad_batches=resumed_k, max_epochs=2)
+            trainer.fit(ShiftedRegression(problem), loader(x, y, 8), ckpt_path=path)
+        results.append((gns, [str(w.message) for w in caught if "GradientNoiseScale" in str(w.message)]))
+    (resumed, said), (fresh, _) = results
+    assert resumed.mode == ("per_example" if resumed_k == 1 else "microbatch")
+    assert math.isfinite(fresh.b_simple)
+    assert resumed.b_simple == pytest.approx(fresh.b_simple, rel=1e-12)
+    restart = "averages restarted" if resumed_k == 1 else "checkpoint's averages leave out 1 parameter(s)"
+    assert any(restart in m for m in said), said

@@ -406,3 +406,65 @@ def test_a_short_last_window_that_makes_the_step_nearly_singular_is_skipped_and_
     assert len(said[0]) == 1 and "drop_last=True" in said[0][0] and said[1] == []
     for name, value in states[1].items():
         assert torch.equal(states[0][name], value), name
+
+
+@pytest.mark.parametrize("schedule", [{0: 4, 2: 1}, {0: 1, 2: 4}], ids=["down-to-1", "up-from-1"])
+def test_an_accumulation_schedule_through_1_is_measured_in_per_example_mode(schedule: dict[int, int]) -> None:
+    """mode='auto' took 'microbatch' from the schedule's largest accumulation: the epochs at 1 were skipped and
+    gns/b_simple kept the last value there, without a word (48 of 60 steps). auto now takes 'per_example', which
+    measures at any accumulation; an explicit 'microbatch' is warned about at the start."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    problem = LinearProblem(dim=4, seed=68)
+    x, y = problem.sample(8 * 24, seed=69)
+    for mode, measured in (("auto", 60), ("microbatch", 12)):
+        gns = GradientNoiseScale(beta=0.9, mode=mode)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = make_trainer([gns, GradientAccumulationScheduler(dict(schedule))], max_epochs=4)
+            trainer.fit(LinearRegression(problem, lr=0.0), loader(x, y, 8))
+        said = [str(w.message) for w in caught if "has epochs at accumulation 1" in str(w.message)]
+        assert gns.mode == ("per_example" if mode == "auto" else "microbatch")
+        assert int(gns.metric.measured_steps) == measured and gns.skipped_steps == 60 - measured
+        assert len(said) == (0 if mode == "auto" else 1), said
+
+
+class TwoLayers(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(70)
+        self.net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return 0.5 * (self.net(x).squeeze(-1) - y).square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class FreezeFirstLayerAt(Callback):
+    def __init__(self, micro_batch: int) -> None:
+        self.micro_batch, self.seen = micro_batch, 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.seen == self.micro_batch:
+            pl_module.net[0].requires_grad_(False)
+        self.seen += 1
+
+
+@pytest.mark.parametrize("mode", ["microbatch", "per_example"])
+def test_a_layer_frozen_inside_an_accumulation_window_skips_that_step_and_says_why(mode: str) -> None:
+    """Frozen at the second micro-batch of window 2 (k=3): the first micro-batch's norms held the layer, .grad only
+    that micro-batch's share of it. The step read tr(Sigma) 9.16 for 2.96 (microbatch; a helper's float64 probe),
+    with only the generic 'parameters changed' message at the next step. Skipped, and said; the later steps
+    measure the rest of the model."""
+    problem = LinearProblem(dim=4, seed=71)
+    x, y = problem.sample(8 * 12, seed=72)
+    gns = GradientNoiseScale(beta=0.9, mode=mode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([gns, FreezeFirstLayerAt(4)], accumulate_grad_batches=3).fit(TwoLayers(), loader(x, y, 8))
+    said = [str(w.message) for w in caught if "stopped requiring gradients inside an optimizer step" in str(w.message)]
+    assert len(said) == 1 and "'net.0.weight'" in said[0], said
+    assert gns.skipped_steps == 1 and int(gns.metric.measured_steps) == 3

@@ -37,6 +37,7 @@ ADAPTIVE_OPTIONAL_KEYS = frozenset(
         "pending_record",
         "estimate_moments",
         "last_ema",
+        "world_size",
     }
 )
 _COUNTS = ("measured_steps", "skipped_steps")
@@ -192,6 +193,9 @@ def validate_adaptive_state(state: Any, lr_scalings: Iterable[str], callback: st
     if not isinstance(state, Mapping):
         raise _fail(callback, "state", f"must be a dict, got {type(state).__name__}")
     _check_keys(callback, "", state, ADAPTIVE_KEYS, ADAPTIVE_OPTIONAL_KEYS)
+    world_size = state.get("world_size")
+    if world_size is not None and not (_is_int(world_size) and world_size >= 1):
+        raise _fail(callback, "world_size", f"must be an int >= 1, got {world_size!r}")
     started = state["accumulation"] is not None
     if started or state["base_accumulation"] is not None:  # both None: saved before training started
         _check_accumulation(callback, "accumulation", state["accumulation"])

@@ -173,6 +173,8 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self.pending_record: dict[str, Any] | None = None
 
         self._restored = False
+        self._world_size: int | None = None  # the processes of this fit (saved: a resume on another count is said)
+        self._saved_world_size: int | None = None
         self._skip_next_load = False  # the state Lightning restores for validate/test/predict(ckpt_path=...)
         # Units of every micro-batch of the epoch so far, and how many: their mean is the schedule's micro-batch. It
         # follows token counts that vary from batch to batch and a loader whose batch changes (reload_dataloaders_
@@ -299,6 +301,17 @@ class AdaptiveBatchSizeBase(LightningNamespace):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Applied here rather than in load_state_dict: depending on the strategy, the checkpoint's callback
         # state arrives before or after on_fit_start, but always before the first training batch.
+        self._world_size = trainer.world_size
+        saved, self._saved_world_size = self._saved_world_size, None
+        if saved is not None and saved != trainer.world_size and self.accumulation is not None:
+            self._lightning("utilities.rank_zero").rank_zero_warn(
+                f"AdaptiveBatchSize: the checkpoint was saved on {saved} process(es) and this fit runs on"
+                f" {trainer.world_size}. Its accumulation ({self.accumulation}), learning-rate factor"
+                f" ({self.lr_factor:g}) and any pending change were decided for the effective batch of {saved}"
+                f" process(es); here the same accumulation makes a batch {trainer.world_size / saved:g}x as large,"
+                " and the factor is kept as saved. Resume on the same number of processes to continue the schedule as"
+                " decided."
+            )
         continued = (
             self.accumulation is not None
             and trainer.global_step > 0
@@ -604,6 +617,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             "lr_scaling": self.lr_scaling,
             "decisions": [dict(entry) for entry in self.decisions],
             "pending_record": None if self.pending_record is None else dict(self.pending_record),
+            "world_size": self._world_size,
         }
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -672,6 +686,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self.pending_record = None if record is None else dict(record)
         # "estimate_moments" and "last_ema" of older checkpoints are not read: the metric keeps the moments now.
         self._restored = True
+        self._saved_world_size = state_dict.get("world_size")
         if self.accumulation is not None:
             self._reconcile(state_dict.get("lr_scaling", self.lr_scaling))
 

@@ -408,7 +408,8 @@ class GradientNoiseScaleBase(LightningNamespace):
     def _resolve_mode(self, trainer: Trainer, pl_module: LightningModule) -> str:
         strategies = self._lightning("strategies")
         strategy = trainer.strategy
-        max_accumulation = self._max_accumulation(trainer)
+        accumulations = self._accumulations(trainer)
+        max_accumulation = max(accumulations)
         is_ddp = isinstance(strategy, strategies.DDPStrategy) and not isinstance(strategy, strategies.DeepSpeedStrategy)
         model_parallel = getattr(strategies, "ModelParallelStrategy", None)
         if model_parallel is not None and isinstance(strategy, model_parallel):
@@ -434,7 +435,12 @@ class GradientNoiseScaleBase(LightningNamespace):
         if mode == "auto" and not (self.layers != "all" or self.per_layer):
             if several_processes:
                 return "ddp"
-            if max_accumulation > 1:
+            if max_accumulation > 1 and min(accumulations) > 1:
+                return "microbatch"
+            if max_accumulation > 1 and coupled:
+                # Epochs at accumulation 1 (GradientAccumulationScheduler) have one small batch per step, and
+                # BatchNorm rules out per-example norms: those epochs are not measured.
+                self._warn_unmeasured_epochs(accumulations, chosen=True)
                 return "microbatch"
             if coupled:
                 raise self._misconfiguration(
@@ -455,7 +461,11 @@ class GradientNoiseScaleBase(LightningNamespace):
                 " (layers='norm' and per_layer=True need per-example gradients too)."
             )
         if mode == "auto":
+            # Also with a GradientAccumulationScheduler that has epochs at accumulation 1: microbatch mode would
+            # measure nothing there, per_example measures at any accumulation.
             return "per_example"
+        if mode == "microbatch" and max_accumulation > 1 and min(accumulations) < 2 and not several_processes:
+            self._warn_unmeasured_epochs(accumulations, chosen=False)
         if mode == "ddp" and not several_processes:
             raise self._misconfiguration(
                 f"GradientNoiseScale(mode='ddp') needs DDP with more than one process, got {type(strategy).__name__}"
@@ -489,13 +499,26 @@ class GradientNoiseScaleBase(LightningNamespace):
             )
         return "per_example"
 
-    def _max_accumulation(self, trainer: Trainer) -> int:
+    def _accumulations(self, trainer: Trainer) -> list[int]:
+        """The accumulations the fit will use: a GradientAccumulationScheduler's (it sets the Trainer's), else the
+        Trainer's."""
         scheduler = self._lightning("callbacks").GradientAccumulationScheduler
-        values = [trainer.accumulate_grad_batches]
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, scheduler):
-                values.extend(callback.scheduling.values())
-        return max(values)
+        values = [
+            k
+            for callback in trainer.callbacks  # type: ignore[attr-defined]
+            if isinstance(callback, scheduler)
+            for k in callback.scheduling.values()
+        ]
+        return values or [trainer.accumulate_grad_batches]
+
+    def _warn_unmeasured_epochs(self, accumulations: list[int], chosen: bool) -> None:
+        why = " (mode='auto' chose it: the model has BatchNorm, which rules out per-example norms)" if chosen else ""
+        self._warn(
+            f"GradientNoiseScale measures in mode='microbatch'{why}, but the GradientAccumulationScheduler has"
+            f" epochs at accumulation 1 (schedule {sorted(set(accumulations))}): their steps hold one small batch"
+            " and are skipped and counted, and gns/* keep their last values there. Schedule an accumulation of 2 or"
+            " more for every epoch, or use mode='per_example' (small batches of one example at any accumulation)."
+        )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Optimizers and the DDP wrapper exist from here on, and no backward has run yet. The DDP comm hook waits
@@ -684,9 +707,11 @@ class GradientNoiseScaleBase(LightningNamespace):
         if self.tracker.discard_unstepped() and not self._warned_unstepped:
             self._warned_unstepped = True
             self._warn(
-                "GradientNoiseScale: an accumulation window ended without an optimizer step (an optimizer_step that"
-                " does not call optimizer.step(), or on_train_batch_start returning -1 in the middle of a window):"
-                " its micro-batches are not measured. Windows dropped so far: tracker.unstepped_windows."
+                "GradientNoiseScale: an accumulation window ended without an optimizer step (the fit stopped in the"
+                " middle of a window: max_time, trainer.should_stop set by a callback, a resume from a checkpoint"
+                " saved inside a window; an optimizer_step that does not call optimizer.step(); on_train_batch_start"
+                " returning -1 in the middle of a window): its micro-batches are not measured. Windows dropped so far:"
+                " tracker.unstepped_windows."
             )
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
