@@ -310,8 +310,9 @@ def unbiased_estimates(summary: SmallBatchSummary, big_sq_norm: Tensor) -> tuple
 
     Returns:
         ``(grad_sq_norm, trace_cov)``; both NaN when the step holds no information about the noise
-        (fewer than two small batches). Individual ``grad_sq_norm`` estimates can be negative: average
-        them, never clamp them.
+        (fewer than two small batches), or too little to average (:func:`step_information` below
+        :data:`MIN_STEP_INFORMATION`: equal weights on sizes far apart, near ``D = 0``). Individual
+        ``grad_sq_norm`` estimates can be negative: average them, never clamp them.
 
     Example:
         >>> import torch

@@ -65,9 +65,10 @@ class GradientNoiseScaleMetric(Metric):
 
     Each :meth:`update` folds one optimizer step into bias-corrected EMAs of unbiased ``|G|^2`` and
     ``tr(Sigma)`` estimates (docs/estimator.md); ``B_simple`` is their ratio, and :meth:`confidence_interval`
-    bounds it (docs/adaptive.md). A step that is not finite or holds fewer than two small batches is skipped and
-    counted. :meth:`update` never synchronises with the host; under ``torch.distributed`` every process
-    passes its own small batches, and all of them call it together.
+    bounds it (docs/adaptive.md). A step that is not finite, holds fewer than two small batches, or is nearly
+    singular (equal weights on sizes far apart: :meth:`update`) is skipped and counted. :meth:`update` never
+    synchronises with the host; under ``torch.distributed`` every process passes its own small batches, and all
+    of them call it together.
 
     Args:
         beta: EMA decay per update, in (0, 1).
@@ -147,7 +148,10 @@ class GradientNoiseScaleMetric(Metric):
             big_sq_norm: ``|G_big|^2`` of the step's big-batch gradient ``sum_i w_i g_i / sum_i w_i`` over
                 all small batches of all processes.
             small_weights: ``w_i``; default ``small_sizes`` (the big batch is the mean over all examples).
-                Lightning's gradient accumulation weights micro-batches equally: pass ones.
+                Lightning's gradient accumulation weights micro-batches equally: pass ones. Equal weights on
+                sizes far apart can make a step nearly singular (two micro-batches about 6x apart in size):
+                a step whose estimates would be more than 4x as noisy as with equal sizes
+                (:func:`~lightning_gns.estimators.step_information` below 0.25) is skipped and counted.
         """
         sums = StepSums()
         sums.add(small_sq_norms, small_sizes, small_weights)

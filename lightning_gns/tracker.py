@@ -99,6 +99,8 @@ class GradientNoiseScaleTracker:
         self._not_averaged: str | None = None
         self._silent_layers: set[str] = set()  # per_layer: layers left out whole, whose metrics were restarted
         self._restored_contributed: list[str] | None = None  # from a checkpoint, until the next attach takes it
+        self._restored_contributed_mode: str | None = None  # the mode that measured them
+        self._restored_contributed_all = False  # an earlier version's microbatch/ddp averages: every parameter
         self._param_names: dict[int, str] = {}  # parameter id -> its name in the model
         self._model: nn.Module | None = None
         self._ddp_model: nn.parallel.DistributedDataParallel | None = None
@@ -119,6 +121,8 @@ class GradientNoiseScaleTracker:
         # Every distinct reason a step could not be measured, in order, and how many check() has said: after the
         # first measured step each new reason is said once (the averages go on without those steps).
         self._step_failures: set[str] = set()
+        # The watched parameters that required gradients after the step's first backward (None before it).
+        self._window_trainable: list[nn.Parameter] | None = None
         self._step_failures_to_say: list[str] = []
         self._step_failures_said = 0
         self._most_examples = 0  # the most examples a measured micro-batch held (0: none counted on the host)
@@ -226,6 +230,7 @@ class GradientNoiseScaleTracker:
         ``optimizer.step()`` (an ``optimizer_step`` that skips it, an epoch stopped in the middle of a window)
         would otherwise add its micro-batches to the next window's, whose ``.grad`` holds that window alone.
         """
+        self._window_trainable = None
         if self._sums.backward_passes == 0 and self._sums.failed is None:
             return False
         self._sums.clear()
@@ -498,6 +503,8 @@ class GradientNoiseScaleTracker:
         if not (self._in_micro_batch and self._measuring_step) or source is None:
             return
         self._in_micro_batch = False
+        if self._window_trainable is None:  # the step's first backward: which parameters its norms can hold
+            self._window_trainable = [p for p in self._params if p.requires_grad]
         backward = source.pop_backward()
         if failed is not None:
             backward = BackwardNorms(torch.zeros(0), (), failed=failed)
@@ -565,20 +572,21 @@ class GradientNoiseScaleTracker:
         """
         if not self._measuring_step:
             self._sums.clear()
+            self._window_trainable = None
             return False
         if self._in_micro_batch and self._backward_without_end():
             self._in_micro_batch = False
             self._sums.add_failed_backward(NO_END_MICRO_BATCH)
             self._fail_step(NO_END_MICRO_BATCH)
-        frozen = [self._param_names.get(id(p), "?") for p in self._params if not p.requires_grad]
+        trainable, self._window_trainable = self._window_trainable, None
+        frozen = [self._param_names.get(id(p), "?") for p in trainable or () if not p.requires_grad]
         if frozen and self._sums.failed is None:
-            # Frozen after some micro-batch norms took them: those hold the parameters, .grad only part of them.
+            # Frozen after a micro-batch whose norms hold them: .grad holds only part of them.
             shown = ", ".join(repr(n) for n in frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
             self._fail_step(
                 f"GradientNoiseScale: {len(frozen)} measured parameter(s) ({shown}) stopped requiring gradients"
-                " inside an optimizer step, after micro-batches whose norms hold them: the step is skipped. Change"
-                " requires_grad between optimizer steps (BaseFinetuning does, at epoch starts); in a plain loop, call"
-                " tracker.sync_params(...) after each change"
+                " after the backward pass of this optimizer step's first micro-batch, whose norms hold them: the step"
+                " is skipped. Change requires_grad between optimizer steps (BaseFinetuning does, at epoch starts)"
             )
         device = self.metric.grad_sq_norm_ema.device
         k, m = self._accumulation, self._sums.backward_passes
@@ -664,6 +672,8 @@ class GradientNoiseScaleTracker:
             # The parameters the averages hold, so that a resume that measures another set (per_example leaving one
             # out, or microbatch measuring one that per_example left out) restarts them.
             "contributed": self._contributed_names(),
+            # The mode that measured them: only per_example leaves parameters out of the averages.
+            "contributed_mode": self.mode if self._restored_contributed is None else self._restored_contributed_mode,
         }
 
     def _contributed_names(self) -> list[str] | None:
@@ -676,15 +686,22 @@ class GradientNoiseScaleTracker:
         return sorted(set(self._restored_contributed) | set(names or ()))  # loaded, not attached since
 
     def _restore_contributed(self) -> None:
+        if self.mode is None:
+            return
         names = self._restored_contributed
-        if names is None or self.mode is None:
+        if names is None and self._restored_contributed_all:
+            names = self._restored_contributed = [self._param_names.get(id(p), "?") for p in self._params]
+            self._restored_contributed_all = False
+        if names is None:
             return
         wanted = set(names)
         self._book.restore_contributed(
             [i for i, p in enumerate(self._book.params) if self._param_names.get(id(p)) in wanted]
         )
-        if isinstance(self._book, PerExampleBookkeeping) or not wanted:
-            return  # per_example: a saved parameter it leaves out restarts the averages at the next step (lost)
+        if isinstance(self._book, PerExampleBookkeeping) or self._restored_contributed_mode != "per_example":
+            # per_example: a saved parameter it leaves out restarts the averages at the next step (lost). Saved by
+            # microbatch or ddp: every parameter trainable then is in them (one unfrozen since is a documented lag).
+            return
         # Every parameter is measured from here on: averages that hold fewer (a per_example run that left some
         # out) would mix two sets.
         missing = sorted(name for p in self._book.params if (name := self._param_names.get(id(p), "?")) not in wanted)
@@ -718,7 +735,16 @@ class GradientNoiseScaleTracker:
         base = state_dict.get("base_batch_size")
         self.base_batch_size = None if base is None else base.to(self.metric.last_b_big.device)
         self._base_settled = base is not None
-        self._restored_contributed = state_dict.get("contributed")
+        contributed = state_dict.get("contributed")
+        saved_mode = state_dict.get("contributed_mode")
+        if saved_mode is None and contributed is not None:
+            saved_mode = "per_example"  # earlier versions saved the names in per_example mode only
+        # An earlier version's microbatch or ddp averages (no names saved): every parameter, as far as can be told.
+        self._restored_contributed_all = contributed is None and bool(self.metric.ema_weight > 0)
+        if self._restored_contributed_all:
+            saved_mode = "microbatch"
+        self._restored_contributed = contributed
+        self._restored_contributed_mode = saved_mode
         self._restore_contributed()  # loaded after attach (plain PyTorch); Lightning loads before: attach does it
 
 

@@ -429,3 +429,31 @@ def test_a_resume_where_auto_picks_a_mode_that_measures_other_parameters_restart
     assert resumed.b_simple == pytest.approx(fresh.b_simple, rel=1e-12)
     restart = "averages restarted" if resumed_k == 1 else "checkpoint's averages leave out 1 parameter(s)"
     assert any(restart in m for m in said), said
+
+
+class FrozenFirstLayer(LinearRegression):
+    def __init__(self, problem: LinearProblem, frozen: bool) -> None:
+        super().__init__(problem, lr=0.0)
+        self.extra = torch.nn.Linear(4, 1)
+        self.extra.requires_grad_(not frozen)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return 0.5 * (self.linear(x).squeeze(-1) + self.extra(x).squeeze(-1) - y).square().mean()
+
+
+def test_a_microbatch_resume_with_a_layer_unfrozen_since_continues_the_averages(tmp_path: Path) -> None:
+    """The review's regression: the restart above fired for a microbatch checkpoint saved with a layer frozen (a
+    two-stage fine-tune), blaming per_example, where the same unfreeze inside one run continues the averages."""
+    problem = LinearProblem(dim=4, seed=77)
+    x, y = problem.sample(8 * 8, seed=78)
+    first = make_trainer([GradientNoiseScale(beta=0.8)], accumulate_grad_batches=2)
+    first.fit(FrozenFirstLayer(problem, frozen=True), loader(x, y, 8))
+    first.save_checkpoint(tmp_path / "stage1.ckpt")
+    gns = GradientNoiseScale(beta=0.8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer([gns], accumulate_grad_batches=2, max_epochs=2)
+        trainer.fit(FrozenFirstLayer(problem, frozen=False), loader(x, y, 8), ckpt_path=tmp_path / "stage1.ckpt")
+    assert not any("averages leave out" in str(w.message) for w in caught)
+    assert float(gns.metric.ema_weight) == pytest.approx(1 - 0.8**8)  # 4 steps per epoch, continued

@@ -465,6 +465,61 @@ def test_a_layer_frozen_inside_an_accumulation_window_skips_that_step_and_says_w
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer([gns, FreezeFirstLayerAt(4)], accumulate_grad_batches=3).fit(TwoLayers(), loader(x, y, 8))
-    said = [str(w.message) for w in caught if "stopped requiring gradients inside an optimizer step" in str(w.message)]
+    said = [str(w.message) for w in caught if "stopped requiring gradients after the backward pass" in str(w.message)]
     assert len(said) == 1 and "'net.0.weight'" in said[0], said
     assert gns.skipped_steps == 1 and int(gns.metric.measured_steps) == 3
+
+
+class FreezeInTrainingStep(TwoLayers):
+    """Freezes its first layer in training_step of micro-batch ``at`` (before the forward): consistent within
+    every window, as between optimizer steps."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.seen = at, 0
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.seen == self.at:
+            self.net[0].requires_grad_(False)
+        self.seen += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("mode", ["microbatch", "per_example"])
+def test_a_layer_frozen_before_a_windows_first_backward_is_no_reason_to_skip(mode: str) -> None:
+    """The review's regression: the first version of the check above read requires_grad at measure time and
+    skipped a step frozen in training_step (and every step of a plain loop that froze between steps)."""
+    problem = LinearProblem(dim=4, seed=73)
+    x, y = problem.sample(8 * 12, seed=74)
+    gns = GradientNoiseScale(beta=0.9, mode=mode)
+    k = 2 if mode == "microbatch" else 1
+    make_trainer([gns], accumulate_grad_batches=k).fit(FreezeInTrainingStep(at=2 * k), loader(x, y, 8))
+    assert gns.skipped_steps == 0 and int(gns.metric.measured_steps) == 12 // k
+
+
+def test_a_plain_loop_that_freezes_between_steps_without_sync_params_measures_on() -> None:
+    from lightning_gns import GradientNoiseScaleTracker
+
+    problem = LinearProblem(dim=4, seed=75)
+    x, y = problem.sample(8 * 2 * 6, seed=76)
+    values = []
+    for sync in (False, True):
+        model = TwoLayers().net
+        tracker = GradientNoiseScaleTracker(beta=0.9)
+        tracker.attach(model.parameters(), mode="microbatch", model=model)
+        for step in range(6):
+            if step == 3:
+                model[0].requires_grad_(False)
+                model.zero_grad(set_to_none=True)
+                if sync:
+                    tracker.sync_params(model.parameters())
+            for i in range(2):
+                xb, yb = x[(2 * step + i) * 8 : (2 * step + i + 1) * 8], y[(2 * step + i) * 8 : (2 * step + i + 1) * 8]
+                tracker.start_micro_batch(units=8, accumulation=2)
+                (0.5 * (model(xb).squeeze(-1) - yb).square().mean() / 2).backward()
+                tracker.end_micro_batch()
+            tracker.measure_step()
+            model.zero_grad(set_to_none=True)
+        assert int(tracker.metric.skipped_steps) == 0 and int(tracker.metric.measured_steps) == 6
+        values.append(float(tracker.b_simple))
+    assert values[0] == values[1]

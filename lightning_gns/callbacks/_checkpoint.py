@@ -18,7 +18,7 @@ import torch
 # Optional keys are those the loaders have always defaulted (to none / empty), so that checkpoints of earlier
 # versions still load; lr_scaling is saved since the check of a changed rule.
 GNS_KEYS = frozenset({"metric", "beta"})
-GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "base_batch_size", "contributed", "batch_size_fn"})
+GNS_OPTIONAL_KEYS = frozenset({"layer_metrics", "base_batch_size", "contributed", "contributed_mode", "batch_size_fn"})
 ADAPTIVE_KEYS = frozenset({"accumulation", "base_accumulation", "lr_factor"})
 # Keys saved under another name by earlier versions: old -> new.
 GNS_RENAMED_KEYS = {"reference_batch_size": "base_batch_size"}
@@ -152,6 +152,9 @@ def validate_gns_state(
         not isinstance(contributed, list) or not all(isinstance(name, str) for name in contributed)
     ):
         raise _fail(callback, "contributed", f"must be None or a list of parameter names, got {contributed!r}")
+    contributed_mode = state.get("contributed_mode")
+    if contributed_mode not in (None, "per_example", "microbatch", "ddp"):
+        raise _fail(callback, "contributed_mode", f"must be None or a mode name, got {contributed_mode!r}")
 
 
 def _check_accumulation(callback: str, key: str, value: Any) -> None:

@@ -1058,8 +1058,8 @@ class PerExampleSource(GradNormSource):
             " arange(T) broadcast over the batch, a sequence-first layout, or tokens flattened to (B*T, d) whose"
             " rows could not be traced back, through reshapes and elementwise operations, to a tensor with the batch"
             " first; a flatten of data that needs no gradient cannot be traced). If the micro-batch does not hold"
-            f" {expected} examples (a count of tokens given to GradientNoiseScaleTracker.start_micro_batch as units),"
-            " pass examples=len(batch) there"
+            f" {expected} examples ({expected} counts tokens), return one count per example from batch_size_fn"
+            " (e.g. mask.sum(dim=1)), or pass examples=len(batch) to GradientNoiseScaleTracker.start_micro_batch"
         )
 
     def _on_output_grad(
