@@ -390,7 +390,7 @@ class GradientNoiseScaleTracker:
                 "GradientNoiseScale: a step whose micro-batches differ too much in size was skipped (gns/skipped_steps"
                 " counts it; said once). Lightning weights every micro-batch of a step equally, and with sizes"
                 " about 6x apart (an epoch's short last window, one sequence per micro-batch counted in tokens) the"
-                " step's estimates, though unbiased, are hundreds of times noisier than a normal step's and would"
+                " step's estimates are hundreds of times noisier than a normal step's and would"
                 " swamp the averages; steps more than 4x noisier than one of equal sizes are left out. Use"
                 " DataLoader(drop_last=True), micro-batches of similar size (several sequences each, or packed), or"
                 " more micro-batches per step."
