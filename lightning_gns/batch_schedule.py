@@ -7,6 +7,7 @@ Batch sizes are in the units the noise scale is measured in (examples, or tokens
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -129,7 +130,9 @@ def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> 
     ``points`` are the :class:`~lightning_gns.tools.sweep.BranchPoint` objects of
     :func:`~lightning_gns.tools.sweep.branched_critical_batch` or the dictionaries of the ``branch.json`` that
     ``lightning-gns branch`` writes. Skip early points with ``min_step``: at initialisation ``B_simple`` has
-    a transient, and a local critical batch at the smallest multiplier tried is only an upper bound.
+    a transient. A point whose local critical batch is at the smallest or largest multiplier tried is only a bound
+    (``bound``; inferred from the multipliers in a ``branch.json`` of an earlier version) and is left out, with a
+    warning.
 
     Example:
         >>> points = [{"step": 100, "local_critical_batch": 16.0, "b_simple": 23.4},
@@ -142,13 +145,40 @@ def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> 
         value = point[name] if isinstance(point, Mapping) else getattr(point, name)
         return math.nan if value is None else value  # branch.json writes a non-finite number as null
 
+    def bound(point: Any) -> str:
+        saved = point.get("bound") if isinstance(point, Mapping) else getattr(point, "bound", None)
+        if saved is not None:
+            return str(saved)
+        # A branch.json of an earlier version: the base batch is examples / step.
+        try:
+            base = float(field(point, "examples")) / float(field(point, "step"))
+            multiplier = float(field(point, "local_critical_batch")) / base
+            multipliers = [float(k) for k in field(point, "multipliers")]
+        except (KeyError, AttributeError, TypeError, ValueError, ZeroDivisionError):
+            return ""
+        if len(multipliers) < 2 or not math.isfinite(multiplier):
+            return ""
+        return "at most" if multiplier <= min(multipliers) else "at least" if multiplier >= max(multipliers) else ""
+
+    late = [p for p in points if int(field(p, "step")) >= min_step]
+    bounds = [int(field(p, "step")) for p in late if bound(p)]
+    if bounds:
+        warnings.warn(
+            f"calibration_from_branch_points: the branch points at steps {bounds} hold a local critical batch at"
+            " the smallest or largest multiplier tried, which is only a bound: they are left out. Branch with more"
+            " multipliers to measure them.",
+            stacklevel=2,
+        )
     ratios = [
         calibration_from_branch(float(field(p, "local_critical_batch")), float(field(p, "b_simple")))
-        for p in points
-        if int(field(p, "step")) >= min_step
+        for p in late
+        if not bound(p)
     ]
     if not ratios:
-        raise ValueError(f"No branch point at step >= {min_step}: lower min_step or branch later in the run.")
+        raise ValueError(
+            f"No branch point at step >= {min_step} with a local critical batch between the multipliers tried: lower"
+            " min_step, branch later in the run, or branch with more multipliers."
+        )
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 

@@ -116,14 +116,18 @@ def test_calibration_from_branch_points_reads_branch_json_and_branch_points() ->
     # Dictionaries (branch.json) and objects with the BranchPoint attributes alike.
     # The digits study's branch.json (docs/critical_batch/): 16 / 102, 16 / 23.4 and 64 / 47.1.
     path = Path(__file__).resolve().parents[1] / "docs" / "critical_batch" / "branch.json"
+    # Steps 30 and 100 stopped at the smallest multiplier (16 = 1 x 16): bounds, inferred from a branch.json that
+    # predates the bound field, and left out with a warning. Step 250 (64 = 4 x 16) is a value.
     points = json.loads(path.read_text())
+    assert all("bound" not in p for p in points)
+    with pytest.warns(UserWarning, match=r"at steps \[30, 100\] hold a local critical batch at the smallest"):
+        assert calibration_from_branch_points(points) == pytest.approx(64.0 / points[2]["b_simple"])
+    with pytest.warns(UserWarning, match=r"at steps \[100\]"):
+        value = calibration_from_branch_points([SimpleNamespace(**p) for p in points], min_step=100)
+    assert value == pytest.approx(64.0 / points[2]["b_simple"])
+    values = [{**p, "bound": ""} for p in points]  # told they are values: all three, geometric mean
     ratios = [p["local_critical_batch"] / p["b_simple"] for p in points]
-    assert calibration_from_branch_points(points) == pytest.approx(float(np.exp(np.mean(np.log(ratios)))))
-    later = [r for p, r in zip(points, ratios, strict=True) if p["step"] >= 100]
-    expected = float(np.exp(np.mean(np.log(later))))
-    assert calibration_from_branch_points([SimpleNamespace(**p) for p in points], min_step=100) == pytest.approx(
-        expected
-    )
+    assert calibration_from_branch_points(values) == pytest.approx(float(np.exp(np.mean(np.log(ratios)))))
     with pytest.raises(ValueError, match="No branch point at step >= 10000"):
         calibration_from_branch_points(points, min_step=10_000)
 

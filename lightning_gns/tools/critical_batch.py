@@ -149,6 +149,12 @@ def fit_tradeoff(batch_sizes: ArrayLike, steps: ArrayLike) -> TradeoffFit:
             candidates.append(only)
         params = min(candidates, key=loss)
     s_min, e_min = float(params[0]), float(params[1])
+    # Rounding leaves an axis solution a hair above 0 (steps exactly proportional to 1/B gave S_min = 8e-15 and
+    # B_crit = 2e17 for "no step floor seen", which is inf).
+    if s_min <= 1e-9 * float(s.max()):
+        s_min = 0.0
+    if e_min <= 1e-9 * float(s.max() * b.min()):
+        e_min = 0.0
     rel = (s - (s_min + e_min / b)) / s
     return TradeoffFit(
         s_min=s_min,
@@ -167,6 +173,9 @@ def bootstrap_fit(
     seed: int = 0,
 ) -> BootstrapResult:
     """``fit_tradeoff`` plus percentile intervals from resampling runs within each batch size.
+
+    With a single run at some batch size, resampling cannot show the scatter there: the intervals are NaN
+    (undefined) rather than of zero width.
 
     >>> b = [8, 8, 8, 32, 32, 32, 128, 128, 128]
     >>> s = [300, 330, 270, 100, 110, 90, 55, 50, 45]
@@ -190,7 +199,11 @@ def bootstrap_fit(
         samples[i] = (resampled.s_min, resampled.e_min, resampled.b_crit)
     tail = 100 * (1 - confidence) / 2
 
+    single = min(g.size for g in groups) < 2
+
     def interval(column: int) -> tuple[float, float]:
+        if single:
+            return math.nan, math.nan
         # No interpolation between order statistics: a resample without a step floor has B_crit = inf.
         lo, hi = np.percentile(samples[:, column], [tail, 100 - tail], method="inverted_cdf")
         return float(lo), float(hi)
@@ -239,7 +252,8 @@ def local_critical_batch(multipliers: ArrayLike, losses: ArrayLike, tolerance: f
     Branches from the same checkpoint train on the same number of examples with batch ``k * B``. Going up
     from the smallest ``k``, a branch keeps up when its loss is at most ``(1 + tolerance)`` times the best
     loss of the smaller multipliers; the answer is the last ``k`` before the first one that does not (the
-    smallest ``k`` always counts).
+    smallest ``k`` always counts). At the smallest or the largest ``k`` the answer is only a bound (at most, at
+    least: :func:`critical_batch_bound`); ``nan`` when the smallest ``k``'s loss is not finite (it diverged).
 
     >>> local_critical_batch([1, 2, 4, 8], [1.00, 0.99, 1.02, 1.30], tolerance=0.05)
     4.0
@@ -252,6 +266,8 @@ def local_critical_batch(multipliers: ArrayLike, losses: ArrayLike, tolerance: f
         raise CriticalBatchError(f"tolerance must be non-negative, got {tolerance}.")
     order = np.argsort(k)
     k, y = k[order], y[order]
+    if not np.isfinite(y[0]):
+        return math.nan
     best = y[0]
     result = float(k[0])
     for multiplier, loss in zip(k[1:], y[1:], strict=True):
@@ -260,3 +276,20 @@ def local_critical_batch(multipliers: ArrayLike, losses: ArrayLike, tolerance: f
         result = float(multiplier)
         best = min(best, float(loss))
     return result
+
+
+def critical_batch_bound(multipliers: ArrayLike, local_multiplier: float) -> str:
+    """``"at most"`` when :func:`local_critical_batch` stopped at the smallest multiplier (the next one already
+    lost), ``"at least"`` when it reached the largest (none lost), else ``""`` (a value between two tried).
+
+    >>> critical_batch_bound([1, 2, 4], 1.0), critical_batch_bound([1, 2, 4], 4.0), critical_batch_bound([1, 2, 4], 2.0)
+    ('at most', 'at least', '')
+    """
+    k = np.asarray(multipliers, dtype=np.float64).reshape(-1)
+    if not math.isfinite(local_multiplier) or k.size < 2:
+        return ""
+    if local_multiplier <= float(k.min()):
+        return "at most"
+    if local_multiplier >= float(k.max()):
+        return "at least"
+    return ""

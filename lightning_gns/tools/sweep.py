@@ -48,6 +48,7 @@ from lightning_gns.tools.critical_batch import (
     BootstrapResult,
     CriticalBatchError,
     bootstrap_fit,
+    critical_batch_bound,
     local_critical_batch,
     steps_to_target,
 )
@@ -369,6 +370,26 @@ def format_sweep_table(result: SweepResult) -> str:
         f"  median of B_simple when the target is reached = {result.b_simple_median(at_target=True):.1f}",
         f"relative rms residual of the fit = {fit.rel_rms:.3f}",  # type: ignore[union-attr]
     ]
+    swept = sorted({r.batch_size for r in result.selected_runs() if r.reached})
+    b_crit = fit.b_crit  # type: ignore[union-attr]
+    if swept and b_crit > swept[-1]:
+        lines.append(
+            f"B_crit lies above the largest batch size that reached the target ({swept[-1]}): an extrapolation"
+            " (inf: the steps showed no floor). Sweep larger batch sizes to measure it."
+        )
+    elif swept and b_crit < swept[0]:
+        lines.append(
+            f"B_crit lies below the smallest batch size that reached the target ({swept[0]}): an extrapolation."
+            " Sweep smaller batch sizes to measure it."
+        )
+    early = sorted(
+        {r.batch_size for r in result.selected_runs() if r.reached and r.eval_steps and r.steps <= r.eval_steps[0]}
+    )
+    if early:
+        lines.append(
+            f"Runs at batch sizes {early} reached the target at their first evaluation: their steps are an upper bound"
+            " (nothing to interpolate from). Evaluate more often (--eval-every-examples) or choose a lower target."
+        )
     return "\n".join(lines)
 
 
@@ -381,6 +402,8 @@ def _mean_std(values: np.ndarray) -> str:
 
 
 def _interval(interval: tuple[float, float]) -> str:
+    if not all(math.isfinite(v) or math.isinf(v) for v in interval):
+        return "undefined: one run at some batch size, run 2 or more seeds"
     return f"{interval[0]:.1f} to {interval[1]:.1f}"
 
 
@@ -456,6 +479,8 @@ class BranchPoint:
     losses: list[float]
     loss_stds: list[float]
     local_critical_batch: float
+    # "at most" (stopped at the smallest multiplier), "at least" (reached the largest), "" (a value between).
+    bound: str = ""
 
 
 class _Snapshots(Callback):
@@ -533,12 +558,21 @@ def branched_critical_batch(
         raise CriticalBatchError("at_steps must name at least one optimizer step to branch from.")
     if min(at_steps) < 1:
         raise CriticalBatchError(f"at_steps must be optimizer steps of 1 or more, got {sorted(at_steps)}.")
-    steps_needed = [branch_examples // (k * batch_size) for k in multipliers]
-    if min(steps_needed) < 1:
+    largest = max(multipliers) * batch_size
+    if branch_examples < largest:
         raise CriticalBatchError(
-            f"branch_examples={branch_examples} is less than one step at the largest batch"
-            f" {max(multipliers) * batch_size}; raise it."
+            f"branch_examples={branch_examples} is less than one step at the largest batch {largest}; raise it."
         )
+    uneven = [k for k in multipliers if branch_examples % (k * batch_size)]
+    if uneven:
+        # Rounded down, the larger batches would train on fewer examples and look worse than they are.
+        fit = -(-branch_examples // largest) * largest
+        raise CriticalBatchError(
+            f"branch_examples={branch_examples} is not a whole number of steps at batches"
+            f" {[k * batch_size for k in uneven]}, so those branches would train on fewer examples than the others;"
+            f" use a multiple of every branch batch, e.g. {fit}."
+        )
+    steps_needed = [branch_examples // (k * batch_size) for k in multipliers]
     seed_everything(base_seed, workers=True, verbose=False)
     datamodule = datamodule_factory(batch_size=batch_size, seed=base_seed)
     model = model_factory(lr=lr)
@@ -591,6 +625,7 @@ def branched_critical_batch(
                 losses=means,
                 loss_stds=stds,
                 local_critical_batch=k_star * batch_size,
+                bound=critical_batch_bound(list(multipliers), k_star),
             )
         )
     return points
@@ -620,9 +655,16 @@ def format_branch_table(points: Sequence[BranchPoint], batch_size: int) -> str:
         cells = " | ".join(
             f"{m:.4f} ± {s:.4f}" if math.isfinite(s) else f"{m:.4f}" for m, s in zip(p.losses, p.loss_stds, strict=True)
         )
+        bound = {"at most": "≤ ", "at least": "≥ "}.get(p.bound, "")
         lines.append(
             f"| {p.step} | {p.examples} | {p.loss_at_branch:.4f} | {p.b_simple:.1f} | {cells} |"
-            f" {p.local_critical_batch:.0f} |"
+            f" {bound}{p.local_critical_batch:.0f} |"
         )
     lines.append(f"\nbase batch {batch_size}; local CBS = batch of the largest k whose loss stays within tolerance.")
+    if any(p.bound for p in points):
+        lines.append(
+            "≤: the smallest multiplier already kept up best and the next lost (the local CBS is at most that);"
+            " ≥: every multiplier kept up (at least that). Bounds are no values: branch with more multipliers, and"
+            " calibration_from_branch_points leaves them out."
+        )
     return "\n".join(lines)
