@@ -313,3 +313,29 @@ def test_branch_examples_must_give_every_branch_the_same_examples() -> None:
             model_factory=None, datamodule_factory=None, batch_size=16, lr=0.1, at_steps=[10],  # type: ignore[arg-type]
             multipliers=[1, 2, 4, 8, 16], branch_examples=2000,
         )  # fmt: skip
+
+
+def test_the_sweep_table_names_what_the_fit_cannot_see() -> None:
+    """A batch size whose runs all missed the target was dropped from the fit, one whose runs partly missed was fitted
+    on the fast ones, and a learning rate at the edge of the grid was taken as the best, all without a word (exit 0,
+    fit_error null)."""
+    from lightning_gns.tools.sweep import SweepResult, SweepRun, format_sweep_table
+
+    def run(batch_size: int, lr: float, seed: int, steps: float) -> SweepRun:
+        return SweepRun(batch_size, seed, lr, steps, steps * batch_size, 30.0, 30.0, 0.5, 100, 1.0, [10, 20], [1, 0.5])
+
+    runs = [
+        run(b, lr, seed, (100 + 1600 / b) * (1.2 if lr == 0.2 else 1.0) + seed)
+        for b in (8, 32, 128)
+        for lr in (0.1, 0.2)
+        for seed in (0, 1)
+    ]
+    runs += [run(512, 0.1, seed, math.nan) for seed in (0, 1)]
+    runs[8] = run(128, 0.1, 0, math.nan)  # one of the two selected runs at 128 missed
+    chosen = {8: 0.1, 32: 0.1, 128: 0.1, 512: 0.1}
+    selected = [r for r in runs if r.reached and chosen[r.batch_size] == r.lr]
+    boot = bootstrap_fit([r.batch_size for r in selected], [r.steps for r in selected], num_resamples=20)
+    table = format_sweep_table(SweepResult(1.0, "val/loss", runs, chosen, boot))
+    assert "Batch sizes [512] never reached the target in any run: left out of the fit." in table
+    assert "At batch sizes [128] some runs missed the target" in table
+    assert "At batch sizes [8, 32, 128] the fastest learning rate is at the edge of the grid" in table

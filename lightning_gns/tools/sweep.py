@@ -382,6 +382,7 @@ def format_sweep_table(result: SweepResult) -> str:
             f"B_crit lies below the smallest batch size that reached the target ({swept[0]}): an extrapolation."
             " Sweep smaller batch sizes to measure it."
         )
+    lines += _sweep_notes(result)
     early = sorted(
         {r.batch_size for r in result.selected_runs() if r.reached and r.eval_steps and r.steps <= r.eval_steps[0]}
     )
@@ -391,6 +392,34 @@ def format_sweep_table(result: SweepResult) -> str:
             " (nothing to interpolate from). Evaluate more often (--eval-every-examples) or choose a lower target."
         )
     return "\n".join(lines)
+
+
+def _sweep_notes(result: SweepResult) -> list[str]:
+    """What the fit leaves out or cannot see: batch sizes or runs that missed the target, a learning rate chosen at
+    the edge of the grid."""
+    notes = []
+    selected = result.selected_runs()
+    sizes = sorted(result.chosen_lr)
+    dropped = [b for b in sizes if not any(r.reached for r in selected if r.batch_size == b)]
+    partial = [b for b in sizes if b not in dropped and not all(r.reached for r in selected if r.batch_size == b)]
+    if dropped:
+        notes.append(f"Batch sizes {dropped} never reached the target in any run: left out of the fit.")
+    if partial:
+        notes.append(
+            f"At batch sizes {partial} some runs missed the target: the fit takes the runs that reached it, which"
+            " reads those batch sizes as faster than they are. Raise the budget (--max-examples)."
+        )
+    edge = []
+    for b in sizes:
+        tried = sorted({r.lr for r in result.runs if r.batch_size == b})
+        if len(tried) >= 2 and result.chosen_lr[b] in (tried[0], tried[-1]):
+            edge.append(b)
+    if edge:
+        notes.append(
+            f"At batch sizes {edge} the fastest learning rate is at the edge of the grid: a better one may lie"
+            " outside it, and those runs read slower than they could. Widen --lr-grid."
+        )
+    return notes
 
 
 def _mean_std(values: np.ndarray) -> str:
