@@ -278,9 +278,13 @@ def adascale_gain(
     base_batch = base_batch if old is None else old
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite batch ratio, got {scale!r}.")
+    if not (math.isfinite(base_batch) and base_batch > 0):
+        raise ValueError(f"base_batch must be a positive finite batch size, got {base_batch!r}.")
     low, high = min(1.0, scale), max(1.0, scale)
+    if trace_cov == math.inf and math.isfinite(grad_sq_norm):
+        return scale  # only noise
     if not (math.isfinite(trace_cov) and math.isfinite(grad_sq_norm)):
-        return 1.0
+        return 1.0  # not known: no gain
     if trace_cov <= 0:
         return 1.0
     if grad_sq_norm <= 0:

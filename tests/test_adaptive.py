@@ -350,6 +350,10 @@ def test_lr_rules() -> None:
     assert adascale_gain(5.0, -1.0, 4.0) == 4.0  # only noise: linear
     assert adascale_gain(1e9, 1e-9, 4.0) == pytest.approx(4.0)
     assert adascale_gain(math.nan, 1.0, 4.0) == 1.0
+    assert adascale_gain(math.inf, 1.0, 4.0) == 4.0  # only noise, as at 1e9 (it read 1, no gain)
+    assert adascale_gain(math.inf, math.inf, 4.0) == 1.0  # not known
+    with pytest.raises(ValueError, match="base_batch must be a positive finite batch size, got 0"):
+        adascale_gain(1.0, 1.0, 2.0, base_batch=0.0)  # was a ZeroDivisionError
     assert 1 < adascale_gain(3.0, 1.0, 4.0) < 4
     assert adascale_gain(3.0, 1.0, 0.5) == pytest.approx((3 + 1) / (6 + 1))  # shrinking: between S and 1
     with pytest.raises(ValueError, match="positive finite batch ratio"):
