@@ -124,6 +124,25 @@ def calibration_from_branch(b_crit: float, b_simple: float) -> float:
     return float(b_crit) / float(b_simple)
 
 
+def critical_batch_bound(multipliers: Iterable[float], local_multiplier: float) -> str:
+    """``"at most"`` when a branched comparison's local critical batch stopped at the smallest multiplier tried (the
+    next one already lost), ``"at least"`` when it reached the largest (none lost), else ``""`` (a value between
+    two tried).
+
+    Example:
+        >>> [critical_batch_bound([1, 2, 4], k) for k in (1.0, 4.0, 2.0)]
+        ['at most', 'at least', '']
+    """
+    tried = [float(k) for k in multipliers]
+    if not math.isfinite(local_multiplier) or len(tried) < 2:
+        return ""
+    if local_multiplier <= min(tried):
+        return "at most"
+    if local_multiplier >= max(tried):
+        return "at least"
+    return ""
+
+
 def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> float:
     """Geometric mean of ``local_critical_batch / b_simple`` over branch points at ``min_step`` or later.
 
@@ -156,9 +175,7 @@ def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> 
             multipliers = [float(k) for k in field(point, "multipliers")]
         except (KeyError, AttributeError, TypeError, ValueError, ZeroDivisionError):
             return ""
-        if len(multipliers) < 2 or not math.isfinite(multiplier):
-            return ""
-        return "at most" if multiplier <= min(multipliers) else "at least" if multiplier >= max(multipliers) else ""
+        return critical_batch_bound(multipliers, multiplier)
 
     late = [p for p in points if int(field(p, "step")) >= min_step]
     bounds = [int(field(p, "step")) for p in late if bound(p)]

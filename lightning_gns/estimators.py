@@ -321,6 +321,13 @@ def unbiased_estimates(summary: SmallBatchSummary, big_sq_norm: Tensor) -> tuple
         >>> float(g2), float(tr)
         (3.0, 4.0)
     """
+    grad_sq_norm, trace_cov, _ = estimates_of_step(summary, big_sq_norm)
+    return grad_sq_norm, trace_cov
+
+
+def estimates_of_step(summary: SmallBatchSummary, big_sq_norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`unbiased_estimates` and whether the step was found nearly singular (a 0-d bool tensor: its estimates
+    are NaN for that reason), computed once for both."""
     a, n, b, w, w2_over_b = (t.to(torch.float64) for t in summary)
     big = big_sq_norm.to(device=a.device, dtype=torch.float64)
     big_noise_coef = w2_over_b / w.square()
@@ -329,11 +336,12 @@ def unbiased_estimates(summary: SmallBatchSummary, big_sq_norm: Tensor) -> tuple
     # and sizes far apart (21 and 324 tokens) the system is still well posed and the estimates unbiased. Near zero
     # (equal weights on sizes about 6x apart: a short last window) the estimates are unbiased but hundreds of times
     # noisier than a normal step's, and one such step would swamp the averages for hundreds of steps.
-    degenerate = (determinant.abs() <= _DEGENERATE_TOLERANCE * n) | (step_information(summary) < MIN_STEP_INFORMATION)
+    nearly_singular = (n >= 2) & (step_information(summary) < MIN_STEP_INFORMATION)
+    degenerate = (determinant.abs() <= _DEGENERATE_TOLERANCE * n) | nearly_singular
     determinant = torch.where(degenerate, torch.full_like(determinant, float("nan")), determinant)
     grad_sq_norm = (n * big - big_noise_coef * a) / determinant
     trace_cov = (a - b * big) / determinant
-    return grad_sq_norm, trace_cov
+    return grad_sq_norm, trace_cov, nearly_singular
 
 
 def step_information(summary: SmallBatchSummary) -> Tensor:

@@ -15,12 +15,12 @@ from lightning_gns.estimators import (
     EstimateSpread,
     SmallBatchSummary,
     StepSums,
+    estimates_of_step,
     noise_scale_interval,
     pack_step,
     relative_error,
     simple_noise_scale,
     spread_from_moments,
-    unbiased_estimates,
     unpack_step,
 )
 
@@ -171,13 +171,14 @@ class GradientNoiseScaleMetric(Metric):
             and dist.get_world_size(self.process_group) > 1
         )
 
-    def fold(self, summary: SmallBatchSummary, big_sq_norm: Tensor) -> None:
+    def fold(self, summary: SmallBatchSummary, big_sq_norm: Tensor) -> Tensor:
         """Fold in one step from statistics already summed over processes (no communication).
 
         For callers that all-reduce several metrics' statistics together, as the Lightning callback does
-        for per-layer noise scales.
+        for per-layer noise scales. Returns whether the step was skipped as nearly singular (a 0-d bool tensor,
+        not read here).
         """
-        grad_sq_norm, trace_cov = unbiased_estimates(summary, big_sq_norm)
+        grad_sq_norm, trace_cov, nearly_singular = estimates_of_step(summary, big_sq_norm)
         valid = torch.isfinite(grad_sq_norm) & torch.isfinite(trace_cov)
         beta = self.beta
         dtype = self.grad_sq_norm_ema.dtype
@@ -208,6 +209,7 @@ class GradientNoiseScaleMetric(Metric):
         self.last_b_big.copy_(torch.where(valid, summary.size_sum, self.last_b_big))
         self.last_b_small.copy_(torch.where(valid, summary.size_sum / summary.num_small_batches, self.last_b_small))
         self._computed = None  # torchmetrics caches compute(); a fold outside update() must clear it too
+        return nearly_singular
 
     def restart(self, where: Tensor | bool = True) -> None:
         """Forget the averages (not the step counts) if ``where`` (a 0-d bool tensor: no host sync) is true.

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_gns import scalars
 from lightning_gns._deprecation import warn_renamed
 from lightning_gns.announcements import Announcements
-from lightning_gns.estimators import MIN_STEP_INFORMATION, StepSums, step_information, summary_from_counts
+from lightning_gns.estimators import StepSums, summary_from_counts
 from lightning_gns.metric import GradientNoiseScaleMetric, load_metric_states, metric_states, validate_beta
 from lightning_gns.sources.base import BackwardNorms, GradNormSource
 from lightning_gns.sources.ddp_averaged import DDPAveraged
@@ -118,13 +118,13 @@ class GradientNoiseScaleTracker:
         self._base_settled = False  # the host has seen base_batch_size hold a batch size
         self._sums = StepSums()  # running sums of the current optimizer step on this rank
         self._step_failure_seen: str | None = None  # the last reason a step could not be measured
-        # Every distinct reason a step could not be measured, in order, and how many check() has said: after the
-        # first measured step each new reason is said once (the averages go on without those steps).
+        # Every distinct reason a step could not be measured, those check() has yet to say, and how many it said:
+        # after the first measured step each new reason is said once (the averages go on without those steps).
         self._step_failures: set[str] = set()
-        # The watched parameters that required gradients after the step's first backward (None before it).
-        self._window_trainable: list[nn.Parameter] | None = None
         self._step_failures_to_say: list[str] = []
         self._step_failures_said = 0
+        # The watched parameters that required gradients after the step's first backward (None before it).
+        self._window_trainable: list[nn.Parameter] | None = None
         self._most_examples = 0  # the most examples a measured micro-batch held (0: none counted on the host)
         # Restarts of the averages because parameters measured before were left out (device counter), and how many
         # the host has announced.
@@ -615,8 +615,6 @@ class GradientNoiseScaleTracker:
             dist.all_reduce(packed, group=self._process_group)
         sq_sum, big = book.unpack(packed[: book.size])
         counts = summary_from_counts(sq_sum, packed[book.size :])
-        unbalanced = (counts.num_small_batches >= 2) & (step_information(counts) < MIN_STEP_INFORMATION)
-        self._unbalanced = unbalanced if self._unbalanced is None else self._unbalanced | unbalanced
         # .grad = sum over (rank, backward, small batch) of share * g / (world_size * k): the share-weighted
         # mean over the step's small batches is .grad * k * world_size / (backward passes on all ranks), also
         # for a short last window of the epoch, and for ranks whose last windows differ in length (the count
@@ -632,7 +630,11 @@ class GradientNoiseScaleTracker:
         if shrank is not None:
             self.metric.restart(shrank)
             self._restarts = shrank.long() if self._restarts is None else self._restarts + shrank.long()
-        self.metric.fold(counts, big * big_factor)
+        nearly_singular = self.metric.fold(counts, big * big_factor)
+        if self._unbalanced is None:
+            self._unbalanced = nearly_singular.clone()
+        else:
+            self._unbalanced.logical_or_(nearly_singular)
         if self.per_layer:
             for name, layer_sq_sum, layer_big, layer_shrank in book.layer_sums():
                 layer_counts = counts._replace(size_weighted_sq_norm_sum=layer_sq_sum)

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_gns.batch_schedule import calibration_from_branch_points
+from lightning_gns.batch_schedule import calibration_from_branch_points, critical_batch_bound
 from lightning_gns.tools.critical_batch import (
     CriticalBatchError,
     bootstrap_fit,
-    critical_batch_bound,
     fit_tradeoff,
     local_critical_batch,
     steps_to_target,

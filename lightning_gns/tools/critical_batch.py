@@ -253,7 +253,8 @@ def local_critical_batch(multipliers: ArrayLike, losses: ArrayLike, tolerance: f
     from the smallest ``k``, a branch keeps up when its loss is at most ``(1 + tolerance)`` times the best
     loss of the smaller multipliers; the answer is the last ``k`` before the first one that does not (the
     smallest ``k`` always counts). At the smallest or the largest ``k`` the answer is only a bound (at most, at
-    least: :func:`critical_batch_bound`); ``nan`` when the smallest ``k``'s loss is not finite (it diverged).
+    least: :func:`lightning_gns.batch_schedule.critical_batch_bound`); ``nan`` when the smallest ``k``'s loss is
+    not finite (it diverged).
 
     >>> local_critical_batch([1, 2, 4, 8], [1.00, 0.99, 1.02, 1.30], tolerance=0.05)
     4.0
@@ -276,20 +277,3 @@ def local_critical_batch(multipliers: ArrayLike, losses: ArrayLike, tolerance: f
         result = float(multiplier)
         best = min(best, float(loss))
     return result
-
-
-def critical_batch_bound(multipliers: ArrayLike, local_multiplier: float) -> str:
-    """``"at most"`` when :func:`local_critical_batch` stopped at the smallest multiplier (the next one already
-    lost), ``"at least"`` when it reached the largest (none lost), else ``""`` (a value between two tried).
-
-    >>> critical_batch_bound([1, 2, 4], 1.0), critical_batch_bound([1, 2, 4], 4.0), critical_batch_bound([1, 2, 4], 2.0)
-    ('at most', 'at least', '')
-    """
-    k = np.asarray(multipliers, dtype=np.float64).reshape(-1)
-    if not math.isfinite(local_multiplier) or k.size < 2:
-        return ""
-    if local_multiplier <= float(k.min()):
-        return "at most"
-    if local_multiplier >= float(k.max()):
-        return "at least"
-    return ""

@@ -42,13 +42,12 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from torch.optim import Optimizer
 
-from lightning_gns.batch_schedule import FIXED_LR_SCALINGS, FixedLrScaling, lr_factor
+from lightning_gns.batch_schedule import FIXED_LR_SCALINGS, FixedLrScaling, critical_batch_bound, lr_factor
 from lightning_gns.callbacks import GradientNoiseScale
 from lightning_gns.tools.critical_batch import (
     BootstrapResult,
     CriticalBatchError,
     bootstrap_fit,
-    critical_batch_bound,
     local_critical_batch,
     steps_to_target,
 )
@@ -431,7 +430,7 @@ def _mean_std(values: np.ndarray) -> str:
 
 
 def _interval(interval: tuple[float, float]) -> str:
-    if not all(math.isfinite(v) or math.isinf(v) for v in interval):
+    if any(math.isnan(v) for v in interval):
         return "undefined: one run at some batch size, run 2 or more seeds"
     return f"{interval[0]:.1f} to {interval[1]:.1f}"
 

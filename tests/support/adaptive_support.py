@@ -192,12 +192,13 @@ class EstimateRecorder(Callback):
         metric = self.gns.metric
         fold = metric.fold
 
-        def recording_fold(summary: Any, big_sq_norm: Tensor) -> None:
+        def recording_fold(summary: Any, big_sq_norm: Tensor) -> Tensor:
             g, t = unbiased_estimates(summary, big_sq_norm)
-            fold(summary, big_sq_norm)
+            nearly_singular = fold(summary, big_sq_norm)
             self.estimates.append((float(g), float(t)))
             low, high = metric.confidence_interval(self.z)
             self.intervals.append((float(low), float(high), float(metric.relative_error())))
+            return nearly_singular
 
         metric.fold = recording_fold
 
