@@ -45,7 +45,9 @@ def steps_over_min(batch_size: Tensor, noise_scale: Tensor) -> Tensor:
 
 
 def examples_over_min(batch_size: Tensor, noise_scale: Tensor) -> Tensor:
-    """``E / E_min = 1 + B / B_noise``: examples needed at batch ``B`` relative to batch 1.
+    """``E / E_min = 1 + B / B_noise``: examples needed at batch ``B`` relative to the fewest any batch needs.
+
+    ``E_min`` is the limit ``B -> 0``; batch 1 needs ``1 + 1 / B_noise`` times it.
 
     ``inf`` noise scale (no signal resolved yet) reads as 1: every example is still useful.
 

@@ -78,6 +78,36 @@ def test_fit_recovers_parameters_from_noisy_seeds(s_min: float, e_min: float) ->
     assert 0.02 < result.fit.rel_rms < 0.08
 
 
+def test_fit_is_unbiased_under_lognormal_scatter() -> None:
+    # Run-to-run scatter is multiplicative: the fit must find the median run's S_min and E_min. Least squares in
+    # relative residuals (S_obs - S_fit) / S_obs, the earlier fit, put both ~14% low here (B_crit unbiased).
+    rng = np.random.default_rng(0)
+    b = np.repeat(np.array([8.0, 16, 32, 64, 128, 256]), 3)
+    truth = 100.0 * (1 + 64 / b)
+    fits = [fit_tradeoff(b, truth * np.exp(rng.normal(0.0, 0.35, b.size))) for _ in range(400)]
+    assert np.median([f.s_min for f in fits]) == pytest.approx(100.0, rel=0.04)
+    assert np.median([f.e_min for f in fits]) == pytest.approx(6400.0, rel=0.04)
+    assert np.median([f.b_crit for f in fits]) == pytest.approx(64.0, rel=0.06)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fit_is_the_least_squares_optimum_in_log_steps(seed: int) -> None:
+    # An independent search: a dense grid over (log S_min, log E_min) around the fit never does better.
+    rng = np.random.default_rng(seed)
+    b = np.repeat(np.array([4.0, 16, 64, 256]), 2)
+    s = 50.0 * (1 + 40 / b) * np.exp(rng.normal(0.0, 0.3, b.size))
+    fit = fit_tradeoff(b, s)
+
+    def loss(s_min: np.ndarray, e_min: np.ndarray) -> np.ndarray:
+        model = s_min[..., None] + e_min[..., None] / b
+        return np.sum((np.log(s) - np.log(model)) ** 2, axis=-1)
+
+    factors = np.exp(np.linspace(-0.5, 0.5, 401))
+    grid_s, grid_e = np.meshgrid(fit.s_min * factors, fit.e_min * factors)
+    best = float(loss(np.array(fit.s_min), np.array(fit.e_min)))
+    assert best <= float(loss(grid_s, grid_e).min()) + 1e-12
+
+
 def test_fit_without_a_step_floor_puts_b_crit_at_infinity() -> None:
     # Perfect scaling (S proportional to 1/B) everywhere: no S_min was reached by any batch size.
     fit = fit_tradeoff([8, 16, 32], [800.0, 400.0, 200.0])
