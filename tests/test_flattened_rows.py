@@ -101,6 +101,34 @@ def test_rows_flattened_by_position_are_left_out_and_said(batch_size: int) -> No
     assert len(said) == 1 and all(name in said[0] for name in expected), messages
 
 
+class TimeMajorBlock(RowsModel):
+    """A Linear on ``h.transpose(0, 1)`` (a time-major block inside a batch-first model, no ``batch_first=False``
+    module to tell), whose ``(T, B, d)`` output is flattened to rows for the row layers."""
+
+    def __init__(self) -> None:
+        super().__init__("position")
+        self.time = nn.Linear(32, 32)
+
+    def rows(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        b, t, d = h.shape
+        flat = torch.tanh(self.time(h.transpose(0, 1))).reshape(t * b, d)
+        out = self.rms(flat + self.down(F.gelu(self.up(self.norm(flat)))))
+        return out.reshape(t, b, d).transpose(0, 1), self.narrow(flat).reshape(t, b, 2).transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_size", [4, 3], ids=["T!=B", "T==B"])
+def test_rows_flattened_from_a_layer_that_took_the_examples_elsewhere_are_left_out(batch_size: int) -> None:
+    """At T == B the time-major Linear's (T, B, d) output looks batch-first. The graph check leaves that Linear
+    out (its input holds the examples in dimension 1), but its output had already anchored the flatten, and the
+    row layers were split by position: B_simple 27 against 43 at every step, nothing said (a probe)."""
+    model = TimeMajorBlock()
+    gns, messages = fit_and_reference(model, batch_size, ("time", *ROW_LAYERS))
+    expected = set(param_names(model)) - set(param_names(model, ("time", *ROW_LAYERS)))
+    assert set(gns.left_out) == expected
+    said = [m for m in messages if "left out" in m.lower()]
+    assert len(said) == 1 and all(name in said[0] for name in expected), messages
+
+
 class PenalizedNorm(RowsModel):
     """An RMSNorm (hook path) before the flatten, with a penalty on its weight in the loss: left out (a use
     outside its layer) from the first measured micro-batch on, yet its output still holds the examples in order

@@ -513,6 +513,71 @@ def test_a_replayed_layer_whose_output_the_model_changes_in_place_is_measured() 
     assert same[0] == same[1] > 0 and float(in_place.metric.grad_sq_norm) == float(out_of_place.metric.grad_sq_norm)
 
 
+class BatchScaledWithALargeChannel(nn.Module):
+    """A user layer scaled by a statistic of the whole batch without a gradient (an fp8-style amax scale), with
+    one output channel of 3e4 (a large bias, a massive activation)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(width, width) * 0.2)
+        self.register_buffer("bias", torch.zeros(width))
+        self.bias[0] = 3e4
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * x.detach().square().mean().rsqrt() @ self.w + self.bias
+
+
+class CancellingLinear(nn.Linear):
+    """Its own forward (the generic replay) on inputs of ~1e3 that the weights' zero-sum rows cancel: O(1)
+    outputs whose float32 rounding is ~2e-4 of their size in the batch and in the replay."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x + 1e3, self.weight - self.weight.mean(1, keepdim=True), self.bias)
+
+
+class ReplayCheckModel(LightningModule):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(8, 16)
+        self.user = layer
+        self.out = nn.Linear(16, 3)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        h = self.user(torch.tanh(self.inp(x)))
+        return F.cross_entropy(self.out(torch.tanh(h * 1e-4)).mean(1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def replay_check_fit(layer: nn.Module) -> GradientNoiseScale:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 5, 8, generator=generator)
+    y = torch.randint(0, 3, (24,), generator=generator)
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=3).fit(ReplayCheckModel(layer), DataLoader(TensorDataset(x, y), batch_size=6))
+    return gns
+
+
+def test_one_large_output_channel_does_not_hide_a_replay_that_is_not_the_forward() -> None:
+    """The replay check held every output to 1e-4 of the largest output anywhere: one channel of 3e4 let an O(1)
+    mismatch through in the others, and a layer scaled by a batch statistic was counted with B_simple ~3x off
+    (a probe: 6.4 against 18.1, nothing said). Each position is now held to its own scale over the examples."""
+    gns = replay_check_fit(BatchScaledWithALargeChannel(16))
+    assert list(gns.left_out) == ["user.w"] and "does not reproduce its forward" in gns.left_out["user.w"]
+
+
+def test_rounding_of_a_cancelling_layer_is_not_taken_for_a_batch_statistic() -> None:
+    """Inputs of ~1e3 behind O(1) outputs: batched and replayed float32 kernels round differently by ~2e-4 of the
+    output's size, which the per-position check allows; the layer is measured."""
+    gns = replay_check_fit(CancellingLinear(16, 16))
+    assert gns.left_out == {} and gns.skipped_steps == 0 and int(gns.metric.measured_steps) == 3
+
+
 @pytest.mark.parametrize("length", [5, 6])
 def test_a_square_mask_beside_the_batch_is_ambiguous_where_the_sequence_is_as_long_as_the_batch(length: int) -> None:
     """A (T, T) causal mask beside (B, T, d) at T == B could be one padding row per example: the layer is left out

@@ -64,6 +64,12 @@ MOVED = (
     " is no per-example split. Use a batch size other than the sequence length, or accumulate gradients over 2 or"
     " more micro-batches (mode='microbatch' norms whole gradients)"
 )
+ROWS_FROM_MOVED = (
+    "its input is flattened rows traced to the output of layer {source!r}, which takes the examples in another"
+    " dimension than the first (at T == B its (T, B, ...) output looks batch-first): the rows are grouped by position,"
+    " not by example. Use a batch size other than the sequence length, or accumulate gradients over 2 or more"
+    " micro-batches (mode='microbatch' norms whole gradients)"
+)
 REORDERED_TIED = (
     "used by layer calls that see the examples of the batch in different orders (the model reorders them: {node},"
     " e.g. h[order] of a sort by length): the cross terms between the calls would pair different examples. Keep"
@@ -466,6 +472,8 @@ class PerExampleSource(GradNormSource):
         self._tables = ExampleFreeInputs()
         self._model: nn.Module | None = None  # the attached model: its parameters and buffers are no examples
         self._rows = FlattenedRows()  # per micro-batch: which tensors hold the examples' rows in order
+        # Per micro-batch: layer id -> the layers whose outputs its flattened rows were traced to (FlattenedRows).
+        self._regrouped_from: dict[int, frozenset[int]] = {}
         # Outputs of shape (B, B, ...) this micro-batch (grad_fn -> layer), read in before_backward
         # (per_example_positions); each layer is judged once.
         self._square_outputs: dict[Any, tuple[nn.Module, tuple[int, ...]]] = {}
@@ -611,8 +619,12 @@ class PerExampleSource(GradNormSource):
             # After the positions are judged: an output left out for holding positions, or not judged, is not
             # taken to hold examples (its broadcast over the batch would look like a statistic of the batch).
             doubtful = {node for node, (module, _) in square.items() if module in unjudged}
+            moved: set[int] = set()
             for index, node in check.coupled(loss, set(self.excluded), doubtful).items():
                 self.exclude(index, MOVED if node == MOVED_INPUT else COUPLED.format(node=node))
+                if node == MOVED_INPUT:
+                    moved.update(m for m, params in self._module_params.items() if any(i == index for _, i in params))
+            self._leave_out_rows_from(moved)
             if check.reordered is not None:
                 self.examples_reordered = check.reordered
             for index in check.misaligned_params:
@@ -621,6 +633,22 @@ class PerExampleSource(GradNormSource):
                 # A sort of an already sorted batch, or a filter that kept every example: judge the next one too.
                 self._rejudged[signature] += 1
                 self._checked_graphs.discard(signature)
+
+    def _leave_out_rows_from(self, moved: set[int]) -> None:
+        """Layers found to take the examples in another dimension than the first: their outputs hold no examples'
+        rows, so a flatten traced to one (at ``T == B`` a ``(T, B, d)`` output looks batch-first) was split by
+        position. Those layers' outputs anchor no flatten from now on, and the layers regrouped from them in this
+        micro-batch are left out."""
+        if not moved:
+            return
+        self._broadcast_modules.update(moved)
+        for module_id, owners in self._regrouped_from.items():
+            source = next((m for m in owners if m in moved), None)
+            if source is None:
+                continue
+            reason = ROWS_FROM_MOVED.format(source=self._module_names.get(source, "?"))
+            for _, i in self._module_params.get(module_id, []):
+                self.exclude(i, reason)
 
     def _judge_square(self, roots: list[Any], square: dict[Any, tuple[nn.Module, tuple[int, ...]]]) -> list[nn.Module]:
         """Leave out the layers whose ``(B, B, ...)`` outputs the graph below ``roots`` broadcasts over the batch;
@@ -657,6 +685,7 @@ class PerExampleSource(GradNormSource):
     def _clear_graph_records(self) -> None:
         """Forget the graph nodes kept for one micro-batch (after its backward, they only hold memory)."""
         self._rows.clear()
+        self._regrouped_from = {}
         self._tables.clear()
         self._judged_tables |= self._tables_judged_now
         self._tables_judged_now = set()
@@ -696,7 +725,7 @@ class PerExampleSource(GradNormSource):
             return
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, Tensor) and tensor.dim() > 0 and tensor.shape[0] == expected:
-                self._rows.note_output(tensor)
+                self._rows.note_output(tensor, id(module), self._regrouped_from.get(id(module), frozenset()))
 
     def _record_call(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self._use_check is not None and torch._C._current_graph_task_id() == -1:
@@ -747,7 +776,8 @@ class PerExampleSource(GradNormSource):
                 for _, i in use.params:
                     self.exclude(i, table)
             elif isinstance(output, Tensor):
-                self._rows.note_output(output)  # batch-first, or rows that hold the examples in order
+                # batch-first, or rows that hold the examples in order
+                self._rows.note_output(output, id(module), self._regrouped_from.get(id(module), frozenset()))
                 if use is not None and use.examples is None:
                     self._note_square(module, output)
             return
@@ -775,7 +805,10 @@ class PerExampleSource(GradNormSource):
             for _, i in params:
                 self.exclude(i, problem)
             return
-        self._rows.note_output(output)  # batch-first, or rows that hold the examples in order
+        if rows is not None:
+            self._regrouped_from[id(module)] = self._rows.last_owners
+        # batch-first, or rows that hold the examples in order
+        self._rows.note_output(output, id(module), self._regrouped_from.get(id(module), frozenset()))
         if rows is None:
             self._note_square(module, output)
         if not self._new_use(module, params):
@@ -957,6 +990,8 @@ class PerExampleSource(GradNormSource):
         self._new_use(module, params)  # a replayed call still runs fused: the checkpoint expects its tensors
         if examples is not None:
             use.grouped = self._rows.rows_per_example(inp, examples) is not None
+            if use.grouped:
+                self._regrouped_from[id(module)] = self._rows.last_owners
         self.fused_use = use
         return use
 

@@ -85,15 +85,25 @@ class FlattenedRows:
     def __init__(self) -> None:
         # grad_fn of a tensor known to hold the examples in order (batch-first, or grouped rows) -> its element count
         self._known: dict[Node, int] = {}
+        # The same nodes -> the layers (ids) whose outputs that knowledge rests on: a layer later found to take its
+        # examples in another dimension (at T == B a transposed (T, B, d) looks batch-first) takes its dependants
+        # down with it.
+        self._owners: dict[Node, frozenset[int]] = {}
+        self.last_owners: frozenset[int] = frozenset()
+        """The layers whose outputs the last successful :meth:`rows_per_example` walk ended at."""
 
     def clear(self) -> None:
         self._known.clear()
+        self._owners.clear()
+        self.last_owners = frozenset()
 
-    def note_output(self, output: Tensor) -> None:
-        """A hooked layer call's output whose leading dimension is the batch, or whose rows were found grouped."""
+    def note_output(self, output: Tensor, owner: int | None = None, via: frozenset[int] = frozenset()) -> None:
+        """A hooked layer call's output whose leading dimension is the batch, or whose rows were found grouped;
+        ``owner``: the id of the layer that gave it, ``via``: the layers its own rows were traced to, if any."""
         node = output.grad_fn
         if node is not None:
             self._known[node] = output.numel()
+            self._owners[node] = via if owner is None else via | {owner}
 
     def rows_per_example(self, inp: Tensor, examples: int) -> int | None:
         """``k`` if ``inp`` (leading dimension ``examples * k``, ``k > 1``) holds example ``b`` in rows
@@ -110,6 +120,7 @@ class FlattenedRows:
         """Whether every path back from ``start`` keeps the flat order and ends at a tensor known to hold the
         examples in order (and ``count`` elements), a parameter or nothing; at least one at an example's data."""
         state: dict[Node, int] = {}
+        owners: set[int] = set()
         stack: list[tuple[Node, bool]] = [(start, False)]
         while stack:
             node, expanded = stack.pop()
@@ -119,6 +130,8 @@ class FlattenedRows:
                 leaf = self._leaf_state(node, count, examples)
                 if leaf == _FAILS:
                     return False
+                if leaf == _GROUPED:
+                    owners.update(self._owners.get(node, ()))
                 if leaf is not None:
                     state[node] = leaf
                     continue
@@ -133,9 +146,12 @@ class FlattenedRows:
             return False  # computed from parameters alone: no example's data to split
         # Each node that carries example data held ``count`` elements: no order-keeping op shrinks a tensor, and
         # the input holds ``count``. Later layers' walks stop there.
+        found = frozenset(owners)
         for node, value in state.items():
             if value == _GROUPED:
                 self._known.setdefault(node, count)
+                self._owners.setdefault(node, found)
+        self.last_owners = found
         return True
 
     def _leaf_state(self, node: Node, count: int, examples: int) -> int | None:
