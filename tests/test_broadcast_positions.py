@@ -33,11 +33,16 @@ class RelativeBias(SequenceRegression):
     """
 
     def __init__(
-        self, unsqueeze: bool = True, checkpointed: str | None = None, lr: float = 0.0, repeat: bool = False
+        self,
+        unsqueeze: bool = True,
+        checkpointed: str | None = None,
+        lr: float = 0.0,
+        repeat: bool = False,
+        lead: str = "unsqueeze",
     ) -> None:
         super().__init__(lr)
         torch.manual_seed(6)
-        self.unsqueeze, self.checkpointed, self.repeat = unsqueeze, checkpointed, repeat
+        self.unsqueeze, self.checkpointed, self.repeat, self.lead = unsqueeze, checkpointed, repeat, lead
         self.proj = nn.Linear(4, 4)
         self.bias = nn.Embedding(5, 2 if unsqueeze else 1)
         self.head = nn.Linear(4, 1)
@@ -56,6 +61,10 @@ class RelativeBias(SequenceRegression):
         if self.unsqueeze:
             scores = h @ h.transpose(1, 2) / 2  # (B, T, T)
             shared = relative.permute(2, 0, 1).unsqueeze(0)  # (1, 2, T, T)
+            if self.lead == "view":  # an einops-style rearrange to "1 h i j"
+                shared = relative.permute(2, 0, 1).reshape(1, 2, t, t)
+            elif self.lead == "expand":  # expanded over the batch before the add (as before a baddbmm)
+                shared = shared.expand(len(h), -1, -1, -1)
             if self.repeat:  # WavLM's form: repeated over the batch rather than broadcast
                 shared = shared.repeat(len(h), 1, 1, 1)
             scores = scores.unsqueeze(1) + shared  # (B, 2, T, T)
@@ -66,16 +75,22 @@ class RelativeBias(SequenceRegression):
 
 
 @pytest.mark.parametrize(
-    ("unsqueeze", "repeat"),
-    [(True, False), (False, False), (True, True)],
-    ids=["permute-unsqueeze", "permute", "repeat"],
+    ("unsqueeze", "repeat", "lead"),
+    [(True, False, "unsqueeze"), (False, False, ""), (True, True, ""), (True, False, "view"), (True, False, "expand")],
+    ids=["permute-unsqueeze", "permute", "repeat", "view", "expand"],
 )
 @pytest.mark.parametrize("batch_size", [4, 3], ids=["T!=B", "T==B"])
-def test_a_relative_position_bias_is_left_out_at_any_batch_size(batch_size: int, unsqueeze: bool, repeat: bool) -> None:
-    gns = fit_and_check(RelativeBias(unsqueeze, repeat=repeat), batch_size, ("bias",))
+def test_a_relative_position_bias_is_left_out_at_any_batch_size(
+    batch_size: int, unsqueeze: bool, repeat: bool, lead: str
+) -> None:
+    """At T == B a bias viewed or expanded to the batch's rank was not followed, and the coupling check took its
+    broadcast for examples paired by the model: every parameter left out, every step skipped (a probe)."""
+    gns = fit_and_check(RelativeBias(unsqueeze, repeat=repeat, lead=lead), batch_size, ("bias",))
     reason = gns.left_out["bias.weight"]
     if batch_size == 3:  # T == B: found by the broadcast
-        op = "RepeatBackward0" if repeat else "AddBackward0"
+        op = {"repeat": "RepeatBackward0", "expand": "ExpandBackward0"}.get(
+            "repeat" if repeat else lead, "AddBackward0"
+        )
         assert f"broadcasts it over the batch ({op})" in reason and "(3, 3, " in reason
     else:
         assert "leading dimension is not" in reason

@@ -12,9 +12,10 @@ layer first run in a reentrant checkpoint's recomputation inside the backward, t
 layers' outputs, before the layer's gradient arrives). For each
 suspect output it follows the operations that consume it (elementwise ones, permutes, transposes, unsqueezes,
 ``repeat``),
-tracking where the suspect's first dimension goes (each node's output shape is in its metadata), and reports
-those that an elementwise operation broadcasts along a leading dimension of ``B`` while their own first
-dimension sits elsewhere. Any other operation ends the search without a verdict: an output is left out only on
+tracking where the suspect's first dimension goes (each node's output shape is in its metadata), also through
+reshapes that only add or drop leading axes of size one, and reports those that an elementwise operation,
+``repeat`` or ``expand`` broadcasts along a leading dimension of ``B`` while their own first dimension sits
+elsewhere. Any other operation ends the search without a verdict: an output is left out only on
 that evidence. (A transpose of a batch alone is no evidence: ``nn.MultiheadAttention`` with ``batch_first=True``
 transposes its inputs to sequence-first.) An output consumed by a ``torch.compile``d region cannot be judged:
 the caller says so once.
@@ -44,7 +45,8 @@ def _follow(node: Node, step: Step, examples: int) -> tuple[bool, Step | None]:
     pos, shape = step
     out = tuple(metadata[0].shape)
     name = node.name()
-    if name in _ELEMENTWISE or name == "RepeatBackward0":  # repeat over a new leading batch: WavLM's bias
+    # repeat or expand over a new leading batch: WavLM's bias, T5-style biases expanded before a baddbmm
+    if name in _ELEMENTWISE or name in ("RepeatBackward0", "ExpandBackward0"):
         offset = len(out) - len(shape)
         if offset < 0:
             return False, None
@@ -60,6 +62,14 @@ def _follow(node: Node, step: Step, examples: int) -> tuple[bool, Step | None]:
         return False, ((second if pos == first else first if pos == second else pos), out)
     if name == "UnsqueezeBackward0":
         return False, ((pos + 1 if dim_index(node._saved_dim, rank) <= pos else pos), out)
+    if name in RESHAPES:
+        # Only a reshape that adds or drops leading axes of size one (bias.view(1, H, T, T), an einops
+        # rearrange to "1 h i j") keeps the dimension findable; any other ends the search.
+        added = len(out) - len(shape)
+        if added >= 0 and out == (1,) * added + shape:
+            return False, (pos + added, out)
+        if added < 0 and shape == (1,) * -added + out and pos >= -added:
+            return False, (pos + added, out)
     return False, None
 
 
