@@ -80,6 +80,20 @@ def _moved(
     if name in ("SelectBackward0", "UnbindBackward0"):
         dim = dim_index(node._saved_dim, rank)
         return None if dim == axis else axis - (dim < axis)  # one example's slice: per_example_coupling's tags
+    # Slices of another dimension put back together (torch.stack(h.unbind(1)), a cat of h[:, t:t + 1], h[:, idx],
+    # a gather along the positions): a time-major tensor built without a transpose.
+    if name == "StackBackward0":
+        dim = dim_index(node._saved_dim, rank + 1)
+        return axis + (dim <= axis)
+    if name == "CatBackward0":
+        return None if dim_index(node._saved_dim, rank) == axis else axis
+    if name == "GatherBackward0":
+        return None if dim_index(node._saved_dim, rank) == axis else axis
+    if name == "IndexBackward0":
+        picked = [k for k, index in enumerate(node._saved_indices) if index is not None]
+        # Index tensors next to each other, all after the examples' dimension: the dimensions before stay put.
+        adjacent = bool(picked) and picked == list(range(picked[0], picked[0] + len(picked)))
+        return axis if adjacent and picked[0] > axis else None
     return None
 
 
