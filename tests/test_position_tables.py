@@ -12,6 +12,7 @@ example and stays measured.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gns import GradientNoiseScale
 from support.per_example_check import fit_and_check
-from support.trainers import fit64
+from support.trainers import fit64, make_trainer
 from support.zoo import Scale, SequenceRegression, ZooModule
 
 TABLES = (
@@ -180,6 +181,15 @@ def test_a_table_beside_the_examples_in_a_user_layer_is_not_split_per_example(ex
         assert "may be one row per example or a table broadcast over them" in gns.left_out["mix.weight"]
 
 
+DISPATCH_FORMS = (
+    "expert, padded to capacity",
+    "expert, copied into a buffer",
+    "expert, unsqueezed",
+    "expert, chunk of a sort",
+    "expert, idle at first",
+)
+
+
 class PickedRows(SequenceRegression):
     """A layer on rows picked from the (B*T, 4) tokens that number as many as the examples: an expert given one
     token per example by a fixed rule (``flat[arange(0, B*T, T)]``), a head on the tokens a (B, T) mask picks
@@ -205,7 +215,26 @@ class PickedRows(SequenceRegression):
             chosen = torch.arange(0, b * t, t)
             # Switch Transformers routes with flat[None, idx] (torch unsqueezes, then indexes past the new axis)
             tokens = flat[None, chosen].reshape(-1, d) if self.picking == "expert, new axis" else flat[chosen]
+            # Dispatch forms that carry the picked rows on through other ops: capacity padding of fewer tokens to
+            # as many rows as examples, a copy into a buffer, an axis added after the pick, a chunk of a sort.
+            if self.picking == "expert, padded to capacity":
+                chosen = chosen[:-1]
+                tokens = F.pad(flat[chosen], (0, 0, 0, 1))
+            elif self.picking == "expert, copied into a buffer":
+                chosen = chosen[:-1]
+                tokens = flat.new_zeros(b, d)
+                tokens[: b - 1] = flat[chosen]
+            elif self.picking == "expert, unsqueezed":
+                tokens = flat[chosen].unsqueeze(1)
+            elif self.picking == "expert, idle at first":  # no token routed to it in the first step: an empty buffer
+                self.calls = getattr(self, "calls", 0) + 1
+                tokens = flat.new_zeros(b, d) if self.calls == 1 else flat[chosen]
+            elif self.picking == "expert, chunk of a sort":
+                chosen = torch.arange(b * t).flip(0)[:b]
+                tokens = flat[torch.arange(b * t).flip(0)].split(b)[0]
             expert = torch.tanh(self.picked(tokens))
+            if self.picking in DISPATCH_FORMS:
+                expert = expert.reshape(-1, d)[: len(chosen)]
             if self.picking == "expert, two layers":
                 expert = self.second(expert)
             routed = flat.index_add(0, chosen, expert)
@@ -244,6 +273,23 @@ def test_a_layer_on_as_many_picked_tokens_as_examples_is_left_out(picking: str, 
     if "picked" in left_out:
         source = f"({batch_size * 3}, 4)" if picking.startswith("expert") else f"({batch_size}, 3, 4)"
         assert f"picked from a tensor of shape {source}" in gns.left_out["picked.weight"]
+
+
+@pytest.mark.parametrize("picking", DISPATCH_FORMS)
+@pytest.mark.parametrize("batch_size", [4, 3], ids=["B=4", "B=3"])
+def test_tokens_carried_to_an_expert_through_other_ops_are_no_examples(picking: str, batch_size: int) -> None:
+    """A mixture-of-experts dispatch that pads the routed tokens to a capacity equal to the batch, copies them into
+    a buffer, adds an axis or takes a chunk of a sort: the expert was measured with tokens for examples (a probe:
+    B_simple 2.5 against 70, nothing said), because the search for the pick stopped at the first such op; or an
+    expert given no token in the first step, whose input without a graph was taken as judged for good. (These
+    routings depend on the batch, so no per-example reference exists: the test is the verdict.)"""
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=3).fit(PickedRows(picking), PickedRows.data(batch_size * 3, batch_size))
+    assert {"picked.weight", "picked.bias"} <= set(gns.left_out)
+    assert f"picked from a tensor of shape ({batch_size * 3}, 4)" in gns.left_out["picked.weight"]
+    assert "proj.weight" not in gns.left_out and "head.weight" not in gns.left_out
 
 
 class ExpertChoiceTable(ZooModule):

@@ -1077,7 +1077,11 @@ class PerExampleSource(GradNormSource):
             return None
         if torch._C._current_graph_task_id() != -1:
             return None
-        self._tables_judged_now.add(id(module))  # every call of this micro-batch is judged: a layer may take both
+        # Every call of this micro-batch is judged (a layer may take both). A call whose inputs have no graph
+        # (an expert given no token this step, a frozen trunk's features) shows nothing, so a later micro-batch
+        # judges the layer again.
+        if any(t.grad_fn is not None for t in inputs):
+            self._tables_judged_now.add(id(module))
         name, kind, shape = self._module_names[id(module)], type(module).__name__, tuple(output.shape)
         if self._tables.hold_none(inputs, self._model_state()):
             reason = TABLE.format(name=name, kind=kind, shape=shape, examples=expected)

@@ -19,6 +19,7 @@ leaves the layer out, as before.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -202,13 +203,84 @@ def rows_selected_from(inp: Tensor, examples: int) -> tuple[int, ...] | None:
 
     As many rows as examples there is a coincidence: the rows are tokens (or table rows), not the examples. Pooling
     one row per example (``h[torch.arange(B), last]``) picks from a batch-first tensor and is no such selection.
+    The walk follows the input's rows back through the ops that keep them rows (see :func:`_operand_rows`):
+    capacity padding (``F.pad``, ``cat`` with zeros, ``buf[:n] = picked``, ``index_copy``), a chunk of a sorted
+    dispatch (``split``, slices), ``unsqueeze``/``view`` of later axes, transposes that put them back.
     """
-    for node in _walk_back(inp):
+    for node, row_dim in _row_walk(inp):
+        if row_dim != _new_axes(node):
+            continue  # the rows here are not the pick's rows
         source = _selected_source(node)
-        if source is None or _looks_up_a_table(node) or not _gives_the_rows(node, inp):
+        if source is None or _looks_up_a_table(node):
             continue
         if source[:1] != (examples,) or _token_mask(node):
             return source
+    return None
+
+
+# Ops whose operands' rows are (a subset of) the output's rows, in the same dimension: pads, concatenations, slices
+# and chunks, and copies into a buffer (capacity padding of a mixture-of-experts dispatch).
+_ROWS_KEPT = frozenset(
+    {
+        "ConstantPadNdBackward0", "CatBackward0", "SliceBackward0", "NarrowBackward0", "SplitBackward0",
+        "SplitWithSizesBackward0", "IndexCopyBackward0", "torch::autograd::CopySlices",
+        "torch::autograd::CopyBackwards",
+    }
+)  # fmt: skip
+
+
+def _row_walk(inp: Tensor) -> Iterator[tuple[Node, int]]:
+    """The nodes ``inp``'s rows come from, each with the dimension of its output that holds them, up to a bounded
+    number."""
+    start = inp.grad_fn
+    # (node, which of its outputs, the dimension of that output holding the rows)
+    stack: list[tuple[Node, int, int]] = [(start, inp.output_nr, 0)] if start is not None and inp.dim() > 0 else []
+    seen: set[tuple[Node, int, int]] = set()
+    while stack and len(seen) < _MAX_SELECTION_WALK:
+        node, output, row_dim = stack.pop()
+        if (node, output, row_dim) in seen:
+            continue
+        seen.add((node, output, row_dim))
+        yield node, row_dim
+        metadata = node._input_metadata
+        if output >= len(metadata):
+            continue
+        out = tuple(metadata[output].shape)
+        for edge in node.next_functions:
+            if edge[0] is None:
+                continue
+            shape = operand_shape(edge)
+            found = None if shape is None else _operand_rows(node, row_dim, out, shape)
+            if found is not None:
+                stack.append((edge[0], edge[1], found))
+
+
+def _operand_rows(node: Node, row_dim: int, out: tuple[int, ...], shape: tuple[int, ...]) -> int | None:
+    """The dimension of an operand (of ``shape``) that gives the rows in ``row_dim`` of ``node``'s output ``out``,
+    or None where they are not rows of it (a broadcast, a reduction, an op not listed)."""
+    name = node.name()
+    if row_dim >= len(out):
+        return None
+    if name in ORDER_KEEPING - RESHAPES:  # elementwise: broadcasting aligns from the right
+        dim = row_dim - (len(out) - len(shape))
+        return dim if dim >= 0 and shape[dim] == out[row_dim] else None
+    if name in RESHAPES:  # the rows stay a dimension of their own where the sizes before them match
+        before, prefix = math.prod(out[:row_dim]), 1
+        for k, size in enumerate(shape):
+            if prefix == before and size == out[row_dim]:
+                return k
+            prefix *= size
+        return None
+    if name in _ROWS_KEPT:
+        return row_dim if len(shape) == len(out) else None
+    rank = len(out)
+    if name == "TBackward0" and rank == 2:
+        return 1 - row_dim
+    if name == "TransposeBackward0":
+        first, second = dim_index(node._saved_dim0, rank), dim_index(node._saved_dim1, rank)
+        return second if row_dim == first else first if row_dim == second else row_dim
+    if name == "PermuteBackward0":
+        return dim_index(node._saved_dims[row_dim], rank)
     return None
 
 
@@ -301,17 +373,6 @@ def _selected_source(node: Node) -> tuple[int, ...] | None:
     if name == "GatherBackward0" and dim_index(node._saved_dim, node._saved_self.dim()) == 0:
         return tuple(node._saved_self.shape)
     return None
-
-
-def _gives_the_rows(node: Node, inp: Tensor) -> bool:
-    """Whether the picked rows are the input's rows: as many dimensions and as many rows, so no broadcast put them
-    elsewhere (a positional table ``weight[position_ids]`` added to the tokens' embeddings, with position ids of
-    shape ``(T,)`` or ``(1, T)``, as transformers' Whisper passes them, gives no row of its own)."""
-    metadata = node._input_metadata
-    if len(metadata) != 1:
-        return False
-    shape, skipped = tuple(metadata[0].shape), _new_axes(node)
-    return len(shape) - skipped == inp.dim() and inp.dim() > 0 and shape[skipped] == inp.shape[0]
 
 
 def _new_axes(node: Node) -> int:
