@@ -386,13 +386,16 @@ class GradientNoiseScaleTracker:
             )
         if not self._unbalanced_said and self._unbalanced is not None and bool(self._unbalanced):
             self._unbalanced_said = True
+            # Under DDP the small batches are the ranks' (micro-)batches, whose gradients the all-reduce weights
+            # equally too.
+            parts = "micro-batches or ranks' batches" if self.mode == "ddp" else "micro-batches"
             self._announce(
-                "GradientNoiseScale: a step whose micro-batches differ too much in size was skipped (gns/skipped_steps"
-                " counts it; said once). Lightning weights every micro-batch of a step equally, and with sizes"
-                " about 6x apart (an epoch's short last window, one sequence per micro-batch counted in tokens) the"
-                " step's estimates are hundreds of times noisier than a normal step's and would"
+                f"GradientNoiseScale: a step whose {parts} differ too much in size was skipped (gns/skipped_steps"
+                " counts it; said once). Lightning (and DDP's all-reduce) weights each of them equally, and with sizes"
+                " about 6x apart (an epoch's short last window, a rank's short last batch, one sequence per micro-batch"
+                " counted in tokens) the step's estimates are hundreds of times noisier than a normal step's and would"
                 " swamp the averages; steps more than 4x noisier than one of equal sizes are left out. Use"
-                " DataLoader(drop_last=True), micro-batches of similar size (several sequences each, or packed), or"
+                " DataLoader(drop_last=True), batches of similar size (several sequences each, or packed), or"
                 " more micro-batches per step."
             )
         measured = int(self.metric.measured_steps)
