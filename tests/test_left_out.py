@@ -485,15 +485,20 @@ class UserLayerModel(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def user_layer_fit(layer: str, length: int) -> GradientNoiseScale:
+def fit_on_sequences(model: LightningModule, length: int) -> GradientNoiseScale:
+    """Three per_example steps on sequences of ``length`` vectors of width 8, batches of 6, three classes."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(24, length, 8, generator=generator)
     y = torch.randint(0, 3, (24,), generator=generator)
     gns = GradientNoiseScale(mode="per_example")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        make_trainer([gns], max_steps=3).fit(UserLayerModel(layer), DataLoader(TensorDataset(x, y), batch_size=6))
+        make_trainer([gns], max_steps=3).fit(model, DataLoader(TensorDataset(x, y), batch_size=6))
     return gns
+
+
+def user_layer_fit(layer: str, length: int) -> GradientNoiseScale:
+    return fit_on_sequences(UserLayerModel(layer), length)
 
 
 def test_a_layer_whose_replay_is_not_its_forward_is_left_out() -> None:
@@ -553,14 +558,7 @@ class ReplayCheckModel(LightningModule):
 
 
 def replay_check_fit(layer: nn.Module) -> GradientNoiseScale:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(24, 5, 8, generator=generator)
-    y = torch.randint(0, 3, (24,), generator=generator)
-    gns = GradientNoiseScale(mode="per_example")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_trainer([gns], max_steps=3).fit(ReplayCheckModel(layer), DataLoader(TensorDataset(x, y), batch_size=6))
-    return gns
+    return fit_on_sequences(ReplayCheckModel(layer), 5)
 
 
 def test_one_large_output_channel_does_not_hide_a_replay_that_is_not_the_forward() -> None:
