@@ -97,6 +97,60 @@ def test_adascale_factor_on_the_optimizer_step() -> None:
     torch.testing.assert_close(last["after"].double(), expected, rtol=1e-5, atol=1e-6)
 
 
+class SubclassedSGD(torch.optim.SGD):
+    """A user's optimizer whose step() calls super().step(): once the parent class has been instantiated in the
+    process, torch has patched both classes' step, and the step hooks run twice per step."""
+
+    def step(self, closure: Any = None) -> Any:
+        return super().step(closure)
+
+
+class SubclassedOptimizerRegression(RecordingRegression):
+    def configure_optimizers(self) -> Any:
+        return SubclassedSGD(self.parameters(), lr=self.lr)
+
+
+def test_an_optimizer_whose_step_calls_super_is_scaled_once() -> None:
+    """The factor was applied in each of the two pre-hooks and taken back once: the update used lr x factor^2 and
+    the optimizer kept lr x factor, compounding every step (a probe: 0.01 grew to 14.5 in 13 steps, nothing said)."""
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)  # patches SGD.step, as any earlier SGD does
+    callback = adaptive()
+    model = SubclassedOptimizerRegression(DIM, LR, PROBLEM.w)
+    fit(callback, model)
+    assert max(step["accumulation"] for step in model.steps) > 1  # steps with a factor other than 1 were taken
+    check_windows(model.steps, lambda i: LR)
+
+
+class SetsItsOwnStepSize(torch.optim.Optimizer):
+    """Like transformers' Adafactor(lr=None, relative_step=True): no learning rate in its param groups."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": None})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-0.01)
+        return loss
+
+
+class OwnStepSizeRegression(RecordingRegression):
+    def configure_optimizers(self) -> Any:
+        return SetsItsOwnStepSize(self.parameters())
+
+
+def test_an_optimizer_without_a_learning_rate_is_refused_unless_lr_scaling_is_none() -> None:
+    """lr=None met the factor at the first change of the batch, hours into a run: TypeError (a probe)."""
+    with pytest.raises(MisconfigurationException, match=r"lr=None.*lr_scaling='none'"):
+        fit(adaptive(), OwnStepSizeRegression(DIM, LR, PROBLEM.w))
+    callback = adaptive(lr_scaling="none")
+    fit(callback, OwnStepSizeRegression(DIM, LR, PROBLEM.w))
+    assert callback.accumulation is not None and len(callback.history) > 1
+
+
 class SetsLrInsideTheStep(Callback):
     """Sets the learning rate in on_before_optimizer_step, which Lightning runs inside optimizer.step()."""
 

@@ -192,6 +192,9 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self._handles: list[RemovableHandle] = []
         # Optimizer id -> (each group's learning rate before the step, the scaled one set for the step).
         self._unscaled_lrs: dict[int, tuple[list[Any], list[Any]]] = {}
+        # Optimizer id -> how many step() calls are open: torch runs the step hooks of a subclass whose step() calls
+        # super().step() twice (once per patched class), and the factor must be applied once, by the outermost.
+        self._step_depth: dict[int, int] = {}
         self._mid_window_said = False
         self._lr_overwrite_said = False
 
@@ -337,7 +340,9 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             self.pending_record = None
         assert self.accumulation is not None
         trainer.accumulate_grad_batches = self.accumulation
+        self._refuse_learning_rates_without_a_value(trainer)
         self._remove_hooks()
+        self._step_depth = {}
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_pre_hook(self._scale_lr))
             self._handles.append(optimizer.register_step_post_hook(self._unscale_lr))
@@ -349,6 +354,7 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         # An error (or Ctrl-C) inside optimizer.step() skips the post-hook: the optimizer would keep, and a
         # checkpoint written on the exception save, the scaled learning rate, to be scaled again on resume.
         for optimizer in trainer.optimizers:
+            self._step_depth.pop(id(optimizer), None)  # whatever step() calls were open, none is now
             self._unscale_lr(optimizer, (), {})
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -381,9 +387,26 @@ class AdaptiveBatchSizeBase(LightningNamespace):
         self._handles = []
 
     # ------------------------------------------------------------------ learning rate
-    def _scale_lr(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        if self.lr_factor == 1.0:
+    def _refuse_learning_rates_without_a_value(self, trainer: Trainer) -> None:
+        if self.lr_scaling == "none":
             return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                lr = group.get("lr")
+                if not isinstance(lr, (int, float, Tensor)) or isinstance(lr, bool):
+                    raise self._misconfiguration(
+                        f"AdaptiveBatchSize(lr_scaling={self.lr_scaling!r}) multiplies each param group's learning"
+                        f" rate, and {type(optimizer).__name__} has lr={lr!r} (an optimizer that sets its own step"
+                        " size, such as transformers' Adafactor(lr=None, relative_step=True)). Pass"
+                        " lr_scaling='none', or give the optimizer a learning rate."
+                    )
+
+    def _scale_lr(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        key = id(optimizer)
+        depth = self._step_depth.get(key, 0)
+        self._step_depth[key] = depth + 1
+        if depth or self.lr_factor == 1.0:
+            return  # a step() inside a step(): scaled once, by the outermost
         groups = optimizer.param_groups
         unscaled = [group["lr"] for group in groups]
         scaled = [lr * self.lr_factor for lr in unscaled]
@@ -392,7 +415,13 @@ class AdaptiveBatchSizeBase(LightningNamespace):
             group["lr"] = lr
 
     def _unscale_lr(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        saved = self._unscaled_lrs.pop(id(optimizer), None)
+        key = id(optimizer)
+        depth = self._step_depth.get(key, 0)
+        if depth > 1:
+            self._step_depth[key] = depth - 1
+            return  # an inner step() ends: the outermost puts the rate back
+        self._step_depth.pop(key, None)
+        saved = self._unscaled_lrs.pop(key, None)
         if saved is None:
             return
         for group, unscaled, scaled in zip(optimizer.param_groups, *saved, strict=True):
