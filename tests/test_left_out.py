@@ -561,6 +561,47 @@ def replay_check_fit(layer: nn.Module) -> GradientNoiseScale:
     return fit_on_sequences(ReplayCheckModel(layer), 5)
 
 
+class ReluLinear(nn.Linear):
+    """A fused Linear and ReLU, as user code writes it (its own forward: the generic replay)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(F.linear(x, self.weight, self.bias))
+
+
+class TokensThroughReluLinear(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 256)
+        self.user = ReluLinear(256, 1024)
+        self.head = nn.Linear(1024, 1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        ids, y = batch
+        return F.mse_loss(self.head(self.user(F.relu(self.emb(ids)))).mean(dim=(1, 2)).float(), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_a_correct_replay_in_bf16_is_not_taken_for_a_batch_statistic(precision: str) -> None:
+    """bf16 rounds the product before the bias is added: near-zero outputs (ReLU) differ between the batched and the
+    replayed kernels by about one ulp of the terms, which a per-position tolerance without a half-precision floor
+    took for a dependence on the other examples (a review of that change: the layer was left out)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (24, 64), generator=generator)
+    ids[:, 0] = 0  # a BOS token: position 0 is the same row in every example
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=3, precision=precision).fit(
+            TokensThroughReluLinear(),
+            DataLoader(TensorDataset(ids, torch.randn(24, generator=generator)), batch_size=8),
+        )
+    assert gns.left_out == {} and int(gns.metric.measured_steps) == 3
+
+
 def test_one_large_output_channel_does_not_hide_a_replay_that_is_not_the_forward() -> None:
     """The replay check held every output to 1e-4 of the largest output anywhere: one channel of 3e4 let an O(1)
     mismatch through in the others, and a layer scaled by a batch statistic was counted with B_simple ~3x off

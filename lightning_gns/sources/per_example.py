@@ -70,13 +70,6 @@ ROWS_FROM_MOVED = (
     " not by example. Use a batch size other than the sequence length, or accumulate gradients over 2 or more"
     " micro-batches (mode='microbatch' norms whole gradients)"
 )
-MOVED_DATA = (
-    "its input is data without a gradient laid out with another dimension than the first outermost in memory, as"
-    " long as the batch (x.transpose(0, 1) of the batch: a sequence-first view at T == B): its first dimension is"
-    " then the sequence, and a split along it is no per-example split. Use a batch size other than the sequence"
-    " length, pass the layer x.transpose(0, 1).contiguous() only if the data really is sequence-first, or"
-    " accumulate gradients over 2 or more micro-batches (mode='microbatch' norms whole gradients)"
-)
 REORDERED_TIED = (
     "used by layer calls that see the examples of the batch in different orders (the model reorders them: {node},"
     " e.g. h[order] of a sort by length): the cross terms between the calls would pair different examples. Keep"
@@ -1077,16 +1070,14 @@ class PerExampleSource(GradNormSource):
             return None
         if torch._C._current_graph_task_id() != -1:
             return None
-        # Every call of this micro-batch is judged (a layer may take both). A call whose inputs have no graph
-        # (an expert given no token this step, a frozen trunk's features) shows nothing, so a later micro-batch
-        # judges the layer again.
-        if any(t.grad_fn is not None for t in inputs):
+        # Every call of this micro-batch is judged (a layer may take both). A call whose float inputs have no graph
+        # (an expert given no token this step, a frozen trunk's features) shows no pick, so a later micro-batch
+        # judges the layer again (a storage lookup; integer ids, whose check reads them, are judged once).
+        if any(t.grad_fn is not None or not t.is_floating_point() for t in inputs):
             self._tables_judged_now.add(id(module))
         name, kind, shape = self._module_names[id(module)], type(module).__name__, tuple(output.shape)
         if self._tables.hold_none(inputs, self._model_state()):
             reason = TABLE.format(name=name, kind=kind, shape=shape, examples=expected)
-        elif any(_examples_outermost_elsewhere(t, expected) for t in inputs):
-            reason = MOVED_DATA
         elif source := next((s for t in inputs if (s := rows_selected_from(t, expected)) is not None), None):
             reason = SELECTED.format(name=name, kind=kind, shape=shape, examples=expected, source=source)
         elif reached := next((r for t in inputs if (r := rows_reached(t, expected, self._rowless_outputs))), None):
@@ -1211,14 +1202,3 @@ class PerExampleSource(GradNormSource):
         self._stored_factors.clear()
         self._finished.clear()
         super().detach()
-
-
-def _examples_outermost_elsewhere(tensor: Tensor, examples: int) -> bool:
-    """Data without a graph that is a view whose outermost dimension in memory is not its first but is as long as
-    the batch: ``x.transpose(0, 1)`` of a batch ``x`` at ``T == B``, whose shape alone is a batch's. (The graph
-    checks see no op on it; its strides still show the transpose.)"""
-    if tensor.grad_fn is not None or tensor.dim() < 2 or tensor.is_contiguous():
-        return False
-    sizes, strides = tensor.shape, tensor.stride()
-    outer = max(range(tensor.dim()), key=lambda k: strides[k] if sizes[k] > 1 else -1)
-    return outer != 0 and sizes[outer] == examples and sizes[0] == examples
