@@ -8,8 +8,9 @@ layer whose output feeds another layer first. Split per example, such a layer's 
 
 The layer's input tells: :class:`ExampleFreeInputs` proves that it holds no examples. An input holds none when it
 is a parameter; a tensor sharing storage with the model's parameters or buffers (a slice of a frozen or sinusoidal
-table); an integer index of consecutive values (``arange(k, k + n)``, ``n >= 3``: class labels are not consecutive;
-positions are); or computed from those alone through operations that take no other tensor. The proof walks the
+table, class prompts' token ids kept in a buffer); an integer index of consecutive values (``arange(k, k + n)``,
+``n >= 3``: class labels are not consecutive; positions are); or computed from those alone through operations that
+take no other tensor (reductions and softmax included). The proof walks the
 autograd graph below the input: data that needs no gradient leaves an empty edge, an index hides inside
 ``EmbeddingBackward0`` (read from its saved indices), a mask inside ``where``/``masked_fill``, any other op is
 unknown: each of those ends the proof with "holds examples" (the layer stays measured, as before). Operations that
@@ -20,7 +21,7 @@ correctly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -36,6 +37,9 @@ _FOLLOWED = (ORDER_KEEPING - {"WhereBackward0", "MaskedFillBackward0"}) | frozen
     {
         "SliceBackward0", "SelectBackward0", "NarrowBackward0", "TransposeBackward0", "PermuteBackward0", "TBackward0",
         "MmBackward0", "AddmmBackward0", "NativeLayerNormBackward0", "EmbeddingBackward0",
+        # reductions and normalisations of one tensor (class prompts' token embeddings averaged, a bank softmaxed)
+        "MeanBackward0", "MeanBackward1", "SumBackward0", "SumBackward1", "SoftmaxBackward0", "LogSoftmaxBackward0",
+        "LinalgVectorNormBackward0", "AmaxBackward0", "AminBackward0",
         # this package's fused Linear and LayerNorm (per_example_fused): their tensors are edges too
         "LinearWithPerExampleGradsBackward", "LayerNormWithPerExampleGradsBackward",
     }
@@ -84,7 +88,8 @@ class ExampleFreeInputs:
         if tensor.requires_grad:
             return False  # a leaf that needs a gradient and is no parameter: an input of the model
         if not tensor.is_floating_point():
-            return consecutive_positions(tensor)
+            # Ids kept in a buffer (class prompts' tokens, as CLIP-style zero-shot heads keep them) or positions.
+            return self._is_model_state(tensor, model_state) or consecutive_positions(tensor)
         return self._is_model_state(tensor, model_state)
 
     def _is_model_state(self, tensor: Tensor, model_state: Iterable[Tensor]) -> bool:
@@ -122,7 +127,7 @@ class ExampleFreeInputs:
             if expanded:
                 verdicts[node] = all(verdicts.get(f, False) for f in below if f is not None)
                 continue
-            leaf = _leaf_verdict(node)
+            leaf = _leaf_verdict(node, lambda index: self._is_model_state(index, model_state))
             if leaf is not None:
                 verdicts[node] = leaf
             elif any(verdicts.get(f) is False for f in below) or (
@@ -143,8 +148,9 @@ def _storage(tensor: Tensor) -> int | None:
         return None
 
 
-def _leaf_verdict(node: Node) -> bool | None:
-    """True/False where ``node`` alone decides, None where the nodes below it do."""
+def _leaf_verdict(node: Node, in_model_state: Callable[[Tensor], bool]) -> bool | None:
+    """True/False where ``node`` alone decides, None where the nodes below it do (``in_model_state``: whether a
+    tensor shares storage with the model's parameters or buffers)."""
     variable = getattr(node, "variable", None)  # a gradient accumulator: a leaf tensor
     if variable is not None:
         return isinstance(variable, nn.Parameter)
@@ -153,5 +159,6 @@ def _leaf_verdict(node: Node) -> bool | None:
         return False
     if name == "EmbeddingBackward0":
         index = getattr(node, "_saved_indices", None)
-        return None if isinstance(index, Tensor) and consecutive_positions(index) else False
+        table_rows = isinstance(index, Tensor) and (in_model_state(index) or consecutive_positions(index))
+        return None if table_rows else False
     return None
