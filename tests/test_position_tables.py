@@ -382,3 +382,36 @@ def test_a_class_tower_on_prompt_ids_in_a_buffer_holds_no_examples(batch_size: i
     tokens followed: at as many classes as examples the tower was split per class as if per example, 7-30% off,
     nothing said (a probe)."""
     fit_and_check(ClassPromptTower(), batch_size, ("tok", "cls"))
+
+
+class QueryBank(SequenceRegression):
+    """DETR/Perceiver-style: a bank of learned queries, normalised and projected, cross-attending to the tokens. With
+    as many queries as examples the projection's rows look like the batch's."""
+
+    def __init__(self, prep: str) -> None:
+        super().__init__()
+        torch.manual_seed(14)
+        self.prep = prep
+        self.query = nn.Parameter(torch.randn(4, 4))
+        self.qproj = nn.Linear(4, 4)
+        self.kproj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.query
+        if self.prep == "normalize":
+            q = F.normalize(q, dim=-1)  # a norm expanded over each row's features
+        elif self.prep == "softmax":
+            q = q.softmax(-1)
+        elif self.prep == "centred":
+            q = q - q.mean(-1, keepdim=True)
+        keys = self.kproj(x)  # (B, T, 4)
+        attention = torch.einsum("kd,btd->bkt", self.qproj(q), keys).softmax(-1)
+        return self.head(torch.einsum("bkt,btd->bkd", attention, keys)).mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("prep", ["normalize", "softmax", "centred"])
+def test_a_query_bank_as_large_as_the_batch_leaves_only_its_own_layers_out(prep: str) -> None:
+    """A bank normalised by F.normalize, softmax or mean-centring was not proven example-free (those ops were not
+    followed): the coupling check then left every parameter out and skipped every step (a probe)."""
+    fit_and_check(QueryBank(prep), 4, ("query", "qproj"))

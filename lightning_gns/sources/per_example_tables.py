@@ -155,6 +155,11 @@ def _leaf_verdict(node: Node, in_model_state: Callable[[Tensor], bool]) -> bool 
     if variable is not None:
         return isinstance(variable, nn.Parameter)
     name = node.name()
+    if name == "ExpandBackward0" and node.next_functions:
+        # Along later dimensions only (F.normalize expands a row's norm over its features); an expand of the first
+        # dimension makes copies per example (a class token over the batch) and ends the proof.
+        sizes, out = tuple(node._saved_self_sym_sizes), tuple(node._input_metadata[0].shape)
+        return None if len(sizes) == len(out) > 0 and sizes[0] == out[0] else False
     if name not in _FOLLOWED or not node.next_functions:
         return False
     if name == "EmbeddingBackward0":
