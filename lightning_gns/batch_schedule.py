@@ -177,8 +177,8 @@ def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> 
             return ""
         return critical_batch_bound(multipliers, multiplier)
 
-    late = [p for p in points if int(field(p, "step")) >= min_step]
-    bounds = [int(field(p, "step")) for p in late if bound(p)]
+    late = [(p, bound(p)) for p in points if int(field(p, "step")) >= min_step]
+    bounds = [int(field(p, "step")) for p, is_bound in late if is_bound]
     if bounds:
         warnings.warn(
             f"calibration_from_branch_points: the branch points at steps {bounds} hold a local critical batch at"
@@ -188,8 +188,8 @@ def calibration_from_branch_points(points: Iterable[Any], min_step: int = 0) -> 
         )
     ratios = [
         calibration_from_branch(float(field(p, "local_critical_batch")), float(field(p, "b_simple")))
-        for p in late
-        if not bound(p)
+        for p, is_bound in late
+        if not is_bound
     ]
     if not ratios:
         raise ValueError(

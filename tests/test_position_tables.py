@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gns import GradientNoiseScale
+from lightning_gns.sources.per_example import GRAPHLESS_JUDGEMENTS
+from lightning_gns.sources.per_example_tables import ExampleFreeInputs
 from support.per_example_check import fit_and_check
 from support.trainers import fit64, make_trainer
 from support.zoo import Scale, SequenceRegression, ZooModule
@@ -415,3 +417,38 @@ def test_a_query_bank_as_large_as_the_batch_leaves_only_its_own_layers_out(prep:
     """A bank normalised by F.normalize, softmax or mean-centring was not proven example-free (those ops were not
     followed): the coupling check then left every parameter out and skipped every step (a probe)."""
     fit_and_check(QueryBank(prep), 4, ("query", "qproj"))
+
+
+class FrozenTrunkHead(ZooModule):
+    """A trainable head on a frozen trunk's features, computed without a graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(15)
+        self.trunk = nn.Linear(6, 8).requires_grad_(False)
+        self.head = nn.Linear(8, 1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        with torch.no_grad():
+            features = torch.relu(self.trunk(x))
+        return F.mse_loss(self.head(features).squeeze(-1), y.float())
+
+
+def test_a_layer_on_inputs_without_a_graph_is_judged_a_few_times_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs without a graph are judged again (an expert idle in its first steps), but not on every step: a frozen
+    trunk's head was judged on all of them (a storage walk of the whole model per measured step, a review found)."""
+    judged: list[int] = []
+    original = ExampleFreeInputs.hold_none
+
+    def counted(self: ExampleFreeInputs, *args: Any, **kwargs: Any) -> bool:
+        judged.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ExampleFreeInputs, "hold_none", counted)
+    gns = GradientNoiseScale(mode="per_example")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer([gns], max_steps=30).fit(FrozenTrunkHead(), ClassPromptTower.data(30 * 4, 4))
+    assert gns.left_out == {} and int(gns.metric.measured_steps) == 30
+    assert len(judged) == GRAPHLESS_JUDGEMENTS

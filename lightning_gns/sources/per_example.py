@@ -64,6 +64,9 @@ MOVED = (
     " is no per-example split. Use a batch size other than the sequence length, or accumulate gradients over 2 or"
     " more micro-batches (mode='microbatch' norms whole gradients)"
 )
+# Calls of a layer on float inputs without a graph judged before its verdict stands (an expert of a mixture idle in
+# the first steps gets its tokens later).
+GRAPHLESS_JUDGEMENTS = 8
 ROWS_FROM_MOVED = (
     "its input is flattened rows traced to the output of layer {source!r}, which takes the examples in another"
     " dimension than the first (at T == B its (T, B, ...) output looks batch-first): the rows are grouped by position,"
@@ -469,6 +472,8 @@ class PerExampleSource(GradNormSource):
         # Layers judged for inputs that hold no examples (per_example_tables), and the proofs of one micro-batch.
         self._judged_tables: set[int] = set()
         self._tables_judged_now: set[int] = set()
+        # Layer id -> calls judged so far on float inputs without a graph (judged again, up to a limit).
+        self._graphless_judgements: dict[int, int] = {}
         self._tables = ExampleFreeInputs()
         self._model: nn.Module | None = None  # the attached model: its parameters and buffers are no examples
         self._rows = FlattenedRows()  # per micro-batch: which tensors hold the examples' rows in order
@@ -1071,9 +1076,13 @@ class PerExampleSource(GradNormSource):
         if torch._C._current_graph_task_id() != -1:
             return None
         # Every call of this micro-batch is judged (a layer may take both). A call whose float inputs have no graph
-        # (an expert given no token this step, a frozen trunk's features) shows no pick, so a later micro-batch
-        # judges the layer again (a storage lookup; integer ids, whose check reads them, are judged once).
-        if any(t.grad_fn is not None or not t.is_floating_point() for t in inputs):
+        # (an expert given no token this step, a frozen trunk's features) shows no pick, so later calls judge the
+        # layer again, up to a few: past those a frozen trunk's head costs nothing more per step. Integer ids,
+        # whose check reads them, are judged once.
+        graphless = all(t.grad_fn is None and t.is_floating_point() for t in inputs)
+        if graphless and id(module) not in self._tables_judged_now:
+            self._graphless_judgements[id(module)] = self._graphless_judgements.get(id(module), 0) + 1
+        if not graphless or self._graphless_judgements.get(id(module), 0) >= GRAPHLESS_JUDGEMENTS:
             self._tables_judged_now.add(id(module))
         name, kind, shape = self._module_names[id(module)], type(module).__name__, tuple(output.shape)
         if self._tables.hold_none(inputs, self._model_state()):
@@ -1186,6 +1195,7 @@ class PerExampleSource(GradNormSource):
         self._judged_square = set()
         self._broadcast_modules = set()
         self._judged_tables, self._tables_judged_now = set(), set()
+        self._graphless_judgements = {}
         self._outputs_used_inside = {}
         self._model = None
         for module in self._fused_modules:
