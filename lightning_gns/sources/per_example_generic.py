@@ -514,22 +514,19 @@ def _check_replayed(replayed: list[Tensor], replay: Replay) -> None:
         # Detached: nothing here may be saved for a backward (an activation checkpoint counts what is saved).
         want, got = torch.where(finite, want, 0.0), torch.where(finite, got.detach(), 0.0)
         # vmap's kernels differ from the batched ones by rounding; a batch statistic replayed per example by O(1).
-        # Each output element is held to its own scale, the largest magnitude at its position over the examples:
-        # one output channel of 3e4 (a large bias, a massive activation) must not excuse an O(1) mismatch in the
-        # others, as a tolerance scaled by the whole output's maximum did. The floor, a small share of that
-        # maximum, keeps positions near zero in every example from failing on rounding alone. Rounding grows with
-        # the inputs' size where the output cancels them (float32: ~2e-4 of the output's scale at inputs of 1e3
-        # behind O(1) outputs); a batch statistic replayed per example moves the outputs by far more.
-        # Half precision rounds a product before its bias is added, by about one ulp of the terms: there the floor
-        # is the whole-output rule (1e-2 of the largest output), which the per-position one only widens.
+        # The whole-output rule holds every element to a share of the output's largest magnitude. In full precision
+        # each element is also held to its own scale, the largest magnitude at its position over the examples (with
+        # a floor of a thousandth of the output's largest, for positions near zero in every example): one output
+        # channel of 3e4 (a large bias, a massive activation) must not excuse an O(1) mismatch in the others. Half
+        # precision rounds a product before its bias is added, by about one ulp of the terms, and keeps the
+        # whole-output rule alone.
+        largest = want.abs().max().clamp_min(1e-12) if want.numel() else want.new_tensor(1e-12)
         if got.dtype in (torch.float16, torch.bfloat16) or replay.autocast:
-            relative, floor_share = 5e-2, 0.2
+            tolerance = 1e-2 * largest
         else:
-            relative, floor_share = (1e-3 if got.dtype == torch.float32 else 1e-8), 1e-3
-        magnitude = want.abs()
-        scale = magnitude.amax(dim=0, keepdim=True) if magnitude.dim() > 0 and magnitude.shape[0] > 0 else magnitude
-        floor = floor_share * magnitude.max().clamp_min(1e-12) if magnitude.numel() else magnitude.new_tensor(1e-12)
-        tolerance = relative * torch.maximum(scale, floor)
+            scale = want.abs().amax(dim=0, keepdim=True) if want.dim() > 0 and want.shape[0] > 0 else want.abs()
+            relative = 1e-3 if got.dtype == torch.float32 else 1e-8
+            tolerance = torch.minimum(1e-4 * largest, relative * torch.maximum(scale, 1e-3 * largest))
         if not bool(((got - want).abs() <= tolerance).all()):
             raise ReplayMismatch(
                 "its output for an example depends on the other examples of the batch through something without a"
